@@ -1,0 +1,199 @@
+//! FastVideo's backend API in Rust: [`AttentionBackend`] describes a set of
+//! compiled variants and builds layers; [`AttentionImpl`] runs them.
+
+use crate::error::{Result, SdpaError};
+use crate::metadata::AttentionMetadata;
+use crate::params::AttentionParams;
+use crate::problem::Problem;
+use crate::select::{select, BackendKind, Residence};
+use crate::tensor::{Tensor, TensorView, TensorViewMut};
+use crate::variant::VariantTable;
+
+/// A set of compiled attention variants, as FastVideo's `AttentionBackend`.
+///
+/// Implemented by `#[sdpa_variants(...)]` on a type of the consuming crate;
+/// only [`variant_table`](AttentionBackend::variant_table) is generated, the
+/// rest follows from it.
+pub trait AttentionBackend: Send + Sync {
+    /// The variants this type was declared with.
+    fn variant_table(&self) -> &'static VariantTable;
+
+    /// The backend's name: `"SDPA"`.
+    fn name(&self) -> &'static str {
+        "SDPA"
+    }
+
+    /// The declared head sizes.
+    fn supported_head_sizes(&self) -> &'static [usize] {
+        self.variant_table().head_sizes()
+    }
+
+    /// Whether `forward_into` takes a caller's output buffer: always.
+    fn accept_output_buffer(&self) -> bool {
+        true
+    }
+
+    /// Builds an attention layer, checking the parameters against the
+    /// declared variants.
+    fn build_impl(&self, params: AttentionParams) -> Result<SdpaImpl> {
+        SdpaImpl::new(self.variant_table(), params)
+    }
+}
+
+/// One attention layer, as FastVideo's `AttentionImpl`.
+pub trait AttentionImpl: Send + Sync {
+    /// Computes attention into a new `[B, Sq, Hq, D]` tensor of `q`'s dtype.
+    fn forward(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+    ) -> Result<Tensor>;
+
+    /// Computes attention into the caller's `out` (`[B, Sq, Hq, D]`, any
+    /// non-overlapping strides, `q`'s dtype).
+    fn forward_into(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+        out: &mut TensorViewMut<'_>,
+    ) -> Result<()>;
+}
+
+/// The layer built by [`AttentionBackend::build_impl`].
+#[derive(Debug, Clone)]
+pub struct SdpaImpl {
+    table: &'static VariantTable,
+    params: AttentionParams,
+    scale: f32,
+    num_kv_heads: usize,
+    request: BackendKind,
+}
+
+impl SdpaImpl {
+    /// Checks `params` against `table` and resolves the backend request.
+    pub fn new(table: &'static VariantTable, params: AttentionParams) -> Result<SdpaImpl> {
+        table.check_declared(params.head_size, params.causal)?;
+        if params.dropout_p != 0.0 {
+            return Err(SdpaError::Dropout(params.dropout_p));
+        }
+        let num_kv_heads = params.kv_heads();
+        if params.num_heads == 0 || num_kv_heads == 0 || params.num_heads % num_kv_heads != 0 {
+            return Err(SdpaError::Param(format!(
+                "num_heads = {} and num_kv_heads = {num_kv_heads}: both must be positive and \
+                 num_heads a multiple of num_kv_heads",
+                params.num_heads
+            )));
+        }
+        let scale = params.scale();
+        if !scale.is_finite() {
+            return Err(SdpaError::Param(format!(
+                "softmax_scale = {scale} is not finite; pass a finite scale or none for 1/sqrt(D)"
+            )));
+        }
+        let request = BackendKind::resolve(params.backend)?;
+        Ok(SdpaImpl {
+            table,
+            params,
+            scale,
+            num_kv_heads,
+            request,
+        })
+    }
+
+    /// The parameters the layer was built from.
+    pub fn params(&self) -> &AttentionParams {
+        &self.params
+    }
+
+    /// The backend request after precedence (explicit, `SDPA_BACKEND`,
+    /// `auto`).
+    pub fn backend_request(&self) -> BackendKind {
+        self.request
+    }
+
+    fn problem<'a>(
+        &self,
+        q: &TensorView<'a>,
+        k: &TensorView<'a>,
+        v: &TensorView<'a>,
+        metadata: &AttentionMetadata<'a>,
+    ) -> Result<Problem<'a>> {
+        let p = Problem::new(*q, *k, *v, metadata.attn_mask.as_ref(), self.scale)?;
+        let want = |what: &str, found: usize, expected: usize| -> Result<()> {
+            if found == expected {
+                Ok(())
+            } else {
+                Err(SdpaError::Shape(format!(
+                    "{} was built for {what} = {expected} but the tensors have {found}",
+                    self.layer_name()
+                )))
+            }
+        };
+        want("num_heads", p.heads_q, self.params.num_heads)?;
+        want("num_kv_heads", p.heads_kv, self.num_kv_heads)?;
+        want("head_size", p.head_size, self.params.head_size)?;
+        Ok(p)
+    }
+
+    fn layer_name(&self) -> String {
+        if self.params.prefix.is_empty() {
+            "the attention layer".into()
+        } else {
+            format!("attention layer {:?}", self.params.prefix)
+        }
+    }
+}
+
+impl AttentionImpl for SdpaImpl {
+    fn forward(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+    ) -> Result<Tensor> {
+        let p = self.problem(q, k, v, metadata)?;
+        let mut out = Tensor::zeros(p.dtype(), p.out_shape());
+        self.run(&p, &mut out.view_mut())?;
+        Ok(out)
+    }
+
+    fn forward_into(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+        out: &mut TensorViewMut<'_>,
+    ) -> Result<()> {
+        let p = self.problem(q, k, v, metadata)?;
+        p.check_output(out)?;
+        self.run(&p, out)
+    }
+}
+
+impl SdpaImpl {
+    /// Picks the variant and backend for a checked problem and runs it.
+    fn run(&self, p: &Problem<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
+        let variant = self
+            .table
+            .find(p.head_size, self.params.causal, p.dtype())?;
+        let selection = select(self.request, Residence::Host)?;
+        tracing::debug!(
+            layer = %self.params.prefix,
+            variant = %variant.spec(),
+            backend = %selection.backend,
+            reason = %selection.reason,
+            shape = ?p.out_shape(),
+            kv_heads = p.heads_kv,
+            seq_k = p.seq_k,
+            masked = p.mask.is_some(),
+            "sdpa forward"
+        );
+        (variant.cpu_kernel())(p, out)
+    }
+}

@@ -1,0 +1,82 @@
+//! The error type of every fallible call in this crate.
+
+use crate::DType;
+
+/// Everything that can go wrong in building or running attention.
+///
+/// Messages say what was wrong and what to change. Library code returns these
+/// instead of panicking on bad input.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SdpaError {
+    /// The head size has no compiled variant.
+    #[error(
+        "head size {head_size} was not declared; this binary has kernels for head sizes \
+         {declared:?}; add {head_size} to `head_sizes` in `#[sdpa_variants(...)]`"
+    )]
+    UndeclaredHeadSize {
+        /// The head size that was asked for.
+        head_size: usize,
+        /// The head sizes that were declared.
+        declared: Vec<usize>,
+    },
+    /// The causal flag has no compiled variant.
+    #[error(
+        "causal={causal} was not declared; this binary has kernels for causal {declared:?}; \
+         add {causal} to `causal` in `#[sdpa_variants(...)]`"
+    )]
+    UndeclaredCausal {
+        /// The causal flag that was asked for.
+        causal: bool,
+        /// The causal values that were declared.
+        declared: Vec<bool>,
+    },
+    /// The element type has no compiled variant.
+    #[error(
+        "dtype {dtype} was not declared; this binary has kernels for dtypes {declared}; \
+         add {dtype} to `dtypes` in `#[sdpa_variants(...)]`"
+    )]
+    UndeclaredDtype {
+        /// The element type that was asked for.
+        dtype: DType,
+        /// The element types that were declared, comma separated.
+        declared: String,
+    },
+    /// A tensor's shape, strides or buffer do not fit together or do not fit
+    /// the other tensors.
+    #[error("{0}")]
+    Shape(String),
+    /// Tensors of different element types were passed together.
+    #[error("{tensor} has dtype {found} but q has dtype {expected}; pass q, k, v and out in one dtype")]
+    DtypeMismatch {
+        /// Which tensor was wrong.
+        tensor: &'static str,
+        /// The dtype of `q`.
+        expected: DType,
+        /// The dtype found.
+        found: DType,
+    },
+    /// The attention mask cannot be applied.
+    #[error("{0}")]
+    Mask(String),
+    /// A construction parameter is out of range.
+    #[error("{0}")]
+    Param(String),
+    /// `dropout_p` other than 0 was asked for.
+    #[error("dropout_p = {0} is not supported (only inference without dropout is); pass dropout_p = 0")]
+    Dropout(f64),
+    /// The `SDPA_BACKEND` environment variable holds an unknown value.
+    #[error("SDPA_BACKEND={0:?} is not a backend; use auto, cpu or cuda")]
+    BadBackendEnv(String),
+    /// The backend asked for cannot run here.
+    #[error("the {backend} backend is unavailable: {reason}")]
+    BackendUnavailable {
+        /// The backend's name.
+        backend: &'static str,
+        /// Why it cannot run, and what to do.
+        reason: String,
+    },
+}
+
+/// `Result` with [`SdpaError`].
+pub type Result<T, E = SdpaError> = std::result::Result<T, E>;

@@ -1,0 +1,73 @@
+//! Scaled-dot-product attention with FastVideo's backend API, specialised at
+//! compile time.
+//!
+//! A consuming crate declares the variants its model needs; the
+//! `#[sdpa_variants]` attribute instantiates a kernel for each and implements
+//! [`AttentionBackend`] for the type:
+//!
+//! ```
+//! use sdpa_runtime::prelude::*;
+//!
+//! #[sdpa_variants(head_sizes = [64], causal = [false], dtypes = [f32])]
+//! pub struct MyAttention;
+//!
+//! # fn main() -> Result<(), SdpaError> {
+//! let layer = MyAttention.build_impl(AttentionParams::new(4, 64))?;
+//! let (b, s, h, d) = (1, 10, 4, 64);
+//! let q = vec![0.5f32; b * s * h * d];
+//! let q = TensorView::from_slice(&q, [b, s, h, d])?;
+//! let out = layer.forward(&q, &q, &q, &AttentionMetadata::default())?;
+//! assert_eq!(out.shape(), [b, s, h, d]);
+//! # Ok(()) }
+//! ```
+//!
+//! Semantics follow `torch.nn.functional.scaled_dot_product_attention`:
+//! tensors are `[batch, seq, heads, head_dim]`, grouped-query attention when
+//! `k`/`v` have fewer heads, a top-left causal mask, boolean, integer or
+//! additive masks ([`AttnMask`]), and zeros for query rows that see no key.
+//! Scores, softmax and accumulation run in `f32` for every element type.
+//!
+//! The backend is chosen per call ([`BackendKind`]): an explicit choice in
+//! [`AttentionParams`] beats the `SDPA_BACKEND` environment variable, which
+//! beats `auto`.
+
+mod backend;
+pub mod cpu;
+mod element;
+mod error;
+mod mask;
+mod metadata;
+mod params;
+mod problem;
+mod select;
+mod tensor;
+mod variant;
+
+pub use backend::{AttentionBackend, AttentionImpl, SdpaImpl};
+pub use element::Element;
+pub use error::{Result, SdpaError};
+pub use kernels_gen::{DType, VariantSpec};
+pub use mask::{AttnMask, MaskData, ResolvedMask};
+pub use metadata::AttentionMetadata;
+pub use params::AttentionParams;
+pub use problem::Problem;
+pub use sdpa_macros::sdpa_variants;
+pub use select::{probe_cuda, select, BackendKind, CudaProbe, Residence, Selection, BACKEND_ENV};
+pub use tensor::{
+    HostData, HostDataMut, Layout, OwnedData, Storage, StorageMut, Tensor, TensorView,
+    TensorViewMut,
+};
+pub use variant::{CpuKernelFn, Variant, VariantTable};
+
+/// Re-exported for the code the macro generates and for callers building
+/// `f16`/`bf16` tensors.
+pub use half;
+
+/// Everything a consuming crate needs: `use sdpa_runtime::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        sdpa_variants, AttentionBackend, AttentionImpl, AttentionMetadata, AttentionParams,
+        AttnMask, BackendKind, DType, SdpaError, Tensor, TensorView, TensorViewMut,
+    };
+    pub use half::{bf16, f16};
+}

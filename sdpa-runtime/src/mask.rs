@@ -1,0 +1,289 @@
+//! Attention masks, in the forms FastVideo normalises before calling torch.
+//!
+//! - dtype: `bool` (true = attend), integer (non-zero = attend) or floating
+//!   (added to the scaled scores; `-inf` hides a key).
+//! - shape: `[B, Sk]` (key padding), `[B, Sq, Sk]` or `[B, H, Sq, Sk]`, row
+//!   major. The batch, head and query dimensions may be 1 and are then
+//!   broadcast; the head dimension counts query heads.
+//! - A last dimension `L` shorter than `Sk` is front-padded with "attend":
+//!   key `j` reads mask column `j - (Sk - L)`, and keys before `Sk - L` are
+//!   always seen. A longer one is an error.
+//!
+//! ```
+//! use sdpa_runtime::AttnMask;
+//! // Two sequences of 4 keys; the second has one padding token at the end.
+//! let keep = [true, true, true, true, true, true, true, false];
+//! let mask = AttnMask::new(&keep[..], &[2, 4]).unwrap();
+//! assert_eq!(mask.shape(), &[2, 4]);
+//! ```
+
+use half::{bf16, f16};
+
+use crate::error::{Result, SdpaError};
+
+/// The elements of a mask.
+#[derive(Clone, Copy, Debug)]
+pub enum MaskData<'a> {
+    /// `true` = attend.
+    Bool(&'a [bool]),
+    /// Non-zero = attend.
+    U8(&'a [u8]),
+    /// Non-zero = attend.
+    I32(&'a [i32]),
+    /// Non-zero = attend.
+    I64(&'a [i64]),
+    /// Added to the scores.
+    F32(&'a [f32]),
+    /// Added to the scores.
+    F16(&'a [f16]),
+    /// Added to the scores.
+    BF16(&'a [bf16]),
+}
+
+macro_rules! mask_from {
+    ($($t:ty => $v:ident),*) => {$(
+        impl<'a> From<&'a [$t]> for MaskData<'a> {
+            fn from(s: &'a [$t]) -> Self { MaskData::$v(s) }
+        }
+        impl<'a> From<&'a Vec<$t>> for MaskData<'a> {
+            fn from(s: &'a Vec<$t>) -> Self { MaskData::$v(s) }
+        }
+    )*};
+}
+mask_from!(bool => Bool, u8 => U8, i32 => I32, i64 => I64, f32 => F32, f16 => F16, bf16 => BF16);
+
+impl MaskData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            MaskData::Bool(s) => s.len(),
+            MaskData::U8(s) => s.len(),
+            MaskData::I32(s) => s.len(),
+            MaskData::I64(s) => s.len(),
+            MaskData::F32(s) => s.len(),
+            MaskData::F16(s) => s.len(),
+            MaskData::BF16(s) => s.len(),
+        }
+    }
+
+    /// The name of the element type, for messages.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            MaskData::Bool(_) => "bool",
+            MaskData::U8(_) => "u8",
+            MaskData::I32(_) => "i32",
+            MaskData::I64(_) => "i64",
+            MaskData::F32(_) => "f32",
+            MaskData::F16(_) => "f16",
+            MaskData::BF16(_) => "bf16",
+        }
+    }
+
+    /// Writes the additive bias of `n` consecutive elements from `start`.
+    #[inline]
+    fn bias_into(&self, start: usize, out: &mut [f32]) {
+        let n = out.len();
+        fn hide(attend: bool) -> f32 {
+            if attend {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        }
+        match self {
+            MaskData::Bool(s) => {
+                for (o, &x) in out.iter_mut().zip(&s[start..start + n]) {
+                    *o = hide(x)
+                }
+            }
+            MaskData::U8(s) => {
+                for (o, &x) in out.iter_mut().zip(&s[start..start + n]) {
+                    *o = hide(x != 0)
+                }
+            }
+            MaskData::I32(s) => {
+                for (o, &x) in out.iter_mut().zip(&s[start..start + n]) {
+                    *o = hide(x != 0)
+                }
+            }
+            MaskData::I64(s) => {
+                for (o, &x) in out.iter_mut().zip(&s[start..start + n]) {
+                    *o = hide(x != 0)
+                }
+            }
+            MaskData::F32(s) => out.copy_from_slice(&s[start..start + n]),
+            MaskData::F16(s) => {
+                for (o, &x) in out.iter_mut().zip(&s[start..start + n]) {
+                    *o = x.to_f32()
+                }
+            }
+            MaskData::BF16(s) => {
+                for (o, &x) in out.iter_mut().zip(&s[start..start + n]) {
+                    *o = x.to_f32()
+                }
+            }
+        }
+    }
+}
+
+/// An attention mask: row-major elements and a shape of rank 2, 3 or 4.
+#[derive(Clone, Debug)]
+pub struct AttnMask<'a> {
+    data: MaskData<'a>,
+    shape: Vec<usize>,
+}
+
+impl<'a> AttnMask<'a> {
+    /// A mask over `data` with `shape` (`[B, Sk]`, `[B, Sq, Sk]` or
+    /// `[B, H, Sq, Sk]`); `data` must hold exactly the shape's elements.
+    pub fn new(data: impl Into<MaskData<'a>>, shape: &[usize]) -> Result<Self> {
+        let data = data.into();
+        if !(2..=4).contains(&shape.len()) {
+            return Err(SdpaError::Mask(format!(
+                "a mask of rank {} (shape {shape:?}) is not supported; pass [B, Sk], \
+                 [B, Sq, Sk] or [B, H, Sq, Sk]",
+                shape.len()
+            )));
+        }
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| SdpaError::Mask(format!("mask shape {shape:?} overflows")))?;
+        if n != data.len() {
+            return Err(SdpaError::Mask(format!(
+                "mask shape {shape:?} has {n} elements but its buffer holds {}",
+                data.len()
+            )));
+        }
+        Ok(AttnMask {
+            data,
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// The shape as given.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The elements.
+    pub fn data(&self) -> &MaskData<'a> {
+        &self.data
+    }
+
+    /// Checks the mask against the problem's sizes and computes how kernels
+    /// index it.
+    pub(crate) fn resolve(
+        &self,
+        batch: usize,
+        heads: usize,
+        seq_q: usize,
+        seq_k: usize,
+    ) -> Result<ResolvedMask<'a>> {
+        let s = &self.shape;
+        let (bm, hm, qm, len) = match s.len() {
+            2 => (s[0], 1, 1, s[1]),
+            3 => (s[0], 1, s[1], s[2]),
+            _ => (s[0], s[1], s[2], s[3]),
+        };
+        let bad = |what: &str, found: usize, want: usize| {
+            SdpaError::Mask(format!(
+                "mask shape {s:?} does not fit q [B={batch}, Sq={seq_q}, H={heads}] and \
+                 k [Sk={seq_k}]: its {what} dimension is {found}, expected {want} or 1"
+            ))
+        };
+        if bm != batch && bm != 1 {
+            return Err(bad("batch", bm, batch));
+        }
+        if hm != heads && hm != 1 {
+            return Err(bad("head", hm, heads));
+        }
+        if qm != seq_q && qm != 1 {
+            return Err(bad("query", qm, seq_q));
+        }
+        if len > seq_k {
+            return Err(SdpaError::Mask(format!(
+                "mask shape {s:?} has {len} key columns but k has only {seq_k} keys; \
+                 a mask may be shorter than Sk (it is front-padded with attend) but not longer"
+            )));
+        }
+        let stride_q = len;
+        let stride_h = qm * len;
+        let stride_b = hm * qm * len;
+        Ok(ResolvedMask {
+            data: self.data,
+            stride_b: if bm == 1 { 0 } else { stride_b },
+            stride_h: if hm == 1 { 0 } else { stride_h },
+            stride_q: if qm == 1 { 0 } else { stride_q },
+            pad: seq_k - len,
+        })
+    }
+}
+
+/// A mask checked against one problem: where row `(b, h, i)` starts and how
+/// many leading keys are padding.
+#[derive(Clone, Copy, Debug)]
+pub struct ResolvedMask<'a> {
+    data: MaskData<'a>,
+    stride_b: usize,
+    stride_h: usize,
+    stride_q: usize,
+    pad: usize,
+}
+
+impl ResolvedMask<'_> {
+    /// Writes the additive bias for keys `j0..j0 + out.len()` of query row
+    /// `i` of batch `b`, head `h`: 0 to attend, `-inf` to hide, or the float
+    /// mask's value.
+    #[inline]
+    pub fn bias_row(&self, b: usize, h: usize, i: usize, j0: usize, out: &mut [f32]) {
+        let row = b * self.stride_b + h * self.stride_h + i * self.stride_q;
+        let n_pad = self.pad.saturating_sub(j0).min(out.len());
+        out[..n_pad].fill(0.0);
+        let j = j0 + n_pad;
+        if n_pad < out.len() {
+            self.data.bias_into(row + j - self.pad, &mut out[n_pad..]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn front_padding_attends() {
+        let m = [false, true];
+        let mask = AttnMask::new(&m[..], &[1, 2]).unwrap();
+        let r = mask.resolve(1, 1, 1, 4).unwrap();
+        let mut out = [1.0f32; 4];
+        r.bias_row(0, 0, 0, 0, &mut out);
+        assert_eq!(out, [0.0, 0.0, f32::NEG_INFINITY, 0.0]);
+        let mut tail = [1.0f32; 2];
+        r.bias_row(0, 0, 0, 1, &mut tail);
+        assert_eq!(tail, [0.0, f32::NEG_INFINITY]);
+    }
+
+    #[test]
+    fn long_masks_are_refused() {
+        let m = [1i64; 5];
+        let mask = AttnMask::new(&m[..], &[1, 5]).unwrap();
+        assert!(mask.resolve(1, 1, 1, 4).is_err());
+    }
+
+    #[test]
+    fn wrong_rank_and_length_are_refused() {
+        let m = [0.0f32; 8];
+        assert!(AttnMask::new(&m[..], &[8]).is_err());
+        assert!(AttnMask::new(&m[..], &[3, 3]).is_err());
+    }
+
+    #[test]
+    fn head_broadcast_and_mismatch() {
+        let m = [0.0f32; 2 * 3 * 4];
+        let mask = AttnMask::new(&m[..], &[2, 1, 3, 4]).unwrap();
+        assert!(mask.resolve(2, 8, 3, 4).is_ok());
+        let mask = AttnMask::new(&m[..], &[2, 3, 1, 4]).unwrap();
+        let err = mask.resolve(2, 8, 1, 4).unwrap_err().to_string();
+        assert!(err.contains("head dimension is 3"), "{err}");
+    }
+}
