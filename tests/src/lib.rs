@@ -1,1 +1,7 @@
-//! placeholder
+//! Shared pieces of the integration tests: consumer declarations made with
+//! the macro exactly as a user would, an independent float64 reference, and
+//! random problem generators.
+
+pub mod cases;
+pub mod consumer;
+pub mod reference;

@@ -1,0 +1,524 @@
+//! Random attention problems, run through a backend and checked against the
+//! float64 reference.
+//!
+//! Every run draws a fresh seed (printed with any failure; set
+//! `SDPA_TEST_SEED` to replay one), fills padding between strided elements
+//! with NaN so that a kernel reading outside the view is caught, and poisons
+//! the output buffer with NaN before the call.
+
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sdpa_runtime::{
+    AttentionBackend, AttentionImpl, AttentionMetadata, AttentionParams, AttnMask, BackendKind,
+    DType, Element, MaskData, SdpaError, TensorView, TensorViewMut,
+};
+
+use crate::reference::{self, RefInputs};
+
+/// How a tensor's elements are laid out in its buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Row-major `[B, S, H, D]`.
+    Contiguous,
+    /// `[B, H, S, D]` memory seen as `[B, S, H, D]` (FastVideo's transposed
+    /// views).
+    HeadMajor,
+    /// Row-major with gaps: each head row is followed by 8 unused elements
+    /// and each token by one unused row.
+    Gapped,
+}
+
+impl Placement {
+    /// Strides for `shape` and the buffer length they need.
+    pub fn strides(self, [b, s, h, d]: [usize; 4]) -> ([usize; 4], usize) {
+        let strides = match self {
+            Placement::Contiguous => [s * h * d, h * d, d, 1],
+            Placement::HeadMajor => [h * s * d, d, s * d, 1],
+            Placement::Gapped => {
+                let row = d + 8;
+                let tok = (h + 1) * row;
+                [s * tok + 3, tok, row, 1]
+            }
+        };
+        let len = if b * s * h * d == 0 {
+            0
+        } else {
+            (b - 1) * strides[0] + (s - 1) * strides[1] + (h - 1) * strides[2] + d
+        };
+        (strides, len)
+    }
+}
+
+/// The integer types an integer mask may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IntType {
+    /// `u8`.
+    U8,
+    /// `i32`.
+    I32,
+    /// `i64`.
+    I64,
+}
+
+/// Which mask a case carries.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MaskKind {
+    /// No mask.
+    None,
+    /// Boolean key padding `[B or 1, Sk - short]`.
+    KeyPadding {
+        /// How many leading keys are left out of the mask (front padding).
+        short: usize,
+        /// Batch dimension 1 (broadcast).
+        broadcast_batch: bool,
+    },
+    /// Boolean `[B, Sq, Sk]`.
+    Bool3,
+    /// Integer `[B, Sq, Sk]`, non-zero = attend.
+    Int3(IntType),
+    /// Additive float `[B, H or 1, Sq, Sk - short]` in the element type.
+    Additive4 {
+        /// Head dimension 1 (broadcast).
+        broadcast_heads: bool,
+        /// How many leading keys are left out of the mask.
+        short: usize,
+        /// Put `-inf` in about a quarter of the entries.
+        with_neg_inf: bool,
+    },
+    /// Boolean `[B, H, Sq, Sk]` that hides every key from some query rows.
+    HideRows,
+}
+
+/// One attention problem.
+#[derive(Clone, Debug)]
+pub struct Case {
+    /// `B`.
+    pub batch: usize,
+    /// `Sq`.
+    pub seq_q: usize,
+    /// `Sk`.
+    pub seq_k: usize,
+    /// `Hq`.
+    pub heads_q: usize,
+    /// `Hkv`.
+    pub heads_kv: usize,
+    /// `D`.
+    pub head_size: usize,
+    /// Top-left causal.
+    pub causal: bool,
+    /// Explicit softmax scale.
+    pub scale: Option<f32>,
+    /// Element type.
+    pub dtype: DType,
+    /// Mask.
+    pub mask: MaskKind,
+    /// Layout of q, k and v.
+    pub placement: Placement,
+    /// Layout of the output buffer.
+    pub out_placement: Placement,
+    /// Inputs drawn uniformly from `[-amplitude, amplitude]`.
+    pub amplitude: f64,
+}
+
+impl Case {
+    /// A plain case: contiguous, no mask, default scale.
+    pub fn new(batch: usize, seq_q: usize, seq_k: usize, heads: usize, d: usize) -> Case {
+        Case {
+            batch,
+            seq_q,
+            seq_k,
+            heads_q: heads,
+            heads_kv: heads,
+            head_size: d,
+            causal: false,
+            scale: None,
+            dtype: DType::F32,
+            mask: MaskKind::None,
+            placement: Placement::Contiguous,
+            out_placement: Placement::Contiguous,
+            amplitude: 1.5,
+        }
+    }
+    /// Sets the element type.
+    pub fn dtype(mut self, dtype: DType) -> Case {
+        self.dtype = dtype;
+        self
+    }
+    /// Sets causal.
+    pub fn causal(mut self, causal: bool) -> Case {
+        self.causal = causal;
+        self
+    }
+    /// Sets the key/value heads.
+    pub fn kv_heads(mut self, n: usize) -> Case {
+        self.heads_kv = n;
+        self
+    }
+    /// Sets the mask.
+    pub fn mask(mut self, mask: MaskKind) -> Case {
+        self.mask = mask;
+        self
+    }
+    /// Sets the layouts of the inputs and the output.
+    pub fn placement(mut self, inputs: Placement, out: Placement) -> Case {
+        self.placement = inputs;
+        self.out_placement = out;
+        self
+    }
+    /// Sets the scale.
+    pub fn scale(mut self, scale: f32) -> Case {
+        self.scale = Some(scale);
+        self
+    }
+    /// Sets the input amplitude.
+    pub fn amplitude(mut self, a: f64) -> Case {
+        self.amplitude = a;
+        self
+    }
+
+    /// The tolerance on `‖out − ref‖ / ‖ref‖` for the case's dtype.
+    pub fn tolerance(&self) -> f64 {
+        match self.dtype {
+            DType::F32 => 1e-5,
+            DType::F16 | DType::BF16 => 2e-2,
+        }
+    }
+}
+
+/// The seed of this test run: `SDPA_TEST_SEED` if set, else fresh entropy.
+pub fn run_seed() -> u64 {
+    match std::env::var("SDPA_TEST_SEED") {
+        Ok(s) => s.parse().expect("SDPA_TEST_SEED must be an integer"),
+        Err(_) => rand::rng().random(),
+    }
+}
+
+/// The backends the conformance suite runs on this machine.
+pub fn backends() -> Vec<BackendKind> {
+    vec![BackendKind::Cpu]
+}
+
+/// A mask's elements, owned.
+pub enum OwnedMask {
+    /// Boolean.
+    Bool(Vec<bool>),
+    /// `u8`.
+    U8(Vec<u8>),
+    /// `i32`.
+    I32(Vec<i32>),
+    /// `i64`.
+    I64(Vec<i64>),
+    /// `f32`.
+    F32(Vec<f32>),
+    /// `f16`.
+    F16(Vec<f16>),
+    /// `bf16`.
+    BF16(Vec<bf16>),
+}
+
+impl OwnedMask {
+    fn data(&self) -> MaskData<'_> {
+        match self {
+            OwnedMask::Bool(v) => v.into(),
+            OwnedMask::U8(v) => v.into(),
+            OwnedMask::I32(v) => v.into(),
+            OwnedMask::I64(v) => v.into(),
+            OwnedMask::F32(v) => v.into(),
+            OwnedMask::F16(v) => v.into(),
+            OwnedMask::BF16(v) => v.into(),
+        }
+    }
+    /// The additive bias of element `idx`, computed independently of the
+    /// runtime.
+    fn bias(&self, idx: usize) -> f64 {
+        let attend = |yes: bool| if yes { 0.0 } else { f64::NEG_INFINITY };
+        match self {
+            OwnedMask::Bool(v) => attend(v[idx]),
+            OwnedMask::U8(v) => attend(v[idx] != 0),
+            OwnedMask::I32(v) => attend(v[idx] != 0),
+            OwnedMask::I64(v) => attend(v[idx] != 0),
+            OwnedMask::F32(v) => v[idx] as f64,
+            OwnedMask::F16(v) => v[idx].to_f64(),
+            OwnedMask::BF16(v) => v[idx].to_f64(),
+        }
+    }
+}
+
+/// A generated mask with its shape.
+pub struct GenMask {
+    /// The elements.
+    pub data: OwnedMask,
+    /// The shape, rank 2 to 4.
+    pub shape: Vec<usize>,
+}
+
+impl GenMask {
+    /// The bias the reference applies at `(b, h, i, j)`: broadcast over
+    /// size-1 dimensions, front-padded with "attend".
+    pub fn bias_at(&self, seq_k: usize, b: usize, h: usize, i: usize, j: usize) -> f64 {
+        let s = &self.shape;
+        let len = *s.last().unwrap();
+        let pad = seq_k - len;
+        if j < pad {
+            return 0.0;
+        }
+        let pick = |dim: usize, idx: usize| if dim == 1 { 0 } else { idx };
+        let idx = match s.len() {
+            2 => pick(s[0], b) * len + (j - pad),
+            3 => (pick(s[0], b) * s[1] + pick(s[1], i)) * len + (j - pad),
+            _ => ((pick(s[0], b) * s[1] + pick(s[1], h)) * s[2] + pick(s[2], i)) * len + (j - pad),
+        };
+        self.data.bias(idx)
+    }
+}
+
+fn gen_mask(case: &Case, rng: &mut StdRng) -> Option<GenMask> {
+    let (b, h, sq, sk) = (case.batch, case.heads_q, case.seq_q, case.seq_k);
+    // Keep key 0 visible in most rows so that the majority of rows are not
+    // empty; `HideRows` tests empty rows on purpose.
+    let keep = |rng: &mut StdRng, j: usize| j == 0 || rng.random_bool(0.7);
+    match case.mask {
+        MaskKind::None => None,
+        MaskKind::KeyPadding {
+            short,
+            broadcast_batch,
+        } => {
+            let bm = if broadcast_batch { 1 } else { b };
+            let len = sk - short;
+            let mut v = Vec::with_capacity(bm * len);
+            for _ in 0..bm {
+                let valid = rng.random_range(1..=len.max(1));
+                v.extend((0..len).map(|j| j < valid));
+            }
+            Some(GenMask {
+                data: OwnedMask::Bool(v),
+                shape: vec![bm, len],
+            })
+        }
+        MaskKind::Bool3 => {
+            let v = (0..b * sq * sk).map(|n| keep(rng, n % sk)).collect();
+            Some(GenMask {
+                data: OwnedMask::Bool(v),
+                shape: vec![b, sq, sk],
+            })
+        }
+        MaskKind::Int3(t) => {
+            let raw: Vec<i64> = (0..b * sq * sk)
+                .map(|n| {
+                    if keep(rng, n % sk) {
+                        rng.random_range(1..=3)
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            let data = match t {
+                IntType::U8 => OwnedMask::U8(raw.iter().map(|&x| x as u8).collect()),
+                IntType::I32 => OwnedMask::I32(raw.iter().map(|&x| x as i32).collect()),
+                IntType::I64 => OwnedMask::I64(raw),
+            };
+            Some(GenMask {
+                data,
+                shape: vec![b, sq, sk],
+            })
+        }
+        MaskKind::Additive4 {
+            broadcast_heads,
+            short,
+            with_neg_inf,
+        } => {
+            let hm = if broadcast_heads { 1 } else { h };
+            let len = sk - short;
+            let raw: Vec<f32> = (0..b * hm * sq * len)
+                .map(|n| {
+                    if with_neg_inf && n % len != 0 && rng.random_bool(0.25) {
+                        f32::NEG_INFINITY
+                    } else {
+                        rng.random_range(-2.0..2.0)
+                    }
+                })
+                .collect();
+            let data = match case.dtype {
+                DType::F32 => OwnedMask::F32(raw),
+                DType::F16 => OwnedMask::F16(raw.iter().map(|&x| f16::from_f32(x)).collect()),
+                DType::BF16 => OwnedMask::BF16(raw.iter().map(|&x| bf16::from_f32(x)).collect()),
+            };
+            Some(GenMask {
+                data,
+                shape: vec![b, hm, sq, len],
+            })
+        }
+        MaskKind::HideRows => {
+            let mut v = Vec::with_capacity(b * h * sq * sk);
+            for _ in 0..b * h * sq {
+                let hidden = rng.random_bool(0.3);
+                v.extend((0..sk).map(|j| !hidden && keep(rng, j)));
+            }
+            Some(GenMask {
+                data: OwnedMask::Bool(v),
+                shape: vec![b, h, sq, sk],
+            })
+        }
+    }
+}
+
+/// A tensor's logical values and its buffer, NaN between elements.
+pub struct GenTensor<T> {
+    /// The logical values, row-major `[B, S, H, D]`, as the element type
+    /// holds them, widened to f64.
+    pub values: Vec<f64>,
+    /// The buffer the view reads.
+    pub buf: Vec<T>,
+    /// The view's strides.
+    pub strides: [usize; 4],
+}
+
+/// Draws a tensor with `placement`, rounding values to `T`.
+pub fn gen_tensor<T: Element>(
+    shape: [usize; 4],
+    placement: Placement,
+    amplitude: f64,
+    rng: &mut StdRng,
+) -> GenTensor<T> {
+    let (strides, len) = placement.strides(shape);
+    let mut buf = vec![T::from_f32(f32::NAN); len];
+    let mut values = Vec::with_capacity(shape.iter().product());
+    let [b, s, h, d] = shape;
+    for bi in 0..b {
+        for si in 0..s {
+            for hi in 0..h {
+                for di in 0..d {
+                    let x = T::from_f32(rng.random_range(-amplitude..amplitude) as f32);
+                    buf[bi * strides[0] + si * strides[1] + hi * strides[2] + di] = x;
+                    values.push(x.to_f32() as f64);
+                }
+            }
+        }
+    }
+    GenTensor {
+        values,
+        buf,
+        strides,
+    }
+}
+
+/// What a checked run measured.
+#[derive(Debug)]
+pub struct Outcome {
+    /// `‖out − ref‖ / ‖ref‖`.
+    pub rel_err: f64,
+    /// The output, row-major `[B, Sq, Hq, D]`.
+    pub out: Vec<f64>,
+    /// The reference output.
+    pub reference: Vec<f64>,
+}
+
+/// Runs `case` on `backend` through `forward_into` with a poisoned output
+/// buffer, and checks against the reference. Panics (this is a test helper)
+/// with the case and seed when the error exceeds the tolerance.
+pub fn check(backend: &dyn AttentionBackend, kind: BackendKind, case: &Case, seed: u64) -> Outcome {
+    let outcome = match case.dtype {
+        DType::F32 => run_typed::<f32>(backend, kind, case, seed),
+        DType::F16 => run_typed::<f16>(backend, kind, case, seed),
+        DType::BF16 => run_typed::<bf16>(backend, kind, case, seed),
+    }
+    .unwrap_or_else(|e| panic!("{case:?} (seed {seed}) failed: {e}"));
+    assert!(
+        outcome.rel_err <= case.tolerance(),
+        "{case:?} on {kind} (seed {seed}): relative error {:.3e} > {:.0e}",
+        outcome.rel_err,
+        case.tolerance()
+    );
+    outcome
+}
+
+/// Runs `case` and returns the outcome without judging it.
+pub fn run_typed<T: Element>(
+    backend: &dyn AttentionBackend,
+    kind: BackendKind,
+    case: &Case,
+    seed: u64,
+) -> Result<Outcome, SdpaError> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (b, sq, sk, hq, hkv, d) = (
+        case.batch,
+        case.seq_q,
+        case.seq_k,
+        case.heads_q,
+        case.heads_kv,
+        case.head_size,
+    );
+    let q = gen_tensor::<T>([b, sq, hq, d], case.placement, case.amplitude, &mut rng);
+    let k = gen_tensor::<T>([b, sk, hkv, d], case.placement, case.amplitude, &mut rng);
+    let v = gen_tensor::<T>([b, sk, hkv, d], case.placement, case.amplitude, &mut rng);
+    let mask = gen_mask(case, &mut rng);
+
+    let mut params = AttentionParams::new(hq, d)
+        .num_kv_heads(hkv)
+        .causal(case.causal)
+        .backend(kind);
+    if let Some(s) = case.scale {
+        params = params.softmax_scale(s);
+    }
+    let layer = backend.build_impl(params)?;
+    let qv = TensorView::with_strides(&q.buf, [b, sq, hq, d], q.strides)?;
+    let kv = TensorView::with_strides(&k.buf, [b, sk, hkv, d], k.strides)?;
+    let vv = TensorView::with_strides(&v.buf, [b, sk, hkv, d], v.strides)?;
+    let mut meta = AttentionMetadata::new(0);
+    if let Some(m) = &mask {
+        meta = meta.with_mask(AttnMask::new(m.data.data(), &m.shape)?);
+    }
+
+    let out_shape = [b, sq, hq, d];
+    let (out_strides, out_len) = case.out_placement.strides(out_shape);
+    let poison = T::from_f32(f32::NAN);
+    let mut out_buf = vec![poison; out_len];
+    {
+        let mut ov = TensorViewMut::with_strides(&mut out_buf, out_shape, out_strides)?;
+        layer.forward_into(&qv, &kv, &vv, &meta, &mut ov)?;
+    }
+    let mut out = Vec::with_capacity(b * sq * hq * d);
+    let mut written = vec![false; out_len];
+    for bi in 0..b {
+        for si in 0..sq {
+            for hi in 0..hq {
+                let base = bi * out_strides[0] + si * out_strides[1] + hi * out_strides[2];
+                for di in 0..d {
+                    out.push(out_buf[base + di].to_f32() as f64);
+                    written[base + di] = true;
+                }
+            }
+        }
+    }
+    for (n, x) in out_buf.iter().enumerate() {
+        assert!(
+            written[n] || x.to_f32().is_nan(),
+            "{case:?} (seed {seed}): the kernel wrote outside the output view at offset {n}"
+        );
+    }
+
+    let scale = case.scale.map_or(1.0 / (d as f64).sqrt(), |s| s as f64);
+    let bias_fn = |bi: usize, hi: usize, i: usize, j: usize| {
+        mask.as_ref().unwrap().bias_at(sk, bi, hi, i, j)
+    };
+    let reference = reference::attention(&RefInputs {
+        q: &q.values,
+        k: &k.values,
+        v: &v.values,
+        batch: b,
+        seq_q: sq,
+        seq_k: sk,
+        heads_q: hq,
+        heads_kv: hkv,
+        d,
+        scale,
+        causal: case.causal,
+        bias: if mask.is_some() { Some(&bias_fn) } else { None },
+    });
+    Ok(Outcome {
+        rel_err: reference::rel_l2(&out, &reference),
+        out,
+        reference,
+    })
+}
