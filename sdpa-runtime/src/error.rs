@@ -47,7 +47,9 @@ pub enum SdpaError {
     #[error("{0}")]
     Shape(String),
     /// Tensors of different element types were passed together.
-    #[error("{tensor} has dtype {found} but q has dtype {expected}; pass q, k, v and out in one dtype")]
+    #[error(
+        "{tensor} has dtype {found} but q has dtype {expected}; pass q, k, v and out in one dtype"
+    )]
     DtypeMismatch {
         /// Which tensor was wrong.
         tensor: &'static str,
@@ -63,7 +65,9 @@ pub enum SdpaError {
     #[error("{0}")]
     Param(String),
     /// `dropout_p` other than 0 was asked for.
-    #[error("dropout_p = {0} is not supported (only inference without dropout is); pass dropout_p = 0")]
+    #[error(
+        "dropout_p = {0} is not supported (only inference without dropout is); pass dropout_p = 0"
+    )]
     Dropout(f64),
     /// The `SDPA_BACKEND` environment variable holds an unknown value.
     #[error("SDPA_BACKEND={0:?} is not a backend; use auto, cpu or cuda")]

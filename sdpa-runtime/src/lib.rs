@@ -71,3 +71,7 @@ pub mod prelude {
     };
     pub use half::{bf16, f16};
 }
+
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

@@ -36,10 +36,7 @@ impl BackendKind {
     pub fn from_env() -> Result<Option<BackendKind>> {
         match std::env::var(BACKEND_ENV) {
             Ok(v) if v.trim().is_empty() => Ok(None),
-            Ok(v) => v
-                .parse()
-                .map(Some)
-                .map_err(|_| SdpaError::BadBackendEnv(v)),
+            Ok(v) => v.parse().map(Some).map_err(|_| SdpaError::BadBackendEnv(v)),
             Err(_) => Ok(None),
         }
     }

@@ -11,8 +11,8 @@
 //! let q = TensorView::from_slice(&data, [2, 16, 4, 64])?;
 //! assert_eq!(q.layout().heads(), 4);
 //! // The same buffer read as [batch, heads, seq, dim] memory, seen as [B, S, H, D]:
-//! let t = TensorView::with_strides(&data, [2, 4, 16, 64], [16 * 4 * 64, 64, 16 * 64, 1])?;
-//! assert_eq!(t.layout().seq(), 4);
+//! let t = TensorView::with_strides(&data, [2, 16, 4, 64], [4 * 16 * 64, 64, 16 * 64, 1])?;
+//! assert_eq!(t.layout().seq(), 16);
 //! # Ok(()) }
 //! ```
 

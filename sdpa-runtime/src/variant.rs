@@ -98,7 +98,14 @@ impl VariantTable {
         self.check_declared(head_size, causal)?;
         self.variants
             .iter()
-            .find(|v| v.spec == VariantSpec { head_size, causal, dtype })
+            .find(|v| {
+                v.spec
+                    == VariantSpec {
+                        head_size,
+                        causal,
+                        dtype,
+                    }
+            })
             .ok_or_else(|| SdpaError::UndeclaredDtype {
                 dtype,
                 declared: self

@@ -63,15 +63,14 @@ pub fn attention<const D: usize, const CAUSAL: bool, T: Element>(
     };
     let q_blocks = p.seq_q.div_ceil(BLOCK_Q);
     let tasks = p.batch * p.heads_q * q_blocks;
-    (0..tasks).into_par_iter().for_each_init(
-        tile::Workspace::<D>::new,
-        |ws, task| {
+    (0..tasks)
+        .into_par_iter()
+        .for_each_init(tile::Workspace::<D>::new, |ws, task| {
             let qb = task % q_blocks;
             let h = (task / q_blocks) % p.heads_q;
             let b = task / (q_blocks * p.heads_q);
             tile::query_block::<D, CAUSAL, T>(&inputs, ws, b, h, qb * BLOCK_Q, &sink);
-        },
-    );
+        });
     Ok(())
 }
 

@@ -105,7 +105,11 @@ pub(crate) fn query_block<const D: usize, const CAUSAL: bool, T: Element>(
                     *s += m;
                 }
             }
-            let visible = if CAUSAL { n.min((i + 1).saturating_sub(j0)) } else { n };
+            let visible = if CAUSAL {
+                n.min((i + 1).saturating_sub(j0))
+            } else {
+                n
+            };
             scores[visible..].fill(f32::NEG_INFINITY);
             if visible == 0 {
                 continue;
@@ -116,7 +120,11 @@ pub(crate) fn query_block<const D: usize, const CAUSAL: bool, T: Element>(
             // A row that has seen only hidden keys keeps max = -inf; shifting
             // by 0 instead keeps exp(-inf - -inf) = NaN out, and makes every
             // hidden key's weight exactly 0.
-            let shift = if new_max == f32::NEG_INFINITY { 0.0 } else { new_max };
+            let shift = if new_max == f32::NEG_INFINITY {
+                0.0
+            } else {
+                new_max
+            };
             let rescale = (ws.max[r] - shift).exp();
             ws.max[r] = new_max;
 
