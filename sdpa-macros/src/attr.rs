@@ -164,7 +164,7 @@ fn head_size(tokens: TokenStream) -> Result<HeadSize> {
 
 fn causal(tokens: TokenStream) -> Result<LitBool> {
     syn::parse2(tokens.clone())
-        .map_err(|_| Error::new_spanned(&tokens, "causal values are `false` and `true`"))
+        .map_err(|_| Error::new_spanned(&tokens, "causal values are `false` or `true`"))
 }
 
 fn dtype(tokens: TokenStream) -> Result<Dtype> {
@@ -213,7 +213,12 @@ mod tests {
 
     #[test]
     fn parses_every_key_in_any_order() {
-        let attr = parse(quote!(dtypes = [f32, bf16,], causal = [true], head_sizes = [64, 8,])).unwrap();
+        let attr = parse(quote!(
+            dtypes = [f32, bf16,],
+            causal = [true],
+            head_sizes = [64, 8,]
+        ))
+        .unwrap();
         let sizes: Vec<usize> = attr.head_sizes[0].items.iter().map(|h| h.value).collect();
         assert_eq!(sizes, [64, 8]);
         let causal: Vec<bool> = attr.causal[0].items.iter().map(|c| c.value).collect();
@@ -240,14 +245,16 @@ mod tests {
 
     #[test]
     fn reports_every_bad_entry() {
-        let err = parse(quote!(head_sizes = [64, x, 1.5], causal = [1, yes])).err().unwrap();
+        let err = parse(quote!(head_sizes = [64, x, 1.5], causal = [1, yes]))
+            .err()
+            .unwrap();
         assert_eq!(
             messages(err),
             [
                 "head sizes are integer literals, e.g. `64`",
                 "head sizes are integer literals, e.g. `64`",
-                "causal values are `false` and `true`",
-                "causal values are `false` and `true`",
+                "causal values are `false` or `true`",
+                "causal values are `false` or `true`",
             ]
         );
     }
@@ -268,7 +275,9 @@ mod tests {
 
     #[test]
     fn a_huge_head_size_is_rejected() {
-        let err = parse(quote!(head_sizes = [100000000000000000000000])).err().unwrap();
+        let err = parse(quote!(head_sizes = [100000000000000000000000]))
+            .err()
+            .unwrap();
         assert!(messages(err)[0].starts_with("head size 100000000000000000000000 is not supported"));
     }
 }

@@ -30,7 +30,10 @@ fn generate(valid: &Valid) -> TokenStream {
     let ident = &item.ident;
     let count = Literal::usize_unsuffixed(valid.variants.len());
     let variants = valid.variants.iter().map(variant);
-    let head_sizes = valid.head_sizes.iter().map(|&d| Literal::usize_unsuffixed(d));
+    let head_sizes = valid
+        .head_sizes
+        .iter()
+        .map(|&d| Literal::usize_unsuffixed(d));
     let causal = &valid.causal;
     let dtypes = valid.dtypes.iter().map(|&dtype| dtype_path(dtype));
     quote! {
@@ -80,7 +83,7 @@ fn dtype_path(dtype: DType) -> TokenStream {
 /// The Rust type of one element.
 fn element_type(dtype: DType) -> TokenStream {
     match dtype {
-        DType::F32 => quote!(f32),
+        DType::F32 => quote!(::core::primitive::f32),
         DType::F16 => quote!(::sdpa_runtime::half::f16),
         DType::BF16 => quote!(::sdpa_runtime::half::bf16),
     }
@@ -102,7 +105,11 @@ mod tests {
 
     #[test]
     fn one_variant_per_combination_in_declaration_order() {
-        let file = expand(quote!(head_sizes = [64, 80], causal = [true], dtypes = [f32, bf16]));
+        let file = expand(quote!(
+            head_sizes = [64, 80],
+            causal = [true],
+            dtypes = [f32, bf16]
+        ));
         let expected: syn::File = parse_quote! {
             pub struct WanAttention;
 
@@ -112,7 +119,7 @@ mod tests {
                     static VARIANTS: [::sdpa_runtime::Variant; 4] = [
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 64, causal: true, dtype: ::sdpa_runtime::DType::F32 },
-                            ::sdpa_runtime::cpu::attention::<64, true, f32>,
+                            ::sdpa_runtime::cpu::attention::<64, true, ::core::primitive::f32>,
                         ),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 64, causal: true, dtype: ::sdpa_runtime::DType::BF16 },
@@ -120,7 +127,7 @@ mod tests {
                         ),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 80, causal: true, dtype: ::sdpa_runtime::DType::F32 },
-                            ::sdpa_runtime::cpu::attention::<80, true, f32>,
+                            ::sdpa_runtime::cpu::attention::<80, true, ::core::primitive::f32>,
                         ),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 80, causal: true, dtype: ::sdpa_runtime::DType::BF16 },
@@ -137,10 +144,7 @@ mod tests {
                 }
             }
         };
-        assert_eq!(
-            quote!(#file).to_string(),
-            quote!(#expected).to_string()
-        );
+        assert_eq!(quote!(#file).to_string(), quote!(#expected).to_string());
     }
 
     #[test]
@@ -160,7 +164,10 @@ mod tests {
         let item: Item = parse_quote!(
             pub struct WanAttention;
         );
-        let err = Error::new(proc_macro2::Span::call_site(), "head size 65 is not supported");
+        let err = Error::new(
+            proc_macro2::Span::call_site(),
+            "head size 65 is not supported",
+        );
         let text = with_errors(&item, err).to_string();
         assert!(text.starts_with("pub struct WanAttention ;"), "{text}");
         assert!(text.contains("compile_error"), "{text}");

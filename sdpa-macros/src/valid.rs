@@ -65,8 +65,7 @@ pub fn validate<'a>(attr: &Attr, item: &'a Item) -> Result<Valid<'a>> {
     errors.check(check_dtypes_known(attr));
     errors.check(check_unique(
         &attr.dtypes,
-        // Unknown names are reported by `check_dtypes_known`; compare names
-        // so that `f64, f64` is not reported twice over.
+        // Compare names, not dtypes: a repeated unknown name is a repeat too.
         |d| (d.name.to_string(), d.name.span()),
         |d| format!("dtype `{d}` is already declared; declare each dtype once"),
     ));
@@ -134,20 +133,38 @@ fn check_not_generic(item: &ItemStruct) -> Result<()> {
     }
     Err(Error::new_spanned(
         &item.generics,
-        "a struct with `#[sdpa_variants]` cannot be generic: \
-         its variant table is one static; remove the generic parameters",
+        "a struct with `#[sdpa_variants]` cannot be generic (its variant table is \
+         a single static); remove the generic parameters",
     ))
 }
 
 fn check_keys_known(attr: &Attr) -> Result<()> {
     let mut errors = Errors::default();
     for key in &attr.unknown_keys {
+        let hint = match key_meant(&key.to_string()) {
+            Some(meant) => format!("did you mean `{meant}`? "),
+            None => String::new(),
+        };
         errors.push(Error::new(
             key.span(),
-            format!("unknown key `{key}`; the keys are `head_sizes`, `causal` and `dtypes`"),
+            format!("unknown key `{key}`; {hint}the keys are `head_sizes`, `causal` and `dtypes`"),
         ));
     }
     errors.finish()
+}
+
+/// The key a misspelt one most likely stands for: `dtype`, `head_size`,
+/// `headsizes`, `is_causal`.
+fn key_meant(unknown: &str) -> Option<&'static str> {
+    let fold = |s: &str| -> String {
+        let s: String = s.chars().filter(|&c| c != '_').collect();
+        s.to_lowercase().trim_end_matches('s').to_owned()
+    };
+    let unknown = fold(unknown);
+    ["head_sizes", "causal", "dtypes"].into_iter().find(|key| {
+        let key = fold(key);
+        unknown == key || (unknown.len() >= 4 && (unknown.contains(&key) || key.contains(&unknown)))
+    })
 }
 
 /// Reports every list of `name` after the first, at its key.
@@ -220,10 +237,14 @@ fn check_dtypes_known(attr: &Attr) -> Result<()> {
     let mut errors = Errors::default();
     for dtype in attr.dtypes.iter().flat_map(|list| &list.items) {
         if dtype.dtype.is_none() {
+            let hint = match dtype_meant(&dtype.name.to_string()) {
+                Some(meant) => format!("did you mean `{meant}`? "),
+                None => String::new(),
+            };
             errors.push(Error::new(
                 dtype.name.span(),
                 format!(
-                    "unknown dtype `{}`; the dtypes are {}",
+                    "unknown dtype `{}`; {hint}the dtypes are {}",
                     dtype.name,
                     dtype_names()
                 ),
@@ -231,6 +252,16 @@ fn check_dtypes_known(attr: &Attr) -> Result<()> {
         }
     }
     errors.finish()
+}
+
+/// The dtype a name from elsewhere (PyTorch, NumPy, upper case) stands for.
+fn dtype_meant(unknown: &str) -> Option<DType> {
+    match unknown.to_lowercase().as_str() {
+        "bfloat16" => Some(DType::BF16),
+        "half" | "float16" => Some(DType::F16),
+        "float" | "float32" | "single" => Some(DType::F32),
+        other => DType::from_name(other),
+    }
 }
 
 /// "`bf16`, `f16` and `f32`".
@@ -271,10 +302,22 @@ mod tests {
         assert_eq!(valid.causal, [false, true]);
         assert_eq!(valid.dtypes, [DType::BF16, DType::F16, DType::F32]);
         assert_eq!(valid.variants.len(), 12);
-        assert_eq!(valid.variants[0], VariantSpec::new(128, false, DType::BF16).unwrap());
-        assert_eq!(valid.variants[1], VariantSpec::new(128, false, DType::F16).unwrap());
-        assert_eq!(valid.variants[3], VariantSpec::new(128, true, DType::BF16).unwrap());
-        assert_eq!(valid.variants[6], VariantSpec::new(64, false, DType::BF16).unwrap());
+        assert_eq!(
+            valid.variants[0],
+            VariantSpec::new(128, false, DType::BF16).unwrap()
+        );
+        assert_eq!(
+            valid.variants[1],
+            VariantSpec::new(128, false, DType::F16).unwrap()
+        );
+        assert_eq!(
+            valid.variants[3],
+            VariantSpec::new(128, true, DType::BF16).unwrap()
+        );
+        assert_eq!(
+            valid.variants[6],
+            VariantSpec::new(64, false, DType::BF16).unwrap()
+        );
     }
 
     #[test]
@@ -312,8 +355,10 @@ mod tests {
     fn head_sizes_are_required() {
         assert_eq!(
             errors(quote!(causal = [true]), &item()),
-            ["missing `head_sizes`; declare the head sizes to generate kernels for, \
-              e.g. `#[sdpa_variants(head_sizes = [64, 128])]`"]
+            [
+                "missing `head_sizes`; declare the head sizes to generate kernels for, \
+              e.g. `#[sdpa_variants(head_sizes = [64, 128])]`"
+            ]
         );
     }
 
@@ -331,6 +376,28 @@ mod tests {
             struct Attention<T>(T);
         );
         assert_eq!(errors(quote!(head_sizes = [64]), &generic).len(), 1);
+    }
+
+    #[test]
+    fn misspellings_get_a_hint() {
+        assert_eq!(key_meant("dtype"), Some("dtypes"));
+        assert_eq!(key_meant("head_size"), Some("head_sizes"));
+        assert_eq!(key_meant("headsizes"), Some("head_sizes"));
+        assert_eq!(key_meant("is_causal"), Some("causal"));
+        assert_eq!(key_meant("tile"), None);
+        assert_eq!(key_meant("d"), None);
+        assert_eq!(dtype_meant("bfloat16"), Some(DType::BF16));
+        assert_eq!(dtype_meant("F16"), Some(DType::F16));
+        assert_eq!(dtype_meant("f64"), None);
+        assert_eq!(
+            errors(quote!(head_sizes = [64], dtype = [half]), &item()),
+            ["unknown key `dtype`; did you mean `dtypes`? \
+              the keys are `head_sizes`, `causal` and `dtypes`"]
+        );
+        assert_eq!(
+            errors(quote!(head_sizes = [64], dtypes = [half]), &item()),
+            ["unknown dtype `half`; did you mean `f16`? the dtypes are `bf16`, `f16` and `f32`"]
+        );
     }
 
     #[test]

@@ -1,0 +1,6 @@
+use sdpa_runtime::prelude::*;
+
+#[sdpa_variants(head_sizes = [64], causal = [true], causal = [false])]
+pub struct WanAttention;
+
+fn main() {}
