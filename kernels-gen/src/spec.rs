@@ -76,7 +76,9 @@ pub enum SpecError {
 
 /// Checks that kernels can be generated for head size `head_size`.
 pub fn check_head_size(head_size: usize) -> Result<(), SpecError> {
-    if (MIN_HEAD_SIZE..=MAX_HEAD_SIZE).contains(&head_size) && head_size.is_multiple_of(HEAD_SIZE_STEP) {
+    if (MIN_HEAD_SIZE..=MAX_HEAD_SIZE).contains(&head_size)
+        && head_size.is_multiple_of(HEAD_SIZE_STEP)
+    {
         Ok(())
     } else {
         Err(SpecError::HeadSize(head_size))

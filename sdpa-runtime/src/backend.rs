@@ -81,7 +81,10 @@ impl SdpaImpl {
             return Err(SdpaError::Dropout(params.dropout_p));
         }
         let num_kv_heads = params.kv_heads();
-        if params.num_heads == 0 || num_kv_heads == 0 || params.num_heads % num_kv_heads != 0 {
+        if params.num_heads == 0
+            || num_kv_heads == 0
+            || !params.num_heads.is_multiple_of(num_kv_heads)
+        {
             return Err(SdpaError::Param(format!(
                 "num_heads = {} and num_kv_heads = {num_kv_heads}: both must be positive and \
                  num_heads a multiple of num_kv_heads",

@@ -69,7 +69,7 @@ impl<'a> Problem<'a> {
                 k.layout().shape()
             )));
         }
-        if hkv == 0 || hq % hkv != 0 {
+        if hkv == 0 || !hq.is_multiple_of(hkv) {
             return Err(SdpaError::Shape(format!(
                 "q has {hq} heads and k/v have {hkv}; the number of query heads must be a \
                  multiple of the number of key/value heads (GQA/MQA)"
