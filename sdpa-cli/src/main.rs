@@ -1,1 +1,75 @@
-fn main() {}
+//! `sdpa`: run, time and inspect the compile-time specialised attention
+//! kernels of `sdpa-runtime`.
+//!
+//! - `sdpa run` computes attention for the tensors of a safetensors file;
+//! - `sdpa bench` times the forward pass on model shapes;
+//! - `sdpa info` lists the compiled variants and the backend `auto` picks.
+//!
+//! Errors print as one line, `error: ...`, and exit with status 1. Logs go
+//! to stderr, filtered by `RUST_LOG` (default `warn`).
+
+mod bench;
+mod error;
+mod info;
+mod options;
+mod presets;
+mod run;
+mod safetensors_io;
+mod variants;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Scaled-dot-product attention with kernels specialised at compile time.
+#[derive(Debug, Parser)]
+#[command(name = "sdpa", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Compute attention for the q, k, v (and attn_mask) of a safetensors
+    /// file and write the tensor out.
+    Run(run::RunArgs),
+    /// Time the forward pass: the preset table of model shapes for the
+    /// backend in use, one preset, or a shape given by flags.
+    Bench(bench::BenchArgs),
+    /// List the compiled variants, the backend auto would pick and why, and
+    /// the CPU threads.
+    Info,
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Info => info::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let message = e.to_string().replace('\n', " ");
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG`; `warn` when it is unset or
+/// cannot be parsed.
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

@@ -63,7 +63,9 @@ impl FromStr for BackendKind {
             "auto" => Ok(BackendKind::Auto),
             "cpu" => Ok(BackendKind::Cpu),
             "cuda" | "gpu" => Ok(BackendKind::Cuda),
-            _ => Err(SdpaError::BadBackendEnv(s.to_string())),
+            _ => Err(SdpaError::Param(format!(
+                "{s:?} is not a backend; use auto, cpu or cuda"
+            ))),
         }
     }
 }
@@ -148,6 +150,7 @@ mod tests {
             assert_eq!(k.name().parse::<BackendKind>().unwrap(), k);
         }
         let err = "tpu".parse::<BackendKind>().unwrap_err().to_string();
+        assert!(!err.contains(BACKEND_ENV), "{err}");
         assert!(err.contains("auto, cpu or cuda"), "{err}");
     }
 

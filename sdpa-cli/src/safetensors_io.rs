@@ -1,0 +1,276 @@
+//! Reading attention cases from safetensors files and writing results back.
+//!
+//! A case holds the tensors `q`, `k`, `v` (`[B, S, H, D]`, all `F32`, `F16`
+//! or `BF16`) and optionally `attn_mask` (`BOOL`, `U8`, `I32`, `I64`, `F32`,
+//! `F16` or `BF16`, rank 2 to 4), plus the metadata strings `causal`
+//! (`true`/`false`) and `scale` (a number). Tensor data in a safetensors
+//! file need not be aligned for its type, so every tensor is decoded from
+//! its little-endian bytes into an owned buffer rather than cast in place.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors};
+use sdpa_runtime::half::{bf16, f16};
+use sdpa_runtime::{AttnMask, OwnedData, SdpaError, Tensor};
+
+use crate::error::{CliError, Result};
+
+/// The tensor names a case may hold.
+const KNOWN_TENSORS: [&str; 4] = ["q", "k", "v", "attn_mask"];
+
+/// One attention call read from a file.
+#[derive(Debug)]
+pub struct Case {
+    /// Queries `[B, Sq, Hq, D]`.
+    pub q: Tensor,
+    /// Keys `[B, Sk, Hkv, D]`.
+    pub k: Tensor,
+    /// Values `[B, Sk, Hkv, D]`.
+    pub v: Tensor,
+    /// The optional attention mask.
+    pub mask: Option<OwnedMask>,
+    /// The `causal` metadata entry; absent means `false`.
+    pub causal: bool,
+    /// The `scale` metadata entry; absent means `1/sqrt(D)`.
+    pub scale: Option<f32>,
+}
+
+/// An attention mask read from a file: owned elements and their shape.
+#[derive(Debug)]
+pub struct OwnedMask {
+    data: MaskBuffer,
+    shape: Vec<usize>,
+}
+
+/// The owned elements of a mask, one variant per accepted dtype.
+#[derive(Debug)]
+enum MaskBuffer {
+    Bool(Vec<bool>),
+    U8(Vec<u8>),
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl OwnedMask {
+    /// The mask as the runtime takes it; the runtime checks its shape.
+    pub fn as_attn_mask(&self) -> Result<AttnMask<'_>, SdpaError> {
+        let shape = &self.shape;
+        match &self.data {
+            MaskBuffer::Bool(v) => AttnMask::new(v, shape),
+            MaskBuffer::U8(v) => AttnMask::new(v, shape),
+            MaskBuffer::I32(v) => AttnMask::new(v, shape),
+            MaskBuffer::I64(v) => AttnMask::new(v, shape),
+            MaskBuffer::F32(v) => AttnMask::new(v, shape),
+            MaskBuffer::F16(v) => AttnMask::new(v, shape),
+            MaskBuffer::BF16(v) => AttnMask::new(v, shape),
+        }
+    }
+}
+
+/// Reads a case from `path`.
+pub fn read_case(path: &Path) -> Result<Case> {
+    let bytes = std::fs::read(path).map_err(|source| CliError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let format = |source| CliError::Format {
+        path: path.to_owned(),
+        source,
+    };
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(format)?;
+    let file = SafeTensors::deserialize(&bytes).map_err(format)?;
+
+    for name in file.names() {
+        if !KNOWN_TENSORS.contains(&name) {
+            tracing::warn!(
+                "{} holds a tensor {name:?} that sdpa run ignores; it reads q, k, v and attn_mask",
+                path.display()
+            );
+        }
+    }
+    let get = |name: &str| -> Result<safetensors::tensor::TensorView<'_>> {
+        file.tensor(name).map_err(|_| {
+            CliError::Input(format!(
+                "{} has no tensor {name:?}; a case needs q, k and v ([B, S, H, D]) and may \
+                 hold attn_mask",
+                path.display()
+            ))
+        })
+    };
+    let q = qkv_tensor("q", &get("q")?)?;
+    let k = qkv_tensor("k", &get("k")?)?;
+    let v = qkv_tensor("v", &get("v")?)?;
+    let mask = match file.tensor("attn_mask") {
+        Ok(view) => Some(mask_tensor(&view)?),
+        Err(_) => None,
+    };
+
+    let empty = HashMap::new();
+    let metadata = header.metadata().as_ref().unwrap_or(&empty);
+    let causal = metadata
+        .get("causal")
+        .map(|s| parse_causal(s))
+        .transpose()?
+        .unwrap_or(false);
+    let scale = metadata.get("scale").map(|s| parse_scale(s)).transpose()?;
+    Ok(Case {
+        q,
+        k,
+        v,
+        mask,
+        causal,
+        scale,
+    })
+}
+
+/// Writes `out` as the tensor `out` of a new safetensors file, with
+/// `metadata` as its `__metadata__`.
+pub fn write_output(path: &Path, out: &Tensor, metadata: HashMap<String, String>) -> Result<()> {
+    let (dtype, bytes) = match out.data() {
+        OwnedData::F32(v) => (Dtype::F32, encode(v, |x| x.to_le_bytes())),
+        OwnedData::F16(v) => (Dtype::F16, encode(v, |x| x.to_bits().to_le_bytes())),
+        OwnedData::BF16(v) => (Dtype::BF16, encode(v, |x| x.to_bits().to_le_bytes())),
+    };
+    let write = |source: Box<dyn std::error::Error + Send + Sync>| CliError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let view = safetensors::tensor::TensorView::new(dtype, out.shape().to_vec(), &bytes)
+        .map_err(|e| write(e.into()))?;
+    safetensors::serialize_to_file([("out", view)], Some(metadata), path)
+        .map_err(|e| write(e.into()))
+}
+
+/// Reads `q`, `k` or `v`: rank 4, a floating dtype the kernels take.
+fn qkv_tensor(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Tensor> {
+    let shape: [usize; 4] = view.shape().try_into().map_err(|_| {
+        CliError::Input(format!(
+            "tensor {name:?} has shape {:?} (rank {}); q, k and v must have rank 4: \
+             [batch, seq, heads, head_dim]",
+            view.shape(),
+            view.shape().len()
+        ))
+    })?;
+    let bytes = view.data();
+    let tensor = match view.dtype() {
+        Dtype::F32 => Tensor::from_vec(decode(bytes, f32::from_le_bytes), shape),
+        Dtype::F16 => Tensor::from_vec(
+            decode(bytes, |b| f16::from_bits(u16::from_le_bytes(b))),
+            shape,
+        ),
+        Dtype::BF16 => Tensor::from_vec(
+            decode(bytes, |b| bf16::from_bits(u16::from_le_bytes(b))),
+            shape,
+        ),
+        other => {
+            return Err(CliError::Input(format!(
+                "tensor {name:?} has dtype {other:?}; q, k and v must be F32, F16 or BF16 \
+                 (all three the same)"
+            )))
+        }
+    };
+    Ok(tensor?)
+}
+
+/// Reads `attn_mask`: one of the mask dtypes, rank 2 to 4 (the runtime
+/// checks the rank and the sizes).
+fn mask_tensor(view: &safetensors::tensor::TensorView<'_>) -> Result<OwnedMask> {
+    let bytes = view.data();
+    let data = match view.dtype() {
+        Dtype::BOOL => MaskBuffer::Bool(decode(bytes, |[b]: [u8; 1]| b != 0)),
+        Dtype::U8 => MaskBuffer::U8(bytes.to_vec()),
+        Dtype::I32 => MaskBuffer::I32(decode(bytes, i32::from_le_bytes)),
+        Dtype::I64 => MaskBuffer::I64(decode(bytes, i64::from_le_bytes)),
+        Dtype::F32 => MaskBuffer::F32(decode(bytes, f32::from_le_bytes)),
+        Dtype::F16 => MaskBuffer::F16(decode(bytes, |b| f16::from_bits(u16::from_le_bytes(b)))),
+        Dtype::BF16 => MaskBuffer::BF16(decode(bytes, |b| bf16::from_bits(u16::from_le_bytes(b)))),
+        other => {
+            return Err(CliError::Input(format!(
+                "tensor \"attn_mask\" has dtype {other:?}; a mask must be BOOL, U8, I32, I64 \
+                 (non-zero = attend) or F32, F16, BF16 (added to the scores)"
+            )))
+        }
+    };
+    Ok(OwnedMask {
+        data,
+        shape: view.shape().to_vec(),
+    })
+}
+
+/// Parses the `causal` metadata entry: `true` or `false`, in any case.
+fn parse_causal(value: &str) -> Result<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(CliError::Input(format!(
+            "metadata causal = {value:?} is not a boolean; write \"true\" or \"false\" \
+             (absent means false)"
+        ))),
+    }
+}
+
+/// Parses the `scale` metadata entry: a finite number.
+fn parse_scale(value: &str) -> Result<f32> {
+    match value.trim().parse::<f32>() {
+        Ok(s) if s.is_finite() => Ok(s),
+        _ => Err(CliError::Input(format!(
+            "metadata scale = {value:?} is not a finite number; write e.g. \"0.125\", or leave \
+             it out for 1/sqrt(D)"
+        ))),
+    }
+}
+
+/// Decodes little-endian elements of `N` bytes each, wherever they lie.
+fn decode<T, const N: usize>(bytes: &[u8], from_le: impl Fn([u8; N]) -> T) -> Vec<T> {
+    bytes
+        .chunks_exact(N)
+        .map(|c| from_le(c.try_into().expect("chunks_exact yields N bytes")))
+        .collect()
+}
+
+/// Encodes elements as little-endian bytes.
+fn encode<T: Copy, const N: usize>(values: &[T], to_le: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    values.iter().flat_map(|&x| to_le(x)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_values() {
+        assert!(parse_causal("True").unwrap());
+        assert!(!parse_causal("false").unwrap());
+        let err = parse_causal("maybe").unwrap_err().to_string();
+        assert!(err.contains("\"maybe\""), "{err}");
+        assert_eq!(parse_scale(" 0.125 ").unwrap(), 0.125);
+        assert!(parse_scale("inf").is_err());
+        assert!(parse_scale("abc").is_err());
+    }
+
+    #[test]
+    fn unaligned_bytes_decode() {
+        let mut bytes = vec![0u8];
+        bytes.extend(1.5f32.to_le_bytes());
+        bytes.extend((-2.0f32).to_le_bytes());
+        assert_eq!(decode(&bytes[1..], f32::from_le_bytes), [1.5, -2.0]);
+    }
+
+    #[test]
+    fn round_trip_through_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.safetensors");
+        let data: Vec<bf16> = (0..24).map(|i| bf16::from_f32(i as f32 / 4.0)).collect();
+        let out = Tensor::from_vec(data.clone(), [1, 2, 3, 4]).unwrap();
+        write_output(&path, &out, HashMap::new()).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        let view = file.tensor("out").unwrap();
+        assert_eq!(view.dtype(), Dtype::BF16);
+        assert_eq!(qkv_tensor("out", &view).unwrap(), out);
+    }
+}
