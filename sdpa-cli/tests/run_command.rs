@@ -1,0 +1,279 @@
+//! `sdpa run` end to end: files written by PyTorch's conventions (tensors
+//! `q`, `k`, `v` in `[B, S, H, D]`, `attn_mask`, metadata `causal` and
+//! `scale`) give the float64 reference's answer.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use safetensors::tensor::TensorView as StView;
+use safetensors::{Dtype, SafeTensors};
+use sdpa_runtime::half::{bf16, f16};
+use sdpa_tests::cases::run_seed;
+use sdpa_tests::reference::{attention, rel_l2, RefInputs};
+
+const SDPA: &str = env!("CARGO_BIN_EXE_sdpa");
+
+/// A tensor to write: dtype, shape, little-endian bytes.
+struct Entry(Dtype, Vec<usize>, Vec<u8>);
+
+/// Rounds `values` to `dtype`, returning the rounded values and their bytes.
+fn encode(dtype: Dtype, values: &[f64]) -> (Vec<f64>, Vec<u8>) {
+    let mut bytes = Vec::new();
+    let mut rounded = Vec::new();
+    for &x in values {
+        let r = match dtype {
+            Dtype::F32 => {
+                bytes.extend((x as f32).to_le_bytes());
+                x as f32 as f64
+            }
+            Dtype::F16 => {
+                let h = f16::from_f64(x);
+                bytes.extend(h.to_bits().to_le_bytes());
+                h.to_f64()
+            }
+            Dtype::BF16 => {
+                let h = bf16::from_f64(x);
+                bytes.extend(h.to_bits().to_le_bytes());
+                h.to_f64()
+            }
+            other => panic!("no encoder for {other:?}"),
+        };
+        rounded.push(r);
+    }
+    (rounded, bytes)
+}
+
+fn write(path: &Path, tensors: &[(&str, Entry)], meta: &[(&str, &str)]) {
+    let views: Vec<(&str, StView<'_>)> = tensors
+        .iter()
+        .map(|(name, Entry(dt, shape, bytes))| {
+            (*name, StView::new(*dt, shape.clone(), bytes).unwrap())
+        })
+        .collect();
+    let meta: HashMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    safetensors::serialize_to_file(views, Some(meta), path).unwrap();
+}
+
+fn read_out(path: &Path, dtype: Dtype) -> (Vec<usize>, Vec<f64>) {
+    let bytes = std::fs::read(path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let out = file.tensor("out").unwrap();
+    assert_eq!(out.dtype(), dtype, "out keeps the input dtype");
+    let data = out.data();
+    let values = match dtype {
+        Dtype::F32 => data
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        Dtype::F16 => data
+            .chunks(2)
+            .map(|c| f16::from_bits(u16::from_le_bytes(c.try_into().unwrap())).to_f64())
+            .collect(),
+        _ => data
+            .chunks(2)
+            .map(|c| bf16::from_bits(u16::from_le_bytes(c.try_into().unwrap())).to_f64())
+            .collect(),
+    };
+    (out.shape().to_vec(), values)
+}
+
+struct Spec {
+    dtype: Dtype,
+    b: usize,
+    sq: usize,
+    sk: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    causal: bool,
+    scale: Option<f64>,
+    /// Key padding `[B, len]` with `len <= Sk` (front-padded), as bool.
+    key_padding: Option<usize>,
+}
+
+fn check(spec: Spec, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (
+        dir.path().join("case.safetensors"),
+        dir.path().join("out.safetensors"),
+    );
+    let Spec {
+        dtype,
+        b,
+        sq,
+        sk,
+        hq,
+        hkv,
+        d,
+        causal,
+        scale,
+        key_padding,
+    } = spec;
+    let mut draw = |n: usize| -> Vec<f64> { (0..n).map(|_| rng.random_range(-1.5..1.5)).collect() };
+    let (q, qb) = encode(dtype, &draw(b * sq * hq * d));
+    let (k, kb) = encode(dtype, &draw(b * sk * hkv * d));
+    let (v, vb) = encode(dtype, &draw(b * sk * hkv * d));
+    let mut tensors = vec![
+        ("q", Entry(dtype, vec![b, sq, hq, d], qb)),
+        ("k", Entry(dtype, vec![b, sk, hkv, d], kb)),
+        ("v", Entry(dtype, vec![b, sk, hkv, d], vb)),
+    ];
+    let mut keep = Vec::new();
+    if let Some(len) = key_padding {
+        keep = (0..b * len).map(|n| n % len != len - 1 - n / len).collect();
+        tensors.push((
+            "attn_mask",
+            Entry(
+                Dtype::BOOL,
+                vec![b, len],
+                keep.iter().map(|&x| x as u8).collect(),
+            ),
+        ));
+    }
+    let causal_s = causal.to_string();
+    let scale_s = scale.map(|s| s.to_string());
+    let mut meta = vec![("causal", causal_s.as_str())];
+    if let Some(s) = &scale_s {
+        meta.push(("scale", s.as_str()));
+    }
+    write(&input, &tensors, &meta);
+
+    let status = Command::new(SDPA)
+        .args(["run", "--backend", "cpu", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .status()
+        .unwrap();
+    assert!(status.success(), "sdpa run failed (seed {seed})");
+    let (shape, out) = read_out(&output, dtype);
+    assert_eq!(shape, vec![b, sq, hq, d]);
+
+    let bias = |bi: usize, _h: usize, _i: usize, j: usize| {
+        let len = key_padding.unwrap();
+        let pad = sk - len;
+        if j < pad || keep[bi * len + j - pad] {
+            0.0
+        } else {
+            f64::NEG_INFINITY
+        }
+    };
+    let reference = attention(&RefInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        batch: b,
+        seq_q: sq,
+        seq_k: sk,
+        heads_q: hq,
+        heads_kv: hkv,
+        d,
+        scale: scale.unwrap_or(1.0 / (d as f64).sqrt()),
+        causal,
+        bias: key_padding.map(|_| &bias as _),
+    });
+    let tol = if dtype == Dtype::F32 { 1e-5 } else { 2e-2 };
+    let err = rel_l2(&out, &reference);
+    assert!(
+        err <= tol,
+        "{dtype:?}: relative error {err:.3e} > {tol:.0e} (seed {seed})"
+    );
+}
+
+#[test]
+fn a_torch_convention_file_gives_the_reference_answer() {
+    let seed = run_seed();
+    check(
+        Spec {
+            dtype: Dtype::F32,
+            b: 2,
+            sq: 33,
+            sk: 47,
+            hq: 8,
+            hkv: 2,
+            d: 64,
+            causal: true,
+            scale: None,
+            key_padding: Some(40),
+        },
+        seed,
+    );
+    check(
+        Spec {
+            dtype: Dtype::BF16,
+            b: 1,
+            sq: 20,
+            sk: 20,
+            hq: 4,
+            hkv: 4,
+            d: 80,
+            causal: false,
+            scale: Some(0.3),
+            key_padding: None,
+        },
+        seed,
+    );
+    check(
+        Spec {
+            dtype: Dtype::F16,
+            b: 2,
+            sq: 5,
+            sk: 70,
+            hq: 2,
+            hkv: 1,
+            d: 128,
+            causal: false,
+            scale: None,
+            key_padding: Some(70),
+        },
+        seed,
+    );
+}
+
+#[test]
+fn bad_input_is_one_line_and_a_non_zero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("case.safetensors");
+    let q = vec![0u8; 4 * 8 * 2 * 64];
+    write(
+        &input,
+        &[
+            ("q", Entry(Dtype::F32, vec![1, 8, 2, 64], q.clone())),
+            ("k", Entry(Dtype::F32, vec![1, 8, 2, 64], q)),
+        ],
+        &[("causal", "false")],
+    );
+    let out = Command::new(SDPA)
+        .args(["run", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.path().join("out.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error:") && stderr.contains('v'),
+        "{stderr}"
+    );
+
+    let missing = Command::new(SDPA)
+        .args([
+            "run",
+            "--input",
+            "/nonexistent.safetensors",
+            "--output",
+            "/tmp/x.safetensors",
+        ])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+}
