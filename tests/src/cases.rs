@@ -499,9 +499,8 @@ pub fn run_typed<T: Element>(
     }
 
     let scale = case.scale.map_or(1.0 / (d as f64).sqrt(), |s| s as f64);
-    let bias_fn = |bi: usize, hi: usize, i: usize, j: usize| {
-        mask.as_ref().unwrap().bias_at(sk, bi, hi, i, j)
-    };
+    let bias_fn =
+        |bi: usize, hi: usize, i: usize, j: usize| mask.as_ref().unwrap().bias_at(sk, bi, hi, i, j);
     let reference = reference::attention(&RefInputs {
         q: &q.values,
         k: &k.values,

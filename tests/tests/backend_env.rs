@@ -10,10 +10,20 @@ fn explicit_choice_beats_the_environment_which_beats_auto() {
     let build = |p: AttentionParams| WanAttention.build_impl(p);
 
     std::env::remove_var(BACKEND_ENV);
-    assert_eq!(build(AttentionParams::new(2, 64)).unwrap().backend_request(), BackendKind::Auto);
+    assert_eq!(
+        build(AttentionParams::new(2, 64))
+            .unwrap()
+            .backend_request(),
+        BackendKind::Auto
+    );
 
     std::env::set_var(BACKEND_ENV, "cpu");
-    assert_eq!(build(AttentionParams::new(2, 64)).unwrap().backend_request(), BackendKind::Cpu);
+    assert_eq!(
+        build(AttentionParams::new(2, 64))
+            .unwrap()
+            .backend_request(),
+        BackendKind::Cpu
+    );
 
     std::env::set_var(BACKEND_ENV, "cuda");
     let explicit = AttentionParams::new(2, 64).backend(BackendKind::Cpu);
@@ -27,6 +37,11 @@ fn explicit_choice_beats_the_environment_which_beats_auto() {
     assert!(build(AttentionParams::new(2, 64).backend(BackendKind::Auto)).is_ok());
 
     std::env::set_var(BACKEND_ENV, "");
-    assert_eq!(build(AttentionParams::new(2, 64)).unwrap().backend_request(), BackendKind::Auto);
+    assert_eq!(
+        build(AttentionParams::new(2, 64))
+            .unwrap()
+            .backend_request(),
+        BackendKind::Auto
+    );
     std::env::remove_var(BACKEND_ENV);
 }

@@ -85,7 +85,12 @@ fn causal_is_aligned_top_left_whatever_the_lengths() {
 fn explicit_softmax_scale() {
     on_every_backend(|backend, kind, seed| {
         for scale in [0.01f32, 0.5, 2.0] {
-            check(backend, kind, &Case::new(1, 19, 23, 2, 8).scale(scale), seed);
+            check(
+                backend,
+                kind,
+                &Case::new(1, 19, 23, 2, 8).scale(scale),
+                seed,
+            );
         }
     });
 }
@@ -93,7 +98,11 @@ fn explicit_softmax_scale() {
 #[test]
 fn transposed_and_gapped_layouts() {
     on_every_backend(|backend, kind, seed| {
-        let placements = [Placement::Contiguous, Placement::HeadMajor, Placement::Gapped];
+        let placements = [
+            Placement::Contiguous,
+            Placement::HeadMajor,
+            Placement::Gapped,
+        ];
         for input in placements {
             for output in placements {
                 let case = Case::new(2, 21, 34, 4, 40)
@@ -113,12 +122,13 @@ fn key_padding_masks() {
         for broadcast_batch in [false, true] {
             for short in [0, 5] {
                 for causal in [false, true] {
-                    let case = Case::new(3, 25, 40, 2, 64)
-                        .causal(causal)
-                        .mask(MaskKind::KeyPadding {
-                            short,
-                            broadcast_batch,
-                        });
+                    let case =
+                        Case::new(3, 25, 40, 2, 64)
+                            .causal(causal)
+                            .mask(MaskKind::KeyPadding {
+                                short,
+                                broadcast_batch,
+                            });
                     check(backend, kind, &case, seed);
                 }
             }
@@ -208,8 +218,18 @@ fn large_logits_stay_finite() {
 fn single_query_decode_and_single_key() {
     on_every_backend(|backend, kind, seed| {
         for causal in [false, true] {
-            check(backend, kind, &Case::new(2, 1, 300, 4, 136).causal(causal), seed);
-            check(backend, kind, &Case::new(2, 9, 1, 4, 136).causal(causal), seed);
+            check(
+                backend,
+                kind,
+                &Case::new(2, 1, 300, 4, 136).causal(causal),
+                seed,
+            );
+            check(
+                backend,
+                kind,
+                &Case::new(2, 9, 1, 4, 136).causal(causal),
+                seed,
+            );
         }
     });
 }

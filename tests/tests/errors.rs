@@ -30,10 +30,16 @@ fn an_undeclared_head_size_names_the_declared_ones_and_the_attribute() {
     let err = WanAttention
         .build_impl(AttentionParams::new(8, 96))
         .unwrap_err();
-    assert!(matches!(err, SdpaError::UndeclaredHeadSize { head_size: 96, .. }));
+    assert!(matches!(
+        err,
+        SdpaError::UndeclaredHeadSize { head_size: 96, .. }
+    ));
     let msg = err.to_string();
     assert!(msg.contains("[64, 80, 128]"), "{msg}");
-    assert!(msg.contains("head_sizes") && msg.contains("#[sdpa_variants"), "{msg}");
+    assert!(
+        msg.contains("head_sizes") && msg.contains("#[sdpa_variants"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -41,13 +47,29 @@ fn an_undeclared_causal_value_or_dtype_is_named() {
     let err = NarrowAttention
         .build_impl(AttentionParams::new(2, 32).causal(true))
         .unwrap_err();
-    assert!(matches!(err, SdpaError::UndeclaredCausal { causal: true, .. }), "{err}");
+    assert!(
+        matches!(err, SdpaError::UndeclaredCausal { causal: true, .. }),
+        "{err}"
+    );
 
-    let layer = NarrowAttention.build_impl(AttentionParams::new(2, 32)).unwrap();
+    let layer = NarrowAttention
+        .build_impl(AttentionParams::new(2, 32))
+        .unwrap();
     let x = vec![half::bf16::ZERO; 2 * 32 * 3];
     let t = TensorView::from_slice(&x, [1, 3, 2, 32]).unwrap();
-    let err = layer.forward(&t, &t, &t, &AttentionMetadata::default()).unwrap_err();
-    assert!(matches!(err, SdpaError::UndeclaredDtype { dtype: DType::BF16, .. }), "{err}");
+    let err = layer
+        .forward(&t, &t, &t, &AttentionMetadata::default())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SdpaError::UndeclaredDtype {
+                dtype: DType::BF16,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("dtypes f32"), "{err}");
 }
 
@@ -76,8 +98,14 @@ fn heads_must_group_evenly() {
     let (q, kv) = (zeros([1, 5, 6, 64]), zeros([1, 5, 4, 64]));
     let q = TensorView::from_slice(&q, [1, 5, 6, 64]).unwrap();
     let kv = TensorView::from_slice(&kv, [1, 5, 4, 64]).unwrap();
-    let err = layer.forward(&q, &kv, &kv, &AttentionMetadata::default()).unwrap_err();
-    assert!(err.to_string().contains("multiple of the number of key/value heads"), "{err}");
+    let err = layer
+        .forward(&q, &kv, &kv, &AttentionMetadata::default())
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("multiple of the number of key/value heads"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -91,7 +119,10 @@ fn tensors_must_match_the_layer_and_each_other() {
     let b = zeros([2, 7, 4, 64]);
     let v = TensorView::from_slice(&b, [2, 7, 4, 64]).unwrap();
     let err = l.forward(&q, &q, &v, &meta).unwrap_err();
-    assert!(err.to_string().contains("k and v must have the same"), "{err}");
+    assert!(
+        err.to_string().contains("k and v must have the same"),
+        "{err}"
+    );
 
     // Batch differs between q and k.
     let c = zeros([1, 8, 4, 64]);
@@ -110,7 +141,14 @@ fn tensors_must_match_the_layer_and_each_other() {
     let k16 = TensorView::from_slice(&h, [2, 8, 4, 64]).unwrap();
     let err = l.forward(&q, &k16, &k16, &meta).unwrap_err();
     assert!(
-        matches!(err, SdpaError::DtypeMismatch { tensor: "k", expected: DType::F32, found: DType::F16 }),
+        matches!(
+            err,
+            SdpaError::DtypeMismatch {
+                tensor: "k",
+                expected: DType::F32,
+                found: DType::F16
+            }
+        ),
         "{err}"
     );
 }
@@ -119,9 +157,16 @@ fn tensors_must_match_the_layer_and_each_other() {
 fn views_check_their_buffers_and_strides() {
     let a = zeros([1, 4, 2, 64]);
     let err = TensorView::from_slice(&a[..100], [1, 4, 2, 64]).unwrap_err();
-    assert!(err.to_string().contains("needs a buffer of 512 elements"), "{err}");
+    assert!(
+        err.to_string().contains("needs a buffer of 512 elements"),
+        "{err}"
+    );
     let err = TensorView::with_strides(&a, [1, 4, 2, 64], [512, 128, 64, 2]).unwrap_err();
-    assert!(err.to_string().contains("head dimension must be contiguous"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("head dimension must be contiguous"),
+        "{err}"
+    );
     let mut o = zeros([1, 4, 2, 64]);
     let err = TensorViewMut::with_strides(&mut o, [1, 4, 2, 64], [512, 64, 64, 1]).unwrap_err();
     assert!(err.to_string().contains("overlap"), "{err}");
@@ -138,12 +183,19 @@ fn the_output_buffer_must_fit_the_result() {
     let mut small = zeros([1, 7, 4, 64]);
     let mut out = TensorViewMut::from_slice(&mut small, [1, 7, 4, 64]).unwrap();
     let err = l.forward_into(&q, &q, &q, &meta, &mut out).unwrap_err();
-    assert!(err.to_string().contains("the output has shape [1, 7, 4, 64]"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("the output has shape [1, 7, 4, 64]"),
+        "{err}"
+    );
 
     let mut wrong = vec![half::bf16::ZERO; 8 * 4 * 64];
     let mut out = TensorViewMut::from_slice(&mut wrong, [1, 8, 4, 64]).unwrap();
     let err = l.forward_into(&q, &q, &q, &meta, &mut out).unwrap_err();
-    assert!(matches!(err, SdpaError::DtypeMismatch { tensor: "out", .. }), "{err}");
+    assert!(
+        matches!(err, SdpaError::DtypeMismatch { tensor: "out", .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -207,19 +259,28 @@ fn empty_sequences_give_empty_or_zero_output() {
 fn nan_in_one_query_row_stays_in_that_row() {
     let l = layer(AttentionParams::new(2, 64));
     let (sq, sk) = (40, 70);
-    let mut q: Vec<f32> = (0..sq * 2 * 64).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
-    let k: Vec<f32> = (0..sk * 2 * 64).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+    let mut q: Vec<f32> = (0..sq * 2 * 64)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+        .collect();
+    let k: Vec<f32> = (0..sk * 2 * 64)
+        .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+        .collect();
     let poisoned = (17 * 2 + 1) * 64 + 5; // row 17, head 1, element 5
     q[poisoned] = f32::NAN;
     let qv = TensorView::from_slice(&q, [1, sq, 2, 64]).unwrap();
     let kv = TensorView::from_slice(&k, [1, sk, 2, 64]).unwrap();
-    let out = l.forward(&qv, &kv, &kv, &AttentionMetadata::default()).unwrap();
+    let out = l
+        .forward(&qv, &kv, &kv, &AttentionMetadata::default())
+        .unwrap();
     let out = out.as_slice::<f32>().unwrap();
     for (row, chunk) in out.chunks(64).enumerate() {
         if row == 17 * 2 + 1 {
             assert!(chunk.iter().all(|x| x.is_nan()), "the NaN row must be NaN");
         } else {
-            assert!(chunk.iter().all(|x| x.is_finite()), "row {row} caught the NaN");
+            assert!(
+                chunk.iter().all(|x| x.is_finite()),
+                "row {row} caught the NaN"
+            );
         }
     }
 }
@@ -231,6 +292,17 @@ fn asking_for_cuda_without_kernels_is_an_error_not_a_panic() {
         .unwrap();
     let a = zeros([1, 4, 2, 64]);
     let q = TensorView::from_slice(&a, [1, 4, 2, 64]).unwrap();
-    let err = l.forward(&q, &q, &q, &AttentionMetadata::default()).unwrap_err();
-    assert!(matches!(err, SdpaError::BackendUnavailable { backend: "cuda", .. }), "{err}");
+    let err = l
+        .forward(&q, &q, &q, &AttentionMetadata::default())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SdpaError::BackendUnavailable {
+                backend: "cuda",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
