@@ -17,6 +17,9 @@
 //! assert!(VariantSpec::new(65, false, DType::F32).is_err());
 //! ```
 
+pub mod gpu;
+pub mod ptx;
+mod simt;
 mod spec;
 
 pub use spec::{

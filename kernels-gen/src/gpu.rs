@@ -1,0 +1,111 @@
+//! GPU kernels for a variant: the launch contract every generated kernel
+//! follows, and the dispatch from a [`VariantSpec`] to the emitter that
+//! writes its PTX.
+//!
+//! # The launch contract
+//!
+//! Every kernel computes one block of [`GpuKernel::block_m`] query rows of one
+//! (batch, query head):
+//!
+//! - grid `(ceil(Sq / block_m), Hq, B)`, block `(threads, 1, 1)`, dynamic
+//!   shared memory `smem_bytes` (the runtime raises the function's limit when
+//!   it exceeds 48 KB);
+//! - parameters, in the order of [`PARAMS`]: the device pointers of `q`, `k`,
+//!   `v`, `out` and the mask, the element strides (batch, token, head) of each
+//!   tensor, the mask's element strides (batch, head, query), `Sq`, `Sk`, the
+//!   GQA group size `Hq / Hkv`, and `softmax_scale · log2(e)`.
+//! - The mask, if any, is a dense `f32` additive bias whose rows have exactly
+//!   `Sk` contiguous entries (the runtime normalises bool, integer and short
+//!   masks into it); a null pointer means no mask. Broadcast dimensions have
+//!   stride 0.
+//! - Query rows that see no key are written as zeros; everything is computed
+//!   in `f32`; offsets are 64-bit.
+
+use crate::ptx::Target;
+use crate::{DType, VariantSpec};
+
+/// The kind of a kernel parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    /// A device pointer (`u64`).
+    Ptr,
+    /// An element stride or count (`u64`).
+    U64,
+    /// A count (`u32`).
+    U32,
+    /// A float (`f32`).
+    F32,
+}
+
+/// The kernel parameters, in launch order.
+pub const PARAMS: [(&str, ParamKind); 23] = [
+    ("q", ParamKind::Ptr),
+    ("k", ParamKind::Ptr),
+    ("v", ParamKind::Ptr),
+    ("out", ParamKind::Ptr),
+    ("mask", ParamKind::Ptr),
+    ("q_stride_b", ParamKind::U64),
+    ("q_stride_s", ParamKind::U64),
+    ("q_stride_h", ParamKind::U64),
+    ("k_stride_b", ParamKind::U64),
+    ("k_stride_s", ParamKind::U64),
+    ("k_stride_h", ParamKind::U64),
+    ("v_stride_b", ParamKind::U64),
+    ("v_stride_s", ParamKind::U64),
+    ("v_stride_h", ParamKind::U64),
+    ("out_stride_b", ParamKind::U64),
+    ("out_stride_s", ParamKind::U64),
+    ("out_stride_h", ParamKind::U64),
+    ("mask_stride_b", ParamKind::U64),
+    ("mask_stride_h", ParamKind::U64),
+    ("mask_stride_q", ParamKind::U64),
+    ("seq_q", ParamKind::U32),
+    ("seq_k", ParamKind::U32),
+    ("group", ParamKind::U32),
+];
+
+/// The last parameter, after [`PARAMS`]: `softmax_scale · log2(e)`.
+pub const SCALE_PARAM: (&str, ParamKind) = ("scale_log2", ParamKind::F32);
+
+/// A generated GPU kernel and how to launch it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuKernel {
+    /// The PTX module text.
+    pub ptx: String,
+    /// The entry point's name.
+    pub entry: String,
+    /// The architecture the PTX targets.
+    pub target: Target,
+    /// Query rows per CTA.
+    pub block_m: u32,
+    /// Threads per CTA.
+    pub threads: u32,
+    /// Dynamic shared memory per CTA, in bytes.
+    pub smem_bytes: u32,
+}
+
+/// Declares the contract's parameters on `k`, in order, returning them.
+pub fn declare_params(k: &mut crate::ptx::Kernel) -> Vec<crate::ptx::Param> {
+    use crate::ptx::Ty;
+    let mut out: Vec<_> = PARAMS
+        .iter()
+        .map(|&(name, kind)| {
+            let ty = match kind {
+                ParamKind::Ptr | ParamKind::U64 => Ty::U64,
+                ParamKind::U32 => Ty::U32,
+                ParamKind::F32 => Ty::F32,
+            };
+            k.param(ty, name)
+        })
+        .collect();
+    out.push(k.param(Ty::F32, SCALE_PARAM.0));
+    out
+}
+
+/// Generates the GPU kernel of `spec` for `target`.
+pub fn generate(spec: &VariantSpec, target: Target) -> GpuKernel {
+    match spec.dtype {
+        DType::F32 => crate::simt::generate(spec, target),
+        DType::F16 | DType::BF16 => crate::simt::generate(spec, target),
+    }
+}

@@ -1,0 +1,252 @@
+//! Kernels and modules: parameters, register declarations, the body, and
+//! the module header.
+
+use std::fmt;
+
+use super::instr::Instr;
+use super::reg::{Reg, RegClass, Ty};
+
+/// The architecture a module is written for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// Ampere: `mma.sync`, `ldmatrix`, `cp.async`. Runs on sm_80 through
+    /// sm_90 (the driver compiles it for the device at load time).
+    Sm80,
+}
+
+impl Target {
+    /// The `.target` name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Target::Sm80 => "sm_80",
+        }
+    }
+    /// The lowest PTX ISA version with everything the kernels use.
+    pub const fn isa_version(self) -> &'static str {
+        match self {
+            Target::Sm80 => "7.0",
+        }
+    }
+}
+
+/// A kernel parameter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Param {
+    pub(crate) ty: Ty,
+    pub(crate) name: String,
+}
+
+/// A kernel under construction: parameters, registers and a body.
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    name: String,
+    params: Vec<Param>,
+    counts: [u32; 5],
+    body: Vec<Instr>,
+    max_threads: Option<u32>,
+    min_blocks: Option<u32>,
+    shared_align: Option<u32>,
+    labels: u32,
+}
+
+impl Kernel {
+    /// An empty kernel named `name`.
+    pub fn new(name: impl Into<String>) -> Kernel {
+        Kernel {
+            name: name.into(),
+            params: Vec::new(),
+            counts: [0; 5],
+            body: Vec::new(),
+            max_threads: None,
+            min_blocks: None,
+            shared_align: None,
+            labels: 0,
+        }
+    }
+
+    /// Appends a parameter.
+    pub fn param(&mut self, ty: Ty, name: &str) -> Param {
+        let p = Param {
+            ty,
+            name: format!("{}_{name}", self.name),
+        };
+        self.params.push(p.clone());
+        p
+    }
+
+    /// A fresh register that holds `ty`.
+    pub fn reg(&mut self, ty: Ty) -> Reg {
+        let class = ty.class();
+        let id = self.counts[class.index()];
+        self.counts[class.index()] += 1;
+        Reg { class, id }
+    }
+
+    /// `n` fresh registers.
+    pub fn regs(&mut self, ty: Ty, n: usize) -> Vec<Reg> {
+        (0..n).map(|_| self.reg(ty)).collect()
+    }
+
+    /// A fresh label name with a readable stem.
+    pub fn label(&mut self, stem: &str) -> String {
+        self.labels += 1;
+        format!("${stem}_{}", self.labels)
+    }
+
+    /// Appends an instruction.
+    pub fn push(&mut self, i: Instr) {
+        self.body.push(i);
+    }
+
+    /// Appends a comment.
+    pub fn comment(&mut self, c: impl Into<String>) {
+        self.body.push(Instr::Comment(c.into()));
+    }
+
+    /// `.maxntid threads` and, if given, `.minnctapersm blocks`.
+    pub fn launch_bounds(&mut self, threads: u32, min_blocks: Option<u32>) {
+        self.max_threads = Some(threads);
+        self.min_blocks = min_blocks;
+    }
+
+    /// Declares the dynamic shared-memory array `smem` with `align`.
+    pub fn dynamic_shared(&mut self, align: u32) {
+        self.shared_align = Some(align);
+    }
+
+    /// The kernel's entry name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The instructions so far.
+    pub fn body(&self) -> &[Instr] {
+        &self.body
+    }
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, ".visible .entry {}(", self.name)?;
+        for (i, p) in self.params.iter().enumerate() {
+            let sep = if i + 1 < self.params.len() { "," } else { "" };
+            writeln!(f, "    .param {} {}{sep}", p.ty, p.name)?;
+        }
+        writeln!(f, ")")?;
+        if let Some(t) = self.max_threads {
+            writeln!(f, ".maxntid {t}, 1, 1")?;
+        }
+        if let Some(b) = self.min_blocks {
+            writeln!(f, ".minnctapersm {b}")?;
+        }
+        writeln!(f, "{{")?;
+        for class in RegClass::ALL {
+            let n = self.counts[class.index()];
+            if n > 0 {
+                writeln!(f, "    .reg {} {}<{n}>;", class.decl_ty(), class.prefix())?;
+            }
+        }
+        for i in &self.body {
+            match i {
+                Instr::Label(_) => writeln!(f, "{i}")?,
+                _ => writeln!(f, "    {i}")?,
+            }
+        }
+        writeln!(f, "}}")
+    }
+}
+
+/// A PTX module: header, the shared-memory declaration, kernels.
+#[derive(Clone, Debug)]
+pub struct Module {
+    target: Target,
+    kernels: Vec<Kernel>,
+}
+
+impl Module {
+    /// An empty module for `target`.
+    pub fn new(target: Target) -> Module {
+        Module {
+            target,
+            kernels: Vec::new(),
+        }
+    }
+    /// Adds a kernel.
+    pub fn kernel(mut self, k: Kernel) -> Module {
+        self.kernels.push(k);
+        self
+    }
+}
+
+impl fmt::Display for Module {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "// Generated by kernels-gen {}", env!("CARGO_PKG_VERSION"))?;
+        writeln!(f, ".version {}", self.target.isa_version())?;
+        writeln!(f, ".target {}", self.target.name())?;
+        writeln!(f, ".address_size 64")?;
+        if let Some(align) = self.kernels.iter().filter_map(|k| k.shared_align).max() {
+            writeln!(f, ".extern .shared .align {align} .b8 smem[];")?;
+        }
+        for k in &self.kernels {
+            writeln!(f)?;
+            write!(f, "{k}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::instr::Operand;
+    use super::*;
+
+    #[test]
+    fn a_kernel_prints_params_declarations_and_body() {
+        let mut k = Kernel::new("k");
+        let p = k.param(Ty::U64, "out");
+        let _ = k.param(Ty::U32, "n");
+        k.launch_bounds(128, Some(2));
+        k.dynamic_shared(128);
+        let rd = k.reg(Ty::U64);
+        let x = k.reg(Ty::F32);
+        let pr = k.reg(Ty::Pred);
+        k.push(Instr::LdParam {
+            ty: Ty::U64,
+            dst: rd,
+            param: p,
+        });
+        k.push(Instr::Mov {
+            ty: Ty::F32,
+            dst: x,
+            src: Operand::F32(1.0),
+        });
+        let l = k.label("done");
+        k.push(Instr::Label(l.clone()));
+        k.push(Instr::Ret);
+        let _ = pr;
+        let text = Module::new(Target::Sm80).kernel(k).to_string();
+        let expected = "\
+.version 7.0
+.target sm_80
+.address_size 64
+.extern .shared .align 128 .b8 smem[];
+
+.visible .entry k(
+    .param .u64 k_out,
+    .param .u32 k_n
+)
+.maxntid 128, 1, 1
+.minnctapersm 2
+{
+    .reg .pred %p<1>;
+    .reg .b64 %rd<1>;
+    .reg .f32 %f<1>;
+    ld.param.u64 %rd0, [k_out];
+    mov.f32 %f0, 0f3F800000;
+$done_1:
+    ret;
+}
+";
+        assert!(text.ends_with(expected), "{text}");
+    }
+}
