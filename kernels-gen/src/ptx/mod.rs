@@ -20,6 +20,7 @@
 //! assert!(text.contains("add.f32 %f0, %f0, 0f3F800000;"));
 //! ```
 
+mod build;
 mod instr;
 mod kernel;
 mod reg;
