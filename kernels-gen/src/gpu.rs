@@ -106,6 +106,6 @@ pub fn declare_params(k: &mut crate::ptx::Kernel) -> Vec<crate::ptx::Param> {
 pub fn generate(spec: &VariantSpec, target: Target) -> GpuKernel {
     match spec.dtype {
         DType::F32 => crate::simt::generate(spec, target),
-        DType::F16 | DType::BF16 => crate::simt::generate(spec, target),
+        DType::F16 | DType::BF16 => crate::fa2::generate(spec, target),
     }
 }

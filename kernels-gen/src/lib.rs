@@ -17,6 +17,7 @@
 //! assert!(VariantSpec::new(65, false, DType::F32).is_err());
 //! ```
 
+pub mod fa2;
 pub mod gpu;
 pub mod ptx;
 mod simt;

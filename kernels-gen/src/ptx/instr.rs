@@ -527,6 +527,17 @@ impl fmt::Display for Instr {
                     BinOp::Div => "div",
                     BinOp::Rem => "rem",
                 };
+                // Logic and left shifts exist only on bit types: print the
+                // bit type of the same width.
+                let ty = match (op, ty) {
+                    (BinOp::And | BinOp::Or | BinOp::Xor | BinOp::Shl, Ty::U32 | Ty::S32) => {
+                        Ty::B32
+                    }
+                    (BinOp::And | BinOp::Or | BinOp::Xor | BinOp::Shl, Ty::U64 | Ty::S64) => {
+                        Ty::B64
+                    }
+                    _ => *ty,
+                };
                 write!(f, "{name}{ty} {dst}, {a}, {b};")
             }
             Instr::Mad {
@@ -638,7 +649,11 @@ impl fmt::Display for Instr {
                     braced(c)
                 )
             }
-            Instr::ShflBfly { dst, src, lane_mask } => write!(
+            Instr::ShflBfly {
+                dst,
+                src,
+                lane_mask,
+            } => write!(
                 f,
                 "shfl.sync.bfly.b32 {dst}, {src}, {lane_mask}, 31, 0xffffffff;"
             ),
@@ -762,6 +777,34 @@ mod tests {
             b: fr(2).into(),
         };
         assert_eq!(text(i), "max.f32 %f0, %f1, %f2;");
+    }
+
+    #[test]
+    fn logic_prints_bit_types() {
+        let i = Instr::Bin {
+            op: BinOp::And,
+            ty: Ty::U32,
+            dst: r(0),
+            a: r(1).into(),
+            b: Operand::U(31),
+        };
+        assert_eq!(text(i), "and.b32 %r0, %r1, 31;");
+        let i = Instr::Bin {
+            op: BinOp::Or,
+            ty: Ty::Pred,
+            dst: p(0),
+            a: p(1).into(),
+            b: p(2).into(),
+        };
+        assert_eq!(text(i), "or.pred %p0, %p1, %p2;");
+        let i = Instr::Bin {
+            op: BinOp::Shl,
+            ty: Ty::U64,
+            dst: rd(0),
+            a: rd(1).into(),
+            b: Operand::U(4),
+        };
+        assert_eq!(text(i), "shl.b64 %rd0, %rd1, 4;");
     }
 
     #[test]

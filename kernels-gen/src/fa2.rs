@@ -1,0 +1,745 @@
+//! The tensor-core forward kernel for 16-bit element types, in the manner of
+//! FlashAttention-2 on sm_80: `mma.sync` m16n8k16 products, `ldmatrix` from
+//! padded shared memory, `cp.async` loads of K and V overlapping the
+//! products, and an online softmax in registers.
+//!
+//! # Structure
+//!
+//! A CTA of [`WARPS`] warps computes `16 · WARPS` query rows of one
+//! (batch, head); warp `w` owns rows `16w..16w + 16`, so a row of the scores
+//! lives in the four lanes of a quad. Per key block of `block_n` keys:
+//!
+//! 1. V(n) starts loading; K(n) (loaded during the previous block) is
+//!    waited for;
+//! 2. `S = Q·K(n)ᵀ` with Q's fragments in registers (head sizes ≤ 128) or
+//!    re-read from shared memory (larger ones);
+//! 3. K(n + 1) starts loading into the freed K buffer;
+//! 4. masking (only on blocks that need it: ragged ends, the causal
+//!    diagonal, a mask tensor), online softmax, `P` packed to 16 bits — the
+//!    accumulator layout of two adjacent n8 tiles is exactly an A fragment;
+//! 5. V(n) is waited for and `O += P·V(n)` runs with `ldmatrix.trans`.
+//!
+//! Causal CTAs stop at the block holding their last row's diagonal: blocks
+//! above it are never loaded. Head sizes that are odd multiples of 8 use one
+//! m16n8k8 product for the last 8 columns of `Q·Kᵀ` and an `.x2` load for the
+//! last n8 tile of `P·V`, so 40 runs as 40, not 48 or 64.
+//!
+//! Shared-memory rows are padded so that their pitch is an odd number of 16
+//! byte chunks: the eight row addresses of every `ldmatrix` then fall in
+//! distinct bank groups, for every head size, without a swizzle.
+
+use crate::gpu::{declare_params, GpuKernel};
+use crate::ptx::{
+    Addr, BinOp, Cmp, Instr, Kernel, MmaShape, Module, Operand, Reg, Special, StateSpace, Target,
+    Ty, UnOp,
+};
+use crate::{DType, VariantSpec};
+
+/// Warps per CTA.
+pub const WARPS: usize = 4;
+const THREADS: usize = WARPS * 32;
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+
+/// The shape of one variant's kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fa2Config {
+    /// Head size.
+    pub d: usize,
+    /// `BF16` or `F16`.
+    pub ab: Ty,
+    /// Top-left causal.
+    pub causal: bool,
+    /// Query rows per CTA.
+    pub block_m: usize,
+    /// Keys per block.
+    pub block_n: usize,
+    /// Keep Q's fragments in registers for the whole loop.
+    pub q_in_regs: bool,
+    /// Bytes between consecutive rows of a shared-memory tile.
+    pub pitch: usize,
+}
+
+impl Fa2Config {
+    /// The configuration of a 16-bit variant.
+    ///
+    /// Tile choices: 64 keys per block up to head size 128, 32 above, so
+    /// that the S accumulators, O accumulators and Q fragments fit the
+    /// register file; Q's fragments stay in registers only up to 128 (at
+    /// 256 they alone would take 64 registers per thread).
+    pub fn new(spec: &VariantSpec) -> Fa2Config {
+        let d = spec.head_size;
+        let ab = match spec.dtype {
+            DType::BF16 => Ty::BF16,
+            _ => Ty::F16,
+        };
+        let chunks = d / 8;
+        let pitch_chunks = if chunks % 2 == 1 { chunks } else { chunks + 1 };
+        Fa2Config {
+            d,
+            ab,
+            causal: spec.causal,
+            block_m: 16 * WARPS,
+            block_n: if d <= 128 { 64 } else { 32 },
+            q_in_regs: d <= 128,
+            pitch: pitch_chunks * 16,
+        }
+    }
+
+    /// Dynamic shared memory: the Q tile and one K and one V tile.
+    pub fn smem_bytes(&self) -> usize {
+        (self.block_m + 2 * self.block_n) * self.pitch
+    }
+
+    fn packed(&self) -> Ty {
+        if self.ab == Ty::BF16 {
+            Ty::BF16x2
+        } else {
+            Ty::F16x2
+        }
+    }
+}
+
+/// Generates the tensor-core kernel of a 16-bit variant.
+pub fn generate(spec: &VariantSpec, target: Target) -> GpuKernel {
+    let cfg = Fa2Config::new(spec);
+    let entry = spec.kernel_name();
+    let k = Emitter::new(&entry, cfg).emit();
+    GpuKernel {
+        ptx: Module::new(target).kernel(k).to_string(),
+        entry,
+        target,
+        block_m: cfg.block_m as u32,
+        threads: THREADS as u32,
+        smem_bytes: cfg.smem_bytes() as u32,
+    }
+}
+
+/// Per-thread values that the tile loader needs for one tile shape.
+struct Loader {
+    /// Whether this thread has a chunk to copy.
+    active: Reg,
+    /// This thread's first row within the tile.
+    row: Reg,
+    /// Byte offset of this thread's chunk within a shared row.
+    chunk_bytes: Reg,
+    /// Rows covered per pass.
+    rows_per_pass: usize,
+}
+
+struct Emitter {
+    k: Kernel,
+    cfg: Fa2Config,
+}
+
+impl Emitter {
+    fn new(name: &str, cfg: Fa2Config) -> Emitter {
+        Emitter {
+            k: Kernel::new(name),
+            cfg,
+        }
+    }
+
+    fn u(x: usize) -> Operand {
+        Operand::U(x as u64)
+    }
+
+    /// Per-thread chunk assignment: `D/8` 16-byte chunks per row, threads
+    /// laid out row-major over them.
+    fn loader(&mut self, tid: Reg) -> Loader {
+        let chunks = self.cfg.d / 8;
+        let rows_per_pass = THREADS / chunks;
+        let k = &mut self.k;
+        let active = k.setp(Cmp::Lt, Ty::U32, tid, Self::u(rows_per_pass * chunks));
+        let row = k.bin(BinOp::Div, Ty::U32, tid, Self::u(chunks));
+        let chunk = k.bin(BinOp::Rem, Ty::U32, tid, Self::u(chunks));
+        let chunk_bytes = k.bin(BinOp::Shl, Ty::U32, chunk, Operand::U(4));
+        Loader {
+            active,
+            row,
+            chunk_bytes,
+            rows_per_pass,
+        }
+    }
+
+    /// Issues `cp.async` copies of `rows` rows starting at global row
+    /// `row0` of a tensor (`base` is the byte address of row 0, column 0 of
+    /// this (batch, head); `stride` the row stride in bytes) into the
+    /// shared tile at `smem`. Rows at or past `seq` are zero-filled without
+    /// reading memory. Nothing is issued where `enable` is false.
+    #[allow(clippy::too_many_arguments)]
+    fn load_tile(
+        &mut self,
+        ld: &Loader,
+        smem: Reg,
+        base: Reg,
+        stride: Reg,
+        row0: Reg,
+        rows: usize,
+        seq: Reg,
+        enable: Option<Reg>,
+    ) {
+        let pitch = self.cfg.pitch;
+        let k = &mut self.k;
+        let chunk64 = k.cvt(None, Ty::U64, Ty::U32, ld.chunk_bytes);
+        let base = k.bin(BinOp::Add, Ty::U64, base, chunk64);
+        let dst0 = k.mad(Ty::U32, ld.row, Self::u(pitch), smem);
+        let dst0 = k.bin(BinOp::Add, Ty::U32, dst0, ld.chunk_bytes);
+        let passes = rows.div_ceil(ld.rows_per_pass);
+        for pass in 0..passes {
+            let local = pass * ld.rows_per_pass;
+            let mut go = ld.active;
+            if local + ld.rows_per_pass > rows {
+                let fits = k.setp(Cmp::Lt, Ty::U32, ld.row, Self::u(rows - local));
+                let both = k.reg(Ty::Pred);
+                k.bin_to(BinOp::And, Ty::Pred, both, go, fits);
+                go = both;
+            }
+            if let Some(e) = enable {
+                let both = k.reg(Ty::Pred);
+                k.bin_to(BinOp::And, Ty::Pred, both, go, e);
+                go = both;
+            }
+            let grow = k.bin(BinOp::Add, Ty::U32, row0, ld.row);
+            let grow = k.bin(BinOp::Add, Ty::U32, grow, Self::u(local));
+            let valid = k.setp(Cmp::Lt, Ty::U32, grow, seq);
+            let size = k.selp(Ty::U32, Operand::U(16), Operand::U(0), valid);
+            let safe_row = k.selp(Ty::U32, grow, Operand::U(0), valid);
+            let row64 = k.cvt(None, Ty::U64, Ty::U32, safe_row);
+            let src = k.mad(Ty::U64, row64, stride, base);
+            k.guard(
+                go,
+                false,
+                Instr::CpAsync16 {
+                    dst: Addr::at(dst0, (local * pitch) as i64),
+                    src: src.into(),
+                    src_size: size.into(),
+                },
+            );
+        }
+    }
+
+    fn ldmatrix(&mut self, n: usize, trans: bool, base: Reg, offset: usize) -> Vec<Reg> {
+        let dst = self.k.regs(Ty::B32, n);
+        self.k.push(Instr::Ldmatrix {
+            trans,
+            dst: dst.clone(),
+            addr: Addr::at(base, offset as i64),
+        });
+        dst
+    }
+
+    fn mma(&mut self, shape: MmaShape, acc: &[Reg], a: &[Reg], b: &[Reg]) {
+        let acc: [Reg; 4] = [acc[0], acc[1], acc[2], acc[3]];
+        self.k.push(Instr::Mma {
+            shape,
+            ab: self.cfg.ab,
+            d: acc,
+            a: a.to_vec(),
+            b: b.to_vec(),
+            c: acc,
+        });
+    }
+
+    /// Q's A fragments for k-step `kk` (16 columns), or the 8-column tail.
+    fn q_fragment(&mut self, q_lane: Reg, kk: usize, tail: bool) -> Vec<Reg> {
+        if tail {
+            self.ldmatrix(2, false, q_lane, (self.cfg.d - 8) * 2)
+        } else {
+            self.ldmatrix(4, false, q_lane, kk * 32)
+        }
+    }
+
+    fn max_f32(&mut self, a: Reg, b: impl Into<Operand>) -> Reg {
+        self.k.bin(BinOp::Max, Ty::F32, a, b)
+    }
+
+    /// Reduces `x` over the four lanes of a quad with `op`.
+    fn quad_reduce(&mut self, x: Reg, op: BinOp) -> Reg {
+        let mut acc = x;
+        for mask in [1, 2] {
+            let other = self.k.reg(Ty::F32);
+            self.k.push(Instr::ShflBfly {
+                dst: other,
+                src: acc,
+                lane_mask: mask,
+            });
+            acc = self.k.bin(op, Ty::F32, acc, other);
+        }
+        acc
+    }
+
+    fn emit(mut self) -> Kernel {
+        let cfg = self.cfg;
+        let (d, bm, bn, pitch) = (cfg.d, cfg.block_m, cfg.block_n, cfg.pitch);
+        let k16_steps = d / 16;
+        let has_tail = d % 16 == 8;
+        let n_tiles_s = bn / 8;
+        let n_tiles_o = d / 8;
+
+        let params = declare_params(&mut self.k);
+        self.k.launch_bounds(THREADS as u32, None);
+        self.k.dynamic_shared(128);
+        self.k.comment(format!(
+            "tensor-core attention: d={d} causal={} {} block {bm}x{bn}, pitch {pitch} B",
+            cfg.causal,
+            cfg.ab.name(),
+        ));
+
+        // ---- parameters ----
+        let k = &mut self.k;
+        let p: Vec<Reg> = params
+            .iter()
+            .enumerate()
+            .map(|(i, prm)| {
+                let ty = match i {
+                    0..=19 => Ty::U64,
+                    20..=22 => Ty::U32,
+                    _ => Ty::F32,
+                };
+                k.ld_param(ty, prm)
+            })
+            .collect();
+        let (q_ptr, k_ptr, v_ptr, o_ptr, m_ptr) = (p[0], p[1], p[2], p[3], p[4]);
+        let strides = |i: usize| [p[5 + 3 * i], p[6 + 3 * i], p[7 + 3 * i]];
+        let (qs, ks, vs, os) = (strides(0), strides(1), strides(2), strides(3));
+        let (msb, msh, msq) = (p[17], p[18], p[19]);
+        let (seq_q, seq_k, group, scale_log2) = (p[20], p[21], p[22], p[23]);
+
+        // ---- thread and block coordinates ----
+        let tid = k.mov(Ty::U32, Operand::Special(Special::TidX));
+        let qblock = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
+        let head = k.mov(Ty::U32, Operand::Special(Special::CtaIdY));
+        let batch = k.mov(Ty::U32, Operand::Special(Special::CtaIdZ));
+        let lane = k.bin(BinOp::And, Ty::U32, tid, Operand::U(31));
+        let warp = k.bin(BinOp::Shr, Ty::U32, tid, Operand::U(5));
+        let g = k.bin(BinOp::Shr, Ty::U32, lane, Operand::U(2));
+        let tq = k.bin(BinOp::And, Ty::U32, lane, Operand::U(3));
+        let q0 = k.bin(BinOp::Mul, Ty::U32, qblock, Self::u(bm));
+        let kv_head = k.bin(BinOp::Div, Ty::U32, head, group);
+
+        // Byte address of element [batch, 0, head, 0] of a tensor, and its
+        // token stride in bytes.
+        let elem = 2u64;
+        let tensor_base = |k: &mut Kernel, ptr: Reg, st: [Reg; 3], h: Reg| {
+            let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
+            let h64 = k.cvt(None, Ty::U64, Ty::U32, h);
+            let off = k.bin(BinOp::Mul, Ty::U64, b64, st[0]);
+            let off = k.mad(Ty::U64, h64, st[2], off);
+            let base = k.mad(Ty::U64, off, Operand::U(elem), ptr);
+            let stride = k.bin(BinOp::Mul, Ty::U64, st[1], Operand::U(elem));
+            (base, stride)
+        };
+        let (q_base, q_stride) = tensor_base(k, q_ptr, qs, head);
+        let (k_base, k_stride) = tensor_base(k, k_ptr, ks, kv_head);
+        let (v_base, v_stride) = tensor_base(k, v_ptr, vs, kv_head);
+        let (o_base, o_stride) = tensor_base(k, o_ptr, os, head);
+
+        // Shared tiles.
+        let sq = k.mov(Ty::U32, Operand::Symbol("smem".into()));
+        let sk = k.bin(BinOp::Add, Ty::U32, sq, Self::u(bm * pitch));
+        let sv = k.bin(BinOp::Add, Ty::U32, sk, Self::u(bn * pitch));
+
+        // Per-lane ldmatrix row addresses (see the module docs for layouts).
+        let lane16 = k.bin(BinOp::And, Ty::U32, lane, Operand::U(15));
+        let hi16 = k.bin(BinOp::Shr, Ty::U32, lane, Operand::U(4));
+        let lane8 = k.bin(BinOp::And, Ty::U32, lane, Operand::U(7));
+        let bit3 = k.bin(BinOp::Shr, Ty::U32, lane, Operand::U(3));
+        let bit3 = k.bin(BinOp::And, Ty::U32, bit3, Operand::U(1));
+        // Q: row 16w + lane % 16, column chunk lane / 16.
+        let q_row = k.mad(Ty::U32, warp, Operand::U(16), lane16);
+        let q_lane = k.mad(Ty::U32, q_row, Self::u(pitch), sq);
+        let q_lane = k.mad(Ty::U32, hi16, Operand::U(16), q_lane);
+        // K for Q·Kᵀ: key 8·(lane / 16) + lane % 8, column chunk (lane / 8) % 2.
+        let k_row = k.mad(Ty::U32, hi16, Operand::U(8), lane8);
+        let k_lane = k.mad(Ty::U32, k_row, Self::u(pitch), sk);
+        let k_lane = k.mad(Ty::U32, bit3, Operand::U(16), k_lane);
+        // K for the k8 tail: key = lane.
+        let k_tail_lane = k.mad(Ty::U32, lane, Self::u(pitch), sk);
+        // V for P·V (transposed): key 8·((lane / 8) % 2) + lane % 8, column
+        // chunk lane / 16.
+        let v_row = k.mad(Ty::U32, bit3, Operand::U(8), lane8);
+        let v_lane = k.mad(Ty::U32, v_row, Self::u(pitch), sv);
+        let v_lane = k.mad(Ty::U32, hi16, Operand::U(16), v_lane);
+
+        // This thread's two rows in the scores: g and g + 8 of its warp.
+        let row_a = k.mad(Ty::U32, warp, Operand::U(16), g);
+        let row_a = k.bin(BinOp::Add, Ty::U32, row_a, q0);
+        let row_b = k.bin(BinOp::Add, Ty::U32, row_a, Operand::U(8));
+        let rows = [row_a, row_b];
+
+        // Number of key blocks: causal CTAs stop at their last row.
+        let key_end = if cfg.causal {
+            let last = k.bin(BinOp::Add, Ty::U32, q0, Self::u(bm));
+            k.bin(BinOp::Min, Ty::U32, last, seq_k)
+        } else {
+            seq_k
+        };
+        let n_blocks = k.bin(BinOp::Add, Ty::U32, key_end, Self::u(bn - 1));
+        let n_blocks = k.bin(BinOp::Div, Ty::U32, n_blocks, Self::u(bn));
+
+        // Mask rows (f32 bias), if a mask was passed.
+        let has_mask = k.setp(Cmp::Ne, Ty::U64, m_ptr, Operand::U(0));
+        let mask_rows: Vec<Reg> = {
+            let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
+            let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
+            let off = k.bin(BinOp::Mul, Ty::U64, b64, msb);
+            let off = k.mad(Ty::U64, h64, msh, off);
+            rows.iter()
+                .map(|&r| {
+                    let r64 = k.cvt(None, Ty::U64, Ty::U32, r);
+                    let o = k.mad(Ty::U64, r64, msq, off);
+                    k.mad(Ty::U64, o, Operand::U(4), m_ptr)
+                })
+                .collect()
+        };
+
+        // ---- prologue: Q, then K(0) ----
+        let ld = self.loader(tid);
+        self.load_tile(&ld, sq, q_base, q_stride, q0, bm, seq_q, None);
+        self.k.push(Instr::CpAsyncCommit);
+        let zero = self.k.mov(Ty::U32, Operand::U(0));
+        self.load_tile(&ld, sk, k_base, k_stride, zero, bn, seq_k, None);
+        self.k.push(Instr::CpAsyncCommit);
+        self.k.push(Instr::CpAsyncWait(1));
+        self.k.push(Instr::BarSync(0));
+
+        let q_regs: Vec<Vec<Reg>> = if cfg.q_in_regs {
+            let mut v: Vec<Vec<Reg>> = (0..k16_steps)
+                .map(|kk| self.q_fragment(q_lane, kk, false))
+                .collect();
+            if has_tail {
+                v.push(self.q_fragment(q_lane, 0, true));
+            }
+            v
+        } else {
+            Vec::new()
+        };
+
+        // Running state: max and sum per row half, O accumulators.
+        let k = &mut self.k;
+        let neg_inf = Operand::F32(f32::NEG_INFINITY);
+        let m_run: Vec<Reg> = (0..2).map(|_| k.mov(Ty::F32, neg_inf.clone())).collect();
+        let l_run: Vec<Reg> = (0..2).map(|_| k.mov(Ty::F32, Operand::F32(0.0))).collect();
+        let o_acc: Vec<Vec<Reg>> = (0..n_tiles_o)
+            .map(|_| (0..4).map(|_| k.mov(Ty::F32, Operand::F32(0.0))).collect())
+            .collect();
+        let s_acc: Vec<Vec<Reg>> = (0..n_tiles_s).map(|_| k.regs(Ty::F32, 4)).collect();
+        let n = k.mov(Ty::U32, Operand::U(0));
+        let j0 = k.mov(Ty::U32, Operand::U(0));
+        let tq2 = k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(1));
+
+        let loop_top = k.label("key_block");
+        let loop_end = k.label("epilogue");
+        let first = k.setp(Cmp::Ge, Ty::U32, n, n_blocks);
+        k.branch_if(first, false, &loop_end);
+        k.push(Instr::Label(loop_top.clone()));
+
+        // 1. V(n) starts; K(n) is waited for.
+        self.load_tile(&ld, sv, v_base, v_stride, j0, bn, seq_k, None);
+        self.k.push(Instr::CpAsyncCommit);
+        self.k.push(Instr::CpAsyncWait(1));
+        self.k.push(Instr::BarSync(0));
+
+        // 2. S = Q·Kᵀ.
+        for acc in &s_acc {
+            for &r in acc {
+                self.k.mov_to(Ty::F32, r, Operand::F32(0.0));
+            }
+        }
+        for kk in 0..k16_steps + usize::from(has_tail) {
+            let tail = kk == k16_steps;
+            let a = match q_regs.get(kk) {
+                Some(a) => a.clone(),
+                None => self.q_fragment(q_lane, kk, tail),
+            };
+            if tail {
+                // One B register per n8 tile: four tiles per x4 load.
+                for quad in 0..n_tiles_s.div_ceil(4) {
+                    let tiles = (n_tiles_s - quad * 4).min(4);
+                    let width = if tiles > 2 {
+                        4
+                    } else {
+                        tiles.next_power_of_two()
+                    };
+                    let b =
+                        self.ldmatrix(width, false, k_tail_lane, quad * 32 * pitch + (d - 8) * 2);
+                    for t in 0..tiles {
+                        let acc = s_acc[quad * 4 + t].clone();
+                        self.mma(MmaShape::M16N8K8, &acc, &a, &b[t..t + 1]);
+                    }
+                }
+            } else {
+                for pair in 0..n_tiles_s / 2 {
+                    let b = self.ldmatrix(4, false, k_lane, pair * 16 * pitch + kk * 32);
+                    let acc0 = s_acc[2 * pair].clone();
+                    let acc1 = s_acc[2 * pair + 1].clone();
+                    self.mma(MmaShape::M16N8K16, &acc0, &a, &b[0..2]);
+                    self.mma(MmaShape::M16N8K16, &acc1, &a, &b[2..4]);
+                }
+            }
+        }
+
+        // 3. Every warp is done with K(n): start K(n + 1).
+        self.k.push(Instr::BarSync(0));
+        let k = &mut self.k;
+        let n1 = k.bin(BinOp::Add, Ty::U32, n, Operand::U(1));
+        let more = k.setp(Cmp::Lt, Ty::U32, n1, n_blocks);
+        let j1 = k.bin(BinOp::Add, Ty::U32, j0, Self::u(bn));
+        self.load_tile(&ld, sk, k_base, k_stride, j1, bn, seq_k, Some(more));
+        self.k.push(Instr::CpAsyncCommit);
+
+        // 4. Scores to the log2 domain, masking where needed, online softmax.
+        let k = &mut self.k;
+        for acc in &s_acc {
+            for &r in acc {
+                k.bin_to(BinOp::Mul, Ty::F32, r, r, scale_log2);
+            }
+        }
+        // Does this block need element-wise masking?
+        let block_end = k.bin(BinOp::Add, Ty::U32, j0, Self::u(bn));
+        let ragged = k.setp(Cmp::Gt, Ty::U32, block_end, seq_k);
+        let need = k.reg(Ty::Pred);
+        k.bin_to(BinOp::Or, Ty::Pred, need, ragged, has_mask);
+        if cfg.causal {
+            // The block crosses the diagonal of the CTA's first row.
+            let last_key = k.bin(BinOp::Add, Ty::U32, j0, Self::u(bn - 1));
+            let diag = k.setp(Cmp::Gt, Ty::U32, last_key, q0);
+            k.bin_to(BinOp::Or, Ty::Pred, need, need, diag);
+        }
+        let skip_mask = k.label("unmasked");
+        k.branch_if(need, true, &skip_mask);
+        {
+            let kbase = k.bin(BinOp::Add, Ty::U32, j0, tq2);
+            let skip_bias = k.label("no_bias");
+            // Additive mask, in the log2 domain.
+            k.branch_if(has_mask, true, &skip_bias);
+            for (t, acc) in s_acc.iter().enumerate() {
+                for (e, &s) in acc.iter().enumerate() {
+                    let key = k.bin(BinOp::Add, Ty::U32, kbase, Self::u(8 * t + e % 2));
+                    let row = rows[e / 2];
+                    let kin = k.setp(Cmp::Lt, Ty::U32, key, seq_k);
+                    let rin = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
+                    let ok = k.reg(Ty::Pred);
+                    k.bin_to(BinOp::And, Ty::Pred, ok, kin, rin);
+                    let key64 = k.cvt(None, Ty::U64, Ty::U32, key);
+                    let addr = k.mad(Ty::U64, key64, Operand::U(4), mask_rows[e / 2]);
+                    let bias = k.mov(Ty::F32, Operand::F32(0.0));
+                    k.guard(
+                        ok,
+                        false,
+                        Instr::Ld {
+                            space: StateSpace::GlobalNc,
+                            ty: Ty::F32,
+                            dst: vec![bias],
+                            addr: addr.into(),
+                        },
+                    );
+                    k.mad_to(Ty::F32, s, bias, Operand::F32(LOG2E), s);
+                }
+            }
+            k.push(Instr::Label(skip_bias));
+            // Keys past Sk, and (causal) keys after the row, do not exist.
+            for (t, acc) in s_acc.iter().enumerate() {
+                for (e, &s) in acc.iter().enumerate() {
+                    let key = k.bin(BinOp::Add, Ty::U32, kbase, Self::u(8 * t + e % 2));
+                    let hide = k.setp(Cmp::Ge, Ty::U32, key, seq_k);
+                    if cfg.causal {
+                        let after = k.setp(Cmp::Gt, Ty::U32, key, rows[e / 2]);
+                        k.bin_to(BinOp::Or, Ty::Pred, hide, hide, after);
+                    }
+                    k.selp_to(Ty::F32, s, neg_inf.clone(), s, hide);
+                }
+            }
+        }
+        k.push(Instr::Label(skip_mask));
+
+        // Row maxima over the block, across the quad.
+        let mut shift = Vec::new();
+        let mut alpha = Vec::new();
+        for half in 0..2 {
+            let mut m = self.k.mov(Ty::F32, neg_inf.clone());
+            for acc in &s_acc {
+                m = self.max_f32(m, acc[2 * half]);
+                m = self.max_f32(m, acc[2 * half + 1]);
+            }
+            let m = self.quad_reduce(m, BinOp::Max);
+            let k = &mut self.k;
+            let m_new = k.bin(BinOp::Max, Ty::F32, m_run[half], m);
+            // A row that has seen only hidden keys keeps max -inf; shifting
+            // by 0 keeps ex2(-inf - -inf) = NaN out and makes every hidden
+            // weight exactly 0.
+            let none = k.setp(Cmp::Eq, Ty::F32, m_new, neg_inf.clone());
+            let sh = k.selp(Ty::F32, Operand::F32(0.0), m_new, none);
+            let diff = k.bin(BinOp::Sub, Ty::F32, m_run[half], sh);
+            let a = k.un(UnOp::Ex2, Ty::F32, diff);
+            k.mov_to(Ty::F32, m_run[half], m_new);
+            shift.push(sh);
+            alpha.push(a);
+        }
+        let k = &mut self.k;
+        let mut block_sum = [
+            k.mov(Ty::F32, Operand::F32(0.0)),
+            k.mov(Ty::F32, Operand::F32(0.0)),
+        ];
+        for acc in &s_acc {
+            for (e, &s) in acc.iter().enumerate() {
+                let x = k.bin(BinOp::Sub, Ty::F32, s, shift[e / 2]);
+                k.un_to(UnOp::Ex2, Ty::F32, s, x);
+                let sum = k.bin(BinOp::Add, Ty::F32, block_sum[e / 2], s);
+                block_sum[e / 2] = sum;
+            }
+        }
+        for half in 0..2 {
+            k.mad_to(
+                Ty::F32,
+                l_run[half],
+                l_run[half],
+                alpha[half],
+                block_sum[half],
+            );
+        }
+        for acc in &o_acc {
+            for (e, &o) in acc.iter().enumerate() {
+                k.bin_to(BinOp::Mul, Ty::F32, o, o, alpha[e / 2]);
+            }
+        }
+        // P as A fragments: k-step kk covers S tiles 2kk and 2kk + 1.
+        let packed = cfg.packed();
+        let p_frags: Vec<Vec<Reg>> = (0..n_tiles_s / 2)
+            .map(|kk| {
+                let (lo, hi) = (&s_acc[2 * kk], &s_acc[2 * kk + 1]);
+                [
+                    (lo[1], lo[0]),
+                    (lo[3], lo[2]),
+                    (hi[1], hi[0]),
+                    (hi[3], hi[2]),
+                ]
+                .into_iter()
+                .map(|(h, l)| {
+                    let dst = k.reg(Ty::B32);
+                    k.push(Instr::CvtPack {
+                        ty: packed,
+                        dst,
+                        hi: h,
+                        lo: l,
+                    });
+                    dst
+                })
+                .collect()
+            })
+            .collect();
+
+        // 5. O += P·V(n).
+        k.push(Instr::CpAsyncWait(1));
+        k.push(Instr::BarSync(0));
+        for (kk, a) in p_frags.iter().enumerate() {
+            for pair in 0..n_tiles_o / 2 {
+                let b = self.ldmatrix(4, true, v_lane, kk * 16 * pitch + pair * 32);
+                let acc0 = o_acc[2 * pair].clone();
+                let acc1 = o_acc[2 * pair + 1].clone();
+                self.mma(MmaShape::M16N8K16, &acc0, a, &b[0..2]);
+                self.mma(MmaShape::M16N8K16, &acc1, a, &b[2..4]);
+            }
+            if n_tiles_o % 2 == 1 {
+                let last = n_tiles_o - 1;
+                let b = self.ldmatrix(2, true, v_lane, kk * 16 * pitch + last * 16);
+                let acc = o_acc[last].clone();
+                self.mma(MmaShape::M16N8K16, &acc, a, &b);
+            }
+        }
+        // Every warp is done with V(n) before the next block overwrites it.
+        let k = &mut self.k;
+        k.push(Instr::BarSync(0));
+        k.bin_to(BinOp::Add, Ty::U32, n, n, Operand::U(1));
+        k.bin_to(BinOp::Add, Ty::U32, j0, j0, Self::u(bn));
+        let again = k.setp(Cmp::Lt, Ty::U32, n, n_blocks);
+        k.branch_if(again, false, &loop_top);
+
+        // ---- epilogue: O / sum, rows that saw no key are 0 ----
+        k.push(Instr::Label(loop_end));
+        k.push(Instr::CpAsyncWait(0));
+        let tq4 = k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(2));
+        let tq4 = k.cvt(None, Ty::U64, Ty::U32, tq4);
+        for half in 0..2 {
+            let sum = self.quad_reduce(l_run[half], BinOp::Add);
+            let k = &mut self.k;
+            let empty = k.setp(Cmp::Eq, Ty::F32, sum, Operand::F32(0.0));
+            let inv = k.un(UnOp::Rcp, Ty::F32, sum);
+            k.selp_to(Ty::F32, inv, Operand::F32(0.0), inv, empty);
+            let row = rows[half];
+            let inside = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
+            let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
+            let addr = k.mad(Ty::U64, r64, o_stride, o_base);
+            let addr = k.bin(BinOp::Add, Ty::U64, addr, tq4);
+            for (t, acc) in o_acc.iter().enumerate() {
+                let x0 = k.bin(BinOp::Mul, Ty::F32, acc[2 * half], inv);
+                let x1 = k.bin(BinOp::Mul, Ty::F32, acc[2 * half + 1], inv);
+                let pk = k.reg(Ty::B32);
+                k.push(Instr::CvtPack {
+                    ty: packed,
+                    dst: pk,
+                    hi: x1,
+                    lo: x0,
+                });
+                k.guard(
+                    inside,
+                    false,
+                    Instr::St {
+                        space: StateSpace::Global,
+                        ty: Ty::B32,
+                        addr: Addr::at(addr, (t * 16) as i64),
+                        src: vec![pk],
+                    },
+                );
+            }
+        }
+        self.k.push(Instr::Ret);
+        self.k
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ptx(d: usize, causal: bool, dtype: DType) -> GpuKernel {
+        generate(&VariantSpec::new(d, causal, dtype).unwrap(), Target::Sm80)
+    }
+
+    #[test]
+    fn pitch_is_an_odd_number_of_chunks() {
+        for d in (8..=256).step_by(8) {
+            let c = Fa2Config::new(&VariantSpec::new(d, false, DType::BF16).unwrap());
+            assert_eq!((c.pitch / 16) % 2, 1, "d={d}");
+            assert!(c.pitch >= d * 2);
+        }
+    }
+
+    #[test]
+    fn uses_tensor_cores_and_async_copies() {
+        let k = ptx(128, false, DType::BF16);
+        assert!(k
+            .ptx
+            .contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+        assert!(k
+            .ptx
+            .contains("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"));
+        assert!(k.ptx.contains("cp.async.cg.shared.global"));
+        assert!(k.ptx.contains("ex2.approx.ftz.f32"));
+        assert!(!k.ptx.contains("m16n8k8"), "128 needs no k8 tail");
+        assert_eq!(k.block_m, 64);
+        assert_eq!(k.smem_bytes, (64 + 128) * 272);
+    }
+
+    #[test]
+    fn odd_multiples_of_eight_use_exact_tails() {
+        let k = ptx(40, true, DType::F16);
+        assert!(k
+            .ptx
+            .contains("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32"));
+        assert!(k
+            .ptx
+            .contains("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16"));
+        assert!(k.ptx.contains("cvt.rn.f16x2.f32"));
+    }
+}
