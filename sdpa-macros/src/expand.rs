@@ -1,8 +1,13 @@
 //! Code generation from a declaration that passed `valid`: nothing here can
-//! fail.
+//! fail, except the generator itself (a bug there is reported as a compile
+//! error on the attribute rather than a panic of the macro).
 
+use std::thread;
+
+use kernels_gen::gpu::GpuKernel;
+use kernels_gen::ptx::Target;
 use kernels_gen::{DType, VariantSpec};
-use proc_macro2::{Literal, TokenStream};
+use proc_macro2::{Literal, Span, TokenStream};
 use quote::quote;
 use syn::{Error, Item, Result};
 
@@ -12,7 +17,60 @@ use crate::valid::{self, Valid};
 /// The struct, unchanged, and its `AttentionBackend` impl.
 pub fn sdpa_variants(attr: &Attr, item: &Item) -> Result<TokenStream> {
     let valid = valid::validate(attr, item)?;
-    Ok(generate(&valid))
+    let kernels = gpu_kernels(&valid.variants)?;
+    Ok(generate(&valid, &kernels))
+}
+
+/// The GPU architecture whose PTX every variant embeds. PTX for sm_80 runs
+/// on every later architecture (the driver compiles it for the device).
+const GPU_TARGET: Target = Target::Sm80;
+
+/// Runs the generator for every variant, spread over the machine's cores
+/// (the generator is pure and each variant independent; only plain strings
+/// cross threads, as compiler tokens must stay on the macro's thread).
+fn gpu_kernels(variants: &[VariantSpec]) -> Result<Vec<GpuKernel>> {
+    let threads = thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(variants.len())
+        .max(1);
+    let chunk = variants.len().div_ceil(threads).max(1);
+    let results: Vec<thread::Result<Vec<GpuKernel>>> = thread::scope(|scope| {
+        let handles: Vec<_> = variants
+            .chunks(chunk)
+            .map(|specs| {
+                scope.spawn(move || {
+                    specs
+                        .iter()
+                        .map(|spec| kernels_gen::gpu::generate(spec, GPU_TARGET))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join()).collect()
+    });
+    let mut kernels = Vec::with_capacity(variants.len());
+    for (result, specs) in results.into_iter().zip(variants.chunks(chunk)) {
+        match result {
+            Ok(mut batch) => kernels.append(&mut batch),
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                let names: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
+                return Err(Error::new(
+                    Span::call_site(),
+                    format!(
+                        "the kernel generator failed for one of the variants [{}]: {why}; \
+                         this is a bug in kernels-gen, please report it",
+                        names.join("; ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(kernels)
 }
 
 /// The user's item, unchanged, beside the errors: the struct still exists,
@@ -25,11 +83,11 @@ pub fn with_errors(item: &Item, errors: Error) -> TokenStream {
     }
 }
 
-fn generate(valid: &Valid) -> TokenStream {
+fn generate(valid: &Valid, kernels: &[GpuKernel]) -> TokenStream {
     let item = valid.item;
     let ident = &item.ident;
     let count = Literal::usize_unsuffixed(valid.variants.len());
-    let variants = valid.variants.iter().map(variant);
+    let variants = valid.variants.iter().zip(kernels).map(|(s, k)| variant(s, k));
     let head_sizes = valid
         .head_sizes
         .iter()
@@ -57,18 +115,34 @@ fn generate(valid: &Valid) -> TokenStream {
     }
 }
 
-/// One entry of the variant table: the spec and everything generated for
-/// it, one `Variant::new` argument each.
-fn variant(spec: &VariantSpec) -> TokenStream {
+/// One entry of the variant table: the spec, the CPU kernel instantiated
+/// for it and the GPU kernel generated for it (PTX text and launch
+/// metadata, embedded as literals).
+fn variant(spec: &VariantSpec, gpu: &GpuKernel) -> TokenStream {
     let head_size = Literal::usize_unsuffixed(spec.head_size);
     let causal = spec.causal;
     let dtype = dtype_path(spec.dtype);
     let element = element_type(spec.dtype);
+    let gpu = gpu_kernel(gpu);
     quote! {
         ::sdpa_runtime::Variant::new(
             ::sdpa_runtime::VariantSpec { head_size: #head_size, causal: #causal, dtype: #dtype },
             ::sdpa_runtime::cpu::attention::<#head_size, #causal, #element>,
         )
+        .with_gpu(#gpu)
+    }
+}
+
+/// A `GpuKernel::new(...)` expression holding `gpu`.
+fn gpu_kernel(gpu: &GpuKernel) -> TokenStream {
+    let ptx = Literal::string(&gpu.ptx);
+    let entry = Literal::string(&gpu.entry);
+    let target = Literal::string(gpu.target.name());
+    let block_m = Literal::u32_unsuffixed(gpu.block_m);
+    let threads = Literal::u32_unsuffixed(gpu.threads);
+    let smem = Literal::u32_unsuffixed(gpu.smem_bytes);
+    quote! {
+        ::sdpa_runtime::GpuKernel::new(#ptx, #entry, #target, #block_m, #threads, #smem)
     }
 }
 
@@ -103,6 +177,12 @@ mod tests {
         syn::parse2(tokens).unwrap()
     }
 
+    /// The `GpuKernel::new(...)` the macro embeds for a variant.
+    fn gpu(head_size: usize, causal: bool, dtype: DType) -> TokenStream {
+        let spec = VariantSpec::new(head_size, causal, dtype).unwrap();
+        gpu_kernel(&kernels_gen::gpu::generate(&spec, GPU_TARGET))
+    }
+
     #[test]
     fn one_variant_per_combination_in_declaration_order() {
         let file = expand(quote!(
@@ -110,6 +190,8 @@ mod tests {
             causal = [true],
             dtypes = [f32, bf16]
         ));
+        let (g64f, g64b) = (gpu(64, true, DType::F32), gpu(64, true, DType::BF16));
+        let (g80f, g80b) = (gpu(80, true, DType::F32), gpu(80, true, DType::BF16));
         let expected: syn::File = parse_quote! {
             pub struct WanAttention;
 
@@ -120,19 +202,23 @@ mod tests {
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 64, causal: true, dtype: ::sdpa_runtime::DType::F32 },
                             ::sdpa_runtime::cpu::attention::<64, true, ::core::primitive::f32>,
-                        ),
+                        )
+                        .with_gpu(#g64f),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 64, causal: true, dtype: ::sdpa_runtime::DType::BF16 },
                             ::sdpa_runtime::cpu::attention::<64, true, ::sdpa_runtime::half::bf16>,
-                        ),
+                        )
+                        .with_gpu(#g64b),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 80, causal: true, dtype: ::sdpa_runtime::DType::F32 },
                             ::sdpa_runtime::cpu::attention::<80, true, ::core::primitive::f32>,
-                        ),
+                        )
+                        .with_gpu(#g80f),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 80, causal: true, dtype: ::sdpa_runtime::DType::BF16 },
                             ::sdpa_runtime::cpu::attention::<80, true, ::sdpa_runtime::half::bf16>,
-                        ),
+                        )
+                        .with_gpu(#g80b),
                     ];
                     static TABLE: ::sdpa_runtime::VariantTable = ::sdpa_runtime::VariantTable::new(
                         &VARIANTS,
@@ -145,6 +231,40 @@ mod tests {
             }
         };
         assert_eq!(quote!(#file).to_string(), quote!(#expected).to_string());
+    }
+
+    #[test]
+    fn every_variant_embeds_its_ptx_and_launch_metadata() {
+        let spec = VariantSpec::new(128, true, DType::BF16).unwrap();
+        let kernel = kernels_gen::gpu::generate(&spec, GPU_TARGET);
+        let text = gpu_kernel(&kernel).to_string();
+        assert!(text.starts_with(":: sdpa_runtime :: GpuKernel :: new ("), "{text}");
+        // The PTX is one string literal that reads back as the generator's text.
+        let lit: syn::LitStr = syn::parse_str(&Literal::string(&kernel.ptx).to_string()).unwrap();
+        assert_eq!(lit.value(), kernel.ptx);
+        assert!(text.contains("\"sdpa_fwd_d128_causal_bf16\""), "{text}");
+        assert!(text.contains("\"sm_80\""), "{text}");
+        let tail = format!(
+            "{} , {} , {})",
+            kernel.block_m, kernel.threads, kernel.smem_bytes
+        );
+        assert!(text.ends_with(&tail), "{}", &text[text.len().saturating_sub(80)..]);
+    }
+
+    #[test]
+    fn generating_in_parallel_keeps_declaration_order() {
+        let specs: Vec<VariantSpec> = [8, 16, 24, 32, 40]
+            .iter()
+            .flat_map(|&d| {
+                DType::ALL
+                    .into_iter()
+                    .map(move |t| VariantSpec::new(d, d % 16 == 0, t).unwrap())
+            })
+            .collect();
+        let kernels = gpu_kernels(&specs).unwrap();
+        let entries: Vec<String> = kernels.into_iter().map(|k| k.entry).collect();
+        let expected: Vec<String> = specs.iter().map(|s| s.kernel_name()).collect();
+        assert_eq!(entries, expected);
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub use tensor::{
     HostData, HostDataMut, Layout, OwnedData, Storage, StorageMut, Tensor, TensorView,
     TensorViewMut,
 };
-pub use variant::{CpuKernelFn, Variant, VariantTable};
+pub use variant::{CpuKernelFn, GpuKernel, Variant, VariantTable};
 
 /// Re-exported for the code the macro generates and for callers building
 /// `f16`/`bf16` tensors.

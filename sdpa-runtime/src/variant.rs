@@ -9,19 +9,93 @@ use crate::{DType, VariantSpec};
 /// A CPU kernel: one instantiation of [`crate::cpu::attention`].
 pub type CpuKernelFn = fn(&Problem<'_>, &mut TensorViewMut<'_>) -> Result<()>;
 
-/// One compiled variant: its spec and its kernels.
+/// A GPU kernel generated at compile time: its PTX text and how to launch
+/// it, following the launch contract of [`kernels_gen::gpu`].
 ///
-/// The GPU kernels (PTX text and launch metadata) join the CPU kernel here.
+/// The `#[sdpa_variants]` macro runs the generator when it expands and
+/// embeds the result as a static; the CUDA backend JIT-loads the PTX through
+/// the driver the first time a device runs the variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuKernel {
+    ptx: &'static str,
+    entry: &'static str,
+    target: &'static str,
+    block_m: u32,
+    threads: u32,
+    smem_bytes: u32,
+}
+
+impl GpuKernel {
+    /// A kernel: its PTX module text, the entry point's name, the
+    /// architecture the PTX targets (`.target`, e.g. `"sm_80"`), query rows
+    /// per CTA, threads per CTA and dynamic shared memory per CTA in bytes.
+    pub const fn new(
+        ptx: &'static str,
+        entry: &'static str,
+        target: &'static str,
+        block_m: u32,
+        threads: u32,
+        smem_bytes: u32,
+    ) -> GpuKernel {
+        GpuKernel {
+            ptx,
+            entry,
+            target,
+            block_m,
+            threads,
+            smem_bytes,
+        }
+    }
+    /// The PTX module text.
+    pub fn ptx(&self) -> &'static str {
+        self.ptx
+    }
+    /// The entry point's name.
+    pub fn entry(&self) -> &'static str {
+        self.entry
+    }
+    /// The architecture the PTX targets, as its `.target` names it.
+    pub fn target(&self) -> &'static str {
+        self.target
+    }
+    /// Query rows per CTA: the grid has `ceil(Sq / block_m)` CTAs in x.
+    pub fn block_m(&self) -> u32 {
+        self.block_m
+    }
+    /// Threads per CTA.
+    pub fn threads(&self) -> u32 {
+        self.threads
+    }
+    /// Dynamic shared memory per CTA, in bytes.
+    pub fn smem_bytes(&self) -> u32 {
+        self.smem_bytes
+    }
+}
+
+/// One compiled variant: its spec and its kernels.
 #[derive(Clone, Copy, Debug)]
 pub struct Variant {
     spec: VariantSpec,
     cpu: CpuKernelFn,
+    gpu: Option<GpuKernel>,
 }
 
 impl Variant {
-    /// A variant with its CPU kernel.
+    /// A variant with its CPU kernel and no GPU kernel.
     pub const fn new(spec: VariantSpec, cpu: CpuKernelFn) -> Variant {
-        Variant { spec, cpu }
+        Variant {
+            spec,
+            cpu,
+            gpu: None,
+        }
+    }
+    /// The same variant with a GPU kernel.
+    pub const fn with_gpu(self, gpu: GpuKernel) -> Variant {
+        Variant {
+            spec: self.spec,
+            cpu: self.cpu,
+            gpu: Some(gpu),
+        }
     }
     /// What the variant is specialised for.
     pub fn spec(&self) -> &VariantSpec {
@@ -30,6 +104,10 @@ impl Variant {
     /// The CPU kernel.
     pub fn cpu_kernel(&self) -> CpuKernelFn {
         self.cpu
+    }
+    /// The GPU kernel, if one was generated.
+    pub fn gpu_kernel(&self) -> Option<&GpuKernel> {
+        self.gpu.as_ref()
     }
 }
 
