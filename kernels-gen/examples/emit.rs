@@ -1,18 +1,77 @@
 //! Prints the sm_80 PTX of one variant, for reading or for `ptxas`:
 //!
 //! `cargo run -p kernels-gen --example emit -- 128 causal bf16 > k.ptx`
+//!
+//! or writes the PTX of several head sizes (every causal value and dtype)
+//! and a `manifest.json` of their launch metadata into a folder, for the
+//! GPU harness in `tests/gpu/`:
+//!
+//! `cargo run -p kernels-gen --example emit -- --dir OUT 40 64 80 128`
 
+use kernels_gen::fa2::{self, Fa2Config};
+use kernels_gen::gpu::GpuKernel;
 use kernels_gen::ptx::Target;
 use kernels_gen::{gpu, DType, VariantSpec};
 
+/// `--tiles WARPS,M_TILES,BLOCK_N,QREGS` overrides the 16-bit kernels' tiles
+/// (for tuning runs).
+fn kernel(spec: &VariantSpec, tiles: Option<&[usize]>) -> GpuKernel {
+    match (tiles, spec.dtype) {
+        (Some(t), DType::F16 | DType::BF16) => {
+            let cfg = Fa2Config::new(spec).with_tiles(t[0], t[1], t[2], t[3] != 0);
+            fa2::generate_with(spec, cfg, Target::Sm80)
+        }
+        _ => gpu::generate(spec, Target::Sm80),
+    }
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: emit HEAD_SIZE [causal] f32|f16|bf16";
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let tiles: Option<Vec<usize>> = args.iter().position(|a| a == "--tiles").map(|i| {
+        let t = args.remove(i + 1);
+        args.remove(i);
+        t.split(',')
+            .map(|x| x.parse().expect("--tiles W,M,BN,Q"))
+            .collect()
+    });
+    let tiles = tiles.as_deref();
+    let only: Option<DType> = args.iter().position(|a| a == "--dtype").map(|i| {
+        let t = args.remove(i + 1);
+        args.remove(i);
+        DType::from_name(&t).expect("--dtype f32|f16|bf16")
+    });
+    let usage = "usage: emit HEAD_SIZE [causal] f32|f16|bf16 | emit --dir OUT HEAD_SIZE...";
+    if args.first().map(String::as_str) == Some("--dir") {
+        let dir = std::path::PathBuf::from(args.get(1).expect(usage));
+        std::fs::create_dir_all(&dir).expect("cannot create the output folder");
+        let mut manifest = Vec::new();
+        for d in &args[2..] {
+            let d: usize = d.parse().expect(usage);
+            for causal in [false, true] {
+                for dtype in DType::ALL.into_iter().filter(|d| only.is_none_or(|o| o == *d)) {
+                    let spec = VariantSpec::new(d, causal, dtype).unwrap_or_else(|e| panic!("{e}"));
+                    let k = kernel(&spec, tiles);
+                    std::fs::write(dir.join(format!("{}.ptx", k.entry)), &k.ptx).unwrap();
+                    manifest.push(format!(
+                        "{{\"entry\": \"{}\", \"head_size\": {d}, \"causal\": {causal}, \
+                         \"dtype\": \"{dtype}\", \"block_m\": {}, \"threads\": {}, \"smem_bytes\": {}}}",
+                        k.entry, k.block_m, k.threads, k.smem_bytes
+                    ));
+                }
+            }
+        }
+        std::fs::write(
+            dir.join("manifest.json"),
+            format!("[\n{}\n]\n", manifest.join(",\n")),
+        )
+        .unwrap();
+        return;
+    }
     let head_size: usize = args.first().and_then(|s| s.parse().ok()).expect(usage);
     let causal = args.iter().any(|a| a == "causal");
     let dtype = args.iter().find_map(|a| DType::from_name(a)).expect(usage);
     let spec = VariantSpec::new(head_size, causal, dtype).unwrap_or_else(|e| panic!("{e}"));
-    let k = gpu::generate(&spec, Target::Sm80);
+    let k = kernel(&spec, tiles);
     eprintln!(
         "{}: block_m {} threads {} smem {} B",
         k.entry, k.block_m, k.threads, k.smem_bytes

@@ -5,9 +5,9 @@
 //!
 //! # Structure
 //!
-//! A CTA of [`WARPS`] warps computes `16 · WARPS` query rows of one
-//! (batch, head); warp `w` owns rows `16w..16w + 16`, so a row of the scores
-//! lives in the four lanes of a quad. Per key block of `block_n` keys:
+//! A CTA of `warps` warps computes `16 · warps · m_tiles` query rows of one
+//! (batch, head); each warp owns `m_tiles` tiles of 16 rows, so a row of the
+//! scores lives in the four lanes of a quad. Per key block of `block_n` keys:
 //!
 //! 1. V(n) starts loading; K(n) (loaded during the previous block) is
 //!    waited for;
@@ -35,9 +35,6 @@ use crate::ptx::{
 };
 use crate::{DType, VariantSpec};
 
-/// Warps per CTA.
-pub const WARPS: usize = 4;
-const THREADS: usize = WARPS * 32;
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 
 /// The shape of one variant's kernel.
@@ -49,7 +46,12 @@ pub struct Fa2Config {
     pub ab: Ty,
     /// Top-left causal.
     pub causal: bool,
-    /// Query rows per CTA.
+    /// Warps per CTA.
+    pub warps: usize,
+    /// 16-row m-tiles per warp: the K and V fragments each warp reads from
+    /// shared memory serve this many products.
+    pub m_tiles: usize,
+    /// Query rows per CTA: `16 · warps · m_tiles`.
     pub block_m: usize,
     /// Keys per block.
     pub block_n: usize,
@@ -74,15 +76,48 @@ impl Fa2Config {
         };
         let chunks = d / 8;
         let pitch_chunks = if chunks % 2 == 1 { chunks } else { chunks + 1 };
+        // Measured on an H100 (tests/gpu/ptx_harness.py, bf16, 2026-11-27):
+        // 8 warps of 16 rows (a 128-row Q block, so each K/V tile loaded
+        // from L2 serves twice the rows of a 4-warp CTA) with 128-key blocks
+        // ran d=128 at 330 TFLOP/s against 265-310 for 4 warps or 64-key
+        // blocks. Above 128 the S accumulators no longer fit beside O: 64
+        // keys and Q re-read from shared memory (237 registers at d=256, no
+        // spill; 294 TFLOP/s against 272 for 4 warps and 32 keys).
+        let (warps, m_tiles) = (8, 1);
+        let (block_n, q_in_regs) = if d <= 128 { (128, true) } else { (64, false) };
         Fa2Config {
             d,
             ab,
             causal: spec.causal,
-            block_m: 16 * WARPS,
-            block_n: if d <= 128 { 64 } else { 32 },
-            q_in_regs: d <= 128,
+            warps,
+            m_tiles,
+            block_m: 16 * warps * m_tiles,
+            block_n,
+            q_in_regs,
             pitch: pitch_chunks * 16,
         }
+    }
+
+    /// The same kernel with other tiles (for tuning): `warps` warps of
+    /// `m_tiles` 16-row tiles, `block_n` keys per block.
+    pub fn with_tiles(
+        mut self,
+        warps: usize,
+        m_tiles: usize,
+        block_n: usize,
+        q_in_regs: bool,
+    ) -> Self {
+        self.warps = warps;
+        self.m_tiles = m_tiles;
+        self.block_m = 16 * warps * m_tiles;
+        self.block_n = block_n;
+        self.q_in_regs = q_in_regs;
+        self
+    }
+
+    /// Threads per CTA.
+    pub fn threads(&self) -> usize {
+        self.warps * 32
     }
 
     /// Dynamic shared memory: the Q tile and one K and one V tile.
@@ -101,7 +136,12 @@ impl Fa2Config {
 
 /// Generates the tensor-core kernel of a 16-bit variant.
 pub fn generate(spec: &VariantSpec, target: Target) -> GpuKernel {
-    let cfg = Fa2Config::new(spec);
+    generate_with(spec, Fa2Config::new(spec), target)
+}
+
+/// Generates the tensor-core kernel of a 16-bit variant with the tiles of
+/// `cfg`.
+pub fn generate_with(spec: &VariantSpec, cfg: Fa2Config, target: Target) -> GpuKernel {
     let entry = spec.kernel_name();
     let k = Emitter::new(&entry, cfg).emit();
     GpuKernel {
@@ -109,9 +149,23 @@ pub fn generate(spec: &VariantSpec, target: Target) -> GpuKernel {
         entry,
         target,
         block_m: cfg.block_m as u32,
-        threads: THREADS as u32,
+        threads: cfg.threads() as u32,
         smem_bytes: cfg.smem_bytes() as u32,
     }
+}
+
+/// One thread's position in a tensor's rows, for tile loads.
+struct Stream {
+    /// Source address of this thread's first chunk.
+    src: Reg,
+    /// Global row of this thread's first chunk.
+    grow: Reg,
+    /// Shared address of this thread's first chunk.
+    dst: Reg,
+    /// Bytes between passes.
+    pass_step: Reg,
+    /// Bytes between key blocks.
+    block_step: Reg,
 }
 
 /// Per-thread values that the tile loader needs for one tile shape.
@@ -147,7 +201,7 @@ impl Emitter {
     /// laid out row-major over them.
     fn loader(&mut self, tid: Reg) -> Loader {
         let chunks = self.cfg.d / 8;
-        let rows_per_pass = THREADS / chunks;
+        let rows_per_pass = self.cfg.threads() / chunks;
         let k = &mut self.k;
         let active = k.setp(Cmp::Lt, Ty::U32, tid, Self::u(rows_per_pass * chunks));
         let row = k.bin(BinOp::Div, Ty::U32, tid, Self::u(chunks));
@@ -161,30 +215,45 @@ impl Emitter {
         }
     }
 
-    /// Issues `cp.async` copies of `rows` rows starting at global row
-    /// `row0` of a tensor (`base` is the byte address of row 0, column 0 of
-    /// this (batch, head); `stride` the row stride in bytes) into the
-    /// shared tile at `smem`. Rows at or past `seq` are zero-filled without
-    /// reading memory. Nothing is issued where `enable` is false.
-    #[allow(clippy::too_many_arguments)]
-    fn load_tile(
-        &mut self,
-        ld: &Loader,
-        smem: Reg,
-        base: Reg,
-        stride: Reg,
-        row0: Reg,
-        rows: usize,
-        seq: Reg,
-        enable: Option<Reg>,
-    ) {
+    /// A running pointer into one tensor's rows for this thread: created at
+    /// global row `row0`, advanced by [`Emitter::advance`].
+    fn stream(&mut self, ld: &Loader, smem: Reg, base: Reg, stride: Reg, row0: Reg) -> Stream {
         let pitch = self.cfg.pitch;
         let k = &mut self.k;
+        let grow = k.bin(BinOp::Add, Ty::U32, row0, ld.row);
+        let row64 = k.cvt(None, Ty::U64, Ty::U32, grow);
         let chunk64 = k.cvt(None, Ty::U64, Ty::U32, ld.chunk_bytes);
-        let base = k.bin(BinOp::Add, Ty::U64, base, chunk64);
-        let dst0 = k.mad(Ty::U32, ld.row, Self::u(pitch), smem);
-        let dst0 = k.bin(BinOp::Add, Ty::U32, dst0, ld.chunk_bytes);
+        let src = k.mad(Ty::U64, row64, stride, base);
+        let src = k.bin(BinOp::Add, Ty::U64, src, chunk64);
+        let dst = k.mad(Ty::U32, ld.row, Self::u(pitch), smem);
+        let dst = k.bin(BinOp::Add, Ty::U32, dst, ld.chunk_bytes);
+        let pass_step = k.bin(BinOp::Mul, Ty::U64, stride, Self::u(ld.rows_per_pass));
+        let block_step = k.bin(BinOp::Mul, Ty::U64, stride, Self::u(self.cfg.block_n));
+        Stream {
+            src,
+            grow,
+            dst,
+            pass_step,
+            block_step,
+        }
+    }
+
+    /// Moves a stream on by one key block.
+    fn advance(&mut self, s: &Stream) {
+        let k = &mut self.k;
+        k.bin_to(BinOp::Add, Ty::U64, s.src, s.src, s.block_step);
+        k.bin_to(BinOp::Add, Ty::U32, s.grow, s.grow, Self::u(self.cfg.block_n));
+    }
+
+    /// Issues `cp.async` copies of the stream's next `rows` rows into its
+    /// shared tile. Rows at or past `seq` are zero-filled without reading
+    /// memory (a source size of 0); nothing is issued where `enable` is
+    /// false.
+    fn load_tile(&mut self, ld: &Loader, s: &Stream, rows: usize, seq: Reg, enable: Option<Reg>) {
+        let pitch = self.cfg.pitch;
+        let k = &mut self.k;
         let passes = rows.div_ceil(ld.rows_per_pass);
+        let mut src = s.src;
         for pass in 0..passes {
             let local = pass * ld.rows_per_pass;
             let mut go = ld.active;
@@ -199,18 +268,17 @@ impl Emitter {
                 k.bin_to(BinOp::And, Ty::Pred, both, go, e);
                 go = both;
             }
-            let grow = k.bin(BinOp::Add, Ty::U32, row0, ld.row);
-            let grow = k.bin(BinOp::Add, Ty::U32, grow, Self::u(local));
+            if pass > 0 {
+                src = k.bin(BinOp::Add, Ty::U64, src, s.pass_step);
+            }
+            let grow = k.bin(BinOp::Add, Ty::U32, s.grow, Self::u(local));
             let valid = k.setp(Cmp::Lt, Ty::U32, grow, seq);
             let size = k.selp(Ty::U32, Operand::U(16), Operand::U(0), valid);
-            let safe_row = k.selp(Ty::U32, grow, Operand::U(0), valid);
-            let row64 = k.cvt(None, Ty::U64, Ty::U32, safe_row);
-            let src = k.mad(Ty::U64, row64, stride, base);
             k.guard(
                 go,
                 false,
                 Instr::CpAsync16 {
-                    dst: Addr::at(dst0, (local * pitch) as i64),
+                    dst: Addr::at(s.dst, (local * pitch) as i64),
                     src: src.into(),
                     src_size: size.into(),
                 },
@@ -229,23 +297,29 @@ impl Emitter {
     }
 
     fn mma(&mut self, shape: MmaShape, acc: &[Reg], a: &[Reg], b: &[Reg]) {
-        let acc: [Reg; 4] = [acc[0], acc[1], acc[2], acc[3]];
+        self.mma_into(shape, acc, a, b, acc);
+    }
+
+    /// `acc = a·b + c`.
+    fn mma_into(&mut self, shape: MmaShape, acc: &[Reg], a: &[Reg], b: &[Reg], c: &[Reg]) {
         self.k.push(Instr::Mma {
             shape,
             ab: self.cfg.ab,
-            d: acc,
+            d: [acc[0], acc[1], acc[2], acc[3]],
             a: a.to_vec(),
             b: b.to_vec(),
-            c: acc,
+            c: [c[0], c[1], c[2], c[3]],
         });
     }
 
-    /// Q's A fragments for k-step `kk` (16 columns), or the 8-column tail.
-    fn q_fragment(&mut self, q_lane: Reg, kk: usize, tail: bool) -> Vec<Reg> {
+    /// Q's A fragments of m-tile `mt` for k-step `kk` (16 columns), or the
+    /// 8-column tail.
+    fn q_fragment(&mut self, q_lane: Reg, mt: usize, kk: usize, tail: bool) -> Vec<Reg> {
+        let row = mt * 16 * self.cfg.pitch;
         if tail {
-            self.ldmatrix(2, false, q_lane, (self.cfg.d - 8) * 2)
+            self.ldmatrix(2, false, q_lane, row + (self.cfg.d - 8) * 2)
         } else {
-            self.ldmatrix(4, false, q_lane, kk * 32)
+            self.ldmatrix(4, false, q_lane, row + kk * 32)
         }
     }
 
@@ -270,19 +344,21 @@ impl Emitter {
 
     fn emit(mut self) -> Kernel {
         let cfg = self.cfg;
-        let (d, bm, bn, pitch) = (cfg.d, cfg.block_m, cfg.block_n, cfg.pitch);
+        let (d, bm, bn, pitch, mts) = (cfg.d, cfg.block_m, cfg.block_n, cfg.pitch, cfg.m_tiles);
         let k16_steps = d / 16;
         let has_tail = d % 16 == 8;
         let n_tiles_s = bn / 8;
         let n_tiles_o = d / 8;
 
         let params = declare_params(&mut self.k);
-        self.k.launch_bounds(THREADS as u32, None);
+        self.k.launch_bounds(cfg.threads() as u32, None);
         self.k.dynamic_shared(128);
         self.k.comment(format!(
-            "tensor-core attention: d={d} causal={} {} block {bm}x{bn}, pitch {pitch} B",
+            "tensor-core attention: d={d} causal={} {}, {} warps x {mts} m-tiles, \
+             block {bm}x{bn}, pitch {pitch} B",
             cfg.causal,
             cfg.ab.name(),
+            cfg.warps,
         ));
 
         // ---- parameters ----
@@ -308,6 +384,15 @@ impl Emitter {
         // ---- thread and block coordinates ----
         let tid = k.mov(Ty::U32, Operand::Special(Special::TidX));
         let qblock = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
+        let qblock = if cfg.causal {
+            // The last query blocks see the most keys: launch them first so
+            // that the short ones fill the tail of the grid.
+            let blocks = k.mov(Ty::U32, Operand::Special(Special::NCtaIdX));
+            let last = k.bin(BinOp::Sub, Ty::U32, blocks, Operand::U(1));
+            k.bin(BinOp::Sub, Ty::U32, last, qblock)
+        } else {
+            qblock
+        };
         let head = k.mov(Ty::U32, Operand::Special(Special::CtaIdY));
         let batch = k.mov(Ty::U32, Operand::Special(Special::CtaIdZ));
         let lane = k.bin(BinOp::And, Ty::U32, tid, Operand::U(31));
@@ -316,6 +401,8 @@ impl Emitter {
         let tq = k.bin(BinOp::And, Ty::U32, lane, Operand::U(3));
         let q0 = k.bin(BinOp::Mul, Ty::U32, qblock, Self::u(bm));
         let kv_head = k.bin(BinOp::Div, Ty::U32, head, group);
+        // First row of this warp within the CTA.
+        let warp_row = k.bin(BinOp::Mul, Ty::U32, warp, Self::u(16 * mts));
 
         // Byte address of element [batch, 0, head, 0] of a tensor, and its
         // token stride in bytes.
@@ -345,8 +432,8 @@ impl Emitter {
         let lane8 = k.bin(BinOp::And, Ty::U32, lane, Operand::U(7));
         let bit3 = k.bin(BinOp::Shr, Ty::U32, lane, Operand::U(3));
         let bit3 = k.bin(BinOp::And, Ty::U32, bit3, Operand::U(1));
-        // Q: row 16w + lane % 16, column chunk lane / 16.
-        let q_row = k.mad(Ty::U32, warp, Operand::U(16), lane16);
+        // Q: row warp_row + lane % 16 (+ 16 per m-tile), column chunk lane / 16.
+        let q_row = k.bin(BinOp::Add, Ty::U32, warp_row, lane16);
         let q_lane = k.mad(Ty::U32, q_row, Self::u(pitch), sq);
         let q_lane = k.mad(Ty::U32, hi16, Operand::U(16), q_lane);
         // K for Q·Kᵀ: key 8·(lane / 16) + lane % 8, column chunk (lane / 8) % 2.
@@ -361,11 +448,20 @@ impl Emitter {
         let v_lane = k.mad(Ty::U32, v_row, Self::u(pitch), sv);
         let v_lane = k.mad(Ty::U32, hi16, Operand::U(16), v_lane);
 
-        // This thread's two rows in the scores: g and g + 8 of its warp.
-        let row_a = k.mad(Ty::U32, warp, Operand::U(16), g);
-        let row_a = k.bin(BinOp::Add, Ty::U32, row_a, q0);
-        let row_b = k.bin(BinOp::Add, Ty::U32, row_a, Operand::U(8));
-        let rows = [row_a, row_b];
+        // This thread's rows in the scores: g and g + 8 of each m-tile;
+        // rows[2·mt + half].
+        let row0 = k.bin(BinOp::Add, Ty::U32, warp_row, g);
+        let row0 = k.bin(BinOp::Add, Ty::U32, row0, q0);
+        let rows: Vec<Reg> = (0..2 * mts)
+            .map(|r| {
+                k.bin(
+                    BinOp::Add,
+                    Ty::U32,
+                    row0,
+                    Self::u(16 * (r / 2) + 8 * (r % 2)),
+                )
+            })
+            .collect();
 
         // Number of key blocks: causal CTAs stop at their last row.
         let key_end = if cfg.causal {
@@ -393,37 +489,51 @@ impl Emitter {
                 .collect()
         };
 
-        // ---- prologue: Q, then K(0) ----
+        // ---- prologue: Q and K(0) ----
         let ld = self.loader(tid);
-        self.load_tile(&ld, sq, q_base, q_stride, q0, bm, seq_q, None);
-        self.k.push(Instr::CpAsyncCommit);
+        let q_stream = self.stream(&ld, sq, q_base, q_stride, q0);
+        self.load_tile(&ld, &q_stream, bm, seq_q, None);
         let zero = self.k.mov(Ty::U32, Operand::U(0));
-        self.load_tile(&ld, sk, k_base, k_stride, zero, bn, seq_k, None);
+        let k_stream = self.stream(&ld, sk, k_base, k_stride, zero);
+        let v_stream = self.stream(&ld, sv, v_base, v_stride, zero);
+        self.load_tile(&ld, &k_stream, bn, seq_k, None);
         self.k.push(Instr::CpAsyncCommit);
-        self.k.push(Instr::CpAsyncWait(1));
+        self.k.push(Instr::CpAsyncWait(0));
         self.k.push(Instr::BarSync(0));
 
-        let q_regs: Vec<Vec<Reg>> = if cfg.q_in_regs {
-            let mut v: Vec<Vec<Reg>> = (0..k16_steps)
-                .map(|kk| self.q_fragment(q_lane, kk, false))
-                .collect();
-            if has_tail {
-                v.push(self.q_fragment(q_lane, 0, true));
-            }
-            v
+        let k_steps = k16_steps + usize::from(has_tail);
+        // q_regs[mt][kk], when Q stays in registers.
+        let q_regs: Vec<Vec<Vec<Reg>>> = if cfg.q_in_regs {
+            (0..mts)
+                .map(|mt| {
+                    (0..k_steps)
+                        .map(|kk| self.q_fragment(q_lane, mt, kk, kk == k16_steps))
+                        .collect()
+                })
+                .collect()
         } else {
             Vec::new()
         };
 
-        // Running state: max and sum per row half, O accumulators.
+        // Running state: max and sum per row, O accumulators per m-tile.
         let k = &mut self.k;
         let neg_inf = Operand::F32(f32::NEG_INFINITY);
-        let m_run: Vec<Reg> = (0..2).map(|_| k.mov(Ty::F32, neg_inf.clone())).collect();
-        let l_run: Vec<Reg> = (0..2).map(|_| k.mov(Ty::F32, Operand::F32(0.0))).collect();
-        let o_acc: Vec<Vec<Reg>> = (0..n_tiles_o)
-            .map(|_| (0..4).map(|_| k.mov(Ty::F32, Operand::F32(0.0))).collect())
+        let m_run: Vec<Reg> = (0..2 * mts)
+            .map(|_| k.mov(Ty::F32, neg_inf.clone()))
             .collect();
-        let s_acc: Vec<Vec<Reg>> = (0..n_tiles_s).map(|_| k.regs(Ty::F32, 4)).collect();
+        let l_run: Vec<Reg> = (0..2 * mts)
+            .map(|_| k.mov(Ty::F32, Operand::F32(0.0)))
+            .collect();
+        let o_acc: Vec<Vec<Vec<Reg>>> = (0..mts)
+            .map(|_| {
+                (0..n_tiles_o)
+                    .map(|_| (0..4).map(|_| k.mov(Ty::F32, Operand::F32(0.0))).collect())
+                    .collect()
+            })
+            .collect();
+        let s_acc: Vec<Vec<Vec<Reg>>> = (0..mts)
+            .map(|_| (0..n_tiles_s).map(|_| k.regs(Ty::F32, 4)).collect())
+            .collect();
         let n = k.mov(Ty::U32, Operand::U(0));
         let j0 = k.mov(Ty::U32, Operand::U(0));
         let tq2 = k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(1));
@@ -434,24 +544,24 @@ impl Emitter {
         k.branch_if(first, false, &loop_end);
         k.push(Instr::Label(loop_top.clone()));
 
-        // 1. V(n) starts; K(n) is waited for.
-        self.load_tile(&ld, sv, v_base, v_stride, j0, bn, seq_k, None);
-        self.k.push(Instr::CpAsyncCommit);
-        self.k.push(Instr::CpAsyncWait(1));
+        // 1. K(n) is waited for; past this barrier every warp is done with
+        //    V(n - 1), so V(n) starts loading.
+        self.k.push(Instr::CpAsyncWait(0));
         self.k.push(Instr::BarSync(0));
+        self.load_tile(&ld, &v_stream, bn, seq_k, None);
+        self.k.push(Instr::CpAsyncCommit);
 
-        // 2. S = Q·Kᵀ.
-        for acc in &s_acc {
-            for &r in acc {
-                self.k.mov_to(Ty::F32, r, Operand::F32(0.0));
-            }
-        }
-        for kk in 0..k16_steps + usize::from(has_tail) {
+        // 2. S = Q·Kᵀ: each K fragment serves every m-tile; the first k-step
+        //    accumulates onto zeros instead of clearing S.
+        let zeros: Vec<Reg> = (0..4).map(|_| self.k.mov(Ty::F32, Operand::F32(0.0))).collect();
+        for kk in 0..k_steps {
             let tail = kk == k16_steps;
-            let a = match q_regs.get(kk) {
-                Some(a) => a.clone(),
-                None => self.q_fragment(q_lane, kk, tail),
-            };
+            let a: Vec<Vec<Reg>> = (0..mts)
+                .map(|mt| match q_regs.get(mt) {
+                    Some(q) => q[kk].clone(),
+                    None => self.q_fragment(q_lane, mt, kk, tail),
+                })
+                .collect();
             if tail {
                 // One B register per n8 tile: four tiles per x4 load.
                 for quad in 0..n_tiles_s.div_ceil(4) {
@@ -463,35 +573,43 @@ impl Emitter {
                     };
                     let b =
                         self.ldmatrix(width, false, k_tail_lane, quad * 32 * pitch + (d - 8) * 2);
-                    for t in 0..tiles {
-                        let acc = s_acc[quad * 4 + t].clone();
-                        self.mma(MmaShape::M16N8K8, &acc, &a, &b[t..t + 1]);
+                    for (mt, a) in a.iter().enumerate() {
+                        for t in 0..tiles {
+                            let acc = s_acc[mt][quad * 4 + t].clone();
+                            let c = if kk == 0 { &zeros } else { &acc };
+                            self.mma_into(MmaShape::M16N8K8, &acc, a, &b[t..t + 1], c);
+                        }
                     }
                 }
             } else {
                 for pair in 0..n_tiles_s / 2 {
                     let b = self.ldmatrix(4, false, k_lane, pair * 16 * pitch + kk * 32);
-                    let acc0 = s_acc[2 * pair].clone();
-                    let acc1 = s_acc[2 * pair + 1].clone();
-                    self.mma(MmaShape::M16N8K16, &acc0, &a, &b[0..2]);
-                    self.mma(MmaShape::M16N8K16, &acc1, &a, &b[2..4]);
+                    for (mt, a) in a.iter().enumerate() {
+                        let acc0 = s_acc[mt][2 * pair].clone();
+                        let acc1 = s_acc[mt][2 * pair + 1].clone();
+                        let (c0, c1) = if kk == 0 { (&zeros, &zeros) } else { (&acc0, &acc1) };
+                        self.mma_into(MmaShape::M16N8K16, &acc0, a, &b[0..2], c0);
+                        self.mma_into(MmaShape::M16N8K16, &acc1, a, &b[2..4], c1);
+                    }
                 }
             }
         }
 
-        // 3. Every warp is done with K(n): start K(n + 1).
+        // 3. V(n) is waited for; past this barrier every warp is done with
+        //    K(n), so K(n + 1) starts loading, under the softmax and P·V.
+        self.k.push(Instr::CpAsyncWait(0));
         self.k.push(Instr::BarSync(0));
-        let k = &mut self.k;
-        let n1 = k.bin(BinOp::Add, Ty::U32, n, Operand::U(1));
-        let more = k.setp(Cmp::Lt, Ty::U32, n1, n_blocks);
-        let j1 = k.bin(BinOp::Add, Ty::U32, j0, Self::u(bn));
-        self.load_tile(&ld, sk, k_base, k_stride, j1, bn, seq_k, Some(more));
+        self.advance(&k_stream);
+        self.advance(&v_stream);
+        let n1 = self.k.bin(BinOp::Add, Ty::U32, n, Operand::U(1));
+        let more = self.k.setp(Cmp::Lt, Ty::U32, n1, n_blocks);
+        self.load_tile(&ld, &k_stream, bn, seq_k, Some(more));
         self.k.push(Instr::CpAsyncCommit);
 
         // 4. Scores to the log2 domain, masking where needed, online softmax.
         let k = &mut self.k;
-        for acc in &s_acc {
-            for &r in acc {
+        for tile in s_acc.iter().flatten() {
+            for &r in tile {
                 k.bin_to(BinOp::Mul, Ty::F32, r, r, scale_log2);
             }
         }
@@ -513,143 +631,152 @@ impl Emitter {
             let skip_bias = k.label("no_bias");
             // Additive mask, in the log2 domain.
             k.branch_if(has_mask, true, &skip_bias);
-            for (t, acc) in s_acc.iter().enumerate() {
-                for (e, &s) in acc.iter().enumerate() {
-                    let key = k.bin(BinOp::Add, Ty::U32, kbase, Self::u(8 * t + e % 2));
-                    let row = rows[e / 2];
-                    let kin = k.setp(Cmp::Lt, Ty::U32, key, seq_k);
-                    let rin = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
-                    let ok = k.reg(Ty::Pred);
-                    k.bin_to(BinOp::And, Ty::Pred, ok, kin, rin);
-                    let key64 = k.cvt(None, Ty::U64, Ty::U32, key);
-                    let addr = k.mad(Ty::U64, key64, Operand::U(4), mask_rows[e / 2]);
-                    let bias = k.mov(Ty::F32, Operand::F32(0.0));
-                    k.guard(
-                        ok,
-                        false,
-                        Instr::Ld {
-                            space: StateSpace::GlobalNc,
-                            ty: Ty::F32,
-                            dst: vec![bias],
-                            addr: addr.into(),
-                        },
-                    );
-                    k.mad_to(Ty::F32, s, bias, Operand::F32(LOG2E), s);
+            for (mt, tiles) in s_acc.iter().enumerate() {
+                for (t, acc) in tiles.iter().enumerate() {
+                    for (e, &s) in acc.iter().enumerate() {
+                        let r = 2 * mt + e / 2;
+                        let key = k.bin(BinOp::Add, Ty::U32, kbase, Self::u(8 * t + e % 2));
+                        let kin = k.setp(Cmp::Lt, Ty::U32, key, seq_k);
+                        let rin = k.setp(Cmp::Lt, Ty::U32, rows[r], seq_q);
+                        let ok = k.reg(Ty::Pred);
+                        k.bin_to(BinOp::And, Ty::Pred, ok, kin, rin);
+                        let key64 = k.cvt(None, Ty::U64, Ty::U32, key);
+                        let addr = k.mad(Ty::U64, key64, Operand::U(4), mask_rows[r]);
+                        let bias = k.mov(Ty::F32, Operand::F32(0.0));
+                        k.guard(
+                            ok,
+                            false,
+                            Instr::Ld {
+                                space: StateSpace::GlobalNc,
+                                ty: Ty::F32,
+                                dst: vec![bias],
+                                addr: addr.into(),
+                            },
+                        );
+                        k.mad_to(Ty::F32, s, bias, Operand::F32(LOG2E), s);
+                    }
                 }
             }
             k.push(Instr::Label(skip_bias));
             // Keys past Sk, and (causal) keys after the row, do not exist.
-            for (t, acc) in s_acc.iter().enumerate() {
-                for (e, &s) in acc.iter().enumerate() {
-                    let key = k.bin(BinOp::Add, Ty::U32, kbase, Self::u(8 * t + e % 2));
-                    let hide = k.setp(Cmp::Ge, Ty::U32, key, seq_k);
-                    if cfg.causal {
-                        let after = k.setp(Cmp::Gt, Ty::U32, key, rows[e / 2]);
-                        k.bin_to(BinOp::Or, Ty::Pred, hide, hide, after);
+            for (mt, tiles) in s_acc.iter().enumerate() {
+                for (t, acc) in tiles.iter().enumerate() {
+                    for (e, &s) in acc.iter().enumerate() {
+                        let key = k.bin(BinOp::Add, Ty::U32, kbase, Self::u(8 * t + e % 2));
+                        let hide = k.setp(Cmp::Ge, Ty::U32, key, seq_k);
+                        if cfg.causal {
+                            let after = k.setp(Cmp::Gt, Ty::U32, key, rows[2 * mt + e / 2]);
+                            k.bin_to(BinOp::Or, Ty::Pred, hide, hide, after);
+                        }
+                        k.selp_to(Ty::F32, s, neg_inf.clone(), s, hide);
                     }
-                    k.selp_to(Ty::F32, s, neg_inf.clone(), s, hide);
                 }
             }
         }
         k.push(Instr::Label(skip_mask));
 
-        // Row maxima over the block, across the quad.
+        // Row maxima over the block, across the quad; rescale factors.
         let mut shift = Vec::new();
         let mut alpha = Vec::new();
-        for half in 0..2 {
+        for r in 0..2 * mts {
+            let (mt, half) = (r / 2, r % 2);
             let mut m = self.k.mov(Ty::F32, neg_inf.clone());
-            for acc in &s_acc {
+            for acc in &s_acc[mt] {
                 m = self.max_f32(m, acc[2 * half]);
                 m = self.max_f32(m, acc[2 * half + 1]);
             }
             let m = self.quad_reduce(m, BinOp::Max);
             let k = &mut self.k;
-            let m_new = k.bin(BinOp::Max, Ty::F32, m_run[half], m);
+            let m_new = k.bin(BinOp::Max, Ty::F32, m_run[r], m);
             // A row that has seen only hidden keys keeps max -inf; shifting
             // by 0 keeps ex2(-inf - -inf) = NaN out and makes every hidden
             // weight exactly 0.
             let none = k.setp(Cmp::Eq, Ty::F32, m_new, neg_inf.clone());
             let sh = k.selp(Ty::F32, Operand::F32(0.0), m_new, none);
-            let diff = k.bin(BinOp::Sub, Ty::F32, m_run[half], sh);
+            let diff = k.bin(BinOp::Sub, Ty::F32, m_run[r], sh);
             let a = k.un(UnOp::Ex2, Ty::F32, diff);
-            k.mov_to(Ty::F32, m_run[half], m_new);
+            k.mov_to(Ty::F32, m_run[r], m_new);
             shift.push(sh);
             alpha.push(a);
         }
         let k = &mut self.k;
-        let mut block_sum = [
-            k.mov(Ty::F32, Operand::F32(0.0)),
-            k.mov(Ty::F32, Operand::F32(0.0)),
-        ];
-        for acc in &s_acc {
-            for (e, &s) in acc.iter().enumerate() {
-                let x = k.bin(BinOp::Sub, Ty::F32, s, shift[e / 2]);
-                k.un_to(UnOp::Ex2, Ty::F32, s, x);
-                let sum = k.bin(BinOp::Add, Ty::F32, block_sum[e / 2], s);
-                block_sum[e / 2] = sum;
+        let mut block_sum: Vec<Reg> = (0..2 * mts)
+            .map(|_| k.mov(Ty::F32, Operand::F32(0.0)))
+            .collect();
+        for (mt, tiles) in s_acc.iter().enumerate() {
+            for acc in tiles {
+                for (e, &s) in acc.iter().enumerate() {
+                    let r = 2 * mt + e / 2;
+                    let x = k.bin(BinOp::Sub, Ty::F32, s, shift[r]);
+                    k.un_to(UnOp::Ex2, Ty::F32, s, x);
+                    block_sum[r] = k.bin(BinOp::Add, Ty::F32, block_sum[r], s);
+                }
             }
         }
-        for half in 0..2 {
-            k.mad_to(
-                Ty::F32,
-                l_run[half],
-                l_run[half],
-                alpha[half],
-                block_sum[half],
-            );
+        for r in 0..2 * mts {
+            k.mad_to(Ty::F32, l_run[r], l_run[r], alpha[r], block_sum[r]);
         }
-        for acc in &o_acc {
-            for (e, &o) in acc.iter().enumerate() {
-                k.bin_to(BinOp::Mul, Ty::F32, o, o, alpha[e / 2]);
+        for (mt, tiles) in o_acc.iter().enumerate() {
+            for acc in tiles {
+                for (e, &o) in acc.iter().enumerate() {
+                    k.bin_to(BinOp::Mul, Ty::F32, o, o, alpha[2 * mt + e / 2]);
+                }
             }
         }
         // P as A fragments: k-step kk covers S tiles 2kk and 2kk + 1.
         let packed = cfg.packed();
-        let p_frags: Vec<Vec<Reg>> = (0..n_tiles_s / 2)
-            .map(|kk| {
-                let (lo, hi) = (&s_acc[2 * kk], &s_acc[2 * kk + 1]);
-                [
-                    (lo[1], lo[0]),
-                    (lo[3], lo[2]),
-                    (hi[1], hi[0]),
-                    (hi[3], hi[2]),
-                ]
-                .into_iter()
-                .map(|(h, l)| {
-                    let dst = k.reg(Ty::B32);
-                    k.push(Instr::CvtPack {
-                        ty: packed,
-                        dst,
-                        hi: h,
-                        lo: l,
-                    });
-                    dst
-                })
-                .collect()
+        let p_frags: Vec<Vec<Vec<Reg>>> = s_acc
+            .iter()
+            .map(|tiles| {
+                (0..n_tiles_s / 2)
+                    .map(|kk| {
+                        let (lo, hi) = (&tiles[2 * kk], &tiles[2 * kk + 1]);
+                        [
+                            (lo[1], lo[0]),
+                            (lo[3], lo[2]),
+                            (hi[1], hi[0]),
+                            (hi[3], hi[2]),
+                        ]
+                        .into_iter()
+                        .map(|(h, l)| {
+                            let dst = k.reg(Ty::B32);
+                            k.push(Instr::CvtPack {
+                                ty: packed,
+                                dst,
+                                hi: h,
+                                lo: l,
+                            });
+                            dst
+                        })
+                        .collect()
+                    })
+                    .collect()
             })
             .collect();
 
-        // 5. O += P·V(n).
-        k.push(Instr::CpAsyncWait(1));
-        k.push(Instr::BarSync(0));
-        for (kk, a) in p_frags.iter().enumerate() {
+        // 5. O += P·V(n): each V fragment serves every m-tile.
+        for kk in 0..n_tiles_s / 2 {
             for pair in 0..n_tiles_o / 2 {
                 let b = self.ldmatrix(4, true, v_lane, kk * 16 * pitch + pair * 32);
-                let acc0 = o_acc[2 * pair].clone();
-                let acc1 = o_acc[2 * pair + 1].clone();
-                self.mma(MmaShape::M16N8K16, &acc0, a, &b[0..2]);
-                self.mma(MmaShape::M16N8K16, &acc1, a, &b[2..4]);
+                for mt in 0..mts {
+                    let acc0 = o_acc[mt][2 * pair].clone();
+                    let acc1 = o_acc[mt][2 * pair + 1].clone();
+                    let a = p_frags[mt][kk].clone();
+                    self.mma(MmaShape::M16N8K16, &acc0, &a, &b[0..2]);
+                    self.mma(MmaShape::M16N8K16, &acc1, &a, &b[2..4]);
+                }
             }
             if n_tiles_o % 2 == 1 {
                 let last = n_tiles_o - 1;
                 let b = self.ldmatrix(2, true, v_lane, kk * 16 * pitch + last * 16);
-                let acc = o_acc[last].clone();
-                self.mma(MmaShape::M16N8K16, &acc, a, &b);
+                for mt in 0..mts {
+                    let acc = o_acc[mt][last].clone();
+                    let a = p_frags[mt][kk].clone();
+                    self.mma(MmaShape::M16N8K16, &acc, &a, &b);
+                }
             }
         }
-        // Every warp is done with V(n) before the next block overwrites it.
         let k = &mut self.k;
-        k.push(Instr::BarSync(0));
         k.bin_to(BinOp::Add, Ty::U32, n, n, Operand::U(1));
         k.bin_to(BinOp::Add, Ty::U32, j0, j0, Self::u(bn));
         let again = k.setp(Cmp::Lt, Ty::U32, n, n_blocks);
@@ -660,18 +787,18 @@ impl Emitter {
         k.push(Instr::CpAsyncWait(0));
         let tq4 = k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(2));
         let tq4 = k.cvt(None, Ty::U64, Ty::U32, tq4);
-        for half in 0..2 {
-            let sum = self.quad_reduce(l_run[half], BinOp::Add);
+        for r in 0..2 * mts {
+            let (mt, half) = (r / 2, r % 2);
+            let sum = self.quad_reduce(l_run[r], BinOp::Add);
             let k = &mut self.k;
             let empty = k.setp(Cmp::Eq, Ty::F32, sum, Operand::F32(0.0));
             let inv = k.un(UnOp::Rcp, Ty::F32, sum);
             k.selp_to(Ty::F32, inv, Operand::F32(0.0), inv, empty);
-            let row = rows[half];
-            let inside = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
-            let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
+            let inside = k.setp(Cmp::Lt, Ty::U32, rows[r], seq_q);
+            let r64 = k.cvt(None, Ty::U64, Ty::U32, rows[r]);
             let addr = k.mad(Ty::U64, r64, o_stride, o_base);
             let addr = k.bin(BinOp::Add, Ty::U64, addr, tq4);
-            for (t, acc) in o_acc.iter().enumerate() {
+            for (t, acc) in o_acc[mt].iter().enumerate() {
                 let x0 = k.bin(BinOp::Mul, Ty::F32, acc[2 * half], inv);
                 let x1 = k.bin(BinOp::Mul, Ty::F32, acc[2 * half + 1], inv);
                 let pk = k.reg(Ty::B32);
@@ -727,8 +854,8 @@ mod tests {
         assert!(k.ptx.contains("cp.async.cg.shared.global"));
         assert!(k.ptx.contains("ex2.approx.ftz.f32"));
         assert!(!k.ptx.contains("m16n8k8"), "128 needs no k8 tail");
-        assert_eq!(k.block_m, 64);
-        assert_eq!(k.smem_bytes, (64 + 128) * 272);
+        assert_eq!(k.block_m, 128);
+        assert_eq!(k.smem_bytes, (128 + 2 * 128) * 272);
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub enum Special {
     CtaIdY,
     /// `%ctaid.z`.
     CtaIdZ,
+    /// `%nctaid.x`.
+    NCtaIdX,
 }
 
 impl fmt::Display for Special {
@@ -25,6 +27,7 @@ impl fmt::Display for Special {
             Special::CtaIdX => "%ctaid.x",
             Special::CtaIdY => "%ctaid.y",
             Special::CtaIdZ => "%ctaid.z",
+            Special::NCtaIdX => "%nctaid.x",
         })
     }
 }
@@ -403,6 +406,16 @@ pub enum Instr {
         /// Accumulator in.
         c: [Reg; 4],
     },
+    /// `mov.b32 {lo, hi}, src;`: splits a 32-bit register into its two
+    /// 16-bit halves (`lo` gets bits 0..16), e.g. two packed `f16`.
+    Unpack {
+        /// The lower half (a `.b16` register).
+        lo: Reg,
+        /// The upper half (a `.b16` register).
+        hi: Reg,
+        /// The packed 32 bits.
+        src: Reg,
+    },
     /// `shfl.sync.bfly.b32 dst, src, lane_mask, 31, 0xffffffff;`.
     ShflBfly {
         /// Destination.
@@ -649,6 +662,7 @@ impl fmt::Display for Instr {
                     braced(c)
                 )
             }
+            Instr::Unpack { lo, hi, src } => write!(f, "mov.b32 {{{lo}, {hi}}}, {src};"),
             Instr::ShflBfly {
                 dst,
                 src,
@@ -954,6 +968,20 @@ mod tests {
             lane_mask: 2,
         };
         assert_eq!(text(i), "shfl.sync.bfly.b32 %r1, %r2, 2, 31, 0xffffffff;");
+    }
+
+    #[test]
+    fn unpack_splits_a_register_into_halves() {
+        let h = |id| Reg {
+            class: RegClass::B16,
+            id,
+        };
+        let i = Instr::Unpack {
+            lo: h(0),
+            hi: h(1),
+            src: r(5),
+        };
+        assert_eq!(text(i), "mov.b32 {%h0, %h1}, %r5;");
     }
 
     #[test]
