@@ -1,31 +1,49 @@
 //! The CPU kernels: tiled attention with an online softmax, generic over the
-//! head size, the causal flag and the element type.
+//! head size, the causal flag and the element type, with an AVX-512 path, an
+//! AVX2+FMA path and a portable path chosen at run time.
 //!
 //! The `#[sdpa_variants]` macro instantiates [`attention`] once per declared
 //! variant, so every loop over the head dimension has a constant trip count.
+//! The path is detected once ([`detected_isa`]); `SDPA_CPU_ISA` or
+//! [`with_isa`] pick another (tests run every path).
 //!
-//! Work is split into tasks of one (batch, query head, block of
-//! [`BLOCK_Q`] queries) and spread over rayon's thread pool. Each task
-//! streams the keys in blocks of [`BLOCK_K`], keeping a running maximum, a
-//! running sum and an `f32` accumulator per query row: memory grows with the
-//! tiles, never with `Sq·Sk`.
+//! Work is split into tasks of one (batch, query head, block of up to
+//! [`block_q`] queries) and spread over rayon's thread pool, whose threads
+//! persist between calls. Each task widens the keys and values to `f32` a
+//! block of [`block_k`] keys at a time, once for all its query rows, and
+//! keeps a running maximum, a running sum and an `f32` accumulator per query
+//! row: memory grows with the tiles (a per-thread workspace of a few hundred
+//! KiB, kept between calls), never with `Sq·Sk`. With causal masking, key
+//! blocks above the diagonal are never loaded.
+//!
+//! The kernel body lives in one generic function (see `kernel.rs` for its
+//! data layout and `simd.rs` for why it is written against a small SIMD trait
+//! of our own).
 
-mod tile;
+mod isa;
+mod kernel;
+mod simd;
+
+use std::cell::RefCell;
 
 use rayon::prelude::*;
 
 use crate::element::Element;
 use crate::error::{Result, SdpaError};
 use crate::problem::Problem;
-use crate::tensor::{Layout, TensorViewMut};
+use crate::tensor::TensorViewMut;
 
-pub use tile::{BLOCK_K, BLOCK_Q};
+pub use isa::{active_isa, detected_isa, with_isa, Isa, CPU_ISA_ENV};
+pub use kernel::{block_k, block_q, L1D_BYTES, L2_BYTES, PANEL};
+
+use kernel::{Ctx, Line, Src};
 
 /// Computes attention for `p` into `out` on the CPU.
 ///
 /// `D` must equal the problem's head size, `CAUSAL` selects top-left causal
 /// masking and `T` is the element type of every tensor. The macro emits one
 /// instantiation per declared variant; calling it directly is fine too.
+/// Runs on [`active_isa`].
 pub fn attention<const D: usize, const CAUSAL: bool, T: Element>(
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
@@ -35,6 +53,11 @@ pub fn attention<const D: usize, const CAUSAL: bool, T: Element>(
         return Err(SdpaError::Shape(format!(
             "the CPU kernel for head size {D} was called with head size {}",
             p.head_size
+        )));
+    }
+    if D == 0 || !D.is_multiple_of(8) {
+        return Err(SdpaError::Shape(format!(
+            "the CPU kernels take head sizes that are multiples of 8, not {D}"
         )));
     }
     let not_host = |what: &str| SdpaError::BackendUnavailable {
@@ -48,56 +71,163 @@ pub fn attention<const D: usize, const CAUSAL: bool, T: Element>(
     let o = out
         .host_slice_mut::<T>()
         .ok_or_else(|| not_host("the output"))?;
-    let inputs = tile::Inputs {
-        p,
-        q,
-        k,
-        v,
-        q_layout: *p.q.layout(),
-        k_layout: *p.k.layout(),
-        v_layout: *p.v.layout(),
-    };
-    let sink = OutputRows {
-        ptr: o.as_mut_ptr(),
-        layout: out_layout,
-    };
-    let q_blocks = p.seq_q.div_ceil(BLOCK_Q);
+
+    let bq = block_q(D);
+    let q_blocks = p.seq_q.div_ceil(bq);
     let tasks = p.batch * p.heads_q * q_blocks;
-    (0..tasks)
-        .into_par_iter()
-        .for_each_init(tile::Workspace::<D>::new, |ws, task| {
-            let qb = task % q_blocks;
-            let h = (task / q_blocks) % p.heads_q;
-            let b = task / (q_blocks * p.heads_q);
-            tile::query_block::<D, CAUSAL, T>(&inputs, ws, b, h, qb * BLOCK_Q, &sink);
-        });
+    if tasks == 0 || D == 0 {
+        return Ok(());
+    }
+    let ctx = Ctx {
+        dtype: T::DTYPE,
+        q: Src {
+            ptr: q.as_ptr().cast(),
+            layout: *p.q.layout(),
+        },
+        k: Src {
+            ptr: k.as_ptr().cast(),
+            layout: *p.k.layout(),
+        },
+        v: Src {
+            ptr: v.as_ptr().cast(),
+            layout: *p.v.layout(),
+        },
+        out: o.as_mut_ptr().cast(),
+        out_layout,
+        mask: p.mask,
+        scale: p.scale,
+        causal: CAUSAL,
+        heads_q: p.heads_q,
+        group: p.group_size(),
+        seq_q: p.seq_q,
+        seq_k: p.seq_k,
+        bq,
+        q_blocks,
+    };
+    let isa = active_isa();
+    tracing::debug!(
+        isa = isa.name(),
+        tasks,
+        bq,
+        bk = block_k(D),
+        "cpu attention"
+    );
+    dispatch::<D>(isa, &ctx, tasks);
     Ok(())
 }
 
-/// The output buffer, shared by the tasks, each of which writes its own rows.
-pub(crate) struct OutputRows<T> {
-    ptr: *mut T,
-    layout: Layout,
+/// Runs every task of `ctx` on `isa` (or the best path below it that the CPU
+/// has, which `active_isa` already guarantees).
+fn dispatch<const D: usize>(isa: Isa, ctx: &Ctx<'_>, tasks: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use simd::{Avx2, Avx512};
+        if isa == Isa::Avx512 {
+            if let Some(s) = Avx512::detect() {
+                let lines = kernel::workspace_lines(D, 16, AVX512_R);
+                // SAFETY: `s` proves the features `x86::avx512_task` enables;
+                // the workspace has `lines` lines; each task runs once.
+                return run_tasks(ctx, tasks, lines, |ws, t| unsafe {
+                    x86::avx512_task::<D>(s, ctx, ws, t)
+                });
+            }
+        }
+        if isa != Isa::Portable {
+            if let Some(s) = Avx2::detect() {
+                let lines = kernel::workspace_lines(D, 8, AVX2_R);
+                // SAFETY: as above, for AVX2.
+                return run_tasks(ctx, tasks, lines, |ws, t| unsafe {
+                    x86::avx2_task::<D>(s, ctx, ws, t)
+                });
+            }
+        }
+    }
+    let _ = isa;
+    let lines = kernel::workspace_lines(D, 8, PORTABLE_R);
+    // SAFETY: the workspace has `lines` lines; each task runs once.
+    run_tasks(ctx, tasks, lines, |ws, t| unsafe {
+        kernel::run_task::<simd::Portable, D, 4, 1, PORTABLE_R, 2>(simd::Portable, ctx, ws, t)
+    });
 }
 
-// SAFETY: tasks write disjoint rows (see `write_row`); `T` is a plain number.
-unsafe impl<T: Send> Send for OutputRows<T> {}
-unsafe impl<T: Send> Sync for OutputRows<T> {}
+/// Output-tile rows of each path (see `kernel::pv_tile`).
+#[cfg(target_arch = "x86_64")]
+const AVX512_R: usize = 8;
+#[cfg(target_arch = "x86_64")]
+const AVX2_R: usize = 4;
+const PORTABLE_R: usize = 4;
 
-impl<T: Element> OutputRows<T> {
-    /// Writes the `D` elements of output row `(b, i, h)`.
-    #[inline]
-    pub(crate) fn write_row<const D: usize>(&self, b: usize, i: usize, h: usize, row: &[f32; D]) {
-        debug_assert!(b < self.layout.batch() && i < self.layout.seq() && h < self.layout.heads());
-        let base = self.layout.offset(b, i, h);
-        for (d, &x) in row.iter().enumerate() {
-            // SAFETY: `TensorViewMut::new` checked that the layout fits the
-            // buffer (so `base + d` is in bounds for every in-range index)
-            // and that no two elements overlap; each (b, i, h) row belongs to
-            // exactly one task, so no two threads write the same element, and
-            // the `&mut` borrow of the buffer is held for the whole parallel
-            // loop in `attention`.
-            unsafe { self.ptr.add(base + d).write(T::from_f32(x)) };
-        }
+thread_local! {
+    /// The workspace of the tasks that run on this thread, kept between
+    /// calls so that small problems pay no allocation.
+    static WORKSPACE: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `task(workspace, t)` for every `t < tasks` on rayon's pool, each
+/// with a workspace of at least `lines` lines.
+fn run_tasks<F>(ctx: &Ctx<'_>, tasks: usize, lines: usize, task: F)
+where
+    F: Fn(&mut [Line], usize) + Sync,
+{
+    let _ = ctx;
+    let one = |t: usize| {
+        WORKSPACE.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut ws) => {
+                if ws.len() < lines {
+                    ws.resize(lines, Line([0.0; 16]));
+                }
+                task(&mut ws[..], t)
+            }
+            // Not reachable (tasks make no nested calls), but never panic.
+            Err(_) => task(&mut vec![Line([0.0; 16]); lines], t),
+        })
+    };
+    if tasks == 1 || rayon::current_num_threads() == 1 {
+        (0..tasks).for_each(one);
+    } else {
+        (0..tasks).into_par_iter().for_each(one);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The `#[target_feature]` entry points: the generic kernel body is
+    //! inlined into each, so that its intrinsics compile for that path.
+
+    use super::kernel::{self, Ctx, Line};
+    use super::simd::{Avx2, Avx512};
+    use super::{AVX2_R, AVX512_R};
+
+    /// One task on AVX-512: 12 keys × 32 queries per score tile (24 `zmm`
+    /// accumulators), 8 rows × up to 3 vectors per output tile (24 again;
+    /// 8 rows rather than 4 halve how often a value block is re-read).
+    ///
+    /// # Safety
+    /// As `kernel::run_task`; `s` proves the features.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    pub(super) unsafe fn avx512_task<const D: usize>(
+        s: Avx512,
+        ctx: &Ctx<'_>,
+        ws: &mut [Line],
+        task: usize,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { kernel::run_task::<Avx512, D, 12, 2, AVX512_R, 3>(s, ctx, ws, task) }
+    }
+
+    /// One task on AVX2: 6 keys × 16 queries per score tile (12 `ymm`
+    /// accumulators), 4 rows × up to 3 vectors per output tile.
+    ///
+    /// # Safety
+    /// As `kernel::run_task`; `s` proves the features.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn avx2_task<const D: usize>(
+        s: Avx2,
+        ctx: &Ctx<'_>,
+        ws: &mut [Line],
+        task: usize,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { kernel::run_task::<Avx2, D, 6, 2, AVX2_R, 3>(s, ctx, ws, task) }
     }
 }
