@@ -14,6 +14,8 @@ use sdpa_runtime::{
     DType, Element, MaskData, SdpaError, TensorView, TensorViewMut,
 };
 
+use sdpa_runtime::cpu::{with_isa, Isa};
+
 use crate::reference::{self, RefInputs};
 
 /// How a tensor's elements are laid out in its buffer.
@@ -414,23 +416,49 @@ pub struct Outcome {
     pub reference: Vec<f64>,
 }
 
-/// Runs `case` on `backend` through `forward_into` with a poisoned output
-/// buffer, and checks against the reference. Panics (this is a test helper)
-/// with the case and seed when the error exceeds the tolerance.
-pub fn check(backend: &dyn AttentionBackend, kind: BackendKind, case: &Case, seed: u64) -> Outcome {
-    let outcome = match case.dtype {
-        DType::F32 => run_typed::<f32>(backend, kind, case, seed),
-        DType::F16 => run_typed::<f16>(backend, kind, case, seed),
-        DType::BF16 => run_typed::<bf16>(backend, kind, case, seed),
+/// The CPU code paths a case runs on for `kind`: on the CPU backend, every
+/// path this CPU supports (AVX-512, AVX2, portable), each forced with
+/// `sdpa_runtime::cpu::with_isa`; on other backends, the backend's own
+/// choice (`None`).
+pub fn cpu_paths(kind: BackendKind) -> Vec<Option<Isa>> {
+    if kind == BackendKind::Cpu {
+        Isa::supported().into_iter().map(Some).collect()
+    } else {
+        vec![None]
     }
-    .unwrap_or_else(|e| panic!("{case:?} (seed {seed}) failed: {e}"));
-    assert!(
-        outcome.rel_err <= case.tolerance(),
-        "{case:?} on {kind} (seed {seed}): relative error {:.3e} > {:.0e}",
-        outcome.rel_err,
-        case.tolerance()
-    );
-    outcome
+}
+
+/// Runs `case` on `backend` through `forward_into` with a poisoned output
+/// buffer, and checks against the reference; on the CPU backend, once per
+/// CPU code path ([`cpu_paths`]). Panics (this is a test helper) with the
+/// case, path and seed when the error exceeds the tolerance. Returns the
+/// outcome of the last path.
+pub fn check(backend: &dyn AttentionBackend, kind: BackendKind, case: &Case, seed: u64) -> Outcome {
+    let mut last = None;
+    for isa in cpu_paths(kind) {
+        let run = || match case.dtype {
+            DType::F32 => run_typed::<f32>(backend, kind, case, seed),
+            DType::F16 => run_typed::<f16>(backend, kind, case, seed),
+            DType::BF16 => run_typed::<bf16>(backend, kind, case, seed),
+        };
+        let (outcome, path) = match isa {
+            Some(isa) => (
+                with_isa(isa, run).and_then(|r| r),
+                format!("{kind} ({isa})"),
+            ),
+            None => (run(), kind.to_string()),
+        };
+        let outcome =
+            outcome.unwrap_or_else(|e| panic!("{case:?} on {path} (seed {seed}) failed: {e}"));
+        assert!(
+            outcome.rel_err <= case.tolerance(),
+            "{case:?} on {path} (seed {seed}): relative error {:.3e} > {:.0e}",
+            outcome.rel_err,
+            case.tolerance()
+        );
+        last = Some(outcome);
+    }
+    last.expect("every backend runs at least one path")
 }
 
 /// Runs `case` and returns the outcome without judging it.
