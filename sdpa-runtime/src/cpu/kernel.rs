@@ -282,6 +282,28 @@ unsafe fn qk_tile<S: Simd, const D: usize, const MK: usize, const NQ: usize>(
     }
 }
 
+/// Stores score accumulators `acc[k][n]` times `scale` to row `k`, lanes of
+/// vector `n`, of `st`.
+///
+/// # Safety
+/// `st` writes `MK` rows of `NQ·W` floats at stride `ss`.
+#[inline(always)]
+pub(crate) unsafe fn qk_tile_scale<S: Simd, const MK: usize, const NQ: usize>(
+    s: S,
+    acc: &[[S::V; NQ]; MK],
+    st: *mut f32,
+    ss: usize,
+    scale: f32,
+) {
+    let scale = s.splat(scale);
+    for (k, row) in acc.iter().enumerate() {
+        for (n, &a) in row.iter().enumerate() {
+            // SAFETY: score row `k`, lanes of vector `n`.
+            unsafe { s.store(st.add(k * ss + n * S::W), s.mul(a, scale)) };
+        }
+    }
+}
+
 /// `O[r] = alpha[r]·O[r] + Σ_j P[j][r]·V[j]` for `R` rows and `C` vectors of
 /// the head dimension.
 ///
@@ -363,9 +385,264 @@ unsafe fn pv_chunk<S: Simd, const R: usize, const CMAX: usize>(
     }
 }
 
+/// How a task stores its operands and runs the two matrix products: in
+/// `f32` ([`F32Products`], any dtype, widened once per block) or, for
+/// `bf16` on CPUs with AVX-512 BF16, as `bf16` pairs for `vdpbf16ps`
+/// (`bf16dot.rs`). Scores, softmax and the running output are `f32` in both.
+pub(crate) trait Products<S: Simd> {
+    /// Stores query row `r` of the task (read at `off`; `None` for a padding
+    /// lane, stored as zeros) into its lane of the panel-major `qt`.
+    ///
+    /// # Safety
+    /// `off..off + D` is inside q's buffer; `qt` holds the panel of row `r`;
+    /// `tmp` holds `D` floats.
+    unsafe fn pack_q<const D: usize>(
+        s: S,
+        ctx: &Ctx<'_>,
+        qt: *mut f32,
+        r: usize,
+        off: Option<usize>,
+        tmp: *mut f32,
+    );
+
+    /// Loads keys and values `j0..j0 + n` of kv head `kvh` into `kw` and
+    /// `vw`, zeroing key rows up to the next multiple of `MK`, prefetching
+    /// rows below `key_end` ahead.
+    ///
+    /// # Safety
+    /// The rows are inside k's and v's buffers; `kw` and `vw` hold
+    /// `n.div_ceil(MK) * MK` rows of `D` and `dp` floats.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn load_block<const D: usize, const MK: usize>(
+        s: S,
+        ctx: &Ctx<'_>,
+        b: usize,
+        kvh: usize,
+        j0: usize,
+        n: usize,
+        key_end: usize,
+        kw: *mut f32,
+        vw: *mut f32,
+        dp: usize,
+    );
+
+    /// `st[k][l] = scale · K[k] · Q[l]` for keys `k < nk_tiles` (a multiple
+    /// of `MK`) and lanes `l < lanes` of the panel at `qt`.
+    ///
+    /// # Safety
+    /// `qt` is a whole panel; `kw` holds `nk_tiles` rows; `st` holds
+    /// `nk_tiles` rows of [`PANEL`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn scores<const D: usize, const MK: usize, const NQ: usize>(
+        s: S,
+        ctx: &Ctx<'_>,
+        qt: *const f32,
+        kw: *const f32,
+        st: *mut f32,
+        nk_tiles: usize,
+        lanes: usize,
+    );
+
+    /// `o[r] = alpha[r]·o[r] + Σ_{j<nk} st[j][r]·V[j]` for rows `r < rows`
+    /// (computed in tiles of `R`, so up to `rows` rounded up to `R`, at most
+    /// `lanes`). May overwrite `st`.
+    ///
+    /// # Safety
+    /// `o` holds `rows` rounded up to `R` rows of `dp`; `alpha` as many
+    /// floats; `st` holds `nk` rows of [`PANEL`] valid in lanes `< lanes`;
+    /// `vw` holds `nk` value rows.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv<const R: usize, const CMAX: usize>(
+        s: S,
+        o: *mut f32,
+        dp: usize,
+        st: *mut f32,
+        alpha: *const f32,
+        vw: *const f32,
+        nk: usize,
+        rows: usize,
+        lanes: usize,
+    );
+}
+
+/// Both products in `f32` FMA, with keys and values widened to `f32`.
+pub(crate) struct F32Products;
+
+impl<S: Simd> Products<S> for F32Products {
+    #[inline(always)]
+    unsafe fn pack_q<const D: usize>(
+        s: S,
+        ctx: &Ctx<'_>,
+        qt: *mut f32,
+        r: usize,
+        off: Option<usize>,
+        tmp: *mut f32,
+    ) {
+        let dst = qt_at(qt, D, r);
+        match off {
+            Some(off) => {
+                // SAFETY: the caller's contract; element d of lane r is
+                // `PANEL·d` past `dst`.
+                unsafe { read_row::<S, D>(s, ctx.dtype, ctx.q.ptr, off, tmp) };
+                for d in 0..D {
+                    // SAFETY: as above.
+                    unsafe { *dst.add(d * PANEL) = *tmp.add(d) * ctx.scale };
+                }
+            }
+            None => {
+                for d in 0..D {
+                    // SAFETY: as above.
+                    unsafe { *dst.add(d * PANEL) = 0.0 };
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load_block<const D: usize, const MK: usize>(
+        s: S,
+        ctx: &Ctx<'_>,
+        b: usize,
+        kvh: usize,
+        j0: usize,
+        n: usize,
+        key_end: usize,
+        kw: *mut f32,
+        vw: *mut f32,
+        dp: usize,
+    ) {
+        for j in 0..n.div_ceil(MK) * MK {
+            prefetch_ahead::<S, D>(s, ctx, b, kvh, j0 + j, key_end);
+            if j < n {
+                let koff = ctx.k.layout.offset(b, j0 + j, kvh);
+                let voff = ctx.v.layout.offset(b, j0 + j, kvh);
+                // SAFETY: the caller's contract.
+                unsafe {
+                    read_row::<S, D>(s, ctx.dtype, ctx.k.ptr, koff, kw.add(j * D));
+                    read_row::<S, D>(s, ctx.dtype, ctx.v.ptr, voff, vw.add(j * dp));
+                    for c in D..dp {
+                        *vw.add(j * dp + c) = 0.0;
+                    }
+                }
+            } else {
+                for c in 0..D {
+                    // SAFETY: the caller's contract (padding rows).
+                    unsafe { *kw.add(j * D + c) = 0.0 };
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn scores<const D: usize, const MK: usize, const NQ: usize>(
+        s: S,
+        _ctx: &Ctx<'_>,
+        qt: *const f32,
+        kw: *const f32,
+        st: *mut f32,
+        nk_tiles: usize,
+        lanes: usize,
+    ) {
+        let w = S::W;
+        let mut l0 = 0;
+        while l0 < lanes {
+            let full = l0 + NQ * w <= lanes;
+            for k0 in (0..nk_tiles).step_by(MK) {
+                // SAFETY: the caller's contract: lanes `l0..` of the panel,
+                // key rows `k0..k0 + MK`, score rows `k0..k0 + MK`.
+                unsafe {
+                    let q = qt.add(l0);
+                    let kr = kw.add(k0 * D);
+                    let sp = st.add(k0 * PANEL + l0);
+                    if full {
+                        qk_tile::<S, D, MK, NQ>(s, q, PANEL, kr, sp, PANEL);
+                    } else {
+                        qk_tile::<S, D, MK, 1>(s, q, PANEL, kr, sp, PANEL);
+                    }
+                }
+            }
+            l0 += if full { NQ * w } else { w };
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn pv<const R: usize, const CMAX: usize>(
+        s: S,
+        o: *mut f32,
+        dp: usize,
+        st: *mut f32,
+        alpha: *const f32,
+        vw: *const f32,
+        nk: usize,
+        rows: usize,
+        _lanes: usize,
+    ) {
+        let w = S::W;
+        let dv = dp / w;
+        let chunks = dv.div_ceil(CMAX);
+        for r0 in (0..rows).step_by(R) {
+            let mut c0 = 0;
+            for ch in 0..chunks {
+                let c = dv / chunks + usize::from(ch < dv % chunks);
+                // SAFETY: the caller's contract: rows `r0..r0 + R`, vectors
+                // `c0..c0 + c` of `o`; lanes `r0..r0 + R` of `st` rows < nk.
+                unsafe {
+                    pv_chunk::<S, R, CMAX>(
+                        s,
+                        c,
+                        o.add(r0 * dp + c0 * w),
+                        dp,
+                        st.add(r0),
+                        PANEL,
+                        alpha.add(r0),
+                        vw.add(c0 * w),
+                        dp,
+                        nk,
+                    );
+                }
+                c0 += c;
+            }
+        }
+    }
+}
+
+/// Prefetches key and value row `j + PREFETCH_ROWS` of head (b, kvh) if it
+/// is below `key_end`. Rows of one head lie a token stride apart (often a
+/// page or more), which the hardware prefetcher does not follow;
+/// decode-like calls are bound by these loads.
+#[inline(always)]
+pub(crate) fn prefetch_ahead<S: Simd, const D: usize>(
+    s: S,
+    ctx: &Ctx<'_>,
+    b: usize,
+    kvh: usize,
+    j: usize,
+    key_end: usize,
+) {
+    let ahead = j + PREFETCH_ROWS;
+    if ahead < key_end {
+        let esize = match ctx.dtype {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        };
+        let kp = ctx
+            .k
+            .ptr
+            .wrapping_add(ctx.k.layout.offset(b, ahead, kvh) * esize);
+        let vp = ctx
+            .v
+            .ptr
+            .wrapping_add(ctx.v.layout.offset(b, ahead, kvh) * esize);
+        for line in (0..D * esize).step_by(64) {
+            s.prefetch(kp.wrapping_add(line));
+            s.prefetch(vp.wrapping_add(line));
+        }
+    }
+}
+
 /// Runs task `task` of `ctx`: rows `qb·BQ..` of one (batch, head).
 ///
-/// `MK`×`NQ` is the score tile (keys × query vectors), `R`×`CMAX` the
+/// `P` stores the operands and runs the two products; `MK`×`NQ` is the score tile (keys × query vectors), `R`×`CMAX` the
 /// largest output tile (rows × vectors of the head dimension).
 ///
 /// # Safety
@@ -375,6 +652,7 @@ unsafe fn pv_chunk<S: Simd, const R: usize, const CMAX: usize>(
 #[inline(always)]
 pub(crate) unsafe fn run_task<
     S: Simd,
+    P: Products<S>,
     const D: usize,
     const MK: usize,
     const NQ: usize,
@@ -419,26 +697,12 @@ pub(crate) unsafe fn run_task<
     let rows = bq.min(ctx.seq_q - i0);
     let lanes = rows.div_ceil(PANEL) * PANEL;
 
-    // Queries, scaled and transposed; padding lanes are zero.
+    // Queries, packed panel-major; padding lanes are zero.
     for r in 0..lanes {
-        if r < rows {
-            let off = ctx.q.layout.offset(b, i0 + r, h);
-            // SAFETY: row (b, i0 + r, h) lies inside q's buffer; `tmp` holds
-            // at least D floats.
-            unsafe { read_row::<S, D>(s, ctx.dtype, ctx.q.ptr, off, tmp) };
-            let dst = qt_at(qt, D, r);
-            for d in 0..D {
-                // SAFETY: `qt` holds `bq / PANEL` panels of `[D][PANEL]`
-                // with `lanes <= bq`; `tmp` has D.
-                unsafe { *dst.add(d * PANEL) = *tmp.add(d) * ctx.scale };
-            }
-        } else {
-            let dst = qt_at(qt, D, r);
-            for d in 0..D {
-                // SAFETY: as above.
-                unsafe { *dst.add(d * PANEL) = 0.0 };
-            }
-        }
+        let off = (r < rows).then(|| ctx.q.layout.offset(b, i0 + r, h));
+        // SAFETY: row (b, i0 + r, h) lies inside q's buffer; `qt` holds
+        // `bq / PANEL >= lanes / PANEL` panels; `tmp` holds D floats.
+        unsafe { P::pack_q::<D>(s, ctx, qt, r, off, tmp) };
     }
     for r in 0..lanes {
         // SAFETY: `o` has `bq + R` rows of `dp`; `m`, `l`, `alpha` have
@@ -460,52 +724,14 @@ pub(crate) unsafe fn run_task<
     } else {
         ctx.seq_k
     };
-    let esize = match ctx.dtype {
-        DType::F32 => 4,
-        DType::F16 | DType::BF16 => 2,
-    };
     let mut j0 = 0;
     while j0 < key_end {
         let n = bk.min(key_end - j0);
-        // Widen the key and value blocks once for all the task's rows.
-        for j in 0..n.div_ceil(MK) * MK {
-            // Rows of one head lie a token stride apart (often a page or
-            // more), which the hardware prefetcher does not follow: fetch
-            // PREFETCH_ROWS rows ahead. Decode-like calls are bound by this.
-            if j0 + j + PREFETCH_ROWS < key_end {
-                let ahead = j0 + j + PREFETCH_ROWS;
-                let kp = ctx
-                    .k
-                    .ptr
-                    .wrapping_add(ctx.k.layout.offset(b, ahead, kvh) * esize);
-                let vp = ctx
-                    .v
-                    .ptr
-                    .wrapping_add(ctx.v.layout.offset(b, ahead, kvh) * esize);
-                for line in (0..D * esize).step_by(64) {
-                    s.prefetch(kp.wrapping_add(line));
-                    s.prefetch(vp.wrapping_add(line));
-                }
-            }
-            if j < n {
-                let koff = ctx.k.layout.offset(b, j0 + j, kvh);
-                let voff = ctx.v.layout.offset(b, j0 + j, kvh);
-                // SAFETY: rows (b, j0 + j, kvh) lie inside k's and v's
-                // buffers; `kw` has `bk` rows of D, `vw` `bk` rows of dp.
-                unsafe {
-                    read_row::<S, D>(s, ctx.dtype, ctx.k.ptr, koff, kw.add(j * D));
-                    read_row::<S, D>(s, ctx.dtype, ctx.v.ptr, voff, vw.add(j * dp));
-                    for c in D..dp {
-                        *vw.add(j * dp + c) = 0.0;
-                    }
-                }
-            } else {
-                for c in 0..D {
-                    // SAFETY: `j < bk` since `bk` is a multiple of MK.
-                    unsafe { *kw.add(j * D + c) = 0.0 };
-                }
-            }
-        }
+        // Convert the key and value blocks once for all the task's rows.
+        // SAFETY: rows `j0..j0 + n` (< key_end <= Sk) of head (b, kvh) lie
+        // inside k's and v's buffers; `kw` and `vw` hold `bk >= n` rows,
+        // `bk` a multiple of MK.
+        unsafe { P::load_block::<D, MK>(s, ctx, b, kvh, j0, n, key_end, kw, vw, dp) };
 
         for p0 in (0..rows).step_by(PANEL) {
             let prows = PANEL.min(rows - p0);
@@ -523,26 +749,12 @@ pub(crate) unsafe fn run_task<
             let plan_lanes = prows.div_ceil(w) * w;
 
             // Scores: MK keys × NQ vectors of queries per tile.
-            let mut l0 = 0;
-            while l0 < plan_lanes {
-                let full = l0 + NQ * w <= plan_lanes;
-                for k0 in (0..nk_tiles).step_by(MK) {
-                    // SAFETY: lanes `l0..` of the panel's `[D][PANEL]` block
-                    // of `qt`, key rows `k0..k0 + MK` of `kw` (< bk), score
-                    // rows of `st` (`bk` rows of PANEL).
-                    unsafe {
-                        let q = qt_at(qt, D, p0 + l0);
-                        let kr = kw.add(k0 * D);
-                        let sp = st.add(k0 * PANEL + l0);
-                        if full {
-                            qk_tile::<S, D, MK, NQ>(s, q, PANEL, kr, sp, PANEL);
-                        } else {
-                            qk_tile::<S, D, MK, 1>(s, q, PANEL, kr, sp, PANEL);
-                        }
-                    }
-                }
-                l0 += if full { NQ * w } else { w };
-            }
+            // SAFETY: lanes `< plan_lanes <= PANEL` of panel `p0 / PANEL` of
+            // `qt`; key rows `< nk_tiles <= bk` of `kw` (padding rows zero);
+            // `st` holds `bk` rows of PANEL.
+            unsafe {
+                P::scores::<D, MK, NQ>(s, ctx, qt_at(qt, D, p0), kw, st, nk_tiles, plan_lanes)
+            };
 
             // The mask's bias, one query row at a time.
             if let Some(mask) = &ctx.mask {
@@ -578,33 +790,22 @@ pub(crate) unsafe fn run_task<
             }
 
             // O += P·V, R rows × up to CMAX vectors of D per tile.
-            let dv = dp / w;
-            let chunks = dv.div_ceil(CMAX);
-            for r0 in (0..prows).step_by(R) {
-                let mut c0 = 0;
-                for ch in 0..chunks {
-                    let c = dv / chunks + usize::from(ch < dv % chunks);
-                    // SAFETY: rows `p0 + r0..+R` of `o` (`bq + R` rows),
-                    // vectors `c0..c0 + c` of dp; `st` lanes `r0..r0 + R`
-                    // (< PANEL + R... within the `bk × PANEL` block plus the
-                    // following `m` part, which is only read); `vw` rows < nk.
-                    unsafe {
-                        pv_chunk::<S, R, CMAX>(
-                            s,
-                            c,
-                            o.add((p0 + r0) * dp + c0 * w),
-                            dp,
-                            st.add(r0),
-                            PANEL,
-                            alpha.add(p0 + r0),
-                            vw.add(c0 * w),
-                            dp,
-                            nk,
-                        );
-                    }
-                    c0 += c;
-                }
-            }
+            // SAFETY: rows `p0..p0 + prows` (rounded up to R <= W) of `o`
+            // (`bq + R` rows of dp) and of `alpha`; `st` rows `< nk`, lanes
+            // `< plan_lanes`; `vw` rows `< nk`.
+            unsafe {
+                P::pv::<R, CMAX>(
+                    s,
+                    o.add(p0 * dp),
+                    dp,
+                    st,
+                    alpha.add(p0),
+                    vw,
+                    nk,
+                    prows,
+                    plan_lanes,
+                )
+            };
         }
         j0 += n;
     }

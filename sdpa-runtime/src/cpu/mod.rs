@@ -20,6 +20,8 @@
 //! data layout and `simd.rs` for why it is written against a small SIMD trait
 //! of our own).
 
+#[cfg(target_arch = "x86_64")]
+mod bf16dot;
 mod isa;
 mod kernel;
 mod simd;
@@ -36,7 +38,7 @@ use crate::tensor::TensorViewMut;
 pub use isa::{active_isa, detected_isa, with_isa, Isa, CPU_ISA_ENV};
 pub use kernel::{block_k, block_q, L1D_BYTES, L2_BYTES, PANEL};
 
-use kernel::{Ctx, Line, Src};
+use kernel::{Ctx, F32Products, Line, Src};
 
 /// Computes attention for `p` into `out` on the CPU.
 ///
@@ -125,6 +127,13 @@ fn dispatch<const D: usize>(isa: Isa, ctx: &Ctx<'_>, tasks: usize) {
         if isa == Isa::Avx512 {
             if let Some(s) = Avx512::detect() {
                 let lines = kernel::workspace_lines(D, 16, AVX512_R);
+                if ctx.dtype == crate::DType::BF16 && s.has_bf16() {
+                    // SAFETY: `s.has_bf16()` proves the extra feature of
+                    // `x86::avx512_bf16_task`; otherwise as below.
+                    return run_tasks(ctx, tasks, lines, |ws, t| unsafe {
+                        x86::avx512_bf16_task::<D>(s, ctx, ws, t)
+                    });
+                }
                 // SAFETY: `s` proves the features `x86::avx512_task` enables;
                 // the workspace has `lines` lines; each task runs once.
                 return run_tasks(ctx, tasks, lines, |ws, t| unsafe {
@@ -146,7 +155,12 @@ fn dispatch<const D: usize>(isa: Isa, ctx: &Ctx<'_>, tasks: usize) {
     let lines = kernel::workspace_lines(D, 8, PORTABLE_R);
     // SAFETY: the workspace has `lines` lines; each task runs once.
     run_tasks(ctx, tasks, lines, |ws, t| unsafe {
-        kernel::run_task::<simd::Portable, D, 4, 1, PORTABLE_R, 2>(simd::Portable, ctx, ws, t)
+        kernel::run_task::<simd::Portable, F32Products, D, 4, 1, PORTABLE_R, 2>(
+            simd::Portable,
+            ctx,
+            ws,
+            t,
+        )
     });
 }
 
@@ -194,7 +208,8 @@ mod x86 {
     //! The `#[target_feature]` entry points: the generic kernel body is
     //! inlined into each, so that its intrinsics compile for that path.
 
-    use super::kernel::{self, Ctx, Line};
+    use super::bf16dot::Bf16Dot;
+    use super::kernel::{self, Ctx, F32Products, Line};
     use super::simd::{Avx2, Avx512};
     use super::{AVX2_R, AVX512_R};
 
@@ -212,7 +227,24 @@ mod x86 {
         task: usize,
     ) {
         // SAFETY: the caller's contract.
-        unsafe { kernel::run_task::<Avx512, D, 12, 2, AVX512_R, 3>(s, ctx, ws, task) }
+        unsafe { kernel::run_task::<Avx512, F32Products, D, 12, 2, AVX512_R, 3>(s, ctx, ws, task) }
+    }
+
+    /// One task with `bf16` inputs on AVX-512 BF16: the tiles of
+    /// [`avx512_task`], each step a `vdpbf16ps` over a pair of elements.
+    ///
+    /// # Safety
+    /// As `kernel::run_task`; `s` proves the AVX-512 features and
+    /// `s.has_bf16()` is true; `ctx.dtype` is `bf16`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
+    pub(super) unsafe fn avx512_bf16_task<const D: usize>(
+        s: Avx512,
+        ctx: &Ctx<'_>,
+        ws: &mut [Line],
+        task: usize,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { kernel::run_task::<Avx512, Bf16Dot, D, 12, 2, AVX512_R, 3>(s, ctx, ws, task) }
     }
 
     /// One task on AVX2: 6 keys × 16 queries per score tile (12 `ymm`
@@ -228,6 +260,6 @@ mod x86 {
         task: usize,
     ) {
         // SAFETY: the caller's contract.
-        unsafe { kernel::run_task::<Avx2, D, 6, 2, AVX2_R, 3>(s, ctx, ws, task) }
+        unsafe { kernel::run_task::<Avx2, F32Products, D, 6, 2, AVX2_R, 3>(s, ctx, ws, task) }
     }
 }

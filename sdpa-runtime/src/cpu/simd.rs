@@ -308,7 +308,6 @@ mod x86 {
     /// [`Avx512::detect`].
     #[derive(Clone, Copy, Debug)]
     pub(crate) struct Avx512 {
-        #[allow(dead_code)] // read by the BF16 path (next step)
         bf16: bool,
     }
 
@@ -325,7 +324,6 @@ mod x86 {
             })
         }
         /// Whether the CPU also has the AVX-512 BF16 dot products.
-        #[allow(dead_code)]
         pub(crate) fn has_bf16(self) -> bool {
             self.bf16
         }
