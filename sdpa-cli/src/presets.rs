@@ -152,6 +152,11 @@ pub const CPU_PRESETS: &[Preset] = &[
         "the CPU anchor shape, causal",
         Shape::mha(1, 8, 2048, 128).causal(),
     ),
+    preset(
+        "anchor-4k",
+        "the second CPU target shape: 4 heads, 4096 tokens",
+        Shape::mha(1, 4, 4096, 128),
+    ),
 ];
 
 /// DESIGN.md's GPU anchor shapes, full size.
