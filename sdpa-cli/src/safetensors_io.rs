@@ -128,9 +128,21 @@ pub fn read_case(path: &Path) -> Result<Case> {
 }
 
 /// Writes `out` as the tensor `out` of a new safetensors file, with
-/// `metadata` as its `__metadata__`.
+/// `metadata` as its `__metadata__`; a device tensor is copied to the host
+/// first.
 pub fn write_output(path: &Path, out: &Tensor, metadata: HashMap<String, String>) -> Result<()> {
-    let (dtype, bytes) = match out.data() {
+    let host;
+    let out = match out.host_data() {
+        Some(_) => out,
+        None => {
+            host = out.to_host()?;
+            &host
+        }
+    };
+    let Some(data) = out.host_data() else {
+        return Err(CliError::Input("the result is not in host memory".into()));
+    };
+    let (dtype, bytes) = match data {
         OwnedData::F32(v) => (Dtype::F32, encode(v, |x| x.to_le_bytes())),
         OwnedData::F16(v) => (Dtype::F16, encode(v, |x| x.to_bits().to_le_bytes())),
         OwnedData::BF16(v) => (Dtype::BF16, encode(v, |x| x.to_bits().to_le_bytes())),

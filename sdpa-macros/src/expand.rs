@@ -87,7 +87,11 @@ fn generate(valid: &Valid, kernels: &[GpuKernel]) -> TokenStream {
     let item = valid.item;
     let ident = &item.ident;
     let count = Literal::usize_unsuffixed(valid.variants.len());
-    let variants = valid.variants.iter().zip(kernels).map(|(s, k)| variant(s, k));
+    let variants = valid
+        .variants
+        .iter()
+        .zip(kernels)
+        .map(|(s, k)| variant(s, k));
     let head_sizes = valid
         .head_sizes
         .iter()
@@ -238,7 +242,10 @@ mod tests {
         let spec = VariantSpec::new(128, true, DType::BF16).unwrap();
         let kernel = kernels_gen::gpu::generate(&spec, GPU_TARGET);
         let text = gpu_kernel(&kernel).to_string();
-        assert!(text.starts_with(":: sdpa_runtime :: GpuKernel :: new ("), "{text}");
+        assert!(
+            text.starts_with(":: sdpa_runtime :: GpuKernel :: new ("),
+            "{text}"
+        );
         // The PTX is one string literal that reads back as the generator's text.
         let lit: syn::LitStr = syn::parse_str(&Literal::string(&kernel.ptx).to_string()).unwrap();
         assert_eq!(lit.value(), kernel.ptx);
@@ -248,7 +255,11 @@ mod tests {
             "{} , {} , {})",
             kernel.block_m, kernel.threads, kernel.smem_bytes
         );
-        assert!(text.ends_with(&tail), "{}", &text[text.len().saturating_sub(80)..]);
+        assert!(
+            text.ends_with(&tail),
+            "{}",
+            &text[text.len().saturating_sub(80)..]
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ fn main() -> Result<(), SdpaError> {
     let q = TensorView::from_slice(&values, [batch, seq, heads, head_size])?;
 
     let out = layer.forward(&q, &q, &q, &AttentionMetadata::new(0))?;
-    let first: Vec<f32> = out.to_f32_vec().into_iter().take(4).collect();
+    let first: Vec<f32> = out.to_f32_vec()?.into_iter().take(4).collect();
     println!(
         "{} -> {:?}, first values {first:?}",
         DitAttention.name(),

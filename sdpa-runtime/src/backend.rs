@@ -42,7 +42,9 @@ pub trait AttentionBackend: Send + Sync {
 
 /// One attention layer, as FastVideo's `AttentionImpl`.
 pub trait AttentionImpl: Send + Sync {
-    /// Computes attention into a new `[B, Sq, Hq, D]` tensor of `q`'s dtype.
+    /// Computes attention into a new `[B, Sq, Hq, D]` tensor of `q`'s dtype,
+    /// living where `q` lives: host memory for host tensors (whichever
+    /// backend ran), device memory on `q`'s stream for CUDA tensors.
     fn forward(
         &self,
         q: &TensorView<'_>,
@@ -52,7 +54,9 @@ pub trait AttentionImpl: Send + Sync {
     ) -> Result<Tensor>;
 
     /// Computes attention into the caller's `out` (`[B, Sq, Hq, D]`, any
-    /// non-overlapping strides, `q`'s dtype).
+    /// non-overlapping strides, `q`'s dtype, in the same place as `q`). On a
+    /// CUDA device the kernel is queued on `out`'s stream and the call
+    /// returns without waiting for it.
     fn forward_into(
         &self,
         q: &TensorView<'_>,
@@ -160,7 +164,10 @@ impl AttentionImpl for SdpaImpl {
         metadata: &AttentionMetadata<'_>,
     ) -> Result<Tensor> {
         let p = self.problem(q, k, v, metadata)?;
-        let mut out = Tensor::zeros(p.dtype(), p.out_shape());
+        let mut out = match p.residence() {
+            Residence::Host => Tensor::zeros(p.dtype(), p.out_shape()),
+            _ => crate::cuda::alloc_output(&p)?,
+        };
         self.run(&p, &mut out.view_mut())?;
         Ok(out)
     }
@@ -185,7 +192,7 @@ impl SdpaImpl {
         let variant = self
             .table
             .find(p.head_size, self.params.causal, p.dtype())?;
-        let selection = select(self.request, Residence::Host)?;
+        let selection = select(self.request, p.residence())?;
         tracing::debug!(
             layer = %self.params.prefix,
             variant = %variant.spec(),
@@ -197,6 +204,9 @@ impl SdpaImpl {
             masked = p.mask.is_some(),
             "sdpa forward"
         );
-        (variant.cpu_kernel())(p, out)
+        match selection.backend {
+            BackendKind::Cuda => crate::cuda::run(variant, p, out),
+            _ => (variant.cpu_kernel())(p, out),
+        }
     }
 }

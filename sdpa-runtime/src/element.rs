@@ -1,8 +1,11 @@
 //! The element types a tensor may hold, as one sealed trait.
 
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 
-use crate::tensor::{HostData, HostDataMut, OwnedData};
+use crate::tensor::{
+    CudaData, CudaDataMut, CudaOwned, CudaRef, CudaRefMut, HostData, HostDataMut, OwnedData,
+};
 use crate::DType;
 
 mod sealed {
@@ -16,7 +19,9 @@ mod sealed {
 /// [`half::bf16`]. Kernels compute in `f32` and convert at the edges.
 ///
 /// Sealed: the kernels exist for these three types only.
-pub trait Element: sealed::Sealed + Copy + Send + Sync + 'static {
+pub trait Element:
+    sealed::Sealed + Copy + Send + Sync + DeviceRepr + ValidAsZeroBits + 'static
+{
     /// The runtime tag of this type.
     const DTYPE: DType;
     /// Widens to `f32` (exact for every type here).
@@ -35,6 +40,16 @@ pub trait Element: sealed::Sealed + Copy + Send + Sync + 'static {
     fn downcast_mut<'s>(data: &'s mut HostDataMut<'_>) -> Option<&'s mut [Self]>;
     /// The owned buffer behind `data` if it holds this type.
     fn downcast_owned(data: &OwnedData) -> Option<&[Self]>;
+    /// Wraps borrowed device memory as type-erased device data.
+    fn cuda(data: CudaRef<'_, Self>) -> CudaData<'_>;
+    /// Wraps mutably borrowed device memory as type-erased device data.
+    fn cuda_mut(data: CudaRefMut<'_, Self>) -> CudaDataMut<'_>;
+    /// Wraps an owned device buffer.
+    fn cuda_owned(data: CudaSlice<Self>) -> CudaOwned;
+    /// The device memory behind `data` if it holds this type.
+    fn downcast_cuda<'a>(data: &CudaData<'a>) -> Option<CudaRef<'a, Self>>;
+    /// The owned device buffer behind `data` if it holds this type.
+    fn downcast_cuda_owned(data: &CudaOwned) -> Option<&CudaSlice<Self>>;
 }
 
 macro_rules! element {
@@ -73,6 +88,27 @@ macro_rules! element {
             fn downcast_owned(data: &OwnedData) -> Option<&[Self]> {
                 match data {
                     OwnedData::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn cuda(data: CudaRef<'_, Self>) -> CudaData<'_> {
+                CudaData::$variant(data)
+            }
+            fn cuda_mut(data: CudaRefMut<'_, Self>) -> CudaDataMut<'_> {
+                CudaDataMut::$variant(data)
+            }
+            fn cuda_owned(data: CudaSlice<Self>) -> CudaOwned {
+                CudaOwned::$variant(data)
+            }
+            fn downcast_cuda<'a>(data: &CudaData<'a>) -> Option<CudaRef<'a, Self>> {
+                match *data {
+                    CudaData::$variant(d) => Some(d),
+                    _ => None,
+                }
+            }
+            fn downcast_cuda_owned(data: &CudaOwned) -> Option<&CudaSlice<Self>> {
+                match data {
+                    CudaOwned::$variant(s) => Some(s),
                     _ => None,
                 }
             }

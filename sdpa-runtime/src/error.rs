@@ -80,6 +80,21 @@ pub enum SdpaError {
         /// Why it cannot run, and what to do.
         reason: String,
     },
+    /// The tensors of one call live in different places (host memory and a
+    /// CUDA device, or two devices).
+    #[error("{0}")]
+    Residence(String),
+    /// The CUDA driver refused a call: what was being done, then the
+    /// driver's own message.
+    #[error("CUDA: {0}")]
+    Cuda(String),
+}
+
+impl SdpaError {
+    /// Wraps a driver error with what was being done when it happened.
+    pub(crate) fn cuda(doing: impl std::fmt::Display, e: cudarc::driver::DriverError) -> SdpaError {
+        SdpaError::Cuda(format!("{doing}: {e}"))
+    }
 }
 
 /// `Result` with [`SdpaError`].

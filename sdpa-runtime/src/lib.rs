@@ -29,10 +29,12 @@
 //!
 //! The backend is chosen per call ([`BackendKind`]): an explicit choice in
 //! [`AttentionParams`] beats the `SDPA_BACKEND` environment variable, which
-//! beats `auto`.
+//! beats `auto`, which follows the memory: CPU kernels for host tensors, the
+//! GPU kernels for tensors on a CUDA device ([`cuda`]).
 
 mod backend;
 pub mod cpu;
+pub mod cuda;
 mod element;
 mod error;
 mod mask;
@@ -54,14 +56,18 @@ pub use problem::Problem;
 pub use sdpa_macros::sdpa_variants;
 pub use select::{probe_cuda, select, BackendKind, CudaProbe, Residence, Selection, BACKEND_ENV};
 pub use tensor::{
-    HostData, HostDataMut, Layout, OwnedData, Storage, StorageMut, Tensor, TensorView,
-    TensorViewMut,
+    CudaData, CudaDataMut, CudaOwned, CudaRef, CudaRefMut, HostData, HostDataMut, Layout,
+    OwnedData, Storage, StorageMut, Tensor, TensorData, TensorView, TensorViewMut,
 };
 pub use variant::{CpuKernelFn, GpuKernel, Variant, VariantTable};
 
 /// Re-exported for the code the macro generates and for callers building
 /// `f16`/`bf16` tensors.
 pub use half;
+
+/// Re-exported for callers building device tensors: the `cudarc` version
+/// whose buffers [`TensorView::from_cuda`] takes.
+pub use cudarc;
 
 /// Everything a consuming crate needs: `use sdpa_runtime::prelude::*;`.
 pub mod prelude {

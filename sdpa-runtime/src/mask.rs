@@ -211,6 +211,8 @@ impl<'a> AttnMask<'a> {
         let stride_b = hm * qm * len;
         Ok(ResolvedMask {
             data: self.data,
+            dims: [bm, hm, qm],
+            seq_k,
             stride_b: if bm == 1 { 0 } else { stride_b },
             stride_h: if hm == 1 { 0 } else { stride_h },
             stride_q: if qm == 1 { 0 } else { stride_q },
@@ -224,6 +226,9 @@ impl<'a> AttnMask<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct ResolvedMask<'a> {
     data: MaskData<'a>,
+    /// The batch, head and query sizes as stored (1 where broadcast).
+    dims: [usize; 3],
+    seq_k: usize,
     stride_b: usize,
     stride_h: usize,
     stride_q: usize,
@@ -231,6 +236,37 @@ pub struct ResolvedMask<'a> {
 }
 
 impl ResolvedMask<'_> {
+    /// The mask as a dense `f32` additive bias: row-major `[B', H', Sq', Sk]`
+    /// where each of `B'`, `H'`, `Sq'` is the problem's size or 1 (broadcast),
+    /// with front padding filled in and booleans and integers turned into
+    /// `0` / `-inf`. Returns the buffer and the element strides of the batch,
+    /// head and query dimensions, 0 where broadcast: the mask format of the
+    /// GPU launch contract (`kernels_gen::gpu`).
+    pub fn dense_bias(&self) -> (Vec<f32>, [usize; 3]) {
+        let [bm, hm, qm] = self.dims;
+        let sk = self.seq_k;
+        let mut data = vec![0.0f32; bm * hm * qm * sk];
+        if sk > 0 {
+            let mut rows = data.chunks_exact_mut(sk);
+            for b in 0..bm {
+                for h in 0..hm {
+                    for i in 0..qm {
+                        if let Some(row) = rows.next() {
+                            self.bias_row(b, h, i, 0, row);
+                        }
+                    }
+                }
+            }
+        }
+        let stride = |n: usize, s: usize| if n == 1 { 0 } else { s };
+        let strides = [
+            stride(bm, hm * qm * sk),
+            stride(hm, qm * sk),
+            stride(qm, sk),
+        ];
+        (data, strides)
+    }
+
     /// Writes the additive bias for keys `j0..j0 + out.len()` of query row
     /// `i` of batch `b`, head `h`: 0 to attend, `-inf` to hide, or the float
     /// mask's value.
@@ -275,6 +311,31 @@ mod tests {
         let m = [0.0f32; 8];
         assert!(AttnMask::new(&m[..], &[8]).is_err());
         assert!(AttnMask::new(&m[..], &[3, 3]).is_err());
+    }
+
+    #[test]
+    fn dense_bias_fills_padding_and_broadcasts() {
+        // Key padding [B=2, 3 of Sk=4]: one leading key always attends.
+        let m = [true, false, true, false, true, true];
+        let mask = AttnMask::new(&m[..], &[2, 3]).unwrap();
+        let (dense, strides) = mask.resolve(2, 5, 7, 4).unwrap().dense_bias();
+        let ninf = f32::NEG_INFINITY;
+        assert_eq!(dense, [0.0, 0.0, ninf, 0.0, 0.0, ninf, 0.0, 0.0]);
+        assert_eq!(strides, [4, 0, 0]);
+
+        // Float [1, H=2, Sq=1, Sk=2]: broadcast over batch and queries.
+        let f = [1.5f32, -2.0, 0.25, ninf];
+        let mask = AttnMask::new(&f[..], &[1, 2, 1, 2]).unwrap();
+        let (dense, strides) = mask.resolve(3, 2, 9, 2).unwrap().dense_bias();
+        assert_eq!(dense, f);
+        assert_eq!(strides, [0, 2, 0]);
+
+        // Integers [B=1, Sq=2, Sk=2], nothing broadcast but the batch.
+        let i = [0i64, 7, 1, 0];
+        let mask = AttnMask::new(&i[..], &[1, 2, 2]).unwrap();
+        let (dense, strides) = mask.resolve(1, 1, 2, 2).unwrap().dense_bias();
+        assert_eq!(dense, [ninf, 0.0, 0.0, ninf]);
+        assert_eq!(strides, [0, 0, 2]);
     }
 
     #[test]

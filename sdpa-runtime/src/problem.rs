@@ -3,6 +3,7 @@
 
 use crate::error::{Result, SdpaError};
 use crate::mask::{AttnMask, ResolvedMask};
+use crate::select::Residence;
 use crate::tensor::{TensorView, TensorViewMut};
 use crate::DType;
 
@@ -50,6 +51,9 @@ impl<'a> Problem<'a> {
                     expected: dtype,
                     found: t.dtype(),
                 });
+            }
+            if t.residence() != q.residence() {
+                return Err(elsewhere(name, t.residence(), q.residence()));
             }
         }
         let [b, sq, hq, d] = q.layout().shape();
@@ -111,8 +115,16 @@ impl<'a> Problem<'a> {
         self.heads_q / self.heads_kv
     }
 
+    /// Where the tensors live (all in one place: [`Problem::new`] checks it).
+    pub fn residence(&self) -> Residence {
+        self.q.residence()
+    }
+
     /// Checks that `out` can take this problem's output.
     pub fn check_output(&self, out: &TensorViewMut<'_>) -> Result<()> {
+        if out.residence() != self.residence() {
+            return Err(elsewhere("out", out.residence(), self.residence()));
+        }
         if out.dtype() != self.dtype() {
             return Err(SdpaError::DtypeMismatch {
                 tensor: "out",
@@ -129,4 +141,12 @@ impl<'a> Problem<'a> {
         }
         Ok(())
     }
+}
+
+/// The error for a tensor that lives somewhere other than `q`.
+fn elsewhere(name: &str, found: Residence, q: Residence) -> SdpaError {
+    SdpaError::Residence(format!(
+        "{name} lives in {found} but q lives in {q}; pass q, k, v and out in one place \
+         (all in host memory or all on one CUDA device)"
+    ))
 }

@@ -1,8 +1,15 @@
 //! Backend selection, as FastVideo's selector: an explicit choice in code
 //! beats the `SDPA_BACKEND` environment variable, which beats `auto`.
+//!
+//! | request | host tensors | CUDA tensors |
+//! | --- | --- | --- |
+//! | `auto` | CPU | CUDA, on the tensors' device |
+//! | `cpu` | CPU | error: copy them to the host first |
+//! | `cuda` | CUDA on device 0: inputs copied there, the result copied back; an error without a driver or device | CUDA |
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use crate::error::{Result, SdpaError};
 
@@ -82,11 +89,18 @@ pub enum CudaProbe {
     },
 }
 
-/// Looks for a CUDA driver and devices.
+/// Looks for a CUDA driver and devices, once per process (later calls
+/// return the first answer).
 ///
 /// `cudarc` loads `libcuda` dynamically and panics when it is missing, so
-/// the library's presence is checked first.
+/// the library's presence is checked first. Every CUDA path of this crate
+/// calls this before touching the driver.
 pub fn probe_cuda() -> CudaProbe {
+    static PROBE: OnceLock<CudaProbe> = OnceLock::new();
+    PROBE.get_or_init(probe_uncached).clone()
+}
+
+fn probe_uncached() -> CudaProbe {
     // SAFETY: this only tries to open the driver library by its usual names
     // (running its initialisers, as any later use would) and closes it again.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -113,14 +127,40 @@ pub struct Selection {
     pub reason: String,
 }
 
-/// Where tensors of a call live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where the tensors of a call live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Residence {
     /// Host memory.
     Host,
+    /// Memory of one CUDA device.
+    Cuda {
+        /// The device's ordinal.
+        ordinal: usize,
+    },
+}
+
+impl Residence {
+    /// Whether this is CUDA device memory.
+    pub fn is_cuda(self) -> bool {
+        matches!(self, Residence::Cuda { .. })
+    }
+}
+
+impl fmt::Display for Residence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Residence::Host => f.write_str("host memory"),
+            Residence::Cuda { ordinal } => write!(f, "CUDA device {ordinal}"),
+        }
+    }
 }
 
 /// Resolves a request for tensors that live at `residence`.
+///
+/// A `cuda` request for host tensors probes the driver ([`probe_cuda`]) and
+/// is a [`SdpaError::BackendUnavailable`] saying why when there is no
+/// driver or device; nothing here panics when `libcuda` is missing.
 pub fn select(request: BackendKind, residence: Residence) -> Result<Selection> {
     match (request, residence) {
         (BackendKind::Cpu, Residence::Host) => Ok(Selection {
@@ -131,12 +171,35 @@ pub fn select(request: BackendKind, residence: Residence) -> Result<Selection> {
             backend: BackendKind::Cpu,
             reason: "the tensors live in host memory".into(),
         }),
-        (BackendKind::Cuda, _) => Err(SdpaError::BackendUnavailable {
-            backend: "cuda",
-            reason: "this version of sdpa-runtime has no CUDA kernels yet; \
-                     use the cpu or auto backend"
-                .into(),
+        (BackendKind::Cpu, Residence::Cuda { ordinal }) => Err(SdpaError::BackendUnavailable {
+            backend: "cpu",
+            reason: format!(
+                "the tensors live on CUDA device {ordinal} and the CPU kernels read host \
+                 memory; copy them to the host, or ask for the cuda or auto backend"
+            ),
         }),
+        (BackendKind::Auto, Residence::Cuda { ordinal }) => Ok(Selection {
+            backend: BackendKind::Cuda,
+            reason: format!("the tensors live on CUDA device {ordinal}"),
+        }),
+        (BackendKind::Cuda, Residence::Cuda { ordinal }) => Ok(Selection {
+            backend: BackendKind::Cuda,
+            reason: format!(
+                "the CUDA backend was asked for and the tensors live on device {ordinal}"
+            ),
+        }),
+        (BackendKind::Cuda, Residence::Host) => match probe_cuda() {
+            CudaProbe::Present { .. } => Ok(Selection {
+                backend: BackendKind::Cuda,
+                reason: "the CUDA backend was asked for; the host tensors are copied to \
+                         device 0 and the result back"
+                    .into(),
+            }),
+            CudaProbe::Absent(reason) => Err(SdpaError::BackendUnavailable {
+                backend: "cuda",
+                reason: format!("{reason}; use the cpu or auto backend on this machine"),
+            }),
+        },
     }
 }
 
@@ -165,5 +228,36 @@ mod tests {
     #[test]
     fn probing_never_panics() {
         let _ = probe_cuda();
+    }
+
+    #[test]
+    fn auto_follows_the_memory() {
+        let host = select(BackendKind::Auto, Residence::Host).unwrap();
+        assert_eq!(host.backend, BackendKind::Cpu);
+        let device = select(BackendKind::Auto, Residence::Cuda { ordinal: 1 }).unwrap();
+        assert_eq!(device.backend, BackendKind::Cuda);
+        assert!(device.reason.contains("device 1"), "{}", device.reason);
+    }
+
+    #[test]
+    fn cpu_refuses_device_memory() {
+        let err = select(BackendKind::Cpu, Residence::Cuda { ordinal: 0 }).unwrap_err();
+        assert!(matches!(
+            err,
+            SdpaError::BackendUnavailable { backend: "cpu", .. }
+        ));
+        assert!(err.to_string().contains("copy them to the host"), "{err}");
+    }
+
+    #[test]
+    fn cuda_on_host_tensors_needs_a_device() {
+        match (probe_cuda(), select(BackendKind::Cuda, Residence::Host)) {
+            (CudaProbe::Present { .. }, Ok(s)) => assert_eq!(s.backend, BackendKind::Cuda),
+            (CudaProbe::Absent(why), Err(SdpaError::BackendUnavailable { backend, reason })) => {
+                assert_eq!(backend, "cuda");
+                assert!(reason.starts_with(&why), "{reason}");
+            }
+            (probe, other) => panic!("{probe:?} but select gave {other:?}"),
+        }
     }
 }

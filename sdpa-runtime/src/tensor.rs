@@ -4,6 +4,11 @@
 //! accepted for the batch, token and head dimensions (FastVideo hands over
 //! transposed views); the last dimension must be contiguous.
 //!
+//! The memory is host memory ([`TensorView::from_slice`]) or CUDA device
+//! memory allocated with `cudarc` ([`TensorView::from_cuda`], over a
+//! [`CudaSlice`] or a [`CudaView`] into one); the same traits take both, and
+//! the backend follows the memory (see [`crate::select`]).
+//!
 //! ```
 //! use sdpa_runtime::{Layout, TensorView};
 //! # fn main() -> Result<(), sdpa_runtime::SdpaError> {
@@ -16,10 +21,14 @@
 //! # Ok(()) }
 //! ```
 
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceSlice};
 use half::{bf16, f16};
 
 use crate::element::Element;
 use crate::error::{Result, SdpaError};
+use crate::select::Residence;
 use crate::DType;
 
 /// Shape and strides (in elements) of a `[batch, seq, heads, head_dim]`
@@ -242,15 +251,246 @@ impl OwnedData {
     }
 }
 
+/// Borrowed CUDA device memory holding `T`: a whole [`CudaSlice`] or a
+/// [`CudaView`] into one. Made with `From` from either; copying it copies
+/// the borrow, not the memory.
+#[derive(Debug)]
+pub enum CudaRef<'a, T> {
+    /// A whole allocation.
+    Slice(&'a CudaSlice<T>),
+    /// A view into an allocation.
+    View(&'a CudaView<'a, T>),
+}
+
+impl<T> Clone for CudaRef<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for CudaRef<'_, T> {}
+
+impl<'a, T> From<&'a CudaSlice<T>> for CudaRef<'a, T> {
+    fn from(s: &'a CudaSlice<T>) -> Self {
+        CudaRef::Slice(s)
+    }
+}
+impl<'a, T> From<&'a CudaView<'a, T>> for CudaRef<'a, T> {
+    fn from(v: &'a CudaView<'a, T>) -> Self {
+        CudaRef::View(v)
+    }
+}
+
+impl<'a, T> CudaRef<'a, T> {
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            CudaRef::Slice(s) => s.len(),
+            CudaRef::View(v) => v.len(),
+        }
+    }
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The stream the memory was allocated on (its context is the memory's
+    /// context).
+    pub fn stream(&self) -> &'a Arc<CudaStream> {
+        match *self {
+            CudaRef::Slice(s) => s.stream(),
+            CudaRef::View(v) => DeviceSlice::stream(v),
+        }
+    }
+}
+
+/// Mutably borrowed CUDA device memory holding `T`: a [`CudaViewMut`], made
+/// with `From` from a `&mut` [`CudaSlice`] or a [`CudaViewMut`].
+#[derive(Debug)]
+pub struct CudaRefMut<'a, T>(pub(crate) CudaViewMut<'a, T>);
+
+impl<'a, T> From<&'a mut CudaSlice<T>> for CudaRefMut<'a, T> {
+    fn from(s: &'a mut CudaSlice<T>) -> Self {
+        CudaRefMut(s.as_view_mut())
+    }
+}
+impl<'a, T> From<CudaViewMut<'a, T>> for CudaRefMut<'a, T> {
+    fn from(v: CudaViewMut<'a, T>) -> Self {
+        CudaRefMut(v)
+    }
+}
+
+impl<T> CudaRefMut<'_, T> {
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The stream the memory was allocated on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        DeviceSlice::stream(&self.0)
+    }
+}
+
+/// Borrowed CUDA device memory of one of the element types.
+#[derive(Clone, Copy, Debug)]
+pub enum CudaData<'a> {
+    /// `f32` elements.
+    F32(CudaRef<'a, f32>),
+    /// `f16` elements.
+    F16(CudaRef<'a, f16>),
+    /// `bf16` elements.
+    BF16(CudaRef<'a, bf16>),
+}
+
+impl<'a> CudaData<'a> {
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        match self {
+            CudaData::F32(_) => DType::F32,
+            CudaData::F16(_) => DType::F16,
+            CudaData::BF16(_) => DType::BF16,
+        }
+    }
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            CudaData::F32(d) => d.len(),
+            CudaData::F16(d) => d.len(),
+            CudaData::BF16(d) => d.len(),
+        }
+    }
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The stream the memory was allocated on.
+    pub fn stream(&self) -> &'a Arc<CudaStream> {
+        match self {
+            CudaData::F32(d) => d.stream(),
+            CudaData::F16(d) => d.stream(),
+            CudaData::BF16(d) => d.stream(),
+        }
+    }
+}
+
+/// Mutably borrowed CUDA device memory of one of the element types.
+#[derive(Debug)]
+pub enum CudaDataMut<'a> {
+    /// `f32` elements.
+    F32(CudaRefMut<'a, f32>),
+    /// `f16` elements.
+    F16(CudaRefMut<'a, f16>),
+    /// `bf16` elements.
+    BF16(CudaRefMut<'a, bf16>),
+}
+
+impl CudaDataMut<'_> {
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        match self {
+            CudaDataMut::F32(_) => DType::F32,
+            CudaDataMut::F16(_) => DType::F16,
+            CudaDataMut::BF16(_) => DType::BF16,
+        }
+    }
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            CudaDataMut::F32(d) => d.len(),
+            CudaDataMut::F16(d) => d.len(),
+            CudaDataMut::BF16(d) => d.len(),
+        }
+    }
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The stream the memory was allocated on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        match self {
+            CudaDataMut::F32(d) => d.stream(),
+            CudaDataMut::F16(d) => d.stream(),
+            CudaDataMut::BF16(d) => d.stream(),
+        }
+    }
+}
+
+/// An owned CUDA device buffer of one of the element types.
+#[derive(Debug)]
+pub enum CudaOwned {
+    /// `f32` elements.
+    F32(CudaSlice<f32>),
+    /// `f16` elements.
+    F16(CudaSlice<f16>),
+    /// `bf16` elements.
+    BF16(CudaSlice<bf16>),
+}
+
+impl CudaOwned {
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        match self {
+            CudaOwned::F32(_) => DType::F32,
+            CudaOwned::F16(_) => DType::F16,
+            CudaOwned::BF16(_) => DType::BF16,
+        }
+    }
+    /// The stream the memory was allocated on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        match self {
+            CudaOwned::F32(s) => s.stream(),
+            CudaOwned::F16(s) => s.stream(),
+            CudaOwned::BF16(s) => s.stream(),
+        }
+    }
+    fn as_cuda(&self) -> CudaData<'_> {
+        match self {
+            CudaOwned::F32(s) => CudaData::F32(CudaRef::Slice(s)),
+            CudaOwned::F16(s) => CudaData::F16(CudaRef::Slice(s)),
+            CudaOwned::BF16(s) => CudaData::BF16(CudaRef::Slice(s)),
+        }
+    }
+    fn as_cuda_mut(&mut self) -> CudaDataMut<'_> {
+        match self {
+            CudaOwned::F32(s) => CudaDataMut::F32(s.into()),
+            CudaOwned::F16(s) => CudaDataMut::F16(s.into()),
+            CudaOwned::BF16(s) => CudaDataMut::BF16(s.into()),
+        }
+    }
+}
+
 /// Where a tensor's elements live.
 ///
-/// Only host memory exists today; device memory is added as further
-/// variants, so code that matches on it must keep a wildcard arm.
+/// More places may be added as further variants, so code that matches on
+/// it must keep a wildcard arm.
 #[derive(Clone, Copy, Debug)]
 #[non_exhaustive]
 pub enum Storage<'a> {
     /// Host memory.
     Host(HostData<'a>),
+    /// CUDA device memory.
+    Cuda(CudaData<'a>),
+}
+
+impl Storage<'_> {
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Storage::Host(d) => d.dtype(),
+            Storage::Cuda(d) => d.dtype(),
+        }
+    }
+    /// Where the memory is.
+    pub fn residence(&self) -> Residence {
+        match self {
+            Storage::Host(_) => Residence::Host,
+            Storage::Cuda(d) => Residence::Cuda {
+                ordinal: d.stream().context().ordinal(),
+            },
+        }
+    }
 }
 
 /// Where a writable tensor's elements live. See [`Storage`].
@@ -259,6 +499,27 @@ pub enum Storage<'a> {
 pub enum StorageMut<'a> {
     /// Host memory.
     Host(HostDataMut<'a>),
+    /// CUDA device memory.
+    Cuda(CudaDataMut<'a>),
+}
+
+impl StorageMut<'_> {
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        match self {
+            StorageMut::Host(d) => d.dtype(),
+            StorageMut::Cuda(d) => d.dtype(),
+        }
+    }
+    /// Where the memory is.
+    pub fn residence(&self) -> Residence {
+        match self {
+            StorageMut::Host(_) => Residence::Host,
+            StorageMut::Cuda(d) => Residence::Cuda {
+                ordinal: d.stream().context().ordinal(),
+            },
+        }
+    }
 }
 
 fn check_fits(layout: &Layout, len: usize, what: &str) -> Result<()> {
@@ -298,11 +559,49 @@ impl<'a> TensorView<'a> {
 
     /// A view of type-erased host data, checked against the layout.
     pub fn new(data: HostData<'a>, layout: Layout) -> Result<Self> {
-        check_fits(&layout, data.len(), "a tensor")?;
-        Ok(TensorView {
-            layout,
-            storage: Storage::Host(data),
-        })
+        Self::from_storage(Storage::Host(data), layout)
+    }
+
+    /// A contiguous view of CUDA device memory with `shape`: a
+    /// `&CudaSlice<T>` or a `&CudaView<T>`.
+    ///
+    /// ```no_run
+    /// use sdpa_runtime::{cuda, TensorView};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let stream = cuda::context(0)?.default_stream();
+    /// let q = stream.alloc_zeros::<f32>(2 * 16 * 4 * 64)?;
+    /// let view = TensorView::from_cuda(&q, [2, 16, 4, 64])?;
+    /// assert!(view.residence().is_cuda());
+    /// # Ok(()) }
+    /// ```
+    pub fn from_cuda<T: Element>(
+        data: impl Into<CudaRef<'a, T>>,
+        shape: [usize; 4],
+    ) -> Result<Self> {
+        Self::new_cuda(T::cuda(data.into()), Layout::contiguous(shape))
+    }
+
+    /// A strided view of CUDA device memory; strides are in elements.
+    pub fn from_cuda_with_strides<T: Element>(
+        data: impl Into<CudaRef<'a, T>>,
+        shape: [usize; 4],
+        strides: [usize; 4],
+    ) -> Result<Self> {
+        Self::new_cuda(T::cuda(data.into()), Layout::strided(shape, strides)?)
+    }
+
+    /// A view of type-erased device data, checked against the layout.
+    pub fn new_cuda(data: CudaData<'a>, layout: Layout) -> Result<Self> {
+        Self::from_storage(Storage::Cuda(data), layout)
+    }
+
+    fn from_storage(storage: Storage<'a>, layout: Layout) -> Result<Self> {
+        let len = match &storage {
+            Storage::Host(d) => d.len(),
+            Storage::Cuda(d) => d.len(),
+        };
+        check_fits(&layout, len, "a tensor")?;
+        Ok(TensorView { layout, storage })
     }
 
     /// The shape and strides.
@@ -311,18 +610,28 @@ impl<'a> TensorView<'a> {
     }
     /// The element type.
     pub fn dtype(&self) -> DType {
-        match &self.storage {
-            Storage::Host(d) => d.dtype(),
-        }
+        self.storage.dtype()
     }
     /// Where the elements live.
     pub fn storage(&self) -> &Storage<'a> {
         &self.storage
     }
+    /// Host memory or which CUDA device.
+    pub fn residence(&self) -> Residence {
+        self.storage.residence()
+    }
     /// The host slice if the view holds `T` on the host.
     pub fn host_slice<T: Element>(&self) -> Option<&'a [T]> {
         match &self.storage {
             Storage::Host(d) => T::downcast(d),
+            Storage::Cuda(_) => None,
+        }
+    }
+    /// The device memory if the view is on a CUDA device.
+    pub fn cuda_data(&self) -> Option<CudaData<'a>> {
+        match self.storage {
+            Storage::Cuda(d) => Some(d),
+            Storage::Host(_) => None,
         }
     }
 }
@@ -353,7 +662,40 @@ impl<'a> TensorViewMut<'a> {
 
     /// A writable view of type-erased host data, checked against the layout.
     pub fn new(data: HostDataMut<'a>, layout: Layout) -> Result<Self> {
-        check_fits(&layout, data.len(), "the output")?;
+        Self::from_storage(StorageMut::Host(data), layout)
+    }
+
+    /// A contiguous writable view of CUDA device memory with `shape`: a
+    /// `&mut CudaSlice<T>` or a `CudaViewMut<T>`.
+    pub fn from_cuda<T: Element>(
+        data: impl Into<CudaRefMut<'a, T>>,
+        shape: [usize; 4],
+    ) -> Result<Self> {
+        Self::new_cuda(T::cuda_mut(data.into()), Layout::contiguous(shape))
+    }
+
+    /// A strided writable view of CUDA device memory; strides are in
+    /// elements and must not make two elements share memory.
+    pub fn from_cuda_with_strides<T: Element>(
+        data: impl Into<CudaRefMut<'a, T>>,
+        shape: [usize; 4],
+        strides: [usize; 4],
+    ) -> Result<Self> {
+        Self::new_cuda(T::cuda_mut(data.into()), Layout::strided(shape, strides)?)
+    }
+
+    /// A writable view of type-erased device data, checked against the
+    /// layout.
+    pub fn new_cuda(data: CudaDataMut<'a>, layout: Layout) -> Result<Self> {
+        Self::from_storage(StorageMut::Cuda(data), layout)
+    }
+
+    fn from_storage(storage: StorageMut<'a>, layout: Layout) -> Result<Self> {
+        let len = match &storage {
+            StorageMut::Host(d) => d.len(),
+            StorageMut::Cuda(d) => d.len(),
+        };
+        check_fits(&layout, len, "the output")?;
         if !layout.is_non_overlapping() {
             return Err(SdpaError::Shape(format!(
                 "the output's strides {:?} make elements of shape {:?} overlap; \
@@ -362,10 +704,7 @@ impl<'a> TensorViewMut<'a> {
                 layout.shape()
             )));
         }
-        Ok(TensorViewMut {
-            layout,
-            storage: StorageMut::Host(data),
-        })
+        Ok(TensorViewMut { layout, storage })
     }
 
     /// The shape and strides.
@@ -374,90 +713,210 @@ impl<'a> TensorViewMut<'a> {
     }
     /// The element type.
     pub fn dtype(&self) -> DType {
-        match &self.storage {
-            StorageMut::Host(d) => d.dtype(),
-        }
+        self.storage.dtype()
+    }
+    /// Where the elements live.
+    pub fn storage(&self) -> &StorageMut<'a> {
+        &self.storage
+    }
+    /// Where the elements live, writable.
+    pub fn storage_mut(&mut self) -> &mut StorageMut<'a> {
+        &mut self.storage
+    }
+    /// Host memory or which CUDA device.
+    pub fn residence(&self) -> Residence {
+        self.storage.residence()
     }
     /// The host slice if the view holds `T` on the host.
     pub fn host_slice_mut<T: Element>(&mut self) -> Option<&mut [T]> {
         match &mut self.storage {
             StorageMut::Host(d) => T::downcast_mut(d),
+            StorageMut::Cuda(_) => None,
         }
     }
 }
 
-/// An owned, contiguous `[batch, seq, heads, head_dim]` host tensor: what
+/// The buffer of a [`Tensor`]: host memory or CUDA device memory.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum TensorData {
+    /// Host memory.
+    Host(OwnedData),
+    /// CUDA device memory.
+    Cuda(CudaOwned),
+}
+
+/// An owned, contiguous `[batch, seq, heads, head_dim]` tensor: what
 /// [`forward`](crate::AttentionImpl::forward) returns.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// It lives where the call's `q` lives: host memory for host inputs
+/// (whichever backend ran), device memory on `q`'s stream for CUDA inputs,
+/// as PyTorch returns its result on the inputs' device. [`Tensor::to_host`]
+/// copies a device tensor back.
+#[derive(Debug)]
 pub struct Tensor {
     shape: [usize; 4],
-    data: OwnedData,
+    data: TensorData,
 }
 
 impl Tensor {
-    /// A tensor of zeros.
+    /// A host tensor of zeros.
     pub fn zeros(dtype: DType, shape: [usize; 4]) -> Tensor {
         Tensor {
             shape,
-            data: OwnedData::zeros(dtype, shape.iter().product()),
+            data: TensorData::Host(OwnedData::zeros(dtype, shape.iter().product())),
         }
     }
-    /// A tensor owning `data`, which must hold exactly the shape's elements.
+    /// A host tensor owning `data`, which must hold exactly the shape's
+    /// elements.
     pub fn from_vec<T: Element>(data: Vec<T>, shape: [usize; 4]) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        if data.len() != n {
-            return Err(SdpaError::Shape(format!(
-                "shape {shape:?} has {n} elements but the buffer holds {}",
-                data.len()
-            )));
-        }
+        check_len(shape, data.len())?;
         Ok(Tensor {
             shape,
-            data: T::owned(data),
+            data: TensorData::Host(T::owned(data)),
         })
+    }
+    /// A device tensor owning `data`, which must hold exactly the shape's
+    /// elements.
+    pub fn from_cuda<T: Element>(data: CudaSlice<T>, shape: [usize; 4]) -> Result<Tensor> {
+        check_len(shape, data.len())?;
+        Ok(Tensor {
+            shape,
+            data: TensorData::Cuda(T::cuda_owned(data)),
+        })
+    }
+    /// A device tensor over a buffer the runtime allocated (at least one
+    /// element, even for an empty shape).
+    pub(crate) fn from_cuda_owned(data: CudaOwned, shape: [usize; 4]) -> Tensor {
+        Tensor {
+            shape,
+            data: TensorData::Cuda(data),
+        }
     }
     /// `[batch, seq, heads, head_dim]`.
     pub fn shape(&self) -> [usize; 4] {
         self.shape
     }
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
     /// The element type.
     pub fn dtype(&self) -> DType {
-        self.data.dtype()
+        match &self.data {
+            TensorData::Host(d) => d.dtype(),
+            TensorData::Cuda(d) => d.dtype(),
+        }
+    }
+    /// Host memory or which CUDA device.
+    pub fn residence(&self) -> Residence {
+        match &self.data {
+            TensorData::Host(_) => Residence::Host,
+            TensorData::Cuda(d) => Residence::Cuda {
+                ordinal: d.stream().context().ordinal(),
+            },
+        }
     }
     /// The owned buffer.
-    pub fn data(&self) -> &OwnedData {
+    pub fn data(&self) -> &TensorData {
         &self.data
     }
     /// Gives up the owned buffer.
-    pub fn into_data(self) -> OwnedData {
+    pub fn into_data(self) -> TensorData {
         self.data
     }
-    /// The elements as `T`, if the tensor holds `T`.
-    pub fn as_slice<T: Element>(&self) -> Option<&[T]> {
-        T::downcast_owned(&self.data)
-    }
-    /// The elements widened to `f32`.
-    pub fn to_f32_vec(&self) -> Vec<f32> {
+    /// The host buffer, if the tensor is in host memory.
+    pub fn host_data(&self) -> Option<&OwnedData> {
         match &self.data {
+            TensorData::Host(d) => Some(d),
+            TensorData::Cuda(_) => None,
+        }
+    }
+    /// The elements as `T`, if the tensor holds `T` in host memory.
+    pub fn as_slice<T: Element>(&self) -> Option<&[T]> {
+        self.host_data().and_then(T::downcast_owned)
+    }
+    /// The device buffer as `T`, if the tensor holds `T` on a CUDA device.
+    pub fn cuda_slice<T: Element>(&self) -> Option<&CudaSlice<T>> {
+        match &self.data {
+            TensorData::Cuda(d) => T::downcast_cuda_owned(d),
+            TensorData::Host(_) => None,
+        }
+    }
+    /// A host copy: a clone of a host tensor, or a device-to-host copy
+    /// (which waits for the work queued on the tensor's stream).
+    pub fn to_host(&self) -> Result<Tensor> {
+        let data = match &self.data {
+            TensorData::Host(d) => d.clone(),
+            TensorData::Cuda(d) => crate::cuda::download(d, self.numel())?,
+        };
+        Ok(Tensor {
+            shape: self.shape,
+            data: TensorData::Host(data),
+        })
+    }
+    /// The elements widened to `f32`, copied from the device if need be.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        let host;
+        let data = match &self.data {
+            TensorData::Host(d) => d,
+            TensorData::Cuda(d) => {
+                host = crate::cuda::download(d, self.numel())?;
+                &host
+            }
+        };
+        Ok(match data {
             OwnedData::F32(v) => v.clone(),
             OwnedData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
             OwnedData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
-        }
+        })
     }
     /// A read-only view.
     pub fn view(&self) -> TensorView<'_> {
+        let storage = match &self.data {
+            TensorData::Host(d) => Storage::Host(d.as_host()),
+            TensorData::Cuda(d) => Storage::Cuda(d.as_cuda()),
+        };
         TensorView {
             layout: Layout::contiguous(self.shape),
-            storage: Storage::Host(self.data.as_host()),
+            storage,
         }
     }
     /// A writable view.
     pub fn view_mut(&mut self) -> TensorViewMut<'_> {
+        let storage = match &mut self.data {
+            TensorData::Host(d) => StorageMut::Host(d.as_host_mut()),
+            TensorData::Cuda(d) => StorageMut::Cuda(d.as_cuda_mut()),
+        };
         TensorViewMut {
             layout: Layout::contiguous(self.shape),
-            storage: StorageMut::Host(self.data.as_host_mut()),
+            storage,
         }
     }
+}
+
+/// Host tensors are equal when their shapes and elements are. A device
+/// tensor is equal to nothing, itself included (reading it needs a copy
+/// that may fail): compare [`Tensor::to_host`] copies instead.
+impl PartialEq for Tensor {
+    fn eq(&self, other: &Tensor) -> bool {
+        match (&self.data, &other.data) {
+            (TensorData::Host(a), TensorData::Host(b)) => self.shape == other.shape && a == b,
+            _ => false,
+        }
+    }
+}
+
+fn check_len(shape: [usize; 4], len: usize) -> Result<()> {
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| SdpaError::Shape(format!("shape {shape:?} overflows")))?;
+    if len != n {
+        return Err(SdpaError::Shape(format!(
+            "shape {shape:?} has {n} elements but the buffer holds {len}"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,9 +9,11 @@
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::sync::Once;
+
 use sdpa_runtime::{
-    AttentionBackend, AttentionImpl, AttentionMetadata, AttentionParams, AttnMask, BackendKind,
-    DType, Element, MaskData, SdpaError, TensorView, TensorViewMut,
+    probe_cuda, AttentionBackend, AttentionImpl, AttentionMetadata, AttentionParams, AttnMask,
+    BackendKind, CudaProbe, DType, Element, MaskData, SdpaError, TensorView, TensorViewMut,
 };
 
 use sdpa_runtime::cpu::{with_isa, Isa};
@@ -196,9 +198,28 @@ pub fn run_seed() -> u64 {
     }
 }
 
-/// The backends the conformance suite runs on this machine.
+/// The backends the conformance suite runs on this machine: the CPU, and
+/// CUDA when a driver and a device are present (host tensors are copied to
+/// device 0 and back, so every case exercises the GPU kernels). Without
+/// one, prints one line to stderr per test binary saying why CUDA is
+/// skipped.
 pub fn backends() -> Vec<BackendKind> {
-    vec![BackendKind::Cpu]
+    match probe_cuda() {
+        CudaProbe::Present { .. } => vec![BackendKind::Cpu, BackendKind::Cuda],
+        CudaProbe::Absent(reason) => {
+            static SAID: Once = Once::new();
+            SAID.call_once(|| say(&format!("skipping CUDA conformance: {reason}")));
+            vec![BackendKind::Cpu]
+        }
+    }
+}
+
+/// Writes one line to the process's stderr, past the test harness's
+/// capture (which takes only `print!` and `eprint!`), so that it shows in a
+/// passing run.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// A mask's elements, owned.

@@ -2,7 +2,7 @@
 //! never a wrong answer.
 
 use sdpa_runtime::prelude::*;
-use sdpa_runtime::{BackendKind, Layout};
+use sdpa_runtime::{probe_cuda, BackendKind, CudaProbe, Layout};
 use sdpa_tests::consumer::{NarrowAttention, WanAttention};
 
 fn layer(params: AttentionParams) -> SdpaImpl {
@@ -286,23 +286,37 @@ fn nan_in_one_query_row_stays_in_that_row() {
 }
 
 #[test]
-fn asking_for_cuda_without_kernels_is_an_error_not_a_panic() {
+fn asking_for_cuda_without_a_gpu_is_an_error_not_a_panic() {
     let l = WanAttention
         .build_impl(AttentionParams::new(2, 64).backend(BackendKind::Cuda))
         .unwrap();
     let a = zeros([1, 4, 2, 64]);
     let q = TensorView::from_slice(&a, [1, 4, 2, 64]).unwrap();
-    let err = l
-        .forward(&q, &q, &q, &AttentionMetadata::default())
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            SdpaError::BackendUnavailable {
+    let result = l.forward(&q, &q, &q, &AttentionMetadata::default());
+    match probe_cuda() {
+        CudaProbe::Absent(why) => {
+            let err = result.unwrap_err();
+            let SdpaError::BackendUnavailable {
                 backend: "cuda",
-                ..
-            }
-        ),
-        "{err}"
-    );
+                reason,
+            } = &err
+            else {
+                panic!("expected the cuda backend to be unavailable, got {err:?}");
+            };
+            assert!(reason.contains(&why), "{err}");
+            assert!(
+                [
+                    "no CUDA driver",
+                    "no devices",
+                    "failed to initialise",
+                    "cannot count"
+                ]
+                .iter()
+                .any(|s| reason.contains(s)),
+                "{err}"
+            );
+        }
+        // With a GPU the host tensors go to the device and back.
+        CudaProbe::Present { .. } => assert_eq!(result.unwrap().shape(), [1, 4, 2, 64]),
+    }
 }
