@@ -3,7 +3,10 @@
 //!
 //! Each case fills `q`, `k` and `v` with seeded random values, builds its
 //! layer, runs warm-up passes, then times passes of `forward_into` into one
-//! preallocated output and reports their median. Without `--iters`, the
+//! preallocated output and reports their median. On the CUDA backend the
+//! tensors are copied to device 0 once, before timing, and each pass is
+//! timed with CUDA events around the launch (the first warm-up pass pays
+//! the JIT load of the variant, reported after the table). Without `--iters`, the
 //! number of timed passes follows the time a pass takes: at least
 //! [`MIN_RUNS`] passes and the budget's `target` time, but no more once the
 //! budget's `max` time has passed and [`FLOOR_RUNS`] passes are in. One or two
@@ -15,13 +18,15 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sdpa_runtime::cudarc::driver::sys::CUevent_flags;
+use sdpa_runtime::cudarc::driver::{CudaSlice, CudaStream};
 use sdpa_runtime::prelude::*;
-use sdpa_runtime::{select, Residence, SdpaImpl};
+use sdpa_runtime::{cuda, probe_cuda, select, CudaProbe, Element, Residence, SdpaError, SdpaImpl};
 
 use crate::error::{CliError, Result};
 use crate::options::{BackendArg, DTypeArg};
 use crate::presets::{self, Shape};
-use crate::variants::SdpaCli;
+use sdpa_cli::variants::SdpaCli;
 
 /// Timed passes made at least when the count is chosen by time.
 pub const MIN_RUNS: usize = 10;
@@ -139,7 +144,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         return Ok(());
     }
     let explicit = args.backend.map(BackendKind::from);
-    let selection = select(BackendKind::resolve(explicit)?, Residence::Host)?;
+    let request = BackendKind::resolve(explicit)?;
+    // Tensors go to device 0 when CUDA is asked for or auto finds a device;
+    // `select` then says what runs them (or why CUDA cannot).
+    let residence = match (request, probe_cuda()) {
+        (BackendKind::Cpu, _) | (_, CudaProbe::Absent(_)) => Residence::Host,
+        (_, CudaProbe::Present { .. }) => Residence::Cuda { ordinal: 0 },
+    };
+    let selection = select(request, residence)?;
     let backend = selection.backend;
     let cases = cases(args, backend)?;
     let layers = cases
@@ -157,7 +169,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     table.header();
     let mut records = Vec::with_capacity(cases.len());
     for (case, layer) in cases.iter().zip(&layers) {
-        let timing = time_case(case, layer, args.warmup, args.iters, budget)?;
+        let timing = time_case(case, layer, backend, args.warmup, args.iters, budget)?;
         let seconds = timing.median.as_secs_f64();
         let flops_per_s = case.shape.flops() / seconds;
         table.row(case, backend, &timing, flops_per_s);
@@ -180,6 +192,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!(
             "note: CPU presets run in f32 and bf16 with sequences scaled down for a small \
              machine; the CUDA table runs full size in bf16 (`sdpa bench --preset list`)"
+        );
+    }
+    if backend == BackendKind::Cuda {
+        let loads = cuda::jit_loads();
+        let ms: f64 = loads.iter().map(|l| l.elapsed.as_secs_f64() * 1e3).sum();
+        println!(
+            "jit: {} kernel(s) loaded in {ms:.1} ms (during warm-up, not timed)",
+            loads.len()
         );
     }
     if let Some(path) = &args.json {
@@ -300,41 +320,103 @@ struct Timing {
     runs: usize,
 }
 
-/// Warms up, then times passes of `forward_into` and returns their median.
+/// Warms up, then times passes of `forward_into` and returns their median,
+/// on the host or, for `Cuda`, on device 0.
 fn time_case(
     case: &Case,
     layer: &SdpaImpl,
+    backend: BackendKind,
     warmup: Option<usize>,
     iters: Option<u64>,
     budget: Budget,
 ) -> Result<Timing> {
     let s = &case.shape;
     let mut rng = StdRng::seed_from_u64(SEED);
-    let q = random_tensor(
-        &mut rng,
-        case.dtype,
-        [s.batch, s.seq_q, s.heads_q, s.head_size],
-    )?;
-    let k = random_tensor(
-        &mut rng,
-        case.dtype,
-        [s.batch, s.seq_k, s.heads_kv, s.head_size],
-    )?;
-    let v = random_tensor(
-        &mut rng,
-        case.dtype,
-        [s.batch, s.seq_k, s.heads_kv, s.head_size],
-    )?;
+    let q_shape = [s.batch, s.seq_q, s.heads_q, s.head_size];
+    let kv_shape = [s.batch, s.seq_k, s.heads_kv, s.head_size];
+    let q = random_tensor(&mut rng, case.dtype, q_shape)?;
+    let k = random_tensor(&mut rng, case.dtype, kv_shape)?;
+    let v = random_tensor(&mut rng, case.dtype, kv_shape)?;
+    if backend == BackendKind::Cuda {
+        return match case.dtype {
+            DType::F32 => time_on_device::<f32>(layer, [&q, &k, &v], warmup, iters, budget),
+            DType::F16 => time_on_device::<f16>(layer, [&q, &k, &v], warmup, iters, budget),
+            DType::BF16 => time_on_device::<bf16>(layer, [&q, &k, &v], warmup, iters, budget),
+        };
+    }
     let (q, k, v) = (q.view(), k.view(), v.view());
-    let mut out = Tensor::zeros(case.dtype, [s.batch, s.seq_q, s.heads_q, s.head_size]);
+    let mut out = Tensor::zeros(case.dtype, q_shape);
     let mut out = out.view_mut();
     let metadata = AttentionMetadata::default();
-    let mut pass = || -> Result<Duration> {
+    let pass = || -> Result<Duration> {
         let start = Instant::now();
         layer.forward_into(&q, &k, &v, &metadata, &mut out)?;
         Ok(start.elapsed())
     };
+    time_passes(pass, warmup, iters, budget)
+}
 
+/// Times passes with `q`, `k`, `v` and the output on device 0, allocated
+/// once; each pass is the time between CUDA events recorded on the stream
+/// before and after the launch.
+fn time_on_device<T: Element>(
+    layer: &SdpaImpl,
+    [q, k, v]: [&Tensor; 3],
+    warmup: Option<usize>,
+    iters: Option<u64>,
+    budget: Budget,
+) -> Result<Timing> {
+    let cuda_err = |doing: &str, e: sdpa_runtime::cudarc::driver::DriverError| {
+        CliError::Sdpa(SdpaError::Cuda(format!("{doing}: {e}")))
+    };
+    let stream = cuda::context(0)?.default_stream();
+    let upload = |t: &Tensor| -> Result<CudaSlice<T>> {
+        let host = t
+            .as_slice::<T>()
+            .ok_or_else(|| CliError::Input("a bench tensor has the wrong dtype".into()))?;
+        stream
+            .clone_htod(host)
+            .map_err(|e| cuda_err("copying the inputs to device 0", e))
+    };
+    let (dq, dk, dv) = (upload(q)?, upload(k)?, upload(v)?);
+    let mut dout = stream
+        .alloc_zeros::<T>(q.shape().iter().product::<usize>().max(1))
+        .map_err(|e| cuda_err("allocating the output on device 0", e))?;
+    let qv = TensorView::from_cuda(&dq, q.shape())?;
+    let kv = TensorView::from_cuda(&dk, k.shape())?;
+    let vv = TensorView::from_cuda(&dv, v.shape())?;
+    let mut out = TensorViewMut::from_cuda(&mut dout, q.shape())?;
+    let metadata = AttentionMetadata::default();
+    let ctx = stream.context();
+    let event = || {
+        ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("creating a timing event", e))
+    };
+    let (start, end) = (event()?, event()?);
+    let stream: &CudaStream = &stream;
+    let pass = || -> Result<Duration> {
+        start
+            .record(stream)
+            .map_err(|e| cuda_err("recording an event", e))?;
+        layer.forward_into(&qv, &kv, &vv, &metadata, &mut out)?;
+        end.record(stream)
+            .map_err(|e| cuda_err("recording an event", e))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(|e| cuda_err("running the kernel", e))?;
+        Ok(Duration::from_secs_f64(f64::from(ms) / 1e3))
+    };
+    time_passes(pass, warmup, iters, budget)
+}
+
+/// Runs `pass` for warm-up, then times it (the durations it returns) until
+/// `iters` or the budget is reached, and returns the median.
+fn time_passes(
+    mut pass: impl FnMut() -> Result<Duration>,
+    warmup: Option<usize>,
+    iters: Option<u64>,
+    budget: Budget,
+) -> Result<Timing> {
     match warmup {
         Some(n) => {
             for _ in 0..n {

@@ -1,13 +1,13 @@
 //! `sdpa info`: what this binary was compiled with and where it would run.
 
 use sdpa_runtime::prelude::*;
-use sdpa_runtime::{probe_cuda, select, CudaProbe, Residence, BACKEND_ENV};
+use sdpa_runtime::{cuda, probe_cuda, select, CudaProbe, Residence, BACKEND_ENV};
 
 use crate::error::Result;
-use crate::variants::SdpaCli;
+use sdpa_cli::variants::SdpaCli;
 
-/// Prints the compiled variants, the backend `auto` picks and why, the
-/// `SDPA_BACKEND` request and the CPU thread count.
+/// Prints the compiled variants, the CUDA devices, the backend `auto` picks
+/// and why, the `SDPA_BACKEND` request and the CPU thread count.
 pub fn run() -> Result<()> {
     let table = SdpaCli.variant_table();
     let list = |items: Vec<String>| items.join(", ");
@@ -31,15 +31,66 @@ pub fn run() -> Result<()> {
         list(table.dtypes().iter().map(|d| d.to_string()).collect())
     );
 
-    match probe_cuda() {
-        CudaProbe::Present { devices } => println!("cuda: driver present, {devices} device(s)"),
-        CudaProbe::Absent(reason) => println!("cuda: absent ({reason})"),
+    let gpu_kernels = table
+        .variants()
+        .iter()
+        .filter_map(|v| v.gpu_kernel())
+        .collect::<Vec<_>>();
+    let targets = {
+        let mut t: Vec<&str> = gpu_kernels.iter().map(|k| k.target()).collect();
+        t.dedup();
+        t.join(", ")
+    };
+    println!(
+        "  gpu kernels: {} embedded as PTX ({targets}), {} KiB in all",
+        gpu_kernels.len(),
+        gpu_kernels.iter().map(|k| k.ptx().len()).sum::<usize>() / 1024
+    );
+
+    let device = match probe_cuda() {
+        CudaProbe::Present { devices } => {
+            println!("cuda: driver present, {devices} device(s)");
+            match cuda::devices() {
+                Ok(list) => {
+                    for d in list {
+                        println!(
+                            "  device {}: {}, sm_{}{}, {} MiB, {} SMs",
+                            d.ordinal,
+                            d.name,
+                            d.compute_capability.0,
+                            d.compute_capability.1,
+                            d.total_memory >> 20,
+                            d.multiprocessors
+                        );
+                    }
+                }
+                Err(e) => println!("  cannot describe the devices: {e}"),
+            }
+            Some(Residence::Cuda { ordinal: 0 })
+        }
+        CudaProbe::Absent(reason) => {
+            println!("cuda: absent ({reason})");
+            None
+        }
+    };
+    println!(
+        "auto, host tensors (sdpa run): {}",
+        describe(BackendKind::Auto, Residence::Host)
+    );
+    match device {
+        Some(residence) => println!(
+            "auto, device tensors (sdpa bench puts them on device 0): {}",
+            describe(BackendKind::Auto, residence)
+        ),
+        None => println!("auto, sdpa bench: cpu, because there is no CUDA device"),
     }
-    println!("auto: {}", describe(BackendKind::Auto));
 
     match std::env::var(BACKEND_ENV) {
         Ok(value) => match BackendKind::from_env() {
-            Ok(Some(kind)) => println!("{BACKEND_ENV}={value:?}: {}", describe(kind)),
+            Ok(Some(kind)) => println!(
+                "{BACKEND_ENV}={value:?}, host tensors: {}",
+                describe(kind, Residence::Host)
+            ),
             Ok(None) => println!("{BACKEND_ENV}={value:?}: empty, so auto applies"),
             Err(e) => println!("{BACKEND_ENV}={value:?}: {e}"),
         },
@@ -49,9 +100,10 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// "cpu, because ..." for a request on host tensors, or why it cannot run.
-fn describe(request: BackendKind) -> String {
-    match select(request, Residence::Host) {
+/// "cpu, because ..." for a request on tensors at `residence`, or why it
+/// cannot run.
+fn describe(request: BackendKind, residence: Residence) -> String {
+    match select(request, residence) {
         Ok(s) => format!("{}, because {}", s.backend, s.reason),
         Err(e) => format!("cannot run: {e}"),
     }

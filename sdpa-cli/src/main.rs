@@ -3,7 +3,9 @@
 //!
 //! - `sdpa run` computes attention for the tensors of a safetensors file;
 //! - `sdpa bench` times the forward pass on model shapes;
-//! - `sdpa info` lists the compiled variants and the backend `auto` picks.
+//! - `sdpa ptx` prints the PTX embedded for one compiled variant;
+//! - `sdpa info` lists the compiled variants, the CUDA devices and the
+//!   backend `auto` picks.
 //!
 //! Errors print as one line, `error: ...`, and exit with status 1. Logs go
 //! to stderr, filtered by `RUST_LOG` (default `warn`).
@@ -13,9 +15,9 @@ mod error;
 mod info;
 mod options;
 mod presets;
+mod ptx;
 mod run;
 mod safetensors_io;
-mod variants;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -40,8 +42,11 @@ enum Command {
     /// Time the forward pass: the preset table of model shapes for the
     /// backend in use, one preset, or a shape given by flags.
     Bench(bench::BenchArgs),
-    /// List the compiled variants, the backend auto would pick and why, and
-    /// the CPU threads.
+    /// Print the PTX embedded for one compiled variant (what the CUDA
+    /// driver JIT-compiles on first use).
+    Ptx(ptx::PtxArgs),
+    /// List the compiled variants, the CUDA devices, the backend auto would
+    /// pick and why, and the CPU threads.
     Info,
 }
 
@@ -51,6 +56,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Ptx(args) => ptx::run(args),
         Command::Info => info::run(),
     };
     match result {

@@ -8,12 +8,13 @@ use sdpa_runtime::{BackendKind, DType};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendArg {
     /// CUDA when a driver and device are present and the tensors live
-    /// there, else the CPU (today: the CPU, as the tensors are in host
-    /// memory).
+    /// there, else the CPU (`sdpa run` reads host tensors: the CPU; `sdpa
+    /// bench` puts them on device 0 when there is one).
     Auto,
     /// The CPU kernels.
     Cpu,
-    /// The CUDA kernels (not available yet: the runtime says so).
+    /// The CUDA kernels on device 0 (host tensors are copied there and the
+    /// result back); an error without a CUDA driver or device.
     Cuda,
 }
 

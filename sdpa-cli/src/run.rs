@@ -10,7 +10,7 @@ use sdpa_runtime::{select, Residence};
 use crate::error::Result;
 use crate::options::BackendArg;
 use crate::safetensors_io::{read_case, write_output, OwnedMask};
-use crate::variants::SdpaCli;
+use sdpa_cli::variants::SdpaCli;
 
 /// The flags of `sdpa run`.
 #[derive(Debug, clap::Args)]

@@ -3,7 +3,7 @@
 //! `scale`) give the float64 reference's answer.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use rand::rngs::StdRng;
@@ -11,10 +11,22 @@ use rand::{Rng, SeedableRng};
 use safetensors::tensor::TensorView as StView;
 use safetensors::{Dtype, SafeTensors};
 use sdpa_runtime::half::{bf16, f16};
-use sdpa_tests::cases::run_seed;
+use sdpa_runtime::{probe_cuda, CudaProbe};
+use sdpa_tests::cases::{backends, run_seed};
 use sdpa_tests::reference::{attention, rel_l2, RefInputs};
 
-const SDPA: &str = env!("CARGO_BIN_EXE_sdpa");
+/// The `sdpa` binary: where cargo built it, or beside this test binary (as
+/// `/work/shared/tools/gpu-pack` lays them out on a GPU host).
+fn sdpa() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_sdpa"));
+    if built.exists() {
+        return built;
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("sdpa")))
+        .unwrap_or(built)
+}
 
 /// A tensor to write: dtype, shape, little-endian bytes.
 struct Entry(Dtype, Vec<usize>, Vec<u8>);
@@ -97,14 +109,21 @@ struct Spec {
     key_padding: Option<usize>,
 }
 
+/// Runs `spec` through `sdpa run` on every backend this machine has.
 fn check(spec: Spec, seed: u64) {
+    for backend in backends() {
+        check_on(&spec, backend.name(), seed);
+    }
+}
+
+fn check_on(spec: &Spec, backend: &str, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let (input, output) = (
         dir.path().join("case.safetensors"),
         dir.path().join("out.safetensors"),
     );
-    let Spec {
+    let &Spec {
         dtype,
         b,
         sq,
@@ -145,14 +164,17 @@ fn check(spec: Spec, seed: u64) {
     }
     write(&input, &tensors, &meta);
 
-    let status = Command::new(SDPA)
-        .args(["run", "--backend", "cpu", "--input"])
+    let status = Command::new(sdpa())
+        .args(["run", "--backend", backend, "--input"])
         .arg(&input)
         .arg("--output")
         .arg(&output)
         .status()
         .unwrap();
-    assert!(status.success(), "sdpa run failed (seed {seed})");
+    assert!(
+        status.success(),
+        "sdpa run --backend {backend} failed (seed {seed})"
+    );
     let (shape, out) = read_out(&output, dtype);
     assert_eq!(shape, vec![b, sq, hq, d]);
 
@@ -183,7 +205,7 @@ fn check(spec: Spec, seed: u64) {
     let err = rel_l2(&out, &reference);
     assert!(
         err <= tol,
-        "{dtype:?}: relative error {err:.3e} > {tol:.0e} (seed {seed})"
+        "{dtype:?} on {backend}: relative error {err:.3e} > {tol:.0e} (seed {seed})"
     );
 }
 
@@ -250,7 +272,7 @@ fn bad_input_is_one_line_and_a_non_zero_exit() {
         ],
         &[("causal", "false")],
     );
-    let out = Command::new(SDPA)
+    let out = Command::new(sdpa())
         .args(["run", "--input"])
         .arg(&input)
         .arg("--output")
@@ -265,7 +287,7 @@ fn bad_input_is_one_line_and_a_non_zero_exit() {
         "{stderr}"
     );
 
-    let missing = Command::new(SDPA)
+    let missing = Command::new(sdpa())
         .args([
             "run",
             "--input",
@@ -276,4 +298,34 @@ fn bad_input_is_one_line_and_a_non_zero_exit() {
         .output()
         .unwrap();
     assert!(!missing.status.success());
+}
+
+#[test]
+fn cuda_without_a_gpu_is_one_line_and_a_non_zero_exit() {
+    let CudaProbe::Absent(reason) = probe_cuda() else {
+        return; // with a GPU, `check` runs `--backend cuda` above
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("case.safetensors");
+    let q = vec![0u8; 4 * 8 * 2 * 64];
+    write(
+        &input,
+        &[
+            ("q", Entry(Dtype::F32, vec![1, 8, 2, 64], q.clone())),
+            ("k", Entry(Dtype::F32, vec![1, 8, 2, 64], q.clone())),
+            ("v", Entry(Dtype::F32, vec![1, 8, 2, 64], q)),
+        ],
+        &[],
+    );
+    let out = Command::new(sdpa())
+        .args(["run", "--backend", "cuda", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.path().join("out.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&reason), "{stderr}");
 }

@@ -241,7 +241,8 @@ pub enum OwnedMask {
 }
 
 impl OwnedMask {
-    fn data(&self) -> MaskData<'_> {
+    /// The elements as the runtime takes them.
+    pub fn data(&self) -> MaskData<'_> {
         match self {
             OwnedMask::Bool(v) => v.into(),
             OwnedMask::U8(v) => v.into(),
@@ -296,7 +297,8 @@ impl GenMask {
     }
 }
 
-fn gen_mask(case: &Case, rng: &mut StdRng) -> Option<GenMask> {
+/// Draws the mask `case` asks for, if any.
+pub fn gen_mask(case: &Case, rng: &mut StdRng) -> Option<GenMask> {
     let (b, h, sq, sk) = (case.batch, case.heads_q, case.seq_q, case.seq_k);
     // Keep key 0 visible in most rows so that the majority of rows are not
     // empty; `HideRows` tests empty rows on purpose.

@@ -1,0 +1,374 @@
+//! The CUDA backend on a GPU: tensors that live on the device, outputs
+//! written into device buffers, the JIT module cache under threads.
+//!
+//! Every test here needs a CUDA driver and device; without one, each test
+//! returns at once and the binary prints one line saying why. (The
+//! conformance suite runs the GPU kernels on host tensors as well.)
+
+use std::sync::{Arc, Barrier};
+
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use sdpa_runtime::cudarc::driver::{CudaSlice, CudaStream};
+use sdpa_runtime::prelude::*;
+use sdpa_runtime::{cuda, probe_cuda, CudaProbe, Element, Residence};
+use sdpa_tests::cases::{
+    gen_mask, gen_tensor, run_seed, say, Case, GenTensor, MaskKind, Placement,
+};
+use sdpa_tests::consumer::ConformanceAttention;
+use sdpa_tests::reference::{self, RefInputs};
+
+/// A declaration of its own, so that its one variant is loaded by the cache
+/// test only.
+#[sdpa_variants(head_sizes = [24], causal = [true], dtypes = [f16])]
+struct CacheProbe;
+
+/// Device 0's default stream, or `None` (after saying why, once) when this
+/// machine has no CUDA driver or device.
+fn stream() -> Option<Arc<CudaStream>> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    match probe_cuda() {
+        CudaProbe::Present { .. } => Some(
+            cuda::context(0)
+                .expect("device 0 is present")
+                .default_stream(),
+        ),
+        CudaProbe::Absent(reason) => {
+            SAID.call_once(|| say(&format!("skipping GPU tests: {reason}")));
+            None
+        }
+    }
+}
+
+fn upload<T: Element>(stream: &Arc<CudaStream>, host: &[T]) -> CudaSlice<T> {
+    if host.is_empty() {
+        return stream.alloc_zeros(1).unwrap();
+    }
+    stream.clone_htod(host).unwrap()
+}
+
+/// Runs `case` with q, k, v and the output in device memory (with the
+/// case's strides), the output written by `forward_into`, and returns the
+/// relative error against the float64 reference.
+fn device_case<T: Element>(stream: &Arc<CudaStream>, case: &Case, seed: u64) -> f64 {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (b, sq, sk, hq, hkv, d) = (
+        case.batch,
+        case.seq_q,
+        case.seq_k,
+        case.heads_q,
+        case.heads_kv,
+        case.head_size,
+    );
+    let gen = |shape, rng: &mut StdRng| -> GenTensor<T> {
+        gen_tensor::<T>(shape, case.placement, case.amplitude, rng)
+    };
+    let q = gen([b, sq, hq, d], &mut rng);
+    let k = gen([b, sk, hkv, d], &mut rng);
+    let v = gen([b, sk, hkv, d], &mut rng);
+    let mask = gen_mask(case, &mut rng);
+    let (dq, dk, dv) = (
+        upload(stream, &q.buf),
+        upload(stream, &k.buf),
+        upload(stream, &v.buf),
+    );
+    let out_shape = [b, sq, hq, d];
+    let (out_strides, out_len) = case.out_placement.strides(out_shape);
+    let poison = vec![T::from_f32(f32::NAN); out_len];
+    let mut dout = upload(stream, &poison);
+
+    let layer = ConformanceAttention
+        .build_impl(
+            AttentionParams::new(hq, d)
+                .num_kv_heads(hkv)
+                .causal(case.causal),
+        )
+        .unwrap();
+    let mut meta = AttentionMetadata::new(0);
+    if let Some(m) = &mask {
+        meta = meta.with_mask(AttnMask::new(m.data.data(), &m.shape).unwrap());
+    }
+    {
+        let qv = TensorView::from_cuda_with_strides(&dq, [b, sq, hq, d], q.strides).unwrap();
+        let kv = TensorView::from_cuda_with_strides(&dk, [b, sk, hkv, d], k.strides).unwrap();
+        let vv = TensorView::from_cuda_with_strides(&dv, [b, sk, hkv, d], v.strides).unwrap();
+        assert_eq!(qv.residence(), Residence::Cuda { ordinal: 0 });
+        let mut ov =
+            TensorViewMut::from_cuda_with_strides(&mut dout, out_shape, out_strides).unwrap();
+        layer
+            .forward_into(&qv, &kv, &vv, &meta, &mut ov)
+            .unwrap_or_else(|e| panic!("{case:?} (seed {seed}): {e}"));
+    }
+    let out_buf: Vec<T> = stream.clone_dtoh(&dout).unwrap();
+    stream.synchronize().unwrap();
+
+    let mut out = Vec::with_capacity(b * sq * hq * d);
+    let mut written = vec![false; out_len];
+    for bi in 0..b {
+        for si in 0..sq {
+            for hi in 0..hq {
+                let base = bi * out_strides[0] + si * out_strides[1] + hi * out_strides[2];
+                for di in 0..d {
+                    out.push(out_buf[base + di].to_f32() as f64);
+                    written[base + di] = true;
+                }
+            }
+        }
+    }
+    for (n, x) in out_buf.iter().take(out_len).enumerate() {
+        assert!(
+            written[n] || x.to_f32().is_nan(),
+            "{case:?} (seed {seed}): the kernel wrote outside the output view at offset {n}"
+        );
+    }
+    let bias_fn =
+        |bi: usize, hi: usize, i: usize, j: usize| mask.as_ref().unwrap().bias_at(sk, bi, hi, i, j);
+    let reference = reference::attention(&RefInputs {
+        q: &q.values,
+        k: &k.values,
+        v: &v.values,
+        batch: b,
+        seq_q: sq,
+        seq_k: sk,
+        heads_q: hq,
+        heads_kv: hkv,
+        d,
+        scale: 1.0 / (d as f64).sqrt(),
+        causal: case.causal,
+        bias: if mask.is_some() { Some(&bias_fn) } else { None },
+    });
+    reference::rel_l2(&out, &reference)
+}
+
+fn check_device_case(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
+    let err = match case.dtype {
+        DType::F32 => device_case::<f32>(stream, case, seed),
+        DType::F16 => device_case::<f16>(stream, case, seed),
+        DType::BF16 => device_case::<bf16>(stream, case, seed),
+    };
+    assert!(
+        err <= case.tolerance(),
+        "{case:?} on device tensors (seed {seed}): relative error {err:.3e} > {:.0e}",
+        case.tolerance()
+    );
+}
+
+#[test]
+fn device_tensors_match_the_reference() {
+    let Some(stream) = stream() else { return };
+    let seed = run_seed();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for causal in [false, true] {
+            for d in [8, 64, 136, 256] {
+                let case = Case::new(2, 77, 130, 4, d)
+                    .kv_heads(2)
+                    .causal(causal)
+                    .dtype(dtype);
+                check_device_case(&stream, &case, seed ^ d as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn device_tensors_with_strides_and_masks() {
+    let Some(stream) = stream() else { return };
+    let seed = run_seed();
+    let placements = [
+        Placement::Contiguous,
+        Placement::HeadMajor,
+        Placement::Gapped,
+    ];
+    for input in placements {
+        for output in placements {
+            let case = Case::new(2, 33, 70, 4, 64)
+                .kv_heads(1)
+                .dtype(DType::BF16)
+                .placement(input, output)
+                .mask(MaskKind::KeyPadding {
+                    short: 5,
+                    broadcast_batch: false,
+                });
+            check_device_case(&stream, &case, seed);
+        }
+    }
+    for mask in [
+        MaskKind::Bool3,
+        MaskKind::HideRows,
+        MaskKind::Additive4 {
+            broadcast_heads: true,
+            short: 3,
+            with_neg_inf: true,
+        },
+    ] {
+        let case = Case::new(2, 40, 66, 2, 40).dtype(DType::F16).mask(mask);
+        check_device_case(&stream, &case, seed);
+    }
+}
+
+#[test]
+fn forward_on_device_tensors_returns_a_device_tensor() {
+    let Some(stream) = stream() else { return };
+    let (b, s, h, d) = (2, 50, 4, 64);
+    let host: Vec<bf16> = (0..b * s * h * d)
+        .map(|i| bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / 50.0))
+        .collect();
+    let dq = stream.clone_htod(&host).unwrap();
+    let layer = ConformanceAttention
+        .build_impl(AttentionParams::new(h, d).causal(true))
+        .unwrap();
+    let qv = TensorView::from_cuda(&dq, [b, s, h, d]).unwrap();
+    let out = layer
+        .forward(&qv, &qv, &qv, &AttentionMetadata::default())
+        .unwrap();
+    assert_eq!(out.residence(), Residence::Cuda { ordinal: 0 });
+    assert!(out.cuda_slice::<bf16>().is_some());
+    let on_gpu = out.to_f32_vec().unwrap();
+
+    let cpu = ConformanceAttention
+        .build_impl(
+            AttentionParams::new(h, d)
+                .causal(true)
+                .backend(BackendKind::Cpu),
+        )
+        .unwrap();
+    let hv = TensorView::from_slice(&host, [b, s, h, d]).unwrap();
+    let on_cpu = cpu
+        .forward(&hv, &hv, &hv, &AttentionMetadata::default())
+        .unwrap()
+        .to_f32_vec()
+        .unwrap();
+    let diff: f64 = on_gpu
+        .iter()
+        .zip(&on_cpu)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = on_cpu
+        .iter()
+        .map(|x| (*x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(
+        diff / norm < 2e-2,
+        "GPU and CPU differ by {:.3e}",
+        diff / norm
+    );
+}
+
+#[test]
+fn tensors_in_different_places_are_refused() {
+    let Some(stream) = stream() else { return };
+    let host = vec![0.5f32; 16 * 2 * 64];
+    let dev = stream.clone_htod(&host).unwrap();
+    let layer = ConformanceAttention
+        .build_impl(AttentionParams::new(2, 64))
+        .unwrap();
+    let on_host = TensorView::from_slice(&host, [1, 16, 2, 64]).unwrap();
+    let on_device = TensorView::from_cuda(&dev, [1, 16, 2, 64]).unwrap();
+    let meta = AttentionMetadata::default();
+    let err = layer
+        .forward(&on_device, &on_host, &on_host, &meta)
+        .unwrap_err();
+    assert!(matches!(err, SdpaError::Residence(_)), "{err}");
+    assert!(err.to_string().contains("host memory"), "{err}");
+
+    let mut out = vec![0.0f32; host.len()];
+    let mut out = TensorViewMut::from_slice(&mut out, [1, 16, 2, 64]).unwrap();
+    let err = layer
+        .forward_into(&on_device, &on_device, &on_device, &meta, &mut out)
+        .unwrap_err();
+    assert!(matches!(err, SdpaError::Residence(_)), "{err}");
+
+    let cpu = ConformanceAttention
+        .build_impl(AttentionParams::new(2, 64).backend(BackendKind::Cpu))
+        .unwrap();
+    let err = cpu
+        .forward(&on_device, &on_device, &on_device, &meta)
+        .unwrap_err();
+    assert!(
+        matches!(err, SdpaError::BackendUnavailable { backend: "cpu", .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn short_device_buffers_are_refused() {
+    let Some(stream) = stream() else { return };
+    let dev = stream.alloc_zeros::<f32>(100).unwrap();
+    let err = TensorView::from_cuda(&dev, [1, 4, 2, 64]).unwrap_err();
+    assert!(err.to_string().contains("needs a buffer of 512"), "{err}");
+}
+
+#[test]
+fn the_module_cache_loads_each_variant_once_under_threads() {
+    let Some(stream) = stream() else { return };
+    let (b, s, h, d) = (1, 40, 2, 24);
+    let host = vec![f16::from_f32(0.25); b * s * h * d];
+    let dq = stream.clone_htod(&host).unwrap();
+    let layer = CacheProbe
+        .build_impl(AttentionParams::new(h, d).causal(true))
+        .unwrap();
+    let threads = 8;
+    let barrier = Barrier::new(threads);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let qv = TensorView::from_cuda(&dq, [b, s, h, d]).unwrap();
+                barrier.wait();
+                let out = layer
+                    .forward(&qv, &qv, &qv, &AttentionMetadata::default())
+                    .unwrap();
+                out.to_host().unwrap();
+            });
+        }
+    });
+    let entry = CacheProbe.variant_table().variants()[0]
+        .gpu_kernel()
+        .unwrap()
+        .entry();
+    let loads: Vec<_> = cuda::jit_loads()
+        .into_iter()
+        .filter(|l| l.entry == entry && l.ordinal == 0)
+        .collect();
+    assert_eq!(
+        loads.len(),
+        1,
+        "{entry} was JIT-loaded {} times",
+        loads.len()
+    );
+    for l in cuda::jit_loads() {
+        say(&format!(
+            "JIT {} on device {}: {:.1} ms, {} registers, {} bytes local memory",
+            l.entry,
+            l.ordinal,
+            l.elapsed.as_secs_f64() * 1e3,
+            l.registers,
+            l.local_bytes
+        ));
+    }
+}
+
+#[test]
+fn every_device_is_described() {
+    let Some(_) = stream() else { return };
+    let devices = cuda::devices().unwrap();
+    assert!(!devices.is_empty());
+    for d in &devices {
+        say(&format!(
+            "device {}: {} (sm_{}{}), {} MiB, {} SMs, {} KiB shared memory per block",
+            d.ordinal,
+            d.name,
+            d.compute_capability.0,
+            d.compute_capability.1,
+            d.total_memory >> 20,
+            d.multiprocessors,
+            d.max_shared_memory_per_block >> 10
+        ));
+        assert!(
+            d.compute_capability.0 >= 8,
+            "the kernels need sm_80 or later"
+        );
+    }
+}
