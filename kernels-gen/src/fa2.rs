@@ -76,15 +76,28 @@ impl Fa2Config {
         };
         let chunks = d / 8;
         let pitch_chunks = if chunks % 2 == 1 { chunks } else { chunks + 1 };
-        // Measured on an H100 (tests/gpu/ptx_harness.py, bf16, 2026-11-27):
-        // 8 warps of 16 rows (a 128-row Q block, so each K/V tile loaded
-        // from L2 serves twice the rows of a 4-warp CTA) with 128-key blocks
-        // ran d=128 at 330 TFLOP/s against 265-310 for 4 warps or 64-key
-        // blocks. Above 128 the S accumulators no longer fit beside O: 64
-        // keys and Q re-read from shared memory (237 registers at d=256, no
-        // spill; 294 TFLOP/s against 272 for 4 warps and 32 keys).
-        let (warps, m_tiles) = (8, 1);
-        let (block_n, q_in_regs) = if d <= 128 { (128, true) } else { (64, false) };
+        // Measured on an H100 (tests/gpu/ptx_harness.py, bf16, 2026-11-27;
+        // runs vary by about 5%):
+        // - 128 query rows per CTA: each K/V tile fetched from L2 serves
+        //   twice the rows of a 64-row CTA (64 rows: 265-300 TFLOP/s at
+        //   d=128, 128 rows: 330-345).
+        // - 4 warps of two 16-row tiles rather than 8 warps of one: every K
+        //   and V fragment read from shared memory feeds two products, and
+        //   ~250 registers x 128 threads let two CTAs share an SM, so one
+        //   CTA's softmax overlaps the other's products (8 warps: one CTA
+        //   per SM, 326 TFLOP/s; 4 x 2: 343 at d=128, 311 at d=64).
+        // - Q's fragments are re-read from shared memory; kept in
+        //   registers they spill at two tiles per warp.
+        // - 64-key blocks up to d=80, 32 above (64 spills 64 bytes at 128).
+        // - Above 128 two tiles per warp no longer fit: 8 warps of one tile,
+        //   64 keys (237 registers at d=256, 294-311 TFLOP/s against 272
+        //   for 4 warps and 32 keys).
+        let (warps, m_tiles, block_n) = match d {
+            0..=80 => (4, 2, 64),
+            81..=128 => (4, 2, 32),
+            _ => (8, 1, 64),
+        };
+        let q_in_regs = false;
         Fa2Config {
             d,
             ab,
@@ -242,7 +255,13 @@ impl Emitter {
     fn advance(&mut self, s: &Stream) {
         let k = &mut self.k;
         k.bin_to(BinOp::Add, Ty::U64, s.src, s.src, s.block_step);
-        k.bin_to(BinOp::Add, Ty::U32, s.grow, s.grow, Self::u(self.cfg.block_n));
+        k.bin_to(
+            BinOp::Add,
+            Ty::U32,
+            s.grow,
+            s.grow,
+            Self::u(self.cfg.block_n),
+        );
     }
 
     /// Issues `cp.async` copies of the stream's next `rows` rows into its
@@ -448,20 +467,12 @@ impl Emitter {
         let v_lane = k.mad(Ty::U32, v_row, Self::u(pitch), sv);
         let v_lane = k.mad(Ty::U32, hi16, Operand::U(16), v_lane);
 
-        // This thread's rows in the scores: g and g + 8 of each m-tile;
-        // rows[2·mt + half].
+        // This thread's rows in the scores are g and g + 8 of each m-tile:
+        // row0 + row_offset(r) for r = 2·mt + half. They are recomputed
+        // where needed rather than held: registers are the limit here.
         let row0 = k.bin(BinOp::Add, Ty::U32, warp_row, g);
         let row0 = k.bin(BinOp::Add, Ty::U32, row0, q0);
-        let rows: Vec<Reg> = (0..2 * mts)
-            .map(|r| {
-                k.bin(
-                    BinOp::Add,
-                    Ty::U32,
-                    row0,
-                    Self::u(16 * (r / 2) + 8 * (r % 2)),
-                )
-            })
-            .collect();
+        let row_offset = |r: usize| Self::u(16 * (r / 2) + 8 * (r % 2));
 
         // Number of key blocks: causal CTAs stop at their last row.
         let key_end = if cfg.causal {
@@ -473,20 +484,13 @@ impl Emitter {
         let n_blocks = k.bin(BinOp::Add, Ty::U32, key_end, Self::u(bn - 1));
         let n_blocks = k.bin(BinOp::Div, Ty::U32, n_blocks, Self::u(bn));
 
-        // Mask rows (f32 bias), if a mask was passed.
+        // The mask (f32 bias) of this (batch, head), if a mask was passed.
         let has_mask = k.setp(Cmp::Ne, Ty::U64, m_ptr, Operand::U(0));
-        let mask_rows: Vec<Reg> = {
+        let mask_head = {
             let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
             let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
             let off = k.bin(BinOp::Mul, Ty::U64, b64, msb);
-            let off = k.mad(Ty::U64, h64, msh, off);
-            rows.iter()
-                .map(|&r| {
-                    let r64 = k.cvt(None, Ty::U64, Ty::U32, r);
-                    let o = k.mad(Ty::U64, r64, msq, off);
-                    k.mad(Ty::U64, o, Operand::U(4), m_ptr)
-                })
-                .collect()
+            k.mad(Ty::U64, h64, msh, off)
         };
 
         // ---- prologue: Q and K(0) ----
@@ -553,7 +557,9 @@ impl Emitter {
 
         // 2. S = Q·Kᵀ: each K fragment serves every m-tile; the first k-step
         //    accumulates onto zeros instead of clearing S.
-        let zeros: Vec<Reg> = (0..4).map(|_| self.k.mov(Ty::F32, Operand::F32(0.0))).collect();
+        let zeros: Vec<Reg> = (0..4)
+            .map(|_| self.k.mov(Ty::F32, Operand::F32(0.0)))
+            .collect();
         for kk in 0..k_steps {
             let tail = kk == k16_steps;
             let a: Vec<Vec<Reg>> = (0..mts)
@@ -587,7 +593,11 @@ impl Emitter {
                     for (mt, a) in a.iter().enumerate() {
                         let acc0 = s_acc[mt][2 * pair].clone();
                         let acc1 = s_acc[mt][2 * pair + 1].clone();
-                        let (c0, c1) = if kk == 0 { (&zeros, &zeros) } else { (&acc0, &acc1) };
+                        let (c0, c1) = if kk == 0 {
+                            (&zeros, &zeros)
+                        } else {
+                            (&acc0, &acc1)
+                        };
                         self.mma_into(MmaShape::M16N8K16, &acc0, a, &b[0..2], c0);
                         self.mma_into(MmaShape::M16N8K16, &acc1, a, &b[2..4], c1);
                     }
@@ -631,15 +641,23 @@ impl Emitter {
             let skip_bias = k.label("no_bias");
             // Additive mask, in the log2 domain.
             k.branch_if(has_mask, true, &skip_bias);
+            let mut row_in = Vec::new();
+            let mut mask_rows = Vec::new();
+            for r in 0..2 * mts {
+                let row = k.bin(BinOp::Add, Ty::U32, row0, row_offset(r));
+                row_in.push(k.setp(Cmp::Lt, Ty::U32, row, seq_q));
+                let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
+                let o = k.mad(Ty::U64, r64, msq, mask_head);
+                mask_rows.push(k.mad(Ty::U64, o, Operand::U(4), m_ptr));
+            }
             for (mt, tiles) in s_acc.iter().enumerate() {
                 for (t, acc) in tiles.iter().enumerate() {
                     for (e, &s) in acc.iter().enumerate() {
                         let r = 2 * mt + e / 2;
                         let key = k.bin(BinOp::Add, Ty::U32, kbase, Self::u(8 * t + e % 2));
                         let kin = k.setp(Cmp::Lt, Ty::U32, key, seq_k);
-                        let rin = k.setp(Cmp::Lt, Ty::U32, rows[r], seq_q);
                         let ok = k.reg(Ty::Pred);
-                        k.bin_to(BinOp::And, Ty::Pred, ok, kin, rin);
+                        k.bin_to(BinOp::And, Ty::Pred, ok, kin, row_in[r]);
                         let key64 = k.cvt(None, Ty::U64, Ty::U32, key);
                         let addr = k.mad(Ty::U64, key64, Operand::U(4), mask_rows[r]);
                         let bias = k.mov(Ty::F32, Operand::F32(0.0));
@@ -659,6 +677,9 @@ impl Emitter {
             }
             k.push(Instr::Label(skip_bias));
             // Keys past Sk, and (causal) keys after the row, do not exist.
+            let rows: Vec<Reg> = (0..2 * mts)
+                .map(|r| k.bin(BinOp::Add, Ty::U32, row0, row_offset(r)))
+                .collect();
             for (mt, tiles) in s_acc.iter().enumerate() {
                 for (t, acc) in tiles.iter().enumerate() {
                     for (e, &s) in acc.iter().enumerate() {
@@ -678,7 +699,7 @@ impl Emitter {
         // Row maxima over the block, across the quad; rescale factors.
         let mut shift = Vec::new();
         let mut alpha = Vec::new();
-        for r in 0..2 * mts {
+        for (r, &m_old) in m_run.iter().enumerate() {
             let (mt, half) = (r / 2, r % 2);
             let mut m = self.k.mov(Ty::F32, neg_inf.clone());
             for acc in &s_acc[mt] {
@@ -687,15 +708,15 @@ impl Emitter {
             }
             let m = self.quad_reduce(m, BinOp::Max);
             let k = &mut self.k;
-            let m_new = k.bin(BinOp::Max, Ty::F32, m_run[r], m);
+            let m_new = k.bin(BinOp::Max, Ty::F32, m_old, m);
             // A row that has seen only hidden keys keeps max -inf; shifting
             // by 0 keeps ex2(-inf - -inf) = NaN out and makes every hidden
             // weight exactly 0.
             let none = k.setp(Cmp::Eq, Ty::F32, m_new, neg_inf.clone());
             let sh = k.selp(Ty::F32, Operand::F32(0.0), m_new, none);
-            let diff = k.bin(BinOp::Sub, Ty::F32, m_run[r], sh);
+            let diff = k.bin(BinOp::Sub, Ty::F32, m_old, sh);
             let a = k.un(UnOp::Ex2, Ty::F32, diff);
-            k.mov_to(Ty::F32, m_run[r], m_new);
+            k.mov_to(Ty::F32, m_old, m_new);
             shift.push(sh);
             alpha.push(a);
         }
@@ -713,8 +734,8 @@ impl Emitter {
                 }
             }
         }
-        for r in 0..2 * mts {
-            k.mad_to(Ty::F32, l_run[r], l_run[r], alpha[r], block_sum[r]);
+        for ((&l, &a), &b) in l_run.iter().zip(&alpha).zip(&block_sum) {
+            k.mad_to(Ty::F32, l, l, a, b);
         }
         for (mt, tiles) in o_acc.iter().enumerate() {
             for acc in tiles {
@@ -756,23 +777,19 @@ impl Emitter {
 
         // 5. O += P·V(n): each V fragment serves every m-tile.
         for kk in 0..n_tiles_s / 2 {
+            let a_k: Vec<Vec<Reg>> = p_frags.iter().map(|p| p[kk].clone()).collect();
             for pair in 0..n_tiles_o / 2 {
                 let b = self.ldmatrix(4, true, v_lane, kk * 16 * pitch + pair * 32);
-                for mt in 0..mts {
-                    let acc0 = o_acc[mt][2 * pair].clone();
-                    let acc1 = o_acc[mt][2 * pair + 1].clone();
-                    let a = p_frags[mt][kk].clone();
-                    self.mma(MmaShape::M16N8K16, &acc0, &a, &b[0..2]);
-                    self.mma(MmaShape::M16N8K16, &acc1, &a, &b[2..4]);
+                for (acc, a) in o_acc.iter().zip(&a_k) {
+                    self.mma(MmaShape::M16N8K16, &acc[2 * pair].clone(), a, &b[0..2]);
+                    self.mma(MmaShape::M16N8K16, &acc[2 * pair + 1].clone(), a, &b[2..4]);
                 }
             }
             if n_tiles_o % 2 == 1 {
                 let last = n_tiles_o - 1;
                 let b = self.ldmatrix(2, true, v_lane, kk * 16 * pitch + last * 16);
-                for mt in 0..mts {
-                    let acc = o_acc[mt][last].clone();
-                    let a = p_frags[mt][kk].clone();
-                    self.mma(MmaShape::M16N8K16, &acc, &a, &b);
+                for (acc, a) in o_acc.iter().zip(&a_k) {
+                    self.mma(MmaShape::M16N8K16, &acc[last].clone(), a, &b);
                 }
             }
         }
@@ -787,15 +804,16 @@ impl Emitter {
         k.push(Instr::CpAsyncWait(0));
         let tq4 = k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(2));
         let tq4 = k.cvt(None, Ty::U64, Ty::U32, tq4);
-        for r in 0..2 * mts {
+        for (r, &l) in l_run.iter().enumerate() {
             let (mt, half) = (r / 2, r % 2);
-            let sum = self.quad_reduce(l_run[r], BinOp::Add);
+            let sum = self.quad_reduce(l, BinOp::Add);
             let k = &mut self.k;
             let empty = k.setp(Cmp::Eq, Ty::F32, sum, Operand::F32(0.0));
             let inv = k.un(UnOp::Rcp, Ty::F32, sum);
             k.selp_to(Ty::F32, inv, Operand::F32(0.0), inv, empty);
-            let inside = k.setp(Cmp::Lt, Ty::U32, rows[r], seq_q);
-            let r64 = k.cvt(None, Ty::U64, Ty::U32, rows[r]);
+            let row = k.bin(BinOp::Add, Ty::U32, row0, row_offset(r));
+            let inside = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
+            let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
             let addr = k.mad(Ty::U64, r64, o_stride, o_base);
             let addr = k.bin(BinOp::Add, Ty::U64, addr, tq4);
             for (t, acc) in o_acc[mt].iter().enumerate() {
@@ -855,7 +873,7 @@ mod tests {
         assert!(k.ptx.contains("ex2.approx.ftz.f32"));
         assert!(!k.ptx.contains("m16n8k8"), "128 needs no k8 tail");
         assert_eq!(k.block_m, 128);
-        assert_eq!(k.smem_bytes, (128 + 2 * 128) * 272);
+        assert_eq!(k.smem_bytes, (128 + 2 * 32) * 272);
     }
 
     #[test]
