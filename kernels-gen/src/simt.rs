@@ -9,11 +9,10 @@
 //! (batch, head), following the launch contract of [`crate::gpu`].
 //!
 //! - **Rows to lanes.** Each query row is owned by a group of `lanes`
-//!   consecutive lanes (4, or 8 for head sizes above 128), and each group
-//!   owns `rows` rows (4 for head sizes up to 64, 2 up to 128 and for the
-//!   larger ones that split over 8 lanes, 1 otherwise). A lane holds
-//!   `D / lanes` columns of each of its rows' `q` (pre-multiplied by
-//!   `scale·log2(e)`) and of their output accumulators, in registers. Its
+//!   consecutive lanes and each group owns `rows` rows ([`Plan::new`] picks
+//!   them per head size: 4 × 4 for 64, 8 × 4 for 128, 16 × 4 for 256). A
+//!   lane holds `D / lanes` columns of each of its rows' `q` (pre-multiplied
+//!   by `scale·log2(e)`) and of their output accumulators, in registers. Its
 //!   columns are interleaved in chunks of `width` (4 or 2) floats: chunk `c`
 //!   of lane `t` is columns `(c·lanes + t)·width ..`, so the lanes of a group
 //!   read one contiguous run of shared memory (no bank conflicts) and every
@@ -29,7 +28,7 @@
 //!   SM by registers, and no opt-in above 48 KB is needed).
 //! - **Groups of keys.** A tile is processed in groups of `group` (8) keys
 //!   by a run-time loop, which keeps the unrolled code of one iteration
-//!   small (at most about two thousand instructions). For each key every
+//!   small (about 1,500 instructions at most). For each key every
 //!   lane computes its partial dot product over its columns and `log2(lanes)`
 //!   `shfl.sync.bfly` steps complete it in every lane of the group; then the
 //!   mask (only when the mask pointer is non-null; a uniform branch) and the
@@ -54,6 +53,16 @@
 //! 16 bytes: every row start must be 16-byte aligned (base pointers and
 //! strides times the element size multiples of 16 bytes). The mask is read
 //! one `f32` at a time and needs no alignment beyond 4 bytes.
+//!
+//! # Testing without a GPU
+//!
+//! The unit tests run the emitted instruction list through a small lock-step
+//! interpreter of one CTA (uniform branches and full-warp shuffles are
+//! asserted, every global access is bounds-checked, shared memory starts as
+//! NaN) and compare with a float64 reference: ragged lengths, GQA, causal
+//! with `Sq` above and below `Sk`, dense and broadcast masks, fully masked
+//! rows and NaN rows, in all three element types. With `PTXAS` set they also
+//! assemble a sample of variants for sm_80 and sm_90 and require zero spills.
 
 use crate::gpu::{declare_params, GpuKernel, PARAMS, SCALE_PARAM};
 use crate::ptx::{
@@ -86,25 +95,49 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// The plan of head size `d` (a multiple of 8 in 8..=256).
+    /// The plan of head size `d` (a multiple of 8 in 8..=256): the
+    /// (lanes, rows) split with the least shared-memory and shuffle traffic
+    /// per FMA, within the register budget.
     ///
-    /// Registers per thread are about `2·rows·d/lanes` (q and accumulators)
-    /// `+ rows·group` (scores) `+ ~50`: at most about 200, under the 255 that
-    /// 128-thread CTAs allow. Head sizes above 128 that are odd multiples of
-    /// 8 (136, 152, ...) cannot split over 8 lanes in pairs, so they use one
-    /// row per quad.
+    /// Per key, a lane loads `2·d/lanes` floats of K and V from shared
+    /// memory, runs `rows·log2(lanes)` shuffles and `2·rows·d/lanes` FMAs.
+    /// On H100 the loads cost in proportion to the bytes each thread reads
+    /// (a broadcast `ld.shared.v4` takes as long as four scalar ones), so
+    /// the cost per FMA is `(2·d/lanes + rows·log2(lanes)) / (2·rows·d/lanes)`.
+    /// Measured (f32, H100, 1×24×4096², d=128): 4 lanes × 2 rows 25.7
+    /// TFLOP/s, 8 × 4 30.7, 16 × 4 20.5; d=256: 8 × 2 22.7, 16 × 4 26.0;
+    /// d=64: 4 × 4 32.9, 8 × 4 23.6 — the model's order.
+    ///
+    /// Budget: `rows·d/lanes` (q, and again the accumulators) at most 72
+    /// registers and `rows·group` scores at most 32, which ptxas fits in
+    /// 255 registers without spilling; 32 to 128 rows per CTA.
     pub fn new(d: u32) -> Plan {
-        let (lanes, rows) = if d <= 64 {
-            (4, 4)
-        } else if d <= 128 {
-            (4, 2)
-        } else if d % 16 == 0 {
-            (8, 2)
-        } else {
-            (4, 1)
-        };
+        let mut best: Option<(f64, Plan)> = None;
+        for lanes in [2, 4, 8, 16] {
+            if !d.is_multiple_of(2 * lanes) {
+                continue;
+            }
+            for rows in [1, 2, 4] {
+                let p = Plan::with(d, lanes, rows);
+                let per_row = rows * d / lanes;
+                if per_row > 72 || rows * p.group > 32 || !(32..=128).contains(&p.block_m()) {
+                    continue;
+                }
+                let traffic = 2.0 * d as f64 / lanes as f64 + (rows * lanes.ilog2()) as f64;
+                let cost = traffic / (2 * per_row) as f64;
+                if best.is_none_or(|(c, _)| cost < c) {
+                    best = Some((cost, p));
+                }
+            }
+        }
+        best.expect("every head size has a plan").1
+    }
+
+    /// The plan of head size `d` with `lanes` lanes per row and `rows`
+    /// rows per lane group.
+    pub fn with(d: u32, lanes: u32, rows: u32) -> Plan {
         let per_lane = d / lanes;
-        let width = if per_lane % 4 == 0 { 4 } else { 2 };
+        let width = if per_lane.is_multiple_of(4) { 4 } else { 2 };
         let group = 8;
         let tile = (TILE_BYTES / (2 * 4 * d) / group * group).clamp(group, 64);
         Plan {
@@ -652,6 +685,9 @@ impl Emitter {
 
     /// One group of `group` keys starting at key `jg`, whose K row 0 (this
     /// lane's first column) is at shared address `gsm`.
+    // Rows index several per-row arrays at once (scores, limits, mask rows,
+    // softmax state): plain index loops read best.
+    #[allow(clippy::needless_range_loop)]
     fn group_body(&mut self, ctx: &Ctx, jg: Reg, gsm: Reg) {
         let plan = self.plan;
         let (lanes, rows, width, gk) = (
@@ -843,7 +879,11 @@ impl Emitter {
         let (ohead, ostride) = self.head_base(o_ptr, os, b64, h64, les);
         for r in 0..rows as usize {
             let k = &mut self.k;
-            let row = k.bin(BinOp::Add, Ty::U32, base_row, u(r as u32 * THREADS / lanes));
+            let row = if r == 0 {
+                base_row
+            } else {
+                k.bin(BinOp::Add, Ty::U32, base_row, u(r as u32 * THREADS / lanes))
+            };
             let valid = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
             let empty = k.setp(Cmp::Eq, Ty::F32, ctx.l[r], f(0.0));
             let inv = k.un(UnOp::Rcp, Ty::F32, ctx.l[r]);
@@ -873,10 +913,17 @@ mod tests {
         VariantSpec::new(d, causal, dtype).unwrap()
     }
 
-    /// The variants the ptxas check covers.
+    /// The variants the ptxas check covers: a sample of head sizes, or
+    /// every one when `SIMT_ALL_HEAD_SIZES` is set.
     fn sample() -> Vec<VariantSpec> {
         let mut out = Vec::new();
-        for d in [8, 40, 64, 80, 128, 136, 256] {
+        let all = std::env::var_os("SIMT_ALL_HEAD_SIZES").is_some();
+        let sizes: Vec<usize> = if all {
+            (8..=256).step_by(8).collect()
+        } else {
+            vec![8, 40, 64, 72, 80, 128, 136, 144, 256]
+        };
+        for d in sizes {
             for causal in [false, true] {
                 for dtype in [DType::F32, DType::F16, DType::BF16] {
                     out.push(spec(d, causal, dtype));
@@ -933,6 +980,47 @@ mod tests {
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 
+    /// Writes the sample's PTX and a `manifest.json` of launch metadata
+    /// (the format of `tests/gpu/ptx_harness.py`) into `SIMT_PTX_DIR` when
+    /// that is set, for running these kernels on a GPU.
+    #[test]
+    fn writes_ptx_for_the_gpu_harness_when_asked() {
+        let Some(dir) = std::env::var_os("SIMT_PTX_DIR") else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // `SIMT_PLAN=lanes,rows` overrides the plan (for experiments).
+        let forced: Option<(u32, u32)> = std::env::var("SIMT_PLAN").ok().map(|p| {
+            let v: Vec<u32> = p.split(',').map(|x| x.parse().unwrap()).collect();
+            (v[0], v[1])
+        });
+        let mut manifest = Vec::new();
+        for s in sample() {
+            let mut k = generate(&s, Target::Sm80);
+            if let Some((lanes, rows)) = forced {
+                let d = s.head_size as u32;
+                if !d.is_multiple_of(lanes * 2) {
+                    continue;
+                }
+                let plan = Plan::with(d, lanes, rows);
+                k.ptx = Module::new(Target::Sm80)
+                    .kernel(build(&s, plan))
+                    .to_string();
+                k.block_m = plan.block_m();
+                k.smem_bytes = plan.smem_bytes();
+            }
+            std::fs::write(dir.join(format!("{}.ptx", k.entry)), &k.ptx).unwrap();
+            manifest.push(format!(
+                "{{\"entry\": \"{}\", \"head_size\": {}, \"causal\": {}, \"dtype\": \"{}\", \
+                 \"block_m\": {}, \"threads\": {}, \"smem_bytes\": {}}}",
+                k.entry, s.head_size, s.causal, s.dtype, k.block_m, k.threads, k.smem_bytes
+            ));
+        }
+        let text = format!("[\n{}\n]\n", manifest.join(",\n"));
+        std::fs::write(dir.join("manifest.json"), text).unwrap();
+    }
+
     // ---- text checks ----
 
     #[test]
@@ -963,7 +1051,9 @@ mod tests {
             assert!(!t.contains("mma") && !t.contains("ldmatrix") && !t.contains("cp.async"));
             assert!(!t.contains(".aligned"));
             // Shuffles are never predicated.
-            assert!(!t.lines().any(|l| l.trim_start().starts_with('@') && l.contains("shfl")));
+            assert!(!t
+                .lines()
+                .any(|l| l.trim_start().starts_with('@') && l.contains("shfl")));
             match dtype {
                 DType::F32 => {
                     assert!(t.contains("ld.global.nc.v4.f32") || t.contains("ld.global.nc.v2.f32"))
@@ -990,10 +1080,20 @@ mod tests {
             assert_eq!(p.tile % p.group, 0, "{p:?}");
             assert!(p.block_m() >= 32 && p.block_m() <= 128, "{p:?}");
             // q and the accumulators in registers stay within budget.
-            assert!(2 * p.rows * d / p.lanes + p.rows * p.group <= 160, "{p:?}");
+            assert!(
+                p.rows * d / p.lanes <= 72 && p.rows * p.group <= 32,
+                "{p:?}"
+            );
         }
-        assert_eq!(Plan::new(128).tile, 32);
-        assert_eq!(Plan::new(256).tile, 16);
+        let shape = |d| {
+            let p = Plan::new(d);
+            (p.lanes, p.rows, p.width, p.tile, p.block_m())
+        };
+        assert_eq!(shape(64), (4, 4, 4, 64, 128));
+        assert_eq!(shape(128), (8, 4, 4, 32, 64));
+        assert_eq!(shape(256), (16, 4, 4, 16, 32));
+        assert_eq!(shape(80), (8, 4, 2, 48, 64));
+        assert_eq!(shape(136), (4, 2, 2, 24, 64));
     }
 
     // ---- an interpreter of the emitted instructions ----
@@ -1070,7 +1170,10 @@ mod tests {
         for x in [0.0f32, 1.0, -2.5, 65504.0, 1e-7, 0.1, 3.0e-5, -7.0e4] {
             let h = f32_to_f16(x);
             let back = f16_to_f32(h);
-            assert!((back - x).abs() <= x.abs() * 1e-3 + 6e-8 || back.is_infinite(), "{x} {back}");
+            assert!(
+                (back - x).abs() <= x.abs() * 1e-3 + 6e-8 || back.is_infinite(),
+                "{x} {back}"
+            );
         }
         assert_eq!(f32_to_f16(1.0 + 2f32.powi(-11)), 0x3c00); // tie to even
         assert_eq!(f32_to_f16(1.0 + 3.0 * 2f32.powi(-11)), 0x3c02);
@@ -1124,7 +1227,6 @@ mod tests {
     struct Cta<'a> {
         body: &'a [Instr],
         labels: &'a HashMap<String, usize>,
-        slots: &'a HashMap<Reg, usize>,
         params: &'a HashMap<String, u64>,
         ctaid: [u32; 3],
         regs: Vec<Vec<u64>>,
@@ -1138,7 +1240,7 @@ mod tests {
         fn read(&self, op: &Operand, t: usize) -> u64 {
             match op {
                 Operand::Reg(r) => {
-                    let s = self.slots[r];
+                    let s = r.id as usize;
                     assert!(self.init[s][t], "read of unset register {r}");
                     self.regs[s][t]
                 }
@@ -1149,8 +1251,8 @@ mod tests {
                 Operand::Special(Special::CtaIdX) => self.ctaid[0] as u64,
                 Operand::Special(Special::CtaIdY) => self.ctaid[1] as u64,
                 Operand::Special(Special::CtaIdZ) => self.ctaid[2] as u64,
+                #[allow(unreachable_patterns)]
                 Operand::Special(other) => panic!("the interpreter does not know {other}"),
-                Operand::Special(Special::NCtaIdX) => panic!("the interpreter has no grid size"),
                 Operand::Symbol(s) => {
                     assert_eq!(s, "smem");
                     0
@@ -1158,7 +1260,7 @@ mod tests {
             }
         }
         fn write(&mut self, r: Reg, t: usize, v: u64) {
-            let s = self.slots[&r];
+            let s = r.id as usize;
             self.regs[s][t] = v;
             self.init[s][t] = true;
         }
@@ -1210,8 +1312,8 @@ mod tests {
                         }
                     }
                     i => {
-                        for t in 0..N {
-                            if active[t] {
+                        for (t, &on) in active.iter().enumerate() {
+                            if on {
                                 self.exec(i, t, mem);
                             }
                         }
@@ -1233,7 +1335,11 @@ mod tests {
                 }
                 Instr::Mov { ty, dst, src } => {
                     let v = self.read(src, t);
-                    let v = if bytes_of(*ty) == 8 { v } else { v & 0xffff_ffff };
+                    let v = if bytes_of(*ty) == 8 {
+                        v
+                    } else {
+                        v & 0xffff_ffff
+                    };
                     self.write(*dst, t, v);
                 }
                 Instr::Bin { op, ty, dst, a, b } => {
@@ -1251,21 +1357,23 @@ mod tests {
                             let (x, y) = (x as u32, y as u32);
                             match op {
                                 BinOp::MulWide => x as u64 * y as u64,
-                                _ => (match op {
-                                    BinOp::Add => x.wrapping_add(y),
-                                    BinOp::Sub => x.wrapping_sub(y),
-                                    BinOp::Mul => x.wrapping_mul(y),
-                                    BinOp::Min => x.min(y),
-                                    BinOp::Max => x.max(y),
-                                    BinOp::And => x & y,
-                                    BinOp::Or => x | y,
-                                    BinOp::Xor => x ^ y,
-                                    BinOp::Shl => x.checked_shl(y).unwrap_or(0),
-                                    BinOp::Shr => x.checked_shr(y).unwrap_or(0),
-                                    BinOp::Div => x / y,
-                                    BinOp::Rem => x % y,
-                                    BinOp::MulWide => unreachable!(),
-                                }) as u64,
+                                _ => {
+                                    (match op {
+                                        BinOp::Add => x.wrapping_add(y),
+                                        BinOp::Sub => x.wrapping_sub(y),
+                                        BinOp::Mul => x.wrapping_mul(y),
+                                        BinOp::Min => x.min(y),
+                                        BinOp::Max => x.max(y),
+                                        BinOp::And => x & y,
+                                        BinOp::Or => x | y,
+                                        BinOp::Xor => x ^ y,
+                                        BinOp::Shl => x.checked_shl(y).unwrap_or(0),
+                                        BinOp::Shr => x.checked_shr(y).unwrap_or(0),
+                                        BinOp::Div => x / y,
+                                        BinOp::Rem => x % y,
+                                        BinOp::MulWide => unreachable!(),
+                                    }) as u64
+                                }
                             }
                         }
                         Ty::S32 => {
@@ -1628,18 +1736,21 @@ mod tests {
             (c.scale * std::f32::consts::LOG2_E).to_bits() as u64,
         );
 
+        // Renumber the registers densely over all classes, so that a
+        // register's id is its slot.
         let mut labels = HashMap::new();
-        let mut slots = HashMap::new();
-        let note = |r: Reg, slots: &mut HashMap<Reg, usize>| {
-            let n = slots.len();
-            slots.entry(r).or_insert(n);
-        };
-        for (pc, i) in body.iter().enumerate() {
+        let mut slots: HashMap<Reg, u32> = HashMap::new();
+        let mut body = body.to_vec();
+        for (pc, i) in body.iter_mut().enumerate() {
             if let Instr::Label(l) = i {
                 labels.insert(l.clone(), pc);
             }
-            regs_of(i, &mut |r| note(r, &mut slots));
+            regs_of(i, &mut |r| {
+                let n = slots.len() as u32;
+                r.id = *slots.entry(*r).or_insert(n);
+            });
         }
+        let body = &body[..];
 
         let block_m = plan.block_m() as usize;
         for bz in 0..b {
@@ -1648,7 +1759,6 @@ mod tests {
                     let mut cta = Cta {
                         body,
                         labels: &labels,
-                        slots: &slots,
                         params: &params,
                         ctaid: [bx as u32, hy as u32, bz as u32],
                         regs: vec![vec![0; N]; slots.len()],
@@ -1706,7 +1816,10 @@ mod tests {
                     for (x, &want) in out.iter().enumerate() {
                         let got = get(&mem, c.dtype, o_ptr, qrow + x);
                         if want.is_nan() {
-                            assert!(got.is_nan(), "{c:?}: ({bi},{i},{h},{x}) want NaN, got {got}");
+                            assert!(
+                                got.is_nan(),
+                                "{c:?}: ({bi},{i},{h},{x}) want NaN, got {got}"
+                            );
                         } else if mx == f64::NEG_INFINITY {
                             assert_eq!(got.to_bits(), 0, "{c:?}: masked row ({bi},{i},{h})");
                         } else {
@@ -1728,71 +1841,71 @@ mod tests {
         err
     }
 
-    /// Every register an instruction names.
-    fn regs_of(i: &Instr, f: &mut dyn FnMut(Reg)) {
-        let op = |o: &Operand, f: &mut dyn FnMut(Reg)| {
+    /// Applies `f` to every register an instruction names.
+    fn regs_of(i: &mut Instr, f: &mut dyn FnMut(&mut Reg)) {
+        let op = |o: &mut Operand, f: &mut dyn FnMut(&mut Reg)| {
             if let Operand::Reg(r) = o {
-                f(*r)
+                f(r)
             }
         };
         match i {
             Instr::Guard { pred, instr, .. } => {
-                f(*pred);
+                f(pred);
                 regs_of(instr, f);
             }
-            Instr::LdParam { dst, .. } => f(*dst),
+            Instr::LdParam { dst, .. } => f(dst),
             Instr::Mov { dst, src, .. } => {
-                f(*dst);
+                f(dst);
                 op(src, f);
             }
             Instr::Bin { dst, a, b, .. } | Instr::Setp { dst, a, b, .. } => {
-                f(*dst);
+                f(dst);
                 op(a, f);
                 op(b, f);
             }
             Instr::Mad { dst, a, b, c, .. } => {
-                f(*dst);
+                f(dst);
                 op(a, f);
                 op(b, f);
                 op(c, f);
             }
             Instr::Un { dst, a, .. } => {
-                f(*dst);
+                f(dst);
                 op(a, f);
             }
             Instr::Selp {
                 dst, a, b, pred, ..
             } => {
-                f(*dst);
+                f(dst);
                 op(a, f);
                 op(b, f);
-                f(*pred);
+                f(pred);
             }
             Instr::Cvt { dst, src, .. } => {
-                f(*dst);
+                f(dst);
                 op(src, f);
             }
             Instr::CvtPack { dst, hi, lo, .. } => {
-                f(*dst);
-                f(*hi);
-                f(*lo);
+                f(dst);
+                f(hi);
+                f(lo);
             }
             Instr::Unpack { lo, hi, src } => {
-                f(*lo);
-                f(*hi);
-                f(*src);
+                f(lo);
+                f(hi);
+                f(src);
             }
             Instr::Ld { dst, addr, .. } => {
-                dst.iter().for_each(|&r| f(r));
-                op(&addr.base, f);
+                dst.iter_mut().for_each(&mut *f);
+                op(&mut addr.base, f);
             }
             Instr::St { src, addr, .. } => {
-                src.iter().for_each(|&r| f(r));
-                op(&addr.base, f);
+                src.iter_mut().for_each(&mut *f);
+                op(&mut addr.base, f);
             }
             Instr::ShflBfly { dst, src, .. } => {
-                f(*dst);
-                f(*src);
+                f(dst);
+                f(src);
             }
             _ => {}
         }
