@@ -1,6 +1,10 @@
-//! `bf16` inputs on CPUs with AVX-512 BF16: both products as `vdpbf16ps`
-//! dot products of `bf16` pairs accumulated in `f32`, twice the multiply
-//! rate of `f32` FMA, with no widening of keys and values.
+//! `bf16` and `f16` inputs on CPUs with AVX-512 BF16: both products as
+//! `vdpbf16ps` dot products of `bf16` pairs accumulated in `f32`, twice the
+//! multiply rate of `f32` FMA. `bf16` is used as it is; `f16` is converted
+//! (F16C to `f32`, then `vcvtneps2bf16`, rounding to nearest even) once per
+//! block, which keeps 8 of its 11 significant bits: the same input precision
+//! as `bf16` inputs, well inside their tolerance (relative L2 error 2e-2),
+//! for 1.6 times the `f32` path's speed.
 //!
 //! - Queries: panel-major pairs, `[D/2][PANEL]` 32-bit words holding
 //!   `(q[2p], q[2p+1])` of one row each, read straight from the input and
@@ -18,6 +22,37 @@ use std::arch::x86_64::*;
 
 use super::kernel::{prefetch_ahead, qk_tile_scale, Ctx, Products, PANEL};
 use super::simd::{Avx512, Simd};
+use crate::DType;
+
+/// Reads `D` elements at `off` of a `bf16` or `f16` buffer as `bf16` bits
+/// into `dst`.
+///
+/// # Safety
+/// `off..off + D` is inside the buffer; `dst` holds `D`; `D` is a multiple
+/// of 8; the CPU has AVX-512 BF16 and F16C.
+#[inline(always)]
+unsafe fn row_bf16<const D: usize>(dtype: DType, src: *const u8, off: usize, dst: *mut u16) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let src = src.cast::<u16>().add(off);
+        if dtype == DType::F16 {
+            let mut d = 0;
+            while d + 16 <= D {
+                let x = _mm512_cvtph_ps(_mm256_loadu_si256(src.add(d).cast()));
+                let y: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(x));
+                _mm256_storeu_si256(dst.add(d).cast(), y);
+                d += 16;
+            }
+            if d < D {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(src.add(d).cast()));
+                let y: __m128i = std::mem::transmute(_mm256_cvtneps_pbh(x));
+                _mm_storeu_si128(dst.add(d).cast(), y);
+            }
+        } else {
+            std::ptr::copy_nonoverlapping(src, dst, D);
+        }
+    }
+}
 
 /// The `bf16`-pair products. Only used inside `#[target_feature]` entry
 /// points that enable `avx512bf16`, behind an [`Avx512`] token whose
@@ -147,23 +182,22 @@ impl Products<Avx512> for Bf16Dot {
         qt: *mut f32,
         r: usize,
         off: Option<usize>,
-        _tmp: *mut f32,
+        tmp: *mut f32,
     ) {
         let dst = qt
             .cast::<u32>()
             .wrapping_add((r / PANEL) * D * PANEL + r % PANEL);
+        let row = tmp.cast::<u16>();
+        if let Some(off) = off {
+            // SAFETY: the caller's contract; `tmp` holds D floats, so 2D
+            // bf16.
+            unsafe { row_bf16::<D>(ctx.dtype, ctx.q.ptr, off, row) };
+        }
         for p in 0..D / 2 {
             let pair = match off {
-                // SAFETY: elements `off + 2p, off + 2p + 1` of q (the
-                // caller's contract), read as one little-endian word.
-                Some(off) => unsafe {
-                    ctx.q
-                        .ptr
-                        .cast::<u16>()
-                        .add(off + 2 * p)
-                        .cast::<u32>()
-                        .read_unaligned()
-                },
+                // SAFETY: elements `2p, 2p + 1` of the converted row, read as
+                // one little-endian word.
+                Some(_) => unsafe { row.add(2 * p).cast::<u32>().read_unaligned() },
                 None => 0,
             };
             // SAFETY: pair row `p` of the panel, lane `r % PANEL`.
@@ -185,7 +219,11 @@ impl Products<Avx512> for Bf16Dot {
         dp: usize,
     ) {
         let (k16, v2) = (kw.cast::<u16>(), vw.cast::<u32>());
-        let (kp, vp) = (ctx.k.ptr.cast::<u16>(), ctx.v.ptr.cast::<u16>());
+        // Two converted value rows, in the last part of `vw`'s pair rows
+        // that this block does not use (`bk` rows of `dp` words hold the
+        // `n/2` pair rows and, past them, at least two rows of D).
+        let spare = v2.wrapping_add(n.div_ceil(2) * dp).cast::<u16>();
+        let (ra, rb) = (spare, spare.wrapping_add(D));
         for j in 0..n.div_ceil(MK) * MK {
             prefetch_ahead::<Avx512, D>(s, ctx, b, kvh, j0 + j, key_end);
             // SAFETY: key row `j` of `kw` (the caller's contract), read
@@ -193,8 +231,8 @@ impl Products<Avx512> for Bf16Dot {
             unsafe {
                 let dst = k16.add(j * D);
                 if j < n {
-                    let src = kp.add(ctx.k.layout.offset(b, j0 + j, kvh));
-                    std::ptr::copy_nonoverlapping(src, dst, D);
+                    let off = ctx.k.layout.offset(b, j0 + j, kvh);
+                    row_bf16::<D>(ctx.dtype, ctx.k.ptr, off, dst);
                 } else {
                     std::ptr::write_bytes(dst, 0, D);
                 }
@@ -206,18 +244,22 @@ impl Products<Avx512> for Bf16Dot {
             // `jp` of `vw`, `dp` words (the caller's contract: `vw` holds
             // `n` rows of `dp` floats, and `n.div_ceil(2) <= n`).
             unsafe {
-                let a = vp.add(ctx.v.layout.offset(b, j0 + j, kvh));
                 let second = j + 1 < n;
-                let bsrc = if second {
-                    vp.add(ctx.v.layout.offset(b, j0 + j + 1, kvh))
-                } else {
-                    a
-                };
+                row_bf16::<D>(
+                    ctx.dtype,
+                    ctx.v.ptr,
+                    ctx.v.layout.offset(b, j0 + j, kvh),
+                    ra,
+                );
+                if second {
+                    let off = ctx.v.layout.offset(b, j0 + j + 1, kvh);
+                    row_bf16::<D>(ctx.dtype, ctx.v.ptr, off, rb);
+                }
                 let dst = v2.add(jp * dp);
                 for d in (0..D).step_by(8) {
-                    let va = _mm_loadu_si128(a.add(d).cast());
+                    let va = _mm_loadu_si128(ra.add(d).cast());
                     let vb = if second {
-                        _mm_loadu_si128(bsrc.add(d).cast())
+                        _mm_loadu_si128(rb.add(d).cast())
                     } else {
                         _mm_setzero_si128()
                     };
