@@ -1,12 +1,38 @@
 #!/usr/bin/env bash
 # The project's test command (README: "Test"): formatting, lints, then every
-# test, doctest and compile-fail case of the workspace.
+# test, doctest and compile-fail case of the workspace, with ptxas at hand so
+# that every declared variant's PTX is assembled for sm_80 and sm_90.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Finds ptxas and exports SDPA_PTXAS for the PTX assembly test
+# (sdpa-cli/tests/ptxas.rs): $SDPA_PTXAS if set, else ptxas on PATH, else the
+# one in NVIDIA's nvidia-cuda-nvcc wheel, installed once into a cached venv.
+# No GPU and no CUDA toolkit needed. When none can be had, the test fails
+# under CI=true and says it skipped elsewhere.
+ensure_ptxas() {
+  if [ -n "${SDPA_PTXAS:-}" ] && [ -x "$SDPA_PTXAS" ]; then return 0; fi
+  if command -v ptxas >/dev/null 2>&1; then
+    SDPA_PTXAS=$(command -v ptxas); export SDPA_PTXAS; return 0
+  fi
+  local venv="${XDG_CACHE_HOME:-$HOME/.cache}/sdpa-ptxas-venv" found
+  found=$(find "$venv" -type f -name ptxas -perm -u+x 2>/dev/null | head -n 1 || true)
+  if [ -z "$found" ]; then
+    echo "== installing ptxas (pip nvidia-cuda-nvcc) into $venv"
+    { [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"; } &&
+      { "$venv/bin/pip" install --quiet --disable-pip-version-check nvidia-cuda-nvcc ||
+        "$venv/bin/pip" install --quiet --disable-pip-version-check nvidia-cuda-nvcc-cu12; } ||
+      echo "warning: could not install ptxas; the PTX assembly test will say so"
+    found=$(find "$venv" -type f -name ptxas -perm -u+x 2>/dev/null | head -n 1 || true)
+  fi
+  if [ -n "$found" ]; then SDPA_PTXAS=$found; export SDPA_PTXAS; fi
+}
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+ensure_ptxas
+echo "== ptxas: ${SDPA_PTXAS:-none}"
 echo "== cargo test"
 cargo test --workspace --locked
