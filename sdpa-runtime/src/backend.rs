@@ -5,9 +5,9 @@ use crate::error::{Result, SdpaError};
 use crate::metadata::AttentionMetadata;
 use crate::params::AttentionParams;
 use crate::problem::Problem;
-use crate::select::{select, BackendKind, Residence};
+use crate::select::{select, BackendKind, Residence, Selection};
 use crate::tensor::{Tensor, TensorView, TensorViewMut};
-use crate::variant::VariantTable;
+use crate::variant::{Variant, VariantTable};
 
 /// A set of compiled attention variants, as FastVideo's `AttentionBackend`.
 ///
@@ -164,11 +164,12 @@ impl AttentionImpl for SdpaImpl {
         metadata: &AttentionMetadata<'_>,
     ) -> Result<Tensor> {
         let p = self.problem(q, k, v, metadata)?;
+        let (variant, selection) = self.plan(&p)?;
         let mut out = match p.residence() {
             Residence::Host => Tensor::zeros(p.dtype(), p.out_shape()),
             _ => crate::cuda::alloc_output(&p)?,
         };
-        self.run(&p, &mut out.view_mut())?;
+        self.run(&p, variant, &selection, &mut out.view_mut())?;
         Ok(out)
     }
 
@@ -182,17 +183,29 @@ impl AttentionImpl for SdpaImpl {
     ) -> Result<()> {
         let p = self.problem(q, k, v, metadata)?;
         p.check_output(out)?;
-        self.run(&p, out)
+        let (variant, selection) = self.plan(&p)?;
+        self.run(&p, variant, &selection, out)
     }
 }
 
 impl SdpaImpl {
-    /// Picks the variant and backend for a checked problem and runs it.
-    fn run(&self, p: &Problem<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
+    /// Picks the variant and the backend for a checked problem.
+    fn plan(&self, p: &Problem<'_>) -> Result<(&'static Variant, Selection)> {
         let variant = self
             .table
             .find(p.head_size, self.params.causal, p.dtype())?;
         let selection = select(self.request, p.residence())?;
+        Ok((variant, selection))
+    }
+
+    /// Runs the planned variant and backend.
+    fn run(
+        &self,
+        p: &Problem<'_>,
+        variant: &Variant,
+        selection: &Selection,
+        out: &mut TensorViewMut<'_>,
+    ) -> Result<()> {
         tracing::debug!(
             layer = %self.params.prefix,
             variant = %variant.spec(),
