@@ -48,7 +48,10 @@ fn main() {
         for d in &args[2..] {
             let d: usize = d.parse().expect(usage);
             for causal in [false, true] {
-                for dtype in DType::ALL.into_iter().filter(|d| only.is_none_or(|o| o == *d)) {
+                for dtype in DType::ALL
+                    .into_iter()
+                    .filter(|d| only.is_none_or(|o| o == *d))
+                {
                     let spec = VariantSpec::new(d, causal, dtype).unwrap_or_else(|e| panic!("{e}"));
                     let k = kernel(&spec, tiles);
                     std::fs::write(dir.join(format!("{}.ptx", k.entry)), &k.ptx).unwrap();
