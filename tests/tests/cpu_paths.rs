@@ -3,7 +3,9 @@
 //! semantics that the error-path tests check on the default path (NaN stays
 //! in its row, no keys give zeros). `check` runs every supported path.
 
-use sdpa_runtime::cpu::{active_isa, block_k, block_q, detected_isa, with_isa, Isa, PANEL};
+use sdpa_runtime::cpu::{
+    active_isa, block_k, detected_isa, max_task_rows, task_rows, with_isa, Isa, PANEL,
+};
 use sdpa_runtime::prelude::*;
 use sdpa_tests::cases::{check, run_seed, Case, MaskKind};
 use sdpa_tests::consumer::ConformanceAttention;
@@ -28,13 +30,32 @@ fn the_detected_path_is_supported_and_every_path_can_be_forced() {
 }
 
 #[test]
+fn tasks_are_whole_panels_within_the_workspace() {
+    for d in [8, 64, 80, 128, 256] {
+        for (sq, heads) in [(1, 8), (257, 64), (2048, 8), (4096, 1), (300, 2)] {
+            let rows = task_rows(d, sq, heads, 2);
+            assert!(
+                rows.is_multiple_of(PANEL) && rows <= max_task_rows(d),
+                "{d} {sq} {heads}"
+            );
+        }
+    }
+    // CLIP's 257 tokens stay one task; the anchor shape makes 8 per head.
+    assert_eq!(task_rows(80, 257, 64, 2), 288);
+    assert_eq!(task_rows(128, 2048, 8, 2), 256);
+    // A single head is split so that both threads have work.
+    assert!(2048usize.div_ceil(task_rows(128, 2048, 1, 2)) >= 8);
+}
+
+#[test]
 fn query_blocks_panels_and_key_blocks_have_ragged_edges() {
     let seed = run_seed();
     let d = 64;
-    let (bq, bk) = (block_q(d), block_k(d));
-    // One row past a task, one past a panel, a key tail of one.
+    let bk = block_k(d);
+    // Two tasks with a ragged second one (16 heads need no further split),
+    // a panel and one row, and key tails of one.
     for causal in [false, true] {
-        let case = Case::new(1, bq + 1, 2 * bk + 1, 2, d).causal(causal);
+        let case = Case::new(2, max_task_rows(d) + 1, 2 * bk + 1, 8, d).causal(causal);
         on_cpu(&case, seed);
         let case = Case::new(2, PANEL + 1, bk - 1, 1, d).causal(causal);
         on_cpu(&case, seed);

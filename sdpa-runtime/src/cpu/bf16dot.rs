@@ -179,29 +179,32 @@ impl Products<Avx512> for Bf16Dot {
     unsafe fn pack_q<const D: usize>(
         _s: Avx512,
         ctx: &Ctx<'_>,
+        b: usize,
+        h: usize,
+        i: usize,
+        rows: usize,
         qt: *mut f32,
-        r: usize,
-        off: Option<usize>,
-        tmp: *mut f32,
+        scratch: *mut f32,
     ) {
-        let dst = qt
-            .cast::<u32>()
-            .wrapping_add((r / PANEL) * D * PANEL + r % PANEL);
-        let row = tmp.cast::<u16>();
-        if let Some(off) = off {
-            // SAFETY: the caller's contract; `tmp` holds D floats, so 2D
-            // bf16.
-            unsafe { row_bf16::<D>(ctx.dtype, ctx.q.ptr, off, row) };
+        let (q2, tmp) = (qt.cast::<u32>(), scratch.cast::<u16>());
+        for r in 0..rows {
+            let off = ctx.q.layout.offset(b, i + r, h);
+            // SAFETY: the caller's contract: row (b, i + r, h) of q; row `r`
+            // of `scratch` (PANEL·D floats hold PANEL rows of 2D bf16).
+            unsafe { row_bf16::<D>(ctx.dtype, ctx.q.ptr, off, tmp.add(r * D)) };
         }
         for p in 0..D / 2 {
-            let pair = match off {
-                // SAFETY: elements `2p, 2p + 1` of the converted row, read as
-                // one little-endian word.
-                Some(_) => unsafe { row.add(2 * p).cast::<u32>().read_unaligned() },
-                None => 0,
-            };
-            // SAFETY: pair row `p` of the panel, lane `r % PANEL`.
-            unsafe { *dst.add(p * PANEL) = pair };
+            for r in 0..PANEL {
+                let pair = if r < rows {
+                    // SAFETY: elements `2p, 2p + 1` of converted row `r`,
+                    // read as one little-endian word.
+                    unsafe { tmp.add(r * D + 2 * p).cast::<u32>().read_unaligned() }
+                } else {
+                    0
+                };
+                // SAFETY: pair row `p` of the panel, lane `r`.
+                unsafe { *q2.add(p * PANEL + r) = pair };
+            }
         }
     }
 

@@ -60,6 +60,28 @@ pub const fn block_q(d: usize) -> usize {
     }
 }
 
+/// The most query rows a task may take: [`block_q`] plus one panel, so that
+/// a sequence slightly longer than a block (CLIP's 257 tokens) stays one
+/// task rather than a full task and a one-row task that converts every key
+/// and value again for a single query.
+pub const fn max_task_rows(d: usize) -> usize {
+    block_q(d) + PANEL
+}
+
+/// Query rows per task for `seq_q` queries of head size `d`, when
+/// `heads` (batch × query heads) share `threads` threads: as few tasks as
+/// [`max_task_rows`] allows (each task converts the keys and values once),
+/// but at least four per thread while a task keeps two panels or more, so
+/// that work stealing can even out the load. A multiple of [`PANEL`].
+pub fn task_rows(d: usize, seq_q: usize, heads: usize, threads: usize) -> usize {
+    let seq_q = seq_q.max(1);
+    let mut blocks = seq_q.div_ceil(max_task_rows(d));
+    let wanted = (4 * threads).div_ceil(heads.max(1));
+    let most = (seq_q / (2 * PANEL)).max(1);
+    blocks = blocks.max(wanted.min(most));
+    seq_q.div_ceil(blocks).div_ceil(PANEL) * PANEL
+}
+
 /// Keys per block for head size `d`: one panel's scores (`BK × PANEL`
 /// floats) take at most half of L1, and the widened key and value blocks
 /// (`2·BK·D` floats) at most an eighth of L2. 120 keys at `D = 128`, 60 at
@@ -169,7 +191,7 @@ impl Parts {
 /// of `w` lanes with `r`-row output tiles.
 pub(crate) fn workspace_lines(d: usize, w: usize, r: usize) -> usize {
     let dp = d.div_ceil(w) * w;
-    Parts::new(d, dp, block_q(d), block_k(d), r).total / 16
+    Parts::new(d, dp, max_task_rows(d), block_k(d), r).total / 16
 }
 
 /// Reads `D` elements at `off` of `src` into `dst` as `f32`.
@@ -390,19 +412,25 @@ unsafe fn pv_chunk<S: Simd, const R: usize, const CMAX: usize>(
 /// `bf16` on CPUs with AVX-512 BF16, as `bf16` pairs for `vdpbf16ps`
 /// (`bf16dot.rs`). Scores, softmax and the running output are `f32` in both.
 pub(crate) trait Products<S: Simd> {
-    /// Stores query row `r` of the task (read at `off`; `None` for a padding
-    /// lane, stored as zeros) into its lane of the panel-major `qt`.
+    /// Packs query rows `i..i + rows` (`rows <= PANEL`) of head (b, h) into
+    /// the panel at `qt`, padding lanes with zeros. The rows are first
+    /// copied into `scratch` one after another, so that their loads overlap
+    /// (the transposition between two row loads would serialise the cache
+    /// misses of rows that lie a token stride apart).
     ///
     /// # Safety
-    /// `off..off + D` is inside q's buffer; `qt` holds the panel of row `r`;
-    /// `tmp` holds `D` floats.
+    /// The rows are inside q's buffer; `qt` holds a panel; `scratch` holds
+    /// `PANEL·D` floats.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn pack_q<const D: usize>(
         s: S,
         ctx: &Ctx<'_>,
+        b: usize,
+        h: usize,
+        i: usize,
+        rows: usize,
         qt: *mut f32,
-        r: usize,
-        off: Option<usize>,
-        tmp: *mut f32,
+        scratch: *mut f32,
     );
 
     /// Loads keys and values `j0..j0 + n` of kv head `kvh` into `kw` and
@@ -473,27 +501,29 @@ impl<S: Simd> Products<S> for F32Products {
     unsafe fn pack_q<const D: usize>(
         s: S,
         ctx: &Ctx<'_>,
+        b: usize,
+        h: usize,
+        i: usize,
+        rows: usize,
         qt: *mut f32,
-        r: usize,
-        off: Option<usize>,
-        tmp: *mut f32,
+        scratch: *mut f32,
     ) {
-        let dst = qt_at(qt, D, r);
-        match off {
-            Some(off) => {
-                // SAFETY: the caller's contract; element d of lane r is
-                // `PANEL·d` past `dst`.
-                unsafe { read_row::<S, D>(s, ctx.dtype, ctx.q.ptr, off, tmp) };
-                for d in 0..D {
-                    // SAFETY: as above.
-                    unsafe { *dst.add(d * PANEL) = *tmp.add(d) * ctx.scale };
-                }
-            }
-            None => {
-                for d in 0..D {
-                    // SAFETY: as above.
-                    unsafe { *dst.add(d * PANEL) = 0.0 };
-                }
+        for r in 0..rows {
+            let off = ctx.q.layout.offset(b, i + r, h);
+            // SAFETY: the caller's contract: row (b, i + r, h) of q, row `r`
+            // of `scratch`.
+            unsafe { read_row::<S, D>(s, ctx.dtype, ctx.q.ptr, off, scratch.add(r * D)) };
+        }
+        for d in 0..D {
+            for r in 0..PANEL {
+                let x = if r < rows {
+                    // SAFETY: row `r < rows` of `scratch`.
+                    unsafe { *scratch.add(r * D + d) * ctx.scale }
+                } else {
+                    0.0
+                };
+                // SAFETY: element `d` of lane `r` of the panel.
+                unsafe { *qt.add(d * PANEL + r) = x };
             }
         }
     }
@@ -621,22 +651,28 @@ pub(crate) fn prefetch_ahead<S: Simd, const D: usize>(
 ) {
     let ahead = j + PREFETCH_ROWS;
     if ahead < key_end {
-        let esize = match ctx.dtype {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
-        };
-        let kp = ctx
-            .k
-            .ptr
-            .wrapping_add(ctx.k.layout.offset(b, ahead, kvh) * esize);
-        let vp = ctx
-            .v
-            .ptr
-            .wrapping_add(ctx.v.layout.offset(b, ahead, kvh) * esize);
-        for line in (0..D * esize).step_by(64) {
-            s.prefetch(kp.wrapping_add(line));
-            s.prefetch(vp.wrapping_add(line));
-        }
+        prefetch_row::<S, D>(s, ctx, &ctx.k, b, ahead, kvh);
+        prefetch_row::<S, D>(s, ctx, &ctx.v, b, ahead, kvh);
+    }
+}
+
+/// Prefetches row (b, t, h) of `src` (a hint: never reads).
+#[inline(always)]
+fn prefetch_row<S: Simd, const D: usize>(
+    s: S,
+    ctx: &Ctx<'_>,
+    src: &Src,
+    b: usize,
+    t: usize,
+    h: usize,
+) {
+    let esize = match ctx.dtype {
+        DType::F32 => 4,
+        DType::F16 | DType::BF16 => 2,
+    };
+    let p = src.ptr.wrapping_add(src.layout.offset(b, t, h) * esize);
+    for line in (0..D * esize).step_by(64) {
+        s.prefetch(p.wrapping_add(line));
     }
 }
 
@@ -668,8 +704,8 @@ pub(crate) unsafe fn run_task<
     let dp = D.div_ceil(w) * w;
     let bq = ctx.bq;
     let bk = block_k(D);
-    let parts = Parts::new(D, dp, block_q(D), bk, R);
-    debug_assert!(ws.len() * 16 >= parts.total && bq <= block_q(D));
+    let parts = Parts::new(D, dp, max_task_rows(D), bk, R);
+    debug_assert!(ws.len() * 16 >= parts.total && bq <= max_task_rows(D));
     let base = ws.as_mut_ptr().cast::<f32>();
     // SAFETY (all offsets below): the parts lie inside `ws` (checked by the
     // caller against `workspace_lines`) and do not overlap.
@@ -697,12 +733,29 @@ pub(crate) unsafe fn run_task<
     let rows = bq.min(ctx.seq_q - i0);
     let lanes = rows.div_ceil(PANEL) * PANEL;
 
-    // Queries, packed panel-major; padding lanes are zero.
-    for r in 0..lanes {
-        let off = (r < rows).then(|| ctx.q.layout.offset(b, i0 + r, h));
-        // SAFETY: row (b, i0 + r, h) lies inside q's buffer; `qt` holds
-        // `bq / PANEL >= lanes / PANEL` panels; `tmp` holds D floats.
-        unsafe { P::pack_q::<D>(s, ctx, qt, r, off, tmp) };
+    // The first key and value rows, while the queries are packed.
+    let key_end = if ctx.causal {
+        ctx.seq_k.min(i0 + rows)
+    } else {
+        ctx.seq_k
+    };
+    for j in 0..PREFETCH_ROWS.min(key_end) {
+        prefetch_row::<S, D>(s, ctx, &ctx.k, b, j, kvh);
+        prefetch_row::<S, D>(s, ctx, &ctx.v, b, j, kvh);
+    }
+    // Queries, packed panel-major; padding lanes are zero. `kw` (at least
+    // PANEL rows of D) is free until the first key block.
+    debug_assert!(bk >= PANEL);
+    for p0 in (0..lanes).step_by(PANEL) {
+        let prows = PANEL.min(rows.saturating_sub(p0));
+        // The next panel's rows, while this one is packed.
+        for r in p0 + PANEL..(p0 + 2 * PANEL).min(rows) {
+            prefetch_row::<S, D>(s, ctx, &ctx.q, b, i0 + r, h);
+        }
+        // SAFETY: rows `i0 + p0..+prows` of head (b, h) lie inside q's
+        // buffer; `qt` holds `max_task_rows(D) / PANEL` panels; `kw` holds
+        // `bk >= PANEL` rows of D floats.
+        unsafe { P::pack_q::<D>(s, ctx, b, h, i0 + p0, prows, qt_at(qt, D, p0), kw) };
     }
     for r in 0..lanes {
         // SAFETY: `o` has `bq + R` rows of `dp`; `m`, `l`, `alpha` have
@@ -718,12 +771,7 @@ pub(crate) unsafe fn run_task<
     }
 
     // Top-left causal: row i sees keys j <= i, so keys past the last row
-    // are never loaded.
-    let key_end = if ctx.causal {
-        ctx.seq_k.min(i0 + rows)
-    } else {
-        ctx.seq_k
-    };
+    // (`key_end`, above) are never loaded.
     let mut j0 = 0;
     while j0 < key_end {
         let n = bk.min(key_end - j0);

@@ -7,8 +7,8 @@
 //! The path is detected once ([`detected_isa`]); `SDPA_CPU_ISA` or
 //! [`with_isa`] pick another (tests run every path).
 //!
-//! Work is split into tasks of one (batch, query head, block of up to
-//! [`block_q`] queries) and spread over rayon's thread pool, whose threads
+//! Work is split into tasks of one (batch, query head, block of
+//! [`task_rows`] queries, at most [`max_task_rows`]) and spread over rayon's thread pool, whose threads
 //! persist between calls. Each task widens the keys and values to `f32` a
 //! block of [`block_k`] keys at a time, once for all its query rows, and
 //! keeps a running maximum, a running sum and an `f32` accumulator per query
@@ -36,7 +36,7 @@ use crate::problem::Problem;
 use crate::tensor::TensorViewMut;
 
 pub use isa::{active_isa, detected_isa, with_isa, Isa, CPU_ISA_ENV};
-pub use kernel::{block_k, block_q, L1D_BYTES, L2_BYTES, PANEL};
+pub use kernel::{block_k, block_q, max_task_rows, task_rows, L1D_BYTES, L2_BYTES, PANEL};
 
 use kernel::{Ctx, F32Products, Line, Src};
 
@@ -74,7 +74,12 @@ pub fn attention<const D: usize, const CAUSAL: bool, T: Element>(
         .host_slice_mut::<T>()
         .ok_or_else(|| not_host("the output"))?;
 
-    let bq = block_q(D);
+    let bq = kernel::task_rows(
+        D,
+        p.seq_q,
+        p.batch * p.heads_q,
+        rayon::current_num_threads(),
+    );
     let q_blocks = p.seq_q.div_ceil(bq);
     let tasks = p.batch * p.heads_q * q_blocks;
     if tasks == 0 || D == 0 {
