@@ -253,7 +253,9 @@ mod x86 {
     }
 
     /// One task on AVX2: 6 keys × 16 queries per score tile (12 `ymm`
-    /// accumulators), 4 rows × up to 3 vectors per output tile.
+    /// accumulators), 4 rows × up to 2 vectors per output tile (4 × 3
+    /// needs all 16 registers, and LLVM then spills an accumulator inside
+    /// the FMA chain: half the speed).
     ///
     /// # Safety
     /// As `kernel::run_task`; `s` proves the features.
@@ -265,6 +267,6 @@ mod x86 {
         task: usize,
     ) {
         // SAFETY: the caller's contract.
-        unsafe { kernel::run_task::<Avx2, F32Products, D, 6, 2, AVX2_R, 3>(s, ctx, ws, task) }
+        unsafe { kernel::run_task::<Avx2, F32Products, D, 6, 2, AVX2_R, 2>(s, ctx, ws, task) }
     }
 }
