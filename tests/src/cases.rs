@@ -28,9 +28,13 @@ pub enum Placement {
     /// `[B, H, S, D]` memory seen as `[B, S, H, D]` (FastVideo's transposed
     /// views).
     HeadMajor,
-    /// Row-major with gaps: each head row is followed by 8 unused elements
-    /// and each token by one unused row.
+    /// Row-major with gaps: each head row is followed by 8 unused elements,
+    /// each token by one unused row and each batch by 8 elements. Rows stay
+    /// 16-byte aligned, as the CUDA kernels require of device tensors.
     Gapped,
+    /// Gaps of odd sizes: rows start at any element. The CPU takes these;
+    /// the CUDA backend packs such host tensors before staging them.
+    Unaligned,
 }
 
 impl Placement {
@@ -42,7 +46,12 @@ impl Placement {
             Placement::Gapped => {
                 let row = d + 8;
                 let tok = (h + 1) * row;
-                [s * tok + 3, tok, row, 1]
+                [s * tok + 8, tok, row, 1]
+            }
+            Placement::Unaligned => {
+                let row = d + 1;
+                let tok = h * row + 3;
+                [s * tok + 5, tok, row, 1]
             }
         };
         let len = if b * s * h * d == 0 {

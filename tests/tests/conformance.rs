@@ -102,6 +102,7 @@ fn transposed_and_gapped_layouts() {
             Placement::Contiguous,
             Placement::HeadMajor,
             Placement::Gapped,
+            Placement::Unaligned,
         ];
         for input in placements {
             for output in placements {

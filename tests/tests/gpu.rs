@@ -259,6 +259,36 @@ fn forward_on_device_tensors_returns_a_device_tensor() {
 }
 
 #[test]
+fn misaligned_device_rows_are_an_error_not_a_fault() {
+    let Some(stream) = stream() else { return };
+    let (b, s, h, d) = (2, 16, 2, 64);
+    // A batch stride of an odd number of elements: rows of batch 1 start off
+    // a 16-byte boundary.
+    let strides = [s * h * d + 1, h * d, d, 1];
+    let n = strides[0] + s * h * d;
+    let host = vec![half::bf16::from_f32(0.5); n];
+    let dq = upload(&stream, &host);
+    let mut dout = upload(&stream, &host);
+    let layer = ConformanceAttention
+        .build_impl(AttentionParams::new(h, d))
+        .unwrap();
+    let q = TensorView::from_cuda_with_strides(&dq, [b, s, h, d], strides).unwrap();
+    let mut out = TensorViewMut::from_cuda_with_strides(&mut dout, [b, s, h, d], strides).unwrap();
+    let err = layer
+        .forward_into(&q, &q, &q, &AttentionMetadata::new(0), &mut out)
+        .unwrap_err();
+    assert!(err.to_string().contains("16-byte"), "{err}");
+    // The context is still usable: an aligned call right after works.
+    let aligned = [s * h * d, h * d, d, 1];
+    let q = TensorView::from_cuda_with_strides(&dq, [b, s, h, d], aligned).unwrap();
+    let mut out = TensorViewMut::from_cuda_with_strides(&mut dout, [b, s, h, d], aligned).unwrap();
+    layer
+        .forward_into(&q, &q, &q, &AttentionMetadata::new(0), &mut out)
+        .unwrap();
+    stream.synchronize().unwrap();
+}
+
+#[test]
 fn tensors_in_different_places_are_refused() {
     let Some(stream) = stream() else { return };
     let host = vec![0.5f32; 16 * 2 * 64];

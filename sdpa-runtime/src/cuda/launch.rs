@@ -91,6 +91,25 @@ pub(crate) fn arguments(
     ])
 }
 
+/// The kernels move 16-byte vectors: every row `[b, s, h, ..]` of a tensor
+/// must start on a 16-byte boundary. Checked before launch, because a
+/// misaligned access is a sticky fault that ruins the context.
+pub(crate) fn check_rows_aligned(name: &str, ptr: u64, layout: &Layout, elem: usize) -> Result<()> {
+    let shape = layout.shape();
+    let strides = layout.strides();
+    let misaligned_stride = (0..3).find(|&i| shape[i] > 1 && !(strides[i] * elem).is_multiple_of(16));
+    if ptr.is_multiple_of(16) && misaligned_stride.is_none() {
+        return Ok(());
+    }
+    Err(SdpaError::Shape(format!(
+        "{name} has strides {strides:?} (elements of {elem} bytes) at device address {ptr:#x}; \
+         the CUDA kernels read 16-byte rows, so the buffer must be 16-byte aligned and the \
+         batch, token and head strides multiples of {} elements; make the tensor contiguous \
+         (or pad its rows) first",
+        16 / elem
+    )))
+}
+
 /// The grid of the contract, `(ceil(Sq / block_m), Hq, B)`, or an error
 /// when the problem does not fit a grid.
 pub(crate) fn grid(p: &Problem<'_>, kernel: &GpuKernel) -> Result<(u32, u32, u32)> {
@@ -203,6 +222,11 @@ pub(crate) fn attention(
         None => (0, None),
     };
     let (out_ptr, _out) = output_ptr(out_data, stream);
+    let elem = p.dtype().size_bytes();
+    check_rows_aligned("q", q, p.q.layout(), elem)?;
+    check_rows_aligned("k", k, p.k.layout(), elem)?;
+    check_rows_aligned("v", v, p.v.layout(), elem)?;
+    check_rows_aligned("out", out_ptr, &out_layout, elem)?;
     let ptrs = Pointers {
         q,
         k,

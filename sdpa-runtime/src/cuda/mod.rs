@@ -134,9 +134,9 @@ fn on_device(
     launch::attention(&function, kernel, stream, p, out, mask.as_ref())
 }
 
-/// Copies the host tensors of `p` to the device (keeping their strides, so
-/// the kernel reads the same layouts), runs there and copies the result
-/// into `out`, waiting for it.
+/// Copies the host tensors of `p` to the device, packed contiguously (so
+/// that any host strides meet the kernels' 16-byte row alignment), runs
+/// there and scatters the result into `out`, waiting for it.
 fn staged<T: Element>(
     kernel: &crate::GpuKernel,
     stream: &Arc<CudaStream>,
@@ -152,25 +152,17 @@ fn staged<T: Element>(
     };
     let upload = |name: &str, t: &TensorView<'_>| -> Result<CudaSlice<T>> {
         let host = t.host_slice::<T>().ok_or_else(|| not_host(name))?;
-        upload_slice(stream, &host[..t.layout().required_len()?], name)
+        upload_slice(stream, &pack(host, t.layout()), name)
     };
     let (q, k, v) = (upload("q", &p.q)?, upload("k", &p.k)?, upload("v", &p.v)?);
-    let n = out_layout.required_len()?;
-    let contiguous = out_layout == Layout::contiguous(out_layout.shape());
-    let host_out = out.host_slice_mut::<T>().ok_or_else(|| not_host("out"))?;
-    let host_out = &mut host_out[..n];
-    // A strided output keeps whatever lies between its elements: copy the
-    // whole span there and back, the kernel writes only the view.
-    let mut device_out = if contiguous {
-        stream
-            .alloc_zeros::<T>(n)
-            .map_err(|e| SdpaError::cuda(format_args!("allocating the output ({n} elements)"), e))?
-    } else {
-        upload_slice(stream, host_out, "out")?
-    };
+    let n = out_layout.numel();
+    let mut device_out = stream
+        .alloc_zeros::<T>(n)
+        .map_err(|e| SdpaError::cuda(format_args!("allocating the output ({n} elements)"), e))?;
+    let packed_out = Layout::contiguous(out_layout.shape());
     {
         fn view<'s, T: Element>(s: &'s CudaSlice<T>, t: &TensorView<'_>) -> Result<TensorView<'s>> {
-            TensorView::new_cuda(T::cuda(s.into()), *t.layout())
+            TensorView::new_cuda(T::cuda(s.into()), Layout::contiguous(t.layout().shape()))
         }
         let device_problem = Problem {
             q: view(&q, &p.q)?,
@@ -179,15 +171,45 @@ fn staged<T: Element>(
             ..*p
         };
         let mut device_view =
-            TensorViewMut::new_cuda(T::cuda_mut(CudaRefMut::from(&mut device_out)), out_layout)?;
+            TensorViewMut::new_cuda(T::cuda_mut(CudaRefMut::from(&mut device_out)), packed_out)?;
         on_device(kernel, stream, &device_problem, &mut device_view)?;
     }
-    stream
-        .memcpy_dtoh(&device_out, host_out)
+    let result: Vec<T> = stream
+        .clone_dtoh(&device_out)
         .map_err(|e| SdpaError::cuda("copying the result to the host", e))?;
     stream
         .synchronize()
-        .map_err(|e| SdpaError::cuda(format_args!("running {}", kernel.entry()), e))
+        .map_err(|e| SdpaError::cuda(format_args!("running {}", kernel.entry()), e))?;
+    let host_out = out.host_slice_mut::<T>().ok_or_else(|| not_host("out"))?;
+    let d = out_layout.head_size();
+    let [b, s, h, _] = out_layout.shape();
+    let mut rows = result.chunks_exact(d);
+    for bi in 0..b {
+        for si in 0..s {
+            for hi in 0..h {
+                let o = out_layout.offset(bi, si, hi);
+                if let Some(row) = rows.next() {
+                    host_out[o..o + d].copy_from_slice(row);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The elements of a host view, row-major `[B, S, H, D]`.
+fn pack<T: Element>(host: &[T], layout: &Layout) -> Vec<T> {
+    let [b, s, h, d] = layout.shape();
+    let mut out = Vec::with_capacity(layout.numel());
+    for bi in 0..b {
+        for si in 0..s {
+            for hi in 0..h {
+                let o = layout.offset(bi, si, hi);
+                out.extend_from_slice(&host[o..o + d]);
+            }
+        }
+    }
+    out
 }
 
 /// Copies `host` to a new device buffer (of at least one element: the
