@@ -132,7 +132,7 @@ fn dispatch<const D: usize>(isa: Isa, ctx: &Ctx<'_>, tasks: usize) {
         if isa == Isa::Avx512 {
             if let Some(s) = Avx512::detect() {
                 let lines = kernel::workspace_lines(D, 16, AVX512_R);
-                if ctx.dtype != crate::DType::F32 && s.has_bf16() {
+                if ctx.dtype == crate::DType::BF16 && s.has_bf16() {
                     // SAFETY: `s.has_bf16()` proves the extra feature of
                     // `x86::avx512_bf16_task`; otherwise as below.
                     return run_tasks(ctx, tasks, lines, |ws, t| unsafe {
@@ -235,12 +235,12 @@ mod x86 {
         unsafe { kernel::run_task::<Avx512, F32Products, D, 12, 2, AVX512_R, 3>(s, ctx, ws, task) }
     }
 
-    /// One task with `bf16` or `f16` inputs on AVX-512 BF16: the tiles of
+    /// One task with `bf16` inputs on AVX-512 BF16: the tiles of
     /// [`avx512_task`], each step a `vdpbf16ps` over a pair of elements.
     ///
     /// # Safety
     /// As `kernel::run_task`; `s` proves the AVX-512 features and
-    /// `s.has_bf16()` is true; `ctx.dtype` is `bf16` or `f16`.
+    /// `s.has_bf16()` is true; `ctx.dtype` is `bf16`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
     pub(super) unsafe fn avx512_bf16_task<const D: usize>(
         s: Avx512,
