@@ -97,7 +97,8 @@ pub(crate) fn arguments(
 pub(crate) fn check_rows_aligned(name: &str, ptr: u64, layout: &Layout, elem: usize) -> Result<()> {
     let shape = layout.shape();
     let strides = layout.strides();
-    let misaligned_stride = (0..3).find(|&i| shape[i] > 1 && !(strides[i] * elem).is_multiple_of(16));
+    let misaligned_stride =
+        (0..3).find(|&i| shape[i] > 1 && !(strides[i] * elem).is_multiple_of(16));
     if ptr.is_multiple_of(16) && misaligned_stride.is_none() {
         return Ok(());
     }
