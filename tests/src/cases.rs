@@ -190,6 +190,29 @@ impl Case {
         self
     }
 
+    /// `(B, Sq, Sk, Hq, Hkv, D)`.
+    pub fn dims(&self) -> (usize, usize, usize, usize, usize, usize) {
+        (
+            self.batch,
+            self.seq_q,
+            self.seq_k,
+            self.heads_q,
+            self.heads_kv,
+            self.head_size,
+        )
+    }
+
+    /// The layer parameters of the case (no backend chosen).
+    pub fn params(&self) -> AttentionParams {
+        let mut params = AttentionParams::new(self.heads_q, self.head_size)
+            .num_kv_heads(self.heads_kv)
+            .causal(self.causal);
+        if let Some(s) = self.scale {
+            params = params.softmax_scale(s);
+        }
+        params
+    }
+
     /// The tolerance on `‖out − ref‖ / ‖ref‖` for the case's dtype.
     pub fn tolerance(&self) -> f64 {
         match self.dtype {
@@ -493,91 +516,112 @@ pub fn check(backend: &dyn AttentionBackend, kind: BackendKind, case: &Case, see
     last.expect("every backend runs at least one path")
 }
 
-/// Runs `case` and returns the outcome without judging it.
+/// The inputs of a case: q, k and v with the case's placement (NaN
+/// between elements) and the mask, drawn from `seed`.
+pub struct CaseInputs<T> {
+    /// Queries.
+    pub q: GenTensor<T>,
+    /// Keys.
+    pub k: GenTensor<T>,
+    /// Values.
+    pub v: GenTensor<T>,
+    /// The mask, if the case has one.
+    pub mask: Option<GenMask>,
+}
+
+impl<T: Element> CaseInputs<T> {
+    /// Draws the inputs of `case`.
+    pub fn draw(case: &Case, seed: u64) -> CaseInputs<T> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (b, sq, sk, hq, hkv, d) = case.dims();
+        let (p, a) = (case.placement, case.amplitude);
+        let q = gen_tensor::<T>([b, sq, hq, d], p, a, &mut rng);
+        let k = gen_tensor::<T>([b, sk, hkv, d], p, a, &mut rng);
+        let v = gen_tensor::<T>([b, sk, hkv, d], p, a, &mut rng);
+        let mask = gen_mask(case, &mut rng);
+        CaseInputs { q, k, v, mask }
+    }
+
+    /// The metadata carrying the mask.
+    pub fn metadata(&self) -> Result<AttentionMetadata<'_>, SdpaError> {
+        let mut meta = AttentionMetadata::new(0);
+        if let Some(m) = &self.mask {
+            meta = meta.with_mask(AttnMask::new(m.data.data(), &m.shape)?);
+        }
+        Ok(meta)
+    }
+
+    /// Judges an output buffer laid out with `out_strides` (poisoned with
+    /// NaN before the call): every element outside the view must still be
+    /// NaN, and the view is compared with the float64 reference.
+    pub fn judge(&self, case: &Case, seed: u64, out_buf: &[T], out_strides: [usize; 4]) -> Outcome {
+        let (b, sq, sk, hq, hkv, d) = case.dims();
+        let mut out = Vec::with_capacity(b * sq * hq * d);
+        let mut written = vec![false; out_buf.len()];
+        for bi in 0..b {
+            for si in 0..sq {
+                for hi in 0..hq {
+                    let base = bi * out_strides[0] + si * out_strides[1] + hi * out_strides[2];
+                    for di in 0..d {
+                        out.push(out_buf[base + di].to_f32() as f64);
+                        written[base + di] = true;
+                    }
+                }
+            }
+        }
+        for (n, x) in out_buf.iter().enumerate() {
+            assert!(
+                written[n] || x.to_f32().is_nan(),
+                "{case:?} (seed {seed}): the kernel wrote outside the output view at offset {n}"
+            );
+        }
+        let mask = &self.mask;
+        let bias_fn = |bi: usize, hi: usize, i: usize, j: usize| {
+            mask.as_ref().unwrap().bias_at(sk, bi, hi, i, j)
+        };
+        let reference = reference::attention(&RefInputs {
+            q: &self.q.values,
+            k: &self.k.values,
+            v: &self.v.values,
+            batch: b,
+            seq_q: sq,
+            seq_k: sk,
+            heads_q: hq,
+            heads_kv: hkv,
+            d,
+            scale: case.scale.map_or(1.0 / (d as f64).sqrt(), |s| s as f64),
+            causal: case.causal,
+            bias: if mask.is_some() { Some(&bias_fn) } else { None },
+        });
+        Outcome {
+            rel_err: reference::rel_l2(&out, &reference),
+            out,
+            reference,
+        }
+    }
+}
+
+/// Runs `case` on host tensors through `forward_into` and returns the
+/// outcome without judging its error.
 pub fn run_typed<T: Element>(
     backend: &dyn AttentionBackend,
     kind: BackendKind,
     case: &Case,
     seed: u64,
 ) -> Result<Outcome, SdpaError> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let (b, sq, sk, hq, hkv, d) = (
-        case.batch,
-        case.seq_q,
-        case.seq_k,
-        case.heads_q,
-        case.heads_kv,
-        case.head_size,
-    );
-    let q = gen_tensor::<T>([b, sq, hq, d], case.placement, case.amplitude, &mut rng);
-    let k = gen_tensor::<T>([b, sk, hkv, d], case.placement, case.amplitude, &mut rng);
-    let v = gen_tensor::<T>([b, sk, hkv, d], case.placement, case.amplitude, &mut rng);
-    let mask = gen_mask(case, &mut rng);
-
-    let mut params = AttentionParams::new(hq, d)
-        .num_kv_heads(hkv)
-        .causal(case.causal)
-        .backend(kind);
-    if let Some(s) = case.scale {
-        params = params.softmax_scale(s);
-    }
-    let layer = backend.build_impl(params)?;
-    let qv = TensorView::with_strides(&q.buf, [b, sq, hq, d], q.strides)?;
-    let kv = TensorView::with_strides(&k.buf, [b, sk, hkv, d], k.strides)?;
-    let vv = TensorView::with_strides(&v.buf, [b, sk, hkv, d], v.strides)?;
-    let mut meta = AttentionMetadata::new(0);
-    if let Some(m) = &mask {
-        meta = meta.with_mask(AttnMask::new(m.data.data(), &m.shape)?);
-    }
-
+    let (b, sq, sk, hq, hkv, d) = case.dims();
+    let x = CaseInputs::<T>::draw(case, seed);
+    let layer = backend.build_impl(case.params().backend(kind))?;
+    let qv = TensorView::with_strides(&x.q.buf, [b, sq, hq, d], x.q.strides)?;
+    let kv = TensorView::with_strides(&x.k.buf, [b, sk, hkv, d], x.k.strides)?;
+    let vv = TensorView::with_strides(&x.v.buf, [b, sk, hkv, d], x.v.strides)?;
+    let meta = x.metadata()?;
     let out_shape = [b, sq, hq, d];
     let (out_strides, out_len) = case.out_placement.strides(out_shape);
-    let poison = T::from_f32(f32::NAN);
-    let mut out_buf = vec![poison; out_len];
+    let mut out_buf = vec![T::from_f32(f32::NAN); out_len];
     {
         let mut ov = TensorViewMut::with_strides(&mut out_buf, out_shape, out_strides)?;
         layer.forward_into(&qv, &kv, &vv, &meta, &mut ov)?;
     }
-    let mut out = Vec::with_capacity(b * sq * hq * d);
-    let mut written = vec![false; out_len];
-    for bi in 0..b {
-        for si in 0..sq {
-            for hi in 0..hq {
-                let base = bi * out_strides[0] + si * out_strides[1] + hi * out_strides[2];
-                for di in 0..d {
-                    out.push(out_buf[base + di].to_f32() as f64);
-                    written[base + di] = true;
-                }
-            }
-        }
-    }
-    for (n, x) in out_buf.iter().enumerate() {
-        assert!(
-            written[n] || x.to_f32().is_nan(),
-            "{case:?} (seed {seed}): the kernel wrote outside the output view at offset {n}"
-        );
-    }
-
-    let scale = case.scale.map_or(1.0 / (d as f64).sqrt(), |s| s as f64);
-    let bias_fn =
-        |bi: usize, hi: usize, i: usize, j: usize| mask.as_ref().unwrap().bias_at(sk, bi, hi, i, j);
-    let reference = reference::attention(&RefInputs {
-        q: &q.values,
-        k: &k.values,
-        v: &v.values,
-        batch: b,
-        seq_q: sq,
-        seq_k: sk,
-        heads_q: hq,
-        heads_kv: hkv,
-        d,
-        scale,
-        causal: case.causal,
-        bias: if mask.is_some() { Some(&bias_fn) } else { None },
-    });
-    Ok(Outcome {
-        rel_err: reference::rel_l2(&out, &reference),
-        out,
-        reference,
-    })
+    Ok(x.judge(case, seed, &out_buf, out_strides))
 }
