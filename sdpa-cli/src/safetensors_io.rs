@@ -12,7 +12,7 @@ use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 use sdpa_runtime::half::{bf16, f16};
-use sdpa_runtime::{AttnMask, OwnedData, SdpaError, Tensor};
+use sdpa_runtime::{AttnMask, OwnedData, OwnedMaskData, SdpaError, Tensor};
 
 use crate::error::{CliError, Result};
 
@@ -39,35 +39,14 @@ pub struct Case {
 /// An attention mask read from a file: owned elements and their shape.
 #[derive(Debug)]
 pub struct OwnedMask {
-    data: MaskBuffer,
+    data: OwnedMaskData,
     shape: Vec<usize>,
-}
-
-/// The owned elements of a mask, one variant per accepted dtype.
-#[derive(Debug)]
-enum MaskBuffer {
-    Bool(Vec<bool>),
-    U8(Vec<u8>),
-    I32(Vec<i32>),
-    I64(Vec<i64>),
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    BF16(Vec<bf16>),
 }
 
 impl OwnedMask {
     /// The mask as the runtime takes it; the runtime checks its shape.
     pub fn as_attn_mask(&self) -> Result<AttnMask<'_>, SdpaError> {
-        let shape = &self.shape;
-        match &self.data {
-            MaskBuffer::Bool(v) => AttnMask::new(v, shape),
-            MaskBuffer::U8(v) => AttnMask::new(v, shape),
-            MaskBuffer::I32(v) => AttnMask::new(v, shape),
-            MaskBuffer::I64(v) => AttnMask::new(v, shape),
-            MaskBuffer::F32(v) => AttnMask::new(v, shape),
-            MaskBuffer::F16(v) => AttnMask::new(v, shape),
-            MaskBuffer::BF16(v) => AttnMask::new(v, shape),
-        }
+        AttnMask::new(self.data.as_data(), &self.shape)
     }
 }
 
@@ -193,13 +172,15 @@ fn qkv_tensor(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<
 fn mask_tensor(view: &safetensors::tensor::TensorView<'_>) -> Result<OwnedMask> {
     let bytes = view.data();
     let data = match view.dtype() {
-        Dtype::BOOL => MaskBuffer::Bool(decode(bytes, |[b]: [u8; 1]| b != 0)),
-        Dtype::U8 => MaskBuffer::U8(bytes.to_vec()),
-        Dtype::I32 => MaskBuffer::I32(decode(bytes, i32::from_le_bytes)),
-        Dtype::I64 => MaskBuffer::I64(decode(bytes, i64::from_le_bytes)),
-        Dtype::F32 => MaskBuffer::F32(decode(bytes, f32::from_le_bytes)),
-        Dtype::F16 => MaskBuffer::F16(decode(bytes, |b| f16::from_bits(u16::from_le_bytes(b)))),
-        Dtype::BF16 => MaskBuffer::BF16(decode(bytes, |b| bf16::from_bits(u16::from_le_bytes(b)))),
+        Dtype::BOOL => OwnedMaskData::Bool(decode(bytes, |[b]: [u8; 1]| b != 0)),
+        Dtype::U8 => OwnedMaskData::U8(bytes.to_vec()),
+        Dtype::I32 => OwnedMaskData::I32(decode(bytes, i32::from_le_bytes)),
+        Dtype::I64 => OwnedMaskData::I64(decode(bytes, i64::from_le_bytes)),
+        Dtype::F32 => OwnedMaskData::F32(decode(bytes, f32::from_le_bytes)),
+        Dtype::F16 => OwnedMaskData::F16(decode(bytes, |b| f16::from_bits(u16::from_le_bytes(b)))),
+        Dtype::BF16 => {
+            OwnedMaskData::BF16(decode(bytes, |b| bf16::from_bits(u16::from_le_bytes(b))))
+        }
         other => {
             return Err(CliError::Input(format!(
                 "tensor \"attn_mask\" has dtype {other:?}; a mask must be BOOL, U8, I32, I64 \

@@ -49,7 +49,7 @@ pub use backend::{AttentionBackend, AttentionImpl, SdpaImpl};
 pub use element::Element;
 pub use error::{Result, SdpaError};
 pub use kernels_gen::{DType, VariantSpec};
-pub use mask::{AttnMask, MaskData, ResolvedMask};
+pub use mask::{AttnMask, MaskData, OwnedMaskData, ResolvedMask};
 pub use metadata::AttentionMetadata;
 pub use params::AttentionParams;
 pub use problem::Problem;

@@ -125,6 +125,41 @@ impl MaskData<'_> {
     }
 }
 
+/// The elements of a mask, owned: what a file reader or a generator makes
+/// before borrowing it as an [`AttnMask`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum OwnedMaskData {
+    /// `true` = attend.
+    Bool(Vec<bool>),
+    /// Non-zero = attend.
+    U8(Vec<u8>),
+    /// Non-zero = attend.
+    I32(Vec<i32>),
+    /// Non-zero = attend.
+    I64(Vec<i64>),
+    /// Added to the scores.
+    F32(Vec<f32>),
+    /// Added to the scores.
+    F16(Vec<f16>),
+    /// Added to the scores.
+    BF16(Vec<bf16>),
+}
+
+impl OwnedMaskData {
+    /// Borrows the elements.
+    pub fn as_data(&self) -> MaskData<'_> {
+        match self {
+            OwnedMaskData::Bool(v) => MaskData::Bool(v),
+            OwnedMaskData::U8(v) => MaskData::U8(v),
+            OwnedMaskData::I32(v) => MaskData::I32(v),
+            OwnedMaskData::I64(v) => MaskData::I64(v),
+            OwnedMaskData::F32(v) => MaskData::F32(v),
+            OwnedMaskData::F16(v) => MaskData::F16(v),
+            OwnedMaskData::BF16(v) => MaskData::BF16(v),
+        }
+    }
+}
+
 /// An attention mask: row-major elements and a shape of rank 2, 3 or 4.
 #[derive(Clone, Debug)]
 pub struct AttnMask<'a> {

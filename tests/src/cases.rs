@@ -13,7 +13,7 @@ use std::sync::Once;
 
 use sdpa_runtime::{
     probe_cuda, AttentionBackend, AttentionImpl, AttentionMetadata, AttentionParams, AttnMask,
-    BackendKind, CudaProbe, DType, Element, MaskData, SdpaError, TensorView, TensorViewMut,
+    BackendKind, CudaProbe, DType, Element, OwnedMaskData, SdpaError, TensorView, TensorViewMut,
 };
 
 use sdpa_runtime::cpu::{with_isa, Isa};
@@ -254,57 +254,25 @@ pub fn say(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-/// A mask's elements, owned.
-pub enum OwnedMask {
-    /// Boolean.
-    Bool(Vec<bool>),
-    /// `u8`.
-    U8(Vec<u8>),
-    /// `i32`.
-    I32(Vec<i32>),
-    /// `i64`.
-    I64(Vec<i64>),
-    /// `f32`.
-    F32(Vec<f32>),
-    /// `f16`.
-    F16(Vec<f16>),
-    /// `bf16`.
-    BF16(Vec<bf16>),
-}
-
-impl OwnedMask {
-    /// The elements as the runtime takes them.
-    pub fn data(&self) -> MaskData<'_> {
-        match self {
-            OwnedMask::Bool(v) => v.into(),
-            OwnedMask::U8(v) => v.into(),
-            OwnedMask::I32(v) => v.into(),
-            OwnedMask::I64(v) => v.into(),
-            OwnedMask::F32(v) => v.into(),
-            OwnedMask::F16(v) => v.into(),
-            OwnedMask::BF16(v) => v.into(),
-        }
-    }
-    /// The additive bias of element `idx`, computed independently of the
-    /// runtime.
-    fn bias(&self, idx: usize) -> f64 {
-        let attend = |yes: bool| if yes { 0.0 } else { f64::NEG_INFINITY };
-        match self {
-            OwnedMask::Bool(v) => attend(v[idx]),
-            OwnedMask::U8(v) => attend(v[idx] != 0),
-            OwnedMask::I32(v) => attend(v[idx] != 0),
-            OwnedMask::I64(v) => attend(v[idx] != 0),
-            OwnedMask::F32(v) => v[idx] as f64,
-            OwnedMask::F16(v) => v[idx].to_f64(),
-            OwnedMask::BF16(v) => v[idx].to_f64(),
-        }
+/// The additive bias of element `idx` of a mask, computed independently
+/// of the runtime.
+fn reference_bias(mask: &OwnedMaskData, idx: usize) -> f64 {
+    let attend = |yes: bool| if yes { 0.0 } else { f64::NEG_INFINITY };
+    match mask {
+        OwnedMaskData::Bool(v) => attend(v[idx]),
+        OwnedMaskData::U8(v) => attend(v[idx] != 0),
+        OwnedMaskData::I32(v) => attend(v[idx] != 0),
+        OwnedMaskData::I64(v) => attend(v[idx] != 0),
+        OwnedMaskData::F32(v) => v[idx] as f64,
+        OwnedMaskData::F16(v) => v[idx].to_f64(),
+        OwnedMaskData::BF16(v) => v[idx].to_f64(),
     }
 }
 
 /// A generated mask with its shape.
 pub struct GenMask {
     /// The elements.
-    pub data: OwnedMask,
+    pub data: OwnedMaskData,
     /// The shape, rank 2 to 4.
     pub shape: Vec<usize>,
 }
@@ -325,7 +293,7 @@ impl GenMask {
             3 => (pick(s[0], b) * s[1] + pick(s[1], i)) * len + (j - pad),
             _ => ((pick(s[0], b) * s[1] + pick(s[1], h)) * s[2] + pick(s[2], i)) * len + (j - pad),
         };
-        self.data.bias(idx)
+        reference_bias(&self.data, idx)
     }
 }
 
@@ -349,14 +317,14 @@ pub fn gen_mask(case: &Case, rng: &mut StdRng) -> Option<GenMask> {
                 v.extend((0..len).map(|j| j < valid));
             }
             Some(GenMask {
-                data: OwnedMask::Bool(v),
+                data: OwnedMaskData::Bool(v),
                 shape: vec![bm, len],
             })
         }
         MaskKind::Bool3 => {
             let v = (0..b * sq * sk).map(|n| keep(rng, n % sk)).collect();
             Some(GenMask {
-                data: OwnedMask::Bool(v),
+                data: OwnedMaskData::Bool(v),
                 shape: vec![b, sq, sk],
             })
         }
@@ -371,9 +339,9 @@ pub fn gen_mask(case: &Case, rng: &mut StdRng) -> Option<GenMask> {
                 })
                 .collect();
             let data = match t {
-                IntType::U8 => OwnedMask::U8(raw.iter().map(|&x| x as u8).collect()),
-                IntType::I32 => OwnedMask::I32(raw.iter().map(|&x| x as i32).collect()),
-                IntType::I64 => OwnedMask::I64(raw),
+                IntType::U8 => OwnedMaskData::U8(raw.iter().map(|&x| x as u8).collect()),
+                IntType::I32 => OwnedMaskData::I32(raw.iter().map(|&x| x as i32).collect()),
+                IntType::I64 => OwnedMaskData::I64(raw),
             };
             Some(GenMask {
                 data,
@@ -397,9 +365,11 @@ pub fn gen_mask(case: &Case, rng: &mut StdRng) -> Option<GenMask> {
                 })
                 .collect();
             let data = match case.dtype {
-                DType::F32 => OwnedMask::F32(raw),
-                DType::F16 => OwnedMask::F16(raw.iter().map(|&x| f16::from_f32(x)).collect()),
-                DType::BF16 => OwnedMask::BF16(raw.iter().map(|&x| bf16::from_f32(x)).collect()),
+                DType::F32 => OwnedMaskData::F32(raw),
+                DType::F16 => OwnedMaskData::F16(raw.iter().map(|&x| f16::from_f32(x)).collect()),
+                DType::BF16 => {
+                    OwnedMaskData::BF16(raw.iter().map(|&x| bf16::from_f32(x)).collect())
+                }
             };
             Some(GenMask {
                 data,
@@ -413,7 +383,7 @@ pub fn gen_mask(case: &Case, rng: &mut StdRng) -> Option<GenMask> {
                 v.extend((0..sk).map(|j| !hidden && keep(rng, j)));
             }
             Some(GenMask {
-                data: OwnedMask::Bool(v),
+                data: OwnedMaskData::Bool(v),
                 shape: vec![b, h, sq, sk],
             })
         }
@@ -546,7 +516,7 @@ impl<T: Element> CaseInputs<T> {
     pub fn metadata(&self) -> Result<AttentionMetadata<'_>, SdpaError> {
         let mut meta = AttentionMetadata::new(0);
         if let Some(m) = &self.mask {
-            meta = meta.with_mask(AttnMask::new(m.data.data(), &m.shape)?);
+            meta = meta.with_mask(AttnMask::new(m.data.as_data(), &m.shape)?);
         }
         Ok(meta)
     }
