@@ -132,6 +132,9 @@ pub struct Case {
     pub out_placement: Placement,
     /// Inputs drawn uniformly from `[-amplitude, amplitude]`.
     pub amplitude: f64,
+    /// A tolerance other than the dtype's, for cases whose inputs make the
+    /// exact answer ill-conditioned.
+    pub tolerance: Option<f64>,
 }
 
 impl Case {
@@ -151,6 +154,7 @@ impl Case {
             placement: Placement::Contiguous,
             out_placement: Placement::Contiguous,
             amplitude: 1.5,
+            tolerance: None,
         }
     }
     /// Sets the element type.
@@ -213,8 +217,18 @@ impl Case {
         params
     }
 
-    /// The tolerance on `‖out − ref‖ / ‖ref‖` for the case's dtype.
+    /// Replaces the dtype's tolerance.
+    pub fn with_tolerance(mut self, tolerance: f64) -> Case {
+        self.tolerance = Some(tolerance);
+        self
+    }
+
+    /// The tolerance on `‖out − ref‖ / ‖ref‖`: the case's own, else the
+    /// dtype's.
     pub fn tolerance(&self) -> f64 {
+        if let Some(t) = self.tolerance {
+            return t;
+        }
         match self.dtype {
             DType::F32 => 1e-5,
             DType::F16 | DType::BF16 => 2e-2,

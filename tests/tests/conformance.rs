@@ -204,11 +204,21 @@ fn rows_that_see_no_key_are_zero() {
 fn large_logits_stay_finite() {
     on_every_backend(|backend, kind, seed| {
         // |q·k| up to ~4·64 = 256 after a scale of 40: logits up to ±1e4.
+        // The point is that nothing overflows or turns NaN. The answer is
+        // ill-conditioned there: an f32 score of 1e4 carries an ulp of 1e-3,
+        // which moves each softmax weight by about 0.1%, whatever the kernel
+        // does, so the f32 tolerance is 5e-3 instead of 1e-5 (1e-5 failed on
+        // about 4% of seeds, on every path).
         for dtype in DTYPES {
             let case = Case::new(1, 30, 50, 2, 64)
                 .dtype(dtype)
                 .amplitude(2.0)
                 .scale(40.0);
+            let case = if dtype == DType::F32 {
+                case.with_tolerance(5e-3)
+            } else {
+                case
+            };
             let outcome = check(backend, kind, &case, seed);
             assert!(outcome.out.iter().all(|x| x.is_finite()));
         }
