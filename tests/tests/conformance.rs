@@ -84,7 +84,7 @@ fn causal_is_aligned_top_left_whatever_the_lengths() {
 #[test]
 fn explicit_softmax_scale() {
     on_every_backend(|backend, kind, seed| {
-        for scale in [0.01f32, 0.5, 2.0] {
+        for scale in [0.01f32, 0.5, 2.0, -0.3] {
             check(
                 backend,
                 kind,
