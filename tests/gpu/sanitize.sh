@@ -85,14 +85,15 @@ for tool in "${tools[@]}"; do
     "$bin" "$filter" --test-threads=1 >"$log" 2>&1
   rc=$?
   secs=$(($(date +%s) - start))
-  summary=$(grep -E 'ERROR SUMMARY' "$log" | tail -n 1)
+  # racecheck ends with "RACECHECK SUMMARY: N hazards displayed (E errors,
+  # W warnings)" instead of the other tools' "ERROR SUMMARY: E errors".
+  summary=$(grep -E '(ERROR|RACECHECK) SUMMARY' "$log" | tail -n 1)
   result=$(grep -E '^test result:' "$log" | tail -n 1)
-  errors=$(printf '%s\n' "$summary" | grep -oE 'ERROR SUMMARY: [0-9]+' | grep -oE '[0-9]+$')
+  errors=$(printf '%s\n' "$summary" | grep -oE 'ERROR SUMMARY: [0-9]+|\([0-9]+ errors' | grep -oE '[0-9]+')
   passed=$(printf '%s\n' "$result" | grep -oE '[0-9]+ passed' | grep -oE '^[0-9]+')
   skipped=$(grep -c 'skipping GPU test' "$log")
   echo "== $tool (${secs}s, exit $rc)"
   echo "   ${summary:-no ERROR SUMMARY line}"
-  [ "$tool" = racecheck ] && grep -E 'RACECHECK SUMMARY' "$log" | tail -n 1 | sed 's/^/   /'
   echo "   ${result:-no test result line}"
 
   why=""
