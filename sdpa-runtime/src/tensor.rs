@@ -120,6 +120,10 @@ impl Layout {
 
     /// Whether no two elements share an offset (a precondition for writing).
     pub fn is_non_overlapping(&self) -> bool {
+        // A tensor with no elements has nothing that could overlap.
+        if self.numel() == 0 {
+            return true;
+        }
         let mut dims: Vec<(usize, usize)> = self
             .shape
             .iter()
@@ -936,6 +940,8 @@ mod tests {
         assert!(!l.is_non_overlapping());
         let broadcast = Layout::strided([1, 4, 2, 8], [0, 0, 8, 1]).unwrap();
         assert!(!broadcast.is_non_overlapping());
+        // No elements, nothing to overlap: an empty output is a valid buffer.
+        assert!(Layout::contiguous([2, 0, 1, 64]).is_non_overlapping());
     }
 
     #[test]
