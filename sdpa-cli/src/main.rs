@@ -11,18 +11,18 @@
 //! to stderr, filtered by `RUST_LOG` (default `warn`).
 
 mod bench;
-mod error;
 mod info;
 mod options;
 mod presets;
 mod ptx;
 mod run;
-mod safetensors_io;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+// In the library, so that the fuzz target reaches the same reading code.
+use sdpa_cli::{error, safetensors_io};
 use tracing_subscriber::EnvFilter;
 
 /// Scaled-dot-product attention with kernels specialised at compile time.

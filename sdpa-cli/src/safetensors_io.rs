@@ -56,12 +56,19 @@ pub fn read_case(path: &Path) -> Result<Case> {
         path: path.to_owned(),
         source,
     })?;
+    read_case_bytes(&bytes, path)
+}
+
+/// Reads a case from the bytes of a safetensors file; `path` names them in
+/// messages. Any bytes give a case or an error, never a panic (the fuzz
+/// target `safetensors_case` in `fuzz/` checks this).
+pub fn read_case_bytes(bytes: &[u8], path: &Path) -> Result<Case> {
     let format = |source| CliError::Format {
         path: path.to_owned(),
         source,
     };
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(format)?;
-    let file = SafeTensors::deserialize(&bytes).map_err(format)?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(format)?;
+    let file = SafeTensors::deserialize(bytes).map_err(format)?;
 
     for name in file.names() {
         if !KNOWN_TENSORS.contains(&name) {
@@ -146,6 +153,7 @@ fn qkv_tensor(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<
             view.shape().len()
         ))
     })?;
+    check_sizes(name, view.shape())?;
     let bytes = view.data();
     let tensor = match view.dtype() {
         Dtype::F32 => Tensor::from_vec(decode(bytes, f32::from_le_bytes), shape),
@@ -170,6 +178,7 @@ fn qkv_tensor(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<
 /// Reads `attn_mask`: one of the mask dtypes, rank 2 to 4 (the runtime
 /// checks the rank and the sizes).
 fn mask_tensor(view: &safetensors::tensor::TensorView<'_>) -> Result<OwnedMask> {
+    check_sizes("attn_mask", view.shape())?;
     let bytes = view.data();
     let data = match view.dtype() {
         Dtype::BOOL => OwnedMaskData::Bool(decode(bytes, |[b]: [u8; 1]| b != 0)),
@@ -192,6 +201,27 @@ fn mask_tensor(view: &safetensors::tensor::TensorView<'_>) -> Result<OwnedMask> 
         data,
         shape: view.shape().to_vec(),
     })
+}
+
+/// Refuses a shape whose non-zero sizes multiply past `usize`. safetensors
+/// accepts such a shape when a size is zero (`[7, 0, 2^64 - 1, 80]` holds no
+/// element), but the strides of its row-major layout overflow: the runtime's
+/// `Layout::contiguous` panicked on it in builds with overflow checks (found
+/// by the fuzz target `safetensors_structured`).
+fn check_sizes(name: &str, shape: &[usize]) -> Result<()> {
+    let fits = shape
+        .iter()
+        .filter(|&&n| n != 0)
+        .try_fold(1usize, |a, &n| a.checked_mul(n))
+        .is_some();
+    if fits {
+        return Ok(());
+    }
+    Err(CliError::Input(format!(
+        "tensor {name:?} has shape {shape:?}: its non-zero sizes multiply past the address \
+         space, so its strides cannot be computed even though it holds no element; \
+         write sizes whose product, zeros left out, fits in 64 bits"
+    )))
 }
 
 /// Parses the `causal` metadata entry: `true` or `false`, in any case.
@@ -251,6 +281,58 @@ mod tests {
         bytes.extend(1.5f32.to_le_bytes());
         bytes.extend((-2.0f32).to_le_bytes());
         assert_eq!(decode(&bytes[1..], f32::from_le_bytes), [1.5, -2.0]);
+    }
+
+    /// A safetensors file of empty tensors with these shapes.
+    fn empty_tensors(tensors: &[(&str, &str, &[usize])]) -> Vec<u8> {
+        let entries: Vec<String> = tensors
+            .iter()
+            .map(|(name, dtype, shape)| {
+                format!(r#""{name}":{{"dtype":"{dtype}","shape":{shape:?},"data_offsets":[0,0]}}"#)
+            })
+            .collect();
+        let header = format!("{{{}}}", entries.join(","));
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes
+    }
+
+    #[test]
+    fn empty_shapes_whose_sizes_overflow_are_refused() {
+        // The fuzz target's case: no element, but Hq * D overflows.
+        let huge = 17_897_656_732_708_567_045;
+        let bytes = empty_tensors(&[
+            ("q", "F32", &[7, 0, huge, 80]),
+            ("k", "F32", &[7, 0, huge / 7, 80]),
+            ("v", "F32", &[7, 0, huge / 7, 80]),
+        ]);
+        let err = read_case_bytes(&bytes, Path::new("case.safetensors"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tensor \"q\" has shape [7, 0, 17897656732708567045, 80]: its non-zero"),
+            "{err}"
+        );
+
+        let bytes = empty_tensors(&[
+            ("q", "F32", &[1, 0, 1, 64]),
+            ("k", "F32", &[1, 0, 1, 64]),
+            ("v", "F32", &[1, 0, 1, 64]),
+            ("attn_mask", "BOOL", &[0, 1 << 40, 1 << 40]),
+        ]);
+        let err = read_case_bytes(&bytes, Path::new("case.safetensors"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tensor \"attn_mask\" has shape"), "{err}");
+
+        // Empty tensors whose sizes fit are a case (of no attention).
+        let bytes = empty_tensors(&[
+            ("q", "F32", &[1, 0, 2, 32]),
+            ("k", "F32", &[1, 0, 2, 32]),
+            ("v", "F32", &[1, 0, 2, 32]),
+        ]);
+        let case = read_case_bytes(&bytes, Path::new("case.safetensors")).unwrap();
+        assert_eq!(case.q.shape(), [1, 0, 2, 32]);
     }
 
     #[test]

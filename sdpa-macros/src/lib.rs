@@ -5,8 +5,11 @@ mod attr;
 mod expand;
 mod valid;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 use proc_macro::TokenStream;
-use syn::{parse_macro_input, Item};
+use syn::Item;
 
 /// Declares the attention kernel variants a backend is specialised for.
 ///
@@ -51,9 +54,21 @@ use syn::{parse_macro_input, Item};
 /// The struct must not be generic: its variant table is a single static.
 #[proc_macro_attribute]
 pub fn sdpa_variants(args: TokenStream, input: TokenStream) -> TokenStream {
-    let item = parse_macro_input!(input as Item);
-    attr::parse(args.into())
+    sdpa_variants_tokens(args.into(), input.into()).into()
+}
+
+/// The attribute on `proc_macro2` tokens, which exist outside the compiler
+/// too, so that tests (`fuzz_tests`) can call it: the expansion, or the item
+/// (when it parses) followed by `compile_error!`s.
+fn sdpa_variants_tokens(
+    args: proc_macro2::TokenStream,
+    input: proc_macro2::TokenStream,
+) -> proc_macro2::TokenStream {
+    let item: Item = match syn::parse2(input) {
+        Ok(item) => item,
+        Err(err) => return err.to_compile_error(),
+    };
+    attr::parse(args)
         .and_then(|attr| expand::sdpa_variants(&attr, &item))
         .unwrap_or_else(|errors| expand::with_errors(&item, errors))
-        .into()
 }
