@@ -14,6 +14,13 @@ use safetensors::Dtype;
 /// One tensor of a seed: name, dtype, shape; its bytes are made up.
 type Spec = (&'static str, Dtype, &'static [usize]);
 
+/// A seed: its file name, tensors and metadata entries.
+type Seed = (
+    &'static str,
+    Vec<Spec>,
+    &'static [(&'static str, &'static str)],
+);
+
 fn main() {
     let dir = PathBuf::from(
         std::env::args()
@@ -22,7 +29,7 @@ fn main() {
     );
     std::fs::create_dir_all(&dir).expect("create the corpus folder");
     let f32_ = Dtype::F32;
-    let seeds: Vec<(&str, Vec<Spec>, &[(&str, &str)])> = vec![
+    let seeds: Vec<Seed> = vec![
         (
             "f32-plain",
             vec![
