@@ -4,7 +4,7 @@ pub mod structured;
 
 use std::path::Path;
 
-use sdpa_cli::safetensors_io::{read_case_bytes, Case, OwnedMask};
+use sdpa_cli::safetensors_io::{read_case_bytes, Case};
 use sdpa_cli::variants::SdpaCli;
 use sdpa_runtime::prelude::*;
 use sdpa_runtime::{select, Residence};
@@ -53,26 +53,8 @@ pub fn run(bytes: &[u8]) -> Outcome {
 /// What `sdpa run` (sdpa-cli/src/run.rs) does between reading the case and
 /// writing `out`, with the backend fixed to the CPU.
 pub fn compute(case: &Case) -> Result<Tensor, SdpaError> {
-    let [_, _, heads_q, head_size] = case.q.shape();
-    let [_, _, heads_kv, _] = case.k.shape();
-    let mut params = AttentionParams::new(heads_q, head_size)
-        .num_kv_heads(heads_kv)
-        .causal(case.causal)
-        .prefix("sdpa run")
-        .backend(BackendKind::Cpu);
-    if let Some(scale) = case.scale {
-        params = params.softmax_scale(scale);
-    }
-    let layer = SdpaCli.build_impl(params)?;
-    let mut metadata = AttentionMetadata::default();
-    if let Some(mask) = case
-        .mask
-        .as_ref()
-        .map(OwnedMask::as_attn_mask)
-        .transpose()?
-    {
-        metadata = metadata.with_mask(mask);
-    }
+    let layer = SdpaCli.build_impl(case.params().backend(BackendKind::Cpu))?;
+    let metadata = case.metadata()?;
     let out = layer.forward(&case.q.view(), &case.k.view(), &case.v.view(), &metadata)?;
     select(layer.backend_request(), Residence::Host)?;
     Ok(out)

@@ -9,7 +9,7 @@ use sdpa_runtime::{select, Residence};
 
 use crate::error::Result;
 use crate::options::BackendArg;
-use crate::safetensors_io::{read_case, write_output, OwnedMask};
+use crate::safetensors_io::{read_case, write_output};
 use sdpa_cli::variants::SdpaCli;
 
 /// The flags of `sdpa run`.
@@ -35,29 +35,13 @@ pub struct RunArgs {
 /// Reads the case, computes attention and writes `out`.
 pub fn run(args: &RunArgs) -> Result<()> {
     let case = read_case(&args.input)?;
-    let [_, _, heads_q, head_size] = case.q.shape();
-    let [_, _, heads_kv, _] = case.k.shape();
-    let mut params = AttentionParams::new(heads_q, head_size)
-        .num_kv_heads(heads_kv)
-        .causal(case.causal)
-        .prefix("sdpa run");
-    if let Some(scale) = case.scale {
-        params = params.softmax_scale(scale);
-    }
+    let mut params = case.params();
     if let Some(backend) = args.backend {
         params = params.backend(backend.into());
     }
     let layer = SdpaCli.build_impl(params)?;
 
-    let mut metadata = AttentionMetadata::default();
-    if let Some(mask) = case
-        .mask
-        .as_ref()
-        .map(OwnedMask::as_attn_mask)
-        .transpose()?
-    {
-        metadata = metadata.with_mask(mask);
-    }
+    let metadata = case.metadata()?;
     let start = Instant::now();
     let out = layer.forward(&case.q.view(), &case.k.view(), &case.v.view(), &metadata)?;
     let elapsed = start.elapsed();

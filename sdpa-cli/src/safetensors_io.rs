@@ -12,7 +12,9 @@ use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 use sdpa_runtime::half::{bf16, f16};
-use sdpa_runtime::{AttnMask, OwnedData, OwnedMaskData, SdpaError, Tensor};
+use sdpa_runtime::{
+    AttentionMetadata, AttentionParams, AttnMask, OwnedData, OwnedMaskData, SdpaError, Tensor,
+};
 
 use crate::error::{CliError, Result};
 
@@ -34,6 +36,32 @@ pub struct Case {
     pub causal: bool,
     /// The `scale` metadata entry; absent means `1/sqrt(D)`.
     pub scale: Option<f32>,
+}
+
+impl Case {
+    /// The layer parameters the case asks for, as `sdpa run` builds them:
+    /// head counts and head size from the tensors, `causal`, `scale`.
+    pub fn params(&self) -> AttentionParams {
+        let [_, _, heads_q, head_size] = self.q.shape();
+        let [_, _, heads_kv, _] = self.k.shape();
+        let mut params = AttentionParams::new(heads_q, head_size)
+            .num_kv_heads(heads_kv)
+            .causal(self.causal)
+            .prefix("sdpa run");
+        if let Some(scale) = self.scale {
+            params = params.softmax_scale(scale);
+        }
+        params
+    }
+
+    /// The call's metadata, carrying the mask if the case has one.
+    pub fn metadata(&self) -> Result<AttentionMetadata<'_>, SdpaError> {
+        let mut metadata = AttentionMetadata::default();
+        if let Some(mask) = &self.mask {
+            metadata = metadata.with_mask(mask.as_attn_mask()?);
+        }
+        Ok(metadata)
+    }
 }
 
 /// An attention mask read from a file: owned elements and their shape.
