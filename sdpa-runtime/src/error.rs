@@ -88,6 +88,10 @@ pub enum SdpaError {
     /// driver's own message.
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// A sequence-parallel exchange failed or was misused: what happened
+    /// and what to change.
+    #[error("{0}")]
+    Communication(String),
 }
 
 impl SdpaError {

@@ -35,6 +35,7 @@
 mod backend;
 pub mod cpu;
 pub mod cuda;
+pub mod distributed;
 mod element;
 mod error;
 mod mask;

@@ -5,3 +5,4 @@
 pub mod cases;
 pub mod consumer;
 pub mod reference;
+pub mod sequence_parallel;

@@ -1,0 +1,234 @@
+//! Sequence-parallel cases: a global problem drawn at random, each rank's
+//! slice of it, and the float64 reference of attention over the whole
+//! (trimmed, replicated-extended) sequence that every rank's output is
+//! judged against.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sdpa_runtime::{AttentionParams, BackendKind, DType, Element};
+
+use crate::cases::Placement;
+use crate::reference::{self, RefInputs};
+
+/// One sequence-parallel problem.
+#[derive(Clone, Copy, Debug)]
+pub struct SpCase {
+    /// Ranks.
+    pub world: usize,
+    /// Batch.
+    pub batch: usize,
+    /// Query tokens per rank.
+    pub seq_local: usize,
+    /// Key/value tokens per rank.
+    pub seq_kv_local: usize,
+    /// Query heads (all of them).
+    pub heads: usize,
+    /// Key/value heads (all of them).
+    pub kv_heads: usize,
+    /// Head size.
+    pub d: usize,
+    /// Top-left causal.
+    pub causal: bool,
+    /// Element type.
+    pub dtype: DType,
+    /// The global length before padding, if the sequence was padded.
+    pub original_seq_len: Option<usize>,
+    /// Replicated query tokens (0: none passed).
+    pub replicated: usize,
+    /// Replicated key/value tokens.
+    pub replicated_kv: usize,
+    /// How each rank's inputs lie in memory.
+    pub placement: Placement,
+}
+
+impl SpCase {
+    /// `world` ranks, `seq_local` tokens each, `heads` heads of size `d`,
+    /// f32, no padding or replicated tokens.
+    pub fn new(world: usize, batch: usize, seq_local: usize, heads: usize, d: usize) -> SpCase {
+        SpCase {
+            world,
+            batch,
+            seq_local,
+            seq_kv_local: seq_local,
+            heads,
+            kv_heads: heads,
+            d,
+            causal: false,
+            dtype: DType::F32,
+            original_seq_len: None,
+            replicated: 0,
+            replicated_kv: 0,
+            placement: Placement::Contiguous,
+        }
+    }
+
+    /// The layer's global parameters, on the CPU backend.
+    pub fn params(&self) -> AttentionParams {
+        AttentionParams::new(self.heads, self.d)
+            .num_kv_heads(self.kv_heads)
+            .causal(self.causal)
+            .backend(BackendKind::Cpu)
+    }
+
+    /// The tolerance on `‖out − ref‖ / ‖ref‖`, as the conformance suite's.
+    pub fn tolerance(&self) -> f64 {
+        match self.dtype {
+            DType::F32 => 1e-5,
+            DType::F16 | DType::BF16 => 2e-2,
+        }
+    }
+
+    fn seq_q(&self) -> usize {
+        self.world * self.seq_local
+    }
+
+    fn seq_kv(&self) -> usize {
+        self.world * self.seq_kv_local
+    }
+
+    /// Query and key/value lengths after trimming.
+    fn effective(&self) -> (usize, usize) {
+        match self.original_seq_len {
+            None => (self.seq_q(), self.seq_kv()),
+            Some(n) if self.seq_kv_local == self.seq_local => (n, n),
+            Some(n) => (n, self.seq_kv()),
+        }
+    }
+}
+
+/// A drawn problem: global values (rounded to the element type) in f64.
+pub struct SpInputs {
+    /// `[B, P·S, H, D]`.
+    pub q: Vec<f64>,
+    /// `[B, P·S_kv, H_kv, D]`.
+    pub k: Vec<f64>,
+    /// As `k`.
+    pub v: Vec<f64>,
+    /// `[B, R, H, D]`.
+    pub rq: Vec<f64>,
+    /// `[B, R_kv, H_kv, D]`.
+    pub rk: Vec<f64>,
+    /// As `rk`.
+    pub rv: Vec<f64>,
+}
+
+fn draw<T: Element>(n: usize, rng: &mut StdRng) -> Vec<f64> {
+    (0..n)
+        .map(|_| T::from_f32(rng.random_range(-1.0f32..1.0)).to_f32() as f64)
+        .collect()
+}
+
+impl SpInputs {
+    /// Fresh random inputs for `case` from `seed`.
+    pub fn draw<T: Element>(case: &SpCase, seed: u64) -> SpInputs {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (b, h, hkv, d) = (case.batch, case.heads, case.kv_heads, case.d);
+        SpInputs {
+            q: draw::<T>(b * case.seq_q() * h * d, &mut rng),
+            k: draw::<T>(b * case.seq_kv() * hkv * d, &mut rng),
+            v: draw::<T>(b * case.seq_kv() * hkv * d, &mut rng),
+            rq: draw::<T>(b * case.replicated * h * d, &mut rng),
+            rk: draw::<T>(b * case.replicated_kv * hkv * d, &mut rng),
+            rv: draw::<T>(b * case.replicated_kv * hkv * d, &mut rng),
+        }
+    }
+
+    /// Rank `rank`'s slice of a global `[B, P·s, heads, D]` tensor, laid out
+    /// with `placement` (NaN in the gaps): the buffer and its strides.
+    pub fn local<T: Element>(
+        case: &SpCase,
+        global: &[f64],
+        rank: usize,
+        s: usize,
+        heads: usize,
+    ) -> (Vec<T>, [usize; 4]) {
+        let (b, d) = (case.batch, case.d);
+        let (strides, len) = case.placement.strides([b, s, heads, d]);
+        let mut buf = vec![T::from_f32(f32::NAN); len];
+        let seq = case.world * s;
+        for bi in 0..b {
+            for si in 0..s {
+                for hi in 0..heads {
+                    for di in 0..d {
+                        let x = global[((bi * seq + rank * s + si) * heads + hi) * d + di];
+                        buf[bi * strides[0] + si * strides[1] + hi * strides[2] + di] =
+                            T::from_f32(x as f32);
+                    }
+                }
+            }
+        }
+        (buf, strides)
+    }
+
+    /// A replicated tensor (the same on every rank), with `placement`.
+    pub fn replicated<T: Element>(
+        case: &SpCase,
+        values: &[f64],
+        r: usize,
+        heads: usize,
+    ) -> (Vec<T>, [usize; 4]) {
+        let one_rank = SpCase { world: 1, ..*case };
+        Self::local::<T>(&one_rank, values, 0, r, heads)
+    }
+
+    /// The expected outputs: the global `[B, P·S, H, D]` (zeros on padding
+    /// rows) and the replicated `[B, R, H, D]`, from attention over the
+    /// trimmed sequence followed by the replicated tokens.
+    pub fn expected(&self, case: &SpCase) -> (Vec<f64>, Vec<f64>) {
+        let (b, h, hkv, d) = (case.batch, case.heads, case.kv_heads, case.d);
+        let (eq, ekv) = case.effective();
+        let (r, rkv) = (case.replicated, case.replicated_kv);
+        let join = |main: &[f64], seq: usize, keep: usize, rep: &[f64], rn: usize, heads| {
+            let row = heads * d;
+            let mut out = Vec::with_capacity(b * (keep + rn) * row);
+            for bi in 0..b {
+                out.extend_from_slice(&main[bi * seq * row..][..keep * row]);
+                out.extend_from_slice(&rep[bi * rn * row..][..rn * row]);
+            }
+            out
+        };
+        let q = join(&self.q, case.seq_q(), eq, &self.rq, r, h);
+        let k = join(&self.k, case.seq_kv(), ekv, &self.rk, rkv, hkv);
+        let v = join(&self.v, case.seq_kv(), ekv, &self.rv, rkv, hkv);
+        let full = reference::attention(&RefInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            batch: b,
+            seq_q: eq + r,
+            seq_k: ekv + rkv,
+            heads_q: h,
+            heads_kv: hkv,
+            d,
+            scale: 1.0 / (d as f64).sqrt(),
+            causal: case.causal,
+            bias: None,
+        });
+        let row = h * d;
+        let mut main = vec![0.0; b * case.seq_q() * row];
+        let mut rep = Vec::with_capacity(b * r * row);
+        for bi in 0..b {
+            let src = &full[bi * (eq + r) * row..];
+            main[bi * case.seq_q() * row..][..eq * row].copy_from_slice(&src[..eq * row]);
+            rep.extend_from_slice(&src[eq * row..][..r * row]);
+        }
+        (main, rep)
+    }
+}
+
+/// Concatenates the ranks' `[B, S, H, D]` outputs along the sequence into
+/// the global `[B, P·S, H, D]`.
+pub fn concat_ranks(case: &SpCase, per_rank: &[Vec<f32>]) -> Vec<f64> {
+    let (b, s, row) = (case.batch, case.seq_local, case.heads * case.d);
+    let mut out = Vec::with_capacity(b * case.world * s * row);
+    for bi in 0..b {
+        for rank_out in per_rank {
+            out.extend(
+                rank_out[bi * s * row..][..s * row]
+                    .iter()
+                    .map(|&x| x as f64),
+            );
+        }
+    }
+    out
+}
