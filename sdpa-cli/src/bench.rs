@@ -111,13 +111,20 @@ pub struct BenchArgs {
     /// table].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub iters: Option<u64>,
+    /// Time sequence-parallel attention (FastVideo's DistributedAttention)
+    /// on each of these rank counts, e.g. `1,2,4`: one GPU per rank over
+    /// NCCL on CUDA, threads on the CPU. Without shape flags or a preset it
+    /// times Wan2.1-14B 720p-like self-attention (1x40x75600x128, bf16);
+    /// passes are counted: --warmup [default: 2] and --iters [default: 10].
+    #[arg(long, value_name = "N[,N...]", value_delimiter = ',', value_parser = crate::bench_sp::parse_world)]
+    pub world_size: Option<Vec<usize>>,
 }
 
 /// One line of the results table.
-struct Case {
-    preset: Option<&'static str>,
-    shape: Shape,
-    dtype: DType,
+pub(crate) struct Case {
+    pub(crate) preset: Option<&'static str>,
+    pub(crate) shape: Shape,
+    pub(crate) dtype: DType,
 }
 
 /// One line of `--json`.
@@ -142,6 +149,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.preset.as_deref() == Some("list") {
         print!("{}", presets::listing());
         return Ok(());
+    }
+    if let Some(worlds) = &args.world_size {
+        return crate::bench_sp::run(args, worlds);
     }
     let explicit = args.backend.map(BackendKind::from);
     let request = BackendKind::resolve(explicit)?;
@@ -209,7 +219,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 }
 
 /// Whether any flag that shapes a custom case (all but `--dtype`) was given.
-fn has_shape_flags(args: &BenchArgs) -> bool {
+pub(crate) fn has_shape_flags(args: &BenchArgs) -> bool {
     args.batch.is_some()
         || args.heads.is_some()
         || args.kv_heads.is_some()
@@ -221,7 +231,7 @@ fn has_shape_flags(args: &BenchArgs) -> bool {
 
 /// The cases the flags ask for: the shape flags, one preset, or the
 /// backend's preset table.
-fn cases(args: &BenchArgs, backend: BackendKind) -> Result<Vec<Case>> {
+pub(crate) fn cases(args: &BenchArgs, backend: BackendKind) -> Result<Vec<Case>> {
     let dtype_filter = args.dtype.map(DType::from);
     if has_shape_flags(args) {
         let missing: Vec<&str> = [
@@ -474,7 +484,7 @@ fn random_tensor(rng: &mut StdRng, dtype: DType, shape: [usize; 4]) -> Result<Te
 }
 
 /// `12.3 GFLOP/s` below a TFLOP/s, `1.23 TFLOP/s` from there on.
-fn throughput(flops_per_s: f64) -> String {
+pub(crate) fn throughput(flops_per_s: f64) -> String {
     if flops_per_s >= 1e12 {
         format!("{:.2} TFLOP/s", flops_per_s / 1e12)
     } else {
@@ -533,7 +543,7 @@ impl Table {
 }
 
 /// Writes the records as a JSON array.
-fn write_json(path: &Path, records: &[Record]) -> Result<()> {
+pub(crate) fn write_json<R: serde::Serialize>(path: &Path, records: &[R]) -> Result<()> {
     let write = |source: Box<dyn std::error::Error + Send + Sync>| CliError::Write {
         path: path.to_owned(),
         source,

@@ -62,12 +62,12 @@ impl SpCase {
         }
     }
 
-    /// The layer's global parameters, on the CPU backend.
-    pub fn params(&self) -> AttentionParams {
+    /// The layer's global parameters, on `backend`.
+    pub fn params(&self, backend: BackendKind) -> AttentionParams {
         AttentionParams::new(self.heads, self.d)
             .num_kv_heads(self.kv_heads)
             .causal(self.causal)
-            .backend(BackendKind::Cpu)
+            .backend(backend)
     }
 
     /// The tolerance on `‖out − ref‖ / ‖ref‖`, as the conformance suite's.

@@ -31,8 +31,11 @@ fn run_ranks<T: Element>(case: &SpCase, x: &SpInputs) -> Result<Vec<RankOutput>,
             .map(|comm| {
                 scope.spawn(move || {
                     let r = comm.rank();
-                    let layer =
-                        DistributedAttention::new(&ConformanceAttention, case.params(), comm)?;
+                    let layer = DistributedAttention::new(
+                        &ConformanceAttention,
+                        case.params(BackendKind::Cpu),
+                        comm,
+                    )?;
                     let (qb, qs) = SpInputs::local::<T>(case, &x.q, r, s, h);
                     let (kb, ks) = SpInputs::local::<T>(case, &x.k, r, skv, hkv);
                     let (vb, vs) = SpInputs::local::<T>(case, &x.v, r, skv, hkv);
@@ -214,7 +217,9 @@ fn equals_the_single_process_layer() {
     let x = SpInputs::draw::<f32>(&case, seed);
     let outs = run_ranks::<f32>(&case, &x).unwrap();
     let got = concat_ranks(&case, &outs.into_iter().map(|(o, _)| o).collect::<Vec<_>>());
-    let layer = ConformanceAttention.build_impl(case.params()).unwrap();
+    let layer = ConformanceAttention
+        .build_impl(case.params(BackendKind::Cpu))
+        .unwrap();
     let to32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
     let (q, k, v) = (to32(&x.q), to32(&x.k), to32(&x.v));
     let shape = [1, 32, 8, 64];

@@ -1,0 +1,392 @@
+//! `sdpa bench --world-size N[,N...]`: times sequence-parallel attention
+//! (`DistributedAttention`) on N ranks, against the same layer's local
+//! attention alone, so the exchange's share of the time shows.
+//!
+//! On CUDA each rank is one GPU (devices `0..N`) driven by its own thread,
+//! over NCCL; on the CPU the ranks are threads exchanging host buffers. A
+//! pass starts with every rank at a barrier and ends when every rank's
+//! stream is idle: the time the slowest rank takes, all-to-alls included.
+//! The same passes of the rank's local attention alone (on `[B, S, H/N, D]`)
+//! give the compute time; the rest is the exchanges and their packing.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sdpa_runtime::distributed::{
+    nccl_available, CommBuffer, Communicator, DistributedAttention, NcclCommunicator,
+    SequenceParallel, ThreadCommunicator,
+};
+use sdpa_runtime::prelude::*;
+use sdpa_runtime::{probe_cuda, CudaProbe, Element, SdpaError};
+
+use crate::bench::{BenchArgs, Case, SEED};
+use crate::error::{CliError, Result};
+use crate::presets::Shape;
+use sdpa_cli::variants::SdpaCli;
+
+/// Untimed passes before timing, unless `--warmup` says otherwise.
+pub const WARMUP: usize = 2;
+/// Timed passes, unless `--iters` says otherwise.
+pub const ITERS: usize = 10;
+
+/// Wan2.1-14B 720p-like self-attention: what `--world-size` times without
+/// shape flags.
+pub const WAN14B_720P: Shape = Shape {
+    batch: 1,
+    heads_q: 40,
+    heads_kv: 40,
+    seq_q: 75600,
+    seq_k: 75600,
+    head_size: 128,
+    causal: false,
+};
+
+/// One line of `--json`.
+#[derive(Debug, serde::Serialize)]
+struct Record {
+    shape: String,
+    dtype: &'static str,
+    causal: bool,
+    backend: &'static str,
+    world_size: usize,
+    median_ms: f64,
+    local_attention_ms: f64,
+    exchange_share: f64,
+    tflops: f64,
+    speedup: Option<f64>,
+}
+
+/// A rank of either kind: where inputs go and how to wait for its work.
+trait Rank: Communicator + 'static {
+    fn upload<T: Element>(&self, host: Vec<T>) -> Result<CommBuffer<T>>;
+    fn sync(&self) -> Result<()>;
+}
+
+impl Rank for ThreadCommunicator {
+    fn upload<T: Element>(&self, host: Vec<T>) -> Result<CommBuffer<T>> {
+        Ok(CommBuffer::Host(host))
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Rank for NcclCommunicator {
+    fn upload<T: Element>(&self, host: Vec<T>) -> Result<CommBuffer<T>> {
+        self.stream()
+            .clone_htod(&host)
+            .map(CommBuffer::Cuda)
+            .map_err(|e| SdpaError::Cuda(format!("copying inputs to the device: {e}")).into())
+    }
+    fn sync(&self) -> Result<()> {
+        self.stream()
+            .synchronize()
+            .map_err(|e| SdpaError::Cuda(format!("waiting for the rank's stream: {e}")).into())
+    }
+}
+
+/// Runs `sdpa bench --world-size ...`.
+pub fn run(args: &BenchArgs, worlds: &[usize]) -> Result<()> {
+    let explicit = args.backend.map(BackendKind::from);
+    let request = BackendKind::resolve(explicit)?;
+    let on_cuda = match (request, probe_cuda()) {
+        (BackendKind::Cpu, _) => false,
+        (_, CudaProbe::Present { devices }) => {
+            let most = worlds.iter().copied().max().unwrap_or(1);
+            if most > devices {
+                return Err(CliError::Usage(format!(
+                    "--world-size {most} needs {most} CUDA devices; this machine has {devices}"
+                )));
+            }
+            if !nccl_available() {
+                return Err(SdpaError::BackendUnavailable {
+                    backend: "nccl",
+                    reason: "libnccl.so was not found on the loader path; put a `libnccl.so` \
+                             link to NCCL's libnccl.so.2 in a folder on LD_LIBRARY_PATH"
+                        .into(),
+                }
+                .into());
+            }
+            true
+        }
+        (BackendKind::Cuda, CudaProbe::Absent(reason)) => {
+            return Err(SdpaError::BackendUnavailable {
+                backend: "cuda",
+                reason,
+            }
+            .into())
+        }
+        (_, CudaProbe::Absent(_)) => false,
+    };
+    let backend = if on_cuda {
+        BackendKind::Cuda
+    } else {
+        BackendKind::Cpu
+    };
+    let cases = if crate::bench::has_shape_flags(args) || args.preset.is_some() {
+        crate::bench::cases(args, backend)?
+    } else {
+        let dtype = args.dtype.map(DType::from).unwrap_or(DType::BF16);
+        vec![Case {
+            preset: Some("wan14b-720p"),
+            shape: WAN14B_720P,
+            dtype,
+        }]
+    };
+    let (warmup, iters) = (
+        args.warmup.unwrap_or(WARMUP),
+        args.iters.map_or(ITERS, |n| n as usize),
+    );
+    let transport = if on_cuda {
+        "NCCL, one GPU per rank"
+    } else {
+        "threads exchanging host memory"
+    };
+    println!("sequence-parallel attention on {backend} ranks ({transport}); {warmup} warm-up, {iters} timed passes");
+    println!(
+        "{:<16}  {:<5}  {:>5}  {:>10}  {:>14}  {:>9}  {:>15}  {:>8}",
+        "shape (BxHxSxD)",
+        "dtype",
+        "ranks",
+        "median ms",
+        "local attn ms",
+        "exchange",
+        "throughput",
+        "speed-up"
+    );
+    let mut records = Vec::new();
+    for case in &cases {
+        let s = &case.shape;
+        if s.seq_k != s.seq_q {
+            return Err(CliError::Usage(format!(
+                "--world-size times self-attention; shape {s} has --seq-k {} and --seq-q {}",
+                s.seq_k, s.seq_q
+            )));
+        }
+        let mut base = None;
+        for &world in worlds {
+            let (full, local) = match (on_cuda, case.dtype) {
+                (true, dtype) => {
+                    let ordinals: Vec<usize> = (0..world).collect();
+                    let comms = NcclCommunicator::for_devices(&ordinals)?;
+                    time_world(comms, s, dtype, explicit, warmup, iters)?
+                }
+                (false, dtype) => {
+                    let comms = ThreadCommunicator::group(world)?;
+                    time_world(comms, s, dtype, explicit, warmup, iters)?
+                }
+            };
+            let (full_ms, local_ms) = (full.as_secs_f64() * 1e3, local.as_secs_f64() * 1e3);
+            let base_ms = *base.get_or_insert(full_ms * world as f64);
+            let speedup = (worlds.contains(&1)).then(|| base_ms / full_ms);
+            let share = 1.0 - local_ms / full_ms;
+            let tflops = s.flops() / full.as_secs_f64() / 1e12;
+            println!(
+                "{:<16}  {:<5}  {:>5}  {:>10.2}  {:>14.2}  {:>8.1}%  {:>15}  {:>8}",
+                format!("{}x{}x{}x{}", s.batch, s.heads_q, s.seq_q, s.head_size),
+                case.dtype.name(),
+                world,
+                full_ms,
+                local_ms,
+                share * 100.0,
+                crate::bench::throughput(tflops * 1e12),
+                speedup.map_or("-".into(), |x| format!("{x:.2}x")),
+            );
+            records.push(Record {
+                shape: s.dims(),
+                dtype: case.dtype.name(),
+                causal: s.causal,
+                backend: backend.name(),
+                world_size: world,
+                median_ms: full_ms,
+                local_attention_ms: local_ms,
+                exchange_share: share,
+                tflops,
+                speedup,
+            });
+        }
+    }
+    if let Some(path) = &args.json {
+        crate::bench::write_json(path, &records)?;
+    }
+    Ok(())
+}
+
+/// Times `world` ranks: the medians of the sequence-parallel pass and of the
+/// local attention alone.
+fn time_world<C: Rank>(
+    comms: Vec<C>,
+    shape: &Shape,
+    dtype: DType,
+    backend: Option<BackendKind>,
+    warmup: usize,
+    iters: usize,
+) -> Result<(Duration, Duration)> {
+    match dtype {
+        DType::F32 => time_world_typed::<C, f32>(comms, shape, backend, warmup, iters),
+        DType::F16 => time_world_typed::<C, f16>(comms, shape, backend, warmup, iters),
+        DType::BF16 => time_world_typed::<C, bf16>(comms, shape, backend, warmup, iters),
+    }
+}
+
+fn time_world_typed<C: Rank, T: Element>(
+    comms: Vec<C>,
+    shape: &Shape,
+    backend: Option<BackendKind>,
+    warmup: usize,
+    iters: usize,
+) -> Result<(Duration, Duration)> {
+    let world = comms.len();
+    let barrier = Barrier::new(world);
+    let failed = AtomicBool::new(false);
+    let results: Vec<Result<(Duration, Duration)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let (barrier, failed) = (&barrier, &failed);
+                scope.spawn(move || {
+                    rank_passes::<C, T>(comm, shape, backend, warmup, iters, barrier, failed)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(CliError::Input("a rank's thread panicked".into())))
+            })
+            .collect()
+    });
+    // Rank 0's clock spans every rank's pass (barriers on both sides).
+    let mut first = None;
+    for r in results {
+        let r = r?;
+        first.get_or_insert(r);
+    }
+    first.ok_or_else(|| CliError::Usage("--world-size must be at least 1".into()))
+}
+
+/// One rank's side of [`time_world`]: setup, then passes between barriers.
+#[allow(clippy::too_many_arguments)]
+fn rank_passes<C: Rank, T: Element>(
+    comm: C,
+    shape: &Shape,
+    backend: Option<BackendKind>,
+    warmup: usize,
+    iters: usize,
+    barrier: &Barrier,
+    failed: &AtomicBool,
+) -> Result<(Duration, Duration)> {
+    let world = comm.world_size();
+    let (b, h, hkv, d) = (shape.batch, shape.heads_q, shape.heads_kv, shape.head_size);
+    // Pad the sequence to a multiple of the world size, as FastVideo does.
+    let sl = shape.seq_q.div_ceil(world);
+    let original = (sl * world != shape.seq_q).then_some(shape.seq_q);
+    let setup = || -> Result<_> {
+        let mut params = AttentionParams::new(h, d)
+            .num_kv_heads(hkv)
+            .causal(shape.causal)
+            .prefix("sdpa bench --world-size");
+        if let Some(backend) = backend {
+            params = params.backend(backend);
+        }
+        let mut rng = StdRng::seed_from_u64(SEED ^ comm.rank() as u64);
+        let mut random = |n: usize| -> Vec<T> {
+            (0..n)
+                .map(|_| T::from_f32(rng.random_range(-1.0f32..1.0)))
+                .collect()
+        };
+        let q = comm.upload(random(b * sl * h * d))?;
+        let k = comm.upload(random(b * sl * hkv * d))?;
+        let v = comm.upload(random(b * sl * hkv * d))?;
+        let out = comm.alloc::<T>(b * sl * world * (h / world).max(1) * d)?;
+        let layer = DistributedAttention::new(&SdpaCli, params, comm)?;
+        Ok((layer, q, k, v, out))
+    };
+    let ready = setup();
+    if ready.is_err() {
+        failed.store(true, Ordering::SeqCst);
+    }
+    barrier.wait();
+    if failed.load(Ordering::SeqCst) {
+        return ready
+            .map(|_| (Duration::ZERO, Duration::ZERO))
+            .and(Err(CliError::Input(
+                "another rank failed to set up; see its error".into(),
+            )));
+    }
+    let (layer, q, k, v, mut out) = ready?;
+    let comm = layer.communicator();
+    let meta = AttentionMetadata::default();
+    let sp = SequenceParallel {
+        original_seq_len: original,
+        replicated: None,
+    };
+    let timed = |pass: &mut dyn FnMut() -> Result<()>| -> Result<Duration> {
+        let mut times = Vec::with_capacity(iters);
+        for i in 0..warmup + iters {
+            barrier.wait();
+            let start = Instant::now();
+            pass()?;
+            comm.sync()?;
+            barrier.wait();
+            if i >= warmup {
+                times.push(start.elapsed());
+            }
+        }
+        times.sort_unstable();
+        Ok(times.get(times.len() / 2).copied().unwrap_or_default())
+    };
+    let local_shape = [b, sl, h, d];
+    let kv_shape = [b, sl, hkv, d];
+    let full = timed(&mut || {
+        let (qv, kv, vv) = (
+            view(&q, local_shape)?,
+            view(&k, kv_shape)?,
+            view(&v, kv_shape)?,
+        );
+        layer.forward(&qv, &kv, &vv, &sp, &meta)?;
+        Ok(())
+    })?;
+    // The same element counts seen as [B, S, H/P, D]: the local attention
+    // each rank runs between the exchanges.
+    let s = sl * world;
+    let heads_shape = [b, s, h / world, d];
+    let kv_heads_shape = [b, s, hkv / world, d];
+    let local = timed(&mut || {
+        let qv = view(&q, heads_shape)?;
+        let (kv, vv) = (view(&k, kv_heads_shape)?, view(&v, kv_heads_shape)?);
+        let mut ov = view_mut(&mut out, heads_shape)?;
+        layer.local().forward_into(&qv, &kv, &vv, &meta, &mut ov)?;
+        Ok(())
+    })?;
+    Ok((full, local))
+}
+
+fn view<T: Element>(buf: &CommBuffer<T>, shape: [usize; 4]) -> Result<TensorView<'_>> {
+    Ok(match buf {
+        CommBuffer::Host(v) => TensorView::from_slice(v, shape)?,
+        CommBuffer::Cuda(s) => TensorView::from_cuda(s, shape)?,
+    })
+}
+
+fn view_mut<T: Element>(buf: &mut CommBuffer<T>, shape: [usize; 4]) -> Result<TensorViewMut<'_>> {
+    let n = shape.iter().product();
+    Ok(match buf {
+        CommBuffer::Host(v) => TensorViewMut::from_slice(&mut v[..n], shape)?,
+        CommBuffer::Cuda(s) => TensorViewMut::from_cuda(s.slice_mut(..n), shape)?,
+    })
+}
+
+/// Parses one rank count of `--world-size 1,2,4`.
+pub fn parse_world(text: &str) -> std::result::Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "{text:?} is not a rank count; pass counts of 1 or more, like 1,2,4"
+        )),
+    }
+}

@@ -1,0 +1,210 @@
+//! Sequence-parallel attention over NCCL on 2 and 4 GPUs: each rank's output
+//! must match the float64 reference over the whole sequence, and the ranks
+//! together must match single-GPU attention, within the conformance
+//! tolerance. Skips, saying why, without NCCL or enough devices.
+
+use half::bf16;
+use sdpa_runtime::distributed::{
+    nccl_available, Communicator, DistributedAttention, DistributedOutput, NcclCommunicator,
+    Replicated, SequenceParallel,
+};
+use sdpa_runtime::prelude::*;
+use sdpa_runtime::{probe_cuda, CudaProbe, Element, SdpaError};
+use sdpa_tests::cases::{run_seed, say, Placement};
+use sdpa_tests::consumer::WanAttention;
+use sdpa_tests::reference::rel_l2;
+use sdpa_tests::sequence_parallel::{concat_ranks, SpCase, SpInputs};
+
+/// The rank counts this machine can run, or why none.
+fn worlds() -> Vec<usize> {
+    let devices = match probe_cuda() {
+        CudaProbe::Present { devices } => devices,
+        CudaProbe::Absent(reason) => {
+            say(&format!(
+                "skipping multi-GPU sequence parallelism: {reason}"
+            ));
+            return vec![];
+        }
+    };
+    if !nccl_available() {
+        say("skipping multi-GPU sequence parallelism: libnccl.so is not on the loader path");
+        return vec![];
+    }
+    let worlds: Vec<usize> = [2, 4].into_iter().filter(|&w| w <= devices).collect();
+    if worlds.is_empty() {
+        say(&format!(
+            "skipping multi-GPU sequence parallelism: {devices} CUDA device(s), 2 needed"
+        ));
+    }
+    worlds
+}
+
+/// One rank's output and replicated output, on the host as f32.
+type RankOutput = (Vec<f32>, Option<Vec<f32>>);
+
+fn run_ranks<T: Element>(case: &SpCase, x: &SpInputs) -> Result<Vec<RankOutput>, SdpaError> {
+    let ordinals: Vec<usize> = (0..case.world).collect();
+    let comms = NcclCommunicator::for_devices(&ordinals)?;
+    let (s, skv, h, hkv) = (case.seq_local, case.seq_kv_local, case.heads, case.kv_heads);
+    let (b, d) = (case.batch, case.d);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                scope.spawn(move || -> Result<RankOutput, SdpaError> {
+                    let r = comm.rank();
+                    let stream = comm.stream().clone();
+                    let up = |(buf, strides): (Vec<T>, [usize; 4])| {
+                        stream
+                            .clone_htod(&buf)
+                            .map(|dev| (dev, strides))
+                            .map_err(|e| SdpaError::Cuda(format!("upload: {e}")))
+                    };
+                    let (dq, qs) = up(SpInputs::local::<T>(case, &x.q, r, s, h))?;
+                    let (dk, ks) = up(SpInputs::local::<T>(case, &x.k, r, skv, hkv))?;
+                    let (dv, vs) = up(SpInputs::local::<T>(case, &x.v, r, skv, hkv))?;
+                    let (rn, rkv) = (case.replicated, case.replicated_kv);
+                    let (drq, rqs) = up(SpInputs::replicated::<T>(case, &x.rq, rn, h))?;
+                    let (drk, rks) = up(SpInputs::replicated::<T>(case, &x.rk, rkv, hkv))?;
+                    let (drv, rvs) = up(SpInputs::replicated::<T>(case, &x.rv, rkv, hkv))?;
+                    let layer = DistributedAttention::new(
+                        &WanAttention,
+                        case.params(BackendKind::Cuda),
+                        comm,
+                    )?;
+                    let q = TensorView::from_cuda_with_strides(&dq, [b, s, h, d], qs)?;
+                    let k = TensorView::from_cuda_with_strides(&dk, [b, skv, hkv, d], ks)?;
+                    let v = TensorView::from_cuda_with_strides(&dv, [b, skv, hkv, d], vs)?;
+                    let replicated = if rn + rkv > 0 {
+                        Some(Replicated {
+                            q: TensorView::from_cuda_with_strides(&drq, [b, rn, h, d], rqs)?,
+                            k: TensorView::from_cuda_with_strides(&drk, [b, rkv, hkv, d], rks)?,
+                            v: TensorView::from_cuda_with_strides(&drv, [b, rkv, hkv, d], rvs)?,
+                        })
+                    } else {
+                        None
+                    };
+                    let sp = SequenceParallel {
+                        original_seq_len: case.original_seq_len,
+                        replicated,
+                    };
+                    let DistributedOutput { output, replicated } =
+                        layer.forward(&q, &k, &v, &sp, &AttentionMetadata::default())?;
+                    let rep = replicated.map(|t| t.to_f32_vec()).transpose()?;
+                    Ok((output.to_f32_vec()?, rep))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a rank panicked"))
+            .collect()
+    })
+}
+
+/// Runs `case` on its GPUs and judges it against the float64 reference;
+/// returns the global output for further comparison.
+fn check<T: Element>(case: SpCase, seed: u64, x: &SpInputs) -> Vec<f64> {
+    let outs = run_ranks::<T>(&case, x).unwrap_or_else(|e| panic!("{case:?}: {e}"));
+    let (want, want_rep) = x.expected(&case);
+    let per_rank: Vec<Vec<f32>> = outs.iter().map(|(o, _)| o.clone()).collect();
+    let got = concat_ranks(&case, &per_rank);
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "{case:?}: a non-finite output"
+    );
+    let err = rel_l2(&got, &want);
+    say(&format!(
+        "NCCL {} ranks {:?} causal={} pad={:?} replicated={}: rel err {err:.2e}",
+        case.world, case.dtype, case.causal, case.original_seq_len, case.replicated
+    ));
+    assert!(
+        err <= case.tolerance(),
+        "{case:?} seed {seed}: rel err {err:.3e}"
+    );
+    for (rank, (_, rep)) in outs.iter().enumerate() {
+        if let Some(rep) = rep {
+            let rep: Vec<f64> = rep.iter().map(|&v| v as f64).collect();
+            let err = rel_l2(&rep, &want_rep);
+            assert!(
+                err <= case.tolerance(),
+                "{case:?}: rank {rank} replicated {err:.3e}"
+            );
+        }
+    }
+    got
+}
+
+#[test]
+fn nccl_ranks_match_whole_sequence_attention() {
+    for world in worlds() {
+        let seed = run_seed();
+        let cases = [
+            SpCase {
+                dtype: DType::BF16,
+                ..SpCase::new(world, 1, 96, 8, 128)
+            },
+            SpCase {
+                dtype: DType::BF16,
+                causal: true,
+                kv_heads: 4,
+                placement: Placement::Gapped,
+                ..SpCase::new(world, 2, 40, 8, 64)
+            },
+            SpCase {
+                dtype: DType::BF16,
+                original_seq_len: Some(world * 50 - 7),
+                replicated: 24,
+                replicated_kv: 24,
+                ..SpCase::new(world, 1, 50, 8, 128)
+            },
+        ];
+        for case in cases {
+            let x = SpInputs::draw::<bf16>(&case, seed);
+            check::<bf16>(case, seed, &x);
+        }
+        let f32_case = SpCase::new(world, 1, 33, 4, 80);
+        let x = SpInputs::draw::<f32>(&f32_case, seed);
+        check::<f32>(f32_case, seed, &x);
+    }
+}
+
+#[test]
+fn nccl_ranks_match_single_gpu_attention() {
+    for world in worlds() {
+        let seed = run_seed();
+        let case = SpCase {
+            dtype: DType::BF16,
+            ..SpCase::new(world, 1, 256, 8, 128)
+        };
+        let x = SpInputs::draw::<bf16>(&case, seed);
+        let got = check::<bf16>(case, seed, &x);
+        // One GPU over the whole sequence.
+        let layer = WanAttention
+            .build_impl(case.params(BackendKind::Cuda))
+            .unwrap();
+        let to_bf16 = |v: &[f64]| v.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>();
+        let (q, k, v) = (to_bf16(&x.q), to_bf16(&x.k), to_bf16(&x.v));
+        let shape = [1, world * 256, 8, 128];
+        let q = TensorView::from_slice(&q, shape).unwrap();
+        let k = TensorView::from_slice(&k, shape).unwrap();
+        let v = TensorView::from_slice(&v, shape).unwrap();
+        let one = layer
+            .forward(&q, &k, &v, &AttentionMetadata::default())
+            .unwrap();
+        let one: Vec<f64> = one
+            .to_f32_vec()
+            .unwrap()
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        let err = rel_l2(&got, &one);
+        say(&format!(
+            "NCCL {world} ranks against one GPU: rel diff {err:.2e}"
+        ));
+        assert!(
+            err <= case.tolerance(),
+            "seed {seed}: {err:.3e} from one GPU"
+        );
+    }
+}
