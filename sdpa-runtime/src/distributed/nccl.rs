@@ -40,6 +40,10 @@ fn nccl_error(doing: &str, e: cudarc::nccl::result::NcclError) -> SdpaError {
     SdpaError::Communication(format!("NCCL: {doing}: {e:?}"))
 }
 
+fn byte_view_error() -> SdpaError {
+    SdpaError::Communication("internal: a block could not be viewed as bytes".into())
+}
+
 /// The unique id that ties the ranks of one NCCL group together: made once
 /// (by rank 0, say), then passed to every rank by the launcher as 128 bytes.
 #[derive(Clone, Copy, Debug)]
@@ -221,18 +225,29 @@ impl Communicator for NcclCommunicator {
             let block = src.slice(t.offset..t.offset + t.len);
             // SAFETY: a view of the same bytes as u8; every element type here
             // is plain old data.
-            let block = unsafe { block.transmute::<u8>(t.len * bytes) }.expect("same byte length");
-            if let Err(e) = comm.0.send(&block, t.peer as i32) {
-                first_error.get_or_insert(nccl_error("ncclSend", e));
+            match unsafe { block.transmute::<u8>(t.len * bytes) } {
+                Some(block) => {
+                    if let Err(e) = comm.0.send(&block, t.peer as i32) {
+                        first_error.get_or_insert(nccl_error("ncclSend", e));
+                    }
+                }
+                None => {
+                    first_error.get_or_insert(byte_view_error());
+                }
             }
         }
         for t in recvs.iter().filter(|t| t.peer != self.rank && t.len > 0) {
             let mut block = dst.slice_mut(t.offset..t.offset + t.len);
             // SAFETY: as above.
-            let mut block =
-                unsafe { block.transmute_mut::<u8>(t.len * bytes) }.expect("same byte length");
-            if let Err(e) = comm.0.recv(&mut block, t.peer as i32) {
-                first_error.get_or_insert(nccl_error("ncclRecv", e));
+            match unsafe { block.transmute_mut::<u8>(t.len * bytes) } {
+                Some(mut block) => {
+                    if let Err(e) = comm.0.recv(&mut block, t.peer as i32) {
+                        first_error.get_or_insert(nccl_error("ncclRecv", e));
+                    }
+                }
+                None => {
+                    first_error.get_or_insert(byte_view_error());
+                }
             }
         }
         let ended = group_end().map_err(|e| nccl_error("ncclGroupEnd", e));
