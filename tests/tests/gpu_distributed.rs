@@ -6,7 +6,7 @@
 use half::bf16;
 use sdpa_runtime::distributed::{
     nccl_available, Communicator, DistributedAttention, DistributedOutput, NcclCommunicator,
-    Replicated, SequenceParallel,
+    NcclId, Replicated, SequenceParallel,
 };
 use sdpa_runtime::prelude::*;
 use sdpa_runtime::{probe_cuda, CudaProbe, Element, SdpaError};
@@ -42,9 +42,18 @@ fn worlds() -> Vec<usize> {
 /// One rank's output and replicated output, on the host as f32.
 type RankOutput = (Vec<f32>, Option<Vec<f32>>);
 
+/// Runs `case` on a group made in one call (`for_devices`).
 fn run_ranks<T: Element>(case: &SpCase, x: &SpInputs) -> Result<Vec<RankOutput>, SdpaError> {
     let ordinals: Vec<usize> = (0..case.world).collect();
-    let comms = NcclCommunicator::for_devices(&ordinals)?;
+    run_on::<T>(NcclCommunicator::for_devices(&ordinals)?, case, x)
+}
+
+/// Runs `case` on the ranks of `comms`, one thread each.
+fn run_on<T: Element>(
+    comms: Vec<NcclCommunicator>,
+    case: &SpCase,
+    x: &SpInputs,
+) -> Result<Vec<RankOutput>, SdpaError> {
     let (s, skv, h, hkv) = (case.seq_local, case.seq_kv_local, case.heads, case.kv_heads);
     let (b, d) = (case.batch, case.d);
     std::thread::scope(|scope| {
@@ -206,5 +215,45 @@ fn nccl_ranks_match_single_gpu_attention() {
             err <= case.tolerance(),
             "seed {seed}: {err:.3e} from one GPU"
         );
+    }
+}
+
+#[test]
+fn nccl_ranks_joined_by_a_unique_id() {
+    // One process per GPU in production; here one thread per rank joins
+    // with the id's bytes, as a launcher would pass them.
+    for world in worlds() {
+        let seed = run_seed();
+        let id = NcclId::new().unwrap().to_bytes();
+        let comms: Vec<NcclCommunicator> = std::thread::scope(|scope| {
+            let joins: Vec<_> = (0..world)
+                .map(|rank| {
+                    scope.spawn(move || {
+                        NcclCommunicator::for_rank(rank, rank, world, &NcclId::from_bytes(id))
+                    })
+                })
+                .collect();
+            joins
+                .into_iter()
+                .map(|j| j.join().expect("a rank panicked").unwrap())
+                .collect()
+        });
+        assert!(comms
+            .iter()
+            .enumerate()
+            .all(|(r, c)| c.rank() == r && c.world_size() == world));
+        let case = SpCase {
+            dtype: DType::BF16,
+            causal: true,
+            ..SpCase::new(world, 1, 64, 8, 128)
+        };
+        let x = SpInputs::draw::<bf16>(&case, seed);
+        let outs = run_on::<bf16>(comms, &case, &x).unwrap();
+        let got = concat_ranks(&case, &outs.into_iter().map(|(o, _)| o).collect::<Vec<_>>());
+        let err = rel_l2(&got, &x.expected(&case).0);
+        say(&format!(
+            "NCCL {world} ranks joined by id: rel err {err:.2e}"
+        ));
+        assert!(err <= case.tolerance(), "seed {seed}: rel err {err:.3e}");
     }
 }
