@@ -9,7 +9,7 @@
 //! `cargo run -p kernels-gen --example emit -- --dir OUT 40 64 80 128`
 //!
 //! `--sm90` writes the Hopper (sm_90a, `wgmma`) kernels instead, skipping
-//! the variants that have none; `--sm90-cfg BLOCK_N,PV_PER_PANEL` overrides
+//! the variants that have none; `--sm90-cfg BLOCK_N,PV_PER_PANEL[,OVERLAP[,WGS]]` overrides
 //! their tiles (for tuning runs).
 
 use kernels_gen::fa2::{self, Fa2Config};
@@ -19,12 +19,18 @@ use kernels_gen::sm90::{self, Sm90Config};
 use kernels_gen::{gpu, DType, VariantSpec};
 
 /// The sm_90a kernel of `spec`, if it has one, with `cfg` overriding
-/// `BLOCK_N,PV_PER_PANEL`.
+/// `BLOCK_N,PV_PER_PANEL[,OVERLAP[,WARPGROUPS]]`.
 fn kernel_sm90(spec: &VariantSpec, cfg: Option<&[usize]>) -> Option<GpuKernel> {
     let mut c = Sm90Config::new(spec)?;
     if let Some(t) = cfg {
         c.block_n = t[0];
         c.pv_per_panel = t[1] != 0;
+        if let Some(&o) = t.get(2) {
+            c.overlap = o != 0;
+        }
+        if let Some(&w) = t.get(3) {
+            c.wgs = w;
+        }
     }
     Some(sm90::generate_with(spec, c))
 }
@@ -59,7 +65,10 @@ fn main() {
         let t = args.remove(i + 1);
         args.remove(i);
         t.split(',')
-            .map(|x| x.parse().expect("--sm90-cfg BLOCK_N,PV_PER_PANEL"))
+            .map(|x| {
+                x.parse()
+                    .expect("--sm90-cfg BLOCK_N,PV_PER_PANEL[,OVERLAP[,WGS]]")
+            })
             .collect()
     });
     let sm90_cfg = sm90_cfg.as_deref();
