@@ -160,6 +160,8 @@ fn desc_bits(lbo: usize, sbo: usize) -> u64 {
 struct Emitter {
     k: Kernel,
     cfg: Sm90Config,
+    /// The loader's row of this thread (set once the loader is).
+    lrow: Option<Reg>,
 }
 
 impl Emitter {
@@ -167,6 +169,7 @@ impl Emitter {
         Emitter {
             k: Kernel::new(name),
             cfg,
+            lrow: None,
         }
     }
 
@@ -208,9 +211,10 @@ impl Emitter {
         dst: Reg,
         enable: Option<Reg>,
     ) {
+        let lrow = self.lrow.expect("loader set up");
         let k = &mut self.k;
         let mut s = src;
-        for pass in 0..rows / rpp {
+        for pass in 0..rows.div_ceil(rpp) {
             if pass > 0 {
                 s = k.bin(BinOp::Add, Ty::U64, s, pass_step);
             }
@@ -222,7 +226,16 @@ impl Emitter {
                 src: s.into(),
                 src_size: size.into(),
             };
-            match enable {
+            // A last, partial pass: only the threads of its rows copy.
+            let mut go = enable;
+            if (pass + 1) * rpp > rows {
+                let fits = k.setp(Cmp::Lt, Ty::U32, lrow, Self::u(rows - pass * rpp));
+                if let Some(e) = enable {
+                    k.bin_to(BinOp::And, Ty::Pred, fits, fits, e);
+                }
+                go = Some(fits);
+            }
+            match go {
                 Some(e) => k.guard(e, false, cp),
                 None => k.push(cp),
             }
@@ -505,7 +518,9 @@ impl Emitter {
         let n_tiles_o = d / 8;
         let cpr = d / 8; // 16-byte chunks per row
         let rpp = threads / cpr; // rows per loading pass
-        assert!(bm.is_multiple_of(rpp) && bn.is_multiple_of(rpp) && rpp.is_multiple_of(8));
+                                 // Every pass starts on a swizzle atom: a thread's row keeps its
+                                 // swizzle phase.
+        assert!(threads.is_multiple_of(cpr) && rpp.is_multiple_of(8));
         let tile = cfg.kv_tile();
 
         let params = declare_params(&mut self.k);
@@ -586,6 +601,8 @@ impl Emitter {
 
         // ---- loader: thread t copies chunk t % cpr of row t / cpr ----
         let lrow = k.bin(BinOp::Div, Ty::U32, tid, Self::u(cpr));
+        self.lrow = Some(lrow);
+        let k = &mut self.k;
         let chunk = k.bin(BinOp::Rem, Ty::U32, tid, Self::u(cpr));
         let panel = k.bin(BinOp::Shr, Ty::U32, chunk, Operand::U(3));
         let cc = k.bin(BinOp::And, Ty::U32, chunk, Operand::U(7));
