@@ -756,15 +756,27 @@ impl Emitter {
             self.k.push(Instr::WgmmaCommit);
             self.k.push(Instr::WgmmaWait(1));
             let alpha = self.softmax(&c, j0);
-            self.k.push(Instr::WgmmaWait(0));
-            self.rescale_and_pack(&c, alpha);
+            // The wait for P·V starts a basic block of its own: ptxas
+            // hoists a `wgmma.wait_group` to the top of its block, which
+            // would put it before the softmax it is meant to overlap.
             let k = &mut self.k;
             k.bin_to(BinOp::Add, Ty::U32, n, n, Operand::U(1));
             let n1 = k.bin(BinOp::Add, Ty::U32, n, Operand::U(1));
             let again = k.setp(Cmp::Lt, Ty::U32, n1, n_blocks);
-            k.branch_if(again, false, &loop_top);
+            let leave = k.label("last_pack");
+            k.branch_if(again, true, &leave);
+            k.push(Instr::WgmmaWait(0));
+            self.rescale_and_pack(&c, alpha);
+            self.k.push(Instr::Bra {
+                target: loop_top.clone(),
+                uni: true,
+            });
+            self.k.push(Instr::Label(leave));
+            self.k.push(Instr::WgmmaWait(0));
+            self.rescale_and_pack(&c, alpha);
 
             // The last block's P·V.
+            let k = &mut self.k;
             k.push(Instr::Label(tail));
             let (_, cur) = self.stage_of(n, 0);
             let v_desc = self.k.bin(BinOp::Add, Ty::U64, v_desc0, cur);
