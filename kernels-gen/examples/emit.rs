@@ -7,11 +7,33 @@
 //! GPU harness in `tests/gpu/`:
 //!
 //! `cargo run -p kernels-gen --example emit -- --dir OUT 40 64 80 128`
+//!
+//! `--sm90` writes the Hopper (sm_90a, `wgmma`) kernels instead, skipping
+//! the variants that have none; `--sm90-cfg BLOCK_N,PV_PER_PANEL[,OVERLAP[,WGS]]` overrides
+//! their tiles (for tuning runs).
 
 use kernels_gen::fa2::{self, Fa2Config};
 use kernels_gen::gpu::GpuKernel;
 use kernels_gen::ptx::Target;
+use kernels_gen::sm90::{self, Sm90Config};
 use kernels_gen::{gpu, DType, VariantSpec};
+
+/// The sm_90a kernel of `spec`, if it has one, with `cfg` overriding
+/// `BLOCK_N,PV_PER_PANEL[,OVERLAP[,WARPGROUPS]]`.
+fn kernel_sm90(spec: &VariantSpec, cfg: Option<&[usize]>) -> Option<GpuKernel> {
+    let mut c = Sm90Config::new(spec)?;
+    if let Some(t) = cfg {
+        c.block_n = t[0];
+        c.pv_per_panel = t[1] != 0;
+        if let Some(&o) = t.get(2) {
+            c.overlap = o != 0;
+        }
+        if let Some(&w) = t.get(3) {
+            c.wgs = w;
+        }
+    }
+    Some(sm90::generate_with(spec, c))
+}
 
 /// `--tiles WARPS,M_TILES,BLOCK_N,QREGS` overrides the 16-bit kernels' tiles
 /// (for tuning runs).
@@ -35,6 +57,28 @@ fn main() {
             .collect()
     });
     let tiles = tiles.as_deref();
+    let hopper = args.iter().position(|a| a == "--sm90").map(|i| {
+        args.remove(i);
+    });
+    let hopper = hopper.is_some();
+    let sm90_cfg: Option<Vec<usize>> = args.iter().position(|a| a == "--sm90-cfg").map(|i| {
+        let t = args.remove(i + 1);
+        args.remove(i);
+        t.split(',')
+            .map(|x| {
+                x.parse()
+                    .expect("--sm90-cfg BLOCK_N,PV_PER_PANEL[,OVERLAP[,WGS]]")
+            })
+            .collect()
+    });
+    let sm90_cfg = sm90_cfg.as_deref();
+    let pick = |spec: &VariantSpec| -> Option<GpuKernel> {
+        if hopper {
+            kernel_sm90(spec, sm90_cfg)
+        } else {
+            Some(kernel(spec, tiles))
+        }
+    };
     let only: Option<DType> = args.iter().position(|a| a == "--dtype").map(|i| {
         let t = args.remove(i + 1);
         args.remove(i);
@@ -53,7 +97,7 @@ fn main() {
                     .filter(|d| only.is_none_or(|o| o == *d))
                 {
                     let spec = VariantSpec::new(d, causal, dtype).unwrap_or_else(|e| panic!("{e}"));
-                    let k = kernel(&spec, tiles);
+                    let Some(k) = pick(&spec) else { continue };
                     std::fs::write(dir.join(format!("{}.ptx", k.entry)), &k.ptx).unwrap();
                     manifest.push(format!(
                         "{{\"entry\": \"{}\", \"head_size\": {d}, \"causal\": {causal}, \
@@ -74,7 +118,7 @@ fn main() {
     let causal = args.iter().any(|a| a == "causal");
     let dtype = args.iter().find_map(|a| DType::from_name(a)).expect(usage);
     let spec = VariantSpec::new(head_size, causal, dtype).unwrap_or_else(|e| panic!("{e}"));
-    let k = kernel(&spec, tiles);
+    let k = pick(&spec).expect("no sm_90a kernel for this variant");
     eprintln!(
         "{}: block_m {} threads {} smem {} B",
         k.entry, k.block_m, k.threads, k.smem_bytes

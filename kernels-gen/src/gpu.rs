@@ -109,3 +109,10 @@ pub fn generate(spec: &VariantSpec, target: Target) -> GpuKernel {
         DType::F16 | DType::BF16 => crate::fa2::generate(spec, target),
     }
 }
+
+/// Generates the Hopper (sm_90a, `wgmma`) kernel of `spec`, or `None` where
+/// there is none (32-bit elements, head sizes other than 64 and 128): use
+/// [`generate`] then. Same parameters and launch contract.
+pub fn generate_sm90(spec: &VariantSpec) -> Option<GpuKernel> {
+    crate::sm90::generate(spec)
+}

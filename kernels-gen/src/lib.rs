@@ -21,6 +21,7 @@ pub mod fa2;
 pub mod gpu;
 pub mod ptx;
 mod simt;
+pub mod sm90;
 mod spec;
 
 pub use spec::{

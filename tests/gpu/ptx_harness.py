@@ -145,6 +145,10 @@ def check(drv, ptx_dir, manifest, seed):
             if not ok:
                 print(f"FAIL {meta['entry']} {(b, sq, sk, hq, hkv, transposed, mk)} err {err:.3e}",
                       flush=True)
+    worst = {}
+    for (entry, _, err, _) in rows:
+        worst[entry] = max(worst.get(entry, 0.0), err)
+    print("max rel err: " + ", ".join(f"{e} {w:.2e}" for e, w in worst.items()), flush=True)
     print(f"check: {len(rows) - fails} passed, {fails} failed (seed {seed})", flush=True)
     return fails
 

@@ -210,6 +210,21 @@ pub enum MmaShape {
     M16N8K8,
 }
 
+/// The A operand of a `wgmma`: a shared-memory matrix descriptor or four
+/// registers of packed 16-bit pairs (the m16n8k16 A fragment of each warp).
+#[derive(Clone, Debug, PartialEq)]
+pub enum WgmmaA {
+    /// A 64-bit descriptor; `trans` reads A as M-major.
+    Desc {
+        /// The descriptor register.
+        desc: Reg,
+        /// `imm-trans-a`.
+        trans: bool,
+    },
+    /// Four `.b32` registers.
+    Regs([Reg; 4]),
+}
+
 /// One PTX instruction (or a label or comment).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Instr {
@@ -424,6 +439,76 @@ pub enum Instr {
         src: Reg,
         /// The xor distance.
         lane_mask: u32,
+    },
+    /// `bar.sync id, threads;`: a named barrier over `threads` threads (a
+    /// multiple of 32).
+    BarSyncCount {
+        /// The barrier (0..16).
+        id: u32,
+        /// Threads taking part.
+        threads: u32,
+    },
+    /// `wgmma.fence.sync.aligned;`: orders register accesses before the
+    /// next `wgmma` of the warpgroup.
+    WgmmaFence,
+    /// `wgmma.commit_group.sync.aligned;`.
+    WgmmaCommit,
+    /// `wgmma.wait_group.sync.aligned n;`: waits until at most `n` groups
+    /// are pending.
+    WgmmaWait(u32),
+    /// `wgmma.mma_async.sync.aligned.m64nNk16.f32.AB.AB d, a, b, scale-d,
+    /// 1, 1, [trans-a,] trans-b;`: `d = a·b + (scale-d ? d : 0)` over the
+    /// warpgroup, `N/2` `f32` accumulators per thread.
+    Wgmma {
+        /// N: a multiple of 8 up to 256.
+        n: u32,
+        /// `BF16` or `F16`.
+        ab: Ty,
+        /// The accumulators, `n / 2` of them.
+        d: Vec<Reg>,
+        /// A.
+        a: WgmmaA,
+        /// B's descriptor.
+        b: Reg,
+        /// A predicate: accumulate onto `d` when true, overwrite when false.
+        scale_d: Reg,
+        /// `imm-trans-b`: B is N-major in shared memory.
+        trans_b: bool,
+    },
+    /// `fence.proxy.async.shared::cta;`: makes this thread's generic-proxy
+    /// shared-memory writes visible to the async proxy (wgmma, TMA).
+    FenceProxyAsync,
+    /// `setmaxnreg.{inc,dec}.sync.aligned.u32 regs;`.
+    SetMaxNReg {
+        /// Raise (true) or lower the warpgroup's register count.
+        inc: bool,
+        /// The new count per thread (24..=256, a multiple of 8).
+        regs: u32,
+    },
+    /// `mbarrier.init.shared::cta.b64 [addr], count;`.
+    MbarInit {
+        /// The 8-byte barrier in shared memory.
+        addr: Addr,
+        /// Expected arrivals per phase.
+        count: u32,
+    },
+    /// `mbarrier.arrive[.expect_tx].shared::cta.b64 state, [addr][, tx];`.
+    MbarArrive {
+        /// The returned state (a `.b64` register).
+        state: Reg,
+        /// The barrier.
+        addr: Addr,
+        /// Transaction bytes to expect, if any.
+        expect_tx: Option<u32>,
+    },
+    /// `mbarrier.try_wait.parity.shared::cta.b64 done, [addr], parity;`.
+    MbarTryWait {
+        /// Set when the phase of `parity` has completed.
+        done: Reg,
+        /// The barrier.
+        addr: Addr,
+        /// The phase parity waited for (0 or 1).
+        parity: Operand,
     },
 }
 
@@ -670,6 +755,62 @@ impl fmt::Display for Instr {
             } => write!(
                 f,
                 "shfl.sync.bfly.b32 {dst}, {src}, {lane_mask}, 31, 0xffffffff;"
+            ),
+            Instr::BarSyncCount { id, threads } => write!(f, "bar.sync {id}, {threads};"),
+            Instr::WgmmaFence => f.write_str("wgmma.fence.sync.aligned;"),
+            Instr::WgmmaCommit => f.write_str("wgmma.commit_group.sync.aligned;"),
+            Instr::WgmmaWait(n) => write!(f, "wgmma.wait_group.sync.aligned {n};"),
+            Instr::Wgmma {
+                n,
+                ab,
+                d,
+                a,
+                b,
+                scale_d,
+                trans_b,
+            } => {
+                assert_eq!(
+                    d.len() as u32 * 2,
+                    *n,
+                    "m64n{n} needs {} accumulators",
+                    n / 2
+                );
+                let a = match a {
+                    WgmmaA::Desc { desc, trans } => {
+                        format!("{desc}, {b}, {scale_d}, 1, 1, {}", u8::from(*trans))
+                    }
+                    WgmmaA::Regs(r) => format!("{}, {b}, {scale_d}, 1, 1", List(r)),
+                };
+                write!(
+                    f,
+                    "wgmma.mma_async.sync.aligned.m64n{n}k16.f32{ab}{ab} {}, {a}, {};",
+                    List(d),
+                    u8::from(*trans_b)
+                )
+            }
+            Instr::FenceProxyAsync => f.write_str("fence.proxy.async.shared::cta;"),
+            Instr::SetMaxNReg { inc, regs } => write!(
+                f,
+                "setmaxnreg.{}.sync.aligned.u32 {regs};",
+                if *inc { "inc" } else { "dec" }
+            ),
+            Instr::MbarInit { addr, count } => {
+                write!(f, "mbarrier.init.shared::cta.b64 {addr}, {count};")
+            }
+            Instr::MbarArrive {
+                state,
+                addr,
+                expect_tx,
+            } => match expect_tx {
+                None => write!(f, "mbarrier.arrive.shared::cta.b64 {state}, {addr};"),
+                Some(tx) => write!(
+                    f,
+                    "mbarrier.arrive.expect_tx.shared::cta.b64 {state}, {addr}, {tx};"
+                ),
+            },
+            Instr::MbarTryWait { done, addr, parity } => write!(
+                f,
+                "mbarrier.try_wait.parity.shared::cta.b64 {done}, {addr}, {parity};"
             ),
         }
     }
@@ -982,6 +1123,121 @@ mod tests {
             src: r(5),
         };
         assert_eq!(text(i), "mov.b32 {%h0, %h1}, %r5;");
+    }
+
+    #[test]
+    fn hopper_warpgroup_instructions() {
+        assert_eq!(text(Instr::WgmmaFence), "wgmma.fence.sync.aligned;");
+        assert_eq!(text(Instr::WgmmaCommit), "wgmma.commit_group.sync.aligned;");
+        assert_eq!(
+            text(Instr::WgmmaWait(1)),
+            "wgmma.wait_group.sync.aligned 1;"
+        );
+        assert_eq!(
+            text(Instr::FenceProxyAsync),
+            "fence.proxy.async.shared::cta;"
+        );
+        assert_eq!(
+            text(Instr::BarSyncCount {
+                id: 1,
+                threads: 128
+            }),
+            "bar.sync 1, 128;"
+        );
+        assert_eq!(
+            text(Instr::SetMaxNReg {
+                inc: true,
+                regs: 240
+            }),
+            "setmaxnreg.inc.sync.aligned.u32 240;"
+        );
+        assert_eq!(
+            text(Instr::SetMaxNReg {
+                inc: false,
+                regs: 24
+            }),
+            "setmaxnreg.dec.sync.aligned.u32 24;"
+        );
+        let i = Instr::Wgmma {
+            n: 8,
+            ab: Ty::BF16,
+            d: vec![fr(0), fr(1), fr(2), fr(3)],
+            a: WgmmaA::Desc {
+                desc: rd(1),
+                trans: false,
+            },
+            b: rd(2),
+            scale_d: p(0),
+            trans_b: false,
+        };
+        assert_eq!(
+            text(i),
+            "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%f0, %f1, %f2, %f3}, \
+             %rd1, %rd2, %p0, 1, 1, 0, 0;"
+        );
+        let i = Instr::Wgmma {
+            n: 16,
+            ab: Ty::F16,
+            d: (0..8).map(fr).collect(),
+            a: WgmmaA::Regs([r(0), r(1), r(2), r(3)]),
+            b: rd(2),
+            scale_d: p(1),
+            trans_b: true,
+        };
+        assert_eq!(
+            text(i),
+            "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 \
+             {%f0, %f1, %f2, %f3, %f4, %f5, %f6, %f7}, \
+             {%r0, %r1, %r2, %r3}, %rd2, %p1, 1, 1, 1;"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "accumulators")]
+    fn wgmma_checks_its_accumulator_count() {
+        let _ = Instr::Wgmma {
+            n: 16,
+            ab: Ty::BF16,
+            d: vec![fr(0)],
+            a: WgmmaA::Regs([r(0), r(1), r(2), r(3)]),
+            b: rd(2),
+            scale_d: p(1),
+            trans_b: false,
+        }
+        .to_string();
+    }
+
+    #[test]
+    fn mbarriers() {
+        let i = Instr::MbarInit {
+            addr: r(3).into(),
+            count: 128,
+        };
+        assert_eq!(text(i), "mbarrier.init.shared::cta.b64 [%r3], 128;");
+        let i = Instr::MbarArrive {
+            state: rd(0),
+            addr: Addr::at(r(3), 8),
+            expect_tx: None,
+        };
+        assert_eq!(text(i), "mbarrier.arrive.shared::cta.b64 %rd0, [%r3+8];");
+        let i = Instr::MbarArrive {
+            state: rd(0),
+            addr: r(3).into(),
+            expect_tx: Some(16384),
+        };
+        assert_eq!(
+            text(i),
+            "mbarrier.arrive.expect_tx.shared::cta.b64 %rd0, [%r3], 16384;"
+        );
+        let i = Instr::MbarTryWait {
+            done: p(2),
+            addr: r(3).into(),
+            parity: r(4).into(),
+        };
+        assert_eq!(
+            text(i),
+            "mbarrier.try_wait.parity.shared::cta.b64 %p2, [%r3], %r4;"
+        );
     }
 
     #[test]

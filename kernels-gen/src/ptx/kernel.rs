@@ -12,6 +12,9 @@ pub enum Target {
     /// Ampere: `mma.sync`, `ldmatrix`, `cp.async`. Runs on sm_80 through
     /// sm_90 (the driver compiles it for the device at load time).
     Sm80,
+    /// Hopper with its architecture-specific features: `wgmma`,
+    /// `setmaxnreg`, `mbarrier` waits, bulk copies. Runs only on sm_90.
+    Sm90a,
 }
 
 impl Target {
@@ -19,12 +22,14 @@ impl Target {
     pub const fn name(self) -> &'static str {
         match self {
             Target::Sm80 => "sm_80",
+            Target::Sm90a => "sm_90a",
         }
     }
     /// The lowest PTX ISA version with everything the kernels use.
     pub const fn isa_version(self) -> &'static str {
         match self {
             Target::Sm80 => "7.0",
+            Target::Sm90a => "8.0",
         }
     }
 }
@@ -252,5 +257,13 @@ $done_1:
 }
 ";
         assert!(text.ends_with(expected), "{text}");
+    }
+
+    #[test]
+    fn sm90a_modules_name_their_target_and_isa() {
+        let text = Module::new(Target::Sm90a)
+            .kernel(Kernel::new("k"))
+            .to_string();
+        assert!(text.contains(".version 8.0\n.target sm_90a\n"), "{text}");
     }
 }

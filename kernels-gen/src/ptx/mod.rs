@@ -25,6 +25,6 @@ mod instr;
 mod kernel;
 mod reg;
 
-pub use instr::{Addr, BinOp, Cmp, Instr, MmaShape, Operand, Special, StateSpace, UnOp};
+pub use instr::{Addr, BinOp, Cmp, Instr, MmaShape, Operand, Special, StateSpace, UnOp, WgmmaA};
 pub use kernel::{Kernel, Module, Param, Target};
 pub use reg::{Reg, Ty};

@@ -1,0 +1,944 @@
+//! The Hopper (sm_90a) forward kernel for 16-bit element types: `wgmma`
+//! products from 128-byte-swizzled shared memory, `cp.async` loads of K and
+//! V double-buffered under the products, and an online softmax in
+//! registers. It keeps the launch contract of [`crate::gpu`].
+//!
+//! # Structure
+//!
+//! A CTA of `wgs` consumer warpgroups computes `64 · wgs` query rows of one
+//! (batch, head); warpgroup `w` owns rows `64w..64w + 63`, and warp `i` of
+//! it rows `16i..16i + 15` of those, so a row of the scores lives in the
+//! four lanes of a quad exactly as with `mma.sync`. Per key block `n` of
+//! `block_n` keys:
+//!
+//! 1. every thread waits for its copies of block `n` and fences them into
+//!    the async proxy; a CTA barrier publishes them and tells that every
+//!    warpgroup is done with block `n - 1`, whose buffers then start
+//!    loading block `n + 1`;
+//! 2. `S = Q·K(n)ᵀ`: `wgmma m64n{block_n}k16`, A (Q) and B (K) both K-major
+//!    from shared-memory descriptors;
+//! 3. masking where needed, online softmax, `P` packed to 16 bits: the
+//!    accumulator layout of two adjacent n8 slices is the register A
+//!    fragment of a `wgmma`;
+//! 4. `O += P·V(n)`: `wgmma m64n{d}k16` with A from registers and B (V, a
+//!    `[keys, d]` row-major tile) N-major, read through the transpose bit.
+//!
+//! # Shared memory
+//!
+//! Every tile (Q, K, V) is stored as `d / 64` column panels of 64 elements
+//! (128 bytes a row); inside a panel, rows are 128 bytes apart and the
+//! 16-byte chunk `c` of row `r` sits at chunk `c ^ (r % 8)`: the 128-byte
+//! swizzle, whose atom (8 rows, 1024 bytes) the descriptors step over with
+//! a stride byte offset of 1024. Panels start 1024-byte aligned (the base is
+//! aligned at run time), so the hardware's swizzle, computed from address
+//! bits, matches the one the loads write.
+//!
+//! - A K-major operand (Q, K) at k-step `kk` starts at panel `kk / 4`, byte
+//!   `32 · (kk % 4)` of the row; the leading byte offset is unused.
+//! - V as an N-major B: a k-step (16 keys) is 2048 bytes; the leading byte
+//!   offset is the distance between 64-column panels.
+
+use crate::gpu::{declare_params, GpuKernel};
+use crate::ptx::{
+    Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Reg, Special, StateSpace, Target, Ty, UnOp,
+    WgmmaA,
+};
+use crate::{DType, VariantSpec};
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+
+/// The shape of one variant's sm_90a kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sm90Config {
+    /// Head size (64 or 128).
+    pub d: usize,
+    /// `BF16` or `F16`.
+    pub ab: Ty,
+    /// Top-left causal.
+    pub causal: bool,
+    /// Consumer warpgroups per CTA, 64 query rows each.
+    pub wgs: usize,
+    /// Keys per block (a multiple of 16, at most 256).
+    pub block_n: usize,
+    /// Issue `P·V` as one `m64n64` product per 64-column panel of V rather
+    /// than one `m64n{d}` product over all of them.
+    pub pv_per_panel: bool,
+    /// Issue block `n + 1`'s `Q·Kᵀ` with block `n`'s `P·V` and run the
+    /// softmax of `n + 1` under the latter (three K/V stages instead of
+    /// two).
+    pub overlap: bool,
+}
+
+impl Sm90Config {
+    /// The configuration of a variant, or `None` where this kernel does not
+    /// apply (32-bit elements, head sizes other than 64 and 128).
+    pub fn new(spec: &VariantSpec) -> Option<Sm90Config> {
+        let ab = match spec.dtype {
+            DType::BF16 => Ty::BF16,
+            DType::F16 => Ty::F16,
+            DType::F32 => return None,
+        };
+        if !matches!(spec.head_size, 64 | 128) {
+            return None;
+        }
+        Some(Sm90Config {
+            d: spec.head_size,
+            ab,
+            causal: spec.causal,
+            wgs: 2,
+            block_n: 128,
+            pv_per_panel: false,
+            overlap: true,
+        })
+    }
+
+    /// Query rows per CTA.
+    pub fn block_m(&self) -> usize {
+        64 * self.wgs
+    }
+
+    /// Threads per CTA.
+    pub fn threads(&self) -> usize {
+        128 * self.wgs
+    }
+
+    /// Bytes of one K or V tile.
+    fn kv_tile(&self) -> usize {
+        self.block_n * self.d * 2
+    }
+
+    /// K/V stages in shared memory.
+    pub fn stages(&self) -> usize {
+        if self.overlap {
+            3
+        } else {
+            2
+        }
+    }
+
+    /// Dynamic shared memory: 1 KB of alignment slack, Q, and a K and a V
+    /// tile per stage.
+    pub fn smem_bytes(&self) -> usize {
+        1024 + self.block_m() * self.d * 2 + 2 * self.stages() * self.kv_tile()
+    }
+
+    fn packed(&self) -> Ty {
+        if self.ab == Ty::BF16 {
+            Ty::BF16x2
+        } else {
+            Ty::F16x2
+        }
+    }
+}
+
+/// Generates the sm_90a kernel of a variant, or `None` where it does not
+/// apply (see [`Sm90Config::new`]).
+pub fn generate(spec: &VariantSpec) -> Option<GpuKernel> {
+    Sm90Config::new(spec).map(|cfg| generate_with(spec, cfg))
+}
+
+/// Generates the sm_90a kernel of a variant with the tiles of `cfg`.
+pub fn generate_with(spec: &VariantSpec, cfg: Sm90Config) -> GpuKernel {
+    let entry = spec.kernel_name();
+    let k = Emitter::new(&entry, cfg).emit();
+    GpuKernel {
+        ptx: Module::new(Target::Sm90a).kernel(k).to_string(),
+        entry,
+        target: Target::Sm90a,
+        block_m: cfg.block_m() as u32,
+        threads: cfg.threads() as u32,
+        smem_bytes: cfg.smem_bytes() as u32,
+    }
+}
+
+/// The descriptor bits other than the start address: 128-byte swizzle and
+/// the two byte offsets.
+fn desc_bits(lbo: usize, sbo: usize) -> u64 {
+    (((lbo >> 4) as u64) << 16) | (((sbo >> 4) as u64) << 32) | (1u64 << 62)
+}
+
+struct Emitter {
+    k: Kernel,
+    cfg: Sm90Config,
+    /// The loader's row of this thread (set once the loader is).
+    lrow: Option<Reg>,
+}
+
+impl Emitter {
+    fn new(name: &str, cfg: Sm90Config) -> Emitter {
+        Emitter {
+            k: Kernel::new(name),
+            cfg,
+            lrow: None,
+        }
+    }
+
+    fn u(x: usize) -> Operand {
+        Operand::U(x as u64)
+    }
+
+    /// A descriptor for the shared address `addr` with `bits`.
+    fn desc(&mut self, addr: Reg, bits: u64) -> Reg {
+        let k = &mut self.k;
+        let a = k.bin(BinOp::Shr, Ty::U32, addr, Operand::U(4));
+        let a = k.bin(BinOp::And, Ty::U32, a, Operand::U(0x3fff));
+        let a = k.cvt(None, Ty::U64, Ty::U32, a);
+        k.bin(BinOp::Or, Ty::U64, a, Operand::U(bits))
+    }
+
+    /// `desc` moved on by `bytes` (a multiple of 16).
+    fn desc_at(&mut self, desc: Reg, bytes: usize) -> Reg {
+        if bytes == 0 {
+            desc
+        } else {
+            self.k.bin(BinOp::Add, Ty::U64, desc, Self::u(bytes >> 4))
+        }
+    }
+
+    /// Issues this thread's `cp.async` copies of `rows` rows of a tile:
+    /// global row `grow` (and every `rpp` after it) from `src` (stepping
+    /// `pass_step` bytes) into shared `dst` (stepping `rpp · 128` bytes).
+    /// Rows at or past `seq` are zero-filled without reading memory.
+    #[allow(clippy::too_many_arguments)]
+    fn load_tile(
+        &mut self,
+        rows: usize,
+        rpp: usize,
+        src: Reg,
+        pass_step: Reg,
+        grow: Reg,
+        seq: Reg,
+        dst: Reg,
+        enable: Option<Reg>,
+    ) {
+        let lrow = self.lrow.expect("loader set up");
+        let k = &mut self.k;
+        let mut s = src;
+        for pass in 0..rows.div_ceil(rpp) {
+            if pass > 0 {
+                s = k.bin(BinOp::Add, Ty::U64, s, pass_step);
+            }
+            let row = k.bin(BinOp::Add, Ty::U32, grow, Self::u(pass * rpp));
+            let valid = k.setp(Cmp::Lt, Ty::U32, row, seq);
+            let size = k.selp(Ty::U32, Operand::U(16), Operand::U(0), valid);
+            let cp = Instr::CpAsync16 {
+                dst: Addr::at(dst, (pass * rpp * 128) as i64),
+                src: s.into(),
+                src_size: size.into(),
+            };
+            // A last, partial pass: only the threads of its rows copy.
+            let mut go = enable;
+            if (pass + 1) * rpp > rows {
+                let fits = k.setp(Cmp::Lt, Ty::U32, lrow, Self::u(rows - pass * rpp));
+                if let Some(e) = enable {
+                    k.bin_to(BinOp::And, Ty::Pred, fits, fits, e);
+                }
+                go = Some(fits);
+            }
+            match go {
+                Some(e) => k.guard(e, false, cp),
+                None => k.push(cp),
+            }
+        }
+    }
+
+    /// Reduces `x` over the four lanes of a quad with `op`.
+    fn quad_reduce(&mut self, x: Reg, op: BinOp) -> Reg {
+        let mut acc = x;
+        for mask in [1, 2] {
+            let other = self.k.reg(Ty::F32);
+            self.k.push(Instr::ShflBfly {
+                dst: other,
+                src: acc,
+                lane_mask: mask,
+            });
+            acc = self.k.bin(op, Ty::F32, acc, other);
+        }
+        acc
+    }
+
+    /// `S = Q·K(block)ᵀ` for the K tile of descriptor `k_desc` (no fence,
+    /// no commit).
+    fn s_gemm(&mut self, c: &Core, k_desc: Reg) {
+        let cfg = self.cfg;
+        let (bm, bn) = (cfg.block_m(), cfg.block_n);
+        for kk in 0..cfg.d / 16 {
+            let within = (kk % 4) * 32;
+            let qa = self.desc_at(c.q_desc, (kk / 4) * bm * 128 + within);
+            let kb = self.desc_at(k_desc, (kk / 4) * bn * 128 + within);
+            self.k.push(Instr::Wgmma {
+                n: bn as u32,
+                ab: cfg.ab,
+                d: c.s_acc.clone(),
+                a: WgmmaA::Desc {
+                    desc: qa,
+                    trans: false,
+                },
+                b: kb,
+                scale_d: if kk == 0 { c.p_false } else { c.p_true },
+                trans_b: false,
+            });
+        }
+    }
+
+    /// `O += P·V(block)` for the V tile of descriptor `v_desc` (no fence,
+    /// no commit).
+    fn pv_gemm(&mut self, c: &Core, v_desc: Reg) {
+        let cfg = self.cfg;
+        let (d, bn) = (cfg.d, cfg.block_n);
+        for (j, a) in c.p.iter().enumerate() {
+            let vb = self.desc_at(v_desc, j * 16 * 128);
+            if cfg.pv_per_panel {
+                for pn in 0..d / 64 {
+                    let vbp = self.desc_at(vb, pn * bn * 128);
+                    self.k.push(Instr::Wgmma {
+                        n: 64,
+                        ab: cfg.ab,
+                        d: c.o_acc[32 * pn..32 * pn + 32].to_vec(),
+                        a: WgmmaA::Regs(*a),
+                        b: vbp,
+                        scale_d: c.p_true,
+                        trans_b: true,
+                    });
+                }
+            } else {
+                self.k.push(Instr::Wgmma {
+                    n: d as u32,
+                    ab: cfg.ab,
+                    d: c.o_acc.clone(),
+                    a: WgmmaA::Regs(*a),
+                    b: vb,
+                    scale_d: c.p_true,
+                    trans_b: true,
+                });
+            }
+        }
+    }
+
+    /// Scores of the block starting at key `j0` to the log2 domain, masking
+    /// where needed, online softmax: `S` becomes the unnormalised weights,
+    /// the running max and sum move on. Returns the factor each row's `O`
+    /// must be rescaled by.
+    fn softmax(&mut self, c: &Core, j0: Reg) -> [Reg; 2] {
+        let cfg = self.cfg;
+        let bn = cfg.block_n;
+        let n_tiles_s = bn / 8;
+        let neg_inf = Operand::F32(f32::NEG_INFINITY);
+        let row_offset = |r: usize| Self::u(8 * r);
+        let k = &mut self.k;
+        for &r in &c.s_acc {
+            k.bin_to(BinOp::Mul, Ty::F32, r, r, c.scale_log2);
+        }
+        let block_end = k.bin(BinOp::Add, Ty::U32, j0, Self::u(bn));
+        let ragged = k.setp(Cmp::Gt, Ty::U32, block_end, c.seq_k);
+        let need = k.reg(Ty::Pred);
+        k.bin_to(BinOp::Or, Ty::Pred, need, ragged, c.has_mask);
+        if cfg.causal {
+            // The block crosses the diagonal of the CTA's first row.
+            let last_key = k.bin(BinOp::Add, Ty::U32, j0, Self::u(bn - 1));
+            let diag = k.setp(Cmp::Gt, Ty::U32, last_key, c.q0);
+            k.bin_to(BinOp::Or, Ty::Pred, need, need, diag);
+        }
+        let skip_mask = k.label("unmasked");
+        k.branch_if(need, true, &skip_mask);
+        {
+            let kbase = k.bin(BinOp::Add, Ty::U32, j0, c.tq2);
+            let skip_bias = k.label("no_bias");
+            // Additive mask, in the log2 domain.
+            k.branch_if(c.has_mask, true, &skip_bias);
+            let mut row_in = Vec::new();
+            let mut mask_rows = Vec::new();
+            for r in 0..2 {
+                let row = k.bin(BinOp::Add, Ty::U32, c.row0, row_offset(r));
+                row_in.push(k.setp(Cmp::Lt, Ty::U32, row, c.seq_q));
+                let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
+                let o = k.mad(Ty::U64, r64, c.msq, c.mask_head);
+                mask_rows.push(k.mad(Ty::U64, o, Operand::U(4), c.m_ptr));
+            }
+            for t in 0..n_tiles_s {
+                for e in 0..4 {
+                    let s = c.s_acc[4 * t + e];
+                    let r = e / 2;
+                    let key = k.bin(BinOp::Add, Ty::U32, kbase, Self::u(8 * t + e % 2));
+                    let kin = k.setp(Cmp::Lt, Ty::U32, key, c.seq_k);
+                    let ok = k.reg(Ty::Pred);
+                    k.bin_to(BinOp::And, Ty::Pred, ok, kin, row_in[r]);
+                    let key64 = k.cvt(None, Ty::U64, Ty::U32, key);
+                    let addr = k.mad(Ty::U64, key64, Operand::U(4), mask_rows[r]);
+                    let bias = k.mov(Ty::F32, Operand::F32(0.0));
+                    k.guard(
+                        ok,
+                        false,
+                        Instr::Ld {
+                            space: StateSpace::GlobalNc,
+                            ty: Ty::F32,
+                            dst: vec![bias],
+                            addr: addr.into(),
+                        },
+                    );
+                    k.mad_to(Ty::F32, s, bias, Operand::F32(LOG2E), s);
+                }
+            }
+            k.push(Instr::Label(skip_bias));
+            // Keys past Sk, and (causal) keys after the row, do not exist.
+            let rows: Vec<Reg> = (0..2)
+                .map(|r| k.bin(BinOp::Add, Ty::U32, c.row0, row_offset(r)))
+                .collect();
+            for t in 0..n_tiles_s {
+                for e in 0..4 {
+                    let s = c.s_acc[4 * t + e];
+                    let key = k.bin(BinOp::Add, Ty::U32, kbase, Self::u(8 * t + e % 2));
+                    let hide = k.setp(Cmp::Ge, Ty::U32, key, c.seq_k);
+                    if cfg.causal {
+                        let after = k.setp(Cmp::Gt, Ty::U32, key, rows[e / 2]);
+                        k.bin_to(BinOp::Or, Ty::Pred, hide, hide, after);
+                    }
+                    k.selp_to(Ty::F32, s, neg_inf.clone(), s, hide);
+                }
+            }
+        }
+        k.push(Instr::Label(skip_mask));
+
+        // Row maxima over the block, across the quad; rescale factors.
+        let mut shift = Vec::new();
+        let mut alpha = Vec::new();
+        for (r, &m_old) in c.m_run.iter().enumerate() {
+            let mut m = self.k.mov(Ty::F32, neg_inf.clone());
+            for t in 0..n_tiles_s {
+                m = self.k.bin(BinOp::Max, Ty::F32, m, c.s_acc[4 * t + 2 * r]);
+                m = self
+                    .k
+                    .bin(BinOp::Max, Ty::F32, m, c.s_acc[4 * t + 2 * r + 1]);
+            }
+            let m = self.quad_reduce(m, BinOp::Max);
+            let k = &mut self.k;
+            let m_new = k.bin(BinOp::Max, Ty::F32, m_old, m);
+            // A row that has seen only hidden keys keeps max -inf; shifting
+            // by 0 keeps NaN out and makes every hidden weight exactly 0.
+            let none = k.setp(Cmp::Eq, Ty::F32, m_new, neg_inf.clone());
+            let sh = k.selp(Ty::F32, Operand::F32(0.0), m_new, none);
+            let diff = k.bin(BinOp::Sub, Ty::F32, m_old, sh);
+            let a = k.un(UnOp::Ex2, Ty::F32, diff);
+            k.mov_to(Ty::F32, m_old, m_new);
+            shift.push(sh);
+            alpha.push(a);
+        }
+        let k = &mut self.k;
+        let mut block_sum: Vec<Reg> = (0..2).map(|_| k.mov(Ty::F32, Operand::F32(0.0))).collect();
+        for (i, &s) in c.s_acc.iter().enumerate() {
+            let r = (i % 4) / 2;
+            let x = k.bin(BinOp::Sub, Ty::F32, s, shift[r]);
+            k.un_to(UnOp::Ex2, Ty::F32, s, x);
+            block_sum[r] = k.bin(BinOp::Add, Ty::F32, block_sum[r], s);
+        }
+        for ((&l, &a), &b) in c.l_run.iter().zip(&alpha).zip(&block_sum) {
+            k.mad_to(Ty::F32, l, l, a, b);
+        }
+        [alpha[0], alpha[1]]
+    }
+
+    /// `O *= alpha` per row, and the weights in `S` packed into `P`'s
+    /// register A fragments (k-step `j` covers S slices `2j` and `2j + 1`).
+    fn rescale_and_pack(&mut self, c: &Core, alpha: [Reg; 2]) {
+        let packed = self.cfg.packed();
+        let k = &mut self.k;
+        for (i, &o) in c.o_acc.iter().enumerate() {
+            k.bin_to(BinOp::Mul, Ty::F32, o, o, alpha[(i % 4) / 2]);
+        }
+        for (j, p) in c.p.iter().enumerate() {
+            let lo = &c.s_acc[8 * j..8 * j + 4];
+            let hi = &c.s_acc[8 * j + 4..8 * j + 8];
+            for (dst, (h, l)) in p.iter().zip([
+                (lo[1], lo[0]),
+                (lo[3], lo[2]),
+                (hi[1], hi[0]),
+                (hi[3], hi[2]),
+            ]) {
+                k.push(Instr::CvtPack {
+                    ty: packed,
+                    dst: *dst,
+                    hi: h,
+                    lo: l,
+                });
+            }
+        }
+    }
+
+    /// Issues the copies of the next K and V block into the stage at byte
+    /// offset `stage` (a register), then moves the pointers on a block.
+    fn load_block(&mut self, ld: &Loads, stage: Reg, enable: Option<Reg>) {
+        let (bn, tile) = (self.cfg.block_n, self.cfg.kv_tile());
+        let k_dst = self.k.bin(BinOp::Add, Ty::U32, ld.k_dst0, stage);
+        let v_dst = self.k.bin(BinOp::Add, Ty::U32, k_dst, Self::u(tile));
+        self.load_tile(
+            bn, ld.rpp, ld.k_src, ld.k_pass, ld.grow, ld.seq_k, k_dst, enable,
+        );
+        self.load_tile(
+            bn, ld.rpp, ld.v_src, ld.v_pass, ld.grow, ld.seq_k, v_dst, enable,
+        );
+        let k = &mut self.k;
+        k.push(Instr::CpAsyncCommit);
+        k.bin_to(BinOp::Add, Ty::U64, ld.k_src, ld.k_src, ld.k_block);
+        k.bin_to(BinOp::Add, Ty::U64, ld.v_src, ld.v_src, ld.v_block);
+        k.bin_to(BinOp::Add, Ty::U32, ld.grow, ld.grow, Self::u(bn));
+    }
+
+    /// Byte offset of the stage of block `n`, and the same in descriptor
+    /// units.
+    fn stage_of(&mut self, n: Reg, plus: usize) -> (Reg, Reg) {
+        let stages = self.cfg.stages();
+        let stride = 2 * self.cfg.kv_tile();
+        let k = &mut self.k;
+        let m = if plus > 0 {
+            k.bin(BinOp::Add, Ty::U32, n, Self::u(plus))
+        } else {
+            n
+        };
+        let s = k.bin(BinOp::Rem, Ty::U32, m, Self::u(stages));
+        let bytes = k.bin(BinOp::Mul, Ty::U32, s, Self::u(stride));
+        let s64 = k.cvt(None, Ty::U64, Ty::U32, s);
+        let units = k.bin(BinOp::Mul, Ty::U64, s64, Self::u(stride >> 4));
+        (bytes, units)
+    }
+
+    /// Waits for this thread's copies (all but the newest `pending`
+    /// groups), hands them to the async proxy, and meets the CTA.
+    fn landed(&mut self, pending: u32) {
+        self.k.push(Instr::CpAsyncWait(pending));
+        self.k.push(Instr::FenceProxyAsync);
+        self.k.push(Instr::BarSync(0));
+    }
+
+    fn emit(mut self) -> Kernel {
+        let cfg = self.cfg;
+        let (d, bn) = (cfg.d, cfg.block_n);
+        let bm = cfg.block_m();
+        let threads = cfg.threads();
+        assert!(d.is_multiple_of(64) && bn.is_multiple_of(16) && bn <= 256);
+        let n_tiles_o = d / 8;
+        let cpr = d / 8; // 16-byte chunks per row
+        let rpp = threads / cpr; // rows per loading pass
+                                 // Every pass starts on a swizzle atom: a thread's row keeps its
+                                 // swizzle phase.
+        assert!(threads.is_multiple_of(cpr) && rpp.is_multiple_of(8));
+        let tile = cfg.kv_tile();
+
+        let params = declare_params(&mut self.k);
+        self.k.launch_bounds(threads as u32, Some(1));
+        self.k.dynamic_shared(1024);
+        self.k.comment(format!(
+            "wgmma attention: d={d} causal={} {}, {} consumer warpgroups, block {bm}x{bn}, \
+             {} stages, overlap {}",
+            cfg.causal,
+            cfg.ab.name(),
+            cfg.wgs,
+            cfg.stages(),
+            cfg.overlap,
+        ));
+
+        // ---- parameters ----
+        let k = &mut self.k;
+        let p: Vec<Reg> = params
+            .iter()
+            .enumerate()
+            .map(|(i, prm)| {
+                let ty = match i {
+                    0..=19 => Ty::U64,
+                    20..=22 => Ty::U32,
+                    _ => Ty::F32,
+                };
+                k.ld_param(ty, prm)
+            })
+            .collect();
+        let (q_ptr, k_ptr, v_ptr, o_ptr, m_ptr) = (p[0], p[1], p[2], p[3], p[4]);
+        let strides = |i: usize| [p[5 + 3 * i], p[6 + 3 * i], p[7 + 3 * i]];
+        let (qs, ks, vs, os) = (strides(0), strides(1), strides(2), strides(3));
+        let (msb, msh, msq) = (p[17], p[18], p[19]);
+        let (seq_q, seq_k, group, scale_log2) = (p[20], p[21], p[22], p[23]);
+
+        // ---- thread and block coordinates ----
+        let tid = k.mov(Ty::U32, Operand::Special(Special::TidX));
+        let qblock = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
+        let qblock = if cfg.causal {
+            // The last query blocks see the most keys: launch them first.
+            let blocks = k.mov(Ty::U32, Operand::Special(Special::NCtaIdX));
+            let last = k.bin(BinOp::Sub, Ty::U32, blocks, Operand::U(1));
+            k.bin(BinOp::Sub, Ty::U32, last, qblock)
+        } else {
+            qblock
+        };
+        let head = k.mov(Ty::U32, Operand::Special(Special::CtaIdY));
+        let batch = k.mov(Ty::U32, Operand::Special(Special::CtaIdZ));
+        let lane = k.bin(BinOp::And, Ty::U32, tid, Operand::U(31));
+        let warp = k.bin(BinOp::Shr, Ty::U32, tid, Operand::U(5));
+        let wg = k.bin(BinOp::Shr, Ty::U32, tid, Operand::U(7));
+        let g = k.bin(BinOp::Shr, Ty::U32, lane, Operand::U(2));
+        let tq = k.bin(BinOp::And, Ty::U32, lane, Operand::U(3));
+        let q0 = k.bin(BinOp::Mul, Ty::U32, qblock, Self::u(bm));
+        let kv_head = k.bin(BinOp::Div, Ty::U32, head, group);
+
+        let elem = 2u64;
+        let tensor_base = |k: &mut Kernel, ptr: Reg, st: [Reg; 3], h: Reg| {
+            let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
+            let h64 = k.cvt(None, Ty::U64, Ty::U32, h);
+            let off = k.bin(BinOp::Mul, Ty::U64, b64, st[0]);
+            let off = k.mad(Ty::U64, h64, st[2], off);
+            let base = k.mad(Ty::U64, off, Operand::U(elem), ptr);
+            let stride = k.bin(BinOp::Mul, Ty::U64, st[1], Operand::U(elem));
+            (base, stride)
+        };
+        let (q_base, q_stride) = tensor_base(k, q_ptr, qs, head);
+        let (k_base, k_stride) = tensor_base(k, k_ptr, ks, kv_head);
+        let (v_base, v_stride) = tensor_base(k, v_ptr, vs, kv_head);
+        let (o_base, o_stride) = tensor_base(k, o_ptr, os, head);
+
+        // Shared tiles, from a 1024-byte aligned base: Q, then the stages
+        // of (K, V).
+        let raw = k.mov(Ty::U32, Operand::Symbol("smem".into()));
+        let sbase = k.bin(BinOp::Add, Ty::U32, raw, Operand::U(1023));
+        let sq = k.bin(BinOp::And, Ty::U32, sbase, Operand::U(!1023u32 as u64));
+        let sk0 = k.bin(BinOp::Add, Ty::U32, sq, Self::u(bm * d * 2));
+
+        // ---- loader: thread t copies chunk t % cpr of row t / cpr ----
+        let lrow = k.bin(BinOp::Div, Ty::U32, tid, Self::u(cpr));
+        self.lrow = Some(lrow);
+        let k = &mut self.k;
+        let chunk = k.bin(BinOp::Rem, Ty::U32, tid, Self::u(cpr));
+        let panel = k.bin(BinOp::Shr, Ty::U32, chunk, Operand::U(3));
+        let cc = k.bin(BinOp::And, Ty::U32, chunk, Operand::U(7));
+        let r8 = k.bin(BinOp::And, Ty::U32, lrow, Operand::U(7));
+        let swz = k.bin(BinOp::Xor, Ty::U32, cc, r8);
+        let swz = k.bin(BinOp::Shl, Ty::U32, swz, Operand::U(4));
+        let in_panel = k.mad(Ty::U32, lrow, Operand::U(128), swz);
+        let q_dst = k.mad(Ty::U32, panel, Self::u(bm * 128), in_panel);
+        let q_dst = k.bin(BinOp::Add, Ty::U32, q_dst, sq);
+        let kv_off = k.mad(Ty::U32, panel, Self::u(bn * 128), in_panel);
+        let k_dst0 = k.bin(BinOp::Add, Ty::U32, kv_off, sk0);
+        let chunk_bytes = k.bin(BinOp::Shl, Ty::U32, chunk, Operand::U(4));
+        let chunk64 = k.cvt(None, Ty::U64, Ty::U32, chunk_bytes);
+        let lrow64 = k.cvt(None, Ty::U64, Ty::U32, lrow);
+        let src_of = |k: &mut Kernel, base: Reg, stride: Reg| {
+            let s = k.mad(Ty::U64, lrow64, stride, base);
+            k.bin(BinOp::Add, Ty::U64, s, chunk64)
+        };
+        let q0_64 = k.cvt(None, Ty::U64, Ty::U32, q0);
+        let q_first = k.mad(Ty::U64, q0_64, q_stride, q_base);
+        let q_src = src_of(k, q_first, q_stride);
+        let q_pass = k.bin(BinOp::Mul, Ty::U64, q_stride, Self::u(rpp));
+        let q_grow = k.bin(BinOp::Add, Ty::U32, q0, lrow);
+        let ld = Loads {
+            k_src: src_of(k, k_base, k_stride),
+            v_src: src_of(k, v_base, v_stride),
+            k_pass: k.bin(BinOp::Mul, Ty::U64, k_stride, Self::u(rpp)),
+            v_pass: k.bin(BinOp::Mul, Ty::U64, v_stride, Self::u(rpp)),
+            k_block: k.bin(BinOp::Mul, Ty::U64, k_stride, Self::u(bn)),
+            v_block: k.bin(BinOp::Mul, Ty::U64, v_stride, Self::u(bn)),
+            grow: k.mov(Ty::U32, lrow),
+            seq_k,
+            k_dst0,
+            rpp,
+        };
+
+        // ---- descriptors ----
+        let k_bits = desc_bits(16, 1024);
+        let v_bits = desc_bits(bn * 128, 1024);
+        let wg_q = k.mad(Ty::U32, wg, Self::u(64 * 128), sq);
+        let q_desc = self.desc(wg_q, k_bits);
+        let k_desc0 = self.desc(sk0, k_bits);
+        let k = &mut self.k;
+        let sv0 = k.bin(BinOp::Add, Ty::U32, sk0, Self::u(tile));
+        let v_desc0 = self.desc(sv0, v_bits);
+        let k = &mut self.k;
+
+        // This thread's score rows: row0 and row0 + 8.
+        let warp_in_wg = k.bin(BinOp::And, Ty::U32, warp, Operand::U(3));
+        let row0 = k.mad(Ty::U32, wg, Operand::U(64), q0);
+        let row0 = k.mad(Ty::U32, warp_in_wg, Operand::U(16), row0);
+        let row0 = k.bin(BinOp::Add, Ty::U32, row0, g);
+
+        // Number of key blocks: causal CTAs stop at their last row.
+        let key_end = if cfg.causal {
+            let last = k.bin(BinOp::Add, Ty::U32, q0, Self::u(bm));
+            k.bin(BinOp::Min, Ty::U32, last, seq_k)
+        } else {
+            seq_k
+        };
+        let n_blocks = k.bin(BinOp::Add, Ty::U32, key_end, Self::u(bn - 1));
+        let n_blocks = k.bin(BinOp::Div, Ty::U32, n_blocks, Self::u(bn));
+
+        let has_mask = k.setp(Cmp::Ne, Ty::U64, m_ptr, Operand::U(0));
+        let mask_head = {
+            let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
+            let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
+            let off = k.bin(BinOp::Mul, Ty::U64, b64, msb);
+            k.mad(Ty::U64, h64, msh, off)
+        };
+        let zero = k.mov(Ty::U32, Operand::U(0));
+        let p_true = k.setp(Cmp::Eq, Ty::U32, zero, Operand::U(0));
+        let p_false = k.setp(Cmp::Ne, Ty::U32, zero, Operand::U(0));
+        let neg_inf = Operand::F32(f32::NEG_INFINITY);
+        let c = Core {
+            s_acc: k.regs(Ty::F32, bn / 2),
+            o_acc: (0..d / 2)
+                .map(|_| k.mov(Ty::F32, Operand::F32(0.0)))
+                .collect(),
+            p: (0..bn / 16)
+                .map(|_| {
+                    let r = k.regs(Ty::B32, 4);
+                    [r[0], r[1], r[2], r[3]]
+                })
+                .collect(),
+            m_run: [k.mov(Ty::F32, neg_inf.clone()), k.mov(Ty::F32, neg_inf)],
+            l_run: [
+                k.mov(Ty::F32, Operand::F32(0.0)),
+                k.mov(Ty::F32, Operand::F32(0.0)),
+            ],
+            q_desc,
+            p_true,
+            p_false,
+            scale_log2,
+            seq_q,
+            seq_k,
+            has_mask,
+            mask_head,
+            m_ptr,
+            msq,
+            row0,
+            tq2: k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(1)),
+            q0,
+        };
+
+        // ---- prologue: Q and K(0), V(0) in stage 0 ----
+        self.load_tile(bm, rpp, q_src, q_pass, q_grow, seq_q, q_dst, None);
+        let zero_off = self.k.mov(Ty::U32, Operand::U(0));
+        self.load_block(&ld, zero_off, None);
+        let n = self.k.mov(Ty::U32, Operand::U(0));
+        let j0 = self.k.mov(Ty::U32, Operand::U(0));
+        let loop_top = self.k.label("key_block");
+        let loop_end = self.k.label("epilogue");
+        let none = self.k.setp(Cmp::Eq, Ty::U32, n_blocks, Operand::U(0));
+        self.k.branch_if(none, false, &loop_end);
+
+        if cfg.overlap {
+            // K(1), V(1) in stage 1; S(0) and its softmax.
+            let one = self.k.setp(Cmp::Gt, Ty::U32, n_blocks, Operand::U(1));
+            let off1 = self.k.mov(Ty::U32, Self::u(2 * tile));
+            self.load_block(&ld, off1, Some(one));
+            self.landed(1);
+            self.k.push(Instr::WgmmaFence);
+            self.s_gemm(&c, k_desc0);
+            self.k.push(Instr::WgmmaCommit);
+            self.k.push(Instr::WgmmaWait(0));
+            let alpha = self.softmax(&c, j0);
+            self.rescale_and_pack(&c, alpha);
+            let tail = self.k.label("last_block");
+            let single = self.k.setp(Cmp::Le, Ty::U32, n_blocks, Operand::U(1));
+            self.k.branch_if(single, false, &tail);
+
+            // Block n + 1's scores and block n's P·V in flight together;
+            // the softmax of block n + 1 runs under the P·V.
+            self.k.push(Instr::Label(loop_top.clone()));
+            self.landed(0);
+            let (load_off, _) = self.stage_of(n, 2);
+            let n2 = self.k.bin(BinOp::Add, Ty::U32, n, Operand::U(2));
+            let more = self.k.setp(Cmp::Lt, Ty::U32, n2, n_blocks);
+            self.load_block(&ld, load_off, Some(more));
+            let (_, cur) = self.stage_of(n, 0);
+            let (_, next) = self.stage_of(n, 1);
+            let k = &mut self.k;
+            k.bin_to(BinOp::Add, Ty::U32, j0, j0, Self::u(bn));
+            let k_desc = k.bin(BinOp::Add, Ty::U64, k_desc0, next);
+            let v_desc = k.bin(BinOp::Add, Ty::U64, v_desc0, cur);
+            k.push(Instr::WgmmaFence);
+            self.s_gemm(&c, k_desc);
+            self.k.push(Instr::WgmmaCommit);
+            self.pv_gemm(&c, v_desc);
+            self.k.push(Instr::WgmmaCommit);
+            self.k.push(Instr::WgmmaWait(1));
+            let alpha = self.softmax(&c, j0);
+            // The wait for P·V starts a basic block of its own: ptxas
+            // hoists a `wgmma.wait_group` to the top of its block, which
+            // would put it before the softmax it is meant to overlap.
+            let k = &mut self.k;
+            k.bin_to(BinOp::Add, Ty::U32, n, n, Operand::U(1));
+            let n1 = k.bin(BinOp::Add, Ty::U32, n, Operand::U(1));
+            let again = k.setp(Cmp::Lt, Ty::U32, n1, n_blocks);
+            let leave = k.label("last_pack");
+            k.branch_if(again, true, &leave);
+            k.push(Instr::WgmmaWait(0));
+            self.rescale_and_pack(&c, alpha);
+            self.k.push(Instr::Bra {
+                target: loop_top.clone(),
+                uni: true,
+            });
+            self.k.push(Instr::Label(leave));
+            self.k.push(Instr::WgmmaWait(0));
+            self.rescale_and_pack(&c, alpha);
+
+            // The last block's P·V.
+            let k = &mut self.k;
+            k.push(Instr::Label(tail));
+            let (_, cur) = self.stage_of(n, 0);
+            let v_desc = self.k.bin(BinOp::Add, Ty::U64, v_desc0, cur);
+            self.k.push(Instr::WgmmaFence);
+            self.pv_gemm(&c, v_desc);
+            self.k.push(Instr::WgmmaCommit);
+            self.k.push(Instr::WgmmaWait(0));
+        } else {
+            self.k.push(Instr::Label(loop_top.clone()));
+            // Block n has landed, and every warpgroup is done with block
+            // n - 1: its stage takes block n + 1.
+            self.landed(0);
+            let k = &mut self.k;
+            let n1 = k.bin(BinOp::Add, Ty::U32, n, Operand::U(1));
+            let more = k.setp(Cmp::Lt, Ty::U32, n1, n_blocks);
+            let (load_off, _) = self.stage_of(n, 1);
+            self.load_block(&ld, load_off, Some(more));
+            let (_, cur) = self.stage_of(n, 0);
+            let k = &mut self.k;
+            let k_desc = k.bin(BinOp::Add, Ty::U64, k_desc0, cur);
+            let v_desc = k.bin(BinOp::Add, Ty::U64, v_desc0, cur);
+            k.push(Instr::WgmmaFence);
+            self.s_gemm(&c, k_desc);
+            self.k.push(Instr::WgmmaCommit);
+            self.k.push(Instr::WgmmaWait(0));
+            let alpha = self.softmax(&c, j0);
+            self.rescale_and_pack(&c, alpha);
+            self.k.push(Instr::WgmmaFence);
+            self.pv_gemm(&c, v_desc);
+            let k = &mut self.k;
+            k.push(Instr::WgmmaCommit);
+            k.push(Instr::WgmmaWait(0));
+            k.bin_to(BinOp::Add, Ty::U32, n, n, Operand::U(1));
+            k.bin_to(BinOp::Add, Ty::U32, j0, j0, Self::u(bn));
+            let again = k.setp(Cmp::Lt, Ty::U32, n, n_blocks);
+            k.branch_if(again, false, &loop_top);
+        }
+
+        // ---- epilogue: O / sum, rows that saw no key are 0 ----
+        let k = &mut self.k;
+        k.push(Instr::Label(loop_end));
+        k.push(Instr::CpAsyncWait(0));
+        let packed = cfg.packed();
+        let tq4 = k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(2));
+        let tq4 = k.cvt(None, Ty::U64, Ty::U32, tq4);
+        for (r, &l) in c.l_run.iter().enumerate() {
+            let sum = self.quad_reduce(l, BinOp::Add);
+            let k = &mut self.k;
+            let empty = k.setp(Cmp::Eq, Ty::F32, sum, Operand::F32(0.0));
+            let inv = k.un(UnOp::Rcp, Ty::F32, sum);
+            k.selp_to(Ty::F32, inv, Operand::F32(0.0), inv, empty);
+            let row = k.bin(BinOp::Add, Ty::U32, row0, Self::u(8 * r));
+            let inside = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
+            let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
+            let addr = k.mad(Ty::U64, r64, o_stride, o_base);
+            let addr = k.bin(BinOp::Add, Ty::U64, addr, tq4);
+            for t in 0..n_tiles_o {
+                let x0 = k.bin(BinOp::Mul, Ty::F32, c.o_acc[4 * t + 2 * r], inv);
+                let x1 = k.bin(BinOp::Mul, Ty::F32, c.o_acc[4 * t + 2 * r + 1], inv);
+                let pk = k.reg(Ty::B32);
+                k.push(Instr::CvtPack {
+                    ty: packed,
+                    dst: pk,
+                    hi: x1,
+                    lo: x0,
+                });
+                k.guard(
+                    inside,
+                    false,
+                    Instr::St {
+                        space: StateSpace::Global,
+                        ty: Ty::B32,
+                        addr: Addr::at(addr, (t * 16) as i64),
+                        src: vec![pk],
+                    },
+                );
+            }
+        }
+        self.k.push(Instr::Ret);
+        self.k
+    }
+}
+
+/// The registers of the products and the softmax.
+struct Core {
+    /// Scores, then weights: `block_n / 2` accumulators, slice-major.
+    s_acc: Vec<Reg>,
+    /// The output accumulators: `d / 2`.
+    o_acc: Vec<Reg>,
+    /// The weights as register A fragments, one per 16 keys.
+    p: Vec<[Reg; 4]>,
+    m_run: [Reg; 2],
+    l_run: [Reg; 2],
+    q_desc: Reg,
+    p_true: Reg,
+    p_false: Reg,
+    scale_log2: Reg,
+    seq_q: Reg,
+    seq_k: Reg,
+    has_mask: Reg,
+    mask_head: Reg,
+    m_ptr: Reg,
+    msq: Reg,
+    /// This thread's first score row (the other is 8 below).
+    row0: Reg,
+    /// `2 · (lane % 4)`: this thread's first key in each n8 slice.
+    tq2: Reg,
+    /// The CTA's first query row.
+    q0: Reg,
+}
+
+/// A thread's share of the K and V copies.
+struct Loads {
+    k_src: Reg,
+    v_src: Reg,
+    k_pass: Reg,
+    v_pass: Reg,
+    k_block: Reg,
+    v_block: Reg,
+    /// Global key row of this thread's first copy in the next block.
+    grow: Reg,
+    seq_k: Reg,
+    /// Shared address of this thread's first K chunk in stage 0.
+    k_dst0: Reg,
+    /// Rows per pass.
+    rpp: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(d: usize, causal: bool, dtype: DType) -> VariantSpec {
+        VariantSpec::new(d, causal, dtype).unwrap()
+    }
+
+    #[test]
+    fn applies_to_16_bit_head_sizes_64_and_128() {
+        assert!(generate(&spec(64, false, DType::BF16)).is_some());
+        assert!(generate(&spec(128, true, DType::F16)).is_some());
+        assert!(generate(&spec(80, false, DType::BF16)).is_none());
+        assert!(generate(&spec(128, false, DType::F32)).is_none());
+    }
+
+    #[test]
+    fn uses_wgmma_with_swizzled_descriptors() {
+        let k = generate(&spec(128, false, DType::BF16)).unwrap();
+        assert_eq!(k.target, Target::Sm90a);
+        assert!(k.ptx.contains(".target sm_90a"));
+        assert!(k
+            .ptx
+            .contains("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"));
+        assert!(k.ptx.contains("wgmma.fence.sync.aligned;"));
+        assert!(k.ptx.contains("fence.proxy.async.shared::cta;"));
+        assert_eq!(k.block_m, 128);
+        assert_eq!(k.threads, 256);
+        assert_eq!(k.smem_bytes, 1024 + (128 + 6 * 128) * 128 * 2);
+    }
+
+    #[test]
+    fn descriptor_bits() {
+        // 128-byte swizzle in bits 62-63, offsets >> 4 at 16 and 32.
+        assert_eq!(desc_bits(16, 1024), (1 << 62) | (64 << 32) | (1 << 16));
+    }
+}
