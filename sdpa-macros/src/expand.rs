@@ -25,23 +25,33 @@ pub fn sdpa_variants(attr: &Attr, item: &Item) -> Result<TokenStream> {
 /// on every later architecture (the driver compiles it for the device).
 const GPU_TARGET: Target = Target::Sm80;
 
+/// The GPU kernels of one variant: the portable one, and the Hopper one
+/// where the generator has one.
+struct Kernels {
+    portable: GpuKernel,
+    sm90: Option<GpuKernel>,
+}
+
 /// Runs the generator for every variant, spread over the machine's cores
 /// (the generator is pure and each variant independent; only plain strings
 /// cross threads, as compiler tokens must stay on the macro's thread).
-fn gpu_kernels(variants: &[VariantSpec]) -> Result<Vec<GpuKernel>> {
+fn gpu_kernels(variants: &[VariantSpec]) -> Result<Vec<Kernels>> {
     let threads = thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(variants.len())
         .max(1);
     let chunk = variants.len().div_ceil(threads).max(1);
-    let results: Vec<thread::Result<Vec<GpuKernel>>> = thread::scope(|scope| {
+    let results: Vec<thread::Result<Vec<Kernels>>> = thread::scope(|scope| {
         let handles: Vec<_> = variants
             .chunks(chunk)
             .map(|specs| {
                 scope.spawn(move || {
                     specs
                         .iter()
-                        .map(|spec| kernels_gen::gpu::generate(spec, GPU_TARGET))
+                        .map(|spec| Kernels {
+                            portable: kernels_gen::gpu::generate(spec, GPU_TARGET),
+                            sm90: kernels_gen::gpu::generate_sm90(spec),
+                        })
                         .collect::<Vec<_>>()
                 })
             })
@@ -83,7 +93,7 @@ pub fn with_errors(item: &Item, errors: Error) -> TokenStream {
     }
 }
 
-fn generate(valid: &Valid, kernels: &[GpuKernel]) -> TokenStream {
+fn generate(valid: &Valid, kernels: &[Kernels]) -> TokenStream {
     let item = valid.item;
     let ident = &item.ident;
     let count = Literal::usize_unsuffixed(valid.variants.len());
@@ -120,20 +130,25 @@ fn generate(valid: &Valid, kernels: &[GpuKernel]) -> TokenStream {
 }
 
 /// One entry of the variant table: the spec, the CPU kernel instantiated
-/// for it and the GPU kernel generated for it (PTX text and launch
+/// for it and the GPU kernels generated for it (PTX text and launch
 /// metadata, embedded as literals).
-fn variant(spec: &VariantSpec, gpu: &GpuKernel) -> TokenStream {
+fn variant(spec: &VariantSpec, kernels: &Kernels) -> TokenStream {
     let head_size = Literal::usize_unsuffixed(spec.head_size);
     let causal = spec.causal;
     let dtype = dtype_path(spec.dtype);
     let element = element_type(spec.dtype);
-    let gpu = gpu_kernel(gpu);
+    let gpu = gpu_kernel(&kernels.portable);
+    let sm90 = kernels.sm90.as_ref().map(|k| {
+        let k = gpu_kernel(k);
+        quote! { .with_gpu_sm90(#k) }
+    });
     quote! {
         ::sdpa_runtime::Variant::new(
             ::sdpa_runtime::VariantSpec { head_size: #head_size, causal: #causal, dtype: #dtype },
             ::sdpa_runtime::cpu::attention::<#head_size, #causal, #element>,
         )
         .with_gpu(#gpu)
+        #sm90
     }
 }
 
@@ -196,6 +211,15 @@ mod tests {
         ));
         let (g64f, g64b) = (gpu(64, true, DType::F32), gpu(64, true, DType::BF16));
         let (g80f, g80b) = (gpu(80, true, DType::F32), gpu(80, true, DType::BF16));
+        // Head size 64 in bf16 has a Hopper kernel too; 80 and f32 do not.
+        let h64b =
+            kernels_gen::gpu::generate_sm90(&VariantSpec::new(64, true, DType::BF16).unwrap())
+                .map(|k| gpu_kernel(&k))
+                .expect("a Hopper kernel for d=64 bf16");
+        assert!(
+            kernels_gen::gpu::generate_sm90(&VariantSpec::new(80, true, DType::BF16).unwrap())
+                .is_none()
+        );
         let expected: syn::File = parse_quote! {
             pub struct WanAttention;
 
@@ -212,7 +236,8 @@ mod tests {
                             ::sdpa_runtime::VariantSpec { head_size: 64, causal: true, dtype: ::sdpa_runtime::DType::BF16 },
                             ::sdpa_runtime::cpu::attention::<64, true, ::sdpa_runtime::half::bf16>,
                         )
-                        .with_gpu(#g64b),
+                        .with_gpu(#g64b)
+                        .with_gpu_sm90(#h64b),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 80, causal: true, dtype: ::sdpa_runtime::DType::F32 },
                             ::sdpa_runtime::cpu::attention::<80, true, ::core::primitive::f32>,
@@ -273,7 +298,7 @@ mod tests {
             })
             .collect();
         let kernels = gpu_kernels(&specs).unwrap();
-        let entries: Vec<String> = kernels.into_iter().map(|k| k.entry).collect();
+        let entries: Vec<String> = kernels.into_iter().map(|k| k.portable.entry).collect();
         let expected: Vec<String> = specs.iter().map(|s| s.kernel_name()).collect();
         assert_eq!(entries, expected);
     }

@@ -78,6 +78,7 @@ pub struct Variant {
     spec: VariantSpec,
     cpu: CpuKernelFn,
     gpu: Option<GpuKernel>,
+    gpu_sm90: Option<GpuKernel>,
 }
 
 impl Variant {
@@ -87,14 +88,23 @@ impl Variant {
             spec,
             cpu,
             gpu: None,
+            gpu_sm90: None,
         }
     }
-    /// The same variant with a GPU kernel.
+    /// The same variant with a GPU kernel that runs on every supported
+    /// device (sm_80 PTX).
     pub const fn with_gpu(self, gpu: GpuKernel) -> Variant {
         Variant {
-            spec: self.spec,
-            cpu: self.cpu,
             gpu: Some(gpu),
+            ..self
+        }
+    }
+    /// The same variant with a Hopper kernel (sm_90a PTX), used instead of
+    /// the portable one on devices of compute capability 9.0.
+    pub const fn with_gpu_sm90(self, gpu: GpuKernel) -> Variant {
+        Variant {
+            gpu_sm90: Some(gpu),
+            ..self
         }
     }
     /// What the variant is specialised for.
@@ -105,9 +115,21 @@ impl Variant {
     pub fn cpu_kernel(&self) -> CpuKernelFn {
         self.cpu
     }
-    /// The GPU kernel, if one was generated.
+    /// The portable GPU kernel, if one was generated.
     pub fn gpu_kernel(&self) -> Option<&GpuKernel> {
         self.gpu.as_ref()
+    }
+    /// The Hopper (sm_90a) kernel, if one was generated for this variant.
+    pub fn gpu_kernel_sm90(&self) -> Option<&GpuKernel> {
+        self.gpu_sm90.as_ref()
+    }
+    /// The kernel for a device of compute capability `(major, minor)`: the
+    /// Hopper kernel on 9.0 where there is one, else the portable kernel.
+    pub fn gpu_kernel_for(&self, capability: (i32, i32)) -> Option<&GpuKernel> {
+        match (capability, &self.gpu_sm90) {
+            ((9, 0), Some(k)) => Some(k),
+            _ => self.gpu.as_ref(),
+        }
     }
 }
 

@@ -70,7 +70,7 @@ mod module_cache;
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
 pub use device::{context, devices, DeviceInfo};
 pub use module_cache::{jit_loads, JitLoad};
@@ -88,19 +88,15 @@ use crate::DType;
 /// Runs `variant`'s GPU kernel for `p` into `out`: on the device where they
 /// live, or through device 0 for host tensors.
 pub(crate) fn run(variant: &Variant, p: &Problem<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
-    let kernel = variant
-        .gpu_kernel()
-        .ok_or_else(|| SdpaError::BackendUnavailable {
-            backend: "cuda",
-            reason: format!("variant {} was built without a GPU kernel", variant.spec()),
-        })?;
     match (p.q.storage(), out.storage()) {
         (Storage::Cuda(_), StorageMut::Cuda(out_data)) => {
             let stream = out_data.stream().clone();
+            let kernel = pick_kernel(variant, stream.context())?;
             on_device(kernel, &stream, p, out)
         }
         (Storage::Host(_), StorageMut::Host(_)) => {
             let device = device::device(0)?;
+            let kernel = pick_kernel(variant, &device.ctx)?;
             match p.dtype() {
                 DType::F32 => staged::<f32>(kernel, &device.stream, p, out),
                 DType::F16 => staged::<half::f16>(kernel, &device.stream, p, out),
@@ -113,6 +109,50 @@ pub(crate) fn run(variant: &Variant, p: &Problem<'_>, out: &mut TensorViewMut<'_
             out.residence()
         ))),
     }
+}
+
+/// The environment variable that picks the GPU kernel family: `auto` (the
+/// default: the Hopper kernel on compute capability 9.0 where the variant
+/// has one) or `sm80` (the portable kernel everywhere).
+pub const KERNEL_ENV: &str = "SDPA_CUDA_KERNEL";
+
+/// The kernel of `variant` for the device of `ctx`.
+fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<&'v crate::GpuKernel> {
+    let portable_only = match std::env::var(KERNEL_ENV) {
+        Err(_) => false,
+        Ok(v) if v == "auto" || v.is_empty() => false,
+        Ok(v) if v == "sm80" => true,
+        Ok(v) => {
+            return Err(SdpaError::Param(format!(
+                "{KERNEL_ENV}={v:?} is not a kernel family; use auto or sm80"
+            )))
+        }
+    };
+    let capability = if portable_only {
+        (8, 0)
+    } else {
+        ctx.compute_capability().map_err(|e| {
+            SdpaError::cuda(
+                format_args!("reading device {}'s compute capability", ctx.ordinal()),
+                e,
+            )
+        })?
+    };
+    let kernel =
+        variant
+            .gpu_kernel_for(capability)
+            .ok_or_else(|| SdpaError::BackendUnavailable {
+                backend: "cuda",
+                reason: format!("variant {} was built without a GPU kernel", variant.spec()),
+            })?;
+    tracing::debug!(
+        variant = %variant.spec(),
+        device = ctx.ordinal(),
+        target = kernel.target(),
+        entry = kernel.entry(),
+        "picked a GPU kernel"
+    );
+    Ok(kernel)
 }
 
 /// Launches on `stream` for device tensors.
