@@ -78,6 +78,8 @@ pub struct Sm90Config {
     /// turns issuing their products (ping-pong) with `setmaxnreg` moving
     /// registers from the producer to them. Implies `overlap`.
     pub producer: bool,
+    /// With a producer: the consumers take turns issuing their products.
+    pub ping_pong: bool,
 }
 
 impl Sm90Config {
@@ -101,6 +103,7 @@ impl Sm90Config {
             pv_per_panel: false,
             overlap: true,
             producer: false,
+            ping_pong: true,
         })
     }
 
@@ -613,6 +616,9 @@ impl Emitter {
     /// products (`sync`), or lets it issue (`arrive`). Consumer `c` waits
     /// on barrier `1 + c` and arrives on `2 - c`.
     fn ping_pong(&mut self, cwg: Reg, arrive: bool) {
+        if !self.cfg.ping_pong {
+            return;
+        }
         let k = &mut self.k;
         let id = if arrive {
             k.bin(BinOp::Sub, Ty::U32, Operand::U(2), cwg)
@@ -660,15 +666,17 @@ impl Emitter {
         k.branch_if(none, false, &done);
         // Consumer 0 goes first: consumer 1 lets it.
         let is_c0 = k.setp(Cmp::Eq, Ty::U32, cwg, Operand::U(0));
-        k.guard(
-            is_c0,
-            true,
-            Instr::NamedBarrier {
-                arrive: true,
-                id: Operand::U(1),
-                threads: 256,
-            },
-        );
+        if cfg.ping_pong {
+            k.guard(
+                is_c0,
+                true,
+                Instr::NamedBarrier {
+                    arrive: true,
+                    id: Operand::U(1),
+                    threads: 256,
+                },
+            );
+        }
 
         // Block 0: scores and softmax.
         let (full, parity) = self.stage_barrier(sbar, n, false);
@@ -744,15 +752,17 @@ impl Emitter {
         self.pv_gemm(c, v_desc);
         self.k.push(Instr::WgmmaCommit);
         // Consumer 1 has no one left to let go.
-        self.k.guard(
-            is_c0,
-            false,
-            Instr::NamedBarrier {
-                arrive: true,
-                id: Operand::U(2),
-                threads: 256,
-            },
-        );
+        if cfg.ping_pong {
+            self.k.guard(
+                is_c0,
+                false,
+                Instr::NamedBarrier {
+                    arrive: true,
+                    id: Operand::U(2),
+                    threads: 256,
+                },
+            );
+        }
         self.k.push(Instr::WgmmaWait(0));
         self.k.push(Instr::Label(done));
     }
