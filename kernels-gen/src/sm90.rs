@@ -6,22 +6,37 @@
 //! # Structure
 //!
 //! A CTA of `wgs` consumer warpgroups computes `64 · wgs` query rows of one
-//! (batch, head); warpgroup `w` owns rows `64w..64w + 63`, and warp `i` of
-//! it rows `16i..16i + 15` of those, so a row of the scores lives in the
-//! four lanes of a quad exactly as with `mma.sync`. Per key block `n` of
-//! `block_n` keys:
+//! (batch, head); consumer warpgroup `w` owns rows `64w..64w + 63`, and
+//! warp `i` of it rows `16i..16i + 15` of those, so a row of the scores
+//! lives in the four lanes of a quad exactly as with `mma.sync`. K and V
+//! stream through `block_n`-key blocks in shared-memory stages:
 //!
-//! 1. every thread waits for its copies of block `n` and fences them into
-//!    the async proxy; a CTA barrier publishes them and tells that every
-//!    warpgroup is done with block `n - 1`, whose buffers then start
-//!    loading block `n + 1`;
-//! 2. `S = Q·K(n)ᵀ`: `wgmma m64n{block_n}k16`, A (Q) and B (K) both K-major
-//!    from shared-memory descriptors;
-//! 3. masking where needed, online softmax, `P` packed to 16 bits: the
-//!    accumulator layout of two adjacent n8 slices is the register A
-//!    fragment of a `wgmma`;
-//! 4. `O += P·V(n)`: `wgmma m64n{d}k16` with A from registers and B (V, a
-//!    `[keys, d]` row-major tile) N-major, read through the transpose bit.
+//! - `S = Q·K(n)ᵀ`: `wgmma m64n{block_n}k16`, A (Q) and B (K) both K-major
+//!   from shared-memory descriptors;
+//! - masking where needed (ragged ends, the causal diagonal, a mask
+//!   tensor), online softmax, `P` packed to 16 bits: the accumulator
+//!   layout of two adjacent n8 slices is the register A fragment of a
+//!   `wgmma`;
+//! - `O += P·V(n)`: `wgmma m64n{d}k16` with A from registers and B (V, a
+//!   `[keys, d]` row-major tile) N-major, read through the transpose bit.
+//!
+//! With `overlap` (the default) block `n + 1`'s `Q·Kᵀ` is issued together
+//! with block `n`'s `P·V`, and the softmax of `n + 1` runs while the `P·V`
+//! is in flight; K/V have three stages, block `n + 2` loading while `n` and
+//! `n + 1` are in use. Without a producer every thread copies its share of
+//! each block with `cp.async` and one CTA barrier per block publishes the
+//! copies and frees a stage. With `producer`, warpgroup 0 does all copies
+//! and hands stages over through full/empty mbarriers, the consumers issue
+//! their products in turns (ping-pong, named barriers), and `setmaxnreg`
+//! moves registers from the producer to the consumers.
+//!
+//! Default tiles (measured on an H100 SXM, `tests/gpu/ptx_harness.py`,
+//! bf16, 2026-11-27): three consumer warpgroups (192 query rows) and
+//! 96-key blocks, no producer: 498-518 TFLOP/s at d=128 against 466-483
+//! for two warpgroups and 128-key blocks (each K/V byte copied from L2
+//! serves 1.5 times the rows), and 355 at d=64. The warp-specialised
+//! variant is correct but measured no faster (458-465 at d=128, two
+//! consumers).
 //!
 //! # Shared memory
 //!
@@ -47,10 +62,9 @@ use crate::{DType, VariantSpec};
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 
-/// Registers per thread of a consumer warpgroup when warp-specialised.
-const CONSUMER_REGS: u32 = 240;
-/// Registers per thread of the producer warpgroup: 24 · 128 + 240 · 256
-/// fits the 64 K register file.
+/// Registers per thread of the producer warpgroup when warp-specialised;
+/// the consumers share the rest of the 64 K register file
+/// ([`Sm90Config::consumer_regs`]).
 const PRODUCER_REGS: u32 = 24;
 
 /// The shape of one variant's sm_90a kernel.
@@ -98,8 +112,8 @@ impl Sm90Config {
             d: spec.head_size,
             ab,
             causal: spec.causal,
-            wgs: 2,
-            block_n: 128,
+            wgs: 3,
+            block_n: 96,
             pv_per_panel: false,
             overlap: true,
             producer: false,
@@ -120,6 +134,14 @@ impl Sm90Config {
     /// Bytes of one K or V tile.
     fn kv_tile(&self) -> usize {
         self.block_n * self.d * 2
+    }
+
+    /// Registers per consumer thread when warp-specialised: what the
+    /// producer leaves of the register file, in steps of 8, at most 240
+    /// (two consumers: 240, three: 160).
+    pub fn consumer_regs(&self) -> u32 {
+        let left = 65536 - 128 * PRODUCER_REGS as usize;
+        ((left / (128 * self.wgs)) / 8 * 8).min(240) as u32
     }
 
     /// K/V stages in shared memory.
@@ -612,16 +634,20 @@ impl Emitter {
         (addr, parity)
     }
 
-    /// Ping-pong: waits for the other consumer warpgroup to have issued its
-    /// products (`sync`), or lets it issue (`arrive`). Consumer `c` waits
-    /// on barrier `1 + c` and arrives on `2 - c`.
+    /// Ping-pong (round robin over the consumers): waits for the previous
+    /// consumer warpgroup to have issued its products (`sync`), or lets
+    /// the next one issue (`arrive`). Consumer `c` waits on barrier
+    /// `1 + c` and arrives on `1 + (c + 1) % wgs`.
     fn ping_pong(&mut self, cwg: Reg, arrive: bool) {
         if !self.cfg.ping_pong {
             return;
         }
+        let wgs = self.cfg.wgs;
         let k = &mut self.k;
         let id = if arrive {
-            k.bin(BinOp::Sub, Ty::U32, Operand::U(2), cwg)
+            let next = k.bin(BinOp::Add, Ty::U32, cwg, Operand::U(1));
+            let next = k.bin(BinOp::Rem, Ty::U32, next, Self::u(wgs));
+            k.bin(BinOp::Add, Ty::U32, next, Operand::U(1))
         } else {
             k.bin(BinOp::Add, Ty::U32, cwg, Operand::U(1))
         };
@@ -655,8 +681,9 @@ impl Emitter {
         k.push(Instr::CpAsyncCommit);
         k.push(Instr::CpAsyncWait(0));
         k.push(Instr::FenceProxyAsync);
+        // (Barriers 1..=wgs are the ping-pong's.)
         k.push(Instr::BarSyncCount {
-            id: 3,
+            id: 15,
             threads: (128 * cfg.wgs) as u32,
         });
         let n = k.mov(Ty::U32, Operand::U(0));
@@ -664,12 +691,12 @@ impl Emitter {
         let done = k.label("consumed");
         let none = k.setp(Cmp::Eq, Ty::U32, n_blocks, Operand::U(0));
         k.branch_if(none, false, &done);
-        // Consumer 0 goes first: consumer 1 lets it.
-        let is_c0 = k.setp(Cmp::Eq, Ty::U32, cwg, Operand::U(0));
+        // Consumer 0 goes first: the last consumer lets it.
+        let is_last = k.setp(Cmp::Eq, Ty::U32, cwg, Self::u(cfg.wgs - 1));
         if cfg.ping_pong {
             k.guard(
-                is_c0,
-                true,
+                is_last,
+                false,
                 Instr::NamedBarrier {
                     arrive: true,
                     id: Operand::U(1),
@@ -751,14 +778,16 @@ impl Emitter {
         self.k.push(Instr::WgmmaFence);
         self.pv_gemm(c, v_desc);
         self.k.push(Instr::WgmmaCommit);
-        // Consumer 1 has no one left to let go.
+        // The last consumer has no one left to let go.
         if cfg.ping_pong {
-            self.k.guard(
-                is_c0,
-                false,
+            let k = &mut self.k;
+            let next = k.bin(BinOp::Add, Ty::U32, cwg, Operand::U(2));
+            k.guard(
+                is_last,
+                true,
                 Instr::NamedBarrier {
                     arrive: true,
-                    id: Operand::U(2),
+                    id: next.into(),
                     threads: 256,
                 },
             );
@@ -1073,7 +1102,7 @@ impl Emitter {
             k.branch_if(is_producer, false, &producer_label);
             k.push(Instr::SetMaxNReg {
                 inc: true,
-                regs: CONSUMER_REGS,
+                regs: cfg.consumer_regs(),
             });
             self.ws_consumer(
                 &c,
@@ -1273,12 +1302,15 @@ mod tests {
         assert!(k.ptx.contains(".target sm_90a"));
         assert!(k
             .ptx
-            .contains("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"));
+            .contains("wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16"));
         assert!(k.ptx.contains("wgmma.fence.sync.aligned;"));
         assert!(k.ptx.contains("fence.proxy.async.shared::cta;"));
-        assert_eq!(k.block_m, 128);
-        assert_eq!(k.threads, 256);
-        assert_eq!(k.smem_bytes, 1024 + (128 + 6 * 128) * 128 * 2);
+        assert!(k
+            .ptx
+            .contains("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"));
+        assert_eq!(k.block_m, 192);
+        assert_eq!(k.threads, 384);
+        assert_eq!(k.smem_bytes, 1024 + (192 + 6 * 96) * 128 * 2);
     }
 
     #[test]
@@ -1286,6 +1318,8 @@ mod tests {
         let s = spec(128, true, DType::BF16);
         let mut cfg = Sm90Config::new(&s).unwrap();
         cfg.producer = true;
+        cfg.wgs = 2;
+        cfg.block_n = 128;
         let k = generate_with(&s, cfg);
         assert_eq!(k.threads, 384);
         assert!(k.ptx.contains("setmaxnreg.dec.sync.aligned.u32 24;"));
@@ -1311,7 +1345,11 @@ mod tests {
                     let s = spec(d, causal, dtype);
                     for producer in [false, true] {
                         let mut cfg = Sm90Config::new(&s).unwrap();
-                        cfg.producer = producer;
+                        if producer {
+                            cfg.producer = true;
+                            cfg.wgs = 2;
+                            cfg.block_n = 128;
+                        }
                         let k = generate_with(&s, cfg);
                         let path = dir.join(format!("{}-{producer}.ptx", k.entry));
                         std::fs::write(&path, &k.ptx).unwrap();
