@@ -6,22 +6,37 @@
 //! # Structure
 //!
 //! A CTA of `wgs` consumer warpgroups computes `64 · wgs` query rows of one
-//! (batch, head); warpgroup `w` owns rows `64w..64w + 63`, and warp `i` of
-//! it rows `16i..16i + 15` of those, so a row of the scores lives in the
-//! four lanes of a quad exactly as with `mma.sync`. Per key block `n` of
-//! `block_n` keys:
+//! (batch, head); consumer warpgroup `w` owns rows `64w..64w + 63`, and
+//! warp `i` of it rows `16i..16i + 15` of those, so a row of the scores
+//! lives in the four lanes of a quad exactly as with `mma.sync`. K and V
+//! stream through `block_n`-key blocks in shared-memory stages:
 //!
-//! 1. every thread waits for its copies of block `n` and fences them into
-//!    the async proxy; a CTA barrier publishes them and tells that every
-//!    warpgroup is done with block `n - 1`, whose buffers then start
-//!    loading block `n + 1`;
-//! 2. `S = Q·K(n)ᵀ`: `wgmma m64n{block_n}k16`, A (Q) and B (K) both K-major
-//!    from shared-memory descriptors;
-//! 3. masking where needed, online softmax, `P` packed to 16 bits: the
-//!    accumulator layout of two adjacent n8 slices is the register A
-//!    fragment of a `wgmma`;
-//! 4. `O += P·V(n)`: `wgmma m64n{d}k16` with A from registers and B (V, a
-//!    `[keys, d]` row-major tile) N-major, read through the transpose bit.
+//! - `S = Q·K(n)ᵀ`: `wgmma m64n{block_n}k16`, A (Q) and B (K) both K-major
+//!   from shared-memory descriptors;
+//! - masking where needed (ragged ends, the causal diagonal, a mask
+//!   tensor), online softmax, `P` packed to 16 bits: the accumulator
+//!   layout of two adjacent n8 slices is the register A fragment of a
+//!   `wgmma`;
+//! - `O += P·V(n)`: `wgmma m64n{d}k16` with A from registers and B (V, a
+//!   `[keys, d]` row-major tile) N-major, read through the transpose bit.
+//!
+//! With `overlap` (the default) block `n + 1`'s `Q·Kᵀ` is issued together
+//! with block `n`'s `P·V`, and the softmax of `n + 1` runs while the `P·V`
+//! is in flight; K/V have three stages, block `n + 2` loading while `n` and
+//! `n + 1` are in use. Without a producer every thread copies its share of
+//! each block with `cp.async` and one CTA barrier per block publishes the
+//! copies and frees a stage. With `producer`, warpgroup 0 does all copies
+//! and hands stages over through full/empty mbarriers, the consumers issue
+//! their products in turns (ping-pong, named barriers), and `setmaxnreg`
+//! moves registers from the producer to the consumers.
+//!
+//! Default tiles (measured on an H100 SXM, `tests/gpu/ptx_harness.py`,
+//! bf16, 2026-11-27): three consumer warpgroups (192 query rows) and
+//! 96-key blocks, no producer: 498-518 TFLOP/s at d=128 against 466-483
+//! for two warpgroups and 128-key blocks (each K/V byte copied from L2
+//! serves 1.5 times the rows), and 355 at d=64. The warp-specialised
+//! variant is correct but measured no faster (458-465 at d=128, two
+//! consumers).
 //!
 //! # Shared memory
 //!
@@ -47,6 +62,11 @@ use crate::{DType, VariantSpec};
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 
+/// Registers per thread of the producer warpgroup when warp-specialised;
+/// the consumers share the rest of the 64 K register file
+/// ([`Sm90Config::consumer_regs`]).
+const PRODUCER_REGS: u32 = 24;
+
 /// The shape of one variant's sm_90a kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sm90Config {
@@ -67,6 +87,13 @@ pub struct Sm90Config {
     /// softmax of `n + 1` under the latter (three K/V stages instead of
     /// two).
     pub overlap: bool,
+    /// Warp-specialised: a producer warpgroup issues every K/V copy and
+    /// hands stages over through mbarriers; the consumer warpgroups take
+    /// turns issuing their products (ping-pong) with `setmaxnreg` moving
+    /// registers from the producer to them. Implies `overlap`.
+    pub producer: bool,
+    /// With a producer: the consumers take turns issuing their products.
+    pub ping_pong: bool,
 }
 
 impl Sm90Config {
@@ -85,10 +112,12 @@ impl Sm90Config {
             d: spec.head_size,
             ab,
             causal: spec.causal,
-            wgs: 2,
-            block_n: 128,
+            wgs: 3,
+            block_n: 96,
             pv_per_panel: false,
             overlap: true,
+            producer: false,
+            ping_pong: true,
         })
     }
 
@@ -99,7 +128,7 @@ impl Sm90Config {
 
     /// Threads per CTA.
     pub fn threads(&self) -> usize {
-        128 * self.wgs
+        128 * (self.wgs + usize::from(self.producer))
     }
 
     /// Bytes of one K or V tile.
@@ -107,9 +136,17 @@ impl Sm90Config {
         self.block_n * self.d * 2
     }
 
+    /// Registers per consumer thread when warp-specialised: what the
+    /// producer leaves of the register file, in steps of 8, at most 240
+    /// (two consumers: 240, three: 160).
+    pub fn consumer_regs(&self) -> u32 {
+        let left = 65536 - 128 * PRODUCER_REGS as usize;
+        ((left / (128 * self.wgs)) / 8 * 8).min(240) as u32
+    }
+
     /// K/V stages in shared memory.
     pub fn stages(&self) -> usize {
-        if self.overlap {
+        if self.overlap || self.producer {
             3
         } else {
             2
@@ -119,7 +156,18 @@ impl Sm90Config {
     /// Dynamic shared memory: 1 KB of alignment slack, Q, and a K and a V
     /// tile per stage.
     pub fn smem_bytes(&self) -> usize {
-        1024 + self.block_m() * self.d * 2 + 2 * self.stages() * self.kv_tile()
+        1024 + self.block_m() * self.d * 2
+            + 2 * self.stages() * self.kv_tile()
+            + self.barrier_bytes()
+    }
+
+    /// The full and empty mbarriers of the stages (warp-specialised only).
+    fn barrier_bytes(&self) -> usize {
+        if self.producer {
+            16 * self.stages()
+        } else {
+            0
+        }
     }
 
     fn packed(&self) -> Ty {
@@ -509,18 +557,320 @@ impl Emitter {
         self.k.push(Instr::BarSync(0));
     }
 
+    /// Writes `O / sum` of this thread's rows (rows that saw no key are 0)
+    /// and returns.
+    fn epilogue(&mut self, c: &Core, tq: Reg, row0: Reg, seq_q: Reg, o_base: Reg, o_stride: Reg) {
+        let n_tiles_o = self.cfg.d / 8;
+        // ---- epilogue: O / sum, rows that saw no key are 0 ----
+        let packed = self.cfg.packed();
+        let k = &mut self.k;
+        let tq4 = k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(2));
+        let tq4 = k.cvt(None, Ty::U64, Ty::U32, tq4);
+        for (r, &l) in c.l_run.iter().enumerate() {
+            let sum = self.quad_reduce(l, BinOp::Add);
+            let k = &mut self.k;
+            let empty = k.setp(Cmp::Eq, Ty::F32, sum, Operand::F32(0.0));
+            let inv = k.un(UnOp::Rcp, Ty::F32, sum);
+            k.selp_to(Ty::F32, inv, Operand::F32(0.0), inv, empty);
+            let row = k.bin(BinOp::Add, Ty::U32, row0, Self::u(8 * r));
+            let inside = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
+            let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
+            let addr = k.mad(Ty::U64, r64, o_stride, o_base);
+            let addr = k.bin(BinOp::Add, Ty::U64, addr, tq4);
+            for t in 0..n_tiles_o {
+                let x0 = k.bin(BinOp::Mul, Ty::F32, c.o_acc[4 * t + 2 * r], inv);
+                let x1 = k.bin(BinOp::Mul, Ty::F32, c.o_acc[4 * t + 2 * r + 1], inv);
+                let pk = k.reg(Ty::B32);
+                k.push(Instr::CvtPack {
+                    ty: packed,
+                    dst: pk,
+                    hi: x1,
+                    lo: x0,
+                });
+                k.guard(
+                    inside,
+                    false,
+                    Instr::St {
+                        space: StateSpace::Global,
+                        ty: Ty::B32,
+                        addr: Addr::at(addr, (t * 16) as i64),
+                        src: vec![pk],
+                    },
+                );
+            }
+        }
+        self.k.push(Instr::Ret);
+    }
+
+    /// Waits until the mbarrier at `addr` has completed the phase of
+    /// parity `parity`.
+    fn mbar_wait(&mut self, addr: Reg, parity: Reg) {
+        let k = &mut self.k;
+        let top = k.label("mbar_wait");
+        k.push(Instr::Label(top.clone()));
+        let done = k.reg(Ty::Pred);
+        k.push(Instr::MbarTryWait {
+            done,
+            addr: addr.into(),
+            parity: parity.into(),
+        });
+        k.branch_if(done, true, &top);
+    }
+
+    /// The stage of block `blk` (a register): the address of its mbarrier
+    /// (`empty` or full) and the parity of the phase block `blk` completes.
+    fn stage_barrier(&mut self, sbar: Reg, blk: Reg, empty: bool) -> (Reg, Reg) {
+        let stages = self.cfg.stages();
+        let k = &mut self.k;
+        let s = k.bin(BinOp::Rem, Ty::U32, blk, Self::u(stages));
+        let base = if empty {
+            k.bin(BinOp::Add, Ty::U32, sbar, Self::u(8 * stages))
+        } else {
+            sbar
+        };
+        let addr = k.mad(Ty::U32, s, Operand::U(8), base);
+        let round = k.bin(BinOp::Div, Ty::U32, blk, Self::u(stages));
+        let parity = k.bin(BinOp::And, Ty::U32, round, Operand::U(1));
+        (addr, parity)
+    }
+
+    /// Ping-pong (round robin over the consumers): waits for the previous
+    /// consumer warpgroup to have issued its products (`sync`), or lets
+    /// the next one issue (`arrive`). Consumer `c` waits on barrier
+    /// `1 + c` and arrives on `1 + (c + 1) % wgs`.
+    fn ping_pong(&mut self, cwg: Reg, arrive: bool) {
+        if !self.cfg.ping_pong {
+            return;
+        }
+        let wgs = self.cfg.wgs;
+        let k = &mut self.k;
+        let id = if arrive {
+            let next = k.bin(BinOp::Add, Ty::U32, cwg, Operand::U(1));
+            let next = k.bin(BinOp::Rem, Ty::U32, next, Self::u(wgs));
+            k.bin(BinOp::Add, Ty::U32, next, Operand::U(1))
+        } else {
+            k.bin(BinOp::Add, Ty::U32, cwg, Operand::U(1))
+        };
+        k.push(Instr::NamedBarrier {
+            arrive,
+            id: id.into(),
+            threads: 256,
+        });
+    }
+
+    /// The consumer warpgroups' side of the warp-specialised kernel: Q,
+    /// then per block wait for its stage, products in turns with the other
+    /// consumer, softmax under the P·V, release of the stage.
+    #[allow(clippy::too_many_arguments)]
+    fn ws_consumer(
+        &mut self,
+        c: &Core,
+        rpp: usize,
+        q: (Reg, Reg, Reg, usize, Reg),
+        sbar: Reg,
+        cwg: Reg,
+        n_blocks: Reg,
+        k_desc0: Reg,
+        v_desc0: Reg,
+    ) {
+        let cfg = self.cfg;
+        let bn = cfg.block_n;
+        let (q_src, q_pass, q_grow, q_rows, q_dst) = q;
+        self.load_tile(q_rows, rpp, q_src, q_pass, q_grow, c.seq_q, q_dst, None);
+        let k = &mut self.k;
+        k.push(Instr::CpAsyncCommit);
+        k.push(Instr::CpAsyncWait(0));
+        k.push(Instr::FenceProxyAsync);
+        // (Barriers 1..=wgs are the ping-pong's.)
+        k.push(Instr::BarSyncCount {
+            id: 15,
+            threads: (128 * cfg.wgs) as u32,
+        });
+        let n = k.mov(Ty::U32, Operand::U(0));
+        let j0 = k.mov(Ty::U32, Operand::U(0));
+        let done = k.label("consumed");
+        let none = k.setp(Cmp::Eq, Ty::U32, n_blocks, Operand::U(0));
+        k.branch_if(none, false, &done);
+        // Consumer 0 goes first: the last consumer lets it.
+        let is_last = k.setp(Cmp::Eq, Ty::U32, cwg, Self::u(cfg.wgs - 1));
+        if cfg.ping_pong {
+            k.guard(
+                is_last,
+                false,
+                Instr::NamedBarrier {
+                    arrive: true,
+                    id: Operand::U(1),
+                    threads: 256,
+                },
+            );
+        }
+
+        // Block 0: scores and softmax.
+        let (full, parity) = self.stage_barrier(sbar, n, false);
+        self.mbar_wait(full, parity);
+        self.ping_pong(cwg, false);
+        self.k.push(Instr::WgmmaFence);
+        self.s_gemm(c, k_desc0);
+        self.k.push(Instr::WgmmaCommit);
+        self.ping_pong(cwg, true);
+        self.k.push(Instr::WgmmaWait(0));
+        let alpha = self.softmax(c, j0);
+        self.rescale_and_pack(c, alpha);
+        let tail = self.k.label("last_block");
+        let single = self.k.setp(Cmp::Le, Ty::U32, n_blocks, Operand::U(1));
+        self.k.branch_if(single, false, &tail);
+
+        // Block n + 1's scores with block n's P·V.
+        let loop_top = self.k.label("key_block");
+        self.k.push(Instr::Label(loop_top.clone()));
+        let n1 = self.k.bin(BinOp::Add, Ty::U32, n, Operand::U(1));
+        let (full, parity) = self.stage_barrier(sbar, n1, false);
+        self.mbar_wait(full, parity);
+        self.ping_pong(cwg, false);
+        let (_, cur) = self.stage_of(n, 0);
+        let (_, next) = self.stage_of(n, 1);
+        let k = &mut self.k;
+        k.bin_to(BinOp::Add, Ty::U32, j0, j0, Self::u(bn));
+        let k_desc = k.bin(BinOp::Add, Ty::U64, k_desc0, next);
+        let v_desc = k.bin(BinOp::Add, Ty::U64, v_desc0, cur);
+        k.push(Instr::WgmmaFence);
+        self.s_gemm(c, k_desc);
+        self.k.push(Instr::WgmmaCommit);
+        self.pv_gemm(c, v_desc);
+        self.k.push(Instr::WgmmaCommit);
+        self.ping_pong(cwg, true);
+        self.k.push(Instr::WgmmaWait(1));
+        let alpha = self.softmax(c, j0);
+        let k = &mut self.k;
+        k.bin_to(BinOp::Add, Ty::U32, n, n, Operand::U(1));
+        let n1 = k.bin(BinOp::Add, Ty::U32, n, Operand::U(1));
+        let again = k.setp(Cmp::Lt, Ty::U32, n1, n_blocks);
+        let leave = k.label("last_pack");
+        k.branch_if(again, true, &leave);
+        // (A basic block of its own: see the non-specialised loop.)
+        for last in [false, true] {
+            if last {
+                self.k.push(Instr::Label(leave.clone()));
+            }
+            self.k.push(Instr::WgmmaWait(0));
+            let prev = self.k.bin(BinOp::Sub, Ty::U32, n, Operand::U(1));
+            let (empty, _) = self.stage_barrier(sbar, prev, true);
+            let state = self.k.reg(Ty::B64);
+            self.k.push(Instr::MbarArrive {
+                state,
+                addr: empty.into(),
+                expect_tx: None,
+            });
+            self.rescale_and_pack(c, alpha);
+            if !last {
+                self.k.push(Instr::Bra {
+                    target: loop_top.clone(),
+                    uni: true,
+                });
+            }
+        }
+
+        // The last block's P·V.
+        self.k.push(Instr::Label(tail));
+        self.ping_pong(cwg, false);
+        let (_, cur) = self.stage_of(n, 0);
+        let v_desc = self.k.bin(BinOp::Add, Ty::U64, v_desc0, cur);
+        self.k.push(Instr::WgmmaFence);
+        self.pv_gemm(c, v_desc);
+        self.k.push(Instr::WgmmaCommit);
+        // The last consumer has no one left to let go.
+        if cfg.ping_pong {
+            let k = &mut self.k;
+            let next = k.bin(BinOp::Add, Ty::U32, cwg, Operand::U(2));
+            k.guard(
+                is_last,
+                true,
+                Instr::NamedBarrier {
+                    arrive: true,
+                    id: next.into(),
+                    threads: 256,
+                },
+            );
+        }
+        self.k.push(Instr::WgmmaWait(0));
+        self.k.push(Instr::Label(done));
+    }
+
+    /// The producer warpgroup's side: per block, wait until its stage is
+    /// free, copy K and V into it, and once the previous block's copies
+    /// have landed, hand that block's stage over.
+    fn ws_producer(&mut self, ld: &Loads, sbar: Reg, n_blocks: Reg, label: &str) {
+        let stages = self.cfg.stages();
+        let stride = 2 * self.cfg.kv_tile();
+        let k = &mut self.k;
+        k.push(Instr::Label(label.to_string()));
+        k.push(Instr::SetMaxNReg {
+            inc: false,
+            regs: PRODUCER_REGS,
+        });
+        let none = k.setp(Cmp::Eq, Ty::U32, n_blocks, Operand::U(0));
+        k.guard(none, false, Instr::Ret);
+        let b = k.mov(Ty::U32, Operand::U(0));
+        let top = k.label("produce");
+        k.push(Instr::Label(top.clone()));
+        let s = k.bin(BinOp::Rem, Ty::U32, b, Self::u(stages));
+        let off = k.bin(BinOp::Mul, Ty::U32, s, Self::u(stride));
+        // Block b reuses the stage of block b - stages.
+        let reuse = k.setp(Cmp::Ge, Ty::U32, b, Self::u(stages));
+        let free = k.label("stage_free");
+        k.branch_if(reuse, true, &free);
+        let old = k.bin(BinOp::Sub, Ty::U32, b, Self::u(stages));
+        let (empty, parity) = self.stage_barrier(sbar, old, true);
+        self.mbar_wait(empty, parity);
+        self.k.push(Instr::Label(free));
+        self.load_block(ld, off, None);
+        let k = &mut self.k;
+        let later = k.setp(Cmp::Ne, Ty::U32, b, Operand::U(0));
+        let skip = k.label("first_block");
+        k.branch_if(later, true, &skip);
+        k.push(Instr::CpAsyncWait(1));
+        k.push(Instr::FenceProxyAsync);
+        let prev = k.bin(BinOp::Sub, Ty::U32, b, Operand::U(1));
+        let (full, _) = self.stage_barrier(sbar, prev, false);
+        let state = self.k.reg(Ty::B64);
+        self.k.push(Instr::MbarArrive {
+            state,
+            addr: full.into(),
+            expect_tx: None,
+        });
+        let k = &mut self.k;
+        k.push(Instr::Label(skip));
+        k.bin_to(BinOp::Add, Ty::U32, b, b, Operand::U(1));
+        let again = k.setp(Cmp::Lt, Ty::U32, b, n_blocks);
+        k.branch_if(again, false, &top);
+        k.push(Instr::CpAsyncWait(0));
+        k.push(Instr::FenceProxyAsync);
+        let prev = k.bin(BinOp::Sub, Ty::U32, b, Operand::U(1));
+        let (full, _) = self.stage_barrier(sbar, prev, false);
+        let state = self.k.reg(Ty::B64);
+        self.k.push(Instr::MbarArrive {
+            state,
+            addr: full.into(),
+            expect_tx: None,
+        });
+        self.k.push(Instr::Ret);
+    }
+
     fn emit(mut self) -> Kernel {
         let cfg = self.cfg;
         let (d, bn) = (cfg.d, cfg.block_n);
         let bm = cfg.block_m();
         let threads = cfg.threads();
         assert!(d.is_multiple_of(64) && bn.is_multiple_of(16) && bn <= 256);
-        let n_tiles_o = d / 8;
+        let ws = cfg.producer;
+        let stages = cfg.stages();
+        // Loading threads: the producer warpgroup, or everyone.
+        let loaders = if ws { 128 } else { threads };
         let cpr = d / 8; // 16-byte chunks per row
-        let rpp = threads / cpr; // rows per loading pass
+        let rpp = loaders / cpr; // rows per loading pass
                                  // Every pass starts on a swizzle atom: a thread's row keeps its
                                  // swizzle phase.
-        assert!(threads.is_multiple_of(cpr) && rpp.is_multiple_of(8));
+        assert!(loaders.is_multiple_of(cpr) && rpp.is_multiple_of(8));
         let tile = cfg.kv_tile();
 
         let params = declare_params(&mut self.k);
@@ -528,12 +878,13 @@ impl Emitter {
         self.k.dynamic_shared(1024);
         self.k.comment(format!(
             "wgmma attention: d={d} causal={} {}, {} consumer warpgroups, block {bm}x{bn}, \
-             {} stages, overlap {}",
+             {} stages, overlap {}, producer warpgroup {}",
             cfg.causal,
             cfg.ab.name(),
             cfg.wgs,
             cfg.stages(),
             cfg.overlap,
+            cfg.producer,
         ));
 
         // ---- parameters ----
@@ -599,11 +950,23 @@ impl Emitter {
         let sq = k.bin(BinOp::And, Ty::U32, sbase, Operand::U(!1023u32 as u64));
         let sk0 = k.bin(BinOp::Add, Ty::U32, sq, Self::u(bm * d * 2));
 
+        // The consumer warpgroup of this thread (the producer is warpgroup
+        // 0 when there is one), and its first query row.
+        let cwg = if ws {
+            k.bin(BinOp::Sub, Ty::U32, wg, Operand::U(1))
+        } else {
+            wg
+        };
+        let ltid = if ws {
+            k.bin(BinOp::And, Ty::U32, tid, Operand::U(127))
+        } else {
+            tid
+        };
         // ---- loader: thread t copies chunk t % cpr of row t / cpr ----
-        let lrow = k.bin(BinOp::Div, Ty::U32, tid, Self::u(cpr));
+        let lrow = k.bin(BinOp::Div, Ty::U32, ltid, Self::u(cpr));
         self.lrow = Some(lrow);
         let k = &mut self.k;
-        let chunk = k.bin(BinOp::Rem, Ty::U32, tid, Self::u(cpr));
+        let chunk = k.bin(BinOp::Rem, Ty::U32, ltid, Self::u(cpr));
         let panel = k.bin(BinOp::Shr, Ty::U32, chunk, Operand::U(3));
         let cc = k.bin(BinOp::And, Ty::U32, chunk, Operand::U(7));
         let r8 = k.bin(BinOp::And, Ty::U32, lrow, Operand::U(7));
@@ -612,6 +975,13 @@ impl Emitter {
         let in_panel = k.mad(Ty::U32, lrow, Operand::U(128), swz);
         let q_dst = k.mad(Ty::U32, panel, Self::u(bm * 128), in_panel);
         let q_dst = k.bin(BinOp::Add, Ty::U32, q_dst, sq);
+        // Warp-specialised, each consumer warpgroup loads its own 64 rows.
+        let (q_dst, q_row0, q_rows) = if ws {
+            let off = k.mad(Ty::U32, cwg, Self::u(64 * 128), q_dst);
+            (off, k.mad(Ty::U32, cwg, Operand::U(64), q0), 64)
+        } else {
+            (q_dst, q0, bm)
+        };
         let kv_off = k.mad(Ty::U32, panel, Self::u(bn * 128), in_panel);
         let k_dst0 = k.bin(BinOp::Add, Ty::U32, kv_off, sk0);
         let chunk_bytes = k.bin(BinOp::Shl, Ty::U32, chunk, Operand::U(4));
@@ -621,11 +991,11 @@ impl Emitter {
             let s = k.mad(Ty::U64, lrow64, stride, base);
             k.bin(BinOp::Add, Ty::U64, s, chunk64)
         };
-        let q0_64 = k.cvt(None, Ty::U64, Ty::U32, q0);
+        let q0_64 = k.cvt(None, Ty::U64, Ty::U32, q_row0);
         let q_first = k.mad(Ty::U64, q0_64, q_stride, q_base);
         let q_src = src_of(k, q_first, q_stride);
         let q_pass = k.bin(BinOp::Mul, Ty::U64, q_stride, Self::u(rpp));
-        let q_grow = k.bin(BinOp::Add, Ty::U32, q0, lrow);
+        let q_grow = k.bin(BinOp::Add, Ty::U32, q_row0, lrow);
         let ld = Loads {
             k_src: src_of(k, k_base, k_stride),
             v_src: src_of(k, v_base, v_stride),
@@ -642,7 +1012,7 @@ impl Emitter {
         // ---- descriptors ----
         let k_bits = desc_bits(16, 1024);
         let v_bits = desc_bits(bn * 128, 1024);
-        let wg_q = k.mad(Ty::U32, wg, Self::u(64 * 128), sq);
+        let wg_q = k.mad(Ty::U32, cwg, Self::u(64 * 128), sq);
         let q_desc = self.desc(wg_q, k_bits);
         let k_desc0 = self.desc(sk0, k_bits);
         let k = &mut self.k;
@@ -652,7 +1022,7 @@ impl Emitter {
 
         // This thread's score rows: row0 and row0 + 8.
         let warp_in_wg = k.bin(BinOp::And, Ty::U32, warp, Operand::U(3));
-        let row0 = k.mad(Ty::U32, wg, Operand::U(64), q0);
+        let row0 = k.mad(Ty::U32, cwg, Operand::U(64), q0);
         let row0 = k.mad(Ty::U32, warp_in_wg, Operand::U(16), row0);
         let row0 = k.bin(BinOp::Add, Ty::U32, row0, g);
 
@@ -708,8 +1078,49 @@ impl Emitter {
             q0,
         };
 
+        let producer_label = self.k.label("producer");
+        if ws {
+            // Stage barriers: full (the producer's 128 threads arrive),
+            // empty (the consumers' threads arrive).
+            let k = &mut self.k;
+            let sbar = k.bin(BinOp::Add, Ty::U32, sk0, Self::u(stages * 2 * tile));
+            let first = k.setp(Cmp::Eq, Ty::U32, tid, Operand::U(0));
+            for s in 0..stages {
+                let full = Instr::MbarInit {
+                    addr: Addr::at(sbar, (8 * s) as i64),
+                    count: 128,
+                };
+                let empty = Instr::MbarInit {
+                    addr: Addr::at(sbar, (8 * (stages + s)) as i64),
+                    count: (128 * cfg.wgs) as u32,
+                };
+                k.guard(first, false, full);
+                k.guard(first, false, empty);
+            }
+            k.push(Instr::BarSync(0));
+            let is_producer = k.setp(Cmp::Eq, Ty::U32, wg, Operand::U(0));
+            k.branch_if(is_producer, false, &producer_label);
+            k.push(Instr::SetMaxNReg {
+                inc: true,
+                regs: cfg.consumer_regs(),
+            });
+            self.ws_consumer(
+                &c,
+                rpp,
+                (q_src, q_pass, q_grow, q_rows, q_dst),
+                sbar,
+                cwg,
+                n_blocks,
+                k_desc0,
+                v_desc0,
+            );
+            self.epilogue(&c, tq, row0, seq_q, o_base, o_stride);
+            self.ws_producer(&ld, sbar, n_blocks, &producer_label);
+            return self.k;
+        }
+
         // ---- prologue: Q and K(0), V(0) in stage 0 ----
-        self.load_tile(bm, rpp, q_src, q_pass, q_grow, seq_q, q_dst, None);
+        self.load_tile(q_rows, rpp, q_src, q_pass, q_grow, seq_q, q_dst, None);
         let zero_off = self.k.mov(Ty::U32, Operand::U(0));
         self.load_block(&ld, zero_off, None);
         let n = self.k.mov(Ty::U32, Operand::U(0));
@@ -815,47 +1226,10 @@ impl Emitter {
             k.branch_if(again, false, &loop_top);
         }
 
-        // ---- epilogue: O / sum, rows that saw no key are 0 ----
         let k = &mut self.k;
         k.push(Instr::Label(loop_end));
         k.push(Instr::CpAsyncWait(0));
-        let packed = cfg.packed();
-        let tq4 = k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(2));
-        let tq4 = k.cvt(None, Ty::U64, Ty::U32, tq4);
-        for (r, &l) in c.l_run.iter().enumerate() {
-            let sum = self.quad_reduce(l, BinOp::Add);
-            let k = &mut self.k;
-            let empty = k.setp(Cmp::Eq, Ty::F32, sum, Operand::F32(0.0));
-            let inv = k.un(UnOp::Rcp, Ty::F32, sum);
-            k.selp_to(Ty::F32, inv, Operand::F32(0.0), inv, empty);
-            let row = k.bin(BinOp::Add, Ty::U32, row0, Self::u(8 * r));
-            let inside = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
-            let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
-            let addr = k.mad(Ty::U64, r64, o_stride, o_base);
-            let addr = k.bin(BinOp::Add, Ty::U64, addr, tq4);
-            for t in 0..n_tiles_o {
-                let x0 = k.bin(BinOp::Mul, Ty::F32, c.o_acc[4 * t + 2 * r], inv);
-                let x1 = k.bin(BinOp::Mul, Ty::F32, c.o_acc[4 * t + 2 * r + 1], inv);
-                let pk = k.reg(Ty::B32);
-                k.push(Instr::CvtPack {
-                    ty: packed,
-                    dst: pk,
-                    hi: x1,
-                    lo: x0,
-                });
-                k.guard(
-                    inside,
-                    false,
-                    Instr::St {
-                        space: StateSpace::Global,
-                        ty: Ty::B32,
-                        addr: Addr::at(addr, (t * 16) as i64),
-                        src: vec![pk],
-                    },
-                );
-            }
-        }
-        self.k.push(Instr::Ret);
+        self.epilogue(&c, tq, row0, seq_q, o_base, o_stride);
         self.k
     }
 }
@@ -928,12 +1302,76 @@ mod tests {
         assert!(k.ptx.contains(".target sm_90a"));
         assert!(k
             .ptx
-            .contains("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"));
+            .contains("wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16"));
         assert!(k.ptx.contains("wgmma.fence.sync.aligned;"));
         assert!(k.ptx.contains("fence.proxy.async.shared::cta;"));
-        assert_eq!(k.block_m, 128);
-        assert_eq!(k.threads, 256);
-        assert_eq!(k.smem_bytes, 1024 + (128 + 6 * 128) * 128 * 2);
+        assert!(k
+            .ptx
+            .contains("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"));
+        assert_eq!(k.block_m, 192);
+        assert_eq!(k.threads, 384);
+        assert_eq!(k.smem_bytes, 1024 + (192 + 6 * 96) * 128 * 2);
+    }
+
+    #[test]
+    fn the_producer_variant_specialises_warpgroups() {
+        let s = spec(128, true, DType::BF16);
+        let mut cfg = Sm90Config::new(&s).unwrap();
+        cfg.producer = true;
+        cfg.wgs = 2;
+        cfg.block_n = 128;
+        let k = generate_with(&s, cfg);
+        assert_eq!(k.threads, 384);
+        assert!(k.ptx.contains("setmaxnreg.dec.sync.aligned.u32 24;"));
+        assert!(k.ptx.contains("setmaxnreg.inc.sync.aligned.u32 240;"));
+        assert!(k.ptx.contains("mbarrier.try_wait.parity.shared::cta.b64"));
+        assert_eq!(k.smem_bytes, 1024 + (128 + 6 * 128) * 128 * 2 + 48);
+    }
+
+    /// Assembles every variant with `ptxas` for sm_90a when `PTXAS` names
+    /// the binary (`PTXAS=/path/to/ptxas cargo test -p kernels-gen sm90`):
+    /// none may spill.
+    #[test]
+    fn assembles_without_spills_when_ptxas_is_available() {
+        let Some(ptxas) = std::env::var_os("PTXAS") else {
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("sm90-ptx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut failures = Vec::new();
+        for d in [64, 128] {
+            for causal in [false, true] {
+                for dtype in [DType::BF16, DType::F16] {
+                    let s = spec(d, causal, dtype);
+                    for producer in [false, true] {
+                        let mut cfg = Sm90Config::new(&s).unwrap();
+                        if producer {
+                            cfg.producer = true;
+                            cfg.wgs = 2;
+                            cfg.block_n = 128;
+                        }
+                        let k = generate_with(&s, cfg);
+                        let path = dir.join(format!("{}-{producer}.ptx", k.entry));
+                        std::fs::write(&path, &k.ptx).unwrap();
+                        let out = std::process::Command::new(&ptxas)
+                            .args(["-arch=sm_90a", "-v"])
+                            .arg(&path)
+                            .arg("-o")
+                            .arg(path.with_extension("cubin"))
+                            .output()
+                            .unwrap();
+                        let text = String::from_utf8_lossy(&out.stderr).to_string();
+                        if !out.status.success()
+                            || !text.contains("0 bytes spill stores, 0 bytes spill loads")
+                            || text.contains("warning")
+                        {
+                            failures.push(format!("{} producer={producer}: {text}", k.entry));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 
     #[test]

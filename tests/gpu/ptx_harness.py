@@ -117,7 +117,9 @@ def check(drv, ptx_dir, manifest, seed):
         tol = 1e-5 if meta["dtype"] == "f32" else 2e-2
         shapes = [(2, 77, 130, 4, 2, False, None), (1, 1, 300, 8, 1, False, None),
                   (1, 200, 33, 2, 2, True, None), (2, 64, 64, 6, 3, False, "pad"),
-                  (1, 129, 257, 2, 1, False, "add")]
+                  (1, 129, 257, 2, 1, False, "add"),
+                  # Long enough to cycle pipeline stages several times.
+                  (1, 520, 1111, 4, 2, False, None), (2, 700, 700, 2, 1, True, "pad")]
         for (b, sq, sk, hq, hkv, transposed, mk) in shapes:
             def rnd(*s):
                 return (torch.rand(*s, generator=gen, device="cuda") * 3 - 1.5).to(dt)

@@ -448,6 +448,16 @@ pub enum Instr {
         /// Threads taking part.
         threads: u32,
     },
+    /// `bar.sync id, threads;` or `bar.arrive id, threads;` with the
+    /// barrier given by an operand (a register or an immediate).
+    NamedBarrier {
+        /// Arrive without waiting.
+        arrive: bool,
+        /// The barrier (0..16).
+        id: Operand,
+        /// Threads taking part.
+        threads: u32,
+    },
     /// `wgmma.fence.sync.aligned;`: orders register accesses before the
     /// next `wgmma` of the warpgroup.
     WgmmaFence,
@@ -757,6 +767,15 @@ impl fmt::Display for Instr {
                 "shfl.sync.bfly.b32 {dst}, {src}, {lane_mask}, 31, 0xffffffff;"
             ),
             Instr::BarSyncCount { id, threads } => write!(f, "bar.sync {id}, {threads};"),
+            Instr::NamedBarrier {
+                arrive,
+                id,
+                threads,
+            } => write!(
+                f,
+                "bar.{} {id}, {threads};",
+                if *arrive { "arrive" } else { "sync" }
+            ),
             Instr::WgmmaFence => f.write_str("wgmma.fence.sync.aligned;"),
             Instr::WgmmaCommit => f.write_str("wgmma.commit_group.sync.aligned;"),
             Instr::WgmmaWait(n) => write!(f, "wgmma.wait_group.sync.aligned {n};"),
