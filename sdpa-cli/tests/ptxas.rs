@@ -226,9 +226,10 @@ fn table(
          its own threads and shared memory.\n\n\
          | kernel | D | causal | dtype | block_m | threads | smem (B) \
          | sm_80 regs | sm_80 spills | sm_80 stack | sm_90 regs | sm_90 spills | sm_90 stack \
-         | sm_90a threads | sm_90a smem (B) | sm_90a regs | sm_90a spills | sm_90a stack |\n\
+         | sm_90a block_m | sm_90a threads | sm_90a smem (B) | sm_90a regs | sm_90a spills \
+         | sm_90a stack |\n\
          | --- | ---: | :---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: \
-         | ---: | ---: | ---: | ---: | ---: |\n",
+         | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         rows.first().map_or("?", |(_, k, _)| k.target())
     );
     for (spec, kernel, hopper) in rows {
@@ -248,7 +249,8 @@ fn table(
         }
         match (hopper, results.get(&(kernel.entry(), HOPPER))) {
             (Some(h), Some(Ok(r))) => cells.push(format!(
-                "{} | {} | {} | {}/{} | {}",
+                "{} | {} | {} | {} | {}/{} | {}",
+                h.block_m(),
                 h.threads(),
                 h.smem_bytes(),
                 r.registers,
@@ -257,11 +259,12 @@ fn table(
                 r.stack_frame
             )),
             (Some(h), _) => cells.push(format!(
-                "{} | {} | failed | - | -",
+                "{} | {} | {} | failed | - | -",
+                h.block_m(),
                 h.threads(),
                 h.smem_bytes()
             )),
-            (None, _) => cells.push("- | - | - | - | -".into()),
+            (None, _) => cells.push("- | - | - | - | - | -".into()),
         }
         let smem = if static_smem > 0 {
             format!("{}+{static_smem}", kernel.smem_bytes())
