@@ -5,7 +5,12 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sdpa_runtime::{AttentionParams, BackendKind, DType, Element};
+use sdpa_runtime::distributed::{
+    Communicator, DistributedAttention, DistributedOutput, Replicated, SequenceParallel,
+};
+use sdpa_runtime::{
+    AttentionMetadata, AttentionParams, BackendKind, DType, Element, SdpaError, TensorView,
+};
 
 use crate::cases::Placement;
 use crate::reference::{self, RefInputs};
@@ -76,6 +81,25 @@ impl SpCase {
             DType::F32 => 1e-5,
             DType::F16 | DType::BF16 => 2e-2,
         }
+    }
+
+    /// The shapes of one rank's q, k, v and replicated q, k, v.
+    pub fn rank_shapes(&self) -> [[usize; 4]; 6] {
+        let (b, d, h, hkv) = (self.batch, self.d, self.heads, self.kv_heads);
+        let (s, skv, r, rkv) = (
+            self.seq_local,
+            self.seq_kv_local,
+            self.replicated,
+            self.replicated_kv,
+        );
+        [
+            [b, s, h, d],
+            [b, skv, hkv, d],
+            [b, skv, hkv, d],
+            [b, r, h, d],
+            [b, rkv, hkv, d],
+            [b, rkv, hkv, d],
+        ]
     }
 
     fn seq_q(&self) -> usize {
@@ -171,6 +195,25 @@ impl SpInputs {
         Self::local::<T>(&one_rank, values, 0, r, heads)
     }
 
+    /// Rank `rank`'s six buffers (q, k, v, replicated q, k, v) with their
+    /// strides, laid out with the case's placement.
+    pub fn rank_buffers<T: Element>(
+        &self,
+        case: &SpCase,
+        rank: usize,
+    ) -> Vec<(Vec<T>, [usize; 4])> {
+        let (s, skv, h, hkv) = (case.seq_local, case.seq_kv_local, case.heads, case.kv_heads);
+        let (r, rkv) = (case.replicated, case.replicated_kv);
+        vec![
+            Self::local::<T>(case, &self.q, rank, s, h),
+            Self::local::<T>(case, &self.k, rank, skv, hkv),
+            Self::local::<T>(case, &self.v, rank, skv, hkv),
+            Self::replicated::<T>(case, &self.rq, r, h),
+            Self::replicated::<T>(case, &self.rk, rkv, hkv),
+            Self::replicated::<T>(case, &self.rv, rkv, hkv),
+        ]
+    }
+
     /// The expected outputs: the global `[B, P·S, H, D]` (zeros on padding
     /// rows) and the replicated `[B, R, H, D]`, from attention over the
     /// trimmed sequence followed by the replicated tokens.
@@ -231,4 +274,41 @@ pub fn concat_ranks(case: &SpCase, per_rank: &[Vec<f32>]) -> Vec<f64> {
         }
     }
     out
+}
+
+/// One rank's output and replicated output, on the host as f32.
+pub type RankOutput = (Vec<f32>, Option<Vec<f32>>);
+
+/// Runs one rank's forward over its views (q, k, v, replicated q, k, v;
+/// the replicated ones passed only when the case has replicated tokens),
+/// checks the output shapes and brings the outputs to the host.
+pub fn forward_rank<C: Communicator>(
+    layer: &DistributedAttention<C>,
+    case: &SpCase,
+    views: &[TensorView<'_>],
+) -> Result<RankOutput, SdpaError> {
+    let [q, k, v, rq, rk, rv] = views else {
+        panic!("forward_rank takes six views, got {}", views.len());
+    };
+    let replicated = (case.replicated + case.replicated_kv > 0).then_some(Replicated {
+        q: *rq,
+        k: *rk,
+        v: *rv,
+    });
+    let sp = SequenceParallel {
+        original_seq_len: case.original_seq_len,
+        replicated,
+    };
+    let DistributedOutput { output, replicated } =
+        layer.forward(q, k, v, &sp, &AttentionMetadata::default())?;
+    let shapes = case.rank_shapes();
+    assert_eq!(output.shape(), shapes[0]);
+    let rep = match replicated {
+        Some(t) => {
+            assert_eq!(t.shape(), shapes[3]);
+            Some(t.to_f32_vec()?)
+        }
+        None => None,
+    };
+    Ok((output.to_f32_vec()?, rep))
 }

@@ -7,69 +7,37 @@ use std::time::Duration;
 
 use half::bf16;
 use sdpa_runtime::distributed::{
-    Communicator, DistributedAttention, DistributedOutput, Replicated, SequenceParallel,
-    ThreadCommunicator,
+    Communicator, DistributedAttention, SequenceParallel, ThreadCommunicator,
 };
 use sdpa_runtime::prelude::*;
 use sdpa_runtime::{Element, SdpaError};
 use sdpa_tests::cases::{run_seed, Placement};
 use sdpa_tests::consumer::ConformanceAttention;
 use sdpa_tests::reference::rel_l2;
-use sdpa_tests::sequence_parallel::{concat_ranks, SpCase, SpInputs};
-
-/// One rank's output and replicated output, on the host as f32.
-type RankOutput = (Vec<f32>, Option<Vec<f32>>);
+use sdpa_tests::sequence_parallel::{concat_ranks, forward_rank, RankOutput, SpCase, SpInputs};
 
 /// Runs `case` on `case.world` threads; returns each rank's outputs.
 fn run_ranks<T: Element>(case: &SpCase, x: &SpInputs) -> Result<Vec<RankOutput>, SdpaError> {
     let ranks = ThreadCommunicator::group_with_timeout(case.world, Duration::from_secs(60))?;
-    let (s, skv, h, hkv) = (case.seq_local, case.seq_kv_local, case.heads, case.kv_heads);
-    let (b, d) = (case.batch, case.d);
     std::thread::scope(|scope| {
         let handles: Vec<_> = ranks
             .into_iter()
             .map(|comm| {
                 scope.spawn(move || {
-                    let r = comm.rank();
+                    let bufs = x.rank_buffers::<T>(case, comm.rank());
                     let layer = DistributedAttention::new(
                         &ConformanceAttention,
                         case.params(BackendKind::Cpu),
                         comm,
                     )?;
-                    let (qb, qs) = SpInputs::local::<T>(case, &x.q, r, s, h);
-                    let (kb, ks) = SpInputs::local::<T>(case, &x.k, r, skv, hkv);
-                    let (vb, vs) = SpInputs::local::<T>(case, &x.v, r, skv, hkv);
-                    let q = TensorView::with_strides(&qb, [b, s, h, d], qs)?;
-                    let k = TensorView::with_strides(&kb, [b, skv, hkv, d], ks)?;
-                    let v = TensorView::with_strides(&vb, [b, skv, hkv, d], vs)?;
-                    let (rn, rkv) = (case.replicated, case.replicated_kv);
-                    let (rqb, rqs) = SpInputs::replicated::<T>(case, &x.rq, rn, h);
-                    let (rkb, rks) = SpInputs::replicated::<T>(case, &x.rk, rkv, hkv);
-                    let (rvb, rvs) = SpInputs::replicated::<T>(case, &x.rv, rkv, hkv);
-                    let replicated = if rn + rkv > 0 {
-                        Some(Replicated {
-                            q: TensorView::with_strides(&rqb, [b, rn, h, d], rqs)?,
-                            k: TensorView::with_strides(&rkb, [b, rkv, hkv, d], rks)?,
-                            v: TensorView::with_strides(&rvb, [b, rkv, hkv, d], rvs)?,
+                    let views = bufs
+                        .iter()
+                        .zip(case.rank_shapes())
+                        .map(|((buf, strides), shape)| {
+                            TensorView::with_strides(buf, shape, *strides)
                         })
-                    } else {
-                        None
-                    };
-                    let sp = SequenceParallel {
-                        original_seq_len: case.original_seq_len,
-                        replicated,
-                    };
-                    let DistributedOutput { output, replicated } =
-                        layer.forward(&q, &k, &v, &sp, &AttentionMetadata::default())?;
-                    assert_eq!(output.shape(), [b, s, h, d]);
-                    let rep = match replicated {
-                        Some(t) => {
-                            assert_eq!(t.shape(), [b, rn, h, d]);
-                            Some(t.to_f32_vec()?)
-                        }
-                        None => None,
-                    };
-                    Ok((output.to_f32_vec()?, rep))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    forward_rank(&layer, case, &views)
                 })
             })
             .collect();

@@ -5,15 +5,14 @@
 
 use half::bf16;
 use sdpa_runtime::distributed::{
-    nccl_available, Communicator, DistributedAttention, DistributedOutput, NcclCommunicator,
-    NcclId, Replicated, SequenceParallel,
+    nccl_available, Communicator, DistributedAttention, NcclCommunicator, NcclId,
 };
 use sdpa_runtime::prelude::*;
 use sdpa_runtime::{probe_cuda, CudaProbe, Element, SdpaError};
 use sdpa_tests::cases::{run_seed, say, Placement};
 use sdpa_tests::consumer::WanAttention;
 use sdpa_tests::reference::rel_l2;
-use sdpa_tests::sequence_parallel::{concat_ranks, SpCase, SpInputs};
+use sdpa_tests::sequence_parallel::{concat_ranks, forward_rank, RankOutput, SpCase, SpInputs};
 
 /// The rank counts this machine can run, or why none.
 fn worlds() -> Vec<usize> {
@@ -39,9 +38,6 @@ fn worlds() -> Vec<usize> {
     worlds
 }
 
-/// One rank's output and replicated output, on the host as f32.
-type RankOutput = (Vec<f32>, Option<Vec<f32>>);
-
 /// Runs `case` on a group made in one call (`for_devices`).
 fn run_ranks<T: Element>(case: &SpCase, x: &SpInputs) -> Result<Vec<RankOutput>, SdpaError> {
     let ordinals: Vec<usize> = (0..case.world).collect();
@@ -54,53 +50,35 @@ fn run_on<T: Element>(
     case: &SpCase,
     x: &SpInputs,
 ) -> Result<Vec<RankOutput>, SdpaError> {
-    let (s, skv, h, hkv) = (case.seq_local, case.seq_kv_local, case.heads, case.kv_heads);
-    let (b, d) = (case.batch, case.d);
     std::thread::scope(|scope| {
         let handles: Vec<_> = comms
             .into_iter()
             .map(|comm| {
                 scope.spawn(move || -> Result<RankOutput, SdpaError> {
-                    let r = comm.rank();
                     let stream = comm.stream().clone();
-                    let up = |(buf, strides): (Vec<T>, [usize; 4])| {
-                        stream
-                            .clone_htod(&buf)
-                            .map(|dev| (dev, strides))
-                            .map_err(|e| SdpaError::Cuda(format!("upload: {e}")))
-                    };
-                    let (dq, qs) = up(SpInputs::local::<T>(case, &x.q, r, s, h))?;
-                    let (dk, ks) = up(SpInputs::local::<T>(case, &x.k, r, skv, hkv))?;
-                    let (dv, vs) = up(SpInputs::local::<T>(case, &x.v, r, skv, hkv))?;
-                    let (rn, rkv) = (case.replicated, case.replicated_kv);
-                    let (drq, rqs) = up(SpInputs::replicated::<T>(case, &x.rq, rn, h))?;
-                    let (drk, rks) = up(SpInputs::replicated::<T>(case, &x.rk, rkv, hkv))?;
-                    let (drv, rvs) = up(SpInputs::replicated::<T>(case, &x.rv, rkv, hkv))?;
+                    let bufs = x
+                        .rank_buffers::<T>(case, comm.rank())
+                        .into_iter()
+                        .map(|(buf, strides)| {
+                            let dev = stream
+                                .clone_htod(&buf)
+                                .map_err(|e| SdpaError::Cuda(format!("upload: {e}")))?;
+                            Ok((dev, strides))
+                        })
+                        .collect::<Result<Vec<_>, SdpaError>>()?;
                     let layer = DistributedAttention::new(
                         &WanAttention,
                         case.params(BackendKind::Cuda),
                         comm,
                     )?;
-                    let q = TensorView::from_cuda_with_strides(&dq, [b, s, h, d], qs)?;
-                    let k = TensorView::from_cuda_with_strides(&dk, [b, skv, hkv, d], ks)?;
-                    let v = TensorView::from_cuda_with_strides(&dv, [b, skv, hkv, d], vs)?;
-                    let replicated = if rn + rkv > 0 {
-                        Some(Replicated {
-                            q: TensorView::from_cuda_with_strides(&drq, [b, rn, h, d], rqs)?,
-                            k: TensorView::from_cuda_with_strides(&drk, [b, rkv, hkv, d], rks)?,
-                            v: TensorView::from_cuda_with_strides(&drv, [b, rkv, hkv, d], rvs)?,
+                    let views = bufs
+                        .iter()
+                        .zip(case.rank_shapes())
+                        .map(|((dev, strides), shape)| {
+                            TensorView::from_cuda_with_strides(dev, shape, *strides)
                         })
-                    } else {
-                        None
-                    };
-                    let sp = SequenceParallel {
-                        original_seq_len: case.original_seq_len,
-                        replicated,
-                    };
-                    let DistributedOutput { output, replicated } =
-                        layer.forward(&q, &k, &v, &sp, &AttentionMetadata::default())?;
-                    let rep = replicated.map(|t| t.to_f32_vec()).transpose()?;
-                    Ok((output.to_f32_vec()?, rep))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    forward_rank(&layer, case, &views)
                 })
             })
             .collect();

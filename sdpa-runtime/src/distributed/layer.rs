@@ -13,7 +13,6 @@ use crate::backend::{AttentionBackend, AttentionImpl, SdpaImpl};
 use crate::error::{Result, SdpaError};
 use crate::metadata::AttentionMetadata;
 use crate::params::AttentionParams;
-use crate::select::Residence;
 use crate::tensor::{CudaRef, CudaRefMut, Layout, Storage, Tensor, TensorView, TensorViewMut};
 use crate::{DType, Element};
 use half::{bf16, f16};
@@ -275,7 +274,7 @@ impl<C: Communicator> DistributedAttention<C> {
             )));
         }
         let here = self.comm.residence();
-        if !same_place(t.residence(), here) {
+        if t.residence() != here {
             return Err(SdpaError::Residence(format!(
                 "{name} lives in {:?} but this rank's communicator works in {here:?}; move it \
                  there first",
@@ -445,14 +444,6 @@ impl<C: Communicator> DistributedAttention<C> {
             }
         }
         into_tensor(out, [b, r, h, d])
-    }
-}
-
-fn same_place(a: Residence, b: Residence) -> bool {
-    match (a, b) {
-        (Residence::Host, Residence::Host) => true,
-        (Residence::Cuda { ordinal: x }, Residence::Cuda { ordinal: y }) => x == y,
-        _ => false,
     }
 }
 
