@@ -221,9 +221,14 @@ impl<'a> AttnMask<'a> {
             _ => (s[0], s[1], s[2], s[3]),
         };
         let bad = |what: &str, found: usize, want: usize| {
+            let expected = if want == 1 {
+                "1".to_string()
+            } else {
+                format!("{want} or 1")
+            };
             SdpaError::Mask(format!(
                 "mask shape {s:?} does not fit q [B={batch}, Sq={seq_q}, H={heads}] and \
-                 k [Sk={seq_k}]: its {what} dimension is {found}, expected {want} or 1"
+                 k [Sk={seq_k}]: its {what} dimension is {found}, expected {expected}"
             ))
         };
         if bm != batch && bm != 1 {
@@ -320,6 +325,17 @@ impl ResolvedMask<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mismatch_names_the_size_it_expected() {
+        let m = [true; 8];
+        let mask = AttnMask::new(&m[..], &[2, 4]).unwrap();
+        let err = mask.resolve(1, 1, 1, 4).unwrap_err().to_string();
+        assert!(err.contains("batch dimension is 2, expected 1"), "{err}");
+        assert!(!err.contains("1 or 1"), "{err}");
+        let err = mask.resolve(3, 1, 1, 4).unwrap_err().to_string();
+        assert!(err.contains("expected 3 or 1"), "{err}");
+    }
 
     #[test]
     fn front_padding_attends() {

@@ -43,9 +43,13 @@ impl Layout {
     /// The row-major layout of `shape`.
     pub fn contiguous(shape: [usize; 4]) -> Layout {
         let [_, s, h, d] = shape;
+        // Saturating: sizes that overflow can only come with a zero size
+        // elsewhere (no buffer holds them otherwise), and such a layout
+        // addresses no element.
+        let hd = h.saturating_mul(d);
         Layout {
             shape,
-            strides: [s * h * d, h * d, d, 1],
+            strides: [s.saturating_mul(hd), hd, d, 1],
         }
     }
 
@@ -89,7 +93,10 @@ impl Layout {
     }
     /// The number of elements.
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        if self.shape.contains(&0) {
+            return 0;
+        }
+        self.shape.iter().fold(1usize, |a, &n| a.saturating_mul(n))
     }
 
     /// The offset of element `[b, s, h, 0]`.
@@ -942,6 +949,17 @@ mod tests {
         assert!(!broadcast.is_non_overlapping());
         // No elements, nothing to overlap: an empty output is a valid buffer.
         assert!(Layout::contiguous([2, 0, 1, 64]).is_non_overlapping());
+    }
+
+    #[test]
+    fn empty_shapes_whose_other_sizes_overflow_address_nothing() {
+        let huge = [0, usize::MAX / 2, 3, 64];
+        let l = Layout::contiguous(huge);
+        assert_eq!(l.numel(), 0);
+        assert_eq!(l.required_len().unwrap(), 0);
+        assert!(l.is_non_overlapping());
+        assert!(Tensor::from_vec(Vec::<f32>::new(), huge).is_ok());
+        assert!(Tensor::from_vec(vec![0.0f32], [1, usize::MAX / 2, 3, 64]).is_err());
     }
 
     #[test]
