@@ -147,6 +147,16 @@ fn parse_list<T>(
 fn head_size(tokens: TokenStream) -> Result<HeadSize> {
     let lit: LitInt = syn::parse2(tokens.clone())
         .map_err(|_| Error::new_spanned(&tokens, "head sizes are integer literals, e.g. `64`"))?;
+    if !lit.suffix().is_empty() {
+        return Err(Error::new(
+            lit.span(),
+            format!(
+                "head sizes are plain integers; write `{}` without the `{}` suffix",
+                lit.base10_digits(),
+                lit.suffix()
+            ),
+        ));
+    }
     let value = lit.base10_parse().map_err(|_| {
         let digits = lit.base10_digits();
         Error::new(
