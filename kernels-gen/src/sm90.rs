@@ -38,9 +38,17 @@
 //! variant is correct but measured no faster (458-465 at d=128, two
 //! consumers).
 //!
+//! Other head sizes (multiples of 16, [`HEAD_SIZES`] enabled): up to 128
+//! the same tiles; 160 and 192 three warpgroups and 48-key blocks (the
+//! output alone is 96 registers); 224 and 256 two warpgroups (the output
+//! is 128 registers) and 80-key blocks with K and V in two stages each
+//! ([`Sm90Config::split_kv`]): Q (64 KB) and four 40 KB tiles fit in 225
+//! KB. Measured (same harness, 2026-11-27): 517-557 TFLOP/s at d=256
+//! against 308 for the sm_80 kernel, 489-516 at 192, 395 at 80.
+//!
 //! # Shared memory
 //!
-//! Every tile (Q, K, V) is stored as `d / 64` column panels of 64 elements
+//! Every tile (Q, K, V) is stored as `ceil(d / 64)` column panels of 64 elements
 //! (128 bytes a row); inside a panel, rows are 128 bytes apart and the
 //! 16-byte chunk `c` of row `r` sits at chunk `c ^ (r % 8)`: the 128-byte
 //! swizzle, whose atom (8 rows, 1024 bytes) the descriptors step over with
@@ -52,6 +60,10 @@
 //!   `32 · (kk % 4)` of the row; the leading byte offset is unused.
 //! - V as an N-major B: a k-step (16 keys) is 2048 bytes; the leading byte
 //!   offset is the distance between 64-column panels.
+//! - Where `d` is not a multiple of 64 the columns past `d` are neither
+//!   copied nor read: `Q·Kᵀ` runs `d / 16` k-steps, and `P·V` is
+//!   `m64n{d}` over a partial last panel (checked on an H100 at d=80, 96,
+//!   112, 160 and 224, in one product and per panel).
 
 use crate::gpu::{declare_params, GpuKernel};
 use crate::ptx::{
@@ -70,7 +82,7 @@ const PRODUCER_REGS: u32 = 24;
 /// The shape of one variant's sm_90a kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sm90Config {
-    /// Head size (64 or 128).
+    /// Head size (a multiple of 16, at most 256).
     pub d: usize,
     /// `BF16` or `F16`.
     pub ab: Ty,
@@ -105,8 +117,9 @@ pub struct Sm90Config {
 }
 
 impl Sm90Config {
-    /// The configuration of a variant, or `None` where this kernel does not
-    /// apply (32-bit elements, head sizes other than 64 and 128).
+    /// The configuration of a variant, or `None` where this kernel cannot
+    /// apply (32-bit elements, head sizes not a multiple of 16 or above
+    /// 256). [`generate`] further keeps to [`HEAD_SIZES`].
     pub fn new(spec: &VariantSpec) -> Option<Sm90Config> {
         let ab = match spec.dtype {
             DType::BF16 => Ty::BF16,
@@ -130,6 +143,9 @@ impl Sm90Config {
         if !d.is_multiple_of(16) || d > 256 {
             return None;
         }
+        // A partial last panel of V is read as such (measured correct on
+        // an H100), not padded: `m64n80` rather than `m64n128` at d=80.
+        cfg.pv_exact = !d.is_multiple_of(64);
         match d.next_multiple_of(64) {
             // Three warpgroups, 96-key blocks, three (K, V) stages.
             64 | 128 => {}
@@ -140,6 +156,9 @@ impl Sm90Config {
                 cfg.wgs = 2;
                 cfg.block_n = 80;
                 cfg.split_kv = true;
+                // The causal d=224 kernel checked on the device issues
+                // P·V per panel; the single product is unmeasured there.
+                cfg.pv_per_panel = spec.causal && d == 224;
             }
         }
         Some(cfg)
@@ -221,9 +240,17 @@ impl Sm90Config {
     }
 }
 
-/// Generates the sm_90a kernel of a variant, or `None` where it does not
-/// apply (see [`Sm90Config::new`]).
+/// The head sizes whose sm_90a kernel is checked on an H100 and measured
+/// faster than the sm_80 one (`docs/hopper.md`). d=32 is correct but
+/// slower (197-220 TFLOP/s against 219-225).
+pub const HEAD_SIZES: [usize; 10] = [48, 64, 80, 96, 112, 128, 160, 192, 224, 256];
+
+/// Generates the sm_90a kernel of a variant, or `None` where there is none
+/// (32-bit elements, head sizes not in [`HEAD_SIZES`]).
 pub fn generate(spec: &VariantSpec) -> Option<GpuKernel> {
+    if !HEAD_SIZES.contains(&spec.head_size) {
+        return None;
+    }
     Sm90Config::new(spec).map(|cfg| generate_with(spec, cfg))
 }
 
@@ -1445,11 +1472,42 @@ mod tests {
     }
 
     #[test]
-    fn applies_to_16_bit_head_sizes_64_and_128() {
-        assert!(generate(&spec(64, false, DType::BF16)).is_some());
-        assert!(generate(&spec(128, true, DType::F16)).is_some());
-        assert!(generate(&spec(80, false, DType::BF16)).is_none());
+    fn applies_to_the_measured_16_bit_head_sizes() {
+        for d in HEAD_SIZES {
+            assert!(generate(&spec(d, false, DType::BF16)).is_some(), "{d}");
+            assert!(generate(&spec(d, true, DType::F16)).is_some(), "{d}");
+        }
+        // Correct but slower than sm_80; not a multiple of 16; 32-bit.
+        assert!(generate(&spec(32, false, DType::BF16)).is_none());
+        assert!(generate(&spec(72, false, DType::BF16)).is_none());
         assert!(generate(&spec(128, false, DType::F32)).is_none());
+    }
+
+    #[test]
+    fn head_size_256_splits_k_and_v_stages_within_shared_memory() {
+        let k = generate(&spec(256, false, DType::BF16)).unwrap();
+        assert_eq!((k.block_m, k.threads), (128, 256));
+        // Q, two K and two V slots of 80 keys, 1 KB of slack.
+        assert_eq!(k.smem_bytes, 1024 + (128 + 4 * 80) * 512);
+        assert!(k.smem_bytes <= 232_448);
+        assert!(k
+            .ptx
+            .contains("wgmma.mma_async.sync.aligned.m64n80k16.f32.bf16.bf16"));
+        assert!(k
+            .ptx
+            .contains("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16"));
+    }
+
+    #[test]
+    fn head_sizes_off_the_panel_width_pad_tiles_but_not_products() {
+        let k = generate(&spec(80, false, DType::F16)).unwrap();
+        // Tiles padded to 128 columns; Q·Kᵀ over 5 k-steps, P·V m64n80.
+        assert_eq!(k.smem_bytes, 1024 + (192 + 6 * 96) * 128 * 2);
+        assert!(k
+            .ptx
+            .contains("wgmma.mma_async.sync.aligned.m64n80k16.f32.f16.f16"));
+        assert!(!k.ptx.contains("m64n128k16"));
+        assert_eq!(k.ptx.matches("m64n96k16").count(), 2 * 5);
     }
 
     #[test]
@@ -1496,11 +1554,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sm90-ptx-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut failures = Vec::new();
-        for d in [64, 128] {
+        for d in HEAD_SIZES {
             for causal in [false, true] {
                 for dtype in [DType::BF16, DType::F16] {
                     let s = spec(d, causal, dtype);
                     for producer in [false, true] {
+                        if producer && !matches!(d, 64 | 128) {
+                            continue;
+                        }
                         let mut cfg = Sm90Config::new(&s).unwrap();
                         if producer {
                             cfg.producer = true;
