@@ -111,8 +111,9 @@ pub fn generate(spec: &VariantSpec, target: Target) -> GpuKernel {
 }
 
 /// Generates the Hopper (sm_90a, `wgmma`) kernel of `spec`, or `None` where
-/// there is none (32-bit elements, head sizes other than 64 and 128): use
-/// [`generate`] then. Same parameters and launch contract.
+/// there is none (32-bit elements, head sizes not in
+/// [`crate::sm90::HEAD_SIZES`]: 48, 64, 80, 96, 112, 128, 160, 192, 224,
+/// 256): use [`generate`] then. Same parameters and launch contract.
 pub fn generate_sm90(spec: &VariantSpec) -> Option<GpuKernel> {
     crate::sm90::generate(spec)
 }

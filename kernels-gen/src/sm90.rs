@@ -38,9 +38,17 @@
 //! variant is correct but measured no faster (458-465 at d=128, two
 //! consumers).
 //!
+//! Other head sizes (multiples of 16, [`HEAD_SIZES`] enabled): up to 128
+//! the same tiles; 160 and 192 three warpgroups and 48-key blocks (the
+//! output alone is 96 registers); 224 and 256 two warpgroups (the output
+//! is 128 registers) and 80-key blocks with K and V in two stages each
+//! ([`Sm90Config::split_kv`]): Q (64 KB) and four 40 KB tiles fit in 225
+//! KB. Measured (same harness, 2026-11-27): 517-557 TFLOP/s at d=256
+//! against 308 for the sm_80 kernel, 489-516 at 192, 395 at 80.
+//!
 //! # Shared memory
 //!
-//! Every tile (Q, K, V) is stored as `d / 64` column panels of 64 elements
+//! Every tile (Q, K, V) is stored as `ceil(d / 64)` column panels of 64 elements
 //! (128 bytes a row); inside a panel, rows are 128 bytes apart and the
 //! 16-byte chunk `c` of row `r` sits at chunk `c ^ (r % 8)`: the 128-byte
 //! swizzle, whose atom (8 rows, 1024 bytes) the descriptors step over with
@@ -52,6 +60,10 @@
 //!   `32 · (kk % 4)` of the row; the leading byte offset is unused.
 //! - V as an N-major B: a k-step (16 keys) is 2048 bytes; the leading byte
 //!   offset is the distance between 64-column panels.
+//! - Where `d` is not a multiple of 64 the columns past `d` are neither
+//!   copied nor read: `Q·Kᵀ` runs `d / 16` k-steps, and `P·V` is
+//!   `m64n{d}` over a partial last panel (checked on an H100 at d=80, 96,
+//!   112, 160 and 224, in one product and per panel).
 
 use crate::gpu::{declare_params, GpuKernel};
 use crate::ptx::{
@@ -70,7 +82,7 @@ const PRODUCER_REGS: u32 = 24;
 /// The shape of one variant's sm_90a kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sm90Config {
-    /// Head size (64 or 128).
+    /// Head size (a multiple of 16, at most 256).
     pub d: usize,
     /// `BF16` or `F16`.
     pub ab: Ty,
@@ -94,22 +106,29 @@ pub struct Sm90Config {
     pub producer: bool,
     /// With a producer: the consumers take turns issuing their products.
     pub ping_pong: bool,
+    /// With `overlap`: K and V get two stages each instead of three shared
+    /// (K, V) stages; block `n`'s loop iteration copies K(n + 2) and
+    /// V(n + 1). A third less shared memory for the same blocks: what
+    /// lets d=256 overlap.
+    pub split_kv: bool,
+    /// `P·V` as `m64n{d}` even where `d` is not a multiple of 64 (a partial
+    /// last swizzle panel of V) rather than over the padded width.
+    pub pv_exact: bool,
 }
 
 impl Sm90Config {
-    /// The configuration of a variant, or `None` where this kernel does not
-    /// apply (32-bit elements, head sizes other than 64 and 128).
+    /// The configuration of a variant, or `None` where this kernel cannot
+    /// apply (32-bit elements, head sizes not a multiple of 16 or above
+    /// 256). [`generate`] further keeps to [`HEAD_SIZES`].
     pub fn new(spec: &VariantSpec) -> Option<Sm90Config> {
         let ab = match spec.dtype {
             DType::BF16 => Ty::BF16,
             DType::F16 => Ty::F16,
             DType::F32 => return None,
         };
-        if !matches!(spec.head_size, 64 | 128) {
-            return None;
-        }
-        Some(Sm90Config {
-            d: spec.head_size,
+        let d = spec.head_size;
+        let mut cfg = Sm90Config {
+            d,
             ab,
             causal: spec.causal,
             wgs: 3,
@@ -118,7 +137,46 @@ impl Sm90Config {
             overlap: true,
             producer: false,
             ping_pong: true,
-        })
+            split_kv: false,
+            pv_exact: false,
+        };
+        if !d.is_multiple_of(16) || d > 256 {
+            return None;
+        }
+        // A partial last panel of V is read as such (measured correct on
+        // an H100), not padded: `m64n80` rather than `m64n128` at d=80.
+        cfg.pv_exact = !d.is_multiple_of(64);
+        match d.next_multiple_of(64) {
+            // Three warpgroups, 96-key blocks, three (K, V) stages.
+            64 | 128 => {}
+            192 => cfg.block_n = 48,
+            // Q alone is 64 KB: two warpgroups, 80-key blocks in split
+            // stages (225 KB).
+            _ => {
+                cfg.wgs = 2;
+                cfg.block_n = 80;
+                cfg.split_kv = true;
+                // The causal d=224 kernel checked on the device issues
+                // P·V per panel; the single product is unmeasured there.
+                cfg.pv_per_panel = spec.causal && d == 224;
+            }
+        }
+        Some(cfg)
+    }
+
+    /// The width of the shared-memory tiles: `d` rounded up to whole
+    /// 64-column swizzle panels (columns past `d` are never copied).
+    pub fn d_pad(&self) -> usize {
+        self.d.next_multiple_of(64)
+    }
+
+    /// The `N` of the `P·V` product(s): `d`, or the padded width.
+    pub fn pv_n(&self) -> usize {
+        if self.pv_exact {
+            self.d
+        } else {
+            self.d_pad()
+        }
     }
 
     /// Query rows per CTA.
@@ -133,7 +191,7 @@ impl Sm90Config {
 
     /// Bytes of one K or V tile.
     fn kv_tile(&self) -> usize {
-        self.block_n * self.d * 2
+        self.block_n * self.d_pad() * 2
     }
 
     /// Registers per consumer thread when warp-specialised: what the
@@ -146,7 +204,10 @@ impl Sm90Config {
 
     /// K/V stages in shared memory.
     pub fn stages(&self) -> usize {
-        if self.overlap || self.producer {
+        if self.split_kv {
+            // Two for K and two for V: as many tiles as two (K, V) stages.
+            2
+        } else if self.overlap || self.producer {
             3
         } else {
             2
@@ -156,7 +217,7 @@ impl Sm90Config {
     /// Dynamic shared memory: 1 KB of alignment slack, Q, and a K and a V
     /// tile per stage.
     pub fn smem_bytes(&self) -> usize {
-        1024 + self.block_m() * self.d * 2
+        1024 + self.block_m() * self.d_pad() * 2
             + 2 * self.stages() * self.kv_tile()
             + self.barrier_bytes()
     }
@@ -179,9 +240,17 @@ impl Sm90Config {
     }
 }
 
-/// Generates the sm_90a kernel of a variant, or `None` where it does not
-/// apply (see [`Sm90Config::new`]).
+/// The head sizes whose sm_90a kernel is checked on an H100 and measured
+/// faster than the sm_80 one (`docs/hopper.md`). d=32 is correct but
+/// slower (197-220 TFLOP/s against 219-225).
+pub const HEAD_SIZES: [usize; 10] = [48, 64, 80, 96, 112, 128, 160, 192, 224, 256];
+
+/// Generates the sm_90a kernel of a variant, or `None` where there is none
+/// (32-bit elements, head sizes not in [`HEAD_SIZES`]).
 pub fn generate(spec: &VariantSpec) -> Option<GpuKernel> {
+    if !HEAD_SIZES.contains(&spec.head_size) {
+        return None;
+    }
     Sm90Config::new(spec).map(|cfg| generate_with(spec, cfg))
 }
 
@@ -210,6 +279,9 @@ struct Emitter {
     cfg: Sm90Config,
     /// The loader's row of this thread (set once the loader is).
     lrow: Option<Reg>,
+    /// Whether this thread's 16-byte chunk lies inside the head size
+    /// (`None`: always; the tiles are padded to whole panels).
+    chunk_ok: Option<Reg>,
 }
 
 impl Emitter {
@@ -218,6 +290,7 @@ impl Emitter {
             k: Kernel::new(name),
             cfg,
             lrow: None,
+            chunk_ok: None,
         }
     }
 
@@ -283,6 +356,17 @@ impl Emitter {
                 }
                 go = Some(fits);
             }
+            // Chunks past the head size are never read: not copied.
+            if let Some(ok) = self.chunk_ok {
+                go = Some(match go {
+                    Some(e) => {
+                        let both = k.reg(Ty::Pred);
+                        k.bin_to(BinOp::And, Ty::Pred, both, e, ok);
+                        both
+                    }
+                    None => ok,
+                });
+            }
             match go {
                 Some(e) => k.guard(e, false, cp),
                 None => k.push(cp),
@@ -333,16 +417,17 @@ impl Emitter {
     /// no commit).
     fn pv_gemm(&mut self, c: &Core, v_desc: Reg) {
         let cfg = self.cfg;
-        let (d, bn) = (cfg.d, cfg.block_n);
+        let (d, bn) = (cfg.pv_n(), cfg.block_n);
         for (j, a) in c.p.iter().enumerate() {
             let vb = self.desc_at(v_desc, j * 16 * 128);
             if cfg.pv_per_panel {
-                for pn in 0..d / 64 {
+                for pn in 0..d.div_ceil(64) {
                     let vbp = self.desc_at(vb, pn * bn * 128);
+                    let n = (d - 64 * pn).min(64);
                     self.k.push(Instr::Wgmma {
-                        n: 64,
+                        n: n as u32,
                         ab: cfg.ab,
-                        d: c.o_acc[32 * pn..32 * pn + 32].to_vec(),
+                        d: c.o_acc[32 * pn..32 * pn + n / 2].to_vec(),
                         a: WgmmaA::Regs(*a),
                         b: vbp,
                         scale_d: c.p_true,
@@ -522,13 +607,57 @@ impl Emitter {
             bn, ld.rpp, ld.k_src, ld.k_pass, ld.grow, ld.seq_k, k_dst, enable,
         );
         self.load_tile(
-            bn, ld.rpp, ld.v_src, ld.v_pass, ld.grow, ld.seq_k, v_dst, enable,
+            bn, ld.rpp, ld.v_src, ld.v_pass, ld.v_grow, ld.seq_k, v_dst, enable,
         );
         let k = &mut self.k;
         k.push(Instr::CpAsyncCommit);
         k.bin_to(BinOp::Add, Ty::U64, ld.k_src, ld.k_src, ld.k_block);
         k.bin_to(BinOp::Add, Ty::U64, ld.v_src, ld.v_src, ld.v_block);
         k.bin_to(BinOp::Add, Ty::U32, ld.grow, ld.grow, Self::u(bn));
+        if ld.v_grow != ld.grow {
+            k.bin_to(BinOp::Add, Ty::U32, ld.v_grow, ld.v_grow, Self::u(bn));
+        }
+    }
+
+    /// Split stages: issues the copies of the next K block into the K
+    /// slot at byte offset `slot` (a register) and moves its pointer on
+    /// (no commit).
+    fn load_k(&mut self, ld: &Loads, slot: Reg, enable: Option<Reg>) {
+        let bn = self.cfg.block_n;
+        let dst = self.k.bin(BinOp::Add, Ty::U32, ld.k_dst0, slot);
+        self.load_tile(
+            bn, ld.rpp, ld.k_src, ld.k_pass, ld.grow, ld.seq_k, dst, enable,
+        );
+        let k = &mut self.k;
+        k.bin_to(BinOp::Add, Ty::U64, ld.k_src, ld.k_src, ld.k_block);
+        k.bin_to(BinOp::Add, Ty::U32, ld.grow, ld.grow, Self::u(bn));
+    }
+
+    /// Split stages: the same for the next V block, into the V slot at
+    /// byte offset `slot` (the V slots follow the two K slots).
+    fn load_v(&mut self, ld: &Loads, slot: Reg, enable: Option<Reg>) {
+        let (bn, tile) = (self.cfg.block_n, self.cfg.kv_tile());
+        let dst = self.k.bin(BinOp::Add, Ty::U32, ld.k_dst0, slot);
+        let dst = self.k.bin(BinOp::Add, Ty::U32, dst, Self::u(2 * tile));
+        self.load_tile(
+            bn, ld.rpp, ld.v_src, ld.v_pass, ld.v_grow, ld.seq_k, dst, enable,
+        );
+        let k = &mut self.k;
+        k.bin_to(BinOp::Add, Ty::U64, ld.v_src, ld.v_src, ld.v_block);
+        k.bin_to(BinOp::Add, Ty::U32, ld.v_grow, ld.v_grow, Self::u(bn));
+    }
+
+    /// Split stages: the byte offset of the slot of block `n + plus`, and
+    /// the same in descriptor units.
+    fn slot_of(&mut self, n: Reg, plus: usize) -> (Reg, Reg) {
+        let tile = self.cfg.kv_tile();
+        let k = &mut self.k;
+        let m = k.bin(BinOp::Add, Ty::U32, n, Self::u(plus));
+        let s = k.bin(BinOp::And, Ty::U32, m, Operand::U(1));
+        let bytes = k.bin(BinOp::Mul, Ty::U32, s, Self::u(tile));
+        let s64 = k.cvt(None, Ty::U64, Ty::U32, s);
+        let units = k.bin(BinOp::Mul, Ty::U64, s64, Self::u(tile >> 4));
+        (bytes, units)
     }
 
     /// Byte offset of the stage of block `n`, and the same in descriptor
@@ -859,14 +988,16 @@ impl Emitter {
     fn emit(mut self) -> Kernel {
         let cfg = self.cfg;
         let (d, bn) = (cfg.d, cfg.block_n);
+        let dp = cfg.d_pad();
         let bm = cfg.block_m();
         let threads = cfg.threads();
-        assert!(d.is_multiple_of(64) && bn.is_multiple_of(16) && bn <= 256);
+        assert!(d.is_multiple_of(16) && bn.is_multiple_of(16) && bn <= 256);
+        assert!(!cfg.split_kv || (cfg.overlap && !cfg.producer));
         let ws = cfg.producer;
         let stages = cfg.stages();
         // Loading threads: the producer warpgroup, or everyone.
         let loaders = if ws { 128 } else { threads };
-        let cpr = d / 8; // 16-byte chunks per row
+        let cpr = dp / 8; // 16-byte chunks per (padded) row
         let rpp = loaders / cpr; // rows per loading pass
                                  // Every pass starts on a swizzle atom: a thread's row keeps its
                                  // swizzle phase.
@@ -948,7 +1079,7 @@ impl Emitter {
         let raw = k.mov(Ty::U32, Operand::Symbol("smem".into()));
         let sbase = k.bin(BinOp::Add, Ty::U32, raw, Operand::U(1023));
         let sq = k.bin(BinOp::And, Ty::U32, sbase, Operand::U(!1023u32 as u64));
-        let sk0 = k.bin(BinOp::Add, Ty::U32, sq, Self::u(bm * d * 2));
+        let sk0 = k.bin(BinOp::Add, Ty::U32, sq, Self::u(bm * dp * 2));
 
         // The consumer warpgroup of this thread (the producer is warpgroup
         // 0 when there is one), and its first query row.
@@ -967,6 +1098,10 @@ impl Emitter {
         self.lrow = Some(lrow);
         let k = &mut self.k;
         let chunk = k.bin(BinOp::Rem, Ty::U32, ltid, Self::u(cpr));
+        if d < dp {
+            self.chunk_ok = Some(k.setp(Cmp::Lt, Ty::U32, chunk, Self::u(d / 8)));
+        }
+        let k = &mut self.k;
         let panel = k.bin(BinOp::Shr, Ty::U32, chunk, Operand::U(3));
         let cc = k.bin(BinOp::And, Ty::U32, chunk, Operand::U(7));
         let r8 = k.bin(BinOp::And, Ty::U32, lrow, Operand::U(7));
@@ -1004,9 +1139,21 @@ impl Emitter {
             k_block: k.bin(BinOp::Mul, Ty::U64, k_stride, Self::u(bn)),
             v_block: k.bin(BinOp::Mul, Ty::U64, v_stride, Self::u(bn)),
             grow: k.mov(Ty::U32, lrow),
+            v_grow: lrow,
             seq_k,
             k_dst0,
             rpp,
+        };
+        let ld = if cfg.split_kv {
+            Loads {
+                v_grow: k.mov(Ty::U32, lrow),
+                ..ld
+            }
+        } else {
+            Loads {
+                v_grow: ld.grow,
+                ..ld
+            }
         };
 
         // ---- descriptors ----
@@ -1016,7 +1163,9 @@ impl Emitter {
         let q_desc = self.desc(wg_q, k_bits);
         let k_desc0 = self.desc(sk0, k_bits);
         let k = &mut self.k;
-        let sv0 = k.bin(BinOp::Add, Ty::U32, sk0, Self::u(tile));
+        // V follows K in each stage, or the two K slots when split.
+        let v_first = if cfg.split_kv { 2 * tile } else { tile };
+        let sv0 = k.bin(BinOp::Add, Ty::U32, sk0, Self::u(v_first));
         let v_desc0 = self.desc(sv0, v_bits);
         let k = &mut self.k;
 
@@ -1049,7 +1198,7 @@ impl Emitter {
         let neg_inf = Operand::F32(f32::NEG_INFINITY);
         let c = Core {
             s_acc: k.regs(Ty::F32, bn / 2),
-            o_acc: (0..d / 2)
+            o_acc: (0..cfg.pv_n() / 2)
                 .map(|_| k.mov(Ty::F32, Operand::F32(0.0)))
                 .collect(),
             p: (0..bn / 16)
@@ -1122,7 +1271,13 @@ impl Emitter {
         // ---- prologue: Q and K(0), V(0) in stage 0 ----
         self.load_tile(q_rows, rpp, q_src, q_pass, q_grow, seq_q, q_dst, None);
         let zero_off = self.k.mov(Ty::U32, Operand::U(0));
-        self.load_block(&ld, zero_off, None);
+        if cfg.split_kv {
+            // Q and K(0); then K(1) and V(0).
+            self.load_k(&ld, zero_off, None);
+            self.k.push(Instr::CpAsyncCommit);
+        } else {
+            self.load_block(&ld, zero_off, None);
+        }
         let n = self.k.mov(Ty::U32, Operand::U(0));
         let j0 = self.k.mov(Ty::U32, Operand::U(0));
         let loop_top = self.k.label("key_block");
@@ -1133,8 +1288,15 @@ impl Emitter {
         if cfg.overlap {
             // K(1), V(1) in stage 1; S(0) and its softmax.
             let one = self.k.setp(Cmp::Gt, Ty::U32, n_blocks, Operand::U(1));
-            let off1 = self.k.mov(Ty::U32, Self::u(2 * tile));
-            self.load_block(&ld, off1, Some(one));
+            if cfg.split_kv {
+                let off1 = self.k.mov(Ty::U32, Self::u(tile));
+                self.load_k(&ld, off1, Some(one));
+                self.load_v(&ld, zero_off, None);
+                self.k.push(Instr::CpAsyncCommit);
+            } else {
+                let off1 = self.k.mov(Ty::U32, Self::u(2 * tile));
+                self.load_block(&ld, off1, Some(one));
+            }
             self.landed(1);
             self.k.push(Instr::WgmmaFence);
             self.s_gemm(&c, k_desc0);
@@ -1150,12 +1312,25 @@ impl Emitter {
             // the softmax of block n + 1 runs under the P·V.
             self.k.push(Instr::Label(loop_top.clone()));
             self.landed(0);
-            let (load_off, _) = self.stage_of(n, 2);
-            let n2 = self.k.bin(BinOp::Add, Ty::U32, n, Operand::U(2));
-            let more = self.k.setp(Cmp::Lt, Ty::U32, n2, n_blocks);
-            self.load_block(&ld, load_off, Some(more));
-            let (_, cur) = self.stage_of(n, 0);
-            let (_, next) = self.stage_of(n, 1);
+            let (cur, next) = if cfg.split_kv {
+                // K(n + 2) into K(n)'s slot, V(n + 1) into V(n - 1)'s.
+                let n2 = self.k.bin(BinOp::Add, Ty::U32, n, Operand::U(2));
+                let more = self.k.setp(Cmp::Lt, Ty::U32, n2, n_blocks);
+                let (cur_off, cur) = self.slot_of(n, 0);
+                let (next_off, next) = self.slot_of(n, 1);
+                self.load_k(&ld, cur_off, Some(more));
+                self.load_v(&ld, next_off, None);
+                self.k.push(Instr::CpAsyncCommit);
+                (cur, next)
+            } else {
+                let (load_off, _) = self.stage_of(n, 2);
+                let n2 = self.k.bin(BinOp::Add, Ty::U32, n, Operand::U(2));
+                let more = self.k.setp(Cmp::Lt, Ty::U32, n2, n_blocks);
+                self.load_block(&ld, load_off, Some(more));
+                let (_, cur) = self.stage_of(n, 0);
+                let (_, next) = self.stage_of(n, 1);
+                (cur, next)
+            };
             let k = &mut self.k;
             k.bin_to(BinOp::Add, Ty::U32, j0, j0, Self::u(bn));
             let k_desc = k.bin(BinOp::Add, Ty::U64, k_desc0, next);
@@ -1189,7 +1364,13 @@ impl Emitter {
             // The last block's P·V.
             let k = &mut self.k;
             k.push(Instr::Label(tail));
-            let (_, cur) = self.stage_of(n, 0);
+            let cur = if cfg.split_kv {
+                // V(last) came with the last loop iteration's copies.
+                self.landed(0);
+                self.slot_of(n, 0).1
+            } else {
+                self.stage_of(n, 0).1
+            };
             let v_desc = self.k.bin(BinOp::Add, Ty::U64, v_desc0, cur);
             self.k.push(Instr::WgmmaFence);
             self.pv_gemm(&c, v_desc);
@@ -1270,8 +1451,11 @@ struct Loads {
     v_pass: Reg,
     k_block: Reg,
     v_block: Reg,
-    /// Global key row of this thread's first copy in the next block.
+    /// Global key row of this thread's first copy in the next K block.
     grow: Reg,
+    /// The same for the next V block (`grow` itself unless K and V
+    /// stages are split).
+    v_grow: Reg,
     seq_k: Reg,
     /// Shared address of this thread's first K chunk in stage 0.
     k_dst0: Reg,
@@ -1288,11 +1472,42 @@ mod tests {
     }
 
     #[test]
-    fn applies_to_16_bit_head_sizes_64_and_128() {
-        assert!(generate(&spec(64, false, DType::BF16)).is_some());
-        assert!(generate(&spec(128, true, DType::F16)).is_some());
-        assert!(generate(&spec(80, false, DType::BF16)).is_none());
+    fn applies_to_the_measured_16_bit_head_sizes() {
+        for d in HEAD_SIZES {
+            assert!(generate(&spec(d, false, DType::BF16)).is_some(), "{d}");
+            assert!(generate(&spec(d, true, DType::F16)).is_some(), "{d}");
+        }
+        // Correct but slower than sm_80; not a multiple of 16; 32-bit.
+        assert!(generate(&spec(32, false, DType::BF16)).is_none());
+        assert!(generate(&spec(72, false, DType::BF16)).is_none());
         assert!(generate(&spec(128, false, DType::F32)).is_none());
+    }
+
+    #[test]
+    fn head_size_256_splits_k_and_v_stages_within_shared_memory() {
+        let k = generate(&spec(256, false, DType::BF16)).unwrap();
+        assert_eq!((k.block_m, k.threads), (128, 256));
+        // Q, two K and two V slots of 80 keys, 1 KB of slack.
+        assert_eq!(k.smem_bytes, 1024 + (128 + 4 * 80) * 512);
+        assert!(k.smem_bytes <= 232_448);
+        assert!(k
+            .ptx
+            .contains("wgmma.mma_async.sync.aligned.m64n80k16.f32.bf16.bf16"));
+        assert!(k
+            .ptx
+            .contains("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16"));
+    }
+
+    #[test]
+    fn head_sizes_off_the_panel_width_pad_tiles_but_not_products() {
+        let k = generate(&spec(80, false, DType::F16)).unwrap();
+        // Tiles padded to 128 columns; Q·Kᵀ over 5 k-steps, P·V m64n80.
+        assert_eq!(k.smem_bytes, 1024 + (192 + 6 * 96) * 128 * 2);
+        assert!(k
+            .ptx
+            .contains("wgmma.mma_async.sync.aligned.m64n80k16.f32.f16.f16"));
+        assert!(!k.ptx.contains("m64n128k16"));
+        assert_eq!(k.ptx.matches("m64n96k16").count(), 2 * 5);
     }
 
     #[test]
@@ -1339,11 +1554,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sm90-ptx-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut failures = Vec::new();
-        for d in [64, 128] {
+        for d in HEAD_SIZES {
             for causal in [false, true] {
                 for dtype in [DType::BF16, DType::F16] {
                     let s = spec(d, causal, dtype);
                     for producer in [false, true] {
+                        if producer && !matches!(d, 64 | 128) {
+                            continue;
+                        }
                         let mut cfg = Sm90Config::new(&s).unwrap();
                         if producer {
                             cfg.producer = true;

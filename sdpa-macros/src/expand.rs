@@ -211,13 +211,17 @@ mod tests {
         ));
         let (g64f, g64b) = (gpu(64, true, DType::F32), gpu(64, true, DType::BF16));
         let (g80f, g80b) = (gpu(80, true, DType::F32), gpu(80, true, DType::BF16));
-        // Head size 64 in bf16 has a Hopper kernel too; 80 and f32 do not.
+        // Head sizes 64 and 80 in bf16 have a Hopper kernel too; f32 does not.
         let h64b =
             kernels_gen::gpu::generate_sm90(&VariantSpec::new(64, true, DType::BF16).unwrap())
                 .map(|k| gpu_kernel(&k))
                 .expect("a Hopper kernel for d=64 bf16");
-        assert!(
+        let h80b =
             kernels_gen::gpu::generate_sm90(&VariantSpec::new(80, true, DType::BF16).unwrap())
+                .map(|k| gpu_kernel(&k))
+                .expect("a Hopper kernel for d=80 bf16");
+        assert!(
+            kernels_gen::gpu::generate_sm90(&VariantSpec::new(80, true, DType::F32).unwrap())
                 .is_none()
         );
         let expected: syn::File = parse_quote! {
@@ -247,7 +251,8 @@ mod tests {
                             ::sdpa_runtime::VariantSpec { head_size: 80, causal: true, dtype: ::sdpa_runtime::DType::BF16 },
                             ::sdpa_runtime::cpu::attention::<80, true, ::sdpa_runtime::half::bf16>,
                         )
-                        .with_gpu(#g80b),
+                        .with_gpu(#g80b)
+                        .with_gpu_sm90(#h80b),
                     ];
                     static TABLE: ::sdpa_runtime::VariantTable = ::sdpa_runtime::VariantTable::new(
                         &VARIANTS,

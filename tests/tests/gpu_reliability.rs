@@ -31,9 +31,9 @@ use sdpa_tests::reference::rel_l2;
 /// `.x2` loads), 96 runs 32-key blocks, 136 runs 8 warps of one 16-row tile
 /// with more than 48 KiB of shared memory (opted in). CUDA cores (f32):
 /// 128-row CTAs at 40, 64-row CTAs at 80, 96 and 136, with key tiles of 64,
-/// 48, 40 and 24. On compute capability 9.0, 64 and 128 in bf16 and f16 run
-/// the Hopper kernel (`wgmma`, 192-row CTAs). Also used by the memory and
-/// edge-case tests.
+/// 48, 40 and 24. On compute capability 9.0, 64, 80, 96 and 128 in bf16 and
+/// f16 run the Hopper kernel (`wgmma`, 192-row CTAs; 80 and 96 on tiles
+/// padded to 128 columns). Also used by the memory and edge-case tests.
 #[sdpa_variants(
     head_sizes = [40, 64, 80, 96, 128, 136],
     causal = [false, true],
