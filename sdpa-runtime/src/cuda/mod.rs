@@ -91,12 +91,12 @@ pub(crate) fn run(variant: &Variant, p: &Problem<'_>, out: &mut TensorViewMut<'_
     match (p.q.storage(), out.storage()) {
         (Storage::Cuda(_), StorageMut::Cuda(out_data)) => {
             let stream = out_data.stream().clone();
-            let kernel = pick_kernel(variant, p, stream.context())?;
+            let kernel = pick_kernel(variant, stream.context())?;
             on_device(kernel, &stream, p, out)
         }
         (Storage::Host(_), StorageMut::Host(_)) => {
             let device = device::device(0)?;
-            let kernel = pick_kernel(variant, p, &device.ctx)?;
+            let kernel = pick_kernel(variant, &device.ctx)?;
             match p.dtype() {
                 DType::F32 => staged::<f32>(kernel, &device.stream, p, out),
                 DType::F16 => staged::<half::f16>(kernel, &device.stream, p, out),
@@ -113,48 +113,26 @@ pub(crate) fn run(variant: &Variant, p: &Problem<'_>, out: &mut TensorViewMut<'_
 
 /// The environment variable that picks the GPU kernel family: `auto` (the
 /// default: on compute capability 9.0, the Hopper kernel where the variant
-/// has one and the queries fill its tiles, see [`HOPPER_MIN_SEQ_Q`]),
-/// `sm80` (the portable kernel everywhere) or `sm90` (the Hopper kernel
-/// wherever the device and the variant have one, whatever the shape).
+/// has one) or `sm80` (the portable kernel everywhere).
 pub const KERNEL_ENV: &str = "SDPA_CUDA_KERNEL";
 
-/// Under `auto`, calls with fewer query rows than this run the portable
-/// kernel even on Hopper: its 128-row CTAs leave less of a short sequence
-/// idle than the Hopper kernel's 192-row ones (CLIP's 257 tokens are two
-/// Hopper CTAs per head, the second three quarters empty).
-pub const HOPPER_MIN_SEQ_Q: usize = 1024;
-
-/// Which kernel family the environment asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Family {
-    Auto,
-    Portable,
-    Hopper,
-}
-
-fn family() -> Result<Family> {
+/// Whether the environment asks for the portable kernels only.
+fn portable_only() -> Result<bool> {
     match std::env::var(KERNEL_ENV) {
-        Err(_) => Ok(Family::Auto),
+        Err(_) => Ok(false),
         Ok(v) => match v.as_str() {
-            "" | "auto" => Ok(Family::Auto),
-            "sm80" => Ok(Family::Portable),
-            "sm90" => Ok(Family::Hopper),
+            "" | "auto" => Ok(false),
+            "sm80" => Ok(true),
             _ => Err(SdpaError::Param(format!(
-                "{KERNEL_ENV}={v:?} is not a kernel family; use auto, sm80 or sm90"
+                "{KERNEL_ENV}={v:?} is not a kernel family; use auto or sm80"
             ))),
         },
     }
 }
 
-/// The kernel of `variant` for `p` on the device of `ctx`.
-fn pick_kernel<'v>(
-    variant: &'v Variant,
-    p: &Problem<'_>,
-    ctx: &Arc<CudaContext>,
-) -> Result<&'v crate::GpuKernel> {
-    let family = family()?;
-    let hopper_fits = family == Family::Hopper || p.seq_q >= HOPPER_MIN_SEQ_Q;
-    let capability = if family == Family::Portable || !hopper_fits {
+/// The kernel of `variant` for the device of `ctx`.
+fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<&'v crate::GpuKernel> {
+    let capability = if portable_only()? {
         (8, 0)
     } else {
         ctx.compute_capability().map_err(|e| {
