@@ -9,7 +9,8 @@ use sdpa_runtime::distributed::{
     Communicator, DistributedAttention, DistributedOutput, Replicated, SequenceParallel,
 };
 use sdpa_runtime::{
-    AttentionMetadata, AttentionParams, BackendKind, DType, Element, SdpaError, TensorView,
+    AttentionMetadata, AttentionParams, AttnMask, BackendKind, DType, Element, SdpaError,
+    TensorView,
 };
 
 use crate::cases::Placement;
@@ -44,6 +45,9 @@ pub struct SpCase {
     pub replicated_kv: usize,
     /// How each rank's inputs lie in memory.
     pub placement: Placement,
+    /// Whether to pass a random key-padding mask `[B, Sk]` over the keys
+    /// each rank attends to (trimmed sequence, then replicated tokens).
+    pub key_padding: bool,
 }
 
 impl SpCase {
@@ -64,6 +68,7 @@ impl SpCase {
             replicated: 0,
             replicated_kv: 0,
             placement: Placement::Contiguous,
+            key_padding: false,
         }
     }
 
@@ -110,6 +115,12 @@ impl SpCase {
         self.world * self.seq_kv_local
     }
 
+    /// The keys each rank attends to: the trimmed sequence and the
+    /// replicated keys.
+    pub fn keys_seen(&self) -> usize {
+        self.effective().1 + self.replicated_kv
+    }
+
     /// Query and key/value lengths after trimming.
     fn effective(&self) -> (usize, usize) {
         match self.original_seq_len {
@@ -134,6 +145,9 @@ pub struct SpInputs {
     pub rk: Vec<f64>,
     /// As `rk`.
     pub rv: Vec<f64>,
+    /// The key-padding mask `[B, keys seen]` (true: attend), when the case
+    /// has one.
+    pub keep: Vec<bool>,
 }
 
 fn draw<T: Element>(n: usize, rng: &mut StdRng) -> Vec<f64> {
@@ -154,6 +168,13 @@ impl SpInputs {
             rq: draw::<T>(b * case.replicated * h * d, &mut rng),
             rk: draw::<T>(b * case.replicated_kv * hkv * d, &mut rng),
             rv: draw::<T>(b * case.replicated_kv * hkv * d, &mut rng),
+            keep: if case.key_padding {
+                (0..b * case.keys_seen())
+                    .map(|_| rng.random_bool(0.8))
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -233,6 +254,14 @@ impl SpInputs {
         let q = join(&self.q, case.seq_q(), eq, &self.rq, r, h);
         let k = join(&self.k, case.seq_kv(), ekv, &self.rk, rkv, hkv);
         let v = join(&self.v, case.seq_kv(), ekv, &self.rv, rkv, hkv);
+        let keys = case.keys_seen();
+        let bias = |bi: usize, _h: usize, _i: usize, j: usize| {
+            if self.keep[bi * keys + j] {
+                0.0
+            } else {
+                f64::NEG_INFINITY
+            }
+        };
         let full = reference::attention(&RefInputs {
             q: &q,
             k: &k,
@@ -245,7 +274,7 @@ impl SpInputs {
             d,
             scale: 1.0 / (d as f64).sqrt(),
             causal: case.causal,
-            bias: None,
+            bias: if case.key_padding { Some(&bias) } else { None },
         });
         let row = h * d;
         let mut main = vec![0.0; b * case.seq_q() * row];
@@ -285,6 +314,7 @@ pub type RankOutput = (Vec<f32>, Option<Vec<f32>>);
 pub fn forward_rank<C: Communicator>(
     layer: &DistributedAttention<C>,
     case: &SpCase,
+    x: &SpInputs,
     views: &[TensorView<'_>],
 ) -> Result<RankOutput, SdpaError> {
     let [q, k, v, rq, rk, rv] = views else {
@@ -299,8 +329,11 @@ pub fn forward_rank<C: Communicator>(
         original_seq_len: case.original_seq_len,
         replicated,
     };
-    let DistributedOutput { output, replicated } =
-        layer.forward(q, k, v, &sp, &AttentionMetadata::default())?;
+    let mut meta = AttentionMetadata::default();
+    if case.key_padding {
+        meta = meta.with_mask(AttnMask::new(&x.keep, &[case.batch, case.keys_seen()])?);
+    }
+    let DistributedOutput { output, replicated } = layer.forward(q, k, v, &sp, &meta)?;
     let shapes = case.rank_shapes();
     assert_eq!(output.shape(), shapes[0]);
     let rep = match replicated {

@@ -37,7 +37,7 @@ fn run_ranks<T: Element>(case: &SpCase, x: &SpInputs) -> Result<Vec<RankOutput>,
                             TensorView::with_strides(buf, shape, *strides)
                         })
                         .collect::<Result<Vec<_>, _>>()?;
-                    forward_rank(&layer, case, &views)
+                    forward_rank(&layer, case, x, &views)
                 })
             })
             .collect();
@@ -168,6 +168,29 @@ fn replicated_tokens_join_every_rank_and_gather_over_heads() {
 }
 
 #[test]
+fn key_padding_masks_cover_the_sequence_each_rank_sees() {
+    for world in 1..=4 {
+        let case = SpCase {
+            key_padding: true,
+            ..SpCase::new(world, 2, 6, 12, 40)
+        };
+        check::<f32>(case);
+    }
+    // With trimming, replicated tokens, GQA and causal: the mask covers the
+    // trimmed sequence followed by the replicated keys.
+    let case = SpCase {
+        key_padding: true,
+        original_seq_len: Some(13),
+        replicated: 2,
+        replicated_kv: 3,
+        kv_heads: 4,
+        causal: true,
+        ..SpCase::new(4, 2, 4, 8, 64)
+    };
+    check::<f32>(case);
+}
+
+#[test]
 fn cross_attention_keeps_its_own_key_length() {
     let case = SpCase {
         seq_kv_local: 3,
@@ -245,9 +268,18 @@ fn bad_calls_are_errors() {
         .forward(&y, &x, &x, &SequenceParallel::default(), &meta)
         .unwrap_err();
     assert!(matches!(err, SdpaError::Shape(_)), "{err}");
-    // A mask.
-    let keep = vec![true; 4];
-    let masked = AttentionMetadata::default().with_mask(AttnMask::new(&keep, &[1, 4]).unwrap());
+    // A mask per head (each rank holds only some heads).
+    let keep = vec![true; 2 * 4 * 4];
+    let masked =
+        AttentionMetadata::default().with_mask(AttnMask::new(&keep, &[1, 2, 4, 4]).unwrap());
+    let err = layer
+        .forward(&x, &x, &x, &SequenceParallel::default(), &masked)
+        .unwrap_err();
+    assert!(matches!(err, SdpaError::Mask(_)), "{err}");
+    assert!(err.to_string().contains("shared by all heads"), "{err}");
+    // A mask of the wrong length names what the local layer expected.
+    let keep = vec![true; 5];
+    let masked = AttentionMetadata::default().with_mask(AttnMask::new(&keep, &[1, 5]).unwrap());
     let err = layer
         .forward(&x, &x, &x, &SequenceParallel::default(), &masked)
         .unwrap_err();

@@ -78,7 +78,7 @@ fn run_on<T: Element>(
                             TensorView::from_cuda_with_strides(dev, shape, *strides)
                         })
                         .collect::<Result<Vec<_>, _>>()?;
-                    forward_rank(&layer, case, &views)
+                    forward_rank(&layer, case, x, &views)
                 })
             })
             .collect();
@@ -144,6 +144,11 @@ fn nccl_ranks_match_whole_sequence_attention() {
                 replicated: 24,
                 replicated_kv: 24,
                 ..SpCase::new(world, 1, 50, 8, 128)
+            },
+            SpCase {
+                dtype: DType::BF16,
+                key_padding: true,
+                ..SpCase::new(world, 2, 40, 8, 64)
             },
         ];
         for case in cases {

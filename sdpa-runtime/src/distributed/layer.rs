@@ -139,8 +139,12 @@ impl<C: Communicator> DistributedAttention<C> {
     ///
     /// `q` is `[B, S/P, H, D]`, `k` and `v` `[B, S_kv/P, H_kv, D]`, in the
     /// communicator's memory (host for [`ThreadCommunicator`], the rank's
-    /// device for NCCL). The metadata's mask is not supported: the local
-    /// sequence differs from the global one.
+    /// device for NCCL).
+    ///
+    /// A mask in the metadata must be shared by all heads (`[B, Sk]`,
+    /// `[B, Sq, Sk]` or `[B, 1, Sq, Sk]`) and cover the sequence each rank
+    /// attends over: the global sequence, trimmed to `original_seq_len`,
+    /// followed by the replicated tokens (queries and keys alike).
     ///
     /// [`ThreadCommunicator`]: super::ThreadCommunicator
     pub fn forward(
@@ -151,12 +155,15 @@ impl<C: Communicator> DistributedAttention<C> {
         sp: &SequenceParallel<'_>,
         metadata: &AttentionMetadata<'_>,
     ) -> Result<DistributedOutput> {
-        if metadata.attn_mask.is_some() {
-            return Err(SdpaError::Mask(
-                "DistributedAttention does not take an attention mask; use causal, or run the \
-                 masked layer without sequence parallelism"
-                    .into(),
-            ));
+        if let Some(mask) = &metadata.attn_mask {
+            let shape = mask.shape();
+            if shape.len() == 4 && shape[1] != 1 {
+                return Err(SdpaError::Mask(format!(
+                    "DistributedAttention takes masks shared by all heads, and this one has \
+                     {} heads (shape {shape:?}); pass [B, Sk], [B, Sq, Sk] or [B, 1, Sq, Sk]",
+                    shape[1]
+                )));
+            }
         }
         match q.dtype() {
             DType::F32 => self.forward_typed::<f32>(q, k, v, sp, metadata),
