@@ -28,10 +28,9 @@
 //! byte chunks: the eight row addresses of every `ldmatrix` then fall in
 //! distinct bank groups, for every head size, without a swizzle.
 
-use crate::gpu::{declare_params, GpuKernel};
+use crate::gpu::{cta_coords, declare_params, load_args, GpuKernel};
 use crate::ptx::{
-    Addr, BinOp, Cmp, Instr, Kernel, MmaShape, Module, Operand, Reg, Special, StateSpace, Target,
-    Ty, UnOp,
+    Addr, BinOp, Cmp, Instr, Kernel, MmaShape, Module, Operand, Reg, StateSpace, Target, Ty, UnOp,
 };
 use crate::{DType, VariantSpec};
 
@@ -382,38 +381,14 @@ impl Emitter {
 
         // ---- parameters ----
         let k = &mut self.k;
-        let p: Vec<Reg> = params
-            .iter()
-            .enumerate()
-            .map(|(i, prm)| {
-                let ty = match i {
-                    0..=19 => Ty::U64,
-                    20..=22 => Ty::U32,
-                    _ => Ty::F32,
-                };
-                k.ld_param(ty, prm)
-            })
-            .collect();
-        let (q_ptr, k_ptr, v_ptr, o_ptr, m_ptr) = (p[0], p[1], p[2], p[3], p[4]);
-        let strides = |i: usize| [p[5 + 3 * i], p[6 + 3 * i], p[7 + 3 * i]];
-        let (qs, ks, vs, os) = (strides(0), strides(1), strides(2), strides(3));
-        let (msb, msh, msq) = (p[17], p[18], p[19]);
-        let (seq_q, seq_k, group, scale_log2) = (p[20], p[21], p[22], p[23]);
+        let a = load_args(k, &params);
+        let (q_ptr, k_ptr, v_ptr, o_ptr, m_ptr) = (a.q, a.k, a.v, a.out, a.mask);
+        let (qs, ks, vs, os) = (a.q_strides, a.k_strides, a.v_strides, a.out_strides);
+        let [msb, msh, msq] = a.mask_strides;
+        let (seq_q, seq_k, group, scale_log2) = (a.seq_q, a.seq_k, a.group, a.scale_log2);
 
         // ---- thread and block coordinates ----
-        let tid = k.mov(Ty::U32, Operand::Special(Special::TidX));
-        let qblock = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
-        let qblock = if cfg.causal {
-            // The last query blocks see the most keys: launch them first so
-            // that the short ones fill the tail of the grid.
-            let blocks = k.mov(Ty::U32, Operand::Special(Special::NCtaIdX));
-            let last = k.bin(BinOp::Sub, Ty::U32, blocks, Operand::U(1));
-            k.bin(BinOp::Sub, Ty::U32, last, qblock)
-        } else {
-            qblock
-        };
-        let head = k.mov(Ty::U32, Operand::Special(Special::CtaIdY));
-        let batch = k.mov(Ty::U32, Operand::Special(Special::CtaIdZ));
+        let (tid, qblock, head, batch) = cta_coords(k, cfg.causal);
         let lane = k.bin(BinOp::And, Ty::U32, tid, Operand::U(31));
         let warp = k.bin(BinOp::Shr, Ty::U32, tid, Operand::U(5));
         let g = k.bin(BinOp::Shr, Ty::U32, lane, Operand::U(2));

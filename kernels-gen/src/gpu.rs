@@ -21,7 +21,7 @@
 //! - Query rows that see no key are written as zeros; everything is computed
 //!   in `f32`; offsets are 64-bit.
 
-use crate::ptx::Target;
+use crate::ptx::{BinOp, Kernel, Operand, Param, Reg, Special, Target, Ty};
 use crate::{DType, VariantSpec};
 
 /// The kind of a kernel parameter.
@@ -85,8 +85,7 @@ pub struct GpuKernel {
 }
 
 /// Declares the contract's parameters on `k`, in order, returning them.
-pub fn declare_params(k: &mut crate::ptx::Kernel) -> Vec<crate::ptx::Param> {
-    use crate::ptx::Ty;
+pub fn declare_params(k: &mut Kernel) -> Vec<Param> {
     let mut out: Vec<_> = PARAMS
         .iter()
         .map(|&(name, kind)| {
@@ -100,6 +99,92 @@ pub fn declare_params(k: &mut crate::ptx::Kernel) -> Vec<crate::ptx::Param> {
         .collect();
     out.push(k.param(Ty::F32, SCALE_PARAM.0));
     out
+}
+
+/// The contract's parameters loaded into registers, by name.
+#[derive(Clone, Copy, Debug)]
+pub struct Args {
+    /// `q`'s device pointer.
+    pub q: Reg,
+    /// `k`'s device pointer.
+    pub k: Reg,
+    /// `v`'s device pointer.
+    pub v: Reg,
+    /// The output's device pointer.
+    pub out: Reg,
+    /// The mask's device pointer (null: no mask).
+    pub mask: Reg,
+    /// `q`'s element strides: batch, token, head.
+    pub q_strides: [Reg; 3],
+    /// `k`'s element strides.
+    pub k_strides: [Reg; 3],
+    /// `v`'s element strides.
+    pub v_strides: [Reg; 3],
+    /// The output's element strides.
+    pub out_strides: [Reg; 3],
+    /// The mask's element strides: batch, head, query.
+    pub mask_strides: [Reg; 3],
+    /// `Sq`.
+    pub seq_q: Reg,
+    /// `Sk`.
+    pub seq_k: Reg,
+    /// `Hq / Hkv`.
+    pub group: Reg,
+    /// `softmax_scale · log2(e)`.
+    pub scale_log2: Reg,
+}
+
+/// Loads every parameter [`declare_params`] declared, in order, each as its
+/// kind's type.
+pub fn load_args(k: &mut Kernel, params: &[Param]) -> Args {
+    let kinds = PARAMS.iter().chain([&SCALE_PARAM]).map(|&(_, kind)| kind);
+    let p: Vec<_> = params
+        .iter()
+        .zip(kinds)
+        .map(|(prm, kind)| {
+            let ty = match kind {
+                ParamKind::Ptr | ParamKind::U64 => Ty::U64,
+                ParamKind::U32 => Ty::U32,
+                ParamKind::F32 => Ty::F32,
+            };
+            k.ld_param(ty, prm)
+        })
+        .collect();
+    let strides = |i: usize| [p[5 + 3 * i], p[6 + 3 * i], p[7 + 3 * i]];
+    Args {
+        q: p[0],
+        k: p[1],
+        v: p[2],
+        out: p[3],
+        mask: p[4],
+        q_strides: strides(0),
+        k_strides: strides(1),
+        v_strides: strides(2),
+        out_strides: strides(3),
+        mask_strides: strides(4),
+        seq_q: p[20],
+        seq_k: p[21],
+        group: p[22],
+        scale_log2: p[23],
+    }
+}
+
+/// The thread index and the CTA's query block, head and batch, from the
+/// grid of the contract. Causal kernels take query blocks last first: the
+/// last blocks see the most keys, so the short ones fill the grid's tail.
+pub fn cta_coords(k: &mut Kernel, causal: bool) -> (Reg, Reg, Reg, Reg) {
+    let tid = k.mov(Ty::U32, Operand::Special(Special::TidX));
+    let qblock = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
+    let qblock = if causal {
+        let blocks = k.mov(Ty::U32, Operand::Special(Special::NCtaIdX));
+        let last = k.bin(BinOp::Sub, Ty::U32, blocks, Operand::U(1));
+        k.bin(BinOp::Sub, Ty::U32, last, qblock)
+    } else {
+        qblock
+    };
+    let head = k.mov(Ty::U32, Operand::Special(Special::CtaIdY));
+    let batch = k.mov(Ty::U32, Operand::Special(Special::CtaIdZ));
+    (tid, qblock, head, batch)
 }
 
 /// Generates the GPU kernel of `spec` for `target`.
