@@ -28,7 +28,7 @@
 //! byte chunks: the eight row addresses of every `ldmatrix` then fall in
 //! distinct bank groups, for every head size, without a swizzle.
 
-use crate::gpu::{cta_coords, declare_params, load_args, GpuKernel};
+use crate::gpu::{cta_coords, declare_params, load_args, store_scaled_pairs, GpuKernel};
 use crate::ptx::{
     Addr, BinOp, Cmp, Instr, Kernel, MmaShape, Module, Operand, Reg, StateSpace, Target, Ty, UnOp,
 };
@@ -791,27 +791,10 @@ impl Emitter {
             let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
             let addr = k.mad(Ty::U64, r64, o_stride, o_base);
             let addr = k.bin(BinOp::Add, Ty::U64, addr, tq4);
-            for (t, acc) in o_acc[mt].iter().enumerate() {
-                let x0 = k.bin(BinOp::Mul, Ty::F32, acc[2 * half], inv);
-                let x1 = k.bin(BinOp::Mul, Ty::F32, acc[2 * half + 1], inv);
-                let pk = k.reg(Ty::B32);
-                k.push(Instr::CvtPack {
-                    ty: packed,
-                    dst: pk,
-                    hi: x1,
-                    lo: x0,
-                });
-                k.guard(
-                    inside,
-                    false,
-                    Instr::St {
-                        space: StateSpace::Global,
-                        ty: Ty::B32,
-                        addr: Addr::at(addr, (t * 16) as i64),
-                        src: vec![pk],
-                    },
-                );
-            }
+            let pairs = o_acc[mt]
+                .iter()
+                .map(|acc| (acc[2 * half], acc[2 * half + 1]));
+            store_scaled_pairs(k, pairs, inv, addr, inside, packed);
         }
         self.k.push(Instr::Ret);
         self.k

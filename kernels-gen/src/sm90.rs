@@ -65,7 +65,7 @@
 //!   `m64n{d}` over a partial last panel (checked on an H100 at d=80, 96,
 //!   112, 160 and 224, in one product and per panel).
 
-use crate::gpu::{cta_coords, declare_params, load_args, GpuKernel};
+use crate::gpu::{cta_coords, declare_params, load_args, store_scaled_pairs, GpuKernel};
 use crate::ptx::{
     Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Reg, StateSpace, Target, Ty, UnOp, WgmmaA,
 };
@@ -705,27 +705,9 @@ impl Emitter {
             let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
             let addr = k.mad(Ty::U64, r64, o_stride, o_base);
             let addr = k.bin(BinOp::Add, Ty::U64, addr, tq4);
-            for t in 0..n_tiles_o {
-                let x0 = k.bin(BinOp::Mul, Ty::F32, c.o_acc[4 * t + 2 * r], inv);
-                let x1 = k.bin(BinOp::Mul, Ty::F32, c.o_acc[4 * t + 2 * r + 1], inv);
-                let pk = k.reg(Ty::B32);
-                k.push(Instr::CvtPack {
-                    ty: packed,
-                    dst: pk,
-                    hi: x1,
-                    lo: x0,
-                });
-                k.guard(
-                    inside,
-                    false,
-                    Instr::St {
-                        space: StateSpace::Global,
-                        ty: Ty::B32,
-                        addr: Addr::at(addr, (t * 16) as i64),
-                        src: vec![pk],
-                    },
-                );
-            }
+            let pairs =
+                (0..n_tiles_o).map(|t| (c.o_acc[4 * t + 2 * r], c.o_acc[4 * t + 2 * r + 1]));
+            store_scaled_pairs(k, pairs, inv, addr, inside, packed);
         }
         self.k.push(Instr::Ret);
     }
