@@ -325,8 +325,8 @@ fn build_layer(shape: &Shape, backend: Option<BackendKind>) -> Result<SdpaImpl> 
 }
 
 /// The outcome of timing one case.
-struct Timing {
-    median: Duration,
+pub(crate) struct Timing {
+    pub(crate) median: Duration,
     runs: usize,
 }
 
@@ -421,7 +421,7 @@ fn time_on_device<T: Element>(
 
 /// Runs `pass` for warm-up, then times it (the durations it returns) until
 /// `iters` or the budget is reached, and returns the median.
-fn time_passes(
+pub(crate) fn time_passes(
     mut pass: impl FnMut() -> Result<Duration>,
     warmup: Option<usize>,
     iters: Option<u64>,

@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sdpa_runtime::distributed::{
-    nccl_available, CommBuffer, Communicator, DistributedAttention, NcclCommunicator,
-    SequenceParallel, ThreadCommunicator,
+    CommBuffer, Communicator, DistributedAttention, NcclCommunicator, SequenceParallel,
+    ThreadCommunicator,
 };
 use sdpa_runtime::prelude::*;
-use sdpa_runtime::{probe_cuda, CudaProbe, Element, SdpaError};
+use sdpa_runtime::{probe_cuda, CudaProbe, Element, Layout, SdpaError};
 
-use crate::bench::{BenchArgs, Case, SEED};
+use crate::bench::{time_passes, BenchArgs, Case, SEED, SINGLE};
 use crate::error::{CliError, Result};
 use crate::presets::Shape;
 use sdpa_cli::variants::SdpaCli;
@@ -90,6 +90,9 @@ impl Rank for NcclCommunicator {
 
 /// Runs `sdpa bench --world-size ...`.
 pub fn run(args: &BenchArgs, worlds: &[usize]) -> Result<()> {
+    let mut worlds = worlds.to_vec();
+    worlds.sort_unstable();
+    worlds.dedup();
     let explicit = args.backend.map(BackendKind::from);
     let request = BackendKind::resolve(explicit)?;
     let on_cuda = match (request, probe_cuda()) {
@@ -100,15 +103,6 @@ pub fn run(args: &BenchArgs, worlds: &[usize]) -> Result<()> {
                 return Err(CliError::Usage(format!(
                     "--world-size {most} needs {most} CUDA devices; this machine has {devices}"
                 )));
-            }
-            if !nccl_available() {
-                return Err(SdpaError::BackendUnavailable {
-                    backend: "nccl",
-                    reason: "libnccl.so was not found on the loader path; put a `libnccl.so` \
-                             link to NCCL's libnccl.so.2 in a folder on LD_LIBRARY_PATH"
-                        .into(),
-                }
-                .into());
             }
             true
         }
@@ -166,8 +160,9 @@ pub fn run(args: &BenchArgs, worlds: &[usize]) -> Result<()> {
                 s.seq_k, s.seq_q
             )));
         }
-        let mut base = None;
-        for &world in worlds {
+        // Speed-ups are against one rank, timed first when asked for.
+        let mut one_rank_ms = None;
+        for &world in &worlds {
             let (full, local) = match (on_cuda, case.dtype) {
                 (true, dtype) => {
                     let ordinals: Vec<usize> = (0..world).collect();
@@ -180,8 +175,10 @@ pub fn run(args: &BenchArgs, worlds: &[usize]) -> Result<()> {
                 }
             };
             let (full_ms, local_ms) = (full.as_secs_f64() * 1e3, local.as_secs_f64() * 1e3);
-            let base_ms = *base.get_or_insert(full_ms * world as f64);
-            let speedup = (worlds.contains(&1)).then(|| base_ms / full_ms);
+            if world == 1 {
+                one_rank_ms = Some(full_ms);
+            }
+            let speedup = one_rank_ms.map(|base| base / full_ms);
             let share = 1.0 - local_ms / full_ms;
             let tflops = s.flops() / full.as_secs_f64() / 1e12;
             println!(
@@ -293,7 +290,10 @@ fn rank_passes<C: Rank, T: Element>(
         if let Some(backend) = backend {
             params = params.backend(backend);
         }
-        let mut rng = StdRng::seed_from_u64(SEED ^ comm.rank() as u64);
+        let rank = comm.rank();
+        let layer = DistributedAttention::new(&SdpaCli, params, comm)?;
+        let comm = layer.communicator();
+        let mut rng = StdRng::seed_from_u64(SEED ^ rank as u64);
         let mut random = |n: usize| -> Vec<T> {
             (0..n)
                 .map(|_| T::from_f32(rng.random_range(-1.0f32..1.0)))
@@ -302,8 +302,8 @@ fn rank_passes<C: Rank, T: Element>(
         let q = comm.upload(random(b * sl * h * d))?;
         let k = comm.upload(random(b * sl * hkv * d))?;
         let v = comm.upload(random(b * sl * hkv * d))?;
-        let out = comm.alloc::<T>(b * sl * world * (h / world).max(1) * d)?;
-        let layer = DistributedAttention::new(&SdpaCli, params, comm)?;
+        // The local attention's output: [B, S, H/P, D], as many elements as q.
+        let out = comm.alloc::<T>(b * sl * h * d)?;
         Ok((layer, q, k, v, out))
     };
     let ready = setup();
@@ -325,28 +325,27 @@ fn rank_passes<C: Rank, T: Element>(
         original_seq_len: original,
         replicated: None,
     };
+    // Every rank waits for the others before and after each pass, so rank
+    // 0's clock spans the slowest rank.
     let timed = |pass: &mut dyn FnMut() -> Result<()>| -> Result<Duration> {
-        let mut times = Vec::with_capacity(iters);
-        for i in 0..warmup + iters {
+        let one = || -> Result<Duration> {
             barrier.wait();
             let start = Instant::now();
             pass()?;
             comm.sync()?;
             barrier.wait();
-            if i >= warmup {
-                times.push(start.elapsed());
-            }
-        }
-        times.sort_unstable();
-        Ok(times.get(times.len() / 2).copied().unwrap_or_default())
+            Ok(start.elapsed())
+        };
+        let timing = time_passes(one, Some(warmup), Some(iters as u64), SINGLE)?;
+        Ok(timing.median)
     };
     let local_shape = [b, sl, h, d];
     let kv_shape = [b, sl, hkv, d];
     let full = timed(&mut || {
         let (qv, kv, vv) = (
-            view(&q, local_shape)?,
-            view(&k, kv_shape)?,
-            view(&v, kv_shape)?,
+            q.view(Layout::contiguous(local_shape))?,
+            k.view(Layout::contiguous(kv_shape))?,
+            v.view(Layout::contiguous(kv_shape))?,
         );
         layer.forward(&qv, &kv, &vv, &sp, &meta)?;
         Ok(())
@@ -357,28 +356,16 @@ fn rank_passes<C: Rank, T: Element>(
     let heads_shape = [b, s, h / world, d];
     let kv_heads_shape = [b, s, hkv / world, d];
     let local = timed(&mut || {
-        let qv = view(&q, heads_shape)?;
-        let (kv, vv) = (view(&k, kv_heads_shape)?, view(&v, kv_heads_shape)?);
-        let mut ov = view_mut(&mut out, heads_shape)?;
+        let qv = q.view(Layout::contiguous(heads_shape))?;
+        let (kv, vv) = (
+            k.view(Layout::contiguous(kv_heads_shape))?,
+            v.view(Layout::contiguous(kv_heads_shape))?,
+        );
+        let mut ov = out.view_mut(Layout::contiguous(heads_shape))?;
         layer.local().forward_into(&qv, &kv, &vv, &meta, &mut ov)?;
         Ok(())
     })?;
     Ok((full, local))
-}
-
-fn view<T: Element>(buf: &CommBuffer<T>, shape: [usize; 4]) -> Result<TensorView<'_>> {
-    Ok(match buf {
-        CommBuffer::Host(v) => TensorView::from_slice(v, shape)?,
-        CommBuffer::Cuda(s) => TensorView::from_cuda(s, shape)?,
-    })
-}
-
-fn view_mut<T: Element>(buf: &mut CommBuffer<T>, shape: [usize; 4]) -> Result<TensorViewMut<'_>> {
-    let n = shape.iter().product();
-    Ok(match buf {
-        CommBuffer::Host(v) => TensorViewMut::from_slice(&mut v[..n], shape)?,
-        CommBuffer::Cuda(s) => TensorViewMut::from_cuda(s.slice_mut(..n), shape)?,
-    })
 }
 
 /// Parses one rank count of `--world-size 1,2,4`.

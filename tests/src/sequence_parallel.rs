@@ -9,8 +9,8 @@ use sdpa_runtime::distributed::{
     Communicator, DistributedAttention, DistributedOutput, Replicated, SequenceParallel,
 };
 use sdpa_runtime::{
-    AttentionMetadata, AttentionParams, AttnMask, BackendKind, DType, Element, SdpaError,
-    TensorView,
+    AttentionImpl, AttentionMetadata, AttentionParams, AttnMask, BackendKind, DType, Element,
+    SdpaError, SdpaImpl, TensorView,
 };
 
 use crate::cases::Placement;
@@ -344,4 +344,44 @@ pub fn forward_rank<C: Communicator>(
         None => None,
     };
     Ok((output.to_f32_vec()?, rep))
+}
+
+/// Runs `rank` for each communicator on a thread of its own (every rank of
+/// a group must be in its call at once) and returns the results in rank
+/// order.
+pub fn on_ranks<C: Send, R: Send>(
+    comms: Vec<C>,
+    rank: impl Fn(C) -> Result<R, SdpaError> + Sync,
+) -> Result<Vec<R>, SdpaError> {
+    let rank = &rank;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| scope.spawn(move || rank(comm)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a rank panicked"))
+            .collect()
+    })
+}
+
+/// One process over the whole sequence of a case without padding or
+/// replicated tokens: `layer` (built with the case's parameters) on host
+/// tensors rounded to `T`, as the global `[B, P·S, H, D]` in f64.
+pub fn whole_sequence<T: Element>(layer: &SdpaImpl, case: &SpCase, x: &SpInputs) -> Vec<f64> {
+    let round = |v: &[f64]| v.iter().map(|&e| T::from_f32(e as f32)).collect::<Vec<T>>();
+    let (q, k, v) = (round(&x.q), round(&x.k), round(&x.v));
+    let (b, h, hkv, d) = (case.batch, case.heads, case.kv_heads, case.d);
+    let q = TensorView::from_slice(&q, [b, case.seq_q(), h, d]).unwrap();
+    let k = TensorView::from_slice(&k, [b, case.seq_kv(), hkv, d]).unwrap();
+    let v = TensorView::from_slice(&v, [b, case.seq_kv(), hkv, d]).unwrap();
+    let out = layer
+        .forward(&q, &k, &v, &AttentionMetadata::default())
+        .unwrap();
+    out.to_f32_vec()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect()
 }

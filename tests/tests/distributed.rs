@@ -14,37 +14,23 @@ use sdpa_runtime::{Element, SdpaError};
 use sdpa_tests::cases::{run_seed, Placement};
 use sdpa_tests::consumer::ConformanceAttention;
 use sdpa_tests::reference::rel_l2;
-use sdpa_tests::sequence_parallel::{concat_ranks, forward_rank, RankOutput, SpCase, SpInputs};
+use sdpa_tests::sequence_parallel::{
+    concat_ranks, forward_rank, on_ranks, whole_sequence, RankOutput, SpCase, SpInputs,
+};
 
 /// Runs `case` on `case.world` threads; returns each rank's outputs.
 fn run_ranks<T: Element>(case: &SpCase, x: &SpInputs) -> Result<Vec<RankOutput>, SdpaError> {
     let ranks = ThreadCommunicator::group_with_timeout(case.world, Duration::from_secs(60))?;
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = ranks
-            .into_iter()
-            .map(|comm| {
-                scope.spawn(move || {
-                    let bufs = x.rank_buffers::<T>(case, comm.rank());
-                    let layer = DistributedAttention::new(
-                        &ConformanceAttention,
-                        case.params(BackendKind::Cpu),
-                        comm,
-                    )?;
-                    let views = bufs
-                        .iter()
-                        .zip(case.rank_shapes())
-                        .map(|((buf, strides), shape)| {
-                            TensorView::with_strides(buf, shape, *strides)
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
-                    forward_rank(&layer, case, x, &views)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a rank panicked"))
-            .collect()
+    on_ranks(ranks, |comm| {
+        let bufs = x.rank_buffers::<T>(case, comm.rank());
+        let layer =
+            DistributedAttention::new(&ConformanceAttention, case.params(BackendKind::Cpu), comm)?;
+        let views = bufs
+            .iter()
+            .zip(case.rank_shapes())
+            .map(|((buf, strides), shape)| TensorView::with_strides(buf, shape, *strides))
+            .collect::<Result<Vec<_>, _>>()?;
+        forward_rank(&layer, case, x, &views)
     })
 }
 
@@ -211,21 +197,7 @@ fn equals_the_single_process_layer() {
     let layer = ConformanceAttention
         .build_impl(case.params(BackendKind::Cpu))
         .unwrap();
-    let to32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
-    let (q, k, v) = (to32(&x.q), to32(&x.k), to32(&x.v));
-    let shape = [1, 32, 8, 64];
-    let q = TensorView::from_slice(&q, shape).unwrap();
-    let k = TensorView::from_slice(&k, shape).unwrap();
-    let v = TensorView::from_slice(&v, shape).unwrap();
-    let one = layer
-        .forward(&q, &k, &v, &AttentionMetadata::default())
-        .unwrap();
-    let one: Vec<f64> = one
-        .to_f32_vec()
-        .unwrap()
-        .iter()
-        .map(|&x| x as f64)
-        .collect();
+    let one = whole_sequence::<f32>(&layer, &case, &x);
     let err = rel_l2(&got, &one);
     assert!(
         err <= 1e-6,

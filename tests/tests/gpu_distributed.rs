@@ -12,7 +12,9 @@ use sdpa_runtime::{probe_cuda, CudaProbe, Element, SdpaError};
 use sdpa_tests::cases::{run_seed, say, Placement};
 use sdpa_tests::consumer::WanAttention;
 use sdpa_tests::reference::rel_l2;
-use sdpa_tests::sequence_parallel::{concat_ranks, forward_rank, RankOutput, SpCase, SpInputs};
+use sdpa_tests::sequence_parallel::{
+    concat_ranks, forward_rank, on_ranks, whole_sequence, RankOutput, SpCase, SpInputs,
+};
 
 /// The rank counts this machine can run, or why none.
 fn worlds() -> Vec<usize> {
@@ -50,42 +52,25 @@ fn run_on<T: Element>(
     case: &SpCase,
     x: &SpInputs,
 ) -> Result<Vec<RankOutput>, SdpaError> {
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = comms
+    on_ranks(comms, |comm| {
+        let stream = comm.stream().clone();
+        let bufs = x
+            .rank_buffers::<T>(case, comm.rank())
             .into_iter()
-            .map(|comm| {
-                scope.spawn(move || -> Result<RankOutput, SdpaError> {
-                    let stream = comm.stream().clone();
-                    let bufs = x
-                        .rank_buffers::<T>(case, comm.rank())
-                        .into_iter()
-                        .map(|(buf, strides)| {
-                            let dev = stream
-                                .clone_htod(&buf)
-                                .map_err(|e| SdpaError::Cuda(format!("upload: {e}")))?;
-                            Ok((dev, strides))
-                        })
-                        .collect::<Result<Vec<_>, SdpaError>>()?;
-                    let layer = DistributedAttention::new(
-                        &WanAttention,
-                        case.params(BackendKind::Cuda),
-                        comm,
-                    )?;
-                    let views = bufs
-                        .iter()
-                        .zip(case.rank_shapes())
-                        .map(|((dev, strides), shape)| {
-                            TensorView::from_cuda_with_strides(dev, shape, *strides)
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
-                    forward_rank(&layer, case, x, &views)
-                })
+            .map(|(buf, strides)| {
+                let dev = stream
+                    .clone_htod(&buf)
+                    .map_err(|e| SdpaError::Cuda(format!("upload: {e}")))?;
+                Ok((dev, strides))
             })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a rank panicked"))
-            .collect()
+            .collect::<Result<Vec<_>, SdpaError>>()?;
+        let layer = DistributedAttention::new(&WanAttention, case.params(BackendKind::Cuda), comm)?;
+        let views = bufs
+            .iter()
+            .zip(case.rank_shapes())
+            .map(|((dev, strides), shape)| TensorView::from_cuda_with_strides(dev, shape, *strides))
+            .collect::<Result<Vec<_>, _>>()?;
+        forward_rank(&layer, case, x, &views)
     })
 }
 
@@ -175,21 +160,7 @@ fn nccl_ranks_match_single_gpu_attention() {
         let layer = WanAttention
             .build_impl(case.params(BackendKind::Cuda))
             .unwrap();
-        let to_bf16 = |v: &[f64]| v.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>();
-        let (q, k, v) = (to_bf16(&x.q), to_bf16(&x.k), to_bf16(&x.v));
-        let shape = [1, world * 256, 8, 128];
-        let q = TensorView::from_slice(&q, shape).unwrap();
-        let k = TensorView::from_slice(&k, shape).unwrap();
-        let v = TensorView::from_slice(&v, shape).unwrap();
-        let one = layer
-            .forward(&q, &k, &v, &AttentionMetadata::default())
-            .unwrap();
-        let one: Vec<f64> = one
-            .to_f32_vec()
-            .unwrap()
-            .iter()
-            .map(|&x| x as f64)
-            .collect();
+        let one = whole_sequence::<bf16>(&layer, &case, &x);
         let err = rel_l2(&got, &one);
         say(&format!(
             "NCCL {world} ranks against one GPU: rel diff {err:.2e}"
@@ -208,19 +179,10 @@ fn nccl_ranks_joined_by_a_unique_id() {
     for world in worlds() {
         let seed = run_seed();
         let id = NcclId::new().unwrap().to_bytes();
-        let comms: Vec<NcclCommunicator> = std::thread::scope(|scope| {
-            let joins: Vec<_> = (0..world)
-                .map(|rank| {
-                    scope.spawn(move || {
-                        NcclCommunicator::for_rank(rank, rank, world, &NcclId::from_bytes(id))
-                    })
-                })
-                .collect();
-            joins
-                .into_iter()
-                .map(|j| j.join().expect("a rank panicked").unwrap())
-                .collect()
-        });
+        let comms = on_ranks((0..world).collect(), |rank| {
+            NcclCommunicator::for_rank(rank, rank, world, &NcclId::from_bytes(id))
+        })
+        .unwrap();
         assert!(comms
             .iter()
             .enumerate()

@@ -5,6 +5,7 @@ use cudarc::driver::CudaSlice;
 
 use crate::error::Result;
 use crate::select::Residence;
+use crate::tensor::{CudaRef, CudaRefMut, Layout, Tensor, TensorView, TensorViewMut};
 use crate::Element;
 
 /// One block of a buffer sent to, or received from, one peer.
@@ -42,6 +43,45 @@ impl<T> CommBuffer<T> {
     /// Whether the buffer holds no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl<T: Element> CommBuffer<T> {
+    /// A tensor view of the buffer with `layout`.
+    pub fn view(&self, layout: Layout) -> Result<TensorView<'_>> {
+        match self {
+            CommBuffer::Host(v) => TensorView::new(T::host(v), layout),
+            CommBuffer::Cuda(s) => TensorView::new_cuda(T::cuda(CudaRef::Slice(s)), layout),
+        }
+    }
+
+    /// A writable tensor view of the buffer with `layout`.
+    pub fn view_mut(&mut self, layout: Layout) -> Result<TensorViewMut<'_>> {
+        match self {
+            CommBuffer::Host(v) => TensorViewMut::new(T::host_mut(v), layout),
+            CommBuffer::Cuda(s) => {
+                TensorViewMut::new_cuda(T::cuda_mut(CudaRefMut::from(s)), layout)
+            }
+        }
+    }
+
+    /// The buffer as a contiguous tensor of `shape`; it must hold the
+    /// shape's elements (a device buffer may hold one more for an empty
+    /// shape).
+    pub fn into_tensor(self, shape: [usize; 4]) -> Result<Tensor> {
+        match self {
+            CommBuffer::Host(v) => Tensor::from_vec(v, shape),
+            CommBuffer::Cuda(s) => {
+                let n: usize = shape.iter().product();
+                if s.len() < n {
+                    return Err(crate::SdpaError::Shape(format!(
+                        "a buffer of {} elements cannot hold shape {shape:?}",
+                        s.len()
+                    )));
+                }
+                Ok(Tensor::from_cuda_owned(T::cuda_owned(s), shape))
+            }
+        }
     }
 }
 

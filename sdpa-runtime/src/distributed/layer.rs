@@ -13,7 +13,7 @@ use crate::backend::{AttentionBackend, AttentionImpl, SdpaImpl};
 use crate::error::{Result, SdpaError};
 use crate::metadata::AttentionMetadata;
 use crate::params::AttentionParams;
-use crate::tensor::{CudaRef, CudaRefMut, Layout, Storage, Tensor, TensorView, TensorViewMut};
+use crate::tensor::{Layout, Storage, Tensor, TensorView};
 use crate::{DType, Element};
 use half::{bf16, f16};
 
@@ -227,10 +227,10 @@ impl<C: Communicator> DistributedAttention<C> {
         let kv_layout = padded_layout(b, lkv, skv + rkv, hkv_p, d)?;
         let mut att = self.comm.alloc::<T>(b * (sq + rq) * hq_p * d)?;
         {
-            let qv = view(&qh, q_layout)?;
-            let kv = view(&kh, kv_layout)?;
-            let vv = view(&vh, kv_layout)?;
-            let mut ov = view_mut(&mut att, q_layout)?;
+            let qv = qh.view(q_layout)?;
+            let kv = kh.view(kv_layout)?;
+            let vv = vh.view(kv_layout)?;
+            let mut ov = att.view_mut(q_layout)?;
             self.local.forward_into(&qv, &kv, &vv, metadata, &mut ov)?;
         }
         drop((qh, kh, vh));
@@ -403,7 +403,7 @@ impl<C: Communicator> DistributedAttention<C> {
                 copy_rows(Src::of(&recv), from, &mut out, to, row, sl)?;
             }
         }
-        into_tensor(out, [b, sl, h, d])
+        out.into_tensor([b, sl, h, d])
     }
 
     /// All-gather over heads of the replicated tokens' `[B, R, H/P, D]`
@@ -450,7 +450,7 @@ impl<C: Communicator> DistributedAttention<C> {
                 copy_rows(Src::of(&all), from, &mut out, to, row, r)?;
             }
         }
-        into_tensor(out, [b, r, h, d])
+        out.into_tensor([b, r, h, d])
     }
 }
 
@@ -505,25 +505,4 @@ fn copy_heads<T: Element>(
 /// `[B, len, H, D]` rows of a buffer whose batches are `cap` rows apart.
 fn padded_layout(b: usize, len: usize, cap: usize, h: usize, d: usize) -> Result<Layout> {
     Layout::strided([b, len, h, d], [cap * h * d, h * d, d, 1])
-}
-
-fn view<T: Element>(buf: &CommBuffer<T>, layout: Layout) -> Result<TensorView<'_>> {
-    match buf {
-        CommBuffer::Host(v) => TensorView::new(T::host(v), layout),
-        CommBuffer::Cuda(s) => TensorView::new_cuda(T::cuda(CudaRef::Slice(s)), layout),
-    }
-}
-
-fn view_mut<T: Element>(buf: &mut CommBuffer<T>, layout: Layout) -> Result<TensorViewMut<'_>> {
-    match buf {
-        CommBuffer::Host(v) => TensorViewMut::new(T::host_mut(v), layout),
-        CommBuffer::Cuda(s) => TensorViewMut::new_cuda(T::cuda_mut(CudaRefMut::from(s)), layout),
-    }
-}
-
-fn into_tensor<T: Element>(buf: CommBuffer<T>, shape: [usize; 4]) -> Result<Tensor> {
-    match buf {
-        CommBuffer::Host(v) => Tensor::from_vec(v, shape),
-        CommBuffer::Cuda(s) => Ok(Tensor::from_cuda_owned(T::cuda_owned(s), shape)),
-    }
 }

@@ -170,13 +170,17 @@ impl NcclCommunicator {
     }
 }
 
+fn in_host_memory(what: &str) -> SdpaError {
+    SdpaError::Residence(format!(
+        "NcclCommunicator exchanges device buffers but the {what} buffer is in host memory; \
+         use ThreadCommunicator for host memory"
+    ))
+}
+
 fn device<'a, T>(buf: &'a CommBuffer<T>, what: &str) -> Result<&'a cudarc::driver::CudaSlice<T>> {
     match buf {
         CommBuffer::Cuda(s) => Ok(s),
-        CommBuffer::Host(_) => Err(SdpaError::Residence(format!(
-            "NcclCommunicator exchanges device buffers but the {what} buffer is in host memory; \
-             use ThreadCommunicator for host memory"
-        ))),
+        CommBuffer::Host(_) => Err(in_host_memory(what)),
     }
 }
 
@@ -210,9 +214,8 @@ impl Communicator for NcclCommunicator {
         recvs: &[Transfer],
     ) -> Result<()> {
         let src = device(send, "send")?;
-        device(recv, "receive")?;
         let CommBuffer::Cuda(dst) = recv else {
-            unreachable!("checked above")
+            return Err(in_host_memory("receive"));
         };
         check_transfers("send", sends, src.len(), self.world_size)?;
         check_transfers("receive", recvs, dst.len(), self.world_size)?;

@@ -80,13 +80,17 @@ impl ThreadCommunicator {
     }
 }
 
+fn on_device(what: &str) -> SdpaError {
+    SdpaError::Residence(format!(
+        "ThreadCommunicator exchanges host buffers but the {what} buffer is on a CUDA device; \
+         use NcclCommunicator for device memory"
+    ))
+}
+
 fn host<'a, T>(buf: &'a CommBuffer<T>, what: &str) -> Result<&'a [T]> {
     match buf {
         CommBuffer::Host(v) => Ok(v),
-        CommBuffer::Cuda(_) => Err(SdpaError::Residence(format!(
-            "ThreadCommunicator exchanges host buffers but the {what} buffer is on a CUDA \
-             device; use NcclCommunicator for device memory"
-        ))),
+        CommBuffer::Cuda(_) => Err(on_device(what)),
     }
 }
 
@@ -118,8 +122,11 @@ impl Communicator for ThreadCommunicator {
     ) -> Result<()> {
         let world = self.shared.world_size;
         let src = host(send, "send")?;
+        let CommBuffer::Host(dst) = recv else {
+            return Err(on_device("receive"));
+        };
         check_transfers("send", sends, src.len(), world)?;
-        check_transfers("receive", recvs, recv.len(), world)?;
+        check_transfers("receive", recvs, dst.len(), world)?;
         let mut to_self = VecDeque::new();
         for t in sends {
             let block = src[t.offset..t.offset + t.len].to_vec();
@@ -133,9 +140,6 @@ impl Communicator for ThreadCommunicator {
             }
         }
         self.shared.barrier.wait(self.rank)?;
-        let CommBuffer::Host(dst) = recv else {
-            return host(recv, "receive").map(|_| ());
-        };
         for t in recvs {
             let block: Vec<T> = if t.peer == self.rank {
                 to_self
