@@ -67,6 +67,40 @@ pub const PARAMS: [(&str, ParamKind); 23] = [
 /// The last parameter, after [`PARAMS`]: `softmax_scale · log2(e)`.
 pub const SCALE_PARAM: (&str, ParamKind) = ("scale_log2", ParamKind::F32);
 
+/// The tensor maps a kernel with [`GpuKernel::tensor_maps`] takes after
+/// [`SCALE_PARAM`], in this order: those of `q`, `k` and `v`. Each is a
+/// 128-byte `CUtensorMap` passed by value (`.param .align 64 .b8 [128]`),
+/// encoded by the runtime with `cuTensorMapEncodeTiled` as
+/// [`TensorMaps`] describes.
+pub const TENSOR_MAP_PARAMS: [&str; 3] = ["tmap_q", "tmap_k", "tmap_v"];
+
+/// How the runtime encodes the tensor maps of a kernel that loads its tiles
+/// with the Tensor Memory Accelerator (TMA).
+///
+/// Every map covers one whole input tensor as a 4-D tiled tensor, innermost
+/// dimension first: `[D, S, H, B]` (head dimension, tokens, heads, batch),
+/// whose byte strides are the tensor's token, head and batch strides (the
+/// head dimension is contiguous). The element type is the variant's 16-bit
+/// type, the box is `[64, rows, 1, 1]` (one 64-column, 128-byte panel of
+/// `rows` tokens of one head), with the 128-byte swizzle, no interleave and
+/// out-of-bounds elements read as zero (`CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE`).
+///
+/// The kernel addresses a box by its coordinates `(column, token, head,
+/// batch)`; it never relies on more than the tensor's own elements.
+/// Tensors whose strides a map cannot describe (a byte stride not a
+/// multiple of 16, a base address not 16-byte aligned) must run another
+/// kernel of the variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorMaps {
+    /// Tokens per box of the `q` map.
+    pub q_rows: u32,
+    /// Tokens per box of the `k` and `v` maps.
+    pub kv_rows: u32,
+}
+
+/// The 64-element (128-byte) inner extent of every [`TensorMaps`] box.
+pub const TENSOR_MAP_BOX_COLUMNS: u32 = 64;
+
 /// A generated GPU kernel and how to launch it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GpuKernel {
@@ -82,6 +116,9 @@ pub struct GpuKernel {
     pub threads: u32,
     /// Dynamic shared memory per CTA, in bytes.
     pub smem_bytes: u32,
+    /// The tensor maps the kernel takes after the contract's parameters
+    /// ([`TENSOR_MAP_PARAMS`]), or `None` where it takes none.
+    pub tensor_maps: Option<TensorMaps>,
 }
 
 /// Declares the contract's parameters on `k`, in order, returning them.

@@ -183,6 +183,7 @@ pub fn generate(spec: &VariantSpec, target: Target) -> GpuKernel {
         block_m: plan.block_m(),
         threads: THREADS,
         smem_bytes: plan.smem_bytes(),
+        tensor_maps: None,
     }
 }
 

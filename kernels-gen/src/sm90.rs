@@ -65,9 +65,13 @@
 //!   `m64n{d}` over a partial last panel (checked on an H100 at d=80, 96,
 //!   112, 160 and 224, in one product and per panel).
 
-use crate::gpu::{cta_coords, declare_params, load_args, store_scaled_pairs, GpuKernel};
+use crate::gpu::{
+    cta_coords, declare_params, load_args, store_scaled_pairs, GpuKernel, TensorMaps,
+    TENSOR_MAP_PARAMS,
+};
 use crate::ptx::{
-    Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Reg, StateSpace, Target, Ty, UnOp, WgmmaA,
+    Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Param, Reg, StateSpace, Target, Ty, UnOp,
+    WgmmaA,
 };
 use crate::{DType, VariantSpec};
 
@@ -113,6 +117,11 @@ pub struct Sm90Config {
     /// `P·V` as `m64n{d}` even where `d` is not a multiple of 64 (a partial
     /// last swizzle panel of V) rather than over the padded width.
     pub pv_exact: bool,
+    /// With a producer: one thread of it loads Q, K and V with TMA
+    /// (`cp.async.bulk.tensor` through the tensor maps of
+    /// [`crate::gpu::TensorMaps`]), completing on mbarriers, instead of
+    /// the warpgroup's `cp.async` copies.
+    pub tma: bool,
 }
 
 impl Sm90Config {
@@ -138,6 +147,7 @@ impl Sm90Config {
             ping_pong: true,
             split_kv: false,
             pv_exact: false,
+            tma: false,
         };
         if !d.is_multiple_of(16) || d > 256 {
             return None;
@@ -221,9 +231,12 @@ impl Sm90Config {
             + self.barrier_bytes()
     }
 
-    /// The full and empty mbarriers of the stages (warp-specialised only).
+    /// The full and empty mbarriers of the stages (warp-specialised only):
+    /// with TMA, K-full, V-full and empty per stage and one for Q.
     fn barrier_bytes(&self) -> usize {
-        if self.producer {
+        if self.tma {
+            8 * (3 * self.stages() + 1)
+        } else if self.producer {
             16 * self.stages()
         } else {
             0
@@ -264,6 +277,10 @@ pub fn generate_with(spec: &VariantSpec, cfg: Sm90Config) -> GpuKernel {
         block_m: cfg.block_m() as u32,
         threads: cfg.threads() as u32,
         smem_bytes: cfg.smem_bytes() as u32,
+        tensor_maps: cfg.tma.then_some(TensorMaps {
+            q_rows: cfg.block_m() as u32,
+            kv_rows: cfg.block_n as u32,
+        }),
     }
 }
 
@@ -728,13 +745,19 @@ impl Emitter {
     }
 
     /// The stage of block `blk` (a register): the address of its mbarrier
-    /// (`empty` or full) and the parity of the phase block `blk` completes.
-    fn stage_barrier(&mut self, sbar: Reg, blk: Reg, empty: bool) -> (Reg, Reg) {
+    /// `bar` and the parity of the phase block `blk` completes.
+    fn stage_barrier(&mut self, sbar: Reg, blk: Reg, bar: Bar) -> (Reg, Reg) {
         let stages = self.cfg.stages();
+        let row = match bar {
+            Bar::Full => 0,
+            Bar::VFull => 1,
+            Bar::Empty if self.cfg.tma => 2,
+            Bar::Empty => 1,
+        };
         let k = &mut self.k;
         let s = k.bin(BinOp::Rem, Ty::U32, blk, Self::u(stages));
-        let base = if empty {
-            k.bin(BinOp::Add, Ty::U32, sbar, Self::u(8 * stages))
+        let base = if row > 0 {
+            k.bin(BinOp::Add, Ty::U32, sbar, Self::u(8 * stages * row))
         } else {
             sbar
         };
@@ -786,21 +809,30 @@ impl Emitter {
         let cfg = self.cfg;
         let bn = cfg.block_n;
         let (q_src, q_pass, q_grow, q_rows, q_dst) = q;
-        self.load_tile(q_rows, rpp, q_src, q_pass, q_grow, c.seq_q, q_dst, None);
+        if !cfg.tma {
+            self.load_tile(q_rows, rpp, q_src, q_pass, q_grow, c.seq_q, q_dst, None);
+            let k = &mut self.k;
+            k.push(Instr::CpAsyncCommit);
+            k.push(Instr::CpAsyncWait(0));
+            k.push(Instr::FenceProxyAsync);
+            // (Barriers 1..=wgs are the ping-pong's.)
+            k.push(Instr::BarSyncCount {
+                id: 15,
+                threads: (128 * cfg.wgs) as u32,
+            });
+        }
         let k = &mut self.k;
-        k.push(Instr::CpAsyncCommit);
-        k.push(Instr::CpAsyncWait(0));
-        k.push(Instr::FenceProxyAsync);
-        // (Barriers 1..=wgs are the ping-pong's.)
-        k.push(Instr::BarSyncCount {
-            id: 15,
-            threads: (128 * cfg.wgs) as u32,
-        });
         let n = k.mov(Ty::U32, Operand::U(0));
         let j0 = k.mov(Ty::U32, Operand::U(0));
         let done = k.label("consumed");
         let none = k.setp(Cmp::Eq, Ty::U32, n_blocks, Operand::U(0));
         k.branch_if(none, false, &done);
+        if cfg.tma {
+            // Q's box lands on the barrier after the stages'.
+            let q_bar = k.bin(BinOp::Add, Ty::U32, sbar, Self::u(24 * cfg.stages()));
+            self.mbar_wait(q_bar, n);
+        }
+        let k = &mut self.k;
         // Consumer 0 goes first: the last consumer lets it.
         let is_last = k.setp(Cmp::Eq, Ty::U32, cwg, Self::u(cfg.wgs - 1));
         if cfg.ping_pong {
@@ -816,7 +848,7 @@ impl Emitter {
         }
 
         // Block 0: scores and softmax.
-        let (full, parity) = self.stage_barrier(sbar, n, false);
+        let (full, parity) = self.stage_barrier(sbar, n, Bar::Full);
         self.mbar_wait(full, parity);
         self.ping_pong(cwg, false);
         self.k.push(Instr::WgmmaFence);
@@ -834,8 +866,12 @@ impl Emitter {
         let loop_top = self.k.label("key_block");
         self.k.push(Instr::Label(loop_top.clone()));
         let n1 = self.k.bin(BinOp::Add, Ty::U32, n, Operand::U(1));
-        let (full, parity) = self.stage_barrier(sbar, n1, false);
+        let (full, parity) = self.stage_barrier(sbar, n1, Bar::Full);
         self.mbar_wait(full, parity);
+        if cfg.tma {
+            let (full, parity) = self.stage_barrier(sbar, n, Bar::VFull);
+            self.mbar_wait(full, parity);
+        }
         self.ping_pong(cwg, false);
         let (_, cur) = self.stage_of(n, 0);
         let (_, next) = self.stage_of(n, 1);
@@ -864,7 +900,7 @@ impl Emitter {
             }
             self.k.push(Instr::WgmmaWait(0));
             let prev = self.k.bin(BinOp::Sub, Ty::U32, n, Operand::U(1));
-            let (empty, _) = self.stage_barrier(sbar, prev, true);
+            let (empty, _) = self.stage_barrier(sbar, prev, Bar::Empty);
             let state = self.k.reg(Ty::B64);
             self.k.push(Instr::MbarArrive {
                 state,
@@ -882,6 +918,10 @@ impl Emitter {
 
         // The last block's P·V.
         self.k.push(Instr::Label(tail));
+        if cfg.tma {
+            let (full, parity) = self.stage_barrier(sbar, n, Bar::VFull);
+            self.mbar_wait(full, parity);
+        }
         self.ping_pong(cwg, false);
         let (_, cur) = self.stage_of(n, 0);
         let v_desc = self.k.bin(BinOp::Add, Ty::U64, v_desc0, cur);
@@ -930,7 +970,7 @@ impl Emitter {
         let free = k.label("stage_free");
         k.branch_if(reuse, true, &free);
         let old = k.bin(BinOp::Sub, Ty::U32, b, Self::u(stages));
-        let (empty, parity) = self.stage_barrier(sbar, old, true);
+        let (empty, parity) = self.stage_barrier(sbar, old, Bar::Empty);
         self.mbar_wait(empty, parity);
         self.k.push(Instr::Label(free));
         self.load_block(ld, off, None);
@@ -941,7 +981,7 @@ impl Emitter {
         k.push(Instr::CpAsyncWait(1));
         k.push(Instr::FenceProxyAsync);
         let prev = k.bin(BinOp::Sub, Ty::U32, b, Operand::U(1));
-        let (full, _) = self.stage_barrier(sbar, prev, false);
+        let (full, _) = self.stage_barrier(sbar, prev, Bar::Full);
         let state = self.k.reg(Ty::B64);
         self.k.push(Instr::MbarArrive {
             state,
@@ -956,7 +996,7 @@ impl Emitter {
         k.push(Instr::CpAsyncWait(0));
         k.push(Instr::FenceProxyAsync);
         let prev = k.bin(BinOp::Sub, Ty::U32, b, Operand::U(1));
-        let (full, _) = self.stage_barrier(sbar, prev, false);
+        let (full, _) = self.stage_barrier(sbar, prev, Bar::Full);
         let state = self.k.reg(Ty::B64);
         self.k.push(Instr::MbarArrive {
             state,
@@ -964,6 +1004,106 @@ impl Emitter {
             expect_tx: None,
         });
         self.k.push(Instr::Ret);
+    }
+
+    /// The TMA producer: warpgroup 0 gives its registers away and one
+    /// thread of it issues every copy. Q's box first, then per block,
+    /// once its stage is free, K's and V's panels, each tile completing
+    /// its bytes on its own full barrier.
+    #[allow(clippy::too_many_arguments)]
+    fn tma_producer(
+        &mut self,
+        maps: &[Param],
+        sbar: Reg,
+        sq: Reg,
+        sk0: Reg,
+        at: [Reg; 5],
+        n_blocks: Reg,
+        label: &str,
+    ) {
+        let cfg = self.cfg;
+        let (stages, bn, bm) = (cfg.stages(), cfg.block_n, cfg.block_m());
+        let panels = cfg.d_pad() / 64;
+        let tile = cfg.kv_tile();
+        let [tid, q0, head, kv_head, batch] = at;
+        let k = &mut self.k;
+        k.push(Instr::Label(label.to_string()));
+        k.push(Instr::SetMaxNReg {
+            inc: false,
+            regs: PRODUCER_REGS,
+        });
+        let leader = k.setp(Cmp::Eq, Ty::U32, tid, Operand::U(0));
+        k.guard(leader, true, Instr::Ret);
+        let none = k.setp(Cmp::Eq, Ty::U32, n_blocks, Operand::U(0));
+        k.guard(none, false, Instr::Ret);
+        let map: Vec<Reg> = maps
+            .iter()
+            .map(|p| {
+                let r = k.reg(Ty::B64);
+                k.push(Instr::CvtaParam {
+                    dst: r,
+                    param: p.clone(),
+                });
+                r
+            })
+            .collect();
+        // Q: one box of `bm` rows per panel.
+        let q_bar = k.bin(BinOp::Add, Ty::U32, sbar, Self::u(24 * stages));
+        let state = k.reg(Ty::B64);
+        k.push(Instr::MbarArrive {
+            state,
+            addr: q_bar.into(),
+            expect_tx: Some((bm * cfg.d_pad() * 2) as u32),
+        });
+        for p in 0..panels {
+            let dst = k.bin(BinOp::Add, Ty::U32, sq, Self::u(p * bm * 128));
+            k.push(Instr::TmaLoad {
+                dst,
+                map: map[0],
+                coords: vec![Self::u(64 * p), q0.into(), head.into(), batch.into()],
+                mbar: q_bar,
+            });
+        }
+        let b = k.mov(Ty::U32, Operand::U(0));
+        let key = k.mov(Ty::U32, Operand::U(0));
+        let top = k.label("produce");
+        k.push(Instr::Label(top.clone()));
+        let s = k.bin(BinOp::Rem, Ty::U32, b, Self::u(stages));
+        let off = k.bin(BinOp::Mul, Ty::U32, s, Self::u(2 * tile));
+        let k_dst = k.bin(BinOp::Add, Ty::U32, sk0, off);
+        // Block b reuses the stage of block b - stages.
+        let reuse = k.setp(Cmp::Ge, Ty::U32, b, Self::u(stages));
+        let free = k.label("stage_free");
+        k.branch_if(reuse, true, &free);
+        let old = k.bin(BinOp::Sub, Ty::U32, b, Self::u(stages));
+        let (empty, parity) = self.stage_barrier(sbar, old, Bar::Empty);
+        self.mbar_wait(empty, parity);
+        self.k.push(Instr::Label(free));
+        for (which, bar, m) in [(0, Bar::Full, map[1]), (1, Bar::VFull, map[2])] {
+            let (full, _) = self.stage_barrier(sbar, b, bar);
+            let k = &mut self.k;
+            let state = k.reg(Ty::B64);
+            k.push(Instr::MbarArrive {
+                state,
+                addr: full.into(),
+                expect_tx: Some(tile as u32),
+            });
+            for p in 0..panels {
+                let dst = k.bin(BinOp::Add, Ty::U32, k_dst, Self::u(which * tile + p * bn * 128));
+                k.push(Instr::TmaLoad {
+                    dst,
+                    map: m,
+                    coords: vec![Self::u(64 * p), key.into(), kv_head.into(), batch.into()],
+                    mbar: full,
+                });
+            }
+        }
+        let k = &mut self.k;
+        k.bin_to(BinOp::Add, Ty::U32, b, b, Operand::U(1));
+        k.bin_to(BinOp::Add, Ty::U32, key, key, Self::u(bn));
+        let again = k.setp(Cmp::Lt, Ty::U32, b, n_blocks);
+        k.branch_if(again, false, &top);
+        k.push(Instr::Ret);
     }
 
     fn emit(mut self) -> Kernel {
@@ -982,10 +1122,20 @@ impl Emitter {
         let rpp = loaders / cpr; // rows per loading pass
                                  // Every pass starts on a swizzle atom: a thread's row keeps its
                                  // swizzle phase.
-        assert!(loaders.is_multiple_of(cpr) && rpp.is_multiple_of(8));
+        assert!(cfg.tma || (loaders.is_multiple_of(cpr) && rpp.is_multiple_of(8)));
+        assert!(!cfg.tma || ws, "TMA loads come from the producer warpgroup");
+        let rpp = rpp.max(1);
         let tile = cfg.kv_tile();
 
         let params = declare_params(&mut self.k);
+        let maps: Vec<Param> = if cfg.tma {
+            TENSOR_MAP_PARAMS
+                .iter()
+                .map(|name| self.k.param_bytes(name, 64, 128))
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.k.launch_bounds(threads as u32, Some(1));
         self.k.dynamic_shared(1024);
         self.k.comment(format!(
@@ -1192,17 +1342,35 @@ impl Emitter {
             let k = &mut self.k;
             let sbar = k.bin(BinOp::Add, Ty::U32, sk0, Self::u(stages * 2 * tile));
             let first = k.setp(Cmp::Eq, Ty::U32, tid, Operand::U(0));
-            for s in 0..stages {
-                let full = Instr::MbarInit {
-                    addr: Addr::at(sbar, (8 * s) as i64),
-                    count: 128,
-                };
-                let empty = Instr::MbarInit {
-                    addr: Addr::at(sbar, (8 * (stages + s)) as i64),
-                    count: (128 * cfg.wgs) as u32,
-                };
-                k.guard(first, false, full);
-                k.guard(first, false, empty);
+            if cfg.tma {
+                // K-full and V-full (the leader's arrival and the bytes),
+                // empty (the consumers' threads), then Q's.
+                for s in 0..3 * stages + 1 {
+                    let count = if (2 * stages..3 * stages).contains(&s) {
+                        (128 * cfg.wgs) as u32
+                    } else {
+                        1
+                    };
+                    let init = Instr::MbarInit {
+                        addr: Addr::at(sbar, (8 * s) as i64),
+                        count,
+                    };
+                    k.guard(first, false, init);
+                }
+                k.guard(first, false, Instr::FenceMbarrierInit);
+            } else {
+                for s in 0..stages {
+                    let full = Instr::MbarInit {
+                        addr: Addr::at(sbar, (8 * s) as i64),
+                        count: 128,
+                    };
+                    let empty = Instr::MbarInit {
+                        addr: Addr::at(sbar, (8 * (stages + s)) as i64),
+                        count: (128 * cfg.wgs) as u32,
+                    };
+                    k.guard(first, false, full);
+                    k.guard(first, false, empty);
+                }
             }
             k.push(Instr::BarSync(0));
             let is_producer = k.setp(Cmp::Eq, Ty::U32, wg, Operand::U(0));
@@ -1222,7 +1390,12 @@ impl Emitter {
                 v_desc0,
             );
             self.epilogue(&c, tq, row0, seq_q, o_base, o_stride);
-            self.ws_producer(&ld, sbar, n_blocks, &producer_label);
+            if cfg.tma {
+                let at = [tid, q0, head, kv_head, batch];
+                self.tma_producer(&maps, sbar, sq, sk0, at, n_blocks, &producer_label);
+            } else {
+                self.ws_producer(&ld, sbar, n_blocks, &producer_label);
+            }
             return self.k;
         }
 
@@ -1371,6 +1544,17 @@ impl Emitter {
         self.epilogue(&c, tq, row0, seq_q, o_base, o_stride);
         self.k
     }
+}
+
+/// Which mbarrier of a stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bar {
+    /// K and V have landed (with TMA: K has).
+    Full,
+    /// With TMA: V has landed.
+    VFull,
+    /// Every consumer is done with the stage.
+    Empty,
 }
 
 /// The registers of the products and the softmax.

@@ -23,6 +23,14 @@ import torch.nn.functional as F
 
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 DT = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+# CUtensorMapDataType, and the options kernels_gen::gpu::TensorMaps names.
+TMAP_DTYPE = {torch.float16: 6, torch.bfloat16: 9}
+TMAP_INTERLEAVE_NONE, TMAP_SWIZZLE_128B, TMAP_L2_256B, TMAP_OOB_FILL_NONE = 0, 3, 3, 0
+
+
+class TensorMap(ctypes.Structure):
+    _align_ = 64
+    _fields_ = [("opaque", ctypes.c_uint64 * 16)]
 
 
 class Driver:
@@ -54,9 +62,31 @@ class Driver:
         self.mods[key] = (fn, jit_ms)
         return self.mods[key]
 
+    def tensor_map(self, t, rows):
+        """The map of kernels_gen::gpu::TensorMaps for the [B, S, H, D] view t:
+        dims [D, S, H, B], box [64, rows, 1, 1], 128-byte swizzle."""
+        b, s, h, d = t.shape
+        e = t.element_size()
+        m = TensorMap()
+        dims = (ctypes.c_uint64 * 4)(d, s, h, b)
+        # A size-1 dimension's stride is never used: any valid one will do.
+        st = [t.stride(1) * e if s > 1 else 16, t.stride(2) * e if h > 1 else 16,
+              t.stride(0) * e if b > 1 else 16]
+        strides = (ctypes.c_uint64 * 3)(*st)
+        box = (ctypes.c_uint32 * 4)(64, rows, 1, 1)
+        ones = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
+        self.check(self.cu.cuTensorMapEncodeTiled(
+            ctypes.byref(m), TMAP_DTYPE[t.dtype], 4, ctypes.c_void_p(t.data_ptr()), dims,
+            strides, box, ones, TMAP_INTERLEAVE_NONE, TMAP_SWIZZLE_128B, TMAP_L2_256B,
+            TMAP_OOB_FILL_NONE), f"tensor map {tuple(t.shape)} strides {st}")
+        return m
+
     def launch(self, fn, grid, threads, smem, args):
         vals = []
         for kind, v in args:
+            if kind == "map":
+                vals.append(v)
+                continue
             vals.append({"u64": ctypes.c_uint64, "u32": ctypes.c_uint32,
                          "f32": ctypes.c_float}[kind](v))
         ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
@@ -84,6 +114,11 @@ def run(drv, meta, ptx_dir, q, k, v, out, mask=None, scale=None):
         args += [("u64", t.stride(0)), ("u64", t.stride(1)), ("u64", t.stride(2))]
     args += [("u64", x) for x in ms]
     args += [("u32", sq), ("u32", sk), ("u32", hq // hkv), ("f32", scale * math.log2(math.e))]
+    maps = meta.get("tensor_maps")
+    if maps:
+        args += [("map", drv.tensor_map(q, maps["q_rows"])),
+                 ("map", drv.tensor_map(k, maps["kv_rows"])),
+                 ("map", drv.tensor_map(v, maps["kv_rows"]))]
     grid = ((sq + meta["block_m"] - 1) // meta["block_m"], hq, b)
     drv.launch(fn, grid, meta["threads"], meta["smem_bytes"], args)
 
@@ -193,7 +228,7 @@ SHAPES = [  # name, B, H, Hkv, Sq, Sk, D, causal
 ]
 
 
-def bench(drv, ptx_dir, manifest, dtype="bf16", torch_too=True):
+def bench(drv, ptx_dir, manifest, dtype="bf16", torch_too=True, only_shapes=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     by = {(m["head_size"], m["causal"], m["dtype"]): m for m in manifest}
     print(f"{'shape':12} {'ours ms':>9} {'TF/s':>7} {'flash TF/s':>10} {'cudnn TF/s':>10} "
@@ -201,7 +236,7 @@ def bench(drv, ptx_dir, manifest, dtype="bf16", torch_too=True):
     results = []
     for (name, b, h, hkv, sq, sk, d, causal) in SHAPES:
         meta = by.get((d, causal, dtype))
-        if meta is None:
+        if meta is None or (only_shapes and name not in only_shapes):
             continue
         dt = DT[dtype]
         q = torch.randn(b, sq, h, d, device="cuda", dtype=dt)
@@ -237,6 +272,7 @@ def main():
     ap.add_argument("--only", default=None, help="substring filter on entry names")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-torch", action="store_true", help="time only our kernels")
+    ap.add_argument("--shapes", default=None, help="comma-separated shape names to time")
     a = ap.parse_args()
     manifest = json.loads((a.ptx_dir / "manifest.json").read_text())
     if a.only:
@@ -247,7 +283,8 @@ def main():
     if a.check:
         fails = check(drv, a.ptx_dir, manifest, seed=int(time.time()) % 100000)
     if a.bench:
-        res = bench(drv, a.ptx_dir, manifest, torch_too=not a.no_torch)
+        res = bench(drv, a.ptx_dir, manifest, torch_too=not a.no_torch,
+                    only_shapes=a.shapes.split(",") if a.shapes else None)
         if a.json:
             a.json.write_text(json.dumps(res, indent=1))
     jit = sorted(ms for (_, ms) in drv.mods.values())

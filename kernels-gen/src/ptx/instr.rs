@@ -511,6 +511,33 @@ pub enum Instr {
         /// Transaction bytes to expect, if any.
         expect_tx: Option<u32>,
     },
+    /// `fence.mbarrier_init.release.cluster;`: makes this thread's
+    /// `mbarrier.init`s visible to the async proxy (TMA completions).
+    FenceMbarrierInit,
+    /// `cvta.param.u64 dst, param;`: the generic address of a by-value
+    /// kernel parameter (a tensor map), for TMA.
+    CvtaParam {
+        /// The address (a `.b64` register).
+        dst: Reg,
+        /// The parameter.
+        param: Param,
+    },
+    /// `cp.async.bulk.tensor.{n}d.shared::cluster.global.tile.mbarrier::complete_tx::bytes
+    /// [dst], [map, {coords}], [mbar];`: a TMA copy of one box of the
+    /// tensor map at `map` (a generic address) at `coords` (innermost
+    /// first, `.s32`) into shared `dst`, completing `box bytes` of
+    /// transactions on the mbarrier at `mbar`.
+    TmaLoad {
+        /// Shared destination (32-bit shared address, 128-byte aligned;
+        /// 1024 for the 128-byte swizzle).
+        dst: Reg,
+        /// The tensor map's generic address.
+        map: Reg,
+        /// Box coordinates, innermost dimension first (1 to 5).
+        coords: Vec<Operand>,
+        /// The mbarrier (32-bit shared address).
+        mbar: Reg,
+    },
     /// `mbarrier.try_wait.parity.shared::cta.b64 done, [addr], parity;`.
     MbarTryWait {
         /// Set when the phase of `parity` has completed.
@@ -827,6 +854,24 @@ impl fmt::Display for Instr {
                     "mbarrier.arrive.expect_tx.shared::cta.b64 {state}, {addr}, {tx};"
                 ),
             },
+            Instr::FenceMbarrierInit => f.write_str("fence.mbarrier_init.release.cluster;"),
+            Instr::CvtaParam { dst, param } => write!(f, "cvta.param.u64 {dst}, {};", param.name),
+            Instr::TmaLoad {
+                dst,
+                map,
+                coords,
+                mbar,
+            } => write!(
+                f,
+                "cp.async.bulk.tensor.{}d.shared::cluster.global.tile.mbarrier::complete_tx::bytes \
+                 [{dst}], [{map}, {{{}}}], [{mbar}];",
+                coords.len(),
+                coords
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             Instr::MbarTryWait { done, addr, parity } => write!(
                 f,
                 "mbarrier.try_wait.parity.shared::cta.b64 {done}, {addr}, {parity};"

@@ -39,6 +39,8 @@ impl Target {
 pub struct Param {
     pub(crate) ty: Ty,
     pub(crate) name: String,
+    /// A by-value byte array (`.param .align A .b8 name[N]`): `(A, N)`.
+    pub(crate) bytes: Option<(u32, u32)>,
 }
 
 /// A kernel under construction: parameters, registers and a body.
@@ -74,6 +76,19 @@ impl Kernel {
         let p = Param {
             ty,
             name: format!("{}_{name}", self.name),
+            bytes: None,
+        };
+        self.params.push(p.clone());
+        p
+    }
+
+    /// Appends a by-value parameter of `size` bytes aligned to `align`
+    /// (`.param .align align .b8 name[size]`), such as a tensor map.
+    pub fn param_bytes(&mut self, name: &str, align: u32, size: u32) -> Param {
+        let p = Param {
+            ty: Ty::B64,
+            name: format!("{}_{name}", self.name),
+            bytes: Some((align, size)),
         };
         self.params.push(p.clone());
         p
@@ -135,7 +150,12 @@ impl fmt::Display for Kernel {
         writeln!(f, ".visible .entry {}(", self.name)?;
         for (i, p) in self.params.iter().enumerate() {
             let sep = if i + 1 < self.params.len() { "," } else { "" };
-            writeln!(f, "    .param {} {}{sep}", p.ty, p.name)?;
+            match p.bytes {
+                Some((align, size)) => {
+                    writeln!(f, "    .param .align {align} .b8 {}[{size}]{sep}", p.name)?
+                }
+                None => writeln!(f, "    .param {} {}{sep}", p.ty, p.name)?,
+            }
         }
         writeln!(f, ")")?;
         if let Some(t) = self.max_threads {
