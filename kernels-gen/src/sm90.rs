@@ -82,6 +82,9 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// ([`Sm90Config::consumer_regs`]).
 const PRODUCER_REGS: u32 = 24;
 
+/// The most dynamic shared memory a CTA may use on compute capability 9.0.
+const SMEM_LIMIT: usize = 232_448;
+
 /// The shape of one variant's sm_90a kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sm90Config {
@@ -128,7 +131,34 @@ impl Sm90Config {
     /// The configuration of a variant, or `None` where this kernel cannot
     /// apply (32-bit elements, head sizes not a multiple of 16 or above
     /// 256). [`generate`] further keeps to [`HEAD_SIZES`].
+    ///
+    /// The default is warp-specialised: a producer warpgroup loading with
+    /// TMA, two consumer warpgroups of 64 query rows with `setmaxnreg`
+    /// (240 registers), no ping-pong, keys per block by head size
+    /// (measured on an H100, `docs/hopper.md`): 192 up to d=64, 128 up to
+    /// 128, 112 up to 192, 80 above; K/V stages as many as fit (2 or 3).
     pub fn new(spec: &VariantSpec) -> Option<Sm90Config> {
+        let mut cfg = Sm90Config::cp_async(spec)?;
+        cfg.wgs = 2;
+        cfg.producer = true;
+        cfg.ping_pong = false;
+        cfg.split_kv = false;
+        cfg.pv_per_panel = false;
+        cfg.tma = true;
+        cfg.block_n = match cfg.d {
+            0..=64 => 192,
+            65..=128 => 128,
+            129..=192 => 112,
+            _ => 80,
+        };
+        Some(cfg)
+    }
+
+    /// The configuration without a producer or TMA: every thread copies
+    /// with `cp.async` and a CTA barrier per block publishes the copies.
+    /// For tensors whose strides a tensor map cannot describe, and for
+    /// comparison; `None` where [`Sm90Config::new`] is.
+    pub fn cp_async(spec: &VariantSpec) -> Option<Sm90Config> {
         let ab = match spec.dtype {
             DType::BF16 => Ty::BF16,
             DType::F16 => Ty::F16,
@@ -213,7 +243,11 @@ impl Sm90Config {
 
     /// K/V stages in shared memory.
     pub fn stages(&self) -> usize {
-        if self.split_kv {
+        if self.tma {
+            // As many as fit beside Q and the barriers, two to three.
+            let fixed = 1024 + self.block_m() * self.d_pad() * 2 + 8 * (3 * 3 + 1);
+            (SMEM_LIMIT.saturating_sub(fixed) / (2 * self.kv_tile())).clamp(2, 3)
+        } else if self.split_kv {
             // Two for K and two for V: as many tiles as two (K, V) stages.
             2
         } else if self.overlap || self.producer {
@@ -390,6 +424,22 @@ impl Emitter {
         }
     }
 
+    /// Reduces `xs` (at least one) with `op` through four independent
+    /// chains joined at the end, so that the chains' latencies overlap.
+    fn tree(&mut self, xs: &[Reg], op: BinOp) -> Reg {
+        let k = &mut self.k;
+        let mut acc: Vec<Reg> = xs.iter().take(4).copied().collect();
+        for (i, &x) in xs.iter().enumerate().skip(4) {
+            acc[i % 4] = k.bin(op, Ty::F32, acc[i % 4], x);
+        }
+        while acc.len() > 1 {
+            let b = acc.pop().expect("two or more");
+            let a = acc.pop().expect("two or more");
+            acc.insert(0, k.bin(op, Ty::F32, a, b));
+        }
+        acc[0]
+    }
+
     /// Reduces `x` over the four lanes of a quad with `op`.
     fn quad_reduce(&mut self, x: Reg, op: BinOp) -> Reg {
         let mut acc = x;
@@ -475,13 +525,16 @@ impl Emitter {
         let neg_inf = Operand::F32(f32::NEG_INFINITY);
         let row_offset = |r: usize| Self::u(8 * r);
         let k = &mut self.k;
-        for &r in &c.s_acc {
-            k.bin_to(BinOp::Mul, Ty::F32, r, r, c.scale_log2);
-        }
+        // Unmasked blocks keep the raw scores and fold the scale into the
+        // exponent (`ex2(s · scale − max)`, one FMA); the masking path
+        // scales them first and then uses a factor of 1. A negative scale
+        // would turn the raw maximum into a minimum: it takes that path.
+        let factor = k.mov(Ty::F32, c.scale_log2);
         let block_end = k.bin(BinOp::Add, Ty::U32, j0, Self::u(bn));
         let ragged = k.setp(Cmp::Gt, Ty::U32, block_end, c.seq_k);
         let need = k.reg(Ty::Pred);
         k.bin_to(BinOp::Or, Ty::Pred, need, ragged, c.has_mask);
+        k.bin_to(BinOp::Or, Ty::Pred, need, need, c.negative_scale);
         if cfg.causal {
             // The block crosses the diagonal of the CTA's first row.
             let last_key = k.bin(BinOp::Add, Ty::U32, j0, Self::u(bn - 1));
@@ -491,6 +544,10 @@ impl Emitter {
         let skip_mask = k.label("unmasked");
         k.branch_if(need, true, &skip_mask);
         {
+            for &r in &c.s_acc {
+                k.bin_to(BinOp::Mul, Ty::F32, r, r, c.scale_log2);
+            }
+            k.mov_to(Ty::F32, factor, Operand::F32(1.0));
             let kbase = k.bin(BinOp::Add, Ty::U32, j0, c.tq2);
             let skip_bias = k.label("no_bias");
             // Additive mask, in the log2 domain.
@@ -552,15 +609,13 @@ impl Emitter {
         let mut shift = Vec::new();
         let mut alpha = Vec::new();
         for (r, &m_old) in c.m_run.iter().enumerate() {
-            let mut m = self.k.mov(Ty::F32, neg_inf.clone());
-            for t in 0..n_tiles_s {
-                m = self.k.bin(BinOp::Max, Ty::F32, m, c.s_acc[4 * t + 2 * r]);
-                m = self
-                    .k
-                    .bin(BinOp::Max, Ty::F32, m, c.s_acc[4 * t + 2 * r + 1]);
-            }
+            let row: Vec<Reg> = (0..n_tiles_s)
+                .flat_map(|t| [c.s_acc[4 * t + 2 * r], c.s_acc[4 * t + 2 * r + 1]])
+                .collect();
+            let m = self.tree(&row, BinOp::Max);
             let m = self.quad_reduce(m, BinOp::Max);
             let k = &mut self.k;
+            let m = k.bin(BinOp::Mul, Ty::F32, m, factor);
             let m_new = k.bin(BinOp::Max, Ty::F32, m_old, m);
             // A row that has seen only hidden keys keeps max -inf; shifting
             // by 0 keeps NaN out and makes every hidden weight exactly 0.
@@ -573,15 +628,20 @@ impl Emitter {
             alpha.push(a);
         }
         let k = &mut self.k;
-        let mut block_sum: Vec<Reg> = (0..2).map(|_| k.mov(Ty::F32, Operand::F32(0.0))).collect();
+        let neg_shift: Vec<Reg> = shift
+            .iter()
+            .map(|&sh| k.un(UnOp::Neg, Ty::F32, sh))
+            .collect();
         for (i, &s) in c.s_acc.iter().enumerate() {
-            let r = (i % 4) / 2;
-            let x = k.bin(BinOp::Sub, Ty::F32, s, shift[r]);
+            let x = k.mad(Ty::F32, s, factor, neg_shift[(i % 4) / 2]);
             k.un_to(UnOp::Ex2, Ty::F32, s, x);
-            block_sum[r] = k.bin(BinOp::Add, Ty::F32, block_sum[r], s);
         }
-        for ((&l, &a), &b) in c.l_run.iter().zip(&alpha).zip(&block_sum) {
-            k.mad_to(Ty::F32, l, l, a, b);
+        for (r, (&l, &a)) in c.l_run.iter().zip(&alpha).enumerate() {
+            let row: Vec<Reg> = (0..n_tiles_s)
+                .flat_map(|t| [c.s_acc[4 * t + 2 * r], c.s_acc[4 * t + 2 * r + 1]])
+                .collect();
+            let b = self.tree(&row, BinOp::Add);
+            self.k.mad_to(Ty::F32, l, l, a, b);
         }
         [alpha[0], alpha[1]]
     }
@@ -1089,7 +1149,12 @@ impl Emitter {
                 expect_tx: Some(tile as u32),
             });
             for p in 0..panels {
-                let dst = k.bin(BinOp::Add, Ty::U32, k_dst, Self::u(which * tile + p * bn * 128));
+                let dst = k.bin(
+                    BinOp::Add,
+                    Ty::U32,
+                    k_dst,
+                    Self::u(which * tile + p * bn * 128),
+                );
                 k.push(Instr::TmaLoad {
                     dst,
                     map: m,
@@ -1321,6 +1386,7 @@ impl Emitter {
                 k.mov(Ty::F32, Operand::F32(0.0)),
             ],
             q_desc,
+            negative_scale: k.setp(Cmp::Lt, Ty::F32, scale_log2, Operand::F32(0.0)),
             p_true,
             p_false,
             scale_log2,
@@ -1568,6 +1634,8 @@ struct Core {
     m_run: [Reg; 2],
     l_run: [Reg; 2],
     q_desc: Reg,
+    /// `scale_log2 < 0`: every block takes the masking path.
+    negative_scale: Reg,
     p_true: Reg,
     p_false: Reg,
     scale_log2: Reg,
@@ -1627,7 +1695,8 @@ mod tests {
 
     #[test]
     fn head_size_256_splits_k_and_v_stages_within_shared_memory() {
-        let k = generate(&spec(256, false, DType::BF16)).unwrap();
+        let s = spec(256, false, DType::BF16);
+        let k = generate_with(&s, Sm90Config::cp_async(&s).unwrap());
         assert_eq!((k.block_m, k.threads), (128, 256));
         // Q, two K and two V slots of 80 keys, 1 KB of slack.
         assert_eq!(k.smem_bytes, 1024 + (128 + 4 * 80) * 512);
@@ -1642,7 +1711,8 @@ mod tests {
 
     #[test]
     fn head_sizes_off_the_panel_width_pad_tiles_but_not_products() {
-        let k = generate(&spec(80, false, DType::F16)).unwrap();
+        let s = spec(80, false, DType::F16);
+        let k = generate_with(&s, Sm90Config::cp_async(&s).unwrap());
         // Tiles padded to 128 columns; Q·Kᵀ over 5 k-steps, P·V m64n80.
         assert_eq!(k.smem_bytes, 1024 + (192 + 6 * 96) * 128 * 2);
         assert!(k
@@ -1654,7 +1724,8 @@ mod tests {
 
     #[test]
     fn uses_wgmma_with_swizzled_descriptors() {
-        let k = generate(&spec(128, false, DType::BF16)).unwrap();
+        let s = spec(128, false, DType::BF16);
+        let k = generate_with(&s, Sm90Config::cp_async(&s).unwrap());
         assert_eq!(k.target, Target::Sm90a);
         assert!(k.ptx.contains(".target sm_90a"));
         assert!(k
@@ -1673,16 +1744,50 @@ mod tests {
     #[test]
     fn the_producer_variant_specialises_warpgroups() {
         let s = spec(128, true, DType::BF16);
-        let mut cfg = Sm90Config::new(&s).unwrap();
+        let mut cfg = Sm90Config::cp_async(&s).unwrap();
         cfg.producer = true;
         cfg.wgs = 2;
         cfg.block_n = 128;
         let k = generate_with(&s, cfg);
         assert_eq!(k.threads, 384);
+        assert_eq!(k.tensor_maps, None);
         assert!(k.ptx.contains("setmaxnreg.dec.sync.aligned.u32 24;"));
         assert!(k.ptx.contains("setmaxnreg.inc.sync.aligned.u32 240;"));
         assert!(k.ptx.contains("mbarrier.try_wait.parity.shared::cta.b64"));
         assert_eq!(k.smem_bytes, 1024 + (128 + 6 * 128) * 128 * 2 + 48);
+    }
+
+    #[test]
+    fn the_default_loads_with_tma_through_three_tensor_maps() {
+        for (d, rows) in [(64, 192), (128, 128), (192, 112), (256, 80)] {
+            let k = generate(&spec(d, false, DType::BF16)).unwrap();
+            assert_eq!((k.block_m, k.threads), (128, 384), "d={d}");
+            assert_eq!(
+                k.tensor_maps,
+                Some(TensorMaps {
+                    q_rows: 128,
+                    kv_rows: rows
+                }),
+                "d={d}"
+            );
+            assert!(k.smem_bytes as usize <= SMEM_LIMIT, "d={d}");
+            for name in TENSOR_MAP_PARAMS {
+                assert!(
+                    k.ptx
+                        .contains(&format!(".param .align 64 .b8 {}_{name}[128]", k.entry)),
+                    "d={d} {name}"
+                );
+            }
+            assert!(k.ptx.contains(
+                "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+            ));
+            assert!(k.ptx.contains("mbarrier.arrive.expect_tx.shared::cta.b64"));
+            assert!(k.ptx.contains("fence.mbarrier_init.release.cluster;"));
+            assert!(!k.ptx.contains("cp.async.ca") && !k.ptx.contains("cp.async.cg"));
+        }
+        // d=128: Q (32 KB) and three stages of 128-key K and V tiles.
+        let k = generate(&spec(128, true, DType::F16)).unwrap();
+        assert_eq!(k.smem_bytes, 1024 + (128 + 6 * 128) * 256 + 80);
     }
 
     /// Assembles every variant with `ptxas` for sm_90a when `PTXAS` names
@@ -1700,18 +1805,22 @@ mod tests {
             for causal in [false, true] {
                 for dtype in [DType::BF16, DType::F16] {
                     let s = spec(d, causal, dtype);
-                    for producer in [false, true] {
-                        if producer && !matches!(d, 64 | 128) {
+                    // The default (TMA), cp.async, cp.async with a producer.
+                    for form in 0..3 {
+                        if form == 2 && !matches!(d, 64 | 128) {
                             continue;
                         }
                         let mut cfg = Sm90Config::new(&s).unwrap();
-                        if producer {
+                        if form > 0 {
+                            cfg = Sm90Config::cp_async(&s).unwrap();
+                        }
+                        if form == 2 {
                             cfg.producer = true;
                             cfg.wgs = 2;
                             cfg.block_n = 128;
                         }
                         let k = generate_with(&s, cfg);
-                        let path = dir.join(format!("{}-{producer}.ptx", k.entry));
+                        let path = dir.join(format!("{}-{form}.ptx", k.entry));
                         std::fs::write(&path, &k.ptx).unwrap();
                         let out = std::process::Command::new(&ptxas)
                             .args(["-arch=sm_90a", "-v"])
@@ -1724,8 +1833,9 @@ mod tests {
                         if !out.status.success()
                             || !text.contains("0 bytes spill stores, 0 bytes spill loads")
                             || text.contains("warning")
+                            || text.contains("C7512")
                         {
-                            failures.push(format!("{} producer={producer}: {text}", k.entry));
+                            failures.push(format!("{} form {form}: {text}", k.entry));
                         }
                     }
                 }

@@ -152,7 +152,8 @@ fn variant(spec: &VariantSpec, kernels: &Kernels) -> TokenStream {
     }
 }
 
-/// A `GpuKernel::new(...)` expression holding `gpu`.
+/// A `GpuKernel::new(...)` expression holding `gpu`, with
+/// `.with_tensor_maps(q_rows, kv_rows)` where the kernel takes tensor maps.
 fn gpu_kernel(gpu: &GpuKernel) -> TokenStream {
     let ptx = Literal::string(&gpu.ptx);
     let entry = Literal::string(&gpu.entry);
@@ -160,8 +161,14 @@ fn gpu_kernel(gpu: &GpuKernel) -> TokenStream {
     let block_m = Literal::u32_unsuffixed(gpu.block_m);
     let threads = Literal::u32_unsuffixed(gpu.threads);
     let smem = Literal::u32_unsuffixed(gpu.smem_bytes);
+    let maps = gpu.tensor_maps.map(|m| {
+        let q_rows = Literal::u32_unsuffixed(m.q_rows);
+        let kv_rows = Literal::u32_unsuffixed(m.kv_rows);
+        quote! { .with_tensor_maps(#q_rows, #kv_rows) }
+    });
     quote! {
         ::sdpa_runtime::GpuKernel::new(#ptx, #entry, #target, #block_m, #threads, #smem)
+        #maps
     }
 }
 
@@ -290,6 +297,20 @@ mod tests {
             "{}",
             &text[text.len().saturating_sub(80)..]
         );
+    }
+
+    #[test]
+    fn kernels_with_tensor_maps_declare_their_boxes() {
+        let spec = VariantSpec::new(128, false, DType::BF16).unwrap();
+        let mut kernel = kernels_gen::gpu::generate(&spec, GPU_TARGET);
+        let plain = gpu_kernel(&kernel).to_string();
+        assert!(!plain.contains("with_tensor_maps"), "{plain}");
+        kernel.tensor_maps = Some(kernels_gen::gpu::TensorMaps {
+            q_rows: 128,
+            kv_rows: 80,
+        });
+        let text = gpu_kernel(&kernel).to_string();
+        assert_eq!(text, format!("{plain} . with_tensor_maps (128 , 80)"));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The variant table the `#[sdpa_variants]` macro emits: one entry per
 //! declared (head size, causal, dtype), each holding its kernels.
 
+use kernels_gen::gpu::TensorMaps;
+
 use crate::error::{Result, SdpaError};
 use crate::problem::Problem;
 use crate::tensor::TensorViewMut;
@@ -23,6 +25,7 @@ pub struct GpuKernel {
     block_m: u32,
     threads: u32,
     smem_bytes: u32,
+    tensor_maps: Option<TensorMaps>,
 }
 
 impl GpuKernel {
@@ -44,6 +47,16 @@ impl GpuKernel {
             block_m,
             threads,
             smem_bytes,
+            tensor_maps: None,
+        }
+    }
+    /// The same kernel, taking the tensor maps of `q`, `k` and `v` after the
+    /// contract's parameters, with boxes of `q_rows` tokens for `q` and
+    /// `kv_rows` tokens for `k` and `v`.
+    pub const fn with_tensor_maps(self, q_rows: u32, kv_rows: u32) -> GpuKernel {
+        GpuKernel {
+            tensor_maps: Some(TensorMaps { q_rows, kv_rows }),
+            ..self
         }
     }
     /// The PTX module text.
@@ -69,6 +82,12 @@ impl GpuKernel {
     /// Dynamic shared memory per CTA, in bytes.
     pub fn smem_bytes(&self) -> u32 {
         self.smem_bytes
+    }
+    /// The tensor maps the kernel takes after the contract's parameters
+    /// (their boxes' tokens; [`TensorMaps`] says how the runtime encodes
+    /// them), or `None` where it takes none.
+    pub fn tensor_maps(&self) -> Option<TensorMaps> {
+        self.tensor_maps
     }
 }
 
@@ -215,5 +234,25 @@ impl VariantTable {
                     .collect::<Vec<_>>()
                     .join(", "),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_maps_are_declared_in_a_const() {
+        const PLAIN: GpuKernel = GpuKernel::new("", "k", "sm_90a", 128, 384, 1024);
+        const MAPPED: GpuKernel = PLAIN.with_tensor_maps(128, 96);
+        assert_eq!(PLAIN.tensor_maps(), None);
+        assert_eq!(
+            MAPPED.tensor_maps(),
+            Some(TensorMaps {
+                q_rows: 128,
+                kv_rows: 96
+            })
+        );
+        assert_eq!((MAPPED.entry(), MAPPED.block_m()), ("k", 128));
     }
 }

@@ -4,13 +4,18 @@
 //! [`attention`] derives the device pointers from the checked views of a
 //! [`Problem`], lays out the arguments in the order of the launch contract
 //! ([`kernels_gen::gpu::PARAMS`], then [`kernels_gen::gpu::SCALE_PARAM`]),
-//! computes the grid and launches on the given stream.
+//! computes the grid and launches on the given stream. A kernel that takes
+//! tensor maps gets them last ([`kernels_gen::gpu::TENSOR_MAP_PARAMS`]),
+//! encoded for this call; where they cannot be ([`choose`]), the variant's
+//! portable kernel runs instead.
 
 use cudarc::driver::{
-    CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+    CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 
 use super::mask::DeviceMask;
+use super::module_cache;
+use super::tensor_map::{self, TensorMap, Tiled, Undescribable};
 use crate::error::{Result, SdpaError};
 use crate::problem::Problem;
 use crate::tensor::{CudaData, CudaDataMut, CudaRef, Layout, StorageMut, TensorViewMut};
@@ -91,6 +96,78 @@ pub(crate) fn arguments(
     ])
 }
 
+/// The kernels a call may run: the one picked for the device, and the
+/// variant's portable kernel, which runs instead where the picked one's
+/// tensor maps cannot describe the call's tensors.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Kernels<'v> {
+    /// The kernel picked for the device.
+    pub(crate) picked: &'v GpuKernel,
+    /// The variant's portable (sm_80) kernel, if it has one.
+    pub(crate) portable: Option<&'v GpuKernel>,
+}
+
+/// The kernel a call launches, and the tensor maps it takes.
+#[derive(Debug)]
+pub(crate) struct Chosen<'v> {
+    /// The kernel.
+    pub(crate) kernel: &'v GpuKernel,
+    /// The maps of `q`, `k` and `v`, where the kernel takes them.
+    pub(crate) maps: Option<[TensorMap; 3]>,
+}
+
+/// The kernel to launch for `p`, whose `q`, `k` and `v` live at
+/// `addresses`: the picked one, with its tensor maps made by `encode` where
+/// it takes them ([`Tiled::encode`] on a device). Where a tensor has no map
+/// (strides TMA cannot describe, or the driver refused), the portable
+/// kernel, with a debug line saying why.
+pub(crate) fn choose<'v>(
+    kernels: Kernels<'v>,
+    p: &Problem<'_>,
+    addresses: [u64; 3],
+    encode: impl Fn(&Tiled) -> Result<TensorMap, Undescribable>,
+) -> Result<Chosen<'v>> {
+    let picked = kernels.picked;
+    let Some(boxes) = picked.tensor_maps() else {
+        return Ok(Chosen {
+            kernel: picked,
+            maps: None,
+        });
+    };
+    let (tensor, why) = match tensor_map::for_inputs(boxes, p, addresses, encode) {
+        Ok(maps) => {
+            return Ok(Chosen {
+                kernel: picked,
+                maps: Some(maps),
+            })
+        }
+        Err(refusal) => refusal,
+    };
+    match kernels.portable.filter(|k| k.tensor_maps().is_none()) {
+        Some(portable) => {
+            tracing::debug!(
+                kernel = picked.entry(),
+                fallback = portable.entry(),
+                tensor,
+                reason = %why,
+                "no tensor map describes {tensor}; running the portable kernel"
+            );
+            Ok(Chosen {
+                kernel: portable,
+                maps: None,
+            })
+        }
+        None => Err(SdpaError::BackendUnavailable {
+            backend: "cuda",
+            reason: format!(
+                "{} needs a tensor map of {tensor}, and {why}; the variant has no portable \
+                 kernel to run instead",
+                picked.entry()
+            ),
+        }),
+    }
+}
+
 /// The kernels move 16-byte vectors: every row `[b, s, h, ..]` of a tensor
 /// must start on a 16-byte boundary. Checked before launch, because a
 /// misaligned access is a sticky fault that ruins the context.
@@ -165,15 +242,15 @@ fn output_ptr<'s>(data: &'s mut CudaDataMut<'_>, stream: &'s CudaStream) -> (u64
     }
 }
 
-/// Launches `function` (the GPU kernel of `p`'s variant, described by
-/// `kernel`) on `stream` for the checked problem `p`, writing `out`.
+/// Launches a GPU kernel of `p`'s variant ([`choose`]n from `kernels`,
+/// JIT-loaded on first use) on `stream` for the checked problem `p`,
+/// writing `out`.
 ///
 /// `p`'s tensors and `out` must be device memory of `stream`'s context;
 /// `mask` is `p`'s mask, uploaded on `stream`. Returns once the launch is
 /// queued; the stream orders it with what comes next.
 pub(crate) fn attention(
-    function: &CudaFunction,
-    kernel: &GpuKernel,
+    kernels: Kernels<'_>,
     stream: &CudaStream,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
@@ -183,7 +260,6 @@ pub(crate) fn attention(
     if out.layout().numel() == 0 {
         return Ok(());
     }
-    let grid = grid(p, kernel)?;
     let out_layout = *out.layout();
     let not_here = |what: &str| {
         SdpaError::Residence(format!(
@@ -236,12 +312,15 @@ pub(crate) fn attention(
         mask: mask_ptr,
     };
     let args = arguments(p, &out_layout, mask.map_or([0; 3], |m| m.strides), &ptrs)?;
+    let Chosen { kernel, maps } = choose(kernels, p, [q, k, v], Tiled::encode)?;
+    let grid = grid(p, kernel)?;
+    let function = module_cache::function(stream.context(), kernel)?;
     let cfg = LaunchConfig {
         grid_dim: grid,
         block_dim: (kernel.threads(), 1, 1),
         shared_mem_bytes: kernel.smem_bytes(),
     };
-    let mut builder = stream.launch_builder(function);
+    let mut builder = stream.launch_builder(&function);
     for (_, arg) in &args {
         match arg {
             Arg::U64(x) => builder.arg(x),
@@ -249,11 +328,25 @@ pub(crate) fn attention(
             Arg::F32(x) => builder.arg(x),
         };
     }
+    for map in maps.iter().flatten() {
+        builder.arg(map);
+    }
     // SAFETY: the launch is sound because
     // - the arguments are those of the launch contract, in its order and with
     //   its types (`arguments` is tested against `kernels_gen::gpu::PARAMS`),
     //   and `function` is the entry point generated for this variant, so it
     //   reads them as laid out here; `args` outlives the launch call;
+    // - a kernel that declares tensor maps (`GpuKernel::tensor_maps`, set by
+    //   the macro from the generator's kernel) gets exactly three after
+    //   them, q's, k's and v's (`choose` returns maps only for such a kernel,
+    //   and a kernel without maps gets none): 128-byte, 64-byte aligned
+    //   values that `maps` holds past the launch call. Each covers exactly
+    //   its tensor's `[B, S, H, D]` elements at the address passed above,
+    //   with the view's own strides (`tensor_map::describe`, which replaces
+    //   only the strides of dimensions of one entry, never multiplied by a
+    //   coordinate other than 0); the TMA unit reads no element outside
+    //   those dimensions (out-of-bounds box entries are filled with zeros,
+    //   not read), so its reads are in bounds as the kernel's own are below;
     // - every pointer is the address of device memory of `stream`'s context
     //   (checked above) that stays allocated while the kernel runs: the
     //   views borrow it for the whole call, and the guards `_q` ... `_out`
@@ -297,7 +390,8 @@ pub(crate) fn attention(
 mod tests {
     use super::*;
     use crate::tensor::TensorView;
-    use kernels_gen::gpu::{ParamKind, PARAMS, SCALE_PARAM};
+    use half::bf16;
+    use kernels_gen::gpu::{ParamKind, PARAMS, SCALE_PARAM, TENSOR_MAP_PARAMS};
 
     fn problem<'a>(
         q: &'a [f32],
@@ -352,6 +446,105 @@ mod tests {
             Arg::F32(0.125 * std::f32::consts::LOG2_E)
         );
         assert_eq!(value("out"), Arg::U64(4));
+    }
+
+    const PORTABLE: GpuKernel = GpuKernel::new("", "sm80", "sm_80", 64, 128, 0);
+    const MAPPED: GpuKernel =
+        GpuKernel::new("", "sm90", "sm_90a", 128, 384, 0).with_tensor_maps(128, 96);
+
+    /// Stands in for the driver: a map tagged with the tensor's address
+    /// and box rows.
+    fn tag(t: &Tiled) -> Result<TensorMap, Undescribable> {
+        Ok(TensorMap::tagged(t.address + u64::from(t.box_dim[1])))
+    }
+
+    fn bf16_problem<'a>(q: &'a [bf16], k: TensorView<'a>) -> Problem<'a> {
+        let q = TensorView::from_slice(q, [1, 8, 4, 64]).unwrap();
+        Problem::new(q, k, k, None, 0.125).unwrap()
+    }
+
+    #[test]
+    fn tensor_maps_come_last_for_q_k_and_v() {
+        // The launch pushes the maps after `arguments`, in `choose`'s order.
+        let tensors = TENSOR_MAP_PARAMS.map(|name| name.strip_prefix("tmap_"));
+        assert_eq!(tensors, [Some("q"), Some("k"), Some("v")]);
+        let data = vec![bf16::ZERO; 8 * 4 * 64];
+        let k = TensorView::from_slice(&data[..8 * 2 * 64], [1, 8, 2, 64]).unwrap();
+        let p = bf16_problem(&data, k);
+        let kernels = Kernels {
+            picked: &MAPPED,
+            portable: Some(&PORTABLE),
+        };
+        let chosen = choose(kernels, &p, [0x1000, 0x2000, 0x3000], tag).unwrap();
+        assert_eq!(chosen.kernel.entry(), "sm90");
+        let tags = chosen.maps.unwrap().map(|m| m.tag());
+        assert_eq!(tags, [0x1000 + 128, 0x2000 + 96, 0x3000 + 96]);
+        // A kernel without maps gets none, and nothing is encoded.
+        let plain = Kernels {
+            picked: &PORTABLE,
+            portable: Some(&PORTABLE),
+        };
+        let never = |_: &Tiled| -> Result<TensorMap, Undescribable> { unreachable!() };
+        let chosen = choose(plain, &p, [0; 3], never).unwrap();
+        assert!(chosen.maps.is_none());
+    }
+
+    #[test]
+    fn strides_tma_cannot_describe_run_the_portable_kernel() {
+        let data = vec![bf16::ZERO; 8 * 4 * 64];
+        let kernels = Kernels {
+            picked: &MAPPED,
+            portable: Some(&PORTABLE),
+        };
+        // k and v rows 68 elements (136 bytes) apart: no map describes them.
+        let k = TensorView::with_strides(&data, [1, 8, 1, 64], [8 * 68, 68, 68, 1]).unwrap();
+        let q = vec![bf16::ZERO; 8 * 64];
+        let q = TensorView::from_slice(&q, [1, 8, 1, 64]).unwrap();
+        let p = Problem::new(q, k, k, None, 0.125).unwrap();
+        let chosen = choose(kernels, &p, [0; 3], tag).unwrap();
+        assert_eq!(chosen.kernel.entry(), "sm80");
+        assert!(chosen.maps.is_none());
+        assert_eq!(
+            tensor_map::for_inputs(MAPPED.tensor_maps().unwrap(), &p, [0; 3], tag).err(),
+            Some((
+                "k",
+                Undescribable::StrideUnaligned {
+                    dim: "token",
+                    bytes: 136
+                }
+            ))
+        );
+        // Without a portable kernel to run, the call fails and says why.
+        let alone = Kernels {
+            picked: &MAPPED,
+            portable: None,
+        };
+        let err = choose(alone, &p, [0; 3], tag).unwrap_err().to_string();
+        assert!(
+            err.contains("sm90 needs a tensor map of k, and its token stride is 136 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_map_the_driver_refuses_runs_the_portable_kernel() {
+        let data = vec![bf16::ZERO; 8 * 4 * 64];
+        let k = TensorView::from_slice(&data, [1, 8, 4, 64]).unwrap();
+        let p = bf16_problem(&data, k);
+        let kernels = Kernels {
+            picked: &MAPPED,
+            portable: Some(&PORTABLE),
+        };
+        let old = |_: &Tiled| Err(Undescribable::OldDriver(11_080));
+        let chosen = choose(kernels, &p, [0; 3], old).unwrap();
+        assert_eq!(chosen.kernel.entry(), "sm80");
+        // So does an f32 call (no f32 tensor maps).
+        let (q, kv) = (vec![0.0; 8 * 64], vec![0.0; 8 * 64]);
+        let p = problem(&q, &kv, [1, 8, 1, 64], [1, 8, 1, 64]);
+        assert_eq!(
+            choose(kernels, &p, [0; 3], tag).unwrap().kernel.entry(),
+            "sm80"
+        );
     }
 
     #[test]

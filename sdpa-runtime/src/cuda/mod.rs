@@ -56,7 +56,8 @@
 //!
 //! `device` (contexts, probing), `module_cache` (the per-device JIT cache),
 //! `jit_log` (the JIT compiler's error log), `mask` (masks in the contract's
-//! format), `launch` (arguments, grid and the launch).
+//! format), `tensor_map` (the TMA descriptors of Hopper kernels), `launch`
+//! (the kernel's choice, arguments, grid and the launch).
 //!
 //! [`CudaSlice`]: cudarc::driver::CudaSlice
 //! [`CudaView`]: cudarc::driver::CudaView
@@ -67,6 +68,9 @@ mod jit_log;
 mod launch;
 mod mask;
 mod module_cache;
+mod tensor_map;
+#[cfg(test)]
+mod tma_tests;
 
 use std::sync::Arc;
 
@@ -84,6 +88,7 @@ use crate::tensor::{
 };
 use crate::variant::Variant;
 use crate::DType;
+use launch::Kernels;
 
 /// Runs `variant`'s GPU kernel for `p` into `out`: on the device where they
 /// live, or through device 0 for host tensors.
@@ -91,16 +96,16 @@ pub(crate) fn run(variant: &Variant, p: &Problem<'_>, out: &mut TensorViewMut<'_
     match (p.q.storage(), out.storage()) {
         (Storage::Cuda(_), StorageMut::Cuda(out_data)) => {
             let stream = out_data.stream().clone();
-            let kernel = pick_kernel(variant, stream.context())?;
-            on_device(kernel, &stream, p, out)
+            let kernels = pick_kernel(variant, stream.context())?;
+            on_device(kernels, &stream, p, out)
         }
         (Storage::Host(_), StorageMut::Host(_)) => {
             let device = device::device(0)?;
-            let kernel = pick_kernel(variant, &device.ctx)?;
+            let kernels = pick_kernel(variant, &device.ctx)?;
             match p.dtype() {
-                DType::F32 => staged::<f32>(kernel, &device.stream, p, out),
-                DType::F16 => staged::<half::f16>(kernel, &device.stream, p, out),
-                DType::BF16 => staged::<half::bf16>(kernel, &device.stream, p, out),
+                DType::F32 => staged::<f32>(kernels, &device.stream, p, out),
+                DType::F16 => staged::<half::f16>(kernels, &device.stream, p, out),
+                DType::BF16 => staged::<half::bf16>(kernels, &device.stream, p, out),
             }
         }
         _ => Err(SdpaError::Residence(format!(
@@ -130,8 +135,9 @@ fn portable_only() -> Result<bool> {
     }
 }
 
-/// The kernel of `variant` for the device of `ctx`.
-fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<&'v crate::GpuKernel> {
+/// The kernel of `variant` for the device of `ctx`, with the variant's
+/// portable kernel to fall back on.
+fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<Kernels<'v>> {
     let capability = if portable_only()? {
         (8, 0)
     } else {
@@ -154,14 +160,18 @@ fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<&'v c
         device = ctx.ordinal(),
         target = kernel.target(),
         entry = kernel.entry(),
+        tensor_maps = kernel.tensor_maps().is_some(),
         "picked a GPU kernel"
     );
-    Ok(kernel)
+    Ok(Kernels {
+        picked: kernel,
+        portable: variant.gpu_kernel(),
+    })
 }
 
 /// Launches on `stream` for device tensors.
 fn on_device(
-    kernel: &crate::GpuKernel,
+    kernels: Kernels<'_>,
     stream: &Arc<CudaStream>,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
@@ -169,20 +179,19 @@ fn on_device(
     if out.layout().numel() == 0 {
         return Ok(());
     }
-    let function = module_cache::function(stream.context(), kernel)?;
     let mask = p
         .mask
         .as_ref()
         .map(|m| mask::upload(m, stream))
         .transpose()?;
-    launch::attention(&function, kernel, stream, p, out, mask.as_ref())
+    launch::attention(kernels, stream, p, out, mask.as_ref())
 }
 
 /// Copies the host tensors of `p` to the device, packed contiguously (so
 /// that any host strides meet the kernels' 16-byte row alignment), runs
 /// there and scatters the result into `out`, waiting for it.
 fn staged<T: Element>(
-    kernel: &crate::GpuKernel,
+    kernels: Kernels<'_>,
     stream: &Arc<CudaStream>,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
@@ -216,14 +225,14 @@ fn staged<T: Element>(
         };
         let mut device_view =
             TensorViewMut::new_cuda(T::cuda_mut(CudaRefMut::from(&mut device_out)), packed_out)?;
-        on_device(kernel, stream, &device_problem, &mut device_view)?;
+        on_device(kernels, stream, &device_problem, &mut device_view)?;
     }
     let result: Vec<T> = stream
         .clone_dtoh(&device_out)
         .map_err(|e| SdpaError::cuda("copying the result to the host", e))?;
     stream
         .synchronize()
-        .map_err(|e| SdpaError::cuda(format_args!("running {}", kernel.entry()), e))?;
+        .map_err(|e| SdpaError::cuda(format_args!("running {}", kernels.picked.entry()), e))?;
     let host_out = out.host_slice_mut::<T>().ok_or_else(|| not_host("out"))?;
     let d = out_layout.head_size();
     let [b, s, h, _] = out_layout.shape();
