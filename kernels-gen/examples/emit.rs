@@ -9,7 +9,7 @@
 //! `cargo run -p kernels-gen --example emit -- --dir OUT 40 64 80 128`
 //!
 //! `--sm90` writes the Hopper (sm_90a, `wgmma`) kernels instead, skipping
-//! the variants that have none; `--sm90-cfg BLOCK_N,PV_PER_PANEL[,OVERLAP[,WGS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA]]]]]]]` overrides
+//! the variants that have none; `--sm90-cfg BLOCK_N,PV_PER_PANEL[,OVERLAP[,WGS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA[,PERSISTENT]]]]]]]]` overrides
 //! their tiles (for tuning runs).
 
 use kernels_gen::fa2::{self, Fa2Config};
@@ -19,7 +19,7 @@ use kernels_gen::sm90::{self, Sm90Config};
 use kernels_gen::{gpu, DType, VariantSpec};
 
 /// The sm_90a kernel of `spec`, if it has one, with `cfg` overriding
-/// `BLOCK_N,PV_PER_PANEL[,OVERLAP[,WARPGROUPS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA]]]]]]]`.
+/// `BLOCK_N,PV_PER_PANEL[,OVERLAP[,WARPGROUPS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA[,PERSISTENT]]]]]]]]`.
 fn kernel_sm90(spec: &VariantSpec, cfg: Option<&[usize]>) -> Option<GpuKernel> {
     let mut c = Sm90Config::new(spec)?;
     if let Some(t) = cfg {
@@ -45,6 +45,10 @@ fn kernel_sm90(spec: &VariantSpec, cfg: Option<&[usize]>) -> Option<GpuKernel> {
         }
         if let Some(&x) = t.get(8) {
             c.tma = x != 0;
+            c.persistent = c.tma;
+        }
+        if let Some(&x) = t.get(9) {
+            c.persistent = x != 0;
         }
     }
     Some(sm90::generate_with(spec, c))
@@ -82,7 +86,7 @@ fn main() {
         t.split(',')
             .map(|x| {
                 x.parse().expect(
-                    "--sm90-cfg BLOCK_N,PV_PER_PANEL[,OVERLAP[,WGS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA]]]]]]]",
+                    "--sm90-cfg BLOCK_N,PV_PER_PANEL[,OVERLAP[,WGS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA[,PERSISTENT]]]]]]]]",
                 )
             })
             .collect()
@@ -117,7 +121,7 @@ fn main() {
                     std::fs::write(dir.join(format!("{}.ptx", k.entry)), &k.ptx).unwrap();
                     manifest.push(format!(
                         "{{\"entry\": \"{}\", \"head_size\": {d}, \"causal\": {causal}, \
-                         \"dtype\": \"{dtype}\", \"block_m\": {}, \"threads\": {}, \"smem_bytes\": {}, \"tensor_maps\": {}}}",
+                         \"dtype\": \"{dtype}\", \"block_m\": {}, \"threads\": {}, \"smem_bytes\": {}, \"tensor_maps\": {}, \"persistent\": {}}}",
                         k.entry,
                         k.block_m,
                         k.threads,
@@ -125,7 +129,8 @@ fn main() {
                         k.tensor_maps.map_or("null".to_string(), |m| format!(
                             "{{\"q_rows\": {}, \"kv_rows\": {}}}",
                             m.q_rows, m.kv_rows
-                        ))
+                        )),
+                        k.persistent
                     ));
                 }
             }

@@ -164,6 +164,7 @@ pub fn generate_with(spec: &VariantSpec, cfg: Fa2Config, target: Target) -> GpuK
         threads: cfg.threads() as u32,
         smem_bytes: cfg.smem_bytes() as u32,
         tensor_maps: None,
+        persistent: false,
     }
 }
 

@@ -98,6 +98,12 @@ pub struct TensorMaps {
     pub kv_rows: u32,
 }
 
+/// The parameters a [`GpuKernel::persistent`] kernel takes last (after
+/// its tensor maps, if any): the query heads `Hq` and the batch `B`, which
+/// its grid no longer carries.
+pub const PERSISTENT_PARAMS: [(&str, ParamKind); 2] =
+    [("heads", ParamKind::U32), ("batch", ParamKind::U32)];
+
 /// The 64-element (128-byte) inner extent of every [`TensorMaps`] box.
 pub const TENSOR_MAP_BOX_COLUMNS: u32 = 64;
 
@@ -119,6 +125,12 @@ pub struct GpuKernel {
     /// The tensor maps the kernel takes after the contract's parameters
     /// ([`TENSOR_MAP_PARAMS`]), or `None` where it takes none.
     pub tensor_maps: Option<TensorMaps>,
+    /// The kernel loops over the contract's tiles (query block, head,
+    /// batch) itself, CTA `i` taking tiles `i`, `i + gridDim.x`, ... in the
+    /// grid's order: launch it with a grid of `(min(tiles, SMs), 1, 1)`
+    /// (one CTA per SM; any positive count is correct) and
+    /// [`PERSISTENT_PARAMS`] last.
+    pub persistent: bool,
 }
 
 /// Declares the contract's parameters on `k`, in order, returning them.

@@ -184,6 +184,7 @@ pub fn generate(spec: &VariantSpec, target: Target) -> GpuKernel {
         threads: THREADS,
         smem_bytes: plan.smem_bytes(),
         tensor_maps: None,
+        persistent: false,
     }
 }
 

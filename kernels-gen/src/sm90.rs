@@ -67,11 +67,11 @@
 
 use crate::gpu::{
     cta_coords, declare_params, load_args, store_scaled_pairs, GpuKernel, TensorMaps,
-    TENSOR_MAP_PARAMS,
+    PERSISTENT_PARAMS, TENSOR_MAP_PARAMS,
 };
 use crate::ptx::{
-    Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Param, Reg, StateSpace, Target, Ty, UnOp,
-    WgmmaA,
+    Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Param, Reg, Special, StateSpace, Target, Ty,
+    UnOp, WgmmaA,
 };
 use crate::{DType, VariantSpec};
 
@@ -125,6 +125,11 @@ pub struct Sm90Config {
     /// [`crate::gpu::TensorMaps`]), completing on mbarriers, instead of
     /// the warpgroup's `cp.async` copies.
     pub tma: bool,
+    /// With TMA: each CTA loops over tiles (query block, head, batch)
+    /// `gridDim.x` apart, the producer loading the next tile's Q and K/V
+    /// while the consumers finish the current one. The runtime launches
+    /// one CTA per SM at most and passes [`crate::gpu::PERSISTENT_PARAMS`].
+    pub persistent: bool,
 }
 
 impl Sm90Config {
@@ -178,6 +183,7 @@ impl Sm90Config {
             split_kv: false,
             pv_exact: false,
             tma: false,
+            persistent: false,
         };
         if !d.is_multiple_of(16) || d > 256 {
             return None;
@@ -245,7 +251,7 @@ impl Sm90Config {
     pub fn stages(&self) -> usize {
         if self.tma {
             // As many as fit beside Q and the barriers, two to three.
-            let fixed = 1024 + self.block_m() * self.d_pad() * 2 + 8 * (3 * 3 + 1);
+            let fixed = 1024 + self.block_m() * self.d_pad() * 2 + 8 * (3 * 3 + 2);
             (SMEM_LIMIT.saturating_sub(fixed) / (2 * self.kv_tile())).clamp(2, 3)
         } else if self.split_kv {
             // Two for K and two for V: as many tiles as two (K, V) stages.
@@ -266,10 +272,11 @@ impl Sm90Config {
     }
 
     /// The full and empty mbarriers of the stages (warp-specialised only):
-    /// with TMA, K-full, V-full and empty per stage and one for Q.
+    /// with TMA, K-full, V-full and empty per stage, then Q-full and
+    /// Q-empty.
     fn barrier_bytes(&self) -> usize {
         if self.tma {
-            8 * (3 * self.stages() + 1)
+            8 * (3 * self.stages() + 2)
         } else if self.producer {
             16 * self.stages()
         } else {
@@ -315,6 +322,7 @@ pub fn generate_with(spec: &VariantSpec, cfg: Sm90Config) -> GpuKernel {
             q_rows: cfg.block_m() as u32,
             kv_rows: cfg.block_n as u32,
         }),
+        persistent: cfg.persistent,
     }
 }
 
@@ -332,6 +340,12 @@ struct Emitter {
     /// Whether this thread's 16-byte chunk lies inside the head size
     /// (`None`: always; the tiles are padded to whole panels).
     chunk_ok: Option<Reg>,
+    /// Persistent: the CTA's count of key blocks before the current tile,
+    /// which the stages and their barrier phases continue from.
+    g0: Option<Reg>,
+    /// Persistent: the CTA's count of tiles with keys before the current
+    /// one (Q's barrier phases).
+    q_phase: Option<Reg>,
 }
 
 impl Emitter {
@@ -341,6 +355,8 @@ impl Emitter {
             cfg,
             lrow: None,
             chunk_ok: None,
+            g0: None,
+            q_phase: None,
         }
     }
 
@@ -762,9 +778,19 @@ impl Emitter {
         self.k.push(Instr::BarSync(0));
     }
 
-    /// Writes `O / sum` of this thread's rows (rows that saw no key are 0)
-    /// and returns.
-    fn epilogue(&mut self, c: &Core, tq: Reg, row0: Reg, seq_q: Reg, o_base: Reg, o_stride: Reg) {
+    /// Writes `O / sum` of this thread's rows (rows that saw no key are 0),
+    /// and returns with `ret`.
+    #[allow(clippy::too_many_arguments)]
+    fn epilogue(
+        &mut self,
+        c: &Core,
+        tq: Reg,
+        row0: Reg,
+        seq_q: Reg,
+        o_base: Reg,
+        o_stride: Reg,
+        ret: bool,
+    ) {
         let n_tiles_o = self.cfg.d / 8;
         // ---- epilogue: O / sum, rows that saw no key are 0 ----
         let packed = self.cfg.packed();
@@ -786,7 +812,9 @@ impl Emitter {
                 (0..n_tiles_o).map(|t| (c.o_acc[4 * t + 2 * r], c.o_acc[4 * t + 2 * r + 1]));
             store_scaled_pairs(k, pairs, inv, addr, inside, packed);
         }
-        self.k.push(Instr::Ret);
+        if ret {
+            self.k.push(Instr::Ret);
+        }
     }
 
     /// Waits until the mbarrier at `addr` has completed the phase of
@@ -851,6 +879,15 @@ impl Emitter {
         });
     }
 
+    /// Block `n` of the tile counted over the CTA's whole run (persistent),
+    /// for its stage and barrier phase.
+    fn gblk(&mut self, n: Reg) -> Reg {
+        match self.g0 {
+            Some(g0) => self.k.bin(BinOp::Add, Ty::U32, n, g0),
+            None => n,
+        }
+    }
+
     /// The consumer warpgroups' side of the warp-specialised kernel: Q,
     /// then per block wait for its stage, products in turns with the other
     /// consumer, softmax under the P·V, release of the stage.
@@ -890,7 +927,11 @@ impl Emitter {
         if cfg.tma {
             // Q's box lands on the barrier after the stages'.
             let q_bar = k.bin(BinOp::Add, Ty::U32, sbar, Self::u(24 * cfg.stages()));
-            self.mbar_wait(q_bar, n);
+            let parity = match self.q_phase {
+                Some(ph) => k.bin(BinOp::And, Ty::U32, ph, Operand::U(1)),
+                None => n,
+            };
+            self.mbar_wait(q_bar, parity);
         }
         let k = &mut self.k;
         // Consumer 0 goes first: the last consumer lets it.
@@ -908,11 +949,19 @@ impl Emitter {
         }
 
         // Block 0: scores and softmax.
-        let (full, parity) = self.stage_barrier(sbar, n, Bar::Full);
+        let g = self.gblk(n);
+        let (full, parity) = self.stage_barrier(sbar, g, Bar::Full);
         self.mbar_wait(full, parity);
         self.ping_pong(cwg, false);
+        let k_first = match self.g0 {
+            Some(_) => {
+                let (_, at) = self.stage_of(g, 0);
+                self.k.bin(BinOp::Add, Ty::U64, k_desc0, at)
+            }
+            None => k_desc0,
+        };
         self.k.push(Instr::WgmmaFence);
-        self.s_gemm(c, k_desc0);
+        self.s_gemm(c, k_first);
         self.k.push(Instr::WgmmaCommit);
         self.ping_pong(cwg, true);
         self.k.push(Instr::WgmmaWait(0));
@@ -926,15 +975,17 @@ impl Emitter {
         let loop_top = self.k.label("key_block");
         self.k.push(Instr::Label(loop_top.clone()));
         let n1 = self.k.bin(BinOp::Add, Ty::U32, n, Operand::U(1));
-        let (full, parity) = self.stage_barrier(sbar, n1, Bar::Full);
+        let g1 = self.gblk(n1);
+        let (full, parity) = self.stage_barrier(sbar, g1, Bar::Full);
         self.mbar_wait(full, parity);
+        let g = self.gblk(n);
         if cfg.tma {
-            let (full, parity) = self.stage_barrier(sbar, n, Bar::VFull);
+            let (full, parity) = self.stage_barrier(sbar, g, Bar::VFull);
             self.mbar_wait(full, parity);
         }
         self.ping_pong(cwg, false);
-        let (_, cur) = self.stage_of(n, 0);
-        let (_, next) = self.stage_of(n, 1);
+        let (_, cur) = self.stage_of(g, 0);
+        let (_, next) = self.stage_of(g, 1);
         let k = &mut self.k;
         k.bin_to(BinOp::Add, Ty::U32, j0, j0, Self::u(bn));
         let k_desc = k.bin(BinOp::Add, Ty::U64, k_desc0, next);
@@ -960,6 +1011,7 @@ impl Emitter {
             }
             self.k.push(Instr::WgmmaWait(0));
             let prev = self.k.bin(BinOp::Sub, Ty::U32, n, Operand::U(1));
+            let prev = self.gblk(prev);
             let (empty, _) = self.stage_barrier(sbar, prev, Bar::Empty);
             let state = self.k.reg(Ty::B64);
             self.k.push(Instr::MbarArrive {
@@ -978,12 +1030,30 @@ impl Emitter {
 
         // The last block's P·V.
         self.k.push(Instr::Label(tail));
+        let g = self.gblk(n);
+        if self.g0.is_some() {
+            // Every Q·Kᵀ of the tile is done: Q's buffer may take the
+            // next tile's.
+            let k = &mut self.k;
+            let q_empty = k.bin(
+                BinOp::Add,
+                Ty::U32,
+                sbar,
+                Self::u(8 * (3 * cfg.stages() + 1)),
+            );
+            let state = k.reg(Ty::B64);
+            k.push(Instr::MbarArrive {
+                state,
+                addr: q_empty.into(),
+                expect_tx: None,
+            });
+        }
         if cfg.tma {
-            let (full, parity) = self.stage_barrier(sbar, n, Bar::VFull);
+            let (full, parity) = self.stage_barrier(sbar, g, Bar::VFull);
             self.mbar_wait(full, parity);
         }
         self.ping_pong(cwg, false);
-        let (_, cur) = self.stage_of(n, 0);
+        let (_, cur) = self.stage_of(g, 0);
         let v_desc = self.k.bin(BinOp::Add, Ty::U64, v_desc0, cur);
         self.k.push(Instr::WgmmaFence);
         self.pv_gemm(c, v_desc);
@@ -1003,6 +1073,17 @@ impl Emitter {
             );
         }
         self.k.push(Instr::WgmmaWait(0));
+        if self.g0.is_some() {
+            // The last block's stage goes back to the producer, who moves
+            // on to the next tile.
+            let (empty, _) = self.stage_barrier(sbar, g, Bar::Empty);
+            let state = self.k.reg(Ty::B64);
+            self.k.push(Instr::MbarArrive {
+                state,
+                addr: empty.into(),
+                expect_tx: None,
+            });
+        }
         self.k.push(Instr::Label(done));
     }
 
@@ -1066,10 +1147,56 @@ impl Emitter {
         self.k.push(Instr::Ret);
     }
 
+    /// Persistent: moves the tile registers of `t` to tile `idx`, the
+    /// order of the non-persistent grid (query block fastest, then head,
+    /// then batch; causal query blocks last first).
+    fn locate(&mut self, t: &Tiles, idx: Reg) {
+        let cfg = self.cfg;
+        let (bm, bn) = (cfg.block_m(), cfg.block_n);
+        let k = &mut self.k;
+        let x = k.bin(BinOp::Rem, Ty::U32, idx, t.nq);
+        let rest = k.bin(BinOp::Div, Ty::U32, idx, t.nq);
+        let head = k.bin(BinOp::Rem, Ty::U32, rest, t.heads);
+        k.mov_to(Ty::U32, t.head, head);
+        let batch = k.bin(BinOp::Div, Ty::U32, rest, t.heads);
+        k.mov_to(Ty::U32, t.batch, batch);
+        let qblock = if cfg.causal {
+            let last = k.bin(BinOp::Sub, Ty::U32, t.nq, Operand::U(1));
+            k.bin(BinOp::Sub, Ty::U32, last, x)
+        } else {
+            x
+        };
+        let q0 = k.bin(BinOp::Mul, Ty::U32, qblock, Self::u(bm));
+        k.mov_to(Ty::U32, t.q0, q0);
+        let kv_head = k.bin(BinOp::Div, Ty::U32, head, t.group);
+        k.mov_to(Ty::U32, t.kv_head, kv_head);
+        let key_end = if cfg.causal {
+            let last = k.bin(BinOp::Add, Ty::U32, q0, Self::u(bm));
+            k.bin(BinOp::Min, Ty::U32, last, t.seq_k)
+        } else {
+            t.seq_k
+        };
+        let n = k.bin(BinOp::Add, Ty::U32, key_end, Self::u(bn - 1));
+        let n = k.bin(BinOp::Div, Ty::U32, n, Self::u(bn));
+        k.mov_to(Ty::U32, t.n_blocks, n);
+    }
+
+    /// Persistent: the next tile of this CTA, and the loop back to `top`
+    /// (which leaves once the tiles run out).
+    fn next_tile(&mut self, idx: Reg, top: &str) {
+        let k = &mut self.k;
+        let step = k.mov(Ty::U32, Operand::Special(Special::NCtaIdX));
+        k.bin_to(BinOp::Add, Ty::U32, idx, idx, step);
+        k.push(Instr::Bra {
+            target: top.to_string(),
+            uni: false,
+        });
+    }
+
     /// The TMA producer: warpgroup 0 gives its registers away and one
-    /// thread of it issues every copy. Q's box first, then per block,
-    /// once its stage is free, K's and V's panels, each tile completing
-    /// its bytes on its own full barrier.
+    /// thread of it issues every copy. Per tile, once Q's buffer is free,
+    /// Q's box; then per block, once its stage is free, K's and V's
+    /// panels, each tile completing its bytes on its own full barrier.
     #[allow(clippy::too_many_arguments)]
     fn tma_producer(
         &mut self,
@@ -1077,15 +1204,15 @@ impl Emitter {
         sbar: Reg,
         sq: Reg,
         sk0: Reg,
-        at: [Reg; 5],
-        n_blocks: Reg,
+        tid: Reg,
+        t: &Tiles,
         label: &str,
     ) {
         let cfg = self.cfg;
         let (stages, bn, bm) = (cfg.stages(), cfg.block_n, cfg.block_m());
         let panels = cfg.d_pad() / 64;
         let tile = cfg.kv_tile();
-        let [tid, q0, head, kv_head, batch] = at;
+        let (q0, head, kv_head, batch, n_blocks) = (t.q0, t.head, t.kv_head, t.batch, t.n_blocks);
         let k = &mut self.k;
         k.push(Instr::Label(label.to_string()));
         k.push(Instr::SetMaxNReg {
@@ -1094,8 +1221,6 @@ impl Emitter {
         });
         let leader = k.setp(Cmp::Eq, Ty::U32, tid, Operand::U(0));
         k.guard(leader, true, Instr::Ret);
-        let none = k.setp(Cmp::Eq, Ty::U32, n_blocks, Operand::U(0));
-        k.guard(none, false, Instr::Ret);
         let map: Vec<Reg> = maps
             .iter()
             .map(|p| {
@@ -1107,7 +1232,39 @@ impl Emitter {
                 r
             })
             .collect();
+        // Persistent: this CTA's tile, tiles with keys so far, blocks so far.
+        let (idx, done, g) = (
+            k.mov(Ty::U32, Operand::Special(Special::CtaIdX)),
+            k.mov(Ty::U32, Operand::U(0)),
+            k.mov(Ty::U32, Operand::U(0)),
+        );
+        let tile_top = k.label("produce_tile");
+        let next = k.label("next_tile");
+        k.push(Instr::Label(tile_top.clone()));
+        if cfg.persistent {
+            let over = k.setp(Cmp::Ge, Ty::U32, idx, t.total);
+            k.guard(over, false, Instr::Ret);
+            self.locate(t, idx);
+        }
+        let k = &mut self.k;
+        let none = k.setp(Cmp::Eq, Ty::U32, n_blocks, Operand::U(0));
+        if cfg.persistent {
+            k.branch_if(none, false, &next);
+            // Q's buffer is free once the consumers are past the previous
+            // tile's last Q·Kᵀ.
+            let first = k.setp(Cmp::Eq, Ty::U32, done, Operand::U(0));
+            let q_free = k.label("q_free");
+            k.branch_if(first, false, &q_free);
+            let q_empty = k.bin(BinOp::Add, Ty::U32, sbar, Self::u(8 * (3 * stages + 1)));
+            let prev = k.bin(BinOp::Sub, Ty::U32, done, Operand::U(1));
+            let parity = k.bin(BinOp::And, Ty::U32, prev, Operand::U(1));
+            self.mbar_wait(q_empty, parity);
+            self.k.push(Instr::Label(q_free));
+        } else {
+            k.guard(none, false, Instr::Ret);
+        }
         // Q: one box of `bm` rows per panel.
+        let k = &mut self.k;
         let q_bar = k.bin(BinOp::Add, Ty::U32, sbar, Self::u(24 * stages));
         let state = k.reg(Ty::B64);
         k.push(Instr::MbarArrive {
@@ -1128,19 +1285,21 @@ impl Emitter {
         let key = k.mov(Ty::U32, Operand::U(0));
         let top = k.label("produce");
         k.push(Instr::Label(top.clone()));
-        let s = k.bin(BinOp::Rem, Ty::U32, b, Self::u(stages));
+        // Blocks count over the CTA's run for their stage and phase.
+        let gb = k.bin(BinOp::Add, Ty::U32, b, g);
+        let s = k.bin(BinOp::Rem, Ty::U32, gb, Self::u(stages));
         let off = k.bin(BinOp::Mul, Ty::U32, s, Self::u(2 * tile));
         let k_dst = k.bin(BinOp::Add, Ty::U32, sk0, off);
-        // Block b reuses the stage of block b - stages.
-        let reuse = k.setp(Cmp::Ge, Ty::U32, b, Self::u(stages));
+        // Block gb reuses the stage of block gb - stages.
+        let reuse = k.setp(Cmp::Ge, Ty::U32, gb, Self::u(stages));
         let free = k.label("stage_free");
         k.branch_if(reuse, true, &free);
-        let old = k.bin(BinOp::Sub, Ty::U32, b, Self::u(stages));
+        let old = k.bin(BinOp::Sub, Ty::U32, gb, Self::u(stages));
         let (empty, parity) = self.stage_barrier(sbar, old, Bar::Empty);
         self.mbar_wait(empty, parity);
         self.k.push(Instr::Label(free));
         for (which, bar, m) in [(0, Bar::Full, map[1]), (1, Bar::VFull, map[2])] {
-            let (full, _) = self.stage_barrier(sbar, b, bar);
+            let (full, _) = self.stage_barrier(sbar, gb, bar);
             let k = &mut self.k;
             let state = k.reg(Ty::B64);
             k.push(Instr::MbarArrive {
@@ -1168,7 +1327,14 @@ impl Emitter {
         k.bin_to(BinOp::Add, Ty::U32, key, key, Self::u(bn));
         let again = k.setp(Cmp::Lt, Ty::U32, b, n_blocks);
         k.branch_if(again, false, &top);
-        k.push(Instr::Ret);
+        if cfg.persistent {
+            k.bin_to(BinOp::Add, Ty::U32, g, g, n_blocks);
+            k.bin_to(BinOp::Add, Ty::U32, done, done, Operand::U(1));
+            k.push(Instr::Label(next));
+            self.next_tile(idx, &tile_top);
+        } else {
+            k.push(Instr::Ret);
+        }
     }
 
     fn emit(mut self) -> Kernel {
@@ -1201,6 +1367,18 @@ impl Emitter {
         } else {
             Vec::new()
         };
+        let tiling: Vec<Param> = if cfg.persistent {
+            assert!(
+                cfg.tma && !cfg.ping_pong,
+                "persistent kernels load with TMA, no ping-pong"
+            );
+            PERSISTENT_PARAMS
+                .iter()
+                .map(|&(name, _)| self.k.param(Ty::U32, name))
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.k.launch_bounds(threads as u32, Some(1));
         self.k.dynamic_shared(1024);
         self.k.comment(format!(
@@ -1221,6 +1399,7 @@ impl Emitter {
         let (qs, ks, vs, os) = (a.q_strides, a.k_strides, a.v_strides, a.out_strides);
         let [msb, msh, msq] = a.mask_strides;
         let (seq_q, seq_k, group, scale_log2) = (a.seq_q, a.seq_k, a.group, a.scale_log2);
+        let tiling: Vec<Reg> = tiling.iter().map(|p| k.ld_param(Ty::U32, p)).collect();
 
         // ---- thread and block coordinates ----
         let (tid, qblock, head, batch) = cta_coords(k, cfg.causal);
@@ -1410,9 +1589,9 @@ impl Emitter {
             let first = k.setp(Cmp::Eq, Ty::U32, tid, Operand::U(0));
             if cfg.tma {
                 // K-full and V-full (the leader's arrival and the bytes),
-                // empty (the consumers' threads), then Q's.
-                for s in 0..3 * stages + 1 {
-                    let count = if (2 * stages..3 * stages).contains(&s) {
+                // empty (the consumers' threads), then Q-full and Q-empty.
+                for s in 0..3 * stages + 2 {
+                    let count = if (2 * stages..3 * stages).contains(&s) || s == 3 * stages + 1 {
                         (128 * cfg.wgs) as u32
                     } else {
                         1
@@ -1439,26 +1618,112 @@ impl Emitter {
                 }
             }
             k.push(Instr::BarSync(0));
+            // (Both roles read the tile count: computed before they part.)
+            let tiles = if cfg.persistent {
+                let (heads, batches) = (tiling[0], tiling[1]);
+                let nq = k.bin(BinOp::Add, Ty::U32, seq_q, Self::u(bm - 1));
+                let nq = k.bin(BinOp::Div, Ty::U32, nq, Self::u(bm));
+                let total = k.bin(BinOp::Mul, Ty::U32, nq, heads);
+                let total = k.bin(BinOp::Mul, Ty::U32, total, batches);
+                Tiles {
+                    total,
+                    nq,
+                    heads,
+                    group,
+                    seq_k,
+                    head,
+                    batch,
+                    q0,
+                    kv_head,
+                    n_blocks,
+                }
+            } else {
+                Tiles {
+                    total: n_blocks,
+                    nq: n_blocks,
+                    heads: n_blocks,
+                    group,
+                    seq_k,
+                    head,
+                    batch,
+                    q0,
+                    kv_head,
+                    n_blocks,
+                }
+            };
+            let k = &mut self.k;
             let is_producer = k.setp(Cmp::Eq, Ty::U32, wg, Operand::U(0));
             k.branch_if(is_producer, false, &producer_label);
             k.push(Instr::SetMaxNReg {
                 inc: true,
                 regs: cfg.consumer_regs(),
             });
-            self.ws_consumer(
-                &c,
-                rpp,
-                (q_src, q_pass, q_grow, q_rows, q_dst),
-                sbar,
-                cwg,
-                n_blocks,
-                k_desc0,
-                v_desc0,
-            );
-            self.epilogue(&c, tq, row0, seq_q, o_base, o_stride);
+            if cfg.persistent {
+                // The consumers' tile loop: where the tile lies, fresh
+                // accumulators, the key blocks, the output.
+                let k = &mut self.k;
+                let idx = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
+                let row_in = k.mad(Ty::U32, cwg, Operand::U(64), g);
+                let row_in = k.mad(Ty::U32, warp_in_wg, Operand::U(16), row_in);
+                let g0 = k.mov(Ty::U32, Operand::U(0));
+                let q_phase = k.mov(Ty::U32, Operand::U(0));
+                self.g0 = Some(g0);
+                self.q_phase = Some(q_phase);
+                let top = k.label("consume_tile");
+                k.push(Instr::Label(top.clone()));
+                let over = k.setp(Cmp::Ge, Ty::U32, idx, tiles.total);
+                k.guard(over, false, Instr::Ret);
+                self.locate(&tiles, idx);
+                let k = &mut self.k;
+                k.bin_to(BinOp::Add, Ty::U32, c.row0, q0, row_in);
+                let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
+                let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
+                let off = k.bin(BinOp::Mul, Ty::U64, b64, msb);
+                k.mad_to(Ty::U64, c.mask_head, h64, msh, off);
+                let off = k.bin(BinOp::Mul, Ty::U64, b64, os[0]);
+                let off = k.mad(Ty::U64, h64, os[2], off);
+                k.mad_to(Ty::U64, o_base, off, Operand::U(elem), o_ptr);
+                for &o in &c.o_acc {
+                    k.mov_to(Ty::F32, o, Operand::F32(0.0));
+                }
+                for r in 0..2 {
+                    k.mov_to(Ty::F32, c.m_run[r], Operand::F32(f32::NEG_INFINITY));
+                    k.mov_to(Ty::F32, c.l_run[r], Operand::F32(0.0));
+                }
+                self.ws_consumer(
+                    &c,
+                    rpp,
+                    (q_src, q_pass, q_grow, q_rows, q_dst),
+                    sbar,
+                    cwg,
+                    n_blocks,
+                    k_desc0,
+                    v_desc0,
+                );
+                self.epilogue(&c, tq, row0, seq_q, o_base, o_stride, false);
+                let k = &mut self.k;
+                k.bin_to(BinOp::Add, Ty::U32, g0, g0, n_blocks);
+                let any = k.setp(Cmp::Ne, Ty::U32, n_blocks, Operand::U(0));
+                let one = k.selp(Ty::U32, Operand::U(1), Operand::U(0), any);
+                k.bin_to(BinOp::Add, Ty::U32, q_phase, q_phase, one);
+                self.next_tile(idx, &top);
+                self.g0 = None;
+                self.q_phase = None;
+            } else {
+                self.ws_consumer(
+                    &c,
+                    rpp,
+                    (q_src, q_pass, q_grow, q_rows, q_dst),
+                    sbar,
+                    cwg,
+                    n_blocks,
+                    k_desc0,
+                    v_desc0,
+                );
+                self.epilogue(&c, tq, row0, seq_q, o_base, o_stride, true);
+            }
             if cfg.tma {
-                let at = [tid, q0, head, kv_head, batch];
-                self.tma_producer(&maps, sbar, sq, sk0, at, n_blocks, &producer_label);
+                self.tma_producer(&maps, sbar, sq, sk0, tid, &tiles, &producer_label);
             } else {
                 self.ws_producer(&ld, sbar, n_blocks, &producer_label);
             }
@@ -1607,9 +1872,26 @@ impl Emitter {
         let k = &mut self.k;
         k.push(Instr::Label(loop_end));
         k.push(Instr::CpAsyncWait(0));
-        self.epilogue(&c, tq, row0, seq_q, o_base, o_stride);
+        self.epilogue(&c, tq, row0, seq_q, o_base, o_stride, true);
         self.k
     }
+}
+
+/// Persistent kernels: the tile count and the registers that say where the
+/// current tile lies, which [`Emitter::locate`] moves from tile to tile.
+struct Tiles {
+    /// Tiles in all: `nq · heads · batch`.
+    total: Reg,
+    /// Query blocks per (head, batch).
+    nq: Reg,
+    heads: Reg,
+    group: Reg,
+    seq_k: Reg,
+    head: Reg,
+    batch: Reg,
+    q0: Reg,
+    kv_head: Reg,
+    n_blocks: Reg,
 }
 
 /// Which mbarrier of a stage.
@@ -1787,7 +2069,25 @@ mod tests {
         }
         // d=128: Q (32 KB) and three stages of 128-key K and V tiles.
         let k = generate(&spec(128, true, DType::F16)).unwrap();
-        assert_eq!(k.smem_bytes, 1024 + (128 + 6 * 128) * 256 + 80);
+        assert_eq!(k.smem_bytes, 1024 + (128 + 6 * 128) * 256 + 88);
+    }
+
+    #[test]
+    fn the_persistent_variant_loops_over_tiles() {
+        let s = spec(128, true, DType::BF16);
+        let cfg = Sm90Config {
+            persistent: true,
+            ..Sm90Config::new(&s).unwrap()
+        };
+        let k = generate_with(&s, cfg);
+        assert!(k.persistent);
+        assert!(!generate(&s).unwrap().persistent);
+        for (name, _) in PERSISTENT_PARAMS {
+            assert!(k.ptx.contains(&format!(".param .u32 {}_{name}", k.entry)));
+        }
+        assert!(k.ptx.contains("%nctaid.x"));
+        // Q-full and Q-empty after the three stages' three barriers.
+        assert_eq!(k.smem_bytes, 1024 + (128 + 6 * 128) * 256 + 88);
     }
 
     /// Assembles every variant with `ptxas` for sm_90a when `PTXAS` names

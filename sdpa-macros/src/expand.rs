@@ -166,6 +166,15 @@ fn gpu_kernel(gpu: &GpuKernel) -> TokenStream {
         let kv_rows = Literal::u32_unsuffixed(m.kv_rows);
         quote! { .with_tensor_maps(#q_rows, #kv_rows) }
     });
+    // The runtime launches the contract's grid; a persistent kernel (an
+    // experiment `Sm90Config::new` never picks) would need its own.
+    if gpu.persistent {
+        let msg = format!(
+            "kernels-gen produced the persistent kernel {}, which the runtime cannot launch",
+            gpu.entry
+        );
+        return quote! { ::core::compile_error!(#msg) };
+    }
     quote! {
         ::sdpa_runtime::GpuKernel::new(#ptx, #entry, #target, #block_m, #threads, #smem)
         #maps
