@@ -511,6 +511,14 @@ pub enum Instr {
         /// Transaction bytes to expect, if any.
         expect_tx: Option<u32>,
     },
+    /// `vote.sync.all.pred dst, src, 0xffffffff;`: whether `src` holds in
+    /// every lane of the (fully active) warp.
+    VoteAll {
+        /// The result (a predicate).
+        dst: Reg,
+        /// The lane's predicate.
+        src: Reg,
+    },
     /// `fence.mbarrier_init.release.cluster;`: makes this thread's
     /// `mbarrier.init`s visible to the async proxy (TMA completions).
     FenceMbarrierInit,
@@ -854,6 +862,9 @@ impl fmt::Display for Instr {
                     "mbarrier.arrive.expect_tx.shared::cta.b64 {state}, {addr}, {tx};"
                 ),
             },
+            Instr::VoteAll { dst, src } => {
+                write!(f, "vote.sync.all.pred {dst}, {src}, 0xffffffff;")
+            }
             Instr::FenceMbarrierInit => f.write_str("fence.mbarrier_init.release.cluster;"),
             Instr::CvtaParam { dst, param } => write!(f, "cvta.param.u64 {dst}, {};", param.name),
             Instr::TmaLoad {
