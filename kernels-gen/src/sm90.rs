@@ -150,9 +150,8 @@ impl Sm90Config {
     /// TMA and consumer warpgroups of 64 query rows with `setmaxnreg`, no
     /// ping-pong; consumers and keys per block by head size (measured on an
     /// H100, `docs/hopper.md`): three consumers (160 registers) and
-    /// 128-key blocks up to d=64, three and 96 keys at 80 and 96, two (240
-    /// registers) and 128 keys at 112 and 128, 112 keys up to 192, 80
-    /// above; K/V stages as many as fit (2 or 3); the output rescaled
+    /// 128-key blocks up to d=64, three and 96 keys at 80 to 112, two (240
+    /// registers) and 128 keys at 128, 112 keys up to 192, 80 above; K/V stages as many as fit (2 or 3); the output rescaled
     /// lazily where not causal.
     pub fn new(spec: &VariantSpec) -> Option<Sm90Config> {
         let mut cfg = Sm90Config::cp_async(spec)?;
@@ -166,10 +165,10 @@ impl Sm90Config {
         // with one (`docs/hopper.md`).
         cfg.lazy_rescale = !spec.causal;
         // Three consumers (160 registers each) where S, P and O fit them:
-        // 11-17% faster than two at d=64, 80 and 96, 6% at 48.
+        // 11-17% faster than two at d=64, 80 and 96, 4-7% at 48 and 112.
         (cfg.wgs, cfg.block_n) = match cfg.d {
             0..=64 => (3, 128),
-            65..=96 => (3, 96),
+            65..=112 => (3, 96),
             97..=128 => (2, 128),
             129..=192 => (2, 112),
             _ => (2, 80),
