@@ -1,0 +1,84 @@
+//! The two `wgmma` products of a key block: `S = Q·Kᵀ` from two
+//! shared-memory descriptors and `O += P·V` with P from registers.
+
+use super::{Core, Emitter};
+use crate::ptx::{BinOp, Instr, Operand, Reg, Ty, WgmmaA};
+
+impl Emitter {
+    /// A descriptor for the shared address `addr` with `bits`.
+    pub(super) fn desc(&mut self, addr: Reg, bits: u64) -> Reg {
+        let k = &mut self.k;
+        let a = k.bin(BinOp::Shr, Ty::U32, addr, Operand::U(4));
+        let a = k.bin(BinOp::And, Ty::U32, a, Operand::U(0x3fff));
+        let a = k.cvt(None, Ty::U64, Ty::U32, a);
+        k.bin(BinOp::Or, Ty::U64, a, Operand::U(bits))
+    }
+
+    /// `desc` moved on by `bytes` (a multiple of 16).
+    pub(super) fn desc_at(&mut self, desc: Reg, bytes: usize) -> Reg {
+        if bytes == 0 {
+            desc
+        } else {
+            self.k.bin(BinOp::Add, Ty::U64, desc, Self::u(bytes >> 4))
+        }
+    }
+
+    /// `S = Q·K(block)ᵀ` for the K tile of descriptor `k_desc` (no fence,
+    /// no commit).
+    pub(super) fn s_gemm(&mut self, c: &Core, k_desc: Reg) {
+        let cfg = self.cfg;
+        let (bm, bn) = (cfg.block_m(), cfg.block_n);
+        for kk in 0..cfg.d / 16 {
+            let within = (kk % 4) * 32;
+            let qa = self.desc_at(c.q_desc, (kk / 4) * bm * 128 + within);
+            let kb = self.desc_at(k_desc, (kk / 4) * bn * 128 + within);
+            self.k.push(Instr::Wgmma {
+                n: bn as u32,
+                ab: cfg.ab,
+                d: c.s_acc.clone(),
+                a: WgmmaA::Desc {
+                    desc: qa,
+                    trans: false,
+                },
+                b: kb,
+                scale_d: if kk == 0 { c.p_false } else { c.p_true },
+                trans_b: false,
+            });
+        }
+    }
+
+    /// `O += P·V(block)` for the V tile of descriptor `v_desc` (no fence,
+    /// no commit).
+    pub(super) fn pv_gemm(&mut self, c: &Core, v_desc: Reg) {
+        let cfg = self.cfg;
+        let (d, bn) = (cfg.pv_n(), cfg.block_n);
+        for (j, a) in c.p.iter().enumerate() {
+            let vb = self.desc_at(v_desc, j * 16 * 128);
+            if cfg.pv_per_panel {
+                for pn in 0..d.div_ceil(64) {
+                    let vbp = self.desc_at(vb, pn * bn * 128);
+                    let n = (d - 64 * pn).min(64);
+                    self.k.push(Instr::Wgmma {
+                        n: n as u32,
+                        ab: cfg.ab,
+                        d: c.o_acc[32 * pn..32 * pn + n / 2].to_vec(),
+                        a: WgmmaA::Regs(*a),
+                        b: vbp,
+                        scale_d: c.p_true,
+                        trans_b: true,
+                    });
+                }
+            } else {
+                self.k.push(Instr::Wgmma {
+                    n: d as u32,
+                    ab: cfg.ab,
+                    d: c.o_acc.clone(),
+                    a: WgmmaA::Regs(*a),
+                    b: vb,
+                    scale_d: c.p_true,
+                    trans_b: true,
+                });
+            }
+        }
+    }
+}
