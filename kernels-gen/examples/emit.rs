@@ -9,7 +9,7 @@
 //! `cargo run -p kernels-gen --example emit -- --dir OUT 40 64 80 128`
 //!
 //! `--sm90` writes the Hopper (sm_90a, `wgmma`) kernels instead, skipping
-//! the variants that have none; `--sm90-cfg BLOCK_N,PV_PER_PANEL[,OVERLAP[,WGS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA[,PERSISTENT[,LAZY_RESCALE[,STAGED_STORE]]]]]]]]]]` overrides
+//! the variants that have none; `--sm90-cfg BLOCK_N,PV_PER_PANEL[,OVERLAP[,WGS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA[,PERSISTENT[,LAZY_RESCALE[,STAGED_STORE[,LEADER_RELEASE]]]]]]]]]]]` overrides
 //! their tiles (for tuning runs).
 
 use kernels_gen::fa2::{self, Fa2Config};
@@ -19,7 +19,7 @@ use kernels_gen::sm90::{self, Sm90Config};
 use kernels_gen::{gpu, DType, VariantSpec};
 
 /// The sm_90a kernel of `spec`, if it has one, with `cfg` overriding
-/// `BLOCK_N,PV_PER_PANEL[,OVERLAP[,WARPGROUPS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA[,PERSISTENT[,LAZY_RESCALE[,STAGED_STORE]]]]]]]]]]`.
+/// `BLOCK_N,PV_PER_PANEL[,OVERLAP[,WARPGROUPS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA[,PERSISTENT[,LAZY_RESCALE[,STAGED_STORE[,LEADER_RELEASE]]]]]]]]]]]`.
 fn kernel_sm90(spec: &VariantSpec, cfg: Option<&[usize]>) -> Option<GpuKernel> {
     let mut c = Sm90Config::new(spec)?;
     if let Some(t) = cfg {
@@ -55,6 +55,9 @@ fn kernel_sm90(spec: &VariantSpec, cfg: Option<&[usize]>) -> Option<GpuKernel> {
         }
         if let Some(&x) = t.get(11) {
             c.staged_store = x != 0;
+        }
+        if let Some(&x) = t.get(12) {
+            c.leader_release = x != 0;
         }
     }
     Some(sm90::generate_with(spec, c))
@@ -92,7 +95,7 @@ fn main() {
         t.split(',')
             .map(|x| {
                 x.parse().expect(
-                    "--sm90-cfg BLOCK_N,PV_PER_PANEL[,OVERLAP[,WGS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA[,PERSISTENT[,LAZY_RESCALE[,STAGED_STORE]]]]]]]]]]",
+                    "--sm90-cfg BLOCK_N,PV_PER_PANEL[,OVERLAP[,WGS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA[,PERSISTENT[,LAZY_RESCALE[,STAGED_STORE[,LEADER_RELEASE]]]]]]]]]]]",
                 )
             })
             .collect()

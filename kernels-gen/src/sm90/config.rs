@@ -66,6 +66,10 @@ pub struct Sm90Config {
     /// stores them from there in 16-byte row-contiguous pieces, instead of
     /// 4-byte stores straight from the accumulators.
     pub staged_store: bool,
+    /// With TMA: one thread per consumer warpgroup gives a stage back (the
+    /// empty barriers count warpgroups; a `wgmma` group completes for the
+    /// whole warpgroup), instead of every consumer thread.
+    pub leader_release: bool,
 }
 
 impl Sm90Config {
@@ -130,6 +134,7 @@ impl Sm90Config {
             persistent: false,
             lazy_rescale: false,
             staged_store: false,
+            leader_release: false,
         };
         if !d.is_multiple_of(16) || d > 256 {
             return None;

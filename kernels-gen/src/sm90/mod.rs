@@ -145,6 +145,9 @@ struct Emitter {
     q_phase: Option<Reg>,
     /// Staged stores: where this consumer warpgroup's rows are.
     staging: Option<Staging>,
+    /// Leader release: whether this thread gives stages back for its
+    /// warpgroup (`None`: every consumer thread does).
+    releaser: Option<Reg>,
 }
 
 impl Emitter {
@@ -157,6 +160,7 @@ impl Emitter {
             g0: None,
             q_phase: None,
             staging: None,
+            releaser: None,
         }
     }
 
@@ -419,7 +423,9 @@ impl Emitter {
                 // empty (the consumers' threads), then Q-full and Q-empty.
                 for s in 0..3 * stages + 2 {
                     let count = if (2 * stages..3 * stages).contains(&s) || s == 3 * stages + 1 {
-                        (128 * cfg.wgs) as u32
+                        // Empty and Q-empty: the consumers' threads, or
+                        // their warpgroups' leaders.
+                        (if cfg.leader_release { 1 } else { 128 } * cfg.wgs) as u32
                     } else {
                         1
                     };
@@ -485,6 +491,10 @@ impl Emitter {
                 inc: true,
                 regs: cfg.consumer_regs(),
             });
+            if cfg.tma && cfg.leader_release {
+                let lt = k.bin(BinOp::And, Ty::U32, tid, Operand::U(127));
+                self.releaser = Some(k.setp(Cmp::Eq, Ty::U32, lt, Operand::U(0)));
+            }
             if cfg.persistent {
                 // The consumers' tile loop: where the tile lies, fresh
                 // accumulators, the key blocks, the output.

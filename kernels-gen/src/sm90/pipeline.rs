@@ -70,6 +70,21 @@ impl Emitter {
         });
     }
 
+    /// A consumer's arrival on the mbarrier at `addr` (giving back a stage
+    /// or Q): every thread's, or with a releaser, its warpgroup leader's.
+    pub(super) fn release(&mut self, addr: Reg) {
+        let state = self.k.reg(Ty::B64);
+        let arrive = Instr::MbarArrive {
+            state,
+            addr: addr.into(),
+            expect_tx: None,
+        };
+        match self.releaser {
+            Some(leader) => self.k.guard(leader, false, arrive),
+            None => self.k.push(arrive),
+        }
+    }
+
     /// Block `n` of the tile counted over the CTA's whole run (persistent),
     /// for its stage and barrier phase.
     pub(super) fn gblk(&mut self, n: Reg) -> Reg {
@@ -204,12 +219,7 @@ impl Emitter {
             let prev = self.k.bin(BinOp::Sub, Ty::U32, n, Operand::U(1));
             let prev = self.gblk(prev);
             let (empty, _) = self.stage_barrier(sbar, prev, Bar::Empty);
-            let state = self.k.reg(Ty::B64);
-            self.k.push(Instr::MbarArrive {
-                state,
-                addr: empty.into(),
-                expect_tx: None,
-            });
+            self.release(empty);
             self.rescale_and_pack(c, alpha);
             if !last {
                 self.k.push(Instr::Bra {
@@ -232,12 +242,7 @@ impl Emitter {
                 sbar,
                 Self::u(8 * (3 * cfg.stages() + 1)),
             );
-            let state = k.reg(Ty::B64);
-            k.push(Instr::MbarArrive {
-                state,
-                addr: q_empty.into(),
-                expect_tx: None,
-            });
+            self.release(q_empty);
         }
         if cfg.tma {
             let (full, parity) = self.stage_barrier(sbar, g, Bar::VFull);
@@ -268,12 +273,7 @@ impl Emitter {
             // The last block's stage goes back to the producer, who moves
             // on to the next tile.
             let (empty, _) = self.stage_barrier(sbar, g, Bar::Empty);
-            let state = self.k.reg(Ty::B64);
-            self.k.push(Instr::MbarArrive {
-                state,
-                addr: empty.into(),
-                expect_tx: None,
-            });
+            self.release(empty);
         }
         self.k.push(Instr::Label(done));
     }

@@ -224,3 +224,24 @@ fn descriptor_bits() {
     // 128-byte swizzle in bits 62-63, offsets >> 4 at 16 and 32.
     assert_eq!(desc_bits(16, 1024), (1 << 62) | (64 << 32) | (1 << 16));
 }
+
+#[test]
+fn the_leader_release_gives_stages_back_once_per_warpgroup() {
+    let s = spec(128, false, DType::BF16);
+    let cfg = Sm90Config {
+        leader_release: true,
+        ..Sm90Config::new(&s).unwrap()
+    };
+    let k = generate_with(&s, cfg);
+    // Empty barriers count the two consumer warpgroups, not their threads.
+    assert!(k.ptx.contains("mbarrier.init.shared::cta.b64 [%r"));
+    assert!(k.ptx.contains("], 2;"));
+    assert!(!k.ptx.contains("], 256;"));
+    let guarded = k
+        .ptx
+        .lines()
+        .filter(|l| l.trim_start().starts_with("@%p") && l.contains("mbarrier.arrive.shared"))
+        .count();
+    assert_eq!(guarded, 2, "one release on each of the loop's two paths");
+    assert!(generate(&s).unwrap().ptx.contains("], 256;"));
+}
