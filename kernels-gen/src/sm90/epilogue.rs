@@ -6,6 +6,17 @@ use crate::gpu::store_scaled_pairs;
 use crate::ptx::{Addr, BinOp, Cmp, Instr, Operand, Reg, StateSpace, Ty, UnOp};
 
 impl Emitter {
+    /// `1 / sum` of a row from this thread's part `l` of it (summed over
+    /// the quad), or 0 where the row saw no key.
+    fn inverse_sum(&mut self, l: Reg) -> Reg {
+        let sum = self.quad_reduce(l, BinOp::Add);
+        let k = &mut self.k;
+        let empty = k.setp(Cmp::Eq, Ty::F32, sum, Operand::F32(0.0));
+        let inv = k.un(UnOp::Rcp, Ty::F32, sum);
+        k.selp_to(Ty::F32, inv, Operand::F32(0.0), inv, empty);
+        inv
+    }
+
     /// Writes `O / sum` of this thread's rows (rows that saw no key are 0),
     /// and returns with `ret`.
     #[allow(clippy::too_many_arguments)]
@@ -33,11 +44,8 @@ impl Emitter {
         let tq4 = k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(2));
         let tq4 = k.cvt(None, Ty::U64, Ty::U32, tq4);
         for (r, &l) in c.l_run.iter().enumerate() {
-            let sum = self.quad_reduce(l, BinOp::Add);
+            let inv = self.inverse_sum(l);
             let k = &mut self.k;
-            let empty = k.setp(Cmp::Eq, Ty::F32, sum, Operand::F32(0.0));
-            let inv = k.un(UnOp::Rcp, Ty::F32, sum);
-            k.selp_to(Ty::F32, inv, Operand::F32(0.0), inv, empty);
             let row = k.bin(BinOp::Add, Ty::U32, row0, Self::u(8 * r));
             let inside = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
             let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
@@ -75,11 +83,8 @@ impl Emitter {
         let sw = k.bin(BinOp::And, Ty::U32, lr, Operand::U(7));
         let tq4 = k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(2));
         for (r, &l) in c.l_run.iter().enumerate() {
-            let sum = self.quad_reduce(l, BinOp::Add);
+            let inv = self.inverse_sum(l);
             let k = &mut self.k;
-            let empty = k.setp(Cmp::Eq, Ty::F32, sum, Operand::F32(0.0));
-            let inv = k.un(UnOp::Rcp, Ty::F32, sum);
-            k.selp_to(Ty::F32, inv, Operand::F32(0.0), inv, empty);
             let row = k.bin(BinOp::Add, Ty::U32, lr, Self::u(8 * r));
             let row_at = k.mad(Ty::U32, row, Operand::U(128), st.smem);
             let row_at = k.bin(BinOp::Add, Ty::U32, row_at, tq4);

@@ -495,9 +495,10 @@ impl Emitter {
                 let lt = k.bin(BinOp::And, Ty::U32, tid, Operand::U(127));
                 self.releaser = Some(k.setp(Cmp::Eq, Ty::U32, lt, Operand::U(0)));
             }
-            if cfg.persistent {
-                // The consumers' tile loop: where the tile lies, fresh
-                // accumulators, the key blocks, the output.
+            // Persistent: the consumers' tile loop around the key blocks
+            // (where the tile lies, fresh accumulators; after them the
+            // output and the next tile).
+            let tile_loop = if cfg.persistent {
                 let k = &mut self.k;
                 let idx = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
                 let row_in = k.mad(Ty::U32, cwg, Operand::U(64), g);
@@ -527,16 +528,21 @@ impl Emitter {
                     k.mov_to(Ty::F32, c.m_run[r], Operand::F32(f32::NEG_INFINITY));
                     k.mov_to(Ty::F32, c.l_run[r], Operand::F32(0.0));
                 }
-                self.ws_consumer(
-                    &c,
-                    rpp,
-                    (q_src, q_pass, q_grow, q_rows, q_dst),
-                    sbar,
-                    cwg,
-                    n_blocks,
-                    k_desc0,
-                    v_desc0,
-                );
+                Some((idx, top, g0, q_phase))
+            } else {
+                None
+            };
+            self.ws_consumer(
+                &c,
+                rpp,
+                (q_src, q_pass, q_grow, q_rows, q_dst),
+                sbar,
+                cwg,
+                n_blocks,
+                k_desc0,
+                v_desc0,
+            );
+            if let Some((idx, top, g0, q_phase)) = tile_loop {
                 self.epilogue(&c, tq, row0, seq_q, o_base, o_stride, false);
                 let k = &mut self.k;
                 k.bin_to(BinOp::Add, Ty::U32, g0, g0, n_blocks);
@@ -547,16 +553,6 @@ impl Emitter {
                 self.g0 = None;
                 self.q_phase = None;
             } else {
-                self.ws_consumer(
-                    &c,
-                    rpp,
-                    (q_src, q_pass, q_grow, q_rows, q_dst),
-                    sbar,
-                    cwg,
-                    n_blocks,
-                    k_desc0,
-                    v_desc0,
-                );
                 if cfg.staged_store && cfg.tma {
                     // Each warpgroup has its Q rows to itself: its named
                     // barrier is 8 + its index (the ping-pong's are 1..).
