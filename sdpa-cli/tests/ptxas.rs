@@ -1,6 +1,6 @@
 //! Every declared variant's PTX assembles with `ptxas` for sm_80 and sm_90,
 //! and its Hopper (wgmma) PTX, where it has one, for sm_90a, without
-//! spilling registers.
+//! spilling registers or serialising `wgmma` (ptxas C7512).
 //!
 //! The variants are those of the `sdpa` command (`sdpa_cli::variants`) and
 //! of the test crate's declarations (head sizes 8 and 136 among them). Each
@@ -119,6 +119,10 @@ fn assemble(ptxas: &Path, ptx: &Path, arch: &str, dir: &Path) -> Result<Report, 
     );
     if !out.status.success() {
         return Err(format!("ptxas failed ({}):\n{}", out.status, text.trim()));
+    }
+    // C7512: `wgmma` serialised for want of registers, a silent slowdown.
+    if let Some(line) = text.lines().find(|l| l.contains("C7512")) {
+        return Err(format!("wgmma serialised: {}", line.trim()));
     }
     parse(&text).ok_or_else(|| format!("cannot read ptxas -v output:\n{}", text.trim()))
 }
