@@ -19,22 +19,19 @@ impl Emitter {
 
     /// Writes `O / sum` of this thread's rows (rows that saw no key are 0),
     /// and returns with `ret`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn epilogue(
-        &mut self,
-        c: &Core,
-        tq: Reg,
-        row0: Reg,
-        seq_q: Reg,
-        o_base: Reg,
-        o_stride: Reg,
-        ret: bool,
-    ) {
+    pub(super) fn epilogue(&mut self, c: &Core, out: &Output, ret: bool) {
+        let Output {
+            tq,
+            row0,
+            seq_q,
+            o_base,
+            o_stride,
+        } = *out;
         let n_tiles_o = self.cfg.d / 8;
         // ---- epilogue: O / sum, rows that saw no key are 0 ----
         let packed = self.cfg.packed();
         if let Some(st) = self.staging {
-            self.staged_epilogue(c, tq, row0, seq_q, o_base, o_stride, st);
+            self.staged_epilogue(c, out, st);
             if ret {
                 self.k.push(Instr::Ret);
             }
@@ -63,17 +60,14 @@ impl Emitter {
     /// The staged epilogue: `O / sum` rounded into the warpgroup's rows of
     /// Q's tile (128-byte swizzled, as Q was), then row-contiguous 16-byte
     /// stores of rows inside the sequence.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn staged_epilogue(
-        &mut self,
-        c: &Core,
-        tq: Reg,
-        row0: Reg,
-        seq_q: Reg,
-        o_base: Reg,
-        o_stride: Reg,
-        st: Staging,
-    ) {
+    fn staged_epilogue(&mut self, c: &Core, out: &Output, st: Staging) {
+        let Output {
+            tq,
+            row0,
+            seq_q,
+            o_base,
+            o_stride,
+        } = *out;
         let cfg = self.cfg;
         let (d, bm) = (cfg.d, cfg.block_m());
         let packed = cfg.packed();
@@ -172,4 +166,19 @@ pub(super) struct Staging {
     pub(super) ltid: Reg,
     /// The warpgroup's named barrier.
     pub(super) bar: Reg,
+}
+
+/// Where a thread's output rows go.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Output {
+    /// `lane % 4`: the thread's column pair in each n8 slice.
+    pub(super) tq: Reg,
+    /// The thread's first query row (the other is 8 below).
+    pub(super) row0: Reg,
+    /// `Sq`: rows at or past it are not stored.
+    pub(super) seq_q: Reg,
+    /// The byte address of the (batch, head)'s token 0.
+    pub(super) o_base: Reg,
+    /// The byte stride between tokens.
+    pub(super) o_stride: Reg,
 }

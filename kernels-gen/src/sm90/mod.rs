@@ -87,7 +87,7 @@ mod tests;
 
 pub use config::Sm90Config;
 use copies::Loads;
-use epilogue::Staging;
+use epilogue::{Output, Staging};
 use pipeline::Tiles;
 
 /// The head sizes whose sm_90a kernel is checked on an H100 and measured
@@ -379,6 +379,13 @@ impl Emitter {
         let p_true = k.setp(Cmp::Eq, Ty::U32, zero, Operand::U(0));
         let p_false = k.setp(Cmp::Ne, Ty::U32, zero, Operand::U(0));
         let neg_inf = Operand::F32(f32::NEG_INFINITY);
+        let out = Output {
+            tq,
+            row0,
+            seq_q,
+            o_base,
+            o_stride,
+        };
         let c = Core {
             s_acc: k.regs(Ty::F32, bn / 2),
             o_acc: (0..cfg.pv_n() / 2)
@@ -452,37 +459,28 @@ impl Emitter {
             }
             k.push(Instr::BarSync(0));
             // (Both roles read the tile count: computed before they part.)
-            let tiles = if cfg.persistent {
+            let (total, nq, heads) = if cfg.persistent {
                 let (heads, batches) = (tiling[0], tiling[1]);
                 let nq = k.bin(BinOp::Add, Ty::U32, seq_q, Self::u(bm - 1));
                 let nq = k.bin(BinOp::Div, Ty::U32, nq, Self::u(bm));
                 let total = k.bin(BinOp::Mul, Ty::U32, nq, heads);
                 let total = k.bin(BinOp::Mul, Ty::U32, total, batches);
-                Tiles {
-                    total,
-                    nq,
-                    heads,
-                    group,
-                    seq_k,
-                    head,
-                    batch,
-                    q0,
-                    kv_head,
-                    n_blocks,
-                }
+                (total, nq, heads)
             } else {
-                Tiles {
-                    total: n_blocks,
-                    nq: n_blocks,
-                    heads: n_blocks,
-                    group,
-                    seq_k,
-                    head,
-                    batch,
-                    q0,
-                    kv_head,
-                    n_blocks,
-                }
+                // Never read: without persistence the grid places the tile.
+                (n_blocks, n_blocks, n_blocks)
+            };
+            let tiles = Tiles {
+                total,
+                nq,
+                heads,
+                group,
+                seq_k,
+                head,
+                batch,
+                q0,
+                kv_head,
+                n_blocks,
             };
             let k = &mut self.k;
             let is_producer = k.setp(Cmp::Eq, Ty::U32, wg, Operand::U(0));
@@ -543,7 +541,7 @@ impl Emitter {
                 v_desc0,
             );
             if let Some((idx, top, g0, q_phase)) = tile_loop {
-                self.epilogue(&c, tq, row0, seq_q, o_base, o_stride, false);
+                self.epilogue(&c, &out, false);
                 let k = &mut self.k;
                 k.bin_to(BinOp::Add, Ty::U32, g0, g0, n_blocks);
                 let any = k.setp(Cmp::Ne, Ty::U32, n_blocks, Operand::U(0));
@@ -564,7 +562,7 @@ impl Emitter {
                         bar: k.bin(BinOp::Add, Ty::U32, cwg, Operand::U(8)),
                     });
                 }
-                self.epilogue(&c, tq, row0, seq_q, o_base, o_stride, true);
+                self.epilogue(&c, &out, true);
                 self.staging = None;
             }
             if cfg.tma {
@@ -717,7 +715,7 @@ impl Emitter {
         let k = &mut self.k;
         k.push(Instr::Label(loop_end));
         k.push(Instr::CpAsyncWait(0));
-        self.epilogue(&c, tq, row0, seq_q, o_base, o_stride, true);
+        self.epilogue(&c, &out, true);
         self.k
     }
 }

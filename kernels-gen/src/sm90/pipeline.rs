@@ -73,16 +73,34 @@ impl Emitter {
     /// A consumer's arrival on the mbarrier at `addr` (giving back a stage
     /// or Q): every thread's, or with a releaser, its warpgroup leader's.
     pub(super) fn release(&mut self, addr: Reg) {
-        let state = self.k.reg(Ty::B64);
-        let arrive = Instr::MbarArrive {
-            state,
-            addr: addr.into(),
-            expect_tx: None,
-        };
+        let arrive = self.arrival(addr, None);
         match self.releaser {
             Some(leader) => self.k.guard(leader, false, arrive),
             None => self.k.push(arrive),
         }
+    }
+
+    /// An arrival on the mbarrier at `addr`, announcing `expect_tx` bytes
+    /// to come if given (its state register is fresh and unread).
+    fn arrival(&mut self, addr: Reg, expect_tx: Option<u32>) -> Instr {
+        let state = self.k.reg(Ty::B64);
+        Instr::MbarArrive {
+            state,
+            addr: addr.into(),
+            expect_tx,
+        }
+    }
+
+    /// `cp.async` producer: once all but the newest `pending` copy groups
+    /// have landed, hands block `b - 1`'s stage to the consumers.
+    fn hand_over(&mut self, sbar: Reg, b: Reg, pending: u32) {
+        let k = &mut self.k;
+        k.push(Instr::CpAsyncWait(pending));
+        k.push(Instr::FenceProxyAsync);
+        let prev = k.bin(BinOp::Sub, Ty::U32, b, Operand::U(1));
+        let (full, _) = self.stage_barrier(sbar, prev, Bar::Full);
+        let arrive = self.arrival(full, None);
+        self.k.push(arrive);
     }
 
     /// Block `n` of the tile counted over the CTA's whole run (persistent),
@@ -310,31 +328,13 @@ impl Emitter {
         let later = k.setp(Cmp::Ne, Ty::U32, b, Operand::U(0));
         let skip = k.label("first_block");
         k.branch_if(later, true, &skip);
-        k.push(Instr::CpAsyncWait(1));
-        k.push(Instr::FenceProxyAsync);
-        let prev = k.bin(BinOp::Sub, Ty::U32, b, Operand::U(1));
-        let (full, _) = self.stage_barrier(sbar, prev, Bar::Full);
-        let state = self.k.reg(Ty::B64);
-        self.k.push(Instr::MbarArrive {
-            state,
-            addr: full.into(),
-            expect_tx: None,
-        });
+        self.hand_over(sbar, b, 1);
         let k = &mut self.k;
         k.push(Instr::Label(skip));
         k.bin_to(BinOp::Add, Ty::U32, b, b, Operand::U(1));
         let again = k.setp(Cmp::Lt, Ty::U32, b, n_blocks);
         k.branch_if(again, false, &top);
-        k.push(Instr::CpAsyncWait(0));
-        k.push(Instr::FenceProxyAsync);
-        let prev = k.bin(BinOp::Sub, Ty::U32, b, Operand::U(1));
-        let (full, _) = self.stage_barrier(sbar, prev, Bar::Full);
-        let state = self.k.reg(Ty::B64);
-        self.k.push(Instr::MbarArrive {
-            state,
-            addr: full.into(),
-            expect_tx: None,
-        });
+        self.hand_over(sbar, b, 0);
         self.k.push(Instr::Ret);
     }
 
@@ -457,12 +457,9 @@ impl Emitter {
         // Q: one box of `bm` rows per panel.
         let k = &mut self.k;
         let q_bar = k.bin(BinOp::Add, Ty::U32, sbar, Self::u(24 * stages));
-        let state = k.reg(Ty::B64);
-        k.push(Instr::MbarArrive {
-            state,
-            addr: q_bar.into(),
-            expect_tx: Some((bm * cfg.d_pad() * 2) as u32),
-        });
+        let arrive = self.arrival(q_bar, Some((bm * cfg.d_pad() * 2) as u32));
+        let k = &mut self.k;
+        k.push(arrive);
         for p in 0..panels {
             let dst = k.bin(BinOp::Add, Ty::U32, sq, Self::u(p * bm * 128));
             k.push(Instr::TmaLoad {
@@ -491,13 +488,9 @@ impl Emitter {
         self.k.push(Instr::Label(free));
         for (which, bar, m) in [(0, Bar::Full, map[1]), (1, Bar::VFull, map[2])] {
             let (full, _) = self.stage_barrier(sbar, gb, bar);
+            let arrive = self.arrival(full, Some(tile as u32));
             let k = &mut self.k;
-            let state = k.reg(Ty::B64);
-            k.push(Instr::MbarArrive {
-                state,
-                addr: full.into(),
-                expect_tx: Some(tile as u32),
-            });
+            k.push(arrive);
             for p in 0..panels {
                 let dst = k.bin(
                     BinOp::Add,

@@ -80,12 +80,8 @@ fn variants(spec: VariantSpec) -> (Variant, Variant) {
             None => kernel,
         }
     };
-    let cfg = Sm90Config {
-        producer: true,
-        tma: true,
-        ..Sm90Config::new(&spec).unwrap()
-    };
-    let tma = runtime(generate_with(&spec, cfg));
+    // The default Hopper kernel loads through tensor maps.
+    let tma = runtime(generate_with(&spec, Sm90Config::new(&spec).unwrap()));
     assert!(tma.tensor_maps().is_some());
     let portable = runtime(kernels_gen::gpu::generate(
         &spec,
