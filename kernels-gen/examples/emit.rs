@@ -102,6 +102,14 @@ fn main() {
             .map(|i| args.remove(i))
             .is_some(),
     };
+    let tuned = tuning.wgs.is_some()
+        || tuning.block_n.is_some()
+        || tuning.stages.is_some()
+        || tuning.no_lazy_rescale;
+    if tuned && !hopper {
+        eprintln!("emit: --wgs, --block-n, --stages and --no-lazy-rescale tune --sm90 kernels");
+        std::process::exit(2);
+    }
     let pick = |spec: &VariantSpec| -> Option<GpuKernel> {
         if hopper {
             kernel_sm90(spec, &tuning)
