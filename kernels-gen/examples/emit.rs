@@ -55,15 +55,19 @@ fn kernel_sm90(spec: &VariantSpec, tuning: &Sm90Tuning) -> Option<GpuKernel> {
     Some(sm90::generate_with(spec, c))
 }
 
-/// Removes `flag` and its value from `args`, parsed as a count.
+/// Removes `flag` and its value from `args`, parsed as a count; a missing
+/// or malformed value ends the program.
 fn take_count(args: &mut Vec<String>, flag: &str) -> Option<usize> {
     let i = args.iter().position(|a| a == flag)?;
     args.remove(i);
-    let v = (i < args.len()).then(|| args.remove(i));
-    Some(
-        v.and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{flag} takes a number")),
-    )
+    let value = (i < args.len()).then(|| args.remove(i));
+    match value.as_deref().map(str::parse) {
+        Some(Ok(n)) => Some(n),
+        _ => {
+            eprintln!("emit: {flag} takes a number");
+            std::process::exit(2)
+        }
+    }
 }
 
 /// `--tiles WARPS,M_TILES,BLOCK_N,QREGS` overrides the 16-bit kernels' tiles

@@ -19,6 +19,13 @@ pub(super) enum Bar {
 }
 
 impl Emitter {
+    /// The first mbarrier: after the last stage's V tile, from stage 0's K
+    /// tile at `sk0`.
+    pub(super) fn barrier_base(&mut self, sk0: Reg) -> Reg {
+        let stages_end = 2 * self.cfg.stages() * self.cfg.kv_tile();
+        self.k.bin(BinOp::Add, Ty::U32, sk0, Self::u(stages_end))
+    }
+
     /// Initialises the barriers at `sbar` (thread 0; K-full and V-full
     /// count the producer's one arrival, empty and Q-empty every consumer
     /// thread), fences them for TMA and meets the CTA.

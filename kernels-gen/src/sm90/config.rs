@@ -142,8 +142,10 @@ impl Sm90Config {
     }
 
     /// The same with `wgs` consumer warpgroups and `block_n` keys per
-    /// block, and as many K/V stages as fit (two or three: more stages
-    /// measured faster wherever they fit). Errs where the combination
+    /// block, and as many K/V stages as fit (two or three: the loop needs
+    /// two, a third lets the producer run a block further ahead; the
+    /// default since TMA, not timed against two where three fit). Errs
+    /// where the combination
     /// cannot be built: warpgroups other than 2 or 3, `block_n` not a
     /// multiple of 16 up to 256, S, P and O beyond the consumers'
     /// registers, or two stages beyond [`SMEM_LIMIT`].

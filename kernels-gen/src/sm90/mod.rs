@@ -74,7 +74,7 @@
 //!   (checked on an H100 at d=80, 96, 112, 160 and 224).
 
 use crate::gpu::{GpuKernel, TensorMaps};
-use crate::ptx::{BinOp, Cmp, Instr, Kernel, Module, Operand, Target, Ty};
+use crate::ptx::{Cmp, Instr, Kernel, Module, Operand, Target, Ty};
 use crate::VariantSpec;
 
 mod barriers;
@@ -135,8 +135,7 @@ pub fn generate_with(spec: &VariantSpec, cfg: Sm90Config) -> GpuKernel {
 fn compose(mut e: Emitter, sched: TileScheduler) -> Kernel {
     let p = e.prologue(sched);
     let producer = e.k.label("producer");
-    let stages_end = 2 * e.cfg.stages() * e.cfg.kv_tile();
-    let sbar = e.k.bin(BinOp::Add, Ty::U32, p.sk0, Emitter::u(stages_end));
+    let sbar = e.barrier_base(p.sk0);
     e.init_barriers(sbar, p.tid);
 
     // The roles part: warpgroup 0 produces, the others consume with the
