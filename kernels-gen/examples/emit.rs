@@ -9,58 +9,65 @@
 //! `cargo run -p kernels-gen --example emit -- --dir OUT 40 64 80 128`
 //!
 //! `--sm90` writes the Hopper (sm_90a, `wgmma`) kernels instead, skipping
-//! the variants that have none; `--sm90-cfg BLOCK_N,PV_PER_PANEL[,OVERLAP[,WGS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA[,PERSISTENT[,LAZY_RESCALE[,STAGED_STORE[,LEADER_RELEASE]]]]]]]]]]]` overrides
-//! their tiles (for tuning runs).
+//! the variants that have none. For tuning runs, `--wgs N` (consumer
+//! warpgroups, 2 or 3) and `--block-n N` (keys per block) override their
+//! tiles (either alone keeps the other's default; stages as many as fit),
+//! `--stages N` their K/V stages (2 or 3) and `--no-lazy-rescale` turns the
+//! lazy rescale off; a combination the kernel cannot take is an error.
 
 use kernels_gen::fa2::{self, Fa2Config};
 use kernels_gen::gpu::GpuKernel;
 use kernels_gen::ptx::Target;
-use kernels_gen::sm90::{self, Sm90Config};
+use kernels_gen::sm90::{self, ConfigError, Sm90Config};
 use kernels_gen::{gpu, DType, VariantSpec};
 
-/// The sm_90a kernel of `spec`, if it has one, with `cfg` overriding
-/// `BLOCK_N,PV_PER_PANEL[,OVERLAP[,WARPGROUPS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA[,PERSISTENT[,LAZY_RESCALE[,STAGED_STORE[,LEADER_RELEASE]]]]]]]]]]]`.
-fn kernel_sm90(spec: &VariantSpec, cfg: Option<&[usize]>) -> Option<GpuKernel> {
+/// The overrides of the sm_90a defaults (`--wgs`, `--block-n`,
+/// `--stages`, `--no-lazy-rescale`).
+#[derive(Default)]
+struct Sm90Tuning {
+    wgs: Option<usize>,
+    block_n: Option<usize>,
+    stages: Option<usize>,
+    no_lazy_rescale: bool,
+}
+
+/// The sm_90a kernel of `spec`, if it has one, with `tuning` applied; an
+/// illegal combination ends the program with its reason.
+fn kernel_sm90(spec: &VariantSpec, tuning: &Sm90Tuning) -> Option<GpuKernel> {
     let mut c = Sm90Config::new(spec)?;
-    if let Some(t) = cfg {
-        c.block_n = t[0];
-        c.pv_per_panel = t[1] != 0;
-        if let Some(&o) = t.get(2) {
-            c.overlap = o != 0;
-        }
-        if let Some(&w) = t.get(3) {
-            c.wgs = w;
-        }
-        if let Some(&p) = t.get(4) {
-            c.producer = p != 0;
-        }
-        if let Some(&p) = t.get(5) {
-            c.ping_pong = p != 0;
-        }
-        if let Some(&x) = t.get(6) {
-            c.split_kv = x != 0;
-        }
-        if let Some(&x) = t.get(7) {
-            c.pv_exact = x != 0;
-        }
-        if let Some(&x) = t.get(8) {
-            c.tma = x != 0;
-            c.persistent = c.tma;
-        }
-        if let Some(&x) = t.get(9) {
-            c.persistent = x != 0;
-        }
-        if let Some(&x) = t.get(10) {
-            c.lazy_rescale = x != 0;
-        }
-        if let Some(&x) = t.get(11) {
-            c.staged_store = x != 0;
-        }
-        if let Some(&x) = t.get(12) {
-            c.leader_release = x != 0;
-        }
+    let checked = |r: Result<Sm90Config, ConfigError>| {
+        r.unwrap_or_else(|e| {
+            eprintln!("emit: {}: {e}", spec.kernel_name());
+            std::process::exit(2)
+        })
+    };
+    if tuning.wgs.is_some() || tuning.block_n.is_some() {
+        let wgs = tuning.wgs.unwrap_or(c.wgs());
+        let block_n = tuning.block_n.unwrap_or(c.block_n());
+        c = checked(c.with_tiles(wgs, block_n));
+    }
+    if let Some(s) = tuning.stages {
+        c = checked(c.with_stages(s));
+    }
+    if tuning.no_lazy_rescale {
+        c = c.with_lazy_rescale(false);
     }
     Some(sm90::generate_with(spec, c))
+}
+
+/// Removes `flag` and its value from `args`, parsed as a count; a missing
+/// or malformed value ends the program.
+fn take_count(args: &mut Vec<String>, flag: &str) -> Option<usize> {
+    let i = args.iter().position(|a| a == flag)?;
+    args.remove(i);
+    let value = (i < args.len()).then(|| args.remove(i));
+    match value.as_deref().map(str::parse) {
+        Some(Ok(n)) => Some(n),
+        _ => {
+            eprintln!("emit: {flag} takes a number");
+            std::process::exit(2)
+        }
+    }
 }
 
 /// `--tiles WARPS,M_TILES,BLOCK_N,QREGS` overrides the 16-bit kernels' tiles
@@ -89,21 +96,27 @@ fn main() {
         args.remove(i);
     });
     let hopper = hopper.is_some();
-    let sm90_cfg: Option<Vec<usize>> = args.iter().position(|a| a == "--sm90-cfg").map(|i| {
-        let t = args.remove(i + 1);
-        args.remove(i);
-        t.split(',')
-            .map(|x| {
-                x.parse().expect(
-                    "--sm90-cfg BLOCK_N,PV_PER_PANEL[,OVERLAP[,WGS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA[,PERSISTENT[,LAZY_RESCALE[,STAGED_STORE[,LEADER_RELEASE]]]]]]]]]]]",
-                )
-            })
-            .collect()
-    });
-    let sm90_cfg = sm90_cfg.as_deref();
+    let tuning = Sm90Tuning {
+        wgs: take_count(&mut args, "--wgs"),
+        block_n: take_count(&mut args, "--block-n"),
+        stages: take_count(&mut args, "--stages"),
+        no_lazy_rescale: args
+            .iter()
+            .position(|a| a == "--no-lazy-rescale")
+            .map(|i| args.remove(i))
+            .is_some(),
+    };
+    let tuned = tuning.wgs.is_some()
+        || tuning.block_n.is_some()
+        || tuning.stages.is_some()
+        || tuning.no_lazy_rescale;
+    if tuned && !hopper {
+        eprintln!("emit: --wgs, --block-n, --stages and --no-lazy-rescale tune --sm90 kernels");
+        std::process::exit(2);
+    }
     let pick = |spec: &VariantSpec| -> Option<GpuKernel> {
         if hopper {
-            kernel_sm90(spec, sm90_cfg)
+            kernel_sm90(spec, &tuning)
         } else {
             Some(kernel(spec, tiles))
         }
@@ -130,7 +143,7 @@ fn main() {
                     std::fs::write(dir.join(format!("{}.ptx", k.entry)), &k.ptx).unwrap();
                     manifest.push(format!(
                         "{{\"entry\": \"{}\", \"head_size\": {d}, \"causal\": {causal}, \
-                         \"dtype\": \"{dtype}\", \"block_m\": {}, \"threads\": {}, \"smem_bytes\": {}, \"tensor_maps\": {}, \"persistent\": {}}}",
+                         \"dtype\": \"{dtype}\", \"block_m\": {}, \"threads\": {}, \"smem_bytes\": {}, \"tensor_maps\": {}}}",
                         k.entry,
                         k.block_m,
                         k.threads,
@@ -139,7 +152,6 @@ fn main() {
                             "{{\"q_rows\": {}, \"kv_rows\": {}}}",
                             m.q_rows, m.kv_rows
                         )),
-                        k.persistent
                     ));
                 }
             }

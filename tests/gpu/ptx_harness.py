@@ -37,7 +37,6 @@ class Driver:
     def __init__(self):
         self.cu = ctypes.CDLL("libcuda.so.1")
         torch.zeros(1, device="cuda")  # make torch's primary context current
-        self.sms = torch.cuda.get_device_properties(0).multi_processor_count
         self.mods = {}
 
     def check(self, rc, what):
@@ -121,10 +120,6 @@ def run(drv, meta, ptx_dir, q, k, v, out, mask=None, scale=None):
                  ("map", drv.tensor_map(k, maps["kv_rows"])),
                  ("map", drv.tensor_map(v, maps["kv_rows"]))]
     grid = ((sq + meta["block_m"] - 1) // meta["block_m"], hq, b)
-    if meta.get("persistent"):
-        # One CTA per SM at most, looping over the tiles; Hq and B as params.
-        args += [("u32", hq), ("u32", b)]
-        grid = (min(grid[0] * hq * b, drv.sms), 1, 1)
     drv.launch(fn, grid, meta["threads"], meta["smem_bytes"], args)
 
 

@@ -1,7 +1,7 @@
 //! The two `wgmma` products of a key block: `S = Q·Kᵀ` from two
 //! shared-memory descriptors and `O += P·V` with P from registers.
 
-use super::{Core, Emitter};
+use super::emitter::{Core, Emitter};
 use crate::ptx::{BinOp, Instr, Operand, Reg, Ty, WgmmaA};
 
 impl Emitter {
@@ -27,14 +27,14 @@ impl Emitter {
     /// no commit).
     pub(super) fn s_gemm(&mut self, c: &Core, k_desc: Reg) {
         let cfg = self.cfg;
-        let (bm, bn) = (cfg.block_m(), cfg.block_n);
-        for kk in 0..cfg.d / 16 {
+        let (bm, bn) = (cfg.block_m(), cfg.block_n());
+        for kk in 0..cfg.head_size() / 16 {
             let within = (kk % 4) * 32;
             let qa = self.desc_at(c.q_desc, (kk / 4) * bm * 128 + within);
             let kb = self.desc_at(k_desc, (kk / 4) * bn * 128 + within);
             self.k.push(Instr::Wgmma {
                 n: bn as u32,
-                ab: cfg.ab,
+                ab: cfg.element(),
                 d: c.s_acc.clone(),
                 a: WgmmaA::Desc {
                     desc: qa,
@@ -48,37 +48,21 @@ impl Emitter {
     }
 
     /// `O += P·V(block)` for the V tile of descriptor `v_desc` (no fence,
-    /// no commit).
+    /// no commit): one `m64n{d}k16` per 16 keys, V read N-major through
+    /// the transpose bit.
     pub(super) fn pv_gemm(&mut self, c: &Core, v_desc: Reg) {
         let cfg = self.cfg;
-        let (d, bn) = (cfg.pv_n(), cfg.block_n);
         for (j, a) in c.p.iter().enumerate() {
             let vb = self.desc_at(v_desc, j * 16 * 128);
-            if cfg.pv_per_panel {
-                for pn in 0..d.div_ceil(64) {
-                    let vbp = self.desc_at(vb, pn * bn * 128);
-                    let n = (d - 64 * pn).min(64);
-                    self.k.push(Instr::Wgmma {
-                        n: n as u32,
-                        ab: cfg.ab,
-                        d: c.o_acc[32 * pn..32 * pn + n / 2].to_vec(),
-                        a: WgmmaA::Regs(*a),
-                        b: vbp,
-                        scale_d: c.p_true,
-                        trans_b: true,
-                    });
-                }
-            } else {
-                self.k.push(Instr::Wgmma {
-                    n: d as u32,
-                    ab: cfg.ab,
-                    d: c.o_acc.clone(),
-                    a: WgmmaA::Regs(*a),
-                    b: vb,
-                    scale_d: c.p_true,
-                    trans_b: true,
-                });
-            }
+            self.k.push(Instr::Wgmma {
+                n: cfg.pv_n() as u32,
+                ab: cfg.element(),
+                d: c.o_acc.clone(),
+                a: WgmmaA::Regs(*a),
+                b: vb,
+                scale_d: c.p_true,
+                trans_b: true,
+            });
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The online softmax on the score accumulators: masking where needed,
 //! row maxima and sums, the output's rescale and P's packing.
 
-use super::{Core, Emitter};
+use super::emitter::{Core, Emitter};
 use crate::ptx::{BinOp, Cmp, Instr, Operand, Reg, StateSpace, Ty, UnOp};
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -44,7 +44,7 @@ impl Emitter {
     /// must be rescaled by.
     pub(super) fn softmax(&mut self, c: &Core, j0: Reg) -> [Reg; 2] {
         let cfg = self.cfg;
-        let bn = cfg.block_n;
+        let bn = cfg.block_n();
         let n_tiles_s = bn / 8;
         let neg_inf = Operand::F32(f32::NEG_INFINITY);
         let row_offset = |r: usize| Self::u(8 * r);
@@ -59,7 +59,7 @@ impl Emitter {
         let need = k.reg(Ty::Pred);
         k.bin_to(BinOp::Or, Ty::Pred, need, ragged, c.has_mask);
         k.bin_to(BinOp::Or, Ty::Pred, need, need, c.negative_scale);
-        if cfg.causal {
+        if cfg.causal() {
             // The block crosses the diagonal of the CTA's first row.
             let last_key = k.bin(BinOp::Add, Ty::U32, j0, Self::u(bn - 1));
             let diag = k.setp(Cmp::Gt, Ty::U32, last_key, c.q0);
@@ -119,7 +119,7 @@ impl Emitter {
                     let s = c.s_acc[4 * t + e];
                     let key = k.bin(BinOp::Add, Ty::U32, kbase, Self::u(8 * t + e % 2));
                     let hide = k.setp(Cmp::Ge, Ty::U32, key, c.seq_k);
-                    if cfg.causal {
+                    if cfg.causal() {
                         let after = k.setp(Cmp::Gt, Ty::U32, key, rows[e / 2]);
                         k.bin_to(BinOp::Or, Ty::Pred, hide, hide, after);
                     }
@@ -176,7 +176,7 @@ impl Emitter {
         let packed = self.cfg.packed();
         let k = &mut self.k;
         let kept = k.label("kept_max");
-        if self.cfg.lazy_rescale {
+        if self.cfg.lazy_rescale() {
             let same = k.setp(Cmp::Eq, Ty::F32, alpha[0], Operand::F32(1.0));
             let same1 = k.setp(Cmp::Eq, Ty::F32, alpha[1], Operand::F32(1.0));
             k.bin_to(BinOp::And, Ty::Pred, same, same, same1);
@@ -190,7 +190,7 @@ impl Emitter {
         for (i, &o) in c.o_acc.iter().enumerate() {
             k.bin_to(BinOp::Mul, Ty::F32, o, o, alpha[(i % 4) / 2]);
         }
-        if self.cfg.lazy_rescale {
+        if self.cfg.lazy_rescale() {
             k.push(Instr::Label(kept));
         }
         for (j, p) in c.p.iter().enumerate() {

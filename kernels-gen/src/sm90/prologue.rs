@@ -1,0 +1,251 @@
+//! The kernel's prologue, before the roles part: parameters, thread and
+//! tile coordinates, tensor addresses, the shared-memory layout (Q, then
+//! the K/V stages, then the mbarriers), the `wgmma` descriptors and the
+//! consumers' registers.
+
+use super::emitter::{desc_bits, Core, Emitter};
+use super::epilogue::Output;
+use super::schedule::{Tile, TileScheduler};
+use crate::gpu::{declare_params, load_args, TENSOR_MAP_PARAMS};
+use crate::ptx::{BinOp, Cmp, Kernel, Operand, Param, Reg, Ty};
+
+/// What the prologue leaves for the parts after it.
+pub(super) struct Prologue {
+    /// The tensor maps' parameters (Q, K, V).
+    pub(super) maps: Vec<Param>,
+    /// The thread index.
+    pub(super) tid: Reg,
+    /// The CTA's tile.
+    pub(super) tile: Tile,
+    /// The tile's first query row.
+    pub(super) q0: Reg,
+    /// The K/V head.
+    pub(super) kv_head: Reg,
+    /// The warpgroup of this thread (0: the producer).
+    pub(super) wg: Reg,
+    /// The consumer warpgroup of this thread (`wg - 1`).
+    pub(super) cwg: Reg,
+    /// Q's shared tile (1024-byte aligned).
+    pub(super) sq: Reg,
+    /// Stage 0's K tile.
+    pub(super) sk0: Reg,
+    /// The descriptor of stage 0's K tile.
+    pub(super) k_desc0: Reg,
+    /// The descriptor of stage 0's V tile.
+    pub(super) v_desc0: Reg,
+    /// The tile's key blocks.
+    pub(super) n_blocks: Reg,
+    /// Where the consumer's output rows go.
+    pub(super) out: Output,
+    /// The consumer's products' and softmax's registers.
+    pub(super) core: Core,
+}
+
+/// A tensor's (batch, head) base address and token stride in bytes.
+type Base = (Reg, Reg);
+
+impl Emitter {
+    /// Declares the parameters and emits everything both roles compute.
+    pub(super) fn prologue(&mut self, sched: TileScheduler) -> Prologue {
+        let cfg = self.cfg;
+        let (d, bn, bm) = (cfg.head_size(), cfg.block_n(), cfg.block_m());
+        let dp = cfg.d_pad();
+        let params = declare_params(&mut self.k);
+        let maps: Vec<Param> = TENSOR_MAP_PARAMS
+            .iter()
+            .map(|name| self.k.param_bytes(name, 64, 128))
+            .collect();
+        self.k.launch_bounds(cfg.threads() as u32, Some(1));
+        self.k.dynamic_shared(1024);
+        self.k.comment(format!(
+            "wgmma attention: d={d} causal={} {}, {} consumer warpgroups, block {bm}x{bn}, \
+             {} stages, overlap true, producer warpgroup true",
+            cfg.causal(),
+            cfg.element().name(),
+            cfg.wgs(),
+            cfg.stages(),
+        ));
+
+        // ---- parameters, thread and tile coordinates ----
+        let k = &mut self.k;
+        let a = load_args(k, &params);
+        let [msb, msh, msq] = a.mask_strides;
+        let (tid, tile) = sched.first_tile(k, cfg.causal());
+        let lane = k.bin(BinOp::And, Ty::U32, tid, Operand::U(31));
+        let warp = k.bin(BinOp::Shr, Ty::U32, tid, Operand::U(5));
+        let wg = k.bin(BinOp::Shr, Ty::U32, tid, Operand::U(7));
+        let g = k.bin(BinOp::Shr, Ty::U32, lane, Operand::U(2));
+        let tq = k.bin(BinOp::And, Ty::U32, lane, Operand::U(3));
+        let (q0, kv_head) = sched.rows(k, &tile, bm, a.group);
+
+        let tensor_base = |k: &mut Kernel, ptr: Reg, st: [Reg; 3], h: Reg| -> Base {
+            let b64 = k.cvt(None, Ty::U64, Ty::U32, tile.batch);
+            let h64 = k.cvt(None, Ty::U64, Ty::U32, h);
+            let off = k.bin(BinOp::Mul, Ty::U64, b64, st[0]);
+            let off = k.mad(Ty::U64, h64, st[2], off);
+            let base = k.mad(Ty::U64, off, Operand::U(2), ptr);
+            let stride = k.bin(BinOp::Mul, Ty::U64, st[1], Operand::U(2));
+            (base, stride)
+        };
+        let q = tensor_base(k, a.q, a.q_strides, tile.head);
+        let kk = tensor_base(k, a.k, a.k_strides, kv_head);
+        let v = tensor_base(k, a.v, a.v_strides, kv_head);
+        let (o_base, o_stride) = tensor_base(k, a.out, a.out_strides, tile.head);
+
+        // Shared tiles, from a 1024-byte aligned base: Q, then the stages
+        // of (K, V).
+        let raw = k.mov(Ty::U32, Operand::Symbol("smem".into()));
+        let sbase = k.bin(BinOp::Add, Ty::U32, raw, Operand::U(1023));
+        let sq = k.bin(BinOp::And, Ty::U32, sbase, Operand::U(!1023u32 as u64));
+        let sk0 = k.bin(BinOp::Add, Ty::U32, sq, Self::u(bm * dp * 2));
+        // The consumer warpgroup of this thread (the producer is 0).
+        let cwg = k.bin(BinOp::Sub, Ty::U32, wg, Operand::U(1));
+        self.unused_copy_addresses(tid, cwg, q0, (sq, sk0), [q, kk, v]);
+
+        // ---- descriptors ----
+        let k_bits = desc_bits(16, 1024);
+        let v_bits = desc_bits(bn * 128, 1024);
+        let wg_q = self.k.mad(Ty::U32, cwg, Self::u(64 * 128), sq);
+        let q_desc = self.desc(wg_q, k_bits);
+        let k_desc0 = self.desc(sk0, k_bits);
+        // V follows K in each stage.
+        let sv0 = self.k.bin(BinOp::Add, Ty::U32, sk0, Self::u(cfg.kv_tile()));
+        let v_desc0 = self.desc(sv0, v_bits);
+        let k = &mut self.k;
+
+        // This thread's score rows: row0 and row0 + 8.
+        let warp_in_wg = k.bin(BinOp::And, Ty::U32, warp, Operand::U(3));
+        let row0 = k.mad(Ty::U32, cwg, Operand::U(64), q0);
+        let row0 = k.mad(Ty::U32, warp_in_wg, Operand::U(16), row0);
+        let row0 = k.bin(BinOp::Add, Ty::U32, row0, g);
+        let n_blocks = sched.key_blocks(k, q0, a.seq_k, (bm, bn), cfg.causal());
+
+        let has_mask = k.setp(Cmp::Ne, Ty::U64, a.mask, Operand::U(0));
+        let mask_head = {
+            let b64 = k.cvt(None, Ty::U64, Ty::U32, tile.batch);
+            let h64 = k.cvt(None, Ty::U64, Ty::U32, tile.head);
+            let off = k.bin(BinOp::Mul, Ty::U64, b64, msb);
+            k.mad(Ty::U64, h64, msh, off)
+        };
+        let zero = k.mov(Ty::U32, Operand::U(0));
+        let p_true = k.setp(Cmp::Eq, Ty::U32, zero, Operand::U(0));
+        let p_false = k.setp(Cmp::Ne, Ty::U32, zero, Operand::U(0));
+        let neg_inf = Operand::F32(f32::NEG_INFINITY);
+        let out = Output {
+            tq,
+            row0,
+            seq_q: a.seq_q,
+            o_base,
+            o_stride,
+        };
+        let core = Core {
+            s_acc: k.regs(Ty::F32, bn / 2),
+            o_acc: (0..cfg.pv_n() / 2)
+                .map(|_| k.mov(Ty::F32, Operand::F32(0.0)))
+                .collect(),
+            p: (0..bn / 16)
+                .map(|_| {
+                    let r = k.regs(Ty::B32, 4);
+                    [r[0], r[1], r[2], r[3]]
+                })
+                .collect(),
+            m_run: [k.mov(Ty::F32, neg_inf.clone()), k.mov(Ty::F32, neg_inf)],
+            l_run: [
+                k.mov(Ty::F32, Operand::F32(0.0)),
+                k.mov(Ty::F32, Operand::F32(0.0)),
+            ],
+            q_desc,
+            negative_scale: k.setp(Cmp::Lt, Ty::F32, a.scale_log2, Operand::F32(0.0)),
+            p_true,
+            p_false,
+            scale_log2: a.scale_log2,
+            seq_q: a.seq_q,
+            seq_k: a.seq_k,
+            has_mask,
+            mask_head,
+            m_ptr: a.mask,
+            msq,
+            row0,
+            tq2: k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(1)),
+            q0,
+        };
+        Prologue {
+            maps,
+            tid,
+            tile,
+            q0,
+            kv_head,
+            wg,
+            cwg,
+            sq,
+            sk0,
+            k_desc0,
+            v_desc0,
+            n_blocks,
+            out,
+            core,
+        }
+    }
+
+    /// The per-thread addresses of the `cp.async` loader that the TMA
+    /// producer replaced (thread `t` of a warpgroup copying 16-byte chunk
+    /// `t % cpr` of row `t / cpr`, into swizzled shared memory), from the
+    /// thread index, its consumer warpgroup, the tile's first row, Q's and
+    /// K's shared tiles and Q's, K's and V's global bases.
+    ///
+    /// Nothing reads them, and ptxas drops them. They are emitted only so
+    /// that the PTX, its register numbers, stays byte-identical with the
+    /// kernels measured in `docs/hopper.md`; removing them renumbers every
+    /// later register, a change of its own to measure on the device.
+    fn unused_copy_addresses(
+        &mut self,
+        tid: Reg,
+        cwg: Reg,
+        q0: Reg,
+        (sq, sk0): (Reg, Reg),
+        [q, kk, v]: [Base; 3],
+    ) {
+        let cfg = self.cfg;
+        let (d, dp, bm, bn) = (cfg.head_size(), cfg.d_pad(), cfg.block_m(), cfg.block_n());
+        let cpr = dp / 8; // 16-byte chunks per (padded) row
+        let rpp = (128 / cpr).max(1); // rows per loading pass
+        let k = &mut self.k;
+        let ltid = k.bin(BinOp::And, Ty::U32, tid, Operand::U(127));
+        let lrow = k.bin(BinOp::Div, Ty::U32, ltid, Self::u(cpr));
+        let chunk = k.bin(BinOp::Rem, Ty::U32, ltid, Self::u(cpr));
+        if d < dp {
+            k.setp(Cmp::Lt, Ty::U32, chunk, Self::u(d / 8));
+        }
+        let panel = k.bin(BinOp::Shr, Ty::U32, chunk, Operand::U(3));
+        let cc = k.bin(BinOp::And, Ty::U32, chunk, Operand::U(7));
+        let r8 = k.bin(BinOp::And, Ty::U32, lrow, Operand::U(7));
+        let swz = k.bin(BinOp::Xor, Ty::U32, cc, r8);
+        let swz = k.bin(BinOp::Shl, Ty::U32, swz, Operand::U(4));
+        let in_panel = k.mad(Ty::U32, lrow, Operand::U(128), swz);
+        let q_dst = k.mad(Ty::U32, panel, Self::u(bm * 128), in_panel);
+        let q_dst = k.bin(BinOp::Add, Ty::U32, q_dst, sq);
+        k.mad(Ty::U32, cwg, Self::u(64 * 128), q_dst);
+        let q_row0 = k.mad(Ty::U32, cwg, Operand::U(64), q0);
+        let kv_off = k.mad(Ty::U32, panel, Self::u(bn * 128), in_panel);
+        k.bin(BinOp::Add, Ty::U32, kv_off, sk0);
+        let chunk_bytes = k.bin(BinOp::Shl, Ty::U32, chunk, Operand::U(4));
+        let chunk64 = k.cvt(None, Ty::U64, Ty::U32, chunk_bytes);
+        let lrow64 = k.cvt(None, Ty::U64, Ty::U32, lrow);
+        let src_of = |k: &mut Kernel, (base, stride): Base| {
+            let s = k.mad(Ty::U64, lrow64, stride, base);
+            k.bin(BinOp::Add, Ty::U64, s, chunk64)
+        };
+        let q0_64 = k.cvt(None, Ty::U64, Ty::U32, q_row0);
+        let q_first = k.mad(Ty::U64, q0_64, q.1, q.0);
+        src_of(k, (q_first, q.1));
+        k.bin(BinOp::Mul, Ty::U64, q.1, Self::u(rpp));
+        k.bin(BinOp::Add, Ty::U32, q_row0, lrow);
+        src_of(k, kk);
+        src_of(k, v);
+        k.bin(BinOp::Mul, Ty::U64, kk.1, Self::u(rpp));
+        k.bin(BinOp::Mul, Ty::U64, v.1, Self::u(rpp));
+        k.bin(BinOp::Mul, Ty::U64, kk.1, Self::u(bn));
+        k.bin(BinOp::Mul, Ty::U64, v.1, Self::u(bn));
+        k.mov(Ty::U32, lrow);
+    }
+}
