@@ -9,16 +9,16 @@
 //! encoded for this call; where they cannot be ([`choose`]), the variant's
 //! portable kernel runs instead.
 
-use cudarc::driver::{
-    CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
-};
+use cudarc::driver::{CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::mask::DeviceMask;
 use super::module_cache;
 use super::tensor_map::{self, TensorMap, Tiled, Undescribable};
 use crate::error::{Result, SdpaError};
+use crate::layout::Layout;
 use crate::problem::Problem;
-use crate::tensor::{CudaData, CudaDataMut, CudaRef, Layout, StorageMut, TensorViewMut};
+use crate::storage::StorageMut;
+use crate::tensor::TensorViewMut;
 use crate::variant::GpuKernel;
 
 /// The most CTAs in the y and z dimensions of a grid.
@@ -216,32 +216,6 @@ pub(crate) fn grid(p: &Problem<'_>, kernel: &GpuKernel) -> Result<(u32, u32, u32
     ))
 }
 
-fn read_ptr<'s, T>(r: &'s CudaRef<'_, T>, stream: &'s CudaStream) -> (u64, SyncOnDrop<'s>) {
-    match r {
-        CudaRef::Slice(s) => s.device_ptr(stream),
-        CudaRef::View(v) => v.device_ptr(stream),
-    }
-}
-
-/// The address of `data` for reading on `stream`, and the guard that
-/// records the read once dropped after the launch.
-fn input_ptr<'s>(data: &'s CudaData<'_>, stream: &'s CudaStream) -> (u64, SyncOnDrop<'s>) {
-    match data {
-        CudaData::F32(r) => read_ptr(r, stream),
-        CudaData::F16(r) => read_ptr(r, stream),
-        CudaData::BF16(r) => read_ptr(r, stream),
-    }
-}
-
-/// The address of `data` for writing on `stream`, and its guard.
-fn output_ptr<'s>(data: &'s mut CudaDataMut<'_>, stream: &'s CudaStream) -> (u64, SyncOnDrop<'s>) {
-    match data {
-        CudaDataMut::F32(r) => r.0.device_ptr_mut(stream),
-        CudaDataMut::F16(r) => r.0.device_ptr_mut(stream),
-        CudaDataMut::BF16(r) => r.0.device_ptr_mut(stream),
-    }
-}
-
 /// Launches a GPU kernel of `p`'s variant ([`choose`]n from `kernels`,
 /// JIT-loaded on first use) on `stream` for the checked problem `p`,
 /// writing `out`.
@@ -288,9 +262,9 @@ pub(crate) fn attention(
         return Err(not_here("the mask"));
     }
 
-    let (q, _q) = input_ptr(&input_data[0], stream);
-    let (k, _k) = input_ptr(&input_data[1], stream);
-    let (v, _v) = input_ptr(&input_data[2], stream);
+    let (q, _q) = input_data[0].device_ptr(stream);
+    let (k, _k) = input_data[1].device_ptr(stream);
+    let (v, _v) = input_data[2].device_ptr(stream);
     let (mask_ptr, _mask) = match mask_bias {
         Some(b) => {
             let (ptr, guard) = b.device_ptr(stream);
@@ -298,7 +272,7 @@ pub(crate) fn attention(
         }
         None => (0, None),
     };
-    let (out_ptr, _out) = output_ptr(out_data, stream);
+    let (out_ptr, _out) = out_data.device_ptr_mut(stream);
     let elem = p.dtype().size_bytes();
     check_rows_aligned("q", q, p.q.layout(), elem)?;
     check_rows_aligned("k", k, p.k.layout(), elem)?;

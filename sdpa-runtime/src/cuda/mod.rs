@@ -81,13 +81,12 @@ pub use module_cache::{jit_loads, JitLoad};
 
 use crate::element::Element;
 use crate::error::{Result, SdpaError};
+use crate::layout::Layout;
 use crate::problem::Problem;
-use crate::tensor::{
-    CudaOwned, CudaRefMut, Layout, OwnedData, Storage, StorageMut, Tensor, TensorView,
-    TensorViewMut,
-};
+use crate::storage::dispatch::dispatch;
+use crate::storage::{CudaOwned, CudaRefMut, Storage, StorageMut};
+use crate::tensor::{Tensor, TensorView, TensorViewMut};
 use crate::variant::Variant;
-use crate::DType;
 use launch::Kernels;
 
 /// Runs `variant`'s GPU kernel for `p` into `out`: on the device where they
@@ -102,11 +101,7 @@ pub(crate) fn run(variant: &Variant, p: &Problem<'_>, out: &mut TensorViewMut<'_
         (Storage::Host(_), StorageMut::Host(_)) => {
             let device = device::device(0)?;
             let kernels = pick_kernel(variant, &device.ctx)?;
-            match p.dtype() {
-                DType::F32 => staged::<f32>(kernels, &device.stream, p, out),
-                DType::F16 => staged::<half::f16>(kernels, &device.stream, p, out),
-                DType::BF16 => staged::<half::bf16>(kernels, &device.stream, p, out),
-            }
+            dispatch!(p.dtype(), T => staged::<T>(kernels, &device.stream, p, out))
         }
         _ => Err(SdpaError::Residence(format!(
             "q lives in {} and out in {}; pass q, k, v and out in one place",
@@ -292,47 +287,7 @@ pub(crate) fn alloc_output(p: &Problem<'_>) -> Result<Tensor> {
     let Some(q) = p.q.cuda_data() else {
         return Err(SdpaError::Residence("q is not device memory".into()));
     };
-    let stream = q.stream();
     let shape = p.out_shape();
-    let n: usize = shape.iter().product();
-    fn alloc<T: Element>(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
-        stream.alloc_zeros::<T>(n.max(1)).map_err(|e| {
-            SdpaError::cuda(
-                format_args!(
-                    "allocating the output ({} bytes)",
-                    n * std::mem::size_of::<T>()
-                ),
-                e,
-            )
-        })
-    }
-    let data = match p.dtype() {
-        DType::F32 => CudaOwned::F32(alloc(stream, n)?),
-        DType::F16 => CudaOwned::F16(alloc(stream, n)?),
-        DType::BF16 => CudaOwned::BF16(alloc(stream, n)?),
-    };
+    let data = CudaOwned::zeros(q.stream(), p.dtype(), shape.iter().product())?;
     Ok(Tensor::from_cuda_owned(data, shape))
-}
-
-/// Copies the first `n` elements of a device buffer to the host, waiting
-/// for the work queued on its stream.
-pub(crate) fn download(data: &CudaOwned, n: usize) -> Result<OwnedData> {
-    fn copy<T: Element>(s: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let stream = s.stream();
-        let v = stream
-            .clone_dtoh(&s.slice(..n))
-            .map_err(|e| SdpaError::cuda("copying a tensor to the host", e))?;
-        stream
-            .synchronize()
-            .map_err(|e| SdpaError::cuda("waiting for a tensor's stream", e))?;
-        Ok(v)
-    }
-    Ok(match data {
-        CudaOwned::F32(s) => OwnedData::F32(copy(s, n)?),
-        CudaOwned::F16(s) => OwnedData::F16(copy(s, n)?),
-        CudaOwned::BF16(s) => OwnedData::BF16(copy(s, n)?),
-    })
 }

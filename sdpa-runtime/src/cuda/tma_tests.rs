@@ -11,9 +11,10 @@ use kernels_gen::sm90::{generate_with, Sm90Config};
 
 use super::launch::{choose, Kernels};
 use super::tensor_map::{describe, Tiled, Undescribable};
+use crate::layout::Layout;
 use crate::problem::Problem;
 use crate::select::{probe_cuda, CudaProbe};
-use crate::tensor::{Layout, TensorView, TensorViewMut};
+use crate::tensor::{TensorView, TensorViewMut};
 use crate::variant::{GpuKernel, Variant};
 use crate::{DType, VariantSpec};
 
