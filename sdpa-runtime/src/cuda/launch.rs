@@ -6,8 +6,8 @@
 //! ([`kernels_gen::gpu::PARAMS`], then [`kernels_gen::gpu::SCALE_PARAM`]),
 //! computes the grid and launches on the given stream. A kernel that takes
 //! tensor maps gets them last ([`kernels_gen::gpu::TENSOR_MAP_PARAMS`]),
-//! encoded for this call; where they cannot be ([`choose`]), the variant's
-//! portable kernel runs instead.
+//! encoded for this call; where they cannot be ([`choose`]), the next of the
+//! variant's kernels that the device runs is tried instead.
 
 use cudarc::driver::{CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
@@ -96,15 +96,29 @@ pub(crate) fn arguments(
     ])
 }
 
-/// The kernels a call may run: the one picked for the device, and the
-/// variant's portable kernel, which runs instead where the picked one's
-/// tensor maps cannot describe the call's tensors.
+/// The kernels a call may run: the variant's kernels that the device runs
+/// ([`GpuKernel::runs_on`]), in the variant's order of preference.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Kernels<'v> {
-    /// The kernel picked for the device.
-    pub(crate) picked: &'v GpuKernel,
-    /// The variant's portable (sm_80) kernel, if it has one.
-    pub(crate) portable: Option<&'v GpuKernel>,
+    /// The variant's kernels, in order of preference.
+    all: &'v [GpuKernel],
+    /// The compute capability the kernels must run on.
+    capability: (i32, i32),
+}
+
+impl<'v> Kernels<'v> {
+    /// The kernels of `all` that a device of `capability` runs.
+    pub(crate) fn new(all: &'v [GpuKernel], capability: (i32, i32)) -> Kernels<'v> {
+        Kernels { all, capability }
+    }
+    /// The kernels the device runs, best first.
+    pub(crate) fn candidates(self) -> impl Iterator<Item = &'v GpuKernel> {
+        self.all.iter().filter(move |k| k.runs_on(self.capability))
+    }
+    /// The kernel the device prefers, if it runs any.
+    pub(crate) fn preferred(self) -> Option<&'v GpuKernel> {
+        self.candidates().next()
+    }
 }
 
 /// The kernel a call launches, and the tensor maps it takes.
@@ -117,54 +131,64 @@ pub(crate) struct Chosen<'v> {
 }
 
 /// The kernel to launch for `p`, whose `q`, `k` and `v` live at
-/// `addresses`: the picked one, with its tensor maps made by `encode` where
-/// it takes them ([`Tiled::encode`] on a device). Where a tensor has no map
-/// (strides TMA cannot describe, or the driver refused), the portable
-/// kernel, with a debug line saying why.
+/// `addresses`: the first of `kernels` that can run the call, with its
+/// tensor maps made by `encode` where it takes them ([`Tiled::encode`] on a
+/// device). A kernel that takes maps cannot run the call where a tensor has
+/// no map (strides TMA cannot describe, or the driver refused): the next
+/// kernel is tried, with a debug line saying why.
 pub(crate) fn choose<'v>(
     kernels: Kernels<'v>,
     p: &Problem<'_>,
     addresses: [u64; 3],
     encode: impl Fn(&Tiled) -> Result<TensorMap, Undescribable>,
 ) -> Result<Chosen<'v>> {
-    let picked = kernels.picked;
-    let Some(boxes) = picked.tensor_maps() else {
-        return Ok(Chosen {
-            kernel: picked,
-            maps: None,
-        });
-    };
-    let (tensor, why) = match tensor_map::for_inputs(boxes, p, addresses, encode) {
-        Ok(maps) => {
-            return Ok(Chosen {
-                kernel: picked,
-                maps: Some(maps),
-            })
-        }
-        Err(refusal) => refusal,
-    };
-    match kernels.portable.filter(|k| k.tensor_maps().is_none()) {
-        Some(portable) => {
+    let mut refused: Option<(&GpuKernel, &str, Undescribable)> = None;
+    for kernel in kernels.candidates() {
+        if let Some((previous, tensor, why)) = &refused {
             tracing::debug!(
-                kernel = picked.entry(),
-                fallback = portable.entry(),
+                kernel = previous.entry(),
+                fallback = kernel.entry(),
                 tensor,
                 reason = %why,
-                "no tensor map describes {tensor}; running the portable kernel"
+                "no tensor map describes {tensor}; running the next kernel"
             );
-            Ok(Chosen {
-                kernel: portable,
-                maps: None,
-            })
         }
-        None => Err(SdpaError::BackendUnavailable {
+        let Some(boxes) = kernel.tensor_maps() else {
+            return Ok(Chosen { kernel, maps: None });
+        };
+        match tensor_map::for_inputs(boxes, p, addresses, &encode) {
+            Ok(maps) => {
+                return Ok(Chosen {
+                    kernel,
+                    maps: Some(maps),
+                })
+            }
+            Err((tensor, why)) => refused = Some((kernel, tensor, why)),
+        }
+    }
+    Err(match refused {
+        Some((kernel, tensor, why)) => SdpaError::BackendUnavailable {
             backend: "cuda",
             reason: format!(
-                "{} needs a tensor map of {tensor}, and {why}; the variant has no portable \
-                 kernel to run instead",
-                picked.entry()
+                "{} needs a tensor map of {tensor}, and {why}; the variant has no other kernel \
+                 for compute capability {}.{} to run instead",
+                kernel.entry(),
+                kernels.capability.0,
+                kernels.capability.1
             ),
-        }),
+        },
+        None => no_kernel(kernels.capability),
+    })
+}
+
+/// The error for a variant without a kernel for a device.
+pub(crate) fn no_kernel(capability: (i32, i32)) -> SdpaError {
+    SdpaError::BackendUnavailable {
+        backend: "cuda",
+        reason: format!(
+            "the variant has no GPU kernel for compute capability {}.{}",
+            capability.0, capability.1
+        ),
     }
 }
 
@@ -221,18 +245,19 @@ pub(crate) fn grid(p: &Problem<'_>, kernel: &GpuKernel) -> Result<(u32, u32, u32
 /// writing `out`.
 ///
 /// `p`'s tensors and `out` must be device memory of `stream`'s context;
-/// `mask` is `p`'s mask, uploaded on `stream`. Returns once the launch is
-/// queued; the stream orders it with what comes next.
-pub(crate) fn attention(
-    kernels: Kernels<'_>,
+/// `mask` is `p`'s mask, uploaded on `stream`. Returns the kernel once its
+/// launch is queued (the stream orders it with what comes next), or `None`
+/// for an empty output, where nothing runs.
+pub(crate) fn attention<'v>(
+    kernels: Kernels<'v>,
     stream: &CudaStream,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
     mask: Option<&DeviceMask>,
-) -> Result<()> {
+) -> Result<Option<&'v GpuKernel>> {
     p.check_output(out)?;
     if out.layout().numel() == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let out_layout = *out.layout();
     let not_here = |what: &str| {
@@ -357,7 +382,7 @@ pub(crate) fn attention(
             e,
         )
     })?;
-    Ok(())
+    Ok(Some(kernel))
 }
 
 #[cfg(test)]
@@ -425,6 +450,12 @@ mod tests {
     const PORTABLE: GpuKernel = GpuKernel::new("", "sm80", "sm_80", 64, 128, 0);
     const MAPPED: GpuKernel =
         GpuKernel::new("", "sm90", "sm_90a", 128, 384, 0).with_tensor_maps(128, 96);
+    /// A Hopper kernel with the portable one to fall back on, on a Hopper
+    /// device.
+    const BOTH: Kernels<'static> = Kernels {
+        all: &[MAPPED, PORTABLE],
+        capability: (9, 0),
+    };
 
     /// Stands in for the driver: a map tagged with the tensor's address
     /// and box rows.
@@ -445,19 +476,12 @@ mod tests {
         let data = vec![bf16::ZERO; 8 * 4 * 64];
         let k = TensorView::from_slice(&data[..8 * 2 * 64], [1, 8, 2, 64]).unwrap();
         let p = bf16_problem(&data, k);
-        let kernels = Kernels {
-            picked: &MAPPED,
-            portable: Some(&PORTABLE),
-        };
-        let chosen = choose(kernels, &p, [0x1000, 0x2000, 0x3000], tag).unwrap();
+        let chosen = choose(BOTH, &p, [0x1000, 0x2000, 0x3000], tag).unwrap();
         assert_eq!(chosen.kernel.entry(), "sm90");
         let tags = chosen.maps.unwrap().map(|m| m.tag());
         assert_eq!(tags, [0x1000 + 128, 0x2000 + 96, 0x3000 + 96]);
         // A kernel without maps gets none, and nothing is encoded.
-        let plain = Kernels {
-            picked: &PORTABLE,
-            portable: Some(&PORTABLE),
-        };
+        let plain = Kernels::new(&[PORTABLE], (9, 0));
         let never = |_: &Tiled| -> Result<TensorMap, Undescribable> { unreachable!() };
         let chosen = choose(plain, &p, [0; 3], never).unwrap();
         assert!(chosen.maps.is_none());
@@ -466,10 +490,7 @@ mod tests {
     #[test]
     fn strides_tma_cannot_describe_run_the_portable_kernel() {
         let data = vec![bf16::ZERO; 8 * 4 * 64];
-        let kernels = Kernels {
-            picked: &MAPPED,
-            portable: Some(&PORTABLE),
-        };
+        let kernels = BOTH;
         // k and v rows 68 elements (136 bytes) apart: no map describes them.
         let k = TensorView::with_strides(&data, [1, 8, 1, 64], [8 * 68, 68, 68, 1]).unwrap();
         let q = vec![bf16::ZERO; 8 * 64];
@@ -489,10 +510,7 @@ mod tests {
             ))
         );
         // Without a portable kernel to run, the call fails and says why.
-        let alone = Kernels {
-            picked: &MAPPED,
-            portable: None,
-        };
+        let alone = Kernels::new(&[MAPPED], (9, 0));
         let err = choose(alone, &p, [0; 3], tag).unwrap_err().to_string();
         assert!(
             err.contains("sm90 needs a tensor map of k, and its token stride is 136 bytes"),
@@ -505,10 +523,7 @@ mod tests {
         let data = vec![bf16::ZERO; 8 * 4 * 64];
         let k = TensorView::from_slice(&data, [1, 8, 4, 64]).unwrap();
         let p = bf16_problem(&data, k);
-        let kernels = Kernels {
-            picked: &MAPPED,
-            portable: Some(&PORTABLE),
-        };
+        let kernels = BOTH;
         let old = |_: &Tiled| Err(Undescribable::OldDriver(11_080));
         let chosen = choose(kernels, &p, [0; 3], old).unwrap();
         assert_eq!(chosen.kernel.entry(), "sm80");
@@ -518,6 +533,29 @@ mod tests {
         assert_eq!(
             choose(kernels, &p, [0; 3], tag).unwrap().kernel.entry(),
             "sm80"
+        );
+    }
+
+    #[test]
+    fn only_kernels_the_device_runs_are_tried() {
+        let data = vec![bf16::ZERO; 8 * 4 * 64];
+        let k = TensorView::from_slice(&data, [1, 8, 4, 64]).unwrap();
+        let p = bf16_problem(&data, k);
+        // Not Hopper: the sm_90a kernel is skipped, and nothing is encoded.
+        let ampere = Kernels::new(&[MAPPED, PORTABLE], (8, 6));
+        let never = |_: &Tiled| -> Result<TensorMap, Undescribable> { unreachable!() };
+        assert_eq!(ampere.preferred().map(|k| k.entry()), Some("sm80"));
+        assert_eq!(
+            choose(ampere, &p, [0; 3], never).unwrap().kernel.entry(),
+            "sm80"
+        );
+        // Nothing this device runs: a typed error.
+        let none = Kernels::new(&[MAPPED], (8, 0));
+        assert!(none.preferred().is_none());
+        let err = choose(none, &p, [0; 3], tag).unwrap_err().to_string();
+        assert!(
+            err.contains("no GPU kernel for compute capability 8.0"),
+            "{err}"
         );
     }
 

@@ -86,7 +86,7 @@ use crate::problem::Problem;
 use crate::storage::dispatch::dispatch;
 use crate::storage::{CudaOwned, CudaRefMut, Storage, StorageMut};
 use crate::tensor::{Tensor, TensorView, TensorViewMut};
-use crate::variant::Variant;
+use crate::variant::{GpuKernel, Variant};
 use launch::Kernels;
 
 /// Runs `variant`'s GPU kernel for `p` into `out`: on the device where they
@@ -96,7 +96,7 @@ pub(crate) fn run(variant: &Variant, p: &Problem<'_>, out: &mut TensorViewMut<'_
         (Storage::Cuda(_), StorageMut::Cuda(out_data)) => {
             let stream = out_data.stream().clone();
             let kernels = pick_kernel(variant, stream.context())?;
-            on_device(kernels, &stream, p, out)
+            on_device(kernels, &stream, p, out).map(drop)
         }
         (Storage::Host(_), StorageMut::Host(_)) => {
             let device = device::device(0)?;
@@ -112,8 +112,10 @@ pub(crate) fn run(variant: &Variant, p: &Problem<'_>, out: &mut TensorViewMut<'_
 }
 
 /// The environment variable that picks the GPU kernel family: `auto` (the
-/// default: on compute capability 9.0, the Hopper kernel where the variant
-/// has one) or `sm80` (the portable kernel everywhere).
+/// default: the first of the variant's kernels that the device runs, e.g.
+/// the Hopper kernel on compute capability 9.0 where the variant has one)
+/// or `sm80` (the kernels a device of capability 8.0 runs: the portable
+/// kernel everywhere).
 pub const KERNEL_ENV: &str = "SDPA_CUDA_KERNEL";
 
 /// Whether the environment asks for the portable kernels only.
@@ -130,8 +132,8 @@ fn portable_only() -> Result<bool> {
     }
 }
 
-/// The kernel of `variant` for the device of `ctx`, with the variant's
-/// portable kernel to fall back on.
+/// The kernels of `variant` that the device of `ctx` runs, best first (the
+/// call runs the first that can run it: [`launch::choose`]).
 fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<Kernels<'v>> {
     let capability = if portable_only()? {
         (8, 0)
@@ -143,13 +145,29 @@ fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<Kerne
             )
         })?
     };
-    let kernel =
-        variant
-            .gpu_kernel_for(capability)
-            .ok_or_else(|| SdpaError::BackendUnavailable {
-                backend: "cuda",
-                reason: format!("variant {} was built without a GPU kernel", variant.spec()),
-            })?;
+    let kernels = Kernels::new(variant.gpu_kernels(), capability);
+    let kernel = kernels
+        .preferred()
+        .ok_or_else(|| SdpaError::BackendUnavailable {
+            backend: "cuda",
+            reason: if variant.gpu_kernels().is_empty() {
+                format!("variant {} was built without a GPU kernel", variant.spec())
+            } else {
+                format!(
+                    "variant {} has no GPU kernel for compute capability {}.{} (its kernels \
+                 target {})",
+                    variant.spec(),
+                    capability.0,
+                    capability.1,
+                    variant
+                        .gpu_kernels()
+                        .iter()
+                        .map(|k| k.target())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
+        })?;
     tracing::debug!(
         variant = %variant.spec(),
         device = ctx.ordinal(),
@@ -158,21 +176,19 @@ fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<Kerne
         tensor_maps = kernel.tensor_maps().is_some(),
         "picked a GPU kernel"
     );
-    Ok(Kernels {
-        picked: kernel,
-        portable: variant.gpu_kernel(),
-    })
+    Ok(kernels)
 }
 
-/// Launches on `stream` for device tensors.
-fn on_device(
-    kernels: Kernels<'_>,
+/// Launches on `stream` for device tensors; the kernel that ran, or `None`
+/// for an empty output.
+fn on_device<'v>(
+    kernels: Kernels<'v>,
     stream: &Arc<CudaStream>,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
-) -> Result<()> {
+) -> Result<Option<&'v GpuKernel>> {
     if out.layout().numel() == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let mask = p
         .mask
@@ -208,7 +224,7 @@ fn staged<T: Element>(
         .alloc_zeros::<T>(n)
         .map_err(|e| SdpaError::cuda(format_args!("allocating the output ({n} elements)"), e))?;
     let packed_out = Layout::contiguous(out_layout.shape());
-    {
+    let kernel = {
         fn view<'s, T: Element>(s: &'s CudaSlice<T>, t: &TensorView<'_>) -> Result<TensorView<'s>> {
             TensorView::new_cuda(T::cuda(s.into()), Layout::contiguous(t.layout().shape()))
         }
@@ -220,14 +236,17 @@ fn staged<T: Element>(
         };
         let mut device_view =
             TensorViewMut::new_cuda(T::cuda_mut(CudaRefMut::from(&mut device_out)), packed_out)?;
-        on_device(kernels, stream, &device_problem, &mut device_view)?;
-    }
+        on_device(kernels, stream, &device_problem, &mut device_view)?
+    };
+    let Some(kernel) = kernel else {
+        return Ok(()); // Nothing to compute: no kernel ran.
+    };
     let result: Vec<T> = stream
         .clone_dtoh(&device_out)
         .map_err(|e| SdpaError::cuda("copying the result to the host", e))?;
     stream
         .synchronize()
-        .map_err(|e| SdpaError::cuda(format_args!("running {}", kernels.picked.entry()), e))?;
+        .map_err(|e| SdpaError::cuda(format_args!("running {}", kernel.entry()), e))?;
     let host_out = out.host_slice_mut::<T>().ok_or_else(|| not_host("out"))?;
     let d = out_layout.head_size();
     let [b, s, h, _] = out_layout.shape();
