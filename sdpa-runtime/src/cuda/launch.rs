@@ -10,6 +10,7 @@
 //! variant's kernels that the device runs is tried instead.
 
 use cudarc::driver::{CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use kernels_gen::gpu::{ParamKind, PARAMS, SCALE_PARAM, TENSOR_MAP_PARAMS};
 
 use super::mask::DeviceMask;
 use super::module_cache;
@@ -47,53 +48,140 @@ pub(crate) struct Pointers {
     pub(crate) mask: u64,
 }
 
-/// The arguments of the contract, named, in launch order.
+/// A value the launch knows for a contract parameter, before it takes the
+/// parameter's type.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Value {
+    /// A device address.
+    Address(u64),
+    /// An element stride or a count.
+    Size(usize),
+    /// A float.
+    Float(f32),
+}
+
+/// The value of the contract parameter `name` for this call, with what it
+/// stands for in error messages; `None` for a name the runtime does not
+/// know. The only place that maps the contract's names to values.
+fn value(
+    name: &str,
+    p: &Problem<'_>,
+    out: &Layout,
+    mask_strides: [usize; 3],
+    ptrs: &Pointers,
+) -> Option<(Value, &'static str)> {
+    use Value::{Address, Float, Size};
+    let [qb, qs, qh, _] = p.q.layout().strides();
+    let [kb, ks, kh, _] = p.k.layout().strides();
+    let [vb, vs, vh, _] = p.v.layout().strides();
+    let [ob, os, oh, _] = out.strides();
+    let [mb, mh, mq] = mask_strides;
+    let stride = |n| (Size(n), "a stride");
+    Some(match name {
+        "q" => (Address(ptrs.q), "q's address"),
+        "k" => (Address(ptrs.k), "k's address"),
+        "v" => (Address(ptrs.v), "v's address"),
+        "out" => (Address(ptrs.out), "the output's address"),
+        "mask" => (Address(ptrs.mask), "the mask's address"),
+        "q_stride_b" => stride(qb),
+        "q_stride_s" => stride(qs),
+        "q_stride_h" => stride(qh),
+        "k_stride_b" => stride(kb),
+        "k_stride_s" => stride(ks),
+        "k_stride_h" => stride(kh),
+        "v_stride_b" => stride(vb),
+        "v_stride_s" => stride(vs),
+        "v_stride_h" => stride(vh),
+        "out_stride_b" => stride(ob),
+        "out_stride_s" => stride(os),
+        "out_stride_h" => stride(oh),
+        "mask_stride_b" => stride(mb),
+        "mask_stride_h" => stride(mh),
+        "mask_stride_q" => stride(mq),
+        "seq_q" => (Size(p.seq_q), "Sq"),
+        "seq_k" => (Size(p.seq_k), "Sk"),
+        "group" => (Size(p.group_size()), "Hq / Hkv"),
+        "scale_log2" => (
+            Float(p.scale * std::f32::consts::LOG2_E),
+            "the scale times log2(e)",
+        ),
+        _ => return None,
+    })
+}
+
+/// The arguments of the contract, named, in launch order: the parameters of
+/// [`PARAMS`], then [`SCALE_PARAM`], each given its value by name
+/// ([`arguments_of`]).
 pub(crate) fn arguments(
     p: &Problem<'_>,
     out: &Layout,
     mask_strides: [usize; 3],
     ptrs: &Pointers,
 ) -> Result<Vec<(&'static str, Arg)>> {
-    let count = |what: &str, n: usize| {
-        u32::try_from(n).map_err(|_| {
-            SdpaError::Shape(format!(
-                "{what} = {n} is more than the CUDA kernels take ({})",
-                u32::MAX
-            ))
+    arguments_of(
+        PARAMS.iter().chain([&SCALE_PARAM]),
+        p,
+        out,
+        mask_strides,
+        ptrs,
+    )
+}
+
+/// The arguments for the parameters `params`, in their order, each the
+/// value of its name in its kind; a name the runtime does not know, a kind
+/// its value does not have or a count too large for it is an error.
+fn arguments_of<'c>(
+    params: impl IntoIterator<Item = &'c (&'static str, ParamKind)>,
+    p: &Problem<'_>,
+    out: &Layout,
+    mask_strides: [usize; 3],
+    ptrs: &Pointers,
+) -> Result<Vec<(&'static str, Arg)>> {
+    params
+        .into_iter()
+        .map(|&(name, kind)| {
+            let (value, what) = value(name, p, out, mask_strides, ptrs).ok_or_else(|| {
+                SdpaError::Cuda(format!(
+                    "the launch contract has a parameter {name:?} that this runtime does not \
+                     know; the runtime and kernels-gen come from different versions"
+                ))
+            })?;
+            let arg = match (kind, value) {
+                (ParamKind::Ptr, Value::Address(a)) => Arg::U64(a),
+                (ParamKind::U64, Value::Size(n)) => Arg::U64(n as u64),
+                (ParamKind::U32, Value::Size(n)) => Arg::U32(u32::try_from(n).map_err(|_| {
+                    SdpaError::Shape(format!(
+                        "{what} = {n} is more than the CUDA kernels take ({})",
+                        u32::MAX
+                    ))
+                })?),
+                (ParamKind::F32, Value::Float(x)) => Arg::F32(x),
+                _ => {
+                    return Err(SdpaError::Cuda(format!(
+                        "the launch contract declares {name} as {kind:?}, but the runtime \
+                         holds {what} there; the runtime and kernels-gen come from different \
+                         versions"
+                    )))
+                }
+            };
+            Ok((name, arg))
         })
-    };
-    let u64 = |n: usize| Arg::U64(n as u64);
-    let [qb, qs, qh, _] = p.q.layout().strides();
-    let [kb, ks, kh, _] = p.k.layout().strides();
-    let [vb, vs, vh, _] = p.v.layout().strides();
-    let [ob, os, oh, _] = out.strides();
-    let [mb, mh, mq] = mask_strides;
-    Ok(vec![
-        ("q", Arg::U64(ptrs.q)),
-        ("k", Arg::U64(ptrs.k)),
-        ("v", Arg::U64(ptrs.v)),
-        ("out", Arg::U64(ptrs.out)),
-        ("mask", Arg::U64(ptrs.mask)),
-        ("q_stride_b", u64(qb)),
-        ("q_stride_s", u64(qs)),
-        ("q_stride_h", u64(qh)),
-        ("k_stride_b", u64(kb)),
-        ("k_stride_s", u64(ks)),
-        ("k_stride_h", u64(kh)),
-        ("v_stride_b", u64(vb)),
-        ("v_stride_s", u64(vs)),
-        ("v_stride_h", u64(vh)),
-        ("out_stride_b", u64(ob)),
-        ("out_stride_s", u64(os)),
-        ("out_stride_h", u64(oh)),
-        ("mask_stride_b", u64(mb)),
-        ("mask_stride_h", u64(mh)),
-        ("mask_stride_q", u64(mq)),
-        ("seq_q", Arg::U32(count("Sq", p.seq_q)?)),
-        ("seq_k", Arg::U32(count("Sk", p.seq_k)?)),
-        ("group", Arg::U32(count("Hq / Hkv", p.group_size())?)),
-        ("scale_log2", Arg::F32(p.scale * std::f32::consts::LOG2_E)),
-    ])
+        .collect()
+}
+
+/// The tensor map the contract's tensor-map parameter `name` takes, from
+/// the maps of `q`, `k` and `v`.
+fn map_param<'m>(name: &str, maps: &'m [TensorMap; 3]) -> Result<&'m TensorMap> {
+    let [q, k, v] = maps;
+    match name {
+        "tmap_q" => Ok(q),
+        "tmap_k" => Ok(k),
+        "tmap_v" => Ok(v),
+        _ => Err(SdpaError::Cuda(format!(
+            "the launch contract has a tensor-map parameter {name:?} that this runtime does \
+             not know; the runtime and kernels-gen come from different versions"
+        ))),
+    }
 }
 
 /// The kernels a call may run: the variant's kernels that the device runs
@@ -327,17 +415,22 @@ pub(crate) fn attention<'v>(
             Arg::F32(x) => builder.arg(x),
         };
     }
-    for map in maps.iter().flatten() {
-        builder.arg(map);
+    if let Some(maps) = &maps {
+        for name in TENSOR_MAP_PARAMS {
+            builder.arg(map_param(name, maps)?);
+        }
     }
     // SAFETY: the launch is sound because
     // - the arguments are those of the launch contract, in its order and with
-    //   its types (`arguments` is tested against `kernels_gen::gpu::PARAMS`),
-    //   and `function` is the entry point generated for this variant, so it
-    //   reads them as laid out here; `args` outlives the launch call;
+    //   its types (`arguments` walks `kernels_gen::gpu::PARAMS` and
+    //   `SCALE_PARAM`, giving each name its value in the declared kind, and
+    //   fails on a name or kind it does not know), and `function` is the
+    //   entry point generated for this variant, so it reads them as laid out
+    //   here; `args` outlives the launch call;
     // - a kernel that declares tensor maps (`GpuKernel::tensor_maps`, set by
     //   the macro from the generator's kernel) gets exactly three after
-    //   them, q's, k's and v's (`choose` returns maps only for such a kernel,
+    //   them, in the order of `TENSOR_MAP_PARAMS`, each the map its name
+    //   names (`map_param`) (`choose` returns maps only for such a kernel,
     //   and a kernel without maps gets none): 128-byte, 64-byte aligned
     //   values that `maps` holds past the launch call. Each covers exactly
     //   its tensor's `[B, S, H, D]` elements at the address passed above,
@@ -390,7 +483,6 @@ mod tests {
     use super::*;
     use crate::tensor::TensorView;
     use half::bf16;
-    use kernels_gen::gpu::{ParamKind, PARAMS, SCALE_PARAM, TENSOR_MAP_PARAMS};
 
     fn problem<'a>(
         q: &'a [f32],
@@ -445,6 +537,54 @@ mod tests {
             Arg::F32(0.125 * std::f32::consts::LOG2_E)
         );
         assert_eq!(value("out"), Arg::U64(4));
+    }
+
+    #[test]
+    fn every_contract_name_has_a_value_and_unknown_ones_are_errors() {
+        let (q, kv) = (vec![0.0; 8], vec![0.0; 8]);
+        let p = problem(&q, &kv, [1, 1, 1, 8], [1, 1, 1, 8]);
+        let out = Layout::contiguous([1, 1, 1, 8]);
+        let ptrs = Pointers::default();
+        let known = |name| value(name, &p, &out, [0; 3], &ptrs).is_some();
+        for (name, _) in PARAMS.iter().chain([&SCALE_PARAM]) {
+            assert!(known(name), "{name}");
+        }
+        let maps = [1, 2, 3].map(TensorMap::tagged);
+        let tags = TENSOR_MAP_PARAMS.map(|name| map_param(name, &maps).unwrap().tag());
+        assert_eq!(tags, [1, 2, 3]);
+        assert!(map_param("tmap_out", &maps).is_err());
+
+        let args = |params: &[(&'static str, ParamKind)]| {
+            arguments_of(params, &p, &out, [0; 3], &ptrs).map_err(|e| e.to_string())
+        };
+        let err = args(&[("q", ParamKind::Ptr), ("bogus", ParamKind::U64)]).unwrap_err();
+        assert!(err.contains("parameter \"bogus\""), "{err}");
+        let err = args(&[("seq_q", ParamKind::Ptr)]).unwrap_err();
+        assert!(err.contains("declares seq_q as Ptr"), "{err}");
+        assert_eq!(
+            args(&[("group", ParamKind::U32), ("seq_k", ParamKind::U64)]).unwrap(),
+            [("group", Arg::U32(1)), ("seq_k", Arg::U64(1))]
+        );
+    }
+
+    #[test]
+    fn counts_too_large_for_u32_are_refused() {
+        let q = vec![0.0f32; 8];
+        let q = TensorView::from_slice(&q, [1, 1, 1, 8]).unwrap();
+        let p = Problem::new(q, q, q, None, 1.0).unwrap();
+        let p = Problem {
+            seq_k: 1 << 32,
+            ..p
+        };
+        let err = arguments(
+            &p,
+            &Layout::contiguous([1, 1, 1, 8]),
+            [0; 3],
+            &Pointers::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("Sk = 4294967296 is more than"), "{err}");
     }
 
     const PORTABLE: GpuKernel = GpuKernel::new("", "sm80", "sm_80", 64, 128, 0);
