@@ -96,6 +96,9 @@ impl OwnedData {
         dispatch!(dtype, T -> OwnedData(vec![T::default(); n]))
     }
     /// The elements widened to `f32`.
+    // The body is expanded once per element type; for `f32` the conversion
+    // is the identity.
+    #[allow(clippy::useless_conversion)]
     pub fn to_f32_vec(&self) -> Vec<f32> {
         dispatch!(self, OwnedData(v) => v.iter().map(|&x| f32::from(x)).collect())
     }
