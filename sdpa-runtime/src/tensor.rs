@@ -7,7 +7,7 @@
 //! The memory is host memory ([`TensorView::from_slice`]) or CUDA device
 //! memory allocated with `cudarc` ([`TensorView::from_cuda`], over a
 //! [`CudaSlice`] or a [`CudaView`] into one); the same traits take both, and
-//! the backend follows the memory (see [`crate::select`]). The buffers
+//! the backend follows the memory (see [`crate::select()`]). The buffers
 //! themselves, and the copies between devices, are the storage's
 //! ([`Storage`], [`TensorData`]); the layout is a [`Layout`].
 //!
