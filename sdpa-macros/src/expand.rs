@@ -32,6 +32,14 @@ struct Kernels {
     sm90: Option<GpuKernel>,
 }
 
+impl Kernels {
+    /// The kernels in the runtime's order of preference: the
+    /// architecture-specific ones first, the portable one last.
+    fn in_order(&self) -> impl Iterator<Item = &GpuKernel> {
+        self.sm90.iter().chain([&self.portable])
+    }
+}
+
 /// Runs the generator for every variant, spread over the machine's cores
 /// (the generator is pure and each variant independent; only plain strings
 /// cross threads, as compiler tokens must stay on the macro's thread).
@@ -130,25 +138,20 @@ fn generate(valid: &Valid, kernels: &[Kernels]) -> TokenStream {
 }
 
 /// One entry of the variant table: the spec, the CPU kernel instantiated
-/// for it and the GPU kernels generated for it (PTX text and launch
-/// metadata, embedded as literals).
+/// for it and the GPU kernels generated for it in order of preference (PTX
+/// text and launch metadata, embedded as literals).
 fn variant(spec: &VariantSpec, kernels: &Kernels) -> TokenStream {
     let head_size = Literal::usize_unsuffixed(spec.head_size);
     let causal = spec.causal;
     let dtype = dtype_path(spec.dtype);
     let element = element_type(spec.dtype);
-    let gpu = gpu_kernel(&kernels.portable);
-    let sm90 = kernels.sm90.as_ref().map(|k| {
-        let k = gpu_kernel(k);
-        quote! { .with_gpu_sm90(#k) }
-    });
+    let gpu = kernels.in_order().map(gpu_kernel);
     quote! {
         ::sdpa_runtime::Variant::new(
             ::sdpa_runtime::VariantSpec { head_size: #head_size, causal: #causal, dtype: #dtype },
             ::sdpa_runtime::cpu::attention::<#head_size, #causal, #element>,
         )
-        .with_gpu(#gpu)
-        #sm90
+        .with_gpu_kernels(&[#(#gpu),*])
     }
 }
 
@@ -251,24 +254,22 @@ mod tests {
                             ::sdpa_runtime::VariantSpec { head_size: 64, causal: true, dtype: ::sdpa_runtime::DType::F32 },
                             ::sdpa_runtime::cpu::attention::<64, true, ::core::primitive::f32>,
                         )
-                        .with_gpu(#g64f),
+                        .with_gpu_kernels(&[#g64f]),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 64, causal: true, dtype: ::sdpa_runtime::DType::BF16 },
                             ::sdpa_runtime::cpu::attention::<64, true, ::sdpa_runtime::half::bf16>,
                         )
-                        .with_gpu(#g64b)
-                        .with_gpu_sm90(#h64b),
+                        .with_gpu_kernels(&[#h64b, #g64b]),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 80, causal: true, dtype: ::sdpa_runtime::DType::F32 },
                             ::sdpa_runtime::cpu::attention::<80, true, ::core::primitive::f32>,
                         )
-                        .with_gpu(#g80f),
+                        .with_gpu_kernels(&[#g80f]),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 80, causal: true, dtype: ::sdpa_runtime::DType::BF16 },
                             ::sdpa_runtime::cpu::attention::<80, true, ::sdpa_runtime::half::bf16>,
                         )
-                        .with_gpu(#g80b)
-                        .with_gpu_sm90(#h80b),
+                        .with_gpu_kernels(&[#h80b, #g80b]),
                     ];
                     static TABLE: ::sdpa_runtime::VariantTable = ::sdpa_runtime::VariantTable::new(
                         &VARIANTS,

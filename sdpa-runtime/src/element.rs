@@ -3,9 +3,8 @@
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 
-use crate::tensor::{
-    CudaData, CudaDataMut, CudaOwned, CudaRef, CudaRefMut, HostData, HostDataMut, OwnedData,
-};
+use crate::storage::cuda::{CudaData, CudaDataMut, CudaOwned, CudaRef, CudaRefMut};
+use crate::storage::host::{HostData, HostDataMut, OwnedData};
 use crate::DType;
 
 mod sealed {

@@ -38,11 +38,13 @@ pub mod cuda;
 pub mod distributed;
 mod element;
 mod error;
+mod layout;
 mod mask;
 mod metadata;
 mod params;
 mod problem;
 mod select;
+mod storage;
 mod tensor;
 mod variant;
 
@@ -50,16 +52,18 @@ pub use backend::{AttentionBackend, AttentionImpl, SdpaImpl};
 pub use element::Element;
 pub use error::{Result, SdpaError};
 pub use kernels_gen::{DType, VariantSpec};
+pub use layout::Layout;
 pub use mask::{AttnMask, MaskData, OwnedMaskData, ResolvedMask};
 pub use metadata::AttentionMetadata;
 pub use params::AttentionParams;
 pub use problem::Problem;
 pub use sdpa_macros::sdpa_variants;
 pub use select::{probe_cuda, select, BackendKind, CudaProbe, Residence, Selection, BACKEND_ENV};
-pub use tensor::{
-    CudaData, CudaDataMut, CudaOwned, CudaRef, CudaRefMut, HostData, HostDataMut, Layout,
-    OwnedData, Storage, StorageMut, Tensor, TensorData, TensorView, TensorViewMut,
+pub use storage::{
+    CudaData, CudaDataMut, CudaOwned, CudaRef, CudaRefMut, HostData, HostDataMut, OwnedData,
+    Storage, StorageMut, TensorData,
 };
+pub use tensor::{Tensor, TensorView, TensorViewMut};
 pub use variant::{CpuKernelFn, GpuKernel, Variant, VariantTable};
 
 /// Re-exported for the code the macro generates and for callers building

@@ -1,5 +1,6 @@
 //! The variant table the `#[sdpa_variants]` macro emits: one entry per
-//! declared (head size, causal, dtype), each holding its kernels.
+//! declared (head size, causal, dtype), each holding its CPU kernel and its
+//! GPU kernels in order of preference.
 
 use kernels_gen::gpu::TensorMaps;
 
@@ -89,15 +90,59 @@ impl GpuKernel {
     pub fn tensor_maps(&self) -> Option<TensorMaps> {
         self.tensor_maps
     }
+    /// Whether a device of compute capability `(major, minor)` can run the
+    /// kernel, from its target: PTX for `sm_80` runs on every device of
+    /// capability 8.0 or later (the driver compiles it forward);
+    /// architecture-specific PTX (`sm_90a`) runs only on its own capability,
+    /// as its features do not carry forward; family-specific PTX (`sm_100f`)
+    /// runs on later minor versions of its major one. A target this cannot
+    /// read runs nowhere.
+    pub fn runs_on(&self, capability: (i32, i32)) -> bool {
+        let Some((arch, reach)) = parse_target(self.target) else {
+            return false;
+        };
+        match reach {
+            Reach::Forward => capability >= arch,
+            Reach::Family => capability.0 == arch.0 && capability.1 >= arch.1,
+            Reach::Exact => capability == arch,
+        }
+    }
 }
 
-/// One compiled variant: its spec and its kernels.
+/// Which devices PTX for a target runs on, besides the target's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reach {
+    /// Every later architecture (`sm_80`).
+    Forward,
+    /// Later minor versions of the same major one (`sm_100f`).
+    Family,
+    /// None (`sm_90a`).
+    Exact,
+}
+
+/// The capability `(major, minor)` a `.target` name such as `sm_80`,
+/// `sm_90a` or `sm_100f` stands for, and its reach; `None` for anything
+/// else.
+fn parse_target(target: &str) -> Option<((i32, i32), Reach)> {
+    let digits = target.strip_prefix("sm_")?;
+    let (digits, reach) = match digits.as_bytes().last()? {
+        b'a' => (&digits[..digits.len() - 1], Reach::Exact),
+        b'f' => (&digits[..digits.len() - 1], Reach::Family),
+        _ => (digits, Reach::Forward),
+    };
+    if digits.len() < 2 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (major, minor) = digits.split_at(digits.len() - 1);
+    Some(((major.parse().ok()?, minor.parse().ok()?), reach))
+}
+
+/// One compiled variant: its spec, its CPU kernel and its GPU kernels.
 #[derive(Clone, Copy, Debug)]
 pub struct Variant {
     spec: VariantSpec,
     cpu: CpuKernelFn,
-    gpu: Option<GpuKernel>,
-    gpu_sm90: Option<GpuKernel>,
+    gpu: &'static [GpuKernel],
 }
 
 impl Variant {
@@ -106,25 +151,17 @@ impl Variant {
         Variant {
             spec,
             cpu,
-            gpu: None,
-            gpu_sm90: None,
+            gpu: &[],
         }
     }
-    /// The same variant with a GPU kernel that runs on every supported
-    /// device (sm_80 PTX).
-    pub const fn with_gpu(self, gpu: GpuKernel) -> Variant {
-        Variant {
-            gpu: Some(gpu),
-            ..self
-        }
-    }
-    /// The same variant with a Hopper kernel (sm_90a PTX), used instead of
-    /// the portable one on devices of compute capability 9.0.
-    pub const fn with_gpu_sm90(self, gpu: GpuKernel) -> Variant {
-        Variant {
-            gpu_sm90: Some(gpu),
-            ..self
-        }
+    /// The same variant with GPU kernels in order of preference: a device
+    /// runs the first one it can ([`GpuKernel::runs_on`]) that can run the
+    /// call (a kernel that loads through tensor maps cannot where no map
+    /// describes a tensor; the next one runs instead). The macro lists the
+    /// architecture-specific kernels first and the portable (sm_80) one
+    /// last.
+    pub const fn with_gpu_kernels(self, gpu: &'static [GpuKernel]) -> Variant {
+        Variant { gpu, ..self }
     }
     /// What the variant is specialised for.
     pub fn spec(&self) -> &VariantSpec {
@@ -134,21 +171,24 @@ impl Variant {
     pub fn cpu_kernel(&self) -> CpuKernelFn {
         self.cpu
     }
-    /// The portable GPU kernel, if one was generated.
-    pub fn gpu_kernel(&self) -> Option<&GpuKernel> {
-        self.gpu.as_ref()
+    /// Every GPU kernel, in order of preference.
+    pub fn gpu_kernels(&self) -> &'static [GpuKernel] {
+        self.gpu
+    }
+    /// The portable GPU kernel (the first whose PTX runs on every device of
+    /// capability 8.0 or later), if one was generated.
+    pub fn gpu_kernel(&self) -> Option<&'static GpuKernel> {
+        self.gpu.iter().find(|k| k.runs_on((8, 0)))
     }
     /// The Hopper (sm_90a) kernel, if one was generated for this variant.
-    pub fn gpu_kernel_sm90(&self) -> Option<&GpuKernel> {
-        self.gpu_sm90.as_ref()
+    pub fn gpu_kernel_sm90(&self) -> Option<&'static GpuKernel> {
+        self.gpu.iter().find(|k| k.target() == "sm_90a")
     }
-    /// The kernel for a device of compute capability `(major, minor)`: the
-    /// Hopper kernel on 9.0 where there is one, else the portable kernel.
-    pub fn gpu_kernel_for(&self, capability: (i32, i32)) -> Option<&GpuKernel> {
-        match (capability, &self.gpu_sm90) {
-            ((9, 0), Some(k)) => Some(k),
-            _ => self.gpu.as_ref(),
-        }
+    /// The kernel a device of compute capability `(major, minor)` prefers:
+    /// the first it can run. A call runs a later one where this one cannot
+    /// run it (see [`Variant::with_gpu_kernels`]).
+    pub fn gpu_kernel_for(&self, capability: (i32, i32)) -> Option<&'static GpuKernel> {
+        self.gpu.iter().find(|k| k.runs_on(capability))
     }
 }
 
@@ -254,5 +294,53 @@ mod tests {
             })
         );
         assert_eq!((MAPPED.entry(), MAPPED.block_m()), ("k", 128));
+    }
+
+    fn target(target: &'static str) -> GpuKernel {
+        GpuKernel::new("", "k", target, 64, 128, 0)
+    }
+
+    #[test]
+    fn targets_say_which_devices_run_them() {
+        let sm80 = target("sm_80");
+        assert!(!sm80.runs_on((7, 5)));
+        for cap in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)] {
+            assert!(sm80.runs_on(cap), "{cap:?}");
+        }
+        // Architecture-specific features do not carry forward.
+        let sm90a = target("sm_90a");
+        assert!(sm90a.runs_on((9, 0)));
+        for cap in [(8, 0), (8, 9), (9, 1), (10, 0), (12, 0)] {
+            assert!(!sm90a.runs_on(cap), "{cap:?}");
+        }
+        let sm100a = target("sm_100a");
+        assert!(sm100a.runs_on((10, 0)) && !sm100a.runs_on((10, 3)));
+        let sm100f = target("sm_100f");
+        assert!(sm100f.runs_on((10, 3)) && !sm100f.runs_on((12, 0)) && !sm100f.runs_on((9, 0)));
+        for bad in ["", "sm_", "sm_8", "sm_a", "compute_80", "sm_8x", "sm_+80"] {
+            assert!(!target(bad).runs_on((9, 0)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_device_prefers_the_first_kernel_it_runs() {
+        static KERNELS: [GpuKernel; 2] = [
+            GpuKernel::new("", "hopper", "sm_90a", 128, 384, 0),
+            GpuKernel::new("", "portable", "sm_80", 64, 128, 0),
+        ];
+        fn cpu(_: &Problem<'_>, _: &mut TensorViewMut<'_>) -> Result<()> {
+            Ok(())
+        }
+        let spec = VariantSpec::new(64, false, DType::BF16).unwrap();
+        let v = Variant::new(spec, cpu).with_gpu_kernels(&KERNELS);
+        let entry = |cap| v.gpu_kernel_for(cap).map(|k| k.entry());
+        assert_eq!(entry((9, 0)), Some("hopper"));
+        assert_eq!(entry((8, 6)), Some("portable"));
+        assert_eq!(entry((10, 0)), Some("portable"));
+        assert_eq!(entry((7, 0)), None);
+        assert_eq!(v.gpu_kernel().map(|k| k.entry()), Some("portable"));
+        assert_eq!(v.gpu_kernel_sm90().map(|k| k.entry()), Some("hopper"));
+        let cpu_only = Variant::new(spec, cpu);
+        assert!(cpu_only.gpu_kernels().is_empty() && cpu_only.gpu_kernel().is_none());
     }
 }

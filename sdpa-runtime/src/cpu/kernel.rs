@@ -25,8 +25,8 @@
 //! query rows at once (4 × up to 6 `zmm` on AVX-512).
 
 use super::simd::Simd;
+use crate::layout::Layout;
 use crate::mask::ResolvedMask;
-use crate::tensor::Layout;
 use crate::DType;
 
 /// Query rows per panel: the lanes of one score tile.

@@ -6,19 +6,20 @@
 //! ([`kernels_gen::gpu::PARAMS`], then [`kernels_gen::gpu::SCALE_PARAM`]),
 //! computes the grid and launches on the given stream. A kernel that takes
 //! tensor maps gets them last ([`kernels_gen::gpu::TENSOR_MAP_PARAMS`]),
-//! encoded for this call; where they cannot be ([`choose`]), the variant's
-//! portable kernel runs instead.
+//! encoded for this call; where they cannot be ([`choose`]), the next of the
+//! variant's kernels that the device runs is tried instead.
 
-use cudarc::driver::{
-    CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
-};
+use cudarc::driver::{CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use kernels_gen::gpu::{ParamKind, PARAMS, SCALE_PARAM, TENSOR_MAP_PARAMS};
 
 use super::mask::DeviceMask;
 use super::module_cache;
 use super::tensor_map::{self, TensorMap, Tiled, Undescribable};
 use crate::error::{Result, SdpaError};
+use crate::layout::Layout;
 use crate::problem::Problem;
-use crate::tensor::{CudaData, CudaDataMut, CudaRef, Layout, StorageMut, TensorViewMut};
+use crate::storage::StorageMut;
+use crate::tensor::TensorViewMut;
 use crate::variant::GpuKernel;
 
 /// The most CTAs in the y and z dimensions of a grid.
@@ -47,64 +48,165 @@ pub(crate) struct Pointers {
     pub(crate) mask: u64,
 }
 
-/// The arguments of the contract, named, in launch order.
+/// A value the launch knows for a contract parameter, before it takes the
+/// parameter's type.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Value {
+    /// A device address.
+    Address(u64),
+    /// An element stride or a count.
+    Size(usize),
+    /// A float.
+    Float(f32),
+}
+
+/// The value of the contract parameter `name` for this call, with what it
+/// stands for in error messages; `None` for a name the runtime does not
+/// know. The only place that maps the contract's names to values.
+fn value(
+    name: &str,
+    p: &Problem<'_>,
+    out: &Layout,
+    mask_strides: [usize; 3],
+    ptrs: &Pointers,
+) -> Option<(Value, &'static str)> {
+    use Value::{Address, Float, Size};
+    let [qb, qs, qh, _] = p.q.layout().strides();
+    let [kb, ks, kh, _] = p.k.layout().strides();
+    let [vb, vs, vh, _] = p.v.layout().strides();
+    let [ob, os, oh, _] = out.strides();
+    let [mb, mh, mq] = mask_strides;
+    let stride = |n| (Size(n), "a stride");
+    Some(match name {
+        "q" => (Address(ptrs.q), "q's address"),
+        "k" => (Address(ptrs.k), "k's address"),
+        "v" => (Address(ptrs.v), "v's address"),
+        "out" => (Address(ptrs.out), "the output's address"),
+        "mask" => (Address(ptrs.mask), "the mask's address"),
+        "q_stride_b" => stride(qb),
+        "q_stride_s" => stride(qs),
+        "q_stride_h" => stride(qh),
+        "k_stride_b" => stride(kb),
+        "k_stride_s" => stride(ks),
+        "k_stride_h" => stride(kh),
+        "v_stride_b" => stride(vb),
+        "v_stride_s" => stride(vs),
+        "v_stride_h" => stride(vh),
+        "out_stride_b" => stride(ob),
+        "out_stride_s" => stride(os),
+        "out_stride_h" => stride(oh),
+        "mask_stride_b" => stride(mb),
+        "mask_stride_h" => stride(mh),
+        "mask_stride_q" => stride(mq),
+        "seq_q" => (Size(p.seq_q), "Sq"),
+        "seq_k" => (Size(p.seq_k), "Sk"),
+        "group" => (Size(p.group_size()), "Hq / Hkv"),
+        "scale_log2" => (
+            Float(p.scale * std::f32::consts::LOG2_E),
+            "the scale times log2(e)",
+        ),
+        _ => return None,
+    })
+}
+
+/// The arguments of the contract, named, in launch order: the parameters of
+/// [`PARAMS`], then [`SCALE_PARAM`], each given its value by name
+/// ([`arguments_of`]).
 pub(crate) fn arguments(
     p: &Problem<'_>,
     out: &Layout,
     mask_strides: [usize; 3],
     ptrs: &Pointers,
 ) -> Result<Vec<(&'static str, Arg)>> {
-    let count = |what: &str, n: usize| {
-        u32::try_from(n).map_err(|_| {
-            SdpaError::Shape(format!(
-                "{what} = {n} is more than the CUDA kernels take ({})",
-                u32::MAX
-            ))
-        })
-    };
-    let u64 = |n: usize| Arg::U64(n as u64);
-    let [qb, qs, qh, _] = p.q.layout().strides();
-    let [kb, ks, kh, _] = p.k.layout().strides();
-    let [vb, vs, vh, _] = p.v.layout().strides();
-    let [ob, os, oh, _] = out.strides();
-    let [mb, mh, mq] = mask_strides;
-    Ok(vec![
-        ("q", Arg::U64(ptrs.q)),
-        ("k", Arg::U64(ptrs.k)),
-        ("v", Arg::U64(ptrs.v)),
-        ("out", Arg::U64(ptrs.out)),
-        ("mask", Arg::U64(ptrs.mask)),
-        ("q_stride_b", u64(qb)),
-        ("q_stride_s", u64(qs)),
-        ("q_stride_h", u64(qh)),
-        ("k_stride_b", u64(kb)),
-        ("k_stride_s", u64(ks)),
-        ("k_stride_h", u64(kh)),
-        ("v_stride_b", u64(vb)),
-        ("v_stride_s", u64(vs)),
-        ("v_stride_h", u64(vh)),
-        ("out_stride_b", u64(ob)),
-        ("out_stride_s", u64(os)),
-        ("out_stride_h", u64(oh)),
-        ("mask_stride_b", u64(mb)),
-        ("mask_stride_h", u64(mh)),
-        ("mask_stride_q", u64(mq)),
-        ("seq_q", Arg::U32(count("Sq", p.seq_q)?)),
-        ("seq_k", Arg::U32(count("Sk", p.seq_k)?)),
-        ("group", Arg::U32(count("Hq / Hkv", p.group_size())?)),
-        ("scale_log2", Arg::F32(p.scale * std::f32::consts::LOG2_E)),
-    ])
+    arguments_of(
+        PARAMS.iter().chain([&SCALE_PARAM]),
+        p,
+        out,
+        mask_strides,
+        ptrs,
+    )
 }
 
-/// The kernels a call may run: the one picked for the device, and the
-/// variant's portable kernel, which runs instead where the picked one's
-/// tensor maps cannot describe the call's tensors.
+/// The arguments for the parameters `params`, in their order, each the
+/// value of its name in its kind; a name the runtime does not know, a kind
+/// its value does not have or a count too large for it is an error.
+fn arguments_of<'c>(
+    params: impl IntoIterator<Item = &'c (&'static str, ParamKind)>,
+    p: &Problem<'_>,
+    out: &Layout,
+    mask_strides: [usize; 3],
+    ptrs: &Pointers,
+) -> Result<Vec<(&'static str, Arg)>> {
+    params
+        .into_iter()
+        .map(|&(name, kind)| {
+            let (value, what) = value(name, p, out, mask_strides, ptrs).ok_or_else(|| {
+                SdpaError::Cuda(format!(
+                    "the launch contract has a parameter {name:?} that this runtime does not \
+                     know; the runtime and kernels-gen come from different versions"
+                ))
+            })?;
+            let arg = match (kind, value) {
+                (ParamKind::Ptr, Value::Address(a)) => Arg::U64(a),
+                (ParamKind::U64, Value::Size(n)) => Arg::U64(n as u64),
+                (ParamKind::U32, Value::Size(n)) => Arg::U32(u32::try_from(n).map_err(|_| {
+                    SdpaError::Shape(format!(
+                        "{what} = {n} is more than the CUDA kernels take ({})",
+                        u32::MAX
+                    ))
+                })?),
+                (ParamKind::F32, Value::Float(x)) => Arg::F32(x),
+                _ => {
+                    return Err(SdpaError::Cuda(format!(
+                        "the launch contract declares {name} as {kind:?}, but the runtime \
+                         holds {what} there; the runtime and kernels-gen come from different \
+                         versions"
+                    )))
+                }
+            };
+            Ok((name, arg))
+        })
+        .collect()
+}
+
+/// The tensor map the contract's tensor-map parameter `name` takes, from
+/// the maps of `q`, `k` and `v`.
+fn map_param<'m>(name: &str, maps: &'m [TensorMap; 3]) -> Result<&'m TensorMap> {
+    let [q, k, v] = maps;
+    match name {
+        "tmap_q" => Ok(q),
+        "tmap_k" => Ok(k),
+        "tmap_v" => Ok(v),
+        _ => Err(SdpaError::Cuda(format!(
+            "the launch contract has a tensor-map parameter {name:?} that this runtime does \
+             not know; the runtime and kernels-gen come from different versions"
+        ))),
+    }
+}
+
+/// The kernels a call may run: the variant's kernels that the device runs
+/// ([`GpuKernel::runs_on`]), in the variant's order of preference.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Kernels<'v> {
-    /// The kernel picked for the device.
-    pub(crate) picked: &'v GpuKernel,
-    /// The variant's portable (sm_80) kernel, if it has one.
-    pub(crate) portable: Option<&'v GpuKernel>,
+    /// The variant's kernels, in order of preference.
+    all: &'v [GpuKernel],
+    /// The compute capability the kernels must run on.
+    capability: (i32, i32),
+}
+
+impl<'v> Kernels<'v> {
+    /// The kernels of `all` that a device of `capability` runs.
+    pub(crate) fn new(all: &'v [GpuKernel], capability: (i32, i32)) -> Kernels<'v> {
+        Kernels { all, capability }
+    }
+    /// The kernels the device runs, best first.
+    pub(crate) fn candidates(self) -> impl Iterator<Item = &'v GpuKernel> {
+        self.all.iter().filter(move |k| k.runs_on(self.capability))
+    }
+    /// The kernel the device prefers, if it runs any.
+    pub(crate) fn preferred(self) -> Option<&'v GpuKernel> {
+        self.candidates().next()
+    }
 }
 
 /// The kernel a call launches, and the tensor maps it takes.
@@ -117,54 +219,64 @@ pub(crate) struct Chosen<'v> {
 }
 
 /// The kernel to launch for `p`, whose `q`, `k` and `v` live at
-/// `addresses`: the picked one, with its tensor maps made by `encode` where
-/// it takes them ([`Tiled::encode`] on a device). Where a tensor has no map
-/// (strides TMA cannot describe, or the driver refused), the portable
-/// kernel, with a debug line saying why.
+/// `addresses`: the first of `kernels` that can run the call, with its
+/// tensor maps made by `encode` where it takes them ([`Tiled::encode`] on a
+/// device). A kernel that takes maps cannot run the call where a tensor has
+/// no map (strides TMA cannot describe, or the driver refused): the next
+/// kernel is tried, with a debug line saying why.
 pub(crate) fn choose<'v>(
     kernels: Kernels<'v>,
     p: &Problem<'_>,
     addresses: [u64; 3],
     encode: impl Fn(&Tiled) -> Result<TensorMap, Undescribable>,
 ) -> Result<Chosen<'v>> {
-    let picked = kernels.picked;
-    let Some(boxes) = picked.tensor_maps() else {
-        return Ok(Chosen {
-            kernel: picked,
-            maps: None,
-        });
-    };
-    let (tensor, why) = match tensor_map::for_inputs(boxes, p, addresses, encode) {
-        Ok(maps) => {
-            return Ok(Chosen {
-                kernel: picked,
-                maps: Some(maps),
-            })
-        }
-        Err(refusal) => refusal,
-    };
-    match kernels.portable.filter(|k| k.tensor_maps().is_none()) {
-        Some(portable) => {
+    let mut refused: Option<(&GpuKernel, &str, Undescribable)> = None;
+    for kernel in kernels.candidates() {
+        if let Some((previous, tensor, why)) = &refused {
             tracing::debug!(
-                kernel = picked.entry(),
-                fallback = portable.entry(),
+                kernel = previous.entry(),
+                fallback = kernel.entry(),
                 tensor,
                 reason = %why,
-                "no tensor map describes {tensor}; running the portable kernel"
+                "no tensor map describes {tensor}; running the next kernel"
             );
-            Ok(Chosen {
-                kernel: portable,
-                maps: None,
-            })
         }
-        None => Err(SdpaError::BackendUnavailable {
+        let Some(boxes) = kernel.tensor_maps() else {
+            return Ok(Chosen { kernel, maps: None });
+        };
+        match tensor_map::for_inputs(boxes, p, addresses, &encode) {
+            Ok(maps) => {
+                return Ok(Chosen {
+                    kernel,
+                    maps: Some(maps),
+                })
+            }
+            Err((tensor, why)) => refused = Some((kernel, tensor, why)),
+        }
+    }
+    Err(match refused {
+        Some((kernel, tensor, why)) => SdpaError::BackendUnavailable {
             backend: "cuda",
             reason: format!(
-                "{} needs a tensor map of {tensor}, and {why}; the variant has no portable \
-                 kernel to run instead",
-                picked.entry()
+                "{} needs a tensor map of {tensor}, and {why}; the variant has no other kernel \
+                 for compute capability {}.{} to run instead",
+                kernel.entry(),
+                kernels.capability.0,
+                kernels.capability.1
             ),
-        }),
+        },
+        None => no_kernel(kernels.capability),
+    })
+}
+
+/// The error for a variant without a kernel for a device.
+pub(crate) fn no_kernel(capability: (i32, i32)) -> SdpaError {
+    SdpaError::BackendUnavailable {
+        backend: "cuda",
+        reason: format!(
+            "the variant has no GPU kernel for compute capability {}.{}",
+            capability.0, capability.1
+        ),
     }
 }
 
@@ -216,49 +328,24 @@ pub(crate) fn grid(p: &Problem<'_>, kernel: &GpuKernel) -> Result<(u32, u32, u32
     ))
 }
 
-fn read_ptr<'s, T>(r: &'s CudaRef<'_, T>, stream: &'s CudaStream) -> (u64, SyncOnDrop<'s>) {
-    match r {
-        CudaRef::Slice(s) => s.device_ptr(stream),
-        CudaRef::View(v) => v.device_ptr(stream),
-    }
-}
-
-/// The address of `data` for reading on `stream`, and the guard that
-/// records the read once dropped after the launch.
-fn input_ptr<'s>(data: &'s CudaData<'_>, stream: &'s CudaStream) -> (u64, SyncOnDrop<'s>) {
-    match data {
-        CudaData::F32(r) => read_ptr(r, stream),
-        CudaData::F16(r) => read_ptr(r, stream),
-        CudaData::BF16(r) => read_ptr(r, stream),
-    }
-}
-
-/// The address of `data` for writing on `stream`, and its guard.
-fn output_ptr<'s>(data: &'s mut CudaDataMut<'_>, stream: &'s CudaStream) -> (u64, SyncOnDrop<'s>) {
-    match data {
-        CudaDataMut::F32(r) => r.0.device_ptr_mut(stream),
-        CudaDataMut::F16(r) => r.0.device_ptr_mut(stream),
-        CudaDataMut::BF16(r) => r.0.device_ptr_mut(stream),
-    }
-}
-
 /// Launches a GPU kernel of `p`'s variant ([`choose`]n from `kernels`,
 /// JIT-loaded on first use) on `stream` for the checked problem `p`,
 /// writing `out`.
 ///
 /// `p`'s tensors and `out` must be device memory of `stream`'s context;
-/// `mask` is `p`'s mask, uploaded on `stream`. Returns once the launch is
-/// queued; the stream orders it with what comes next.
-pub(crate) fn attention(
-    kernels: Kernels<'_>,
+/// `mask` is `p`'s mask, uploaded on `stream`. Returns the kernel once its
+/// launch is queued (the stream orders it with what comes next), or `None`
+/// for an empty output, where nothing runs.
+pub(crate) fn attention<'v>(
+    kernels: Kernels<'v>,
     stream: &CudaStream,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
     mask: Option<&DeviceMask>,
-) -> Result<()> {
+) -> Result<Option<&'v GpuKernel>> {
     p.check_output(out)?;
     if out.layout().numel() == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let out_layout = *out.layout();
     let not_here = |what: &str| {
@@ -288,9 +375,9 @@ pub(crate) fn attention(
         return Err(not_here("the mask"));
     }
 
-    let (q, _q) = input_ptr(&input_data[0], stream);
-    let (k, _k) = input_ptr(&input_data[1], stream);
-    let (v, _v) = input_ptr(&input_data[2], stream);
+    let (q, _q) = input_data[0].device_ptr(stream);
+    let (k, _k) = input_data[1].device_ptr(stream);
+    let (v, _v) = input_data[2].device_ptr(stream);
     let (mask_ptr, _mask) = match mask_bias {
         Some(b) => {
             let (ptr, guard) = b.device_ptr(stream);
@@ -298,7 +385,7 @@ pub(crate) fn attention(
         }
         None => (0, None),
     };
-    let (out_ptr, _out) = output_ptr(out_data, stream);
+    let (out_ptr, _out) = out_data.device_ptr_mut(stream);
     let elem = p.dtype().size_bytes();
     check_rows_aligned("q", q, p.q.layout(), elem)?;
     check_rows_aligned("k", k, p.k.layout(), elem)?;
@@ -328,17 +415,22 @@ pub(crate) fn attention(
             Arg::F32(x) => builder.arg(x),
         };
     }
-    for map in maps.iter().flatten() {
-        builder.arg(map);
+    if let Some(maps) = &maps {
+        for name in TENSOR_MAP_PARAMS {
+            builder.arg(map_param(name, maps)?);
+        }
     }
     // SAFETY: the launch is sound because
     // - the arguments are those of the launch contract, in its order and with
-    //   its types (`arguments` is tested against `kernels_gen::gpu::PARAMS`),
-    //   and `function` is the entry point generated for this variant, so it
-    //   reads them as laid out here; `args` outlives the launch call;
+    //   its types (`arguments` walks `kernels_gen::gpu::PARAMS` and
+    //   `SCALE_PARAM`, giving each name its value in the declared kind, and
+    //   fails on a name or kind it does not know), and `function` is the
+    //   entry point generated for this variant, so it reads them as laid out
+    //   here; `args` outlives the launch call;
     // - a kernel that declares tensor maps (`GpuKernel::tensor_maps`, set by
     //   the macro from the generator's kernel) gets exactly three after
-    //   them, q's, k's and v's (`choose` returns maps only for such a kernel,
+    //   them, in the order of `TENSOR_MAP_PARAMS`, each the map its name
+    //   names (`map_param`) (`choose` returns maps only for such a kernel,
     //   and a kernel without maps gets none): 128-byte, 64-byte aligned
     //   values that `maps` holds past the launch call. Each covers exactly
     //   its tensor's `[B, S, H, D]` elements at the address passed above,
@@ -383,7 +475,7 @@ pub(crate) fn attention(
             e,
         )
     })?;
-    Ok(())
+    Ok(Some(kernel))
 }
 
 #[cfg(test)]
@@ -391,7 +483,6 @@ mod tests {
     use super::*;
     use crate::tensor::TensorView;
     use half::bf16;
-    use kernels_gen::gpu::{ParamKind, PARAMS, SCALE_PARAM, TENSOR_MAP_PARAMS};
 
     fn problem<'a>(
         q: &'a [f32],
@@ -448,9 +539,63 @@ mod tests {
         assert_eq!(value("out"), Arg::U64(4));
     }
 
+    #[test]
+    fn every_contract_name_has_a_value_and_unknown_ones_are_errors() {
+        let (q, kv) = (vec![0.0; 8], vec![0.0; 8]);
+        let p = problem(&q, &kv, [1, 1, 1, 8], [1, 1, 1, 8]);
+        let out = Layout::contiguous([1, 1, 1, 8]);
+        let ptrs = Pointers::default();
+        let known = |name| value(name, &p, &out, [0; 3], &ptrs).is_some();
+        for (name, _) in PARAMS.iter().chain([&SCALE_PARAM]) {
+            assert!(known(name), "{name}");
+        }
+        let maps = [1, 2, 3].map(TensorMap::tagged);
+        let tags = TENSOR_MAP_PARAMS.map(|name| map_param(name, &maps).unwrap().tag());
+        assert_eq!(tags, [1, 2, 3]);
+        assert!(map_param("tmap_out", &maps).is_err());
+
+        let args = |params: &[(&'static str, ParamKind)]| {
+            arguments_of(params, &p, &out, [0; 3], &ptrs).map_err(|e| e.to_string())
+        };
+        let err = args(&[("q", ParamKind::Ptr), ("bogus", ParamKind::U64)]).unwrap_err();
+        assert!(err.contains("parameter \"bogus\""), "{err}");
+        let err = args(&[("seq_q", ParamKind::Ptr)]).unwrap_err();
+        assert!(err.contains("declares seq_q as Ptr"), "{err}");
+        assert_eq!(
+            args(&[("group", ParamKind::U32), ("seq_k", ParamKind::U64)]).unwrap(),
+            [("group", Arg::U32(1)), ("seq_k", Arg::U64(1))]
+        );
+    }
+
+    #[test]
+    fn counts_too_large_for_u32_are_refused() {
+        let q = vec![0.0f32; 8];
+        let q = TensorView::from_slice(&q, [1, 1, 1, 8]).unwrap();
+        let p = Problem::new(q, q, q, None, 1.0).unwrap();
+        let p = Problem {
+            seq_k: 1 << 32,
+            ..p
+        };
+        let err = arguments(
+            &p,
+            &Layout::contiguous([1, 1, 1, 8]),
+            [0; 3],
+            &Pointers::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("Sk = 4294967296 is more than"), "{err}");
+    }
+
     const PORTABLE: GpuKernel = GpuKernel::new("", "sm80", "sm_80", 64, 128, 0);
     const MAPPED: GpuKernel =
         GpuKernel::new("", "sm90", "sm_90a", 128, 384, 0).with_tensor_maps(128, 96);
+    /// A Hopper kernel with the portable one to fall back on, on a Hopper
+    /// device.
+    const BOTH: Kernels<'static> = Kernels {
+        all: &[MAPPED, PORTABLE],
+        capability: (9, 0),
+    };
 
     /// Stands in for the driver: a map tagged with the tensor's address
     /// and box rows.
@@ -471,19 +616,12 @@ mod tests {
         let data = vec![bf16::ZERO; 8 * 4 * 64];
         let k = TensorView::from_slice(&data[..8 * 2 * 64], [1, 8, 2, 64]).unwrap();
         let p = bf16_problem(&data, k);
-        let kernels = Kernels {
-            picked: &MAPPED,
-            portable: Some(&PORTABLE),
-        };
-        let chosen = choose(kernels, &p, [0x1000, 0x2000, 0x3000], tag).unwrap();
+        let chosen = choose(BOTH, &p, [0x1000, 0x2000, 0x3000], tag).unwrap();
         assert_eq!(chosen.kernel.entry(), "sm90");
         let tags = chosen.maps.unwrap().map(|m| m.tag());
         assert_eq!(tags, [0x1000 + 128, 0x2000 + 96, 0x3000 + 96]);
         // A kernel without maps gets none, and nothing is encoded.
-        let plain = Kernels {
-            picked: &PORTABLE,
-            portable: Some(&PORTABLE),
-        };
+        let plain = Kernels::new(&[PORTABLE], (9, 0));
         let never = |_: &Tiled| -> Result<TensorMap, Undescribable> { unreachable!() };
         let chosen = choose(plain, &p, [0; 3], never).unwrap();
         assert!(chosen.maps.is_none());
@@ -492,10 +630,7 @@ mod tests {
     #[test]
     fn strides_tma_cannot_describe_run_the_portable_kernel() {
         let data = vec![bf16::ZERO; 8 * 4 * 64];
-        let kernels = Kernels {
-            picked: &MAPPED,
-            portable: Some(&PORTABLE),
-        };
+        let kernels = BOTH;
         // k and v rows 68 elements (136 bytes) apart: no map describes them.
         let k = TensorView::with_strides(&data, [1, 8, 1, 64], [8 * 68, 68, 68, 1]).unwrap();
         let q = vec![bf16::ZERO; 8 * 64];
@@ -515,10 +650,7 @@ mod tests {
             ))
         );
         // Without a portable kernel to run, the call fails and says why.
-        let alone = Kernels {
-            picked: &MAPPED,
-            portable: None,
-        };
+        let alone = Kernels::new(&[MAPPED], (9, 0));
         let err = choose(alone, &p, [0; 3], tag).unwrap_err().to_string();
         assert!(
             err.contains("sm90 needs a tensor map of k, and its token stride is 136 bytes"),
@@ -531,10 +663,7 @@ mod tests {
         let data = vec![bf16::ZERO; 8 * 4 * 64];
         let k = TensorView::from_slice(&data, [1, 8, 4, 64]).unwrap();
         let p = bf16_problem(&data, k);
-        let kernels = Kernels {
-            picked: &MAPPED,
-            portable: Some(&PORTABLE),
-        };
+        let kernels = BOTH;
         let old = |_: &Tiled| Err(Undescribable::OldDriver(11_080));
         let chosen = choose(kernels, &p, [0; 3], old).unwrap();
         assert_eq!(chosen.kernel.entry(), "sm80");
@@ -544,6 +673,29 @@ mod tests {
         assert_eq!(
             choose(kernels, &p, [0; 3], tag).unwrap().kernel.entry(),
             "sm80"
+        );
+    }
+
+    #[test]
+    fn only_kernels_the_device_runs_are_tried() {
+        let data = vec![bf16::ZERO; 8 * 4 * 64];
+        let k = TensorView::from_slice(&data, [1, 8, 4, 64]).unwrap();
+        let p = bf16_problem(&data, k);
+        // Not Hopper: the sm_90a kernel is skipped, and nothing is encoded.
+        let ampere = Kernels::new(&[MAPPED, PORTABLE], (8, 6));
+        let never = |_: &Tiled| -> Result<TensorMap, Undescribable> { unreachable!() };
+        assert_eq!(ampere.preferred().map(|k| k.entry()), Some("sm80"));
+        assert_eq!(
+            choose(ampere, &p, [0; 3], never).unwrap().kernel.entry(),
+            "sm80"
+        );
+        // Nothing this device runs: a typed error.
+        let none = Kernels::new(&[MAPPED], (8, 0));
+        assert!(none.preferred().is_none());
+        let err = choose(none, &p, [0; 3], tag).unwrap_err().to_string();
+        assert!(
+            err.contains("no GPU kernel for compute capability 8.0"),
+            "{err}"
         );
     }
 

@@ -81,13 +81,12 @@ pub use module_cache::{jit_loads, JitLoad};
 
 use crate::element::Element;
 use crate::error::{Result, SdpaError};
+use crate::layout::Layout;
 use crate::problem::Problem;
-use crate::tensor::{
-    CudaOwned, CudaRefMut, Layout, OwnedData, Storage, StorageMut, Tensor, TensorView,
-    TensorViewMut,
-};
-use crate::variant::Variant;
-use crate::DType;
+use crate::storage::dispatch::dispatch;
+use crate::storage::{CudaOwned, CudaRefMut, Storage, StorageMut};
+use crate::tensor::{Tensor, TensorView, TensorViewMut};
+use crate::variant::{GpuKernel, Variant};
 use launch::Kernels;
 
 /// Runs `variant`'s GPU kernel for `p` into `out`: on the device where they
@@ -97,16 +96,12 @@ pub(crate) fn run(variant: &Variant, p: &Problem<'_>, out: &mut TensorViewMut<'_
         (Storage::Cuda(_), StorageMut::Cuda(out_data)) => {
             let stream = out_data.stream().clone();
             let kernels = pick_kernel(variant, stream.context())?;
-            on_device(kernels, &stream, p, out)
+            on_device(kernels, &stream, p, out).map(drop)
         }
         (Storage::Host(_), StorageMut::Host(_)) => {
             let device = device::device(0)?;
             let kernels = pick_kernel(variant, &device.ctx)?;
-            match p.dtype() {
-                DType::F32 => staged::<f32>(kernels, &device.stream, p, out),
-                DType::F16 => staged::<half::f16>(kernels, &device.stream, p, out),
-                DType::BF16 => staged::<half::bf16>(kernels, &device.stream, p, out),
-            }
+            dispatch!(p.dtype(), T => staged::<T>(kernels, &device.stream, p, out))
         }
         _ => Err(SdpaError::Residence(format!(
             "q lives in {} and out in {}; pass q, k, v and out in one place",
@@ -117,8 +112,10 @@ pub(crate) fn run(variant: &Variant, p: &Problem<'_>, out: &mut TensorViewMut<'_
 }
 
 /// The environment variable that picks the GPU kernel family: `auto` (the
-/// default: on compute capability 9.0, the Hopper kernel where the variant
-/// has one) or `sm80` (the portable kernel everywhere).
+/// default: the first of the variant's kernels that the device runs, e.g.
+/// the Hopper kernel on compute capability 9.0 where the variant has one)
+/// or `sm80` (the kernels a device of capability 8.0 runs: the portable
+/// kernel everywhere).
 pub const KERNEL_ENV: &str = "SDPA_CUDA_KERNEL";
 
 /// Whether the environment asks for the portable kernels only.
@@ -135,8 +132,8 @@ fn portable_only() -> Result<bool> {
     }
 }
 
-/// The kernel of `variant` for the device of `ctx`, with the variant's
-/// portable kernel to fall back on.
+/// The kernels of `variant` that the device of `ctx` runs, best first (the
+/// call runs the first that can run it: [`launch::choose`]).
 fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<Kernels<'v>> {
     let capability = if portable_only()? {
         (8, 0)
@@ -148,13 +145,10 @@ fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<Kerne
             )
         })?
     };
-    let kernel =
-        variant
-            .gpu_kernel_for(capability)
-            .ok_or_else(|| SdpaError::BackendUnavailable {
-                backend: "cuda",
-                reason: format!("variant {} was built without a GPU kernel", variant.spec()),
-            })?;
+    let kernels = Kernels::new(variant.gpu_kernels(), capability);
+    let kernel = kernels
+        .preferred()
+        .ok_or_else(|| no_kernel(variant, capability))?;
     tracing::debug!(
         variant = %variant.spec(),
         device = ctx.ordinal(),
@@ -163,21 +157,40 @@ fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<Kerne
         tensor_maps = kernel.tensor_maps().is_some(),
         "picked a GPU kernel"
     );
-    Ok(Kernels {
-        picked: kernel,
-        portable: variant.gpu_kernel(),
-    })
+    Ok(kernels)
 }
 
-/// Launches on `stream` for device tensors.
-fn on_device(
-    kernels: Kernels<'_>,
+/// The error for a variant with no GPU kernel that a device of
+/// `capability` runs.
+fn no_kernel(variant: &Variant, capability: (i32, i32)) -> SdpaError {
+    let targets: Vec<&str> = variant.gpu_kernels().iter().map(|k| k.target()).collect();
+    SdpaError::BackendUnavailable {
+        backend: "cuda",
+        reason: if targets.is_empty() {
+            format!("variant {} was built without a GPU kernel", variant.spec())
+        } else {
+            format!(
+                "variant {} has no GPU kernel for compute capability {}.{} (its kernels target \
+                 {})",
+                variant.spec(),
+                capability.0,
+                capability.1,
+                targets.join(", ")
+            )
+        },
+    }
+}
+
+/// Launches on `stream` for device tensors; the kernel that ran, or `None`
+/// for an empty output.
+fn on_device<'v>(
+    kernels: Kernels<'v>,
     stream: &Arc<CudaStream>,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
-) -> Result<()> {
+) -> Result<Option<&'v GpuKernel>> {
     if out.layout().numel() == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let mask = p
         .mask
@@ -213,7 +226,7 @@ fn staged<T: Element>(
         .alloc_zeros::<T>(n)
         .map_err(|e| SdpaError::cuda(format_args!("allocating the output ({n} elements)"), e))?;
     let packed_out = Layout::contiguous(out_layout.shape());
-    {
+    let kernel = {
         fn view<'s, T: Element>(s: &'s CudaSlice<T>, t: &TensorView<'_>) -> Result<TensorView<'s>> {
             TensorView::new_cuda(T::cuda(s.into()), Layout::contiguous(t.layout().shape()))
         }
@@ -225,14 +238,17 @@ fn staged<T: Element>(
         };
         let mut device_view =
             TensorViewMut::new_cuda(T::cuda_mut(CudaRefMut::from(&mut device_out)), packed_out)?;
-        on_device(kernels, stream, &device_problem, &mut device_view)?;
-    }
+        on_device(kernels, stream, &device_problem, &mut device_view)?
+    };
+    let Some(kernel) = kernel else {
+        return Ok(()); // Nothing to compute: no kernel ran.
+    };
     let result: Vec<T> = stream
         .clone_dtoh(&device_out)
         .map_err(|e| SdpaError::cuda("copying the result to the host", e))?;
     stream
         .synchronize()
-        .map_err(|e| SdpaError::cuda(format_args!("running {}", kernels.picked.entry()), e))?;
+        .map_err(|e| SdpaError::cuda(format_args!("running {}", kernel.entry()), e))?;
     let host_out = out.host_slice_mut::<T>().ok_or_else(|| not_host("out"))?;
     let d = out_layout.head_size();
     let [b, s, h, _] = out_layout.shape();
@@ -292,47 +308,7 @@ pub(crate) fn alloc_output(p: &Problem<'_>) -> Result<Tensor> {
     let Some(q) = p.q.cuda_data() else {
         return Err(SdpaError::Residence("q is not device memory".into()));
     };
-    let stream = q.stream();
     let shape = p.out_shape();
-    let n: usize = shape.iter().product();
-    fn alloc<T: Element>(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
-        stream.alloc_zeros::<T>(n.max(1)).map_err(|e| {
-            SdpaError::cuda(
-                format_args!(
-                    "allocating the output ({} bytes)",
-                    n * std::mem::size_of::<T>()
-                ),
-                e,
-            )
-        })
-    }
-    let data = match p.dtype() {
-        DType::F32 => CudaOwned::F32(alloc(stream, n)?),
-        DType::F16 => CudaOwned::F16(alloc(stream, n)?),
-        DType::BF16 => CudaOwned::BF16(alloc(stream, n)?),
-    };
+    let data = CudaOwned::zeros(q.stream(), p.dtype(), shape.iter().product())?;
     Ok(Tensor::from_cuda_owned(data, shape))
-}
-
-/// Copies the first `n` elements of a device buffer to the host, waiting
-/// for the work queued on its stream.
-pub(crate) fn download(data: &CudaOwned, n: usize) -> Result<OwnedData> {
-    fn copy<T: Element>(s: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let stream = s.stream();
-        let v = stream
-            .clone_dtoh(&s.slice(..n))
-            .map_err(|e| SdpaError::cuda("copying a tensor to the host", e))?;
-        stream
-            .synchronize()
-            .map_err(|e| SdpaError::cuda("waiting for a tensor's stream", e))?;
-        Ok(v)
-    }
-    Ok(match data {
-        CudaOwned::F32(s) => OwnedData::F32(copy(s, n)?),
-        CudaOwned::F16(s) => OwnedData::F16(copy(s, n)?),
-        CudaOwned::BF16(s) => OwnedData::BF16(copy(s, n)?),
-    })
 }

@@ -31,8 +31,9 @@ use cudarc::driver::sys::{
 use cudarc::driver::{DeviceRepr, DriverError};
 use kernels_gen::gpu::{TensorMaps, TENSOR_MAP_BOX_COLUMNS};
 
+use crate::layout::Layout;
 use crate::problem::Problem;
-use crate::tensor::{Layout, TensorView};
+use crate::tensor::TensorView;
 use crate::DType;
 
 /// The most entries a tensor map dimension may have (`2^32`).

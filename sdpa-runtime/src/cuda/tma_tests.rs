@@ -11,9 +11,10 @@ use kernels_gen::sm90::{generate_with, Sm90Config};
 
 use super::launch::{choose, Kernels};
 use super::tensor_map::{describe, Tiled, Undescribable};
+use crate::layout::Layout;
 use crate::problem::Problem;
 use crate::select::{probe_cuda, CudaProbe};
-use crate::tensor::{Layout, TensorView, TensorViewMut};
+use crate::tensor::{TensorView, TensorViewMut};
 use crate::variant::{GpuKernel, Variant};
 use crate::{DType, VariantSpec};
 
@@ -93,8 +94,12 @@ fn variants(spec: VariantSpec) -> (Variant, Variant) {
         (128, false) => crate::cpu::attention::<128, false, bf16>,
         _ => crate::cpu::attention::<128, true, bf16>,
     };
-    let base = Variant::new(spec, cpu).with_gpu(portable);
-    (base.with_gpu_sm90(tma), base)
+    let kernels: &'static [GpuKernel] = Box::leak(Box::new([tma, portable]));
+    let base = Variant::new(spec, cpu);
+    (
+        base.with_gpu_kernels(kernels),
+        base.with_gpu_kernels(&kernels[1..]),
+    )
 }
 
 /// Values in [-1, 1) from a seed.
@@ -215,10 +220,8 @@ fn the_tma_kernel_matches_the_portable_kernel() {
         let v = Input::new(&stream, [b, sk, hkv, d], strides([b, sk, hkv, d]), seed + 2);
         let p = Problem::new(q.view(), k.view(), v.view(), None, 1.0 / (d as f32).sqrt()).unwrap();
         // The maps of these tensors are made: the TMA kernel runs.
-        let kernels = Kernels {
-            picked: tma.gpu_kernel_sm90().unwrap(),
-            portable: tma.gpu_kernel(),
-        };
+        let kernels = Kernels::new(tma.gpu_kernels(), (9, 0));
+        assert_eq!(kernels.preferred(), tma.gpu_kernel_sm90());
         let addresses = [&q, &k, &v].map(|t| {
             let (address, _guard) = cudarc::driver::DevicePtr::device_ptr(&t.buf, &stream);
             address

@@ -4,8 +4,10 @@
 use cudarc::driver::CudaSlice;
 
 use crate::error::Result;
+use crate::layout::Layout;
 use crate::select::Residence;
-use crate::tensor::{CudaRef, CudaRefMut, Layout, Tensor, TensorView, TensorViewMut};
+use crate::storage::{CudaRef, CudaRefMut};
+use crate::tensor::{Tensor, TensorView, TensorViewMut};
 use crate::Element;
 
 /// One block of a buffer sent to, or received from, one peer.

@@ -6,7 +6,7 @@ use cudarc::driver::{sys, DevicePtr, DevicePtrMut};
 
 use super::communicator::CommBuffer;
 use crate::error::{Result, SdpaError};
-use crate::tensor::CudaRef;
+use crate::storage::CudaRef;
 use crate::Element;
 
 /// Where a copy reads: a user's tensor memory or a communicator buffer.

@@ -11,11 +11,13 @@ use super::communicator::{CommBuffer, Communicator, Transfer};
 use super::copy::{copy_rows, zero, Rows, Src};
 use crate::backend::{AttentionBackend, AttentionImpl, SdpaImpl};
 use crate::error::{Result, SdpaError};
+use crate::layout::Layout;
 use crate::metadata::AttentionMetadata;
 use crate::params::AttentionParams;
-use crate::tensor::{Layout, Storage, Tensor, TensorView};
-use crate::{DType, Element};
-use half::{bf16, f16};
+use crate::storage::dispatch::dispatch;
+use crate::storage::Storage;
+use crate::tensor::{Tensor, TensorView};
+use crate::Element;
 
 /// Tokens every rank holds in full, `[B, R, H, D]` for `q` and
 /// `[B, R_kv, H_kv, D]` for `k` and `v`: FastVideo's `replicated_q/k/v`.
@@ -165,11 +167,7 @@ impl<C: Communicator> DistributedAttention<C> {
                 )));
             }
         }
-        match q.dtype() {
-            DType::F32 => self.forward_typed::<f32>(q, k, v, sp, metadata),
-            DType::F16 => self.forward_typed::<f16>(q, k, v, sp, metadata),
-            DType::BF16 => self.forward_typed::<bf16>(q, k, v, sp, metadata),
-        }
+        dispatch!(q.dtype(), T => self.forward_typed::<T>(q, k, v, sp, metadata))
     }
 
     fn forward_typed<T: Element>(
