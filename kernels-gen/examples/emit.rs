@@ -13,10 +13,9 @@
 //! their tiles (for tuning runs).
 
 use kernels_gen::fa2::{self, Fa2Config};
-use kernels_gen::gpu::GpuKernel;
 use kernels_gen::ptx::Target;
 use kernels_gen::sm90::{self, Sm90Config};
-use kernels_gen::{gpu, DType, VariantSpec};
+use kernels_gen::{DType, GpuKernel, VariantSpec};
 
 /// The sm_90a kernel of `spec`, if it has one, with `cfg` overriding
 /// `BLOCK_N,PV_PER_PANEL[,OVERLAP[,WARPGROUPS[,PRODUCER[,PING_PONG[,SPLIT_KV[,PV_EXACT[,TMA[,PERSISTENT[,LAZY_RESCALE[,STAGED_STORE[,LEADER_RELEASE]]]]]]]]]]]`.
@@ -71,7 +70,7 @@ fn kernel(spec: &VariantSpec, tiles: Option<&[usize]>) -> GpuKernel {
             let cfg = Fa2Config::new(spec).with_tiles(t[0], t[1], t[2], t[3] != 0);
             fa2::generate_with(spec, cfg, Target::Sm80)
         }
-        _ => gpu::generate(spec, Target::Sm80),
+        _ => kernels_gen::generate(spec, Target::Sm80),
     }
 }
 
@@ -130,7 +129,7 @@ fn main() {
                     std::fs::write(dir.join(format!("{}.ptx", k.entry)), &k.ptx).unwrap();
                     manifest.push(format!(
                         "{{\"entry\": \"{}\", \"head_size\": {d}, \"causal\": {causal}, \
-                         \"dtype\": \"{dtype}\", \"block_m\": {}, \"threads\": {}, \"smem_bytes\": {}, \"tensor_maps\": {}, \"persistent\": {}}}",
+                         \"dtype\": \"{dtype}\", \"block_m\": {}, \"threads\": {}, \"smem_bytes\": {}, \"tensor_maps\": {}}}",
                         k.entry,
                         k.block_m,
                         k.threads,
@@ -139,7 +138,6 @@ fn main() {
                             "{{\"q_rows\": {}, \"kv_rows\": {}}}",
                             m.q_rows, m.kv_rows
                         )),
-                        k.persistent
                     ));
                 }
             }

@@ -28,7 +28,8 @@
 //! byte chunks: the eight row addresses of every `ldmatrix` then fall in
 //! distinct bank groups, for every head size, without a swizzle.
 
-use crate::gpu::{cta_coords, declare_params, load_args, store_scaled_pairs, GpuKernel};
+use crate::attention::store::store_scaled_pairs;
+use crate::contract::{cta_coords, declare_params, load_args, GpuKernel};
 use crate::ptx::{
     Addr, BinOp, Cmp, Instr, Kernel, MmaShape, Module, Operand, Reg, StateSpace, Target, Ty, UnOp,
 };
@@ -164,7 +165,6 @@ pub fn generate_with(spec: &VariantSpec, cfg: Fa2Config, target: Target) -> GpuK
         threads: cfg.threads() as u32,
         smem_bytes: cfg.smem_bytes() as u32,
         tensor_maps: None,
-        persistent: false,
     }
 }
 

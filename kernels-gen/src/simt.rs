@@ -6,7 +6,7 @@
 //! # Structure
 //!
 //! A CTA of [`THREADS`] threads computes [`Plan::block_m`] query rows of one
-//! (batch, head), following the launch contract of [`crate::gpu`].
+//! (batch, head), following the launch contract of [`crate::contract`].
 //!
 //! - **Rows to lanes.** Each query row is owned by a group of `lanes`
 //!   consecutive lanes and each group owns `rows` rows ([`Plan::new`] picks
@@ -64,10 +64,9 @@
 //! rows and NaN rows, in all three element types. With `PTXAS` set they also
 //! assemble a sample of variants for sm_80 and sm_90 and require zero spills.
 
-use crate::gpu::{declare_params, GpuKernel, PARAMS, SCALE_PARAM};
+use crate::contract::{cta_coords, declare_params, GpuKernel, Params, SCALE_PARAM};
 use crate::ptx::{
-    Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Param, Reg, Special, StateSpace, Target, Ty,
-    UnOp,
+    Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Reg, Special, StateSpace, Target, Ty, UnOp,
 };
 use crate::{DType, VariantSpec};
 
@@ -184,7 +183,6 @@ pub fn generate(spec: &VariantSpec, target: Target) -> GpuKernel {
         threads: THREADS,
         smem_bytes: plan.smem_bytes(),
         tensor_maps: None,
-        persistent: false,
     }
 }
 
@@ -417,62 +415,30 @@ impl Emitter {
         self.k.push(Instr::Ret);
     }
 
-    /// Loads the parameter `name` (its type from the launch contract).
-    fn param(&mut self, params: &[Param], name: &str) -> Reg {
-        let (i, ty) = if name == SCALE_PARAM.0 {
-            (PARAMS.len(), Ty::F32)
-        } else {
-            let i = PARAMS
-                .iter()
-                .position(|p| p.0 == name)
-                .unwrap_or_else(|| panic!("no parameter {name}"));
-            let ty = match PARAMS[i].1 {
-                crate::gpu::ParamKind::Ptr | crate::gpu::ParamKind::U64 => Ty::U64,
-                crate::gpu::ParamKind::U32 => Ty::U32,
-                crate::gpu::ParamKind::F32 => Ty::F32,
-            };
-            (i, ty)
-        };
-        self.k.ld_param(ty, &params[i])
-    }
-
-    /// The strides of tensor `t` (`q`, `k`, `v`, `out`: batch, token, head;
-    /// `mask`: batch, head, query).
-    fn strides(&mut self, params: &[Param], t: &str) -> [Reg; 3] {
-        let dims = if t == "mask" {
-            ["b", "h", "q"]
-        } else {
-            ["b", "s", "h"]
-        };
-        dims.map(|s| self.param(params, &format!("{t}_stride_{s}")))
-    }
-
     /// Coordinates, bases, the causal bounds, q in registers, the mask rows
     /// and the softmax state.
-    fn prologue(&mut self, params: &[Param]) -> Ctx {
+    fn prologue(&mut self, params: &Params) -> Ctx {
         let plan = self.plan;
         let (lanes, rows, width) = (plan.lanes, plan.rows, plan.width);
         let les = self.log2_es();
         let es = self.es();
 
-        let q_ptr = self.param(params, "q");
-        let k_ptr = self.param(params, "k");
-        let v_ptr = self.param(params, "v");
-        let mask = self.param(params, "mask");
-        let qs = self.strides(params, "q");
-        let ks = self.strides(params, "k");
-        let vs = self.strides(params, "v");
-        let ms = self.strides(params, "mask");
-        let seq_q = self.param(params, "seq_q");
-        let seq_k = self.param(params, "seq_k");
-        let group = self.param(params, "group");
-        let scale = self.param(params, SCALE_PARAM.0);
+        let q_ptr = params.get(&mut self.k, "q");
+        let k_ptr = params.get(&mut self.k, "k");
+        let v_ptr = params.get(&mut self.k, "v");
+        let mask = params.get(&mut self.k, "mask");
+        let qs = params.strides(&mut self.k, "q");
+        let ks = params.strides(&mut self.k, "k");
+        let vs = params.strides(&mut self.k, "v");
+        let ms = params.strides(&mut self.k, "mask");
+        let seq_q = params.get(&mut self.k, "seq_q");
+        let seq_k = params.get(&mut self.k, "seq_k");
+        let group = params.get(&mut self.k, "group");
+        let scale = params.get(&mut self.k, SCALE_PARAM.0);
 
         let k = &mut self.k;
-        let tid = k.mov(Ty::U32, Operand::Special(Special::TidX));
-        let qblock = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
-        let head = k.mov(Ty::U32, Operand::Special(Special::CtaIdY));
-        let batch = k.mov(Ty::U32, Operand::Special(Special::CtaIdZ));
+        // Query blocks in grid order, causal or not.
+        let (tid, qblock, head, batch) = cta_coords(k, false);
         let lane = k.bin(BinOp::And, Ty::U32, tid, u(lanes - 1));
         let grp = k.bin(BinOp::Shr, Ty::U32, tid, u(lanes.trailing_zeros()));
         let i0 = k.bin(BinOp::Mul, Ty::U32, qblock, u(plan.block_m()));
@@ -860,14 +826,14 @@ impl Emitter {
 
     /// `out = acc / sum` (zeros where the sum is 0), converted and stored
     /// for the rows that exist.
-    fn epilogue(&mut self, ctx: &Ctx, params: &[Param]) {
+    fn epilogue(&mut self, ctx: &Ctx, params: &Params) {
         let plan = self.plan;
         let (lanes, rows, width) = (plan.lanes, plan.rows, plan.width);
         let les = self.log2_es();
         let es = self.es();
-        let o_ptr = self.param(params, "out");
-        let os = self.strides(params, "out");
-        let seq_q = self.param(params, "seq_q");
+        let o_ptr = params.get(&mut self.k, "out");
+        let os = params.strides(&mut self.k, "out");
+        let seq_q = params.get(&mut self.k, "seq_q");
         let k = &mut self.k;
         let qblock = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
         let head = k.mov(Ty::U32, Operand::Special(Special::CtaIdY));

@@ -4,9 +4,8 @@
 
 use std::thread;
 
-use kernels_gen::gpu::GpuKernel;
 use kernels_gen::ptx::Target;
-use kernels_gen::{DType, VariantSpec};
+use kernels_gen::{DType, GpuKernel, VariantSpec};
 use proc_macro2::{Literal, Span, TokenStream};
 use quote::quote;
 use syn::{Error, Item, Result};
@@ -49,8 +48,8 @@ fn gpu_kernels(variants: &[VariantSpec]) -> Result<Vec<Kernels>> {
                     specs
                         .iter()
                         .map(|spec| Kernels {
-                            portable: kernels_gen::gpu::generate(spec, GPU_TARGET),
-                            sm90: kernels_gen::gpu::generate_sm90(spec),
+                            portable: kernels_gen::generate(spec, GPU_TARGET),
+                            sm90: kernels_gen::generate_sm90(spec),
                         })
                         .collect::<Vec<_>>()
                 })
@@ -166,15 +165,6 @@ fn gpu_kernel(gpu: &GpuKernel) -> TokenStream {
         let kv_rows = Literal::u32_unsuffixed(m.kv_rows);
         quote! { .with_tensor_maps(#q_rows, #kv_rows) }
     });
-    // The runtime launches the contract's grid; a persistent kernel (an
-    // experiment `Sm90Config::new` never picks) would need its own.
-    if gpu.persistent {
-        let msg = format!(
-            "kernels-gen produced the persistent kernel {}, which the runtime cannot launch",
-            gpu.entry
-        );
-        return quote! { ::core::compile_error!(#msg) };
-    }
     quote! {
         ::sdpa_runtime::GpuKernel::new(#ptx, #entry, #target, #block_m, #threads, #smem)
         #maps
@@ -215,7 +205,7 @@ mod tests {
     /// The `GpuKernel::new(...)` the macro embeds for a variant.
     fn gpu(head_size: usize, causal: bool, dtype: DType) -> TokenStream {
         let spec = VariantSpec::new(head_size, causal, dtype).unwrap();
-        gpu_kernel(&kernels_gen::gpu::generate(&spec, GPU_TARGET))
+        gpu_kernel(&kernels_gen::generate(&spec, GPU_TARGET))
     }
 
     #[test]
@@ -228,17 +218,14 @@ mod tests {
         let (g64f, g64b) = (gpu(64, true, DType::F32), gpu(64, true, DType::BF16));
         let (g80f, g80b) = (gpu(80, true, DType::F32), gpu(80, true, DType::BF16));
         // Head sizes 64 and 80 in bf16 have a Hopper kernel too; f32 does not.
-        let h64b =
-            kernels_gen::gpu::generate_sm90(&VariantSpec::new(64, true, DType::BF16).unwrap())
-                .map(|k| gpu_kernel(&k))
-                .expect("a Hopper kernel for d=64 bf16");
-        let h80b =
-            kernels_gen::gpu::generate_sm90(&VariantSpec::new(80, true, DType::BF16).unwrap())
-                .map(|k| gpu_kernel(&k))
-                .expect("a Hopper kernel for d=80 bf16");
+        let h64b = kernels_gen::generate_sm90(&VariantSpec::new(64, true, DType::BF16).unwrap())
+            .map(|k| gpu_kernel(&k))
+            .expect("a Hopper kernel for d=64 bf16");
+        let h80b = kernels_gen::generate_sm90(&VariantSpec::new(80, true, DType::BF16).unwrap())
+            .map(|k| gpu_kernel(&k))
+            .expect("a Hopper kernel for d=80 bf16");
         assert!(
-            kernels_gen::gpu::generate_sm90(&VariantSpec::new(80, true, DType::F32).unwrap())
-                .is_none()
+            kernels_gen::generate_sm90(&VariantSpec::new(80, true, DType::F32).unwrap()).is_none()
         );
         let expected: syn::File = parse_quote! {
             pub struct WanAttention;
@@ -286,7 +273,7 @@ mod tests {
     #[test]
     fn every_variant_embeds_its_ptx_and_launch_metadata() {
         let spec = VariantSpec::new(128, true, DType::BF16).unwrap();
-        let kernel = kernels_gen::gpu::generate(&spec, GPU_TARGET);
+        let kernel = kernels_gen::generate(&spec, GPU_TARGET);
         let text = gpu_kernel(&kernel).to_string();
         assert!(
             text.starts_with(":: sdpa_runtime :: GpuKernel :: new ("),
@@ -311,10 +298,10 @@ mod tests {
     #[test]
     fn kernels_with_tensor_maps_declare_their_boxes() {
         let spec = VariantSpec::new(128, false, DType::BF16).unwrap();
-        let mut kernel = kernels_gen::gpu::generate(&spec, GPU_TARGET);
+        let mut kernel = kernels_gen::generate(&spec, GPU_TARGET);
         let plain = gpu_kernel(&kernel).to_string();
         assert!(!plain.contains("with_tensor_maps"), "{plain}");
-        kernel.tensor_maps = Some(kernels_gen::gpu::TensorMaps {
+        kernel.tensor_maps = Some(kernels_gen::contract::TensorMaps {
             q_rows: 128,
             kv_rows: 80,
         });

@@ -1,7 +1,7 @@
 //! The variant table the `#[sdpa_variants]` macro emits: one entry per
 //! declared (head size, causal, dtype), each holding its kernels.
 
-use kernels_gen::gpu::TensorMaps;
+use kernels_gen::contract::TensorMaps;
 
 use crate::error::{Result, SdpaError};
 use crate::problem::Problem;
@@ -12,7 +12,7 @@ use crate::{DType, VariantSpec};
 pub type CpuKernelFn = fn(&Problem<'_>, &mut TensorViewMut<'_>) -> Result<()>;
 
 /// A GPU kernel generated at compile time: its PTX text and how to launch
-/// it, following the launch contract of [`kernels_gen::gpu`].
+/// it, following the launch contract of [`kernels_gen::contract`].
 ///
 /// The `#[sdpa_variants]` macro runs the generator when it expands and
 /// embeds the result as a static; the CUDA backend JIT-loads the PTX through

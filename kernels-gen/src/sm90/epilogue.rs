@@ -2,7 +2,7 @@
 //! from the accumulators or staged through shared memory.
 
 use super::{Core, Emitter};
-use crate::gpu::store_scaled_pairs;
+use crate::attention::store::store_scaled_pairs;
 use crate::ptx::{Addr, BinOp, Cmp, Instr, Operand, Reg, StateSpace, Ty, UnOp};
 
 impl Emitter {

@@ -67,9 +67,8 @@
 //!   `m64n{d}` over a partial last panel (checked on an H100 at d=80, 96,
 //!   112, 160 and 224, in one product and per panel).
 
-use crate::gpu::{
-    cta_coords, declare_params, load_args, GpuKernel, TensorMaps, PERSISTENT_PARAMS,
-    TENSOR_MAP_PARAMS,
+use crate::contract::{
+    cta_coords, declare_params, load_args, GpuKernel, TensorMaps, TENSOR_MAP_PARAMS,
 };
 use crate::ptx::{
     Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Param, Reg, Special, Target, Ty,
@@ -119,7 +118,6 @@ pub fn generate_with(spec: &VariantSpec, cfg: Sm90Config) -> GpuKernel {
             q_rows: cfg.block_m() as u32,
             kv_rows: cfg.block_n as u32,
         }),
-        persistent: cfg.persistent,
     }
 }
 
@@ -203,9 +201,9 @@ impl Emitter {
                 cfg.tma && !cfg.ping_pong,
                 "persistent kernels load with TMA, no ping-pong"
             );
-            PERSISTENT_PARAMS
+            ["heads", "batch"]
                 .iter()
-                .map(|&(name, _)| self.k.param(Ty::U32, name))
+                .map(|&name| self.k.param(Ty::U32, name))
                 .collect()
         } else {
             Vec::new()

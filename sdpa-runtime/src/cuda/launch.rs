@@ -3,9 +3,9 @@
 //!
 //! [`attention`] derives the device pointers from the checked views of a
 //! [`Problem`], lays out the arguments in the order of the launch contract
-//! ([`kernels_gen::gpu::PARAMS`], then [`kernels_gen::gpu::SCALE_PARAM`]),
+//! ([`kernels_gen::contract::PARAMS`], then [`kernels_gen::contract::SCALE_PARAM`]),
 //! computes the grid and launches on the given stream. A kernel that takes
-//! tensor maps gets them last ([`kernels_gen::gpu::TENSOR_MAP_PARAMS`]),
+//! tensor maps gets them last ([`kernels_gen::contract::TENSOR_MAP_PARAMS`]),
 //! encoded for this call; where they cannot be ([`choose`]), the variant's
 //! portable kernel runs instead.
 
@@ -333,7 +333,7 @@ pub(crate) fn attention(
     }
     // SAFETY: the launch is sound because
     // - the arguments are those of the launch contract, in its order and with
-    //   its types (`arguments` is tested against `kernels_gen::gpu::PARAMS`),
+    //   its types (`arguments` is tested against `kernels_gen::contract::PARAMS`),
     //   and `function` is the entry point generated for this variant, so it
     //   reads them as laid out here; `args` outlives the launch call;
     // - a kernel that declares tensor maps (`GpuKernel::tensor_maps`, set by
@@ -391,7 +391,7 @@ mod tests {
     use super::*;
     use crate::tensor::TensorView;
     use half::bf16;
-    use kernels_gen::gpu::{ParamKind, PARAMS, SCALE_PARAM, TENSOR_MAP_PARAMS};
+    use kernels_gen::contract::{ParamKind, PARAMS, SCALE_PARAM, TENSOR_MAP_PARAMS};
 
     fn problem<'a>(
         q: &'a [f32],
