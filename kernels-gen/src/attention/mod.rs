@@ -3,7 +3,12 @@
 //! online-softmax row update and the reductions across a fragment row
 //! ([`softmax`]), and the scaled 16-bit output stores ([`store`]).
 //!
-//! The pieces work on the score accumulators through [`AccLayout`]: which
+//! The pieces work on the score accumulators through [`AccFragment`]: which
 //! query rows and key columns a thread's accumulator registers hold.
 
+pub mod layout;
+pub mod mask;
+pub mod softmax;
 pub mod store;
+
+pub use layout::AccFragment;

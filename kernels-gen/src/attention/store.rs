@@ -1,12 +1,13 @@
-//! The output stores: accumulators times a row's inverse sum, rounded to
-//! the variant's 16-bit type.
+//! The output: a row's inverse sum (zero for rows that saw no key), and the
+//! accumulators times it, rounded to the variant's 16-bit type and stored.
 
-use crate::ptx::{Addr, BinOp, Instr, Kernel, Reg, StateSpace, Ty};
+use super::softmax::pack;
+use crate::ptx::{Addr, BinOp, Cmp, Instr, Kernel, Operand, Reg, StateSpace, Ty, UnOp};
 
 /// Stores one output row fragment: each `(lo, hi)` pair of f32 accumulators
 /// times `inv`, rounded to the 16-bit `packed` type, as one 32-bit store at
 /// `addr + 16·t` for the `t`-th pair, where the row is `inside` the
-/// sequence. The epilogue of both tensor-core emitters.
+/// sequence. The epilogue of the tensor-core emitters.
 pub fn store_scaled_pairs(
     k: &mut Kernel,
     pairs: impl IntoIterator<Item = (Reg, Reg)>,
@@ -19,12 +20,7 @@ pub fn store_scaled_pairs(
         let x0 = k.bin(BinOp::Mul, Ty::F32, lo, inv);
         let x1 = k.bin(BinOp::Mul, Ty::F32, hi, inv);
         let pk = k.reg(Ty::B32);
-        k.push(Instr::CvtPack {
-            ty: packed,
-            dst: pk,
-            hi: x1,
-            lo: x0,
-        });
+        pack(k, packed, pk, x0, x1);
         k.guard(
             inside,
             false,
@@ -36,4 +32,20 @@ pub fn store_scaled_pairs(
             },
         );
     }
+}
+
+/// `(empty, 1 / sum)`: whether a row's sum is exactly 0 (it saw no key,
+/// or every key was hidden), and the sum's reciprocal.
+pub fn row_inverse(k: &mut Kernel, sum: Reg) -> (Reg, Reg) {
+    let empty = k.setp(Cmp::Eq, Ty::F32, sum, Operand::F32(0.0));
+    let inv = k.un(UnOp::Rcp, Ty::F32, sum);
+    (empty, inv)
+}
+
+/// `1 / sum`, or 0 where the row saw no key: its output is written as
+/// zeros.
+pub fn inverse_or_zero(k: &mut Kernel, sum: Reg) -> Reg {
+    let (empty, inv) = row_inverse(k, sum);
+    k.selp_to(Ty::F32, inv, Operand::F32(0.0), inv, empty);
+    inv
 }
