@@ -64,15 +64,19 @@
 //! rows and NaN rows, in all three element types. With `PTXAS` set they also
 //! assemble a sample of variants for sm_80 and sm_90 and require zero spills.
 
+use crate::attention::mask::{add_bias, hide_unless};
+use crate::attention::softmax::{
+    exp2_shifted, pack, reduce_pairwise, scale, update_max, update_sum,
+};
+use crate::attention::store::row_inverse;
 use crate::contract::{cta_coords, declare_params, GpuKernel, Params, SCALE_PARAM};
 use crate::ptx::{
-    Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Reg, Special, StateSpace, Target, Ty, UnOp,
+    Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Reg, Special, StateSpace, Target, Ty,
 };
 use crate::{DType, VariantSpec};
 
 /// Threads per CTA.
 const THREADS: u32 = 128;
-const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// The shared-memory budget of one K tile plus one V tile.
 const TILE_BYTES: u32 = 32 * 1024;
 
@@ -347,12 +351,7 @@ impl Emitter {
                     .chunks(2)
                     .map(|pair| {
                         let w = k.reg(Ty::B32);
-                        k.push(Instr::CvtPack {
-                            ty: packed,
-                            dst: w,
-                            hi: pair[1],
-                            lo: pair[0],
-                        });
+                        pack(k, packed, w, pair[0], pair[1]);
                         w
                     })
                     .collect();
@@ -728,18 +727,7 @@ impl Emitter {
             let left = k.bin(BinOp::Sub, Ty::S32, ctx.mask_lims[r], jg);
             for (key, &x) in s[r].iter().enumerate() {
                 let inside = k.setp(Cmp::Gt, Ty::S32, left, Operand::S(key as i64));
-                let mv = k.mov(Ty::F32, f(0.0));
-                k.guard(
-                    inside,
-                    false,
-                    Instr::Ld {
-                        space: StateSpace::GlobalNc,
-                        ty: Ty::F32,
-                        dst: vec![mv],
-                        addr: Addr::at(mp, 4 * key as i64),
-                    },
-                );
-                k.mad_to(Ty::F32, x, mv, f(LOG2E), x);
+                add_bias(k, x, inside, Addr::at(mp, 4 * key as i64));
             }
         }
         k.push(Instr::Label(no_mask));
@@ -754,53 +742,21 @@ impl Emitter {
             let left = k.bin(BinOp::Sub, Ty::S32, ctx.lims[r], jg);
             for (key, &x) in s[r].iter().enumerate() {
                 let seen = k.setp(Cmp::Gt, Ty::S32, left, Operand::S(key as i64));
-                k.selp_to(Ty::F32, x, x, f(f32::NEG_INFINITY), seen);
+                hide_unless(k, x, seen);
             }
         }
         k.push(Instr::Label(full));
 
         // Online softmax; p overwrites s.
         for r in 0..rows {
-            let mut level: Vec<Reg> = s[r].clone();
-            while level.len() > 1 {
-                level = level
-                    .chunks(2)
-                    .map(|p| {
-                        if p.len() == 2 {
-                            k.bin(BinOp::Max, Ty::F32, p[0], p[1])
-                        } else {
-                            p[0]
-                        }
-                    })
-                    .collect();
-            }
-            let m_new = k.bin(BinOp::Max, Ty::F32, ctx.m[r], level[0]);
-            let all_inf = k.setp(Cmp::Eq, Ty::F32, m_new, f(f32::NEG_INFINITY));
-            let shift = k.selp(Ty::F32, f(0.0), m_new, all_inf);
-            let dm = k.bin(BinOp::Sub, Ty::F32, ctx.m[r], shift);
-            let resc = k.un(UnOp::Ex2, Ty::F32, dm);
-            k.mov_to(Ty::F32, ctx.m[r], m_new);
+            let m = reduce_pairwise(k, &s[r], BinOp::Max);
+            let (shift, resc) = update_max(k, ctx.m[r], m);
             for &x in &s[r] {
-                let t = k.bin(BinOp::Sub, Ty::F32, x, shift);
-                k.un_to(UnOp::Ex2, Ty::F32, x, t);
+                exp2_shifted(k, x, shift);
             }
-            let mut level: Vec<Reg> = s[r].clone();
-            while level.len() > 1 {
-                level = level
-                    .chunks(2)
-                    .map(|p| {
-                        if p.len() == 2 {
-                            k.bin(BinOp::Add, Ty::F32, p[0], p[1])
-                        } else {
-                            p[0]
-                        }
-                    })
-                    .collect();
-            }
-            k.mad_to(Ty::F32, ctx.l[r], ctx.l[r], resc, level[0]);
-            for &a in &ctx.acc[r] {
-                k.bin_to(BinOp::Mul, Ty::F32, a, a, resc);
-            }
+            let sum = reduce_pairwise(k, &s[r], BinOp::Add);
+            update_sum(k, ctx.l[r], resc, sum);
+            scale(k, ctx.acc[r].iter().copied(), resc);
         }
 
         // acc += p · V.
@@ -853,8 +809,7 @@ impl Emitter {
                 k.bin(BinOp::Add, Ty::U32, base_row, u(r as u32 * THREADS / lanes))
             };
             let valid = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
-            let empty = k.setp(Cmp::Eq, Ty::F32, ctx.l[r], f(0.0));
-            let inv = k.un(UnOp::Rcp, Ty::F32, ctx.l[r]);
+            let (empty, inv) = row_inverse(k, ctx.l[r]);
             let outs: Vec<Reg> = ctx.acc[r]
                 .iter()
                 .map(|&a| {
