@@ -240,6 +240,26 @@ pub fn load_args(k: &mut Kernel, params: &Params) -> Args {
     }
 }
 
+/// The byte address of element `[batch, 0, head, 0]` of a tensor whose
+/// element strides are `strides` (batch, token, head) and elements
+/// `elem_bytes` wide, and its token stride in bytes: `(base, stride)`.
+pub fn tensor_head(
+    k: &mut Kernel,
+    ptr: Reg,
+    strides: [Reg; 3],
+    batch: Reg,
+    head: Reg,
+    elem_bytes: u64,
+) -> (Reg, Reg) {
+    let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
+    let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
+    let off = k.bin(BinOp::Mul, Ty::U64, b64, strides[0]);
+    let off = k.mad(Ty::U64, h64, strides[2], off);
+    let base = k.mad(Ty::U64, off, Operand::U(elem_bytes), ptr);
+    let stride = k.bin(BinOp::Mul, Ty::U64, strides[1], Operand::U(elem_bytes));
+    (base, stride)
+}
+
 /// The thread index and the CTA's query block, head and batch, from the
 /// grid of the contract. With `last_block_first` (the causal tensor-core
 /// kernels) query blocks are taken last first: the last blocks see the

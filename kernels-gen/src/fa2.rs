@@ -35,7 +35,7 @@ use crate::attention::softmax::{
 };
 use crate::attention::store::{inverse_or_zero, store_scaled_pairs};
 use crate::attention::AccFragment;
-use crate::contract::{cta_coords, declare_params, load_args, GpuKernel};
+use crate::contract::{cta_coords, declare_params, load_args, tensor_head, GpuKernel};
 use crate::ptx::{Addr, BinOp, Cmp, Instr, Kernel, MmaShape, Module, Operand, Reg, Target, Ty};
 use crate::{DType, VariantSpec};
 
@@ -383,22 +383,12 @@ impl Emitter {
         // First row of this warp within the CTA.
         let warp_row = k.bin(BinOp::Mul, Ty::U32, warp, Self::u(16 * mts));
 
-        // Byte address of element [batch, 0, head, 0] of a tensor, and its
-        // token stride in bytes.
-        let elem = 2u64;
-        let tensor_base = |k: &mut Kernel, ptr: Reg, st: [Reg; 3], h: Reg| {
-            let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
-            let h64 = k.cvt(None, Ty::U64, Ty::U32, h);
-            let off = k.bin(BinOp::Mul, Ty::U64, b64, st[0]);
-            let off = k.mad(Ty::U64, h64, st[2], off);
-            let base = k.mad(Ty::U64, off, Operand::U(elem), ptr);
-            let stride = k.bin(BinOp::Mul, Ty::U64, st[1], Operand::U(elem));
-            (base, stride)
-        };
-        let (q_base, q_stride) = tensor_base(k, q_ptr, qs, head);
-        let (k_base, k_stride) = tensor_base(k, k_ptr, ks, kv_head);
-        let (v_base, v_stride) = tensor_base(k, v_ptr, vs, kv_head);
-        let (o_base, o_stride) = tensor_base(k, o_ptr, os, head);
+        // Byte address of element [batch, 0, head, 0] of each tensor, and
+        // its token stride in bytes.
+        let (q_base, q_stride) = tensor_head(k, q_ptr, qs, batch, head, 2);
+        let (k_base, k_stride) = tensor_head(k, k_ptr, ks, batch, kv_head, 2);
+        let (v_base, v_stride) = tensor_head(k, v_ptr, vs, batch, kv_head, 2);
+        let (o_base, o_stride) = tensor_head(k, o_ptr, os, batch, head, 2);
 
         // Shared tiles.
         let sq = k.mov(Ty::U32, Operand::Symbol("smem".into()));
