@@ -30,10 +30,10 @@
 
 use crate::attention::mask::{block_needs_mask, mask_fragment, FragmentMask};
 use crate::attention::softmax::{
-    exp2_with_row_sums, pack_a_fragment, quad_reduce, reduce_chain, scale_rows, update_max,
+    exp2_with_row_sums, pack_a_fragment, quad_reduce, reduce_chain, scale, scale_rows, update_max,
     update_sum,
 };
-use crate::attention::store::{inverse_or_zero, store_scaled_pairs};
+use crate::attention::store::{store_output, OutputRows};
 use crate::attention::AccFragment;
 use crate::contract::{cta_coords, declare_params, load_args, tensor_head, GpuKernel};
 use crate::ptx::{Addr, BinOp, Cmp, Instr, Kernel, MmaShape, Module, Operand, Reg, Target, Ty};
@@ -418,11 +418,11 @@ impl Emitter {
         let v_lane = k.mad(Ty::U32, hi16, Operand::U(16), v_lane);
 
         // This thread's rows in the scores are g and g + 8 of each m-tile:
-        // row0 + row_offset(r) for r = 2·mt + half. They are recomputed
-        // where needed rather than held: registers are the limit here.
+        // row0 + AccFragment::row_offset(r) for r = 2·mt + half. They are
+        // recomputed where needed rather than held: registers are the
+        // limit here.
         let row0 = k.bin(BinOp::Add, Ty::U32, warp_row, g);
         let row0 = k.bin(BinOp::Add, Ty::U32, row0, q0);
-        let row_offset = |r: usize| Self::u(16 * (r / 2) + 8 * (r % 2));
 
         // Number of key blocks: causal CTAs stop at their last row.
         let key_end = if cfg.causal {
@@ -488,6 +488,10 @@ impl Emitter {
         let s_acc: Vec<Vec<Vec<Reg>>> = (0..mts)
             .map(|_| (0..n_tiles_s).map(|_| k.regs(Ty::F32, 4)).collect())
             .collect();
+        // The same registers as fragments ([`AccFragment`]), per m-tile.
+        let s_regs: Vec<Vec<Reg>> = s_acc.iter().map(|tiles| tiles.concat()).collect();
+        let o_regs: Vec<Vec<Reg>> = o_acc.iter().map(|tiles| tiles.concat()).collect();
+        let (s_frag, o_frag) = (AccFragment::new(&s_regs), AccFragment::new(&o_regs));
         let n = k.mov(Ty::U32, Operand::U(0));
         let j0 = k.mov(Ty::U32, Operand::U(0));
         let tq2 = k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(1));
@@ -568,15 +572,7 @@ impl Emitter {
 
         // 4. Scores to the log2 domain, masking where needed, online softmax.
         let k = &mut self.k;
-        for tile in s_acc.iter().flatten() {
-            for &r in tile {
-                k.bin_to(BinOp::Mul, Ty::F32, r, r, scale_log2);
-            }
-        }
-        // The fragments of S and O, per m-tile.
-        let s_regs: Vec<Vec<Reg>> = s_acc.iter().map(|tiles| tiles.concat()).collect();
-        let o_regs: Vec<Vec<Reg>> = o_acc.iter().map(|tiles| tiles.concat()).collect();
-        let (s_frag, o_frag) = (AccFragment::new(&s_regs), AccFragment::new(&o_regs));
+        scale(k, s_frag.elems().map(|(_, _, s)| s), scale_log2);
         // Does this block need element-wise masking?
         let causal_q0 = cfg.causal.then_some(q0);
         let need = block_needs_mask(k, j0, bn, seq_k, has_mask, None, causal_q0);
@@ -653,23 +649,14 @@ impl Emitter {
         // ---- epilogue: O / sum, rows that saw no key are 0 ----
         k.push(Instr::Label(loop_end));
         k.push(Instr::CpAsyncWait(0));
-        let tq4 = k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(2));
-        let tq4 = k.cvt(None, Ty::U64, Ty::U32, tq4);
-        for (r, &l) in l_run.iter().enumerate() {
-            let (mt, half) = (r / 2, r % 2);
-            let k = &mut self.k;
-            let sum = quad_reduce(k, l, BinOp::Add);
-            let inv = inverse_or_zero(k, sum);
-            let row = k.bin(BinOp::Add, Ty::U32, row0, row_offset(r));
-            let inside = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
-            let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
-            let addr = k.mad(Ty::U64, r64, o_stride, o_base);
-            let addr = k.bin(BinOp::Add, Ty::U64, addr, tq4);
-            let pairs = o_acc[mt]
-                .iter()
-                .map(|acc| (acc[2 * half], acc[2 * half + 1]));
-            store_scaled_pairs(k, pairs, inv, addr, inside, packed);
-        }
+        let out = OutputRows {
+            row0,
+            tq,
+            seq_q,
+            base: o_base,
+            stride: o_stride,
+        };
+        store_output(k, &o_frag, &l_run, &out, packed);
         self.k.push(Instr::Ret);
         self.k
     }
