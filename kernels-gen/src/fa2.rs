@@ -28,7 +28,9 @@
 //! byte chunks: the eight row addresses of every `ldmatrix` then fall in
 //! distinct bank groups, for every head size, without a swizzle.
 
-use crate::attention::mask::{block_needs_mask, mask_fragment, FragmentMask};
+use crate::attention::mask::{
+    block_needs_mask, key_blocks, mask_fragment, mask_of_head, FragmentMask,
+};
 use crate::attention::softmax::{
     exp2_with_row_sums, pack_a_fragment, quad_reduce, reduce_chain, scale, scale_rows, update_max,
     update_sum,
@@ -425,23 +427,10 @@ impl Emitter {
         let row0 = k.bin(BinOp::Add, Ty::U32, row0, q0);
 
         // Number of key blocks: causal CTAs stop at their last row.
-        let key_end = if cfg.causal {
-            let last = k.bin(BinOp::Add, Ty::U32, q0, Self::u(bm));
-            k.bin(BinOp::Min, Ty::U32, last, seq_k)
-        } else {
-            seq_k
-        };
-        let n_blocks = k.bin(BinOp::Add, Ty::U32, key_end, Self::u(bn - 1));
-        let n_blocks = k.bin(BinOp::Div, Ty::U32, n_blocks, Self::u(bn));
+        let n_blocks = key_blocks(k, q0, bm, bn, seq_k, cfg.causal);
 
         // The mask (f32 bias) of this (batch, head), if a mask was passed.
-        let has_mask = k.setp(Cmp::Ne, Ty::U64, m_ptr, Operand::U(0));
-        let mask_head = {
-            let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
-            let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
-            let off = k.bin(BinOp::Mul, Ty::U64, b64, msb);
-            k.mad(Ty::U64, h64, msh, off)
-        };
+        let (has_mask, mask_head) = mask_of_head(k, m_ptr, batch, head, msb, msh);
 
         // ---- prologue: Q and K(0) ----
         let ld = self.loader(tid);

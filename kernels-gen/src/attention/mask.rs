@@ -7,6 +7,45 @@ use crate::ptx::{Addr, BinOp, Cmp, Instr, Kernel, Operand, Reg, StateSpace, Ty};
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 
+/// The number of `block_n`-key blocks the CTA whose first query row is
+/// `q0` visits: every block up to `Sk`, and causal CTAs stop at the block
+/// holding their last row's diagonal (`min(q0 + block_m, Sk)` keys).
+pub fn key_blocks(
+    k: &mut Kernel,
+    q0: Reg,
+    block_m: usize,
+    block_n: usize,
+    seq_k: Reg,
+    causal: bool,
+) -> Reg {
+    let key_end = if causal {
+        let last = k.bin(BinOp::Add, Ty::U32, q0, Operand::U(block_m as u64));
+        k.bin(BinOp::Min, Ty::U32, last, seq_k)
+    } else {
+        seq_k
+    };
+    let n_blocks = k.bin(BinOp::Add, Ty::U32, key_end, Operand::U(block_n as u64 - 1));
+    k.bin(BinOp::Div, Ty::U32, n_blocks, Operand::U(block_n as u64))
+}
+
+/// Whether a mask was passed (its pointer is not null), and the element
+/// offset `batch · stride_b + head · stride_h` of this (batch, head)'s
+/// mask rows: `(has_mask, mask_head)`.
+pub fn mask_of_head(
+    k: &mut Kernel,
+    mask: Reg,
+    batch: Reg,
+    head: Reg,
+    stride_b: Reg,
+    stride_h: Reg,
+) -> (Reg, Reg) {
+    let has_mask = k.setp(Cmp::Ne, Ty::U64, mask, Operand::U(0));
+    let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
+    let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
+    let off = k.bin(BinOp::Mul, Ty::U64, b64, stride_b);
+    (has_mask, k.mad(Ty::U64, h64, stride_h, off))
+}
+
 /// `score += bias · log2(e)`, with `bias` the mask's `f32` at `addr` where
 /// `pred` holds and 0 elsewhere.
 pub fn add_bias(k: &mut Kernel, score: Reg, pred: Reg, addr: Addr) {
