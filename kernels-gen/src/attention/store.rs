@@ -5,6 +5,16 @@ use super::layout::AccFragment;
 use super::softmax::{pack, quad_reduce};
 use crate::ptx::{Addr, BinOp, Cmp, Instr, Kernel, Operand, Reg, StateSpace, Ty, UnOp};
 
+/// `(lo · inv, hi · inv)` rounded to the packed 16-bit pair type `packed`,
+/// in a fresh 32-bit register: one output pair, ready to store.
+pub fn pack_scaled(k: &mut Kernel, lo: Reg, hi: Reg, inv: Reg, packed: Ty) -> Reg {
+    let x0 = k.bin(BinOp::Mul, Ty::F32, lo, inv);
+    let x1 = k.bin(BinOp::Mul, Ty::F32, hi, inv);
+    let pk = k.reg(Ty::B32);
+    pack(k, packed, pk, x0, x1);
+    pk
+}
+
 /// Stores one output row fragment: each `(lo, hi)` pair of f32 accumulators
 /// times `inv`, rounded to the 16-bit `packed` type, as one 32-bit store at
 /// `addr + 16·t` for the `t`-th pair, where the row is `inside` the
@@ -18,10 +28,7 @@ pub fn store_scaled_pairs(
     packed: Ty,
 ) {
     for (t, (lo, hi)) in pairs.into_iter().enumerate() {
-        let x0 = k.bin(BinOp::Mul, Ty::F32, lo, inv);
-        let x1 = k.bin(BinOp::Mul, Ty::F32, hi, inv);
-        let pk = k.reg(Ty::B32);
-        pack(k, packed, pk, x0, x1);
+        let pk = pack_scaled(k, lo, hi, inv, packed);
         k.guard(
             inside,
             false,
