@@ -9,8 +9,9 @@ use super::reg::{Param, Reg, RegClass, Ty};
 /// The architecture a module is written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
-    /// Ampere: `mma.sync`, `ldmatrix`, `cp.async`. Runs on sm_80 through
-    /// sm_90 (the driver compiles it for the device at load time).
+    /// Ampere: `mma.sync`, `ldmatrix`, `cp.async`. Runs on sm_80 and every
+    /// later architecture (the driver compiles it for the device at load
+    /// time).
     Sm80,
     /// Hopper with its architecture-specific features: `wgmma`,
     /// `setmaxnreg`, `mbarrier` waits, bulk copies. Runs only on sm_90.
