@@ -16,10 +16,10 @@
 //! lazy rescale off; a combination the kernel cannot take is an error.
 
 use kernels_gen::fa2::{self, Fa2Config};
-use kernels_gen::gpu::GpuKernel;
+
 use kernels_gen::ptx::Target;
 use kernels_gen::sm90::{self, ConfigError, Sm90Config};
-use kernels_gen::{gpu, DType, VariantSpec};
+use kernels_gen::{DType, GpuKernel, VariantSpec};
 
 /// The overrides of the sm_90a defaults (`--wgs`, `--block-n`,
 /// `--stages`, `--no-lazy-rescale`).
@@ -78,7 +78,7 @@ fn kernel(spec: &VariantSpec, tiles: Option<&[usize]>) -> GpuKernel {
             let cfg = Fa2Config::new(spec).with_tiles(t[0], t[1], t[2], t[3] != 0);
             fa2::generate_with(spec, cfg, Target::Sm80)
         }
-        _ => gpu::generate(spec, Target::Sm80),
+        _ => kernels_gen::generate(spec, Target::Sm80),
     }
 }
 

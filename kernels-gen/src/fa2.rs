@@ -28,13 +28,18 @@
 //! byte chunks: the eight row addresses of every `ldmatrix` then fall in
 //! distinct bank groups, for every head size, without a swizzle.
 
-use crate::gpu::{cta_coords, declare_params, load_args, store_scaled_pairs, GpuKernel};
-use crate::ptx::{
-    Addr, BinOp, Cmp, Instr, Kernel, MmaShape, Module, Operand, Reg, StateSpace, Target, Ty, UnOp,
+use crate::attention::mask::{
+    block_needs_mask, key_blocks, mask_fragment, mask_of_head, FragmentMask,
 };
+use crate::attention::softmax::{
+    exp2_with_row_sums, pack_a_fragment, quad_reduce, reduce_chain, scale, scale_rows, update_max,
+    update_sum,
+};
+use crate::attention::store::{store_output, OutputRows};
+use crate::attention::AccFragment;
+use crate::contract::{cta_coords, declare_params, load_args, tensor_head, GpuKernel};
+use crate::ptx::{Addr, BinOp, Cmp, Instr, Kernel, MmaShape, Module, Operand, Reg, Target, Ty};
 use crate::{DType, VariantSpec};
-
-const LOG2E: f32 = std::f32::consts::LOG2_E;
 
 /// The shape of one variant's kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,7 +169,6 @@ pub fn generate_with(spec: &VariantSpec, cfg: Fa2Config, target: Target) -> GpuK
         threads: cfg.threads() as u32,
         smem_bytes: cfg.smem_bytes() as u32,
         tensor_maps: None,
-        persistent: false,
     }
 }
 
@@ -343,25 +347,6 @@ impl Emitter {
         }
     }
 
-    fn max_f32(&mut self, a: Reg, b: impl Into<Operand>) -> Reg {
-        self.k.bin(BinOp::Max, Ty::F32, a, b)
-    }
-
-    /// Reduces `x` over the four lanes of a quad with `op`.
-    fn quad_reduce(&mut self, x: Reg, op: BinOp) -> Reg {
-        let mut acc = x;
-        for mask in [1, 2] {
-            let other = self.k.reg(Ty::F32);
-            self.k.push(Instr::ShflBfly {
-                dst: other,
-                src: acc,
-                lane_mask: mask,
-            });
-            acc = self.k.bin(op, Ty::F32, acc, other);
-        }
-        acc
-    }
-
     fn emit(mut self) -> Kernel {
         let cfg = self.cfg;
         let (d, bm, bn, pitch, mts) = (cfg.d, cfg.block_m, cfg.block_n, cfg.pitch, cfg.m_tiles);
@@ -400,22 +385,12 @@ impl Emitter {
         // First row of this warp within the CTA.
         let warp_row = k.bin(BinOp::Mul, Ty::U32, warp, Self::u(16 * mts));
 
-        // Byte address of element [batch, 0, head, 0] of a tensor, and its
-        // token stride in bytes.
-        let elem = 2u64;
-        let tensor_base = |k: &mut Kernel, ptr: Reg, st: [Reg; 3], h: Reg| {
-            let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
-            let h64 = k.cvt(None, Ty::U64, Ty::U32, h);
-            let off = k.bin(BinOp::Mul, Ty::U64, b64, st[0]);
-            let off = k.mad(Ty::U64, h64, st[2], off);
-            let base = k.mad(Ty::U64, off, Operand::U(elem), ptr);
-            let stride = k.bin(BinOp::Mul, Ty::U64, st[1], Operand::U(elem));
-            (base, stride)
-        };
-        let (q_base, q_stride) = tensor_base(k, q_ptr, qs, head);
-        let (k_base, k_stride) = tensor_base(k, k_ptr, ks, kv_head);
-        let (v_base, v_stride) = tensor_base(k, v_ptr, vs, kv_head);
-        let (o_base, o_stride) = tensor_base(k, o_ptr, os, head);
+        // Byte address of element [batch, 0, head, 0] of each tensor, and
+        // its token stride in bytes.
+        let (q_base, q_stride) = tensor_head(k, q_ptr, qs, batch, head, 2);
+        let (k_base, k_stride) = tensor_head(k, k_ptr, ks, batch, kv_head, 2);
+        let (v_base, v_stride) = tensor_head(k, v_ptr, vs, batch, kv_head, 2);
+        let (o_base, o_stride) = tensor_head(k, o_ptr, os, batch, head, 2);
 
         // Shared tiles.
         let sq = k.mov(Ty::U32, Operand::Symbol("smem".into()));
@@ -445,30 +420,17 @@ impl Emitter {
         let v_lane = k.mad(Ty::U32, hi16, Operand::U(16), v_lane);
 
         // This thread's rows in the scores are g and g + 8 of each m-tile:
-        // row0 + row_offset(r) for r = 2·mt + half. They are recomputed
-        // where needed rather than held: registers are the limit here.
+        // row0 + AccFragment::row_offset(r) for r = 2·mt + half. They are
+        // recomputed where needed rather than held: registers are the
+        // limit here.
         let row0 = k.bin(BinOp::Add, Ty::U32, warp_row, g);
         let row0 = k.bin(BinOp::Add, Ty::U32, row0, q0);
-        let row_offset = |r: usize| Self::u(16 * (r / 2) + 8 * (r % 2));
 
         // Number of key blocks: causal CTAs stop at their last row.
-        let key_end = if cfg.causal {
-            let last = k.bin(BinOp::Add, Ty::U32, q0, Self::u(bm));
-            k.bin(BinOp::Min, Ty::U32, last, seq_k)
-        } else {
-            seq_k
-        };
-        let n_blocks = k.bin(BinOp::Add, Ty::U32, key_end, Self::u(bn - 1));
-        let n_blocks = k.bin(BinOp::Div, Ty::U32, n_blocks, Self::u(bn));
+        let n_blocks = key_blocks(k, q0, bm, bn, seq_k, cfg.causal);
 
         // The mask (f32 bias) of this (batch, head), if a mask was passed.
-        let has_mask = k.setp(Cmp::Ne, Ty::U64, m_ptr, Operand::U(0));
-        let mask_head = {
-            let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
-            let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
-            let off = k.bin(BinOp::Mul, Ty::U64, b64, msb);
-            k.mad(Ty::U64, h64, msh, off)
-        };
+        let (has_mask, mask_head) = mask_of_head(k, m_ptr, batch, head, msb, msh);
 
         // ---- prologue: Q and K(0) ----
         let ld = self.loader(tid);
@@ -515,6 +477,10 @@ impl Emitter {
         let s_acc: Vec<Vec<Vec<Reg>>> = (0..mts)
             .map(|_| (0..n_tiles_s).map(|_| k.regs(Ty::F32, 4)).collect())
             .collect();
+        // The same registers as fragments ([`AccFragment`]), per m-tile.
+        let s_regs: Vec<Vec<Reg>> = s_acc.iter().map(|tiles| tiles.concat()).collect();
+        let o_regs: Vec<Vec<Reg>> = o_acc.iter().map(|tiles| tiles.concat()).collect();
+        let (s_frag, o_frag) = (AccFragment::new(&s_regs), AccFragment::new(&o_regs));
         let n = k.mov(Ty::U32, Operand::U(0));
         let j0 = k.mov(Ty::U32, Operand::U(0));
         let tq2 = k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(1));
@@ -595,132 +561,41 @@ impl Emitter {
 
         // 4. Scores to the log2 domain, masking where needed, online softmax.
         let k = &mut self.k;
-        for tile in s_acc.iter().flatten() {
-            for &r in tile {
-                k.bin_to(BinOp::Mul, Ty::F32, r, r, scale_log2);
-            }
-        }
+        scale(k, s_frag.elems().map(|(_, _, s)| s), scale_log2);
         // Does this block need element-wise masking?
-        let block_end = k.bin(BinOp::Add, Ty::U32, j0, Self::u(bn));
-        let ragged = k.setp(Cmp::Gt, Ty::U32, block_end, seq_k);
-        let need = k.reg(Ty::Pred);
-        k.bin_to(BinOp::Or, Ty::Pred, need, ragged, has_mask);
-        if cfg.causal {
-            // The block crosses the diagonal of the CTA's first row.
-            let last_key = k.bin(BinOp::Add, Ty::U32, j0, Self::u(bn - 1));
-            let diag = k.setp(Cmp::Gt, Ty::U32, last_key, q0);
-            k.bin_to(BinOp::Or, Ty::Pred, need, need, diag);
-        }
+        let causal_q0 = cfg.causal.then_some(q0);
+        let need = block_needs_mask(k, j0, bn, seq_k, has_mask, None, causal_q0);
         let skip_mask = k.label("unmasked");
         k.branch_if(need, true, &skip_mask);
-        {
-            let kbase = k.bin(BinOp::Add, Ty::U32, j0, tq2);
-            let skip_bias = k.label("no_bias");
-            // Additive mask, in the log2 domain.
-            k.branch_if(has_mask, true, &skip_bias);
-            let mut row_in = Vec::new();
-            let mut mask_rows = Vec::new();
-            for r in 0..2 * mts {
-                let row = k.bin(BinOp::Add, Ty::U32, row0, row_offset(r));
-                row_in.push(k.setp(Cmp::Lt, Ty::U32, row, seq_q));
-                let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
-                let o = k.mad(Ty::U64, r64, msq, mask_head);
-                mask_rows.push(k.mad(Ty::U64, o, Operand::U(4), m_ptr));
-            }
-            for (mt, tiles) in s_acc.iter().enumerate() {
-                for (t, acc) in tiles.iter().enumerate() {
-                    for (e, &s) in acc.iter().enumerate() {
-                        let r = 2 * mt + e / 2;
-                        let key = k.bin(BinOp::Add, Ty::U32, kbase, Self::u(8 * t + e % 2));
-                        let kin = k.setp(Cmp::Lt, Ty::U32, key, seq_k);
-                        let ok = k.reg(Ty::Pred);
-                        k.bin_to(BinOp::And, Ty::Pred, ok, kin, row_in[r]);
-                        let key64 = k.cvt(None, Ty::U64, Ty::U32, key);
-                        let addr = k.mad(Ty::U64, key64, Operand::U(4), mask_rows[r]);
-                        let bias = k.mov(Ty::F32, Operand::F32(0.0));
-                        k.guard(
-                            ok,
-                            false,
-                            Instr::Ld {
-                                space: StateSpace::GlobalNc,
-                                ty: Ty::F32,
-                                dst: vec![bias],
-                                addr: addr.into(),
-                            },
-                        );
-                        k.mad_to(Ty::F32, s, bias, Operand::F32(LOG2E), s);
-                    }
-                }
-            }
-            k.push(Instr::Label(skip_bias));
-            // Keys past Sk, and (causal) keys after the row, do not exist.
-            let rows: Vec<Reg> = (0..2 * mts)
-                .map(|r| k.bin(BinOp::Add, Ty::U32, row0, row_offset(r)))
-                .collect();
-            for (mt, tiles) in s_acc.iter().enumerate() {
-                for (t, acc) in tiles.iter().enumerate() {
-                    for (e, &s) in acc.iter().enumerate() {
-                        let key = k.bin(BinOp::Add, Ty::U32, kbase, Self::u(8 * t + e % 2));
-                        let hide = k.setp(Cmp::Ge, Ty::U32, key, seq_k);
-                        if cfg.causal {
-                            let after = k.setp(Cmp::Gt, Ty::U32, key, rows[2 * mt + e / 2]);
-                            k.bin_to(BinOp::Or, Ty::Pred, hide, hide, after);
-                        }
-                        k.selp_to(Ty::F32, s, neg_inf.clone(), s, hide);
-                    }
-                }
-            }
-        }
+        let fm = FragmentMask {
+            row0,
+            tq2,
+            seq_q,
+            seq_k,
+            has_mask,
+            mask: m_ptr,
+            mask_head,
+            mask_stride_q: msq,
+            causal: cfg.causal,
+        };
+        mask_fragment(k, &s_frag, &fm, j0);
         k.push(Instr::Label(skip_mask));
 
         // Row maxima over the block, across the quad; rescale factors.
         let mut shift = Vec::new();
         let mut alpha = Vec::new();
         for (r, &m_old) in m_run.iter().enumerate() {
-            let (mt, half) = (r / 2, r % 2);
-            let mut m = self.k.mov(Ty::F32, neg_inf.clone());
-            for acc in &s_acc[mt] {
-                m = self.max_f32(m, acc[2 * half]);
-                m = self.max_f32(m, acc[2 * half + 1]);
-            }
-            let m = self.quad_reduce(m, BinOp::Max);
-            let k = &mut self.k;
-            let m_new = k.bin(BinOp::Max, Ty::F32, m_old, m);
-            // A row that has seen only hidden keys keeps max -inf; shifting
-            // by 0 keeps ex2(-inf - -inf) = NaN out and makes every hidden
-            // weight exactly 0.
-            let none = k.setp(Cmp::Eq, Ty::F32, m_new, neg_inf.clone());
-            let sh = k.selp(Ty::F32, Operand::F32(0.0), m_new, none);
-            let diff = k.bin(BinOp::Sub, Ty::F32, m_old, sh);
-            let a = k.un(UnOp::Ex2, Ty::F32, diff);
-            k.mov_to(Ty::F32, m_old, m_new);
+            let m = reduce_chain(k, neg_inf.clone(), &s_frag.row(r), BinOp::Max);
+            let m = quad_reduce(k, m, BinOp::Max);
+            let (sh, a) = update_max(k, m_old, m);
             shift.push(sh);
             alpha.push(a);
         }
-        let k = &mut self.k;
-        let mut block_sum: Vec<Reg> = (0..2 * mts)
-            .map(|_| k.mov(Ty::F32, Operand::F32(0.0)))
-            .collect();
-        for (mt, tiles) in s_acc.iter().enumerate() {
-            for acc in tiles {
-                for (e, &s) in acc.iter().enumerate() {
-                    let r = 2 * mt + e / 2;
-                    let x = k.bin(BinOp::Sub, Ty::F32, s, shift[r]);
-                    k.un_to(UnOp::Ex2, Ty::F32, s, x);
-                    block_sum[r] = k.bin(BinOp::Add, Ty::F32, block_sum[r], s);
-                }
-            }
-        }
+        let block_sum = exp2_with_row_sums(k, &s_frag, &shift);
         for ((&l, &a), &b) in l_run.iter().zip(&alpha).zip(&block_sum) {
-            k.mad_to(Ty::F32, l, l, a, b);
+            update_sum(k, l, a, b);
         }
-        for (mt, tiles) in o_acc.iter().enumerate() {
-            for acc in tiles {
-                for (e, &o) in acc.iter().enumerate() {
-                    k.bin_to(BinOp::Mul, Ty::F32, o, o, alpha[2 * mt + e / 2]);
-                }
-            }
-        }
+        scale_rows(k, &o_frag, &alpha);
         // P as A fragments: k-step kk covers S tiles 2kk and 2kk + 1.
         let packed = cfg.packed();
         let p_frags: Vec<Vec<Vec<Reg>>> = s_acc
@@ -728,25 +603,9 @@ impl Emitter {
             .map(|tiles| {
                 (0..n_tiles_s / 2)
                     .map(|kk| {
-                        let (lo, hi) = (&tiles[2 * kk], &tiles[2 * kk + 1]);
-                        [
-                            (lo[1], lo[0]),
-                            (lo[3], lo[2]),
-                            (hi[1], hi[0]),
-                            (hi[3], hi[2]),
-                        ]
-                        .into_iter()
-                        .map(|(h, l)| {
-                            let dst = k.reg(Ty::B32);
-                            k.push(Instr::CvtPack {
-                                ty: packed,
-                                dst,
-                                hi: h,
-                                lo: l,
-                            });
-                            dst
-                        })
-                        .collect()
+                        let dst = k.regs(Ty::B32, 4);
+                        pack_a_fragment(k, packed, &tiles[2 * kk], &tiles[2 * kk + 1], &dst);
+                        dst
                     })
                     .collect()
             })
@@ -779,25 +638,14 @@ impl Emitter {
         // ---- epilogue: O / sum, rows that saw no key are 0 ----
         k.push(Instr::Label(loop_end));
         k.push(Instr::CpAsyncWait(0));
-        let tq4 = k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(2));
-        let tq4 = k.cvt(None, Ty::U64, Ty::U32, tq4);
-        for (r, &l) in l_run.iter().enumerate() {
-            let (mt, half) = (r / 2, r % 2);
-            let sum = self.quad_reduce(l, BinOp::Add);
-            let k = &mut self.k;
-            let empty = k.setp(Cmp::Eq, Ty::F32, sum, Operand::F32(0.0));
-            let inv = k.un(UnOp::Rcp, Ty::F32, sum);
-            k.selp_to(Ty::F32, inv, Operand::F32(0.0), inv, empty);
-            let row = k.bin(BinOp::Add, Ty::U32, row0, row_offset(r));
-            let inside = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
-            let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
-            let addr = k.mad(Ty::U64, r64, o_stride, o_base);
-            let addr = k.bin(BinOp::Add, Ty::U64, addr, tq4);
-            let pairs = o_acc[mt]
-                .iter()
-                .map(|acc| (acc[2 * half], acc[2 * half + 1]));
-            store_scaled_pairs(k, pairs, inv, addr, inside, packed);
-        }
+        let out = OutputRows {
+            row0,
+            tq,
+            seq_q,
+            base: o_base,
+            stride: o_stride,
+        };
+        store_output(k, &o_frag, &l_run, &out, packed);
         self.k.push(Instr::Ret);
         self.k
     }

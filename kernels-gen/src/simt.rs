@@ -6,7 +6,7 @@
 //! # Structure
 //!
 //! A CTA of [`THREADS`] threads computes [`Plan::block_m`] query rows of one
-//! (batch, head), following the launch contract of [`crate::gpu`].
+//! (batch, head), following the launch contract of [`crate::contract`].
 //!
 //! - **Rows to lanes.** Each query row is owned by a group of `lanes`
 //!   consecutive lanes and each group owns `rows` rows ([`Plan::new`] picks
@@ -64,16 +64,19 @@
 //! rows and NaN rows, in all three element types. With `PTXAS` set they also
 //! assemble a sample of variants for sm_80 and sm_90 and require zero spills.
 
-use crate::gpu::{declare_params, GpuKernel, PARAMS, SCALE_PARAM};
+use crate::attention::mask::{add_bias, hide_unless};
+use crate::attention::softmax::{
+    exp2_shifted, pack, reduce_pairwise, scale, update_max, update_sum,
+};
+use crate::attention::store::row_inverse;
+use crate::contract::{cta_coords, declare_params, GpuKernel, Params, SCALE_PARAM};
 use crate::ptx::{
-    Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Param, Reg, Special, StateSpace, Target, Ty,
-    UnOp,
+    Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Reg, Special, StateSpace, Target, Ty,
 };
 use crate::{DType, VariantSpec};
 
 /// Threads per CTA.
 const THREADS: u32 = 128;
-const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// The shared-memory budget of one K tile plus one V tile.
 const TILE_BYTES: u32 = 32 * 1024;
 
@@ -184,7 +187,6 @@ pub fn generate(spec: &VariantSpec, target: Target) -> GpuKernel {
         threads: THREADS,
         smem_bytes: plan.smem_bytes(),
         tensor_maps: None,
-        persistent: false,
     }
 }
 
@@ -349,12 +351,7 @@ impl Emitter {
                     .chunks(2)
                     .map(|pair| {
                         let w = k.reg(Ty::B32);
-                        k.push(Instr::CvtPack {
-                            ty: packed,
-                            dst: w,
-                            hi: pair[1],
-                            lo: pair[0],
-                        });
+                        pack(k, packed, w, pair[0], pair[1]);
                         w
                     })
                     .collect();
@@ -417,62 +414,30 @@ impl Emitter {
         self.k.push(Instr::Ret);
     }
 
-    /// Loads the parameter `name` (its type from the launch contract).
-    fn param(&mut self, params: &[Param], name: &str) -> Reg {
-        let (i, ty) = if name == SCALE_PARAM.0 {
-            (PARAMS.len(), Ty::F32)
-        } else {
-            let i = PARAMS
-                .iter()
-                .position(|p| p.0 == name)
-                .unwrap_or_else(|| panic!("no parameter {name}"));
-            let ty = match PARAMS[i].1 {
-                crate::gpu::ParamKind::Ptr | crate::gpu::ParamKind::U64 => Ty::U64,
-                crate::gpu::ParamKind::U32 => Ty::U32,
-                crate::gpu::ParamKind::F32 => Ty::F32,
-            };
-            (i, ty)
-        };
-        self.k.ld_param(ty, &params[i])
-    }
-
-    /// The strides of tensor `t` (`q`, `k`, `v`, `out`: batch, token, head;
-    /// `mask`: batch, head, query).
-    fn strides(&mut self, params: &[Param], t: &str) -> [Reg; 3] {
-        let dims = if t == "mask" {
-            ["b", "h", "q"]
-        } else {
-            ["b", "s", "h"]
-        };
-        dims.map(|s| self.param(params, &format!("{t}_stride_{s}")))
-    }
-
     /// Coordinates, bases, the causal bounds, q in registers, the mask rows
     /// and the softmax state.
-    fn prologue(&mut self, params: &[Param]) -> Ctx {
+    fn prologue(&mut self, params: &Params) -> Ctx {
         let plan = self.plan;
         let (lanes, rows, width) = (plan.lanes, plan.rows, plan.width);
         let les = self.log2_es();
         let es = self.es();
 
-        let q_ptr = self.param(params, "q");
-        let k_ptr = self.param(params, "k");
-        let v_ptr = self.param(params, "v");
-        let mask = self.param(params, "mask");
-        let qs = self.strides(params, "q");
-        let ks = self.strides(params, "k");
-        let vs = self.strides(params, "v");
-        let ms = self.strides(params, "mask");
-        let seq_q = self.param(params, "seq_q");
-        let seq_k = self.param(params, "seq_k");
-        let group = self.param(params, "group");
-        let scale = self.param(params, SCALE_PARAM.0);
+        let q_ptr = params.get(&mut self.k, "q");
+        let k_ptr = params.get(&mut self.k, "k");
+        let v_ptr = params.get(&mut self.k, "v");
+        let mask = params.get(&mut self.k, "mask");
+        let qs = params.strides(&mut self.k, "q");
+        let ks = params.strides(&mut self.k, "k");
+        let vs = params.strides(&mut self.k, "v");
+        let ms = params.strides(&mut self.k, "mask");
+        let seq_q = params.get(&mut self.k, "seq_q");
+        let seq_k = params.get(&mut self.k, "seq_k");
+        let group = params.get(&mut self.k, "group");
+        let scale = params.get(&mut self.k, SCALE_PARAM.0);
 
         let k = &mut self.k;
-        let tid = k.mov(Ty::U32, Operand::Special(Special::TidX));
-        let qblock = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
-        let head = k.mov(Ty::U32, Operand::Special(Special::CtaIdY));
-        let batch = k.mov(Ty::U32, Operand::Special(Special::CtaIdZ));
+        // Query blocks in grid order, causal or not.
+        let (tid, qblock, head, batch) = cta_coords(k, false);
         let lane = k.bin(BinOp::And, Ty::U32, tid, u(lanes - 1));
         let grp = k.bin(BinOp::Shr, Ty::U32, tid, u(lanes.trailing_zeros()));
         let i0 = k.bin(BinOp::Mul, Ty::U32, qblock, u(plan.block_m()));
@@ -762,18 +727,7 @@ impl Emitter {
             let left = k.bin(BinOp::Sub, Ty::S32, ctx.mask_lims[r], jg);
             for (key, &x) in s[r].iter().enumerate() {
                 let inside = k.setp(Cmp::Gt, Ty::S32, left, Operand::S(key as i64));
-                let mv = k.mov(Ty::F32, f(0.0));
-                k.guard(
-                    inside,
-                    false,
-                    Instr::Ld {
-                        space: StateSpace::GlobalNc,
-                        ty: Ty::F32,
-                        dst: vec![mv],
-                        addr: Addr::at(mp, 4 * key as i64),
-                    },
-                );
-                k.mad_to(Ty::F32, x, mv, f(LOG2E), x);
+                add_bias(k, x, inside, Addr::at(mp, 4 * key as i64));
             }
         }
         k.push(Instr::Label(no_mask));
@@ -788,53 +742,21 @@ impl Emitter {
             let left = k.bin(BinOp::Sub, Ty::S32, ctx.lims[r], jg);
             for (key, &x) in s[r].iter().enumerate() {
                 let seen = k.setp(Cmp::Gt, Ty::S32, left, Operand::S(key as i64));
-                k.selp_to(Ty::F32, x, x, f(f32::NEG_INFINITY), seen);
+                hide_unless(k, x, seen);
             }
         }
         k.push(Instr::Label(full));
 
         // Online softmax; p overwrites s.
         for r in 0..rows {
-            let mut level: Vec<Reg> = s[r].clone();
-            while level.len() > 1 {
-                level = level
-                    .chunks(2)
-                    .map(|p| {
-                        if p.len() == 2 {
-                            k.bin(BinOp::Max, Ty::F32, p[0], p[1])
-                        } else {
-                            p[0]
-                        }
-                    })
-                    .collect();
-            }
-            let m_new = k.bin(BinOp::Max, Ty::F32, ctx.m[r], level[0]);
-            let all_inf = k.setp(Cmp::Eq, Ty::F32, m_new, f(f32::NEG_INFINITY));
-            let shift = k.selp(Ty::F32, f(0.0), m_new, all_inf);
-            let dm = k.bin(BinOp::Sub, Ty::F32, ctx.m[r], shift);
-            let resc = k.un(UnOp::Ex2, Ty::F32, dm);
-            k.mov_to(Ty::F32, ctx.m[r], m_new);
+            let m = reduce_pairwise(k, &s[r], BinOp::Max);
+            let (shift, resc) = update_max(k, ctx.m[r], m);
             for &x in &s[r] {
-                let t = k.bin(BinOp::Sub, Ty::F32, x, shift);
-                k.un_to(UnOp::Ex2, Ty::F32, x, t);
+                exp2_shifted(k, x, shift);
             }
-            let mut level: Vec<Reg> = s[r].clone();
-            while level.len() > 1 {
-                level = level
-                    .chunks(2)
-                    .map(|p| {
-                        if p.len() == 2 {
-                            k.bin(BinOp::Add, Ty::F32, p[0], p[1])
-                        } else {
-                            p[0]
-                        }
-                    })
-                    .collect();
-            }
-            k.mad_to(Ty::F32, ctx.l[r], ctx.l[r], resc, level[0]);
-            for &a in &ctx.acc[r] {
-                k.bin_to(BinOp::Mul, Ty::F32, a, a, resc);
-            }
+            let sum = reduce_pairwise(k, &s[r], BinOp::Add);
+            update_sum(k, ctx.l[r], resc, sum);
+            scale(k, ctx.acc[r].iter().copied(), resc);
         }
 
         // acc += p · V.
@@ -860,14 +782,14 @@ impl Emitter {
 
     /// `out = acc / sum` (zeros where the sum is 0), converted and stored
     /// for the rows that exist.
-    fn epilogue(&mut self, ctx: &Ctx, params: &[Param]) {
+    fn epilogue(&mut self, ctx: &Ctx, params: &Params) {
         let plan = self.plan;
         let (lanes, rows, width) = (plan.lanes, plan.rows, plan.width);
         let les = self.log2_es();
         let es = self.es();
-        let o_ptr = self.param(params, "out");
-        let os = self.strides(params, "out");
-        let seq_q = self.param(params, "seq_q");
+        let o_ptr = params.get(&mut self.k, "out");
+        let os = params.strides(&mut self.k, "out");
+        let seq_q = params.get(&mut self.k, "seq_q");
         let k = &mut self.k;
         let qblock = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
         let head = k.mov(Ty::U32, Operand::Special(Special::CtaIdY));
@@ -887,8 +809,7 @@ impl Emitter {
                 k.bin(BinOp::Add, Ty::U32, base_row, u(r as u32 * THREADS / lanes))
             };
             let valid = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
-            let empty = k.setp(Cmp::Eq, Ty::F32, ctx.l[r], f(0.0));
-            let inv = k.un(UnOp::Rcp, Ty::F32, ctx.l[r]);
+            let (empty, inv) = row_inverse(k, ctx.l[r]);
             let outs: Vec<Reg> = ctx.acc[r]
                 .iter()
                 .map(|&a| {

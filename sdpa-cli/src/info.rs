@@ -37,7 +37,7 @@ pub fn run() -> Result<()> {
         .filter_map(|v| v.gpu_kernel())
         .collect::<Vec<_>>();
     let targets = {
-        let mut t: Vec<&str> = gpu_kernels.iter().map(|k| k.target()).collect();
+        let mut t: Vec<&str> = gpu_kernels.iter().map(|k| k.target().name()).collect();
         t.dedup();
         t.join(", ")
     };

@@ -234,7 +234,7 @@ fn table(
          | sm_90a stack |\n\
          | --- | ---: | :---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: \
          | ---: | ---: | ---: | ---: | ---: | ---: |\n",
-        rows.first().map_or("?", |(_, k, _)| k.target())
+        rows.first().map_or("?", |(_, k, _)| k.target().name())
     );
     for (spec, kernel, hopper) in rows {
         let mut cells = Vec::new();

@@ -4,9 +4,8 @@
 
 use std::thread;
 
-use kernels_gen::gpu::GpuKernel;
 use kernels_gen::ptx::Target;
-use kernels_gen::{DType, VariantSpec};
+use kernels_gen::{DType, GpuKernel, VariantSpec};
 use proc_macro2::{Literal, Span, TokenStream};
 use quote::quote;
 use syn::{Error, Item, Result};
@@ -21,24 +20,10 @@ pub fn sdpa_variants(attr: &Attr, item: &Item) -> Result<TokenStream> {
     Ok(generate(&valid, &kernels))
 }
 
-/// The GPU architecture whose PTX every variant embeds. PTX for sm_80 runs
-/// on every later architecture (the driver compiles it for the device).
-const GPU_TARGET: Target = Target::Sm80;
-
-/// The GPU kernels of one variant: the portable one, and the Hopper one
-/// where the generator has one.
-struct Kernels {
-    portable: GpuKernel,
-    sm90: Option<GpuKernel>,
-}
-
-impl Kernels {
-    /// The kernels in the runtime's order of preference: the
-    /// architecture-specific ones first, the portable one last.
-    fn in_order(&self) -> impl Iterator<Item = &GpuKernel> {
-        self.sm90.iter().chain([&self.portable])
-    }
-}
+/// The GPU kernels of one variant, in the runtime's order of preference
+/// ([`kernels_gen::kernels`]): the architecture-specific ones first, the
+/// portable (sm_80) one last.
+type Kernels = Vec<GpuKernel>;
 
 /// Runs the generator for every variant, spread over the machine's cores
 /// (the generator is pure and each variant independent; only plain strings
@@ -53,15 +38,7 @@ fn gpu_kernels(variants: &[VariantSpec]) -> Result<Vec<Kernels>> {
         let handles: Vec<_> = variants
             .chunks(chunk)
             .map(|specs| {
-                scope.spawn(move || {
-                    specs
-                        .iter()
-                        .map(|spec| Kernels {
-                            portable: kernels_gen::gpu::generate(spec, GPU_TARGET),
-                            sm90: kernels_gen::gpu::generate_sm90(spec),
-                        })
-                        .collect::<Vec<_>>()
-                })
+                scope.spawn(move || specs.iter().map(kernels_gen::kernels).collect::<Vec<_>>())
             })
             .collect();
         handles.into_iter().map(|h| h.join()).collect()
@@ -140,12 +117,12 @@ fn generate(valid: &Valid, kernels: &[Kernels]) -> TokenStream {
 /// One entry of the variant table: the spec, the CPU kernel instantiated
 /// for it and the GPU kernels generated for it in order of preference (PTX
 /// text and launch metadata, embedded as literals).
-fn variant(spec: &VariantSpec, kernels: &Kernels) -> TokenStream {
+fn variant(spec: &VariantSpec, kernels: &[GpuKernel]) -> TokenStream {
     let head_size = Literal::usize_unsuffixed(spec.head_size);
     let causal = spec.causal;
     let dtype = dtype_path(spec.dtype);
     let element = element_type(spec.dtype);
-    let gpu = kernels.in_order().map(gpu_kernel);
+    let gpu = kernels.iter().map(gpu_kernel);
     quote! {
         ::sdpa_runtime::Variant::new(
             ::sdpa_runtime::VariantSpec { head_size: #head_size, causal: #causal, dtype: #dtype },
@@ -160,7 +137,10 @@ fn variant(spec: &VariantSpec, kernels: &Kernels) -> TokenStream {
 fn gpu_kernel(gpu: &GpuKernel) -> TokenStream {
     let ptx = Literal::string(&gpu.ptx);
     let entry = Literal::string(&gpu.entry);
-    let target = Literal::string(gpu.target.name());
+    let target = match gpu.target {
+        Target::Sm80 => quote!(::sdpa_runtime::Target::Sm80),
+        Target::Sm90a => quote!(::sdpa_runtime::Target::Sm90a),
+    };
     let block_m = Literal::u32_unsuffixed(gpu.block_m);
     let threads = Literal::u32_unsuffixed(gpu.threads);
     let smem = Literal::u32_unsuffixed(gpu.smem_bytes);
@@ -169,15 +149,6 @@ fn gpu_kernel(gpu: &GpuKernel) -> TokenStream {
         let kv_rows = Literal::u32_unsuffixed(m.kv_rows);
         quote! { .with_tensor_maps(#q_rows, #kv_rows) }
     });
-    // The runtime launches the contract's grid; a persistent kernel (an
-    // experiment `Sm90Config::new` never picks) would need its own.
-    if gpu.persistent {
-        let msg = format!(
-            "kernels-gen produced the persistent kernel {}, which the runtime cannot launch",
-            gpu.entry
-        );
-        return quote! { ::core::compile_error!(#msg) };
-    }
     quote! {
         ::sdpa_runtime::GpuKernel::new(#ptx, #entry, #target, #block_m, #threads, #smem)
         #maps
@@ -218,7 +189,7 @@ mod tests {
     /// The `GpuKernel::new(...)` the macro embeds for a variant.
     fn gpu(head_size: usize, causal: bool, dtype: DType) -> TokenStream {
         let spec = VariantSpec::new(head_size, causal, dtype).unwrap();
-        gpu_kernel(&kernels_gen::gpu::generate(&spec, GPU_TARGET))
+        gpu_kernel(&kernels_gen::generate(&spec, Target::Sm80))
     }
 
     #[test]
@@ -231,17 +202,14 @@ mod tests {
         let (g64f, g64b) = (gpu(64, true, DType::F32), gpu(64, true, DType::BF16));
         let (g80f, g80b) = (gpu(80, true, DType::F32), gpu(80, true, DType::BF16));
         // Head sizes 64 and 80 in bf16 have a Hopper kernel too; f32 does not.
-        let h64b =
-            kernels_gen::gpu::generate_sm90(&VariantSpec::new(64, true, DType::BF16).unwrap())
-                .map(|k| gpu_kernel(&k))
-                .expect("a Hopper kernel for d=64 bf16");
-        let h80b =
-            kernels_gen::gpu::generate_sm90(&VariantSpec::new(80, true, DType::BF16).unwrap())
-                .map(|k| gpu_kernel(&k))
-                .expect("a Hopper kernel for d=80 bf16");
+        let h64b = kernels_gen::generate_sm90(&VariantSpec::new(64, true, DType::BF16).unwrap())
+            .map(|k| gpu_kernel(&k))
+            .expect("a Hopper kernel for d=64 bf16");
+        let h80b = kernels_gen::generate_sm90(&VariantSpec::new(80, true, DType::BF16).unwrap())
+            .map(|k| gpu_kernel(&k))
+            .expect("a Hopper kernel for d=80 bf16");
         assert!(
-            kernels_gen::gpu::generate_sm90(&VariantSpec::new(80, true, DType::F32).unwrap())
-                .is_none()
+            kernels_gen::generate_sm90(&VariantSpec::new(80, true, DType::F32).unwrap()).is_none()
         );
         let expected: syn::File = parse_quote! {
             pub struct WanAttention;
@@ -287,7 +255,7 @@ mod tests {
     #[test]
     fn every_variant_embeds_its_ptx_and_launch_metadata() {
         let spec = VariantSpec::new(128, true, DType::BF16).unwrap();
-        let kernel = kernels_gen::gpu::generate(&spec, GPU_TARGET);
+        let kernel = kernels_gen::generate(&spec, Target::Sm80);
         let text = gpu_kernel(&kernel).to_string();
         assert!(
             text.starts_with(":: sdpa_runtime :: GpuKernel :: new ("),
@@ -297,7 +265,7 @@ mod tests {
         let lit: syn::LitStr = syn::parse_str(&Literal::string(&kernel.ptx).to_string()).unwrap();
         assert_eq!(lit.value(), kernel.ptx);
         assert!(text.contains("\"sdpa_fwd_d128_causal_bf16\""), "{text}");
-        assert!(text.contains("\"sm_80\""), "{text}");
+        assert!(text.contains(":: sdpa_runtime :: Target :: Sm80"), "{text}");
         let tail = format!(
             "{} , {} , {})",
             kernel.block_m, kernel.threads, kernel.smem_bytes
@@ -312,10 +280,10 @@ mod tests {
     #[test]
     fn kernels_with_tensor_maps_declare_their_boxes() {
         let spec = VariantSpec::new(128, false, DType::BF16).unwrap();
-        let mut kernel = kernels_gen::gpu::generate(&spec, GPU_TARGET);
+        let mut kernel = kernels_gen::generate(&spec, Target::Sm80);
         let plain = gpu_kernel(&kernel).to_string();
         assert!(!plain.contains("with_tensor_maps"), "{plain}");
-        kernel.tensor_maps = Some(kernels_gen::gpu::TensorMaps {
+        kernel.tensor_maps = Some(kernels_gen::contract::TensorMaps {
             q_rows: 128,
             kv_rows: 80,
         });
@@ -334,7 +302,11 @@ mod tests {
             })
             .collect();
         let kernels = gpu_kernels(&specs).unwrap();
-        let entries: Vec<String> = kernels.into_iter().map(|k| k.portable.entry).collect();
+        // The portable kernel comes last in each list.
+        let entries: Vec<String> = kernels
+            .into_iter()
+            .map(|k| k.last().unwrap().entry.clone())
+            .collect();
         let expected: Vec<String> = specs.iter().map(|s| s.kernel_name()).collect();
         assert_eq!(entries, expected);
     }

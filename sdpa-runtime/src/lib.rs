@@ -51,6 +51,7 @@ mod variant;
 pub use backend::{AttentionBackend, AttentionImpl, SdpaImpl};
 pub use element::Element;
 pub use error::{Result, SdpaError};
+pub use kernels_gen::ptx::Target;
 pub use kernels_gen::{DType, VariantSpec};
 pub use layout::Layout;
 pub use mask::{AttnMask, MaskData, OwnedMaskData, ResolvedMask};

@@ -281,7 +281,7 @@ impl ResolvedMask<'_> {
     /// with front padding filled in and booleans and integers turned into
     /// `0` / `-inf`. Returns the buffer and the element strides of the batch,
     /// head and query dimensions, 0 where broadcast: the mask format of the
-    /// GPU launch contract (`kernels_gen::gpu`).
+    /// GPU launch contract (`kernels_gen::contract`).
     pub fn dense_bias(&self) -> (Vec<f32>, [usize; 3]) {
         let [bm, hm, qm] = self.dims;
         let sk = self.seq_k;

@@ -2,7 +2,8 @@
 //! declared (head size, causal, dtype), each holding its CPU kernel and its
 //! GPU kernels in order of preference.
 
-use kernels_gen::gpu::TensorMaps;
+use kernels_gen::contract::TensorMaps;
+use kernels_gen::ptx::Target;
 
 use crate::error::{Result, SdpaError};
 use crate::problem::Problem;
@@ -13,7 +14,7 @@ use crate::{DType, VariantSpec};
 pub type CpuKernelFn = fn(&Problem<'_>, &mut TensorViewMut<'_>) -> Result<()>;
 
 /// A GPU kernel generated at compile time: its PTX text and how to launch
-/// it, following the launch contract of [`kernels_gen::gpu`].
+/// it, following the launch contract of [`kernels_gen::contract`].
 ///
 /// The `#[sdpa_variants]` macro runs the generator when it expands and
 /// embeds the result as a static; the CUDA backend JIT-loads the PTX through
@@ -22,7 +23,7 @@ pub type CpuKernelFn = fn(&Problem<'_>, &mut TensorViewMut<'_>) -> Result<()>;
 pub struct GpuKernel {
     ptx: &'static str,
     entry: &'static str,
-    target: &'static str,
+    target: Target,
     block_m: u32,
     threads: u32,
     smem_bytes: u32,
@@ -31,12 +32,12 @@ pub struct GpuKernel {
 
 impl GpuKernel {
     /// A kernel: its PTX module text, the entry point's name, the
-    /// architecture the PTX targets (`.target`, e.g. `"sm_80"`), query rows
+    /// architecture the PTX targets, query rows
     /// per CTA, threads per CTA and dynamic shared memory per CTA in bytes.
     pub const fn new(
         ptx: &'static str,
         entry: &'static str,
-        target: &'static str,
+        target: Target,
         block_m: u32,
         threads: u32,
         smem_bytes: u32,
@@ -68,8 +69,9 @@ impl GpuKernel {
     pub fn entry(&self) -> &'static str {
         self.entry
     }
-    /// The architecture the PTX targets, as its `.target` names it.
-    pub fn target(&self) -> &'static str {
+    /// The architecture the PTX targets ([`Target::name`] is its
+    /// `.target` name).
+    pub fn target(&self) -> Target {
         self.target
     }
     /// Query rows per CTA: the grid has `ceil(Sq / block_m)` CTAs in x.
@@ -91,50 +93,13 @@ impl GpuKernel {
         self.tensor_maps
     }
     /// Whether a device of compute capability `(major, minor)` can run the
-    /// kernel, from its target: PTX for `sm_80` runs on every device of
-    /// capability 8.0 or later (the driver compiles it forward);
-    /// architecture-specific PTX (`sm_90a`) runs only on its own capability,
-    /// as its features do not carry forward; family-specific PTX (`sm_100f`)
-    /// runs on later minor versions of its major one. A target this cannot
-    /// read runs nowhere.
+    /// kernel: the rule of its target ([`Target::runs_on`]).
     pub fn runs_on(&self, capability: (i32, i32)) -> bool {
-        let Some((arch, reach)) = parse_target(self.target) else {
-            return false;
-        };
-        match reach {
-            Reach::Forward => capability >= arch,
-            Reach::Family => capability.0 == arch.0 && capability.1 >= arch.1,
-            Reach::Exact => capability == arch,
+        match (u32::try_from(capability.0), u32::try_from(capability.1)) {
+            (Ok(major), Ok(minor)) => self.target.runs_on(major, minor),
+            _ => false,
         }
     }
-}
-
-/// Which devices PTX for a target runs on, besides the target's own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Reach {
-    /// Every later architecture (`sm_80`).
-    Forward,
-    /// Later minor versions of the same major one (`sm_100f`).
-    Family,
-    /// None (`sm_90a`).
-    Exact,
-}
-
-/// The capability `(major, minor)` a `.target` name such as `sm_80`,
-/// `sm_90a` or `sm_100f` stands for, and its reach; `None` for anything
-/// else.
-fn parse_target(target: &str) -> Option<((i32, i32), Reach)> {
-    let digits = target.strip_prefix("sm_")?;
-    let (digits, reach) = match digits.as_bytes().last()? {
-        b'a' => (&digits[..digits.len() - 1], Reach::Exact),
-        b'f' => (&digits[..digits.len() - 1], Reach::Family),
-        _ => (digits, Reach::Forward),
-    };
-    if digits.len() < 2 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let (major, minor) = digits.split_at(digits.len() - 1);
-    Some(((major.parse().ok()?, minor.parse().ok()?), reach))
 }
 
 /// One compiled variant: its spec, its CPU kernel and its GPU kernels.
@@ -182,7 +147,7 @@ impl Variant {
     }
     /// The Hopper (sm_90a) kernel, if one was generated for this variant.
     pub fn gpu_kernel_sm90(&self) -> Option<&'static GpuKernel> {
-        self.gpu.iter().find(|k| k.target() == "sm_90a")
+        self.gpu.iter().find(|k| k.target() == Target::Sm90a)
     }
     /// The kernel a device of compute capability `(major, minor)` prefers:
     /// the first it can run. A call runs a later one where this one cannot
@@ -283,7 +248,7 @@ mod tests {
 
     #[test]
     fn tensor_maps_are_declared_in_a_const() {
-        const PLAIN: GpuKernel = GpuKernel::new("", "k", "sm_90a", 128, 384, 1024);
+        const PLAIN: GpuKernel = GpuKernel::new("", "k", Target::Sm90a, 128, 384, 1024);
         const MAPPED: GpuKernel = PLAIN.with_tensor_maps(128, 96);
         assert_eq!(PLAIN.tensor_maps(), None);
         assert_eq!(
@@ -296,37 +261,35 @@ mod tests {
         assert_eq!((MAPPED.entry(), MAPPED.block_m()), ("k", 128));
     }
 
-    fn target(target: &'static str) -> GpuKernel {
-        GpuKernel::new("", "k", target, 64, 128, 0)
-    }
-
     #[test]
-    fn targets_say_which_devices_run_them() {
-        let sm80 = target("sm_80");
-        assert!(!sm80.runs_on((7, 5)));
-        for cap in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)] {
-            assert!(sm80.runs_on(cap), "{cap:?}");
+    fn a_kernel_runs_where_its_target_does() {
+        let sm80 = GpuKernel::new("", "k", Target::Sm80, 64, 128, 0);
+        let sm90a = GpuKernel::new("", "k", Target::Sm90a, 128, 384, 0);
+        for cap in [
+            (7, 5),
+            (8, 0),
+            (8, 9),
+            (9, 0),
+            (9, 1),
+            (10, 0),
+            (-1, 0),
+            (9, -1),
+        ] {
+            for k in [sm80, sm90a] {
+                let (major, minor) = (cap.0.max(0) as u32, cap.1.max(0) as u32);
+                let expected = cap.0 >= 0 && cap.1 >= 0 && k.target().runs_on(major, minor);
+                assert_eq!(k.runs_on(cap), expected, "{:?} on {cap:?}", k.target());
+            }
         }
-        // Architecture-specific features do not carry forward.
-        let sm90a = target("sm_90a");
-        assert!(sm90a.runs_on((9, 0)));
-        for cap in [(8, 0), (8, 9), (9, 1), (10, 0), (12, 0)] {
-            assert!(!sm90a.runs_on(cap), "{cap:?}");
-        }
-        let sm100a = target("sm_100a");
-        assert!(sm100a.runs_on((10, 0)) && !sm100a.runs_on((10, 3)));
-        let sm100f = target("sm_100f");
-        assert!(sm100f.runs_on((10, 3)) && !sm100f.runs_on((12, 0)) && !sm100f.runs_on((9, 0)));
-        for bad in ["", "sm_", "sm_8", "sm_a", "compute_80", "sm_8x", "sm_+80"] {
-            assert!(!target(bad).runs_on((9, 0)), "{bad:?}");
-        }
+        assert!(sm80.runs_on((12, 0)) && !sm80.runs_on((7, 5)));
+        assert!(sm90a.runs_on((9, 0)) && !sm90a.runs_on((10, 0)));
     }
 
     #[test]
     fn a_device_prefers_the_first_kernel_it_runs() {
         static KERNELS: [GpuKernel; 2] = [
-            GpuKernel::new("", "hopper", "sm_90a", 128, 384, 0),
-            GpuKernel::new("", "portable", "sm_80", 64, 128, 0),
+            GpuKernel::new("", "hopper", Target::Sm90a, 128, 384, 0),
+            GpuKernel::new("", "portable", Target::Sm80, 64, 128, 0),
         ];
         fn cpu(_: &Problem<'_>, _: &mut TensorViewMut<'_>) -> Result<()> {
             Ok(())

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 DT = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
-# CUtensorMapDataType, and the options kernels_gen::gpu::TensorMaps names.
+# CUtensorMapDataType, and the options kernels_gen::contract::TensorMaps names.
 TMAP_DTYPE = {torch.float16: 6, torch.bfloat16: 9}
 TMAP_INTERLEAVE_NONE, TMAP_SWIZZLE_128B, TMAP_L2_256B, TMAP_OOB_FILL_NONE = 0, 3, 3, 0
 
@@ -63,7 +63,7 @@ class Driver:
         return self.mods[key]
 
     def tensor_map(self, t, rows):
-        """The map of kernels_gen::gpu::TensorMaps for the [B, S, H, D] view t:
+        """The map of kernels_gen::contract::TensorMaps for the [B, S, H, D] view t:
         dims [D, S, H, B], box [64, rows, 1, 1], 128-byte swizzle."""
         b, s, h, d = t.shape
         e = t.element_size()

@@ -3,8 +3,8 @@
 //! write.
 
 use super::instr::{BinOp, Cmp, Instr, Operand, UnOp};
-use super::kernel::{Kernel, Param};
-use super::reg::{Reg, Ty};
+use super::kernel::Kernel;
+use super::reg::{Param, Reg, Ty};
 
 impl Kernel {
     /// `dst = src` into a fresh register.

@@ -2,8 +2,7 @@
 
 use std::fmt;
 
-use super::kernel::Param;
-use super::reg::{Reg, Ty};
+use super::reg::{Param, Reg, Ty};
 
 /// A special register readable with `mov`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,13 +4,14 @@
 use std::fmt;
 
 use super::instr::Instr;
-use super::reg::{Reg, RegClass, Ty};
+use super::reg::{Param, Reg, RegClass, Ty};
 
 /// The architecture a module is written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
-    /// Ampere: `mma.sync`, `ldmatrix`, `cp.async`. Runs on sm_80 through
-    /// sm_90 (the driver compiles it for the device at load time).
+    /// Ampere: `mma.sync`, `ldmatrix`, `cp.async`. Runs on sm_80 and every
+    /// later architecture (the driver compiles it for the device at load
+    /// time).
     Sm80,
     /// Hopper with its architecture-specific features: `wgmma`,
     /// `setmaxnreg`, `mbarrier` waits, bulk copies. Runs only on sm_90.
@@ -32,15 +33,18 @@ impl Target {
             Target::Sm90a => "8.0",
         }
     }
-}
 
-/// A kernel parameter.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Param {
-    pub(crate) ty: Ty,
-    pub(crate) name: String,
-    /// A by-value byte array (`.param .align A .b8 name[N]`): `(A, N)`.
-    pub(crate) bytes: Option<(u32, u32)>,
+    /// Whether a device of compute capability `major.minor` can run PTX
+    /// written for this target: `sm_80` PTX runs on every capability from
+    /// 8.0 on (the driver compiles it forward), `sm_90a` PTX only on
+    /// exactly 9.0 (architecture-specific `a` features do not carry
+    /// forward).
+    pub const fn runs_on(self, major: u32, minor: u32) -> bool {
+        match self {
+            Target::Sm80 => major >= 8,
+            Target::Sm90a => major == 9 && minor == 0,
+        }
+    }
 }
 
 /// A kernel under construction: parameters, registers and a body.
@@ -285,5 +289,21 @@ $done_1:
             .kernel(Kernel::new("k"))
             .to_string();
         assert!(text.contains(".version 8.0\n.target sm_90a\n"), "{text}");
+    }
+
+    #[test]
+    fn targets_say_which_devices_run_them() {
+        // sm_80 PTX is compiled forward by the driver: every 8.x and later.
+        for (major, minor) in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)] {
+            assert!(Target::Sm80.runs_on(major, minor), "{major}.{minor}");
+        }
+        for (major, minor) in [(7, 0), (7, 5), (6, 1)] {
+            assert!(!Target::Sm80.runs_on(major, minor), "{major}.{minor}");
+        }
+        // sm_90a features exist on 9.0 only.
+        assert!(Target::Sm90a.runs_on(9, 0));
+        for (major, minor) in [(8, 0), (8, 9), (9, 1), (10, 0), (12, 0)] {
+            assert!(!Target::Sm90a.runs_on(major, minor), "{major}.{minor}");
+        }
     }
 }

@@ -26,5 +26,5 @@ mod kernel;
 mod reg;
 
 pub use instr::{Addr, BinOp, Cmp, Instr, MmaShape, Operand, Special, StateSpace, UnOp, WgmmaA};
-pub use kernel::{Kernel, Module, Param, Target};
-pub use reg::{Reg, Ty};
+pub use kernel::{Kernel, Module, Target};
+pub use reg::{Param, Reg, Ty};

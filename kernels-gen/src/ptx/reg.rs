@@ -146,6 +146,15 @@ impl fmt::Display for Reg {
     }
 }
 
+/// A kernel parameter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Param {
+    pub(crate) ty: Ty,
+    pub(crate) name: String,
+    /// A by-value byte array (`.param .align A .b8 name[N]`): `(A, N)`.
+    pub(crate) bytes: Option<(u32, u32)>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

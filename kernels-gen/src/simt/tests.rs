@@ -2,6 +2,7 @@
 //! and a small PTX interpreter that runs the emitted instructions for one
 //! CTA against a float64 reference.
 use super::*;
+use crate::contract::PARAMS;
 
 fn spec(d: usize, causal: bool, dtype: DType) -> VariantSpec {
     VariantSpec::new(d, causal, dtype).unwrap()

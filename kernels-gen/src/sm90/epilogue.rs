@@ -2,7 +2,7 @@
 //! straight from the accumulators.
 
 use super::emitter::{Core, Emitter};
-use crate::gpu::store_scaled_pairs;
+use crate::attention::store::store_scaled_pairs;
 use crate::ptx::{BinOp, Cmp, Operand, Reg, Ty, UnOp};
 
 impl Emitter {

@@ -1,8 +1,8 @@
 //! The Hopper (sm_90a) forward kernel for 16-bit element types: `wgmma`
 //! products from 128-byte-swizzled shared memory, fed by TMA from a
 //! producer warpgroup, and an online softmax in registers. It keeps the
-//! launch contract of [`crate::gpu`], plus the tensor maps of
-//! [`crate::gpu::TensorMaps`].
+//! launch contract of [`crate::contract`], plus the tensor maps of
+//! [`crate::contract::TensorMaps`].
 //!
 //! # Structure
 //!
@@ -73,7 +73,7 @@
 //!   `d / 16` k-steps, and `P·V` is `m64n{d}` over a partial last panel
 //!   (checked on an H100 at d=80, 96, 112, 160 and 224).
 
-use crate::gpu::{GpuKernel, TensorMaps};
+use crate::contract::{GpuKernel, TensorMaps};
 use crate::ptx::{Cmp, Instr, Kernel, Module, Operand, Target, Ty};
 use crate::VariantSpec;
 
@@ -125,7 +125,6 @@ pub fn generate_with(spec: &VariantSpec, cfg: Sm90Config) -> GpuKernel {
             q_rows: cfg.block_m() as u32,
             kv_rows: cfg.block_n() as u32,
         }),
-        persistent: false,
     }
 }
 

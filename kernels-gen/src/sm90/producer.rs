@@ -11,7 +11,7 @@ use crate::ptx::{BinOp, Cmp, Instr, Operand, Param, Reg, Ty};
 /// What the producer loads from and into, and which tile.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Loads<'a> {
-    /// The tensor maps of Q, K and V ([`crate::gpu::TENSOR_MAP_PARAMS`]).
+    /// The tensor maps of Q, K and V ([`crate::contract::TENSOR_MAP_PARAMS`]).
     pub(super) maps: &'a [Param],
     /// The first mbarrier ([`super::barriers`]).
     pub(super) sbar: Reg,

@@ -6,7 +6,7 @@
 use super::emitter::{desc_bits, Core, Emitter};
 use super::epilogue::Output;
 use super::schedule::{Tile, TileScheduler};
-use crate::gpu::{declare_params, load_args, TENSOR_MAP_PARAMS};
+use crate::contract::{declare_params, load_args, TENSOR_MAP_PARAMS};
 use crate::ptx::{BinOp, Cmp, Kernel, Operand, Param, Reg, Ty};
 
 /// What the prologue leaves for the parts after it.

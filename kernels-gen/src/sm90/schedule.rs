@@ -10,7 +10,7 @@
 //! loops where this one returns. Its earlier, slower form is in commit
 //! 0365c48 (`docs/hopper.md`).
 
-use crate::gpu::cta_coords;
+use crate::contract::cta_coords;
 use crate::ptx::{BinOp, Cmp, Instr, Kernel, Operand, Reg, Special, Ty};
 
 /// Which tiles a CTA computes, and in what order.
@@ -18,7 +18,7 @@ use crate::ptx::{BinOp, Cmp, Instr, Kernel, Operand, Reg, Special, Ty};
 pub(super) enum TileScheduler {
     /// One CTA per tile, from the contract's grid: `x` the query block,
     /// `y` the head, `z` the batch. Causal kernels take query blocks last
-    /// first ([`crate::gpu::cta_coords`]).
+    /// first ([`crate::contract::cta_coords`]).
     OneTilePerCta,
 }
 

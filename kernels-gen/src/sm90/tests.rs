@@ -4,7 +4,7 @@
 
 use super::emitter::desc_bits;
 use super::*;
-use crate::gpu::TENSOR_MAP_PARAMS;
+use crate::contract::TENSOR_MAP_PARAMS;
 use crate::DType;
 
 fn spec(d: usize, causal: bool, dtype: DType) -> VariantSpec {
@@ -202,7 +202,6 @@ fn the_default_loads_with_tma_through_three_tensor_maps() {
             }),
             "d={d}"
         );
-        assert!(!k.persistent);
         assert!(k.smem_bytes as usize <= SMEM_LIMIT, "d={d}");
         for name in TENSOR_MAP_PARAMS {
             assert!(

@@ -3,14 +3,14 @@
 //!
 //! [`attention`] derives the device pointers from the checked views of a
 //! [`Problem`], lays out the arguments in the order of the launch contract
-//! ([`kernels_gen::gpu::PARAMS`], then [`kernels_gen::gpu::SCALE_PARAM`]),
+//! ([`kernels_gen::contract::PARAMS`], then [`kernels_gen::contract::SCALE_PARAM`]),
 //! computes the grid and launches on the given stream. A kernel that takes
-//! tensor maps gets them last ([`kernels_gen::gpu::TENSOR_MAP_PARAMS`]),
+//! tensor maps gets them last ([`kernels_gen::contract::TENSOR_MAP_PARAMS`]),
 //! encoded for this call; where they cannot be ([`choose`]), the next of the
 //! variant's kernels that the device runs is tried instead.
 
 use cudarc::driver::{CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
-use kernels_gen::gpu::{ParamKind, PARAMS, SCALE_PARAM, TENSOR_MAP_PARAMS};
+use kernels_gen::contract::{ParamKind, PARAMS, SCALE_PARAM, TENSOR_MAP_PARAMS};
 
 use super::mask::DeviceMask;
 use super::module_cache;
@@ -422,7 +422,7 @@ pub(crate) fn attention<'v>(
     }
     // SAFETY: the launch is sound because
     // - the arguments are those of the launch contract, in its order and with
-    //   its types (`arguments` walks `kernels_gen::gpu::PARAMS` and
+    //   its types (`arguments` walks `kernels_gen::contract::PARAMS` and
     //   `SCALE_PARAM`, giving each name its value in the declared kind, and
     //   fails on a name or kind it does not know), and `function` is the
     //   entry point generated for this variant, so it reads them as laid out
@@ -483,6 +483,7 @@ mod tests {
     use super::*;
     use crate::tensor::TensorView;
     use half::bf16;
+    use kernels_gen::ptx::Target;
 
     fn problem<'a>(
         q: &'a [f32],
@@ -587,9 +588,9 @@ mod tests {
         assert!(err.contains("Sk = 4294967296 is more than"), "{err}");
     }
 
-    const PORTABLE: GpuKernel = GpuKernel::new("", "sm80", "sm_80", 64, 128, 0);
+    const PORTABLE: GpuKernel = GpuKernel::new("", "sm80", Target::Sm80, 64, 128, 0);
     const MAPPED: GpuKernel =
-        GpuKernel::new("", "sm90", "sm_90a", 128, 384, 0).with_tensor_maps(128, 96);
+        GpuKernel::new("", "sm90", Target::Sm90a, 128, 384, 0).with_tensor_maps(128, 96);
     /// A Hopper kernel with the portable one to fall back on, on a Hopper
     /// device.
     const BOTH: Kernels<'static> = Kernels {
@@ -703,9 +704,9 @@ mod tests {
     fn the_grid_covers_query_blocks_heads_and_batch() {
         let (q, kv) = (vec![0.0; 3 * 65 * 4 * 8], vec![0.0; 3 * 7 * 4 * 8]);
         let p = problem(&q, &kv, [3, 65, 4, 8], [3, 7, 4, 8]);
-        let kernel = GpuKernel::new("", "k", "sm_80", 64, 128, 0);
+        let kernel = GpuKernel::new("", "k", Target::Sm80, 64, 128, 0);
         assert_eq!(grid(&p, &kernel).unwrap(), (2, 4, 3));
-        let broken = GpuKernel::new("", "k", "sm_80", 0, 128, 0);
+        let broken = GpuKernel::new("", "k", Target::Sm80, 0, 128, 0);
         assert!(grid(&p, &broken).is_err());
     }
 
@@ -713,7 +714,7 @@ mod tests {
     fn too_many_heads_for_a_grid_is_an_error() {
         let (q, kv) = (vec![0.0; 70_000 * 8], vec![0.0; 70_000 * 8]);
         let p = problem(&q, &kv, [1, 1, 70_000, 8], [1, 1, 70_000, 8]);
-        let kernel = GpuKernel::new("", "k", "sm_80", 64, 128, 0);
+        let kernel = GpuKernel::new("", "k", Target::Sm80, 64, 128, 0);
         let err = grid(&p, &kernel).unwrap_err().to_string();
         assert!(err.contains("query heads is 70000"), "{err}");
     }

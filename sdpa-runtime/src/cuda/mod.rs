@@ -152,7 +152,7 @@ fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<Kerne
     tracing::debug!(
         variant = %variant.spec(),
         device = ctx.ordinal(),
-        target = kernel.target(),
+        target = kernel.target().name(),
         entry = kernel.entry(),
         tensor_maps = kernel.tensor_maps().is_some(),
         "picked a GPU kernel"
@@ -163,7 +163,11 @@ fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<Kerne
 /// The error for a variant with no GPU kernel that a device of
 /// `capability` runs.
 fn no_kernel(variant: &Variant, capability: (i32, i32)) -> SdpaError {
-    let targets: Vec<&str> = variant.gpu_kernels().iter().map(|k| k.target()).collect();
+    let targets: Vec<&str> = variant
+        .gpu_kernels()
+        .iter()
+        .map(|k| k.target().name())
+        .collect();
     SdpaError::BackendUnavailable {
         backend: "cuda",
         reason: if targets.is_empty() {

@@ -126,7 +126,7 @@ fn load(ctx: &Arc<CudaContext>, kernel: &GpuKernel) -> Result<CudaFunction> {
             .unwrap_or_default();
         SdpaError::Cuda(format!(
             "loading the PTX of {entry} ({}) on device {ordinal}: {e}{log}",
-            kernel.target()
+            kernel.target().name()
         ))
     })?;
     let function = module.load_function(entry).map_err(|e| {

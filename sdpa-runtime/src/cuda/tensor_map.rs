@@ -12,7 +12,7 @@
 //!
 //! 1. [`describe`] (pure) derives the encode arguments of one tensor from
 //!    its [`Layout`], dtype and device address, as
-//!    [`kernels_gen::gpu::TensorMaps`] lays them out, or says in an
+//!    [`kernels_gen::contract::TensorMaps`] lays them out, or says in an
 //!    [`Undescribable`] why no map can describe it;
 //! 2. [`Tiled::encode`] hands them to the driver ([`for_inputs`] does both
 //!    for `q`, `k` and `v`);
@@ -29,7 +29,7 @@ use cudarc::driver::sys::{
     CUtensorMapL2promotion, CUtensorMapSwizzle,
 };
 use cudarc::driver::{DeviceRepr, DriverError};
-use kernels_gen::gpu::{TensorMaps, TENSOR_MAP_BOX_COLUMNS};
+use kernels_gen::contract::{TensorMaps, TENSOR_MAP_BOX_COLUMNS};
 
 use crate::layout::Layout;
 use crate::problem::Problem;
@@ -131,7 +131,7 @@ pub(crate) enum Undescribable {
 
 /// The arguments of `cuTensorMapEncodeTiled` for one tensor: everything but
 /// the options, which are the same for every map of
-/// [`kernels_gen::gpu::TensorMaps`].
+/// [`kernels_gen::contract::TensorMaps`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Tiled {
     /// The element type.
@@ -214,7 +214,7 @@ pub(crate) fn describe(
 
 impl Tiled {
     /// Encodes the map through the driver, with the options of
-    /// [`kernels_gen::gpu::TensorMaps`]: no interleave, the 128-byte
+    /// [`kernels_gen::contract::TensorMaps`]: no interleave, the 128-byte
     /// swizzle, 256-byte L2 promotion, out-of-bounds elements read as zero.
     ///
     /// Needs a loaded driver (any context made by this crate proves one).

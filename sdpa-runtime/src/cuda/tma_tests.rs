@@ -67,11 +67,11 @@ fn the_driver_encodes_what_describe_derives() {
 /// variant with its portable kernel alone.
 fn variants(spec: VariantSpec) -> (Variant, Variant) {
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-    let runtime = |k: kernels_gen::gpu::GpuKernel| {
+    let runtime = |k: kernels_gen::GpuKernel| {
         let kernel = GpuKernel::new(
             leak(k.ptx),
             leak(k.entry),
-            k.target.name(),
+            k.target,
             k.block_m,
             k.threads,
             k.smem_bytes,
@@ -84,10 +84,7 @@ fn variants(spec: VariantSpec) -> (Variant, Variant) {
     // The default Hopper kernel loads through tensor maps.
     let tma = runtime(generate_with(&spec, Sm90Config::new(&spec).unwrap()));
     assert!(tma.tensor_maps().is_some());
-    let portable = runtime(kernels_gen::gpu::generate(
-        &spec,
-        kernels_gen::ptx::Target::Sm80,
-    ));
+    let portable = runtime(kernels_gen::generate(&spec, kernels_gen::ptx::Target::Sm80));
     let cpu = match (spec.head_size, spec.causal) {
         (64, false) => crate::cpu::attention::<64, false, bf16>,
         (64, true) => crate::cpu::attention::<64, true, bf16>,

@@ -1,6 +1,13 @@
-//! GPU kernels for a variant: the launch contract every generated kernel
-//! follows, and the dispatch from a [`VariantSpec`] to the emitter that
-//! writes its PTX.
+//! The launch contract every generated GPU kernel follows: its parameters,
+//! in launch order and by name, the tensor maps of the kernels that take
+//! them, the grid, and what a kernel promises about its output.
+//!
+//! Emitters declare the parameters with [`declare_params`] and read them by
+//! name through the returned [`Params`] ([`Params::get`],
+//! [`Params::strides`], or all of them at once with [`load_args`]); the
+//! runtime passes them in the order of [`PARAMS`], then [`SCALE_PARAM`],
+//! then, for a kernel with [`GpuKernel::tensor_maps`], the
+//! [`TENSOR_MAP_PARAMS`].
 //!
 //! # The launch contract
 //!
@@ -9,7 +16,7 @@
 //!
 //! - grid `(ceil(Sq / block_m), Hq, B)`, block `(threads, 1, 1)`, dynamic
 //!   shared memory `smem_bytes` (the runtime raises the function's limit when
-//!   it exceeds 48 KB);
+//!   it exceeds 48 KB); [`cta_coords`] reads the grid;
 //! - parameters, in the order of [`PARAMS`]: the device pointers of `q`, `k`,
 //!   `v`, `out` and the mask, the element strides (batch, token, head) of each
 //!   tensor, the mask's element strides (batch, head, query), `Sq`, `Sk`, the
@@ -22,7 +29,6 @@
 //!   in `f32`; offsets are 64-bit.
 
 use crate::ptx::{BinOp, Kernel, Operand, Param, Reg, Special, Target, Ty};
-use crate::{DType, VariantSpec};
 
 /// The kind of a kernel parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +41,17 @@ pub enum ParamKind {
     U32,
     /// A float (`f32`).
     F32,
+}
+
+impl ParamKind {
+    /// The PTX type the parameter is declared and loaded as.
+    pub const fn ty(self) -> Ty {
+        match self {
+            ParamKind::Ptr | ParamKind::U64 => Ty::U64,
+            ParamKind::U32 => Ty::U32,
+            ParamKind::F32 => Ty::F32,
+        }
+    }
 }
 
 /// The kernel parameters, in launch order.
@@ -98,12 +115,6 @@ pub struct TensorMaps {
     pub kv_rows: u32,
 }
 
-/// The parameters a [`GpuKernel::persistent`] kernel takes last (after
-/// its tensor maps, if any): the query heads `Hq` and the batch `B`, which
-/// its grid no longer carries.
-pub const PERSISTENT_PARAMS: [(&str, ParamKind); 2] =
-    [("heads", ParamKind::U32), ("batch", ParamKind::U32)];
-
 /// The 64-element (128-byte) inner extent of every [`TensorMaps`] box.
 pub const TENSOR_MAP_BOX_COLUMNS: u32 = 64;
 
@@ -114,7 +125,8 @@ pub struct GpuKernel {
     pub ptx: String,
     /// The entry point's name.
     pub entry: String,
-    /// The architecture the PTX targets.
+    /// The architecture the PTX targets ([`Target::runs_on`] says which
+    /// devices can load it).
     pub target: Target,
     /// Query rows per CTA.
     pub block_m: u32,
@@ -125,29 +137,54 @@ pub struct GpuKernel {
     /// The tensor maps the kernel takes after the contract's parameters
     /// ([`TENSOR_MAP_PARAMS`]), or `None` where it takes none.
     pub tensor_maps: Option<TensorMaps>,
-    /// The kernel loops over the contract's tiles (query block, head,
-    /// batch) itself, CTA `i` taking tiles `i`, `i + gridDim.x`, ... in the
-    /// grid's order: launch it with a grid of `(min(tiles, SMs), 1, 1)`
-    /// (one CTA per SM; any positive count is correct) and
-    /// [`PERSISTENT_PARAMS`] last.
-    pub persistent: bool,
 }
 
-/// Declares the contract's parameters on `k`, in order, returning them.
-pub fn declare_params(k: &mut Kernel) -> Vec<Param> {
-    let mut out: Vec<_> = PARAMS
+/// The contract's parameters as declared on one kernel, read by name.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// [`PARAMS`] then [`SCALE_PARAM`], in launch order.
+    declared: Vec<Param>,
+}
+
+/// Declares the contract's parameters on `k`, in launch order ([`PARAMS`],
+/// then [`SCALE_PARAM`]).
+pub fn declare_params(k: &mut Kernel) -> Params {
+    let declared = PARAMS
         .iter()
-        .map(|&(name, kind)| {
-            let ty = match kind {
-                ParamKind::Ptr | ParamKind::U64 => Ty::U64,
-                ParamKind::U32 => Ty::U32,
-                ParamKind::F32 => Ty::F32,
-            };
-            k.param(ty, name)
-        })
+        .chain([&SCALE_PARAM])
+        .map(|&(name, kind)| k.param(kind.ty(), name))
         .collect();
-    out.push(k.param(Ty::F32, SCALE_PARAM.0));
-    out
+    Params { declared }
+}
+
+impl Params {
+    /// Loads the parameter `name` (one of [`PARAMS`] or [`SCALE_PARAM`])
+    /// into a fresh register of its kind's type: one `ld.param` per call.
+    ///
+    /// # Panics
+    ///
+    /// If the contract has no parameter `name`.
+    pub fn get(&self, k: &mut Kernel, name: &str) -> Reg {
+        let (i, &(_, kind)) = PARAMS
+            .iter()
+            .chain([&SCALE_PARAM])
+            .enumerate()
+            .find(|(_, p)| p.0 == name)
+            .unwrap_or_else(|| panic!("the launch contract has no parameter {name}"));
+        k.ld_param(kind.ty(), &self.declared[i])
+    }
+
+    /// Loads the three strides of tensor `t`, in their launch order: batch,
+    /// token, head for `q`, `k`, `v` and `out`; batch, head, query for
+    /// `mask`.
+    pub fn strides(&self, k: &mut Kernel, t: &str) -> [Reg; 3] {
+        let dims = if t == "mask" {
+            ["b", "h", "q"]
+        } else {
+            ["b", "s", "h"]
+        };
+        dims.map(|s| self.get(k, &format!("{t}_stride_{s}")))
+    }
 }
 
 /// The contract's parameters loaded into registers, by name.
@@ -183,48 +220,54 @@ pub struct Args {
     pub scale_log2: Reg,
 }
 
-/// Loads every parameter [`declare_params`] declared, in order, each as its
-/// kind's type.
-pub fn load_args(k: &mut Kernel, params: &[Param]) -> Args {
-    let kinds = PARAMS.iter().chain([&SCALE_PARAM]).map(|&(_, kind)| kind);
-    let p: Vec<_> = params
-        .iter()
-        .zip(kinds)
-        .map(|(prm, kind)| {
-            let ty = match kind {
-                ParamKind::Ptr | ParamKind::U64 => Ty::U64,
-                ParamKind::U32 => Ty::U32,
-                ParamKind::F32 => Ty::F32,
-            };
-            k.ld_param(ty, prm)
-        })
-        .collect();
-    let strides = |i: usize| [p[5 + 3 * i], p[6 + 3 * i], p[7 + 3 * i]];
+/// Loads every parameter of `params`, by name, in launch order.
+pub fn load_args(k: &mut Kernel, params: &Params) -> Args {
     Args {
-        q: p[0],
-        k: p[1],
-        v: p[2],
-        out: p[3],
-        mask: p[4],
-        q_strides: strides(0),
-        k_strides: strides(1),
-        v_strides: strides(2),
-        out_strides: strides(3),
-        mask_strides: strides(4),
-        seq_q: p[20],
-        seq_k: p[21],
-        group: p[22],
-        scale_log2: p[23],
+        q: params.get(k, "q"),
+        k: params.get(k, "k"),
+        v: params.get(k, "v"),
+        out: params.get(k, "out"),
+        mask: params.get(k, "mask"),
+        q_strides: params.strides(k, "q"),
+        k_strides: params.strides(k, "k"),
+        v_strides: params.strides(k, "v"),
+        out_strides: params.strides(k, "out"),
+        mask_strides: params.strides(k, "mask"),
+        seq_q: params.get(k, "seq_q"),
+        seq_k: params.get(k, "seq_k"),
+        group: params.get(k, "group"),
+        scale_log2: params.get(k, SCALE_PARAM.0),
     }
 }
 
+/// The byte address of element `[batch, 0, head, 0]` of a tensor whose
+/// element strides are `strides` (batch, token, head) and elements
+/// `elem_bytes` wide, and its token stride in bytes: `(base, stride)`.
+pub fn tensor_head(
+    k: &mut Kernel,
+    ptr: Reg,
+    strides: [Reg; 3],
+    batch: Reg,
+    head: Reg,
+    elem_bytes: u64,
+) -> (Reg, Reg) {
+    let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
+    let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
+    let off = k.bin(BinOp::Mul, Ty::U64, b64, strides[0]);
+    let off = k.mad(Ty::U64, h64, strides[2], off);
+    let base = k.mad(Ty::U64, off, Operand::U(elem_bytes), ptr);
+    let stride = k.bin(BinOp::Mul, Ty::U64, strides[1], Operand::U(elem_bytes));
+    (base, stride)
+}
+
 /// The thread index and the CTA's query block, head and batch, from the
-/// grid of the contract. Causal kernels take query blocks last first: the
-/// last blocks see the most keys, so the short ones fill the grid's tail.
-pub fn cta_coords(k: &mut Kernel, causal: bool) -> (Reg, Reg, Reg, Reg) {
+/// grid of the contract. With `last_block_first` (the causal tensor-core
+/// kernels) query blocks are taken last first: the last blocks see the
+/// most keys, so the short ones fill the grid's tail.
+pub fn cta_coords(k: &mut Kernel, last_block_first: bool) -> (Reg, Reg, Reg, Reg) {
     let tid = k.mov(Ty::U32, Operand::Special(Special::TidX));
     let qblock = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
-    let qblock = if causal {
+    let qblock = if last_block_first {
         let blocks = k.mov(Ty::U32, Operand::Special(Special::NCtaIdX));
         let last = k.bin(BinOp::Sub, Ty::U32, blocks, Operand::U(1));
         k.bin(BinOp::Sub, Ty::U32, last, qblock)
@@ -236,54 +279,32 @@ pub fn cta_coords(k: &mut Kernel, causal: bool) -> (Reg, Reg, Reg, Reg) {
     (tid, qblock, head, batch)
 }
 
-/// Stores one output row fragment: each `(lo, hi)` pair of f32 accumulators
-/// times `inv`, rounded to the 16-bit `packed` type, as one 32-bit store at
-/// `addr + 16·t` for the `t`-th pair, where the row is `inside` the
-/// sequence. The epilogue of both tensor-core emitters.
-pub fn store_scaled_pairs(
-    k: &mut Kernel,
-    pairs: impl IntoIterator<Item = (Reg, Reg)>,
-    inv: Reg,
-    addr: Reg,
-    inside: Reg,
-    packed: Ty,
-) {
-    use crate::ptx::{Addr, Instr, StateSpace};
-    for (t, (lo, hi)) in pairs.into_iter().enumerate() {
-        let x0 = k.bin(BinOp::Mul, Ty::F32, lo, inv);
-        let x1 = k.bin(BinOp::Mul, Ty::F32, hi, inv);
-        let pk = k.reg(Ty::B32);
-        k.push(Instr::CvtPack {
-            ty: packed,
-            dst: pk,
-            hi: x1,
-            lo: x0,
-        });
-        k.guard(
-            inside,
-            false,
-            Instr::St {
-                space: StateSpace::Global,
-                ty: Ty::B32,
-                addr: Addr::at(addr, (t * 16) as i64),
-                src: vec![pk],
-            },
-        );
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Generates the GPU kernel of `spec` for `target`.
-pub fn generate(spec: &VariantSpec, target: Target) -> GpuKernel {
-    match spec.dtype {
-        DType::F32 => crate::simt::generate(spec, target),
-        DType::F16 | DType::BF16 => crate::fa2::generate(spec, target),
+    #[test]
+    fn parameters_load_by_name_as_their_kind() {
+        let mut k = Kernel::new("t");
+        let p = declare_params(&mut k);
+        let _ = load_args(&mut k, &p);
+        let _ = p.get(&mut k, "seq_q");
+        let text = crate::ptx::Module::new(Target::Sm80).kernel(k).to_string();
+        let loads: Vec<&str> = text.lines().filter(|l| l.contains("ld.param")).collect();
+        // Every parameter once by `load_args`, in launch order, then the
+        // by-name load again.
+        assert_eq!(loads.len(), PARAMS.len() + 2);
+        for (line, (name, kind)) in loads.iter().zip(PARAMS.iter().chain([&SCALE_PARAM])) {
+            assert!(line.contains(&format!("ld.param{} ", kind.ty())), "{line}");
+            assert!(line.ends_with(&format!("[t_{name}];")), "{line}");
+        }
+        assert!(loads[PARAMS.len() + 1].contains("ld.param.u32 %r3, [t_seq_q];"));
     }
-}
 
-/// Generates the Hopper (sm_90a, `wgmma`) kernel of `spec`, or `None` where
-/// there is none (32-bit elements, head sizes not in
-/// [`crate::sm90::HEAD_SIZES`]: 48, 64, 80, 96, 112, 128, 160, 192, 224,
-/// 256): use [`generate`] then. Same parameters and launch contract.
-pub fn generate_sm90(spec: &VariantSpec) -> Option<GpuKernel> {
-    crate::sm90::generate(spec)
+    #[test]
+    #[should_panic(expected = "no parameter heads")]
+    fn unknown_parameters_are_refused() {
+        let mut k = Kernel::new("t");
+        declare_params(&mut k).get(&mut k, "heads");
+    }
 }

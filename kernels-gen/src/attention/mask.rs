@@ -1,0 +1,174 @@
+//! Masking: the additive mask bias (in the log2 domain), and the keys a
+//! row does not see (past `Sk`, and after the row where causal) hidden as
+//! `-inf`, so that they weigh exactly 0.
+
+use super::layout::AccFragment;
+use crate::ptx::{Addr, BinOp, Cmp, Instr, Kernel, Operand, Reg, StateSpace, Ty};
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+
+/// The number of `block_n`-key blocks the CTA whose first query row is
+/// `q0` visits: every block up to `Sk`, and causal CTAs stop at the block
+/// holding their last row's diagonal (`min(q0 + block_m, Sk)` keys).
+pub fn key_blocks(
+    k: &mut Kernel,
+    q0: Reg,
+    block_m: usize,
+    block_n: usize,
+    seq_k: Reg,
+    causal: bool,
+) -> Reg {
+    let key_end = if causal {
+        let last = k.bin(BinOp::Add, Ty::U32, q0, Operand::U(block_m as u64));
+        k.bin(BinOp::Min, Ty::U32, last, seq_k)
+    } else {
+        seq_k
+    };
+    let n_blocks = k.bin(BinOp::Add, Ty::U32, key_end, Operand::U(block_n as u64 - 1));
+    k.bin(BinOp::Div, Ty::U32, n_blocks, Operand::U(block_n as u64))
+}
+
+/// Whether a mask was passed (its pointer is not null), and the element
+/// offset `batch · stride_b + head · stride_h` of this (batch, head)'s
+/// mask rows: `(has_mask, mask_head)`.
+pub fn mask_of_head(
+    k: &mut Kernel,
+    mask: Reg,
+    batch: Reg,
+    head: Reg,
+    stride_b: Reg,
+    stride_h: Reg,
+) -> (Reg, Reg) {
+    let has_mask = k.setp(Cmp::Ne, Ty::U64, mask, Operand::U(0));
+    let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
+    let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
+    let off = k.bin(BinOp::Mul, Ty::U64, b64, stride_b);
+    (has_mask, k.mad(Ty::U64, h64, stride_h, off))
+}
+
+/// `score += bias · log2(e)`, with `bias` the mask's `f32` at `addr` where
+/// `pred` holds and 0 elsewhere.
+pub fn add_bias(k: &mut Kernel, score: Reg, pred: Reg, addr: Addr) {
+    let bias = k.mov(Ty::F32, Operand::F32(0.0));
+    k.guard(
+        pred,
+        false,
+        Instr::Ld {
+            space: StateSpace::GlobalNc,
+            ty: Ty::F32,
+            dst: vec![bias],
+            addr,
+        },
+    );
+    k.mad_to(Ty::F32, score, bias, Operand::F32(LOG2E), score);
+}
+
+/// `score = -inf` where `hidden` holds.
+pub fn hide_if(k: &mut Kernel, score: Reg, hidden: Reg) {
+    k.selp_to(
+        Ty::F32,
+        score,
+        Operand::F32(f32::NEG_INFINITY),
+        score,
+        hidden,
+    );
+}
+
+/// `score = -inf` where `seen` does not hold.
+pub fn hide_unless(k: &mut Kernel, score: Reg, seen: Reg) {
+    k.selp_to(Ty::F32, score, score, Operand::F32(f32::NEG_INFINITY), seen);
+}
+
+/// Whether the key block `[j0, j0 + block_n)` needs element-wise masking:
+/// it reaches past `Sk`, or there is a mask, or `extra` holds, or (given
+/// the CTA's first query row `causal_q0`) it crosses that row's diagonal.
+pub fn block_needs_mask(
+    k: &mut Kernel,
+    j0: Reg,
+    block_n: usize,
+    seq_k: Reg,
+    has_mask: Reg,
+    extra: Option<Reg>,
+    causal_q0: Option<Reg>,
+) -> Reg {
+    let block_end = k.bin(BinOp::Add, Ty::U32, j0, Operand::U(block_n as u64));
+    let ragged = k.setp(Cmp::Gt, Ty::U32, block_end, seq_k);
+    let need = k.reg(Ty::Pred);
+    k.bin_to(BinOp::Or, Ty::Pred, need, ragged, has_mask);
+    if let Some(x) = extra {
+        k.bin_to(BinOp::Or, Ty::Pred, need, need, x);
+    }
+    if let Some(q0) = causal_q0 {
+        // The block crosses the diagonal of the CTA's first row.
+        let last_key = k.bin(BinOp::Add, Ty::U32, j0, Operand::U(block_n as u64 - 1));
+        let diag = k.setp(Cmp::Gt, Ty::U32, last_key, q0);
+        k.bin_to(BinOp::Or, Ty::Pred, need, need, diag);
+    }
+    need
+}
+
+/// What masking a fragment of scores needs to know.
+#[derive(Clone, Copy, Debug)]
+pub struct FragmentMask {
+    /// The thread's first query row (row slot 0 of [`AccFragment`]).
+    pub row0: Reg,
+    /// `2 · (lane % 4)`: the thread's first key column.
+    pub tq2: Reg,
+    /// `Sq`.
+    pub seq_q: Reg,
+    /// `Sk`.
+    pub seq_k: Reg,
+    /// Whether a mask was passed (a uniform branch skips the bias).
+    pub has_mask: Reg,
+    /// The mask's device pointer.
+    pub mask: Reg,
+    /// The mask's element offset of this (batch, head).
+    pub mask_head: Reg,
+    /// The mask's query stride, in elements.
+    pub mask_stride_q: Reg,
+    /// Top-left causal: keys after the row are hidden.
+    pub causal: bool,
+}
+
+/// Masks the scores of the key block starting at `j0`: the mask's bias
+/// where there is a mask ([`add_bias`]), then `-inf` for the keys past
+/// `Sk` and, causal, after the row ([`hide_if`]).
+pub fn mask_fragment(k: &mut Kernel, acc: &AccFragment, m: &FragmentMask, j0: Reg) {
+    let row_offset = |r: usize| Operand::U(AccFragment::row_offset(r) as u64);
+    let kbase = k.bin(BinOp::Add, Ty::U32, j0, m.tq2);
+    let skip_bias = k.label("no_bias");
+    // Additive mask, in the log2 domain.
+    k.branch_if(m.has_mask, true, &skip_bias);
+    let mut row_in = Vec::new();
+    let mut mask_rows = Vec::new();
+    for r in 0..acc.rows() {
+        let row = k.bin(BinOp::Add, Ty::U32, m.row0, row_offset(r));
+        row_in.push(k.setp(Cmp::Lt, Ty::U32, row, m.seq_q));
+        let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
+        let o = k.mad(Ty::U64, r64, m.mask_stride_q, m.mask_head);
+        mask_rows.push(k.mad(Ty::U64, o, Operand::U(4), m.mask));
+    }
+    for (r, col, s) in acc.elems() {
+        let key = k.bin(BinOp::Add, Ty::U32, kbase, Operand::U(col as u64));
+        let kin = k.setp(Cmp::Lt, Ty::U32, key, m.seq_k);
+        let ok = k.reg(Ty::Pred);
+        k.bin_to(BinOp::And, Ty::Pred, ok, kin, row_in[r]);
+        let key64 = k.cvt(None, Ty::U64, Ty::U32, key);
+        let addr = k.mad(Ty::U64, key64, Operand::U(4), mask_rows[r]);
+        add_bias(k, s, ok, addr.into());
+    }
+    k.push(Instr::Label(skip_bias));
+    // Keys past Sk, and (causal) keys after the row, do not exist.
+    let rows: Vec<Reg> = (0..acc.rows())
+        .map(|r| k.bin(BinOp::Add, Ty::U32, m.row0, row_offset(r)))
+        .collect();
+    for (r, col, s) in acc.elems() {
+        let key = k.bin(BinOp::Add, Ty::U32, kbase, Operand::U(col as u64));
+        let hide = k.setp(Cmp::Ge, Ty::U32, key, m.seq_k);
+        if m.causal {
+            let after = k.setp(Cmp::Gt, Ty::U32, key, rows[r]);
+            k.bin_to(BinOp::Or, Ty::Pred, hide, hide, after);
+        }
+        hide_if(k, s, hide);
+    }
+}
