@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The project's test command (README: "Test"): formatting, lints, then every
-# test, doctest and compile-fail case of the workspace, with ptxas at hand so
-# that every declared variant's PTX is assembled for sm_80 and sm_90.
+# The project's test command (README: "Test"): formatting, lints, import
+# circles between source files, then every test, doctest and compile-fail
+# case of the workspace, with ptxas at hand so that every declared variant's
+# PTX is assembled for sm_80 and sm_90.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== import circles between source files"
+python3 scripts/import-cycles.py
 ensure_ptxas
 echo "== ptxas: ${SDPA_PTXAS:-none}"
 echo "== cargo test"
