@@ -72,8 +72,11 @@ pub struct BenchArgs {
 
 /// One line of the results table.
 pub(crate) struct Case {
+    /// The preset row's name; `None` for the shape of the flags.
     pub(crate) preset: Option<&'static str>,
+    /// The problem's sizes and masking.
     pub(crate) shape: Shape,
+    /// The element type of q, k, v and the output.
     pub(crate) dtype: DType,
 }
 

@@ -41,7 +41,9 @@ pub const TABLE: Budget = Budget {
 /// The outcome of timing one case: the median pass and how many passes
 /// were timed.
 pub(crate) struct Timing {
+    /// The median of the timed passes.
     pub(crate) median: Duration,
+    /// How many passes were timed.
     pub(crate) runs: usize,
 }
 

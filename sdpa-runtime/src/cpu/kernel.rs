@@ -111,20 +111,31 @@ pub(crate) struct Src {
 
 /// Everything a task reads, shared by all tasks of a call.
 pub(crate) struct Ctx<'a> {
+    /// The element type of q, k, v and the output.
     pub dtype: DType,
+    /// The queries, `[B, Sq, Hq, D]` as their layout says.
     pub q: Src,
+    /// The keys, `[B, Sk, Hkv, D]`.
     pub k: Src,
+    /// The values, `[B, Sk, Hkv, D]`.
     pub v: Src,
     /// The output buffer; every `(b, i, h)` row is written by one task only.
     pub out: *mut u8,
+    /// Offsets of the output's rows, in elements.
     pub out_layout: Layout,
+    /// The mask, checked against this problem, if any.
     pub mask: Option<ResolvedMask<'a>>,
+    /// The softmax scale.
     pub scale: f32,
+    /// Top-left causal masking.
     pub causal: bool,
+    /// Query heads.
     pub heads_q: usize,
     /// Query heads per key/value head.
     pub group: usize,
+    /// Query tokens.
     pub seq_q: usize,
+    /// Key/value tokens.
     pub seq_k: usize,
     /// Query rows per task.
     pub bq: usize,
