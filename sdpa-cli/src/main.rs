@@ -11,7 +11,6 @@
 //! to stderr, filtered by `RUST_LOG` (default `warn`).
 
 mod bench;
-mod bench_sp;
 mod info;
 mod options;
 mod presets;

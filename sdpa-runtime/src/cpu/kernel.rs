@@ -111,20 +111,31 @@ pub(crate) struct Src {
 
 /// Everything a task reads, shared by all tasks of a call.
 pub(crate) struct Ctx<'a> {
+    /// The element type of q, k, v and the output.
     pub dtype: DType,
+    /// The queries, `[B, Sq, Hq, D]` as their layout says.
     pub q: Src,
+    /// The keys, `[B, Sk, Hkv, D]`.
     pub k: Src,
+    /// The values, `[B, Sk, Hkv, D]`.
     pub v: Src,
     /// The output buffer; every `(b, i, h)` row is written by one task only.
     pub out: *mut u8,
+    /// Offsets of the output's rows, in elements.
     pub out_layout: Layout,
+    /// The mask, checked against this problem, if any.
     pub mask: Option<ResolvedMask<'a>>,
+    /// The softmax scale.
     pub scale: f32,
+    /// Top-left causal masking.
     pub causal: bool,
+    /// Query heads.
     pub heads_q: usize,
     /// Query heads per key/value head.
     pub group: usize,
+    /// Query tokens.
     pub seq_q: usize,
+    /// Key/value tokens.
     pub seq_k: usize,
     /// Query rows per task.
     pub bq: usize,
@@ -268,143 +279,373 @@ fn qt_at(qt: *mut f32, d: usize, r: usize) -> *mut f32 {
     qt.wrapping_add((r / PANEL) * d * PANEL + r % PANEL)
 }
 
-/// `S[k][lanes] = K[k] · Qᵀ[lanes]` for `MK` keys and `NQ·W` query lanes.
+/// How an input row of `D` elements is stored in the workspace: widened to
+/// `f32` (any dtype), or copied as `bf16` bits (`u16`, `bf16` inputs only).
+/// Query, key and value rows all load through it.
+pub(crate) trait RowFormat: Copy {
+    /// Reads the `D` elements at `off` of `src`, a buffer of `dtype`
+    /// elements, into `dst`.
+    ///
+    /// # Safety
+    /// `off..off + D` is in bounds of `src`'s buffer; `dst` holds `D`
+    /// elements of `Self`; `D` is a multiple of 8; for `u16`, `dtype` is
+    /// `bf16`.
+    unsafe fn read<S: Simd, const D: usize>(
+        s: S,
+        dtype: DType,
+        src: *const u8,
+        off: usize,
+        dst: *mut Self,
+    );
+}
+
+impl RowFormat for f32 {
+    #[inline(always)]
+    unsafe fn read<S: Simd, const D: usize>(
+        s: S,
+        dtype: DType,
+        src: *const u8,
+        off: usize,
+        dst: *mut f32,
+    ) {
+        // SAFETY: the caller's contract, which is `read_row`'s.
+        unsafe { read_row::<S, D>(s, dtype, src, off, dst) }
+    }
+}
+
+impl RowFormat for u16 {
+    #[inline(always)]
+    unsafe fn read<S: Simd, const D: usize>(
+        _s: S,
+        dtype: DType,
+        src: *const u8,
+        off: usize,
+        dst: *mut u16,
+    ) {
+        debug_assert!(dtype == DType::BF16);
+        // SAFETY: the caller's contract: `src` holds `bf16` elements,
+        // `off..off + D` of them in bounds; `dst` holds `D`.
+        unsafe { std::ptr::copy_nonoverlapping(src.cast::<u16>().add(off), dst, D) }
+    }
+}
+
+/// The operand format of the two products: how a stored operand's vectors
+/// load, broadcast and multiply into `f32` accumulators. [`F32Products`]
+/// has `f32` operands on any [`Simd`]; `bf16dot::Bf16Dot` has 32-bit pairs
+/// of `bf16` on AVX-512 BF16. The tile loops ([`qk_tile`], [`pv_tile`]) and
+/// the panel loops around them are written once against it.
+pub(crate) trait Dot<S: Simd> {
+    /// One stored operand element: an `f32`, or a pair of `bf16`.
+    type E: Copy;
+    /// A vector of [`Simd::W`] operand elements.
+    type V: Copy;
+    /// Input elements per operand element (1 or 2): a row of `D` inputs is
+    /// `D / PER` operand elements.
+    const PER: usize;
+    /// Whether score tiles are multiplied by the softmax scale as they are
+    /// stored (the `f32` path scales the queries when it packs them).
+    const SCALE_SCORES: bool;
+
+    /// A vector of zeros.
+    fn zero(s: S) -> Self::V;
+
+    /// Loads the `W` elements at `p`.
+    ///
+    /// # Safety
+    /// `p..p + W` is readable.
+    unsafe fn load(s: S, p: *const Self::E) -> Self::V;
+
+    /// Broadcasts the element at `p` (which need not be aligned).
+    ///
+    /// # Safety
+    /// `p` is readable.
+    unsafe fn splat(s: S, p: *const Self::E) -> Self::V;
+
+    /// `acc + a·b` lane by lane (over the pair of each lane for `bf16`).
+    ///
+    /// # Safety
+    /// The CPU has the format's instructions (AVX-512 BF16 for `bf16`
+    /// pairs; `S`'s token proves the rest).
+    unsafe fn mac(s: S, acc: S::V, a: Self::V, b: Self::V) -> S::V;
+}
+
+/// Query rows `i..i + rows` of head (b, h), to be packed into one panel.
+///
+/// Invariants (the callers' safety contract): `rows <= PANEL` and the rows
+/// lie inside q's buffer; `qt` holds one panel (`D·PANEL` floats, padding
+/// lanes included); `scratch` holds `PANEL·D` floats and overlaps neither
+/// `qt` nor the inputs.
+pub(crate) struct QRows {
+    /// Batch index.
+    pub b: usize,
+    /// Query head.
+    pub h: usize,
+    /// The first query row (token).
+    pub i: usize,
+    /// How many rows, at most [`PANEL`].
+    pub rows: usize,
+    /// The panel the rows are packed into.
+    pub qt: *mut f32,
+    /// Where the rows are read before they are transposed.
+    pub scratch: *mut f32,
+}
+
+/// One block of keys and values, `j0..j0 + n` of kv head `kvh`, to be
+/// loaded into the workspace.
+///
+/// Invariants (the callers' safety contract): `j0 + n <= key_end <= Sk`,
+/// so the rows lie inside k's and v's buffers; `kw` and `vw` hold `n`
+/// rounded up to the key tile (`MK`) rows of `D` and `dp` floats, do not
+/// overlap, and `dp` is `D` rounded up to the vector width.
+pub(crate) struct KvBlock {
+    /// Batch index.
+    pub b: usize,
+    /// Key/value head.
+    pub kvh: usize,
+    /// The first key of the block.
+    pub j0: usize,
+    /// Keys in the block.
+    pub n: usize,
+    /// One past the last key the task reads: rows up to it are prefetched.
+    pub key_end: usize,
+    /// The key rows, as [`Products::Row`] elements.
+    pub kw: *mut f32,
+    /// The value rows, as the products store them.
+    pub vw: *mut f32,
+    /// Row stride of `vw`, in floats.
+    pub dp: usize,
+}
+
+/// The scores of one panel: `st[k][l] = K[k] · Q[l]` (times the scale where
+/// [`Dot::SCALE_SCORES`]) for keys `k < keys` and lanes `l < lanes`.
+///
+/// Invariants (the callers' safety contract): `qt` is a whole packed panel;
+/// `kw` holds `keys` loaded rows (padding rows zero), `keys` a multiple of
+/// the key tile; `st` holds `keys` rows of [`PANEL`] floats; `lanes` is a
+/// multiple of the vector width, at most [`PANEL`].
+pub(crate) struct ScorePanel {
+    /// The packed query panel.
+    pub qt: *const f32,
+    /// The loaded key block.
+    pub kw: *const f32,
+    /// The scores, `[keys][PANEL]`.
+    pub st: *mut f32,
+    /// Key rows to score.
+    pub keys: usize,
+    /// Query lanes to score.
+    pub lanes: usize,
+}
+
+/// `o[r] = alpha[r]·o[r] + Σ_{j<nk} st[j][r]·V[j]` for the rows `r < rows`
+/// of one panel.
+///
+/// Invariants (the callers' safety contract): `o` holds `rows` rounded up
+/// to `R` rows of `dp` floats, `alpha` as many floats; `st` holds `nk` rows
+/// of [`PANEL`] probabilities, valid in lanes `< lanes` (`rows <= lanes`,
+/// a multiple of the vector width), and may be overwritten; `vw` holds the
+/// `nk` value rows as the products store them.
+pub(crate) struct PvPanel {
+    /// The panel's first output row.
+    pub o: *mut f32,
+    /// Row stride of `o` and `vw`, in floats.
+    pub dp: usize,
+    /// The probabilities, `[nk][PANEL]`.
+    pub st: *mut f32,
+    /// The softmax corrections of the panel's rows.
+    pub alpha: *const f32,
+    /// The loaded value block.
+    pub vw: *const f32,
+    /// Keys to add.
+    pub nk: usize,
+    /// Output rows.
+    pub rows: usize,
+    /// Valid lanes of `st`.
+    pub lanes: usize,
+}
+
+/// One output tile of `O += P·V` in operand elements `E`: `R` rows and `C`
+/// vectors of the head dimension, against `n` operand rows (keys, or key
+/// pairs).
+///
+/// Invariants (the callers' safety contract): `o` reads and writes `R` rows
+/// of `C·W` floats at stride `stride`; `p` reads `n` rows of `R` elements
+/// at stride [`PANEL`]; `alpha` reads `R` floats; `v` reads `n` rows of
+/// `C·W` elements at stride `stride`.
+struct PvTile<E> {
+    /// The tile's first output row.
+    o: *mut f32,
+    /// The probabilities of the tile's rows.
+    p: *const E,
+    /// The softmax corrections of the tile's rows.
+    alpha: *const f32,
+    /// The tile's first value vector.
+    v: *const E,
+    /// Row stride of `o` (floats) and `v` (elements).
+    stride: usize,
+    /// Operand rows.
+    n: usize,
+}
+
+/// `S[k][lanes] = K[k] · Q[lanes]` for `MK` keys and `NQ·W` query lanes,
+/// times `scale` where [`Dot::SCALE_SCORES`].
 ///
 /// # Safety
-/// `qt` reads `D` rows of `NQ·W` floats at stride `qs`; `kw` reads `MK`
-/// rows of `D` floats; `st` writes `MK` rows of `NQ·W` floats at stride
-/// `ss`.
+/// `q` reads `D / PER` rows of `NQ·W` elements at stride [`PANEL`]; `k`
+/// reads `MK` rows of `D / PER` elements; `st` writes `MK` rows of `NQ·W`
+/// floats at stride [`PANEL`]; the CPU has `M`'s instructions.
 #[inline(always)]
-unsafe fn qk_tile<S: Simd, const D: usize, const MK: usize, const NQ: usize>(
+unsafe fn qk_tile<S: Simd, M: Dot<S>, const D: usize, const MK: usize, const NQ: usize>(
     s: S,
-    qt: *const f32,
-    qs: usize,
-    kw: *const f32,
+    q: *const M::E,
+    k: *const M::E,
     st: *mut f32,
-    ss: usize,
+    scale: f32,
 ) {
+    let steps = D / M::PER;
     let mut acc = [[s.zero(); NQ]; MK];
-    for d in 0..D {
-        let mut q = [s.zero(); NQ];
-        for (n, qn) in q.iter_mut().enumerate() {
+    for d in 0..steps {
+        let mut qv = [M::zero(s); NQ];
+        for (n, qn) in qv.iter_mut().enumerate() {
             // SAFETY: row `d`, lanes `n·W..(n+1)·W` of the panel.
-            *qn = unsafe { s.load(qt.add(d * qs + n * S::W)) };
+            *qn = unsafe { M::load(s, q.add(d * PANEL + n * S::W)) };
         }
-        for (k, row) in acc.iter_mut().enumerate() {
-            // SAFETY: key `k`, element `d`.
-            let kb = s.splat(unsafe { *kw.add(k * D + d) });
-            for (a, &qn) in row.iter_mut().zip(&q) {
-                *a = s.fma(qn, kb, *a);
+        for (kk, row) in acc.iter_mut().enumerate() {
+            // SAFETY: key `kk`, element `d`.
+            let kb = unsafe { M::splat(s, k.add(kk * steps + d)) };
+            for (a, &qn) in row.iter_mut().zip(&qv) {
+                // SAFETY: the caller's contract (the CPU has `M`'s
+                // instructions).
+                *a = unsafe { M::mac(s, *a, qn, kb) };
             }
         }
     }
-    for (k, row) in acc.iter().enumerate() {
+    let scale = s.splat(scale);
+    for (kk, row) in acc.iter().enumerate() {
         for (n, &a) in row.iter().enumerate() {
-            // SAFETY: score row `k`, lanes of vector `n`.
-            unsafe { s.store(st.add(k * ss + n * S::W), a) };
+            let x = if M::SCALE_SCORES { s.mul(a, scale) } else { a };
+            // SAFETY: score row `kk`, lanes of vector `n`.
+            unsafe { s.store(st.add(kk * PANEL + n * S::W), x) };
         }
     }
 }
 
-/// Stores score accumulators `acc[k][n]` times `scale` to row `k`, lanes of
-/// vector `n`, of `st`.
+/// The scores of one panel (see [`ScorePanel`]), `MK` keys × `NQ` vectors
+/// of queries per tile.
 ///
 /// # Safety
-/// `st` writes `MK` rows of `NQ·W` floats at stride `ss`.
+/// [`ScorePanel`]'s invariants hold; the CPU has `M`'s instructions.
 #[inline(always)]
-pub(crate) unsafe fn qk_tile_scale<S: Simd, const MK: usize, const NQ: usize>(
+unsafe fn scores<S: Simd, M: Dot<S>, const D: usize, const MK: usize, const NQ: usize>(
     s: S,
-    acc: &[[S::V; NQ]; MK],
-    st: *mut f32,
-    ss: usize,
+    panel: &ScorePanel,
     scale: f32,
 ) {
-    let scale = s.splat(scale);
-    for (k, row) in acc.iter().enumerate() {
-        for (n, &a) in row.iter().enumerate() {
-            // SAFETY: score row `k`, lanes of vector `n`.
-            unsafe { s.store(st.add(k * ss + n * S::W), s.mul(a, scale)) };
+    let (q, k) = (panel.qt.cast::<M::E>(), panel.kw.cast::<M::E>());
+    let w = S::W;
+    let mut l0 = 0;
+    while l0 < panel.lanes {
+        let full = l0 + NQ * w <= panel.lanes;
+        for k0 in (0..panel.keys).step_by(MK) {
+            // SAFETY: the caller's contract: lanes `l0..` of the panel, key
+            // rows `k0..k0 + MK`, score rows `k0..k0 + MK`.
+            unsafe {
+                let q = q.add(l0);
+                let kr = k.add(k0 * (D / M::PER));
+                let sp = panel.st.add(k0 * PANEL + l0);
+                if full {
+                    qk_tile::<S, M, D, MK, NQ>(s, q, kr, sp, scale);
+                } else {
+                    qk_tile::<S, M, D, MK, 1>(s, q, kr, sp, scale);
+                }
+            }
         }
+        l0 += if full { NQ * w } else { w };
     }
 }
 
-/// `O[r] = alpha[r]·O[r] + Σ_j P[j][r]·V[j]` for `R` rows and `C` vectors of
-/// the head dimension.
+/// `O[r] = alpha[r]·O[r] + Σ_j P[j][r]·V[j]` for one tile (see [`PvTile`]).
 ///
 /// # Safety
-/// `o` reads and writes `R` rows of `C·W` floats at stride `os`; `p` reads
-/// `nk` rows of `R` floats at stride `ps`; `alpha` reads `R` floats; `v`
-/// reads `nk` rows of `C·W` floats at stride `vs`.
+/// [`PvTile`]'s invariants hold with these `R` and `C`; the CPU has `M`'s
+/// instructions.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn pv_tile<S: Simd, const R: usize, const C: usize>(
-    s: S,
-    o: *mut f32,
-    os: usize,
-    p: *const f32,
-    ps: usize,
-    alpha: *const f32,
-    v: *const f32,
-    vs: usize,
-    nk: usize,
-) {
+unsafe fn pv_tile<S: Simd, M: Dot<S>, const R: usize, const C: usize>(s: S, t: &PvTile<M::E>) {
     let mut acc = [[s.zero(); C]; R];
     for (r, row) in acc.iter_mut().enumerate() {
         // SAFETY: row `r` of the tile.
-        let a = s.splat(unsafe { *alpha.add(r) });
+        let a = s.splat(unsafe { *t.alpha.add(r) });
         for (c, x) in row.iter_mut().enumerate() {
             // SAFETY: row `r`, vector `c`.
-            *x = s.mul(unsafe { s.load(o.add(r * os + c * S::W)) }, a);
+            *x = s.mul(unsafe { s.load(t.o.add(r * t.stride + c * S::W)) }, a);
         }
     }
-    for j in 0..nk {
-        let mut vv = [s.zero(); C];
+    for j in 0..t.n {
+        let mut vv = [M::zero(s); C];
         for (c, x) in vv.iter_mut().enumerate() {
             // SAFETY: value row `j`, vector `c`.
-            *x = unsafe { s.load(v.add(j * vs + c * S::W)) };
+            *x = unsafe { M::load(s, t.v.add(j * t.stride + c * S::W)) };
         }
         for (r, row) in acc.iter_mut().enumerate() {
-            // SAFETY: probability of key `j`, row `r`.
-            let pb = s.splat(unsafe { *p.add(j * ps + r) });
+            // SAFETY: probability row `j`, lane `r`.
+            let pb = unsafe { M::splat(s, t.p.add(j * PANEL + r)) };
             for (x, &vc) in row.iter_mut().zip(&vv) {
-                *x = s.fma(pb, vc, *x);
+                // SAFETY: the caller's contract (the CPU has `M`'s
+                // instructions).
+                *x = unsafe { M::mac(s, *x, pb, vc) };
             }
         }
     }
     for (r, row) in acc.iter().enumerate() {
         for (c, &x) in row.iter().enumerate() {
             // SAFETY: as the loads above.
-            unsafe { s.store(o.add(r * os + c * S::W), x) };
+            unsafe { s.store(t.o.add(r * t.stride + c * S::W), x) };
         }
     }
 }
 
-/// [`pv_tile`] with a run-time chunk width `c` (1, 2 or `CMAX`, which is at
-/// most 3: `R·CMAX` accumulators fill the register budget).
+/// `O += P·V` of one panel (see [`PvPanel`]): the products turn the
+/// probabilities into operand rows ([`Products::probabilities`]), then the
+/// output is computed in tiles of `R` rows × `c` vectors, `c` being 1, 2 or
+/// `CMAX` (at most 3: `R·CMAX` accumulators fill the register budget).
 ///
 /// # Safety
-/// As [`pv_tile`] with `C = c`.
+/// [`PvPanel`]'s invariants hold; the CPU has `P`'s instructions.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn pv_chunk<S: Simd, const R: usize, const CMAX: usize>(
-    s: S,
-    c: usize,
-    o: *mut f32,
-    os: usize,
-    p: *const f32,
-    ps: usize,
-    alpha: *const f32,
-    v: *const f32,
-    vs: usize,
-    nk: usize,
-) {
-    debug_assert!(c <= CMAX && CMAX <= 3);
-    // SAFETY: the caller's contract, with `C = c`.
-    unsafe {
-        match c {
-            1 => pv_tile::<S, R, 1>(s, o, os, p, ps, alpha, v, vs, nk),
-            2 => pv_tile::<S, R, 2>(s, o, os, p, ps, alpha, v, vs, nk),
-            _ => pv_tile::<S, R, CMAX>(s, o, os, p, ps, alpha, v, vs, nk),
+unsafe fn pv<S: Simd, P: Products<S>, const R: usize, const CMAX: usize>(s: S, panel: &PvPanel) {
+    debug_assert!(CMAX <= 3);
+    // SAFETY: the caller's contract: `st` holds `nk` rows, valid in lanes
+    // `< lanes`.
+    let n = unsafe { P::probabilities(s, panel.st, panel.nk, panel.lanes) };
+    let (p, v) = (
+        panel.st.cast::<P::E>().cast_const(),
+        panel.vw.cast::<P::E>(),
+    );
+    let (w, dp) = (S::W, panel.dp);
+    let dv = dp / w;
+    let chunks = dv.div_ceil(CMAX);
+    for r0 in (0..panel.rows).step_by(R) {
+        let mut c0 = 0;
+        for ch in 0..chunks {
+            let c = dv / chunks + usize::from(ch < dv % chunks);
+            // SAFETY: the caller's contract: rows `r0..r0 + R`, vectors
+            // `c0..c0 + c` of `o`; lanes `r0..r0 + R` of the `n` operand
+            // rows of `p`; vectors `c0..c0 + c` of the `n` rows of `v`.
+            unsafe {
+                let t = PvTile {
+                    o: panel.o.add(r0 * dp + c0 * w),
+                    p: p.add(r0),
+                    alpha: panel.alpha.add(r0),
+                    v: v.add(c0 * w),
+                    stride: dp,
+                    n,
+                };
+                match c {
+                    1 => pv_tile::<S, P, R, 1>(s, &t),
+                    2 => pv_tile::<S, P, R, 2>(s, &t),
+                    _ => pv_tile::<S, P, R, CMAX>(s, &t),
+                }
+            }
+            c0 += c;
         }
     }
 }
@@ -413,248 +654,170 @@ unsafe fn pv_chunk<S: Simd, const R: usize, const CMAX: usize>(
 /// `f32` ([`F32Products`], any dtype, widened once per block) or, for
 /// `bf16` on CPUs with AVX-512 BF16, as `bf16` pairs for `vdpbf16ps`
 /// (`bf16dot.rs`). Scores, softmax and the running output are `f32` in both.
-pub(crate) trait Products<S: Simd> {
-    /// Packs query rows `i..i + rows` (`rows <= PANEL`) of head (b, h) into
-    /// the panel at `qt`, padding lanes with zeros. The rows are first
-    /// copied into `scratch` one after another, so that their loads overlap
-    /// (the transposition between two row loads would serialise the cache
-    /// misses of rows that lie a token stride apart).
-    ///
-    /// # Safety
-    /// The rows are inside q's buffer; `qt` holds a panel; `scratch` holds
-    /// `PANEL·D` floats.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn pack_q<const D: usize>(
-        s: S,
-        ctx: &Ctx<'_>,
-        b: usize,
-        h: usize,
-        i: usize,
-        rows: usize,
-        qt: *mut f32,
-        scratch: *mut f32,
-    );
+///
+/// The loops are shared ([`load_block`], [`scores`], [`pv`]); an
+/// implementation says only how its operands are laid out.
+pub(crate) trait Products<S: Simd>: Dot<S> {
+    /// How key rows (and query rows, before packing) are stored.
+    type Row: RowFormat;
 
-    /// Loads keys and values `j0..j0 + n` of kv head `kvh` into `kw` and
-    /// `vw`, zeroing key rows up to the next multiple of `MK`, prefetching
-    /// rows below `key_end` ahead.
+    /// Transposes the query rows that [`read_q_rows`] left in `q.scratch`
+    /// into the panel at `q.qt`, padding lanes with zeros.
     ///
     /// # Safety
-    /// The rows are inside k's and v's buffers; `kw` and `vw` hold
-    /// `n.div_ceil(MK) * MK` rows of `D` and `dp` floats.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn load_block<const D: usize, const MK: usize>(
-        s: S,
-        ctx: &Ctx<'_>,
-        b: usize,
-        kvh: usize,
-        j0: usize,
-        n: usize,
-        key_end: usize,
-        kw: *mut f32,
-        vw: *mut f32,
-        dp: usize,
-    );
+    /// [`QRows`]'s invariants hold, and the first `q.rows` rows of
+    /// `q.scratch` hold the queries as `Self::Row` elements.
+    unsafe fn transpose_q<const D: usize>(s: S, ctx: &Ctx<'_>, q: &QRows);
 
-    /// `st[k][l] = scale · K[k] · Q[l]` for keys `k < nk_tiles` (a multiple
-    /// of `MK`) and lanes `l < lanes` of the panel at `qt`.
+    /// Loads value row `j < blk.n` of the block into `blk.vw`.
     ///
     /// # Safety
-    /// `qt` is a whole panel; `kw` holds `nk_tiles` rows; `st` holds
-    /// `nk_tiles` rows of [`PANEL`].
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn scores<const D: usize, const MK: usize, const NQ: usize>(
-        s: S,
-        ctx: &Ctx<'_>,
-        qt: *const f32,
-        kw: *const f32,
-        st: *mut f32,
-        nk_tiles: usize,
-        lanes: usize,
-    );
+    /// [`KvBlock`]'s invariants hold and `j < blk.n`; called for `j` in
+    /// increasing order.
+    unsafe fn value_row<const D: usize>(s: S, ctx: &Ctx<'_>, blk: &KvBlock, j: usize);
 
-    /// `o[r] = alpha[r]·o[r] + Σ_{j<nk} st[j][r]·V[j]` for rows `r < rows`
-    /// (computed in tiles of `R`, so up to `rows` rounded up to `R`, at most
-    /// `lanes`). May overwrite `st`.
+    /// Turns the `nk` rows of probabilities in `st` (valid in lanes
+    /// `< lanes`) into the operand rows of `P·V`, in place; returns how
+    /// many operand rows there are.
     ///
     /// # Safety
-    /// `o` holds `rows` rounded up to `R` rows of `dp`; `alpha` as many
-    /// floats; `st` holds `nk` rows of [`PANEL`] valid in lanes `< lanes`;
-    /// `vw` holds `nk` value rows.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn pv<const R: usize, const CMAX: usize>(
-        s: S,
-        o: *mut f32,
-        dp: usize,
-        st: *mut f32,
-        alpha: *const f32,
-        vw: *const f32,
-        nk: usize,
-        rows: usize,
-        lanes: usize,
-    );
+    /// `st` holds `nk` rows of [`PANEL`] floats; `lanes` is a multiple of
+    /// the vector width, at most [`PANEL`]; the CPU has `Self`'s
+    /// instructions.
+    unsafe fn probabilities(s: S, st: *mut f32, nk: usize, lanes: usize) -> usize;
+}
+
+/// Reads query rows `q.i..q.i + q.rows` of head (q.b, q.h) into
+/// `q.scratch`, one row after another, as `P::Row` elements: their loads
+/// overlap (the transposition between two row loads would serialise the
+/// cache misses of rows that lie a token stride apart).
+///
+/// # Safety
+/// [`QRows`]'s invariants hold.
+#[inline(always)]
+unsafe fn read_q_rows<S: Simd, P: Products<S>, const D: usize>(s: S, ctx: &Ctx<'_>, q: &QRows) {
+    let dst = q.scratch.cast::<P::Row>();
+    for r in 0..q.rows {
+        let off = ctx.q.layout.offset(q.b, q.i + r, q.h);
+        // SAFETY: the caller's contract: row (b, i + r, h) of q; row `r` of
+        // `scratch` (`PANEL·D` floats hold `PANEL` rows of `D` elements of
+        // at most 4 bytes).
+        unsafe { P::Row::read::<S, D>(s, ctx.dtype, ctx.q.ptr, off, dst.add(r * D)) };
+    }
+}
+
+/// Loads keys and values `blk.j0..blk.j0 + blk.n` (see [`KvBlock`]), key
+/// rows as `P::Row` elements and value rows as `P` stores them, zeroing
+/// key rows up to the next multiple of `MK` and prefetching the rows
+/// [`PREFETCH_ROWS`] ahead.
+///
+/// # Safety
+/// [`KvBlock`]'s invariants hold for this `MK`.
+#[inline(always)]
+unsafe fn load_block<S: Simd, P: Products<S>, const D: usize, const MK: usize>(
+    s: S,
+    ctx: &Ctx<'_>,
+    blk: &KvBlock,
+) {
+    let kw = blk.kw.cast::<P::Row>();
+    for j in 0..blk.n.div_ceil(MK) * MK {
+        prefetch_ahead::<S, D>(s, ctx, blk, blk.j0 + j);
+        // SAFETY: key row `j` of `kw` (the caller's contract), read from
+        // row (b, j0 + j, kvh) of k when `j < n`, zeroed otherwise.
+        unsafe {
+            let dst = kw.add(j * D);
+            if j < blk.n {
+                let off = ctx.k.layout.offset(blk.b, blk.j0 + j, blk.kvh);
+                P::Row::read::<S, D>(s, ctx.dtype, ctx.k.ptr, off, dst);
+                P::value_row::<D>(s, ctx, blk, j);
+            } else {
+                std::ptr::write_bytes(dst, 0, D);
+            }
+        }
+    }
 }
 
 /// Both products in `f32` FMA, with keys and values widened to `f32`.
 pub(crate) struct F32Products;
 
-impl<S: Simd> Products<S> for F32Products {
+impl<S: Simd> Dot<S> for F32Products {
+    type E = f32;
+    type V = S::V;
+    const PER: usize = 1;
+    const SCALE_SCORES: bool = false;
+
     #[inline(always)]
-    unsafe fn pack_q<const D: usize>(
-        s: S,
-        ctx: &Ctx<'_>,
-        b: usize,
-        h: usize,
-        i: usize,
-        rows: usize,
-        qt: *mut f32,
-        scratch: *mut f32,
-    ) {
-        for r in 0..rows {
-            let off = ctx.q.layout.offset(b, i + r, h);
-            // SAFETY: the caller's contract: row (b, i + r, h) of q, row `r`
-            // of `scratch`.
-            unsafe { read_row::<S, D>(s, ctx.dtype, ctx.q.ptr, off, scratch.add(r * D)) };
-        }
+    fn zero(s: S) -> S::V {
+        s.zero()
+    }
+
+    #[inline(always)]
+    unsafe fn load(s: S, p: *const f32) -> S::V {
+        // SAFETY: the caller's contract.
+        unsafe { s.load(p) }
+    }
+
+    #[inline(always)]
+    unsafe fn splat(s: S, p: *const f32) -> S::V {
+        // SAFETY: the caller's contract.
+        s.splat(unsafe { *p })
+    }
+
+    #[inline(always)]
+    unsafe fn mac(s: S, acc: S::V, a: S::V, b: S::V) -> S::V {
+        s.fma(a, b, acc)
+    }
+}
+
+impl<S: Simd> Products<S> for F32Products {
+    type Row = f32;
+
+    #[inline(always)]
+    unsafe fn transpose_q<const D: usize>(_s: S, ctx: &Ctx<'_>, q: &QRows) {
         for d in 0..D {
             for r in 0..PANEL {
-                let x = if r < rows {
+                let x = if r < q.rows {
                     // SAFETY: row `r < rows` of `scratch`.
-                    unsafe { *scratch.add(r * D + d) * ctx.scale }
+                    unsafe { *q.scratch.add(r * D + d) * ctx.scale }
                 } else {
                     0.0
                 };
                 // SAFETY: element `d` of lane `r` of the panel.
-                unsafe { *qt.add(d * PANEL + r) = x };
+                unsafe { *q.qt.add(d * PANEL + r) = x };
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn load_block<const D: usize, const MK: usize>(
-        s: S,
-        ctx: &Ctx<'_>,
-        b: usize,
-        kvh: usize,
-        j0: usize,
-        n: usize,
-        key_end: usize,
-        kw: *mut f32,
-        vw: *mut f32,
-        dp: usize,
-    ) {
-        for j in 0..n.div_ceil(MK) * MK {
-            prefetch_ahead::<S, D>(s, ctx, b, kvh, j0 + j, key_end);
-            if j < n {
-                let koff = ctx.k.layout.offset(b, j0 + j, kvh);
-                let voff = ctx.v.layout.offset(b, j0 + j, kvh);
-                // SAFETY: the caller's contract.
-                unsafe {
-                    read_row::<S, D>(s, ctx.dtype, ctx.k.ptr, koff, kw.add(j * D));
-                    read_row::<S, D>(s, ctx.dtype, ctx.v.ptr, voff, vw.add(j * dp));
-                    for c in D..dp {
-                        *vw.add(j * dp + c) = 0.0;
-                    }
-                }
-            } else {
-                for c in 0..D {
-                    // SAFETY: the caller's contract (padding rows).
-                    unsafe { *kw.add(j * D + c) = 0.0 };
-                }
+    unsafe fn value_row<const D: usize>(s: S, ctx: &Ctx<'_>, blk: &KvBlock, j: usize) {
+        let off = ctx.v.layout.offset(blk.b, blk.j0 + j, blk.kvh);
+        // SAFETY: the caller's contract: row (b, j0 + j, kvh) of v; row `j`
+        // of `vw`, `dp` floats.
+        unsafe {
+            let dst = blk.vw.add(j * blk.dp);
+            read_row::<S, D>(s, ctx.dtype, ctx.v.ptr, off, dst);
+            for c in D..blk.dp {
+                *dst.add(c) = 0.0;
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn scores<const D: usize, const MK: usize, const NQ: usize>(
-        s: S,
-        _ctx: &Ctx<'_>,
-        qt: *const f32,
-        kw: *const f32,
-        st: *mut f32,
-        nk_tiles: usize,
-        lanes: usize,
-    ) {
-        let w = S::W;
-        let mut l0 = 0;
-        while l0 < lanes {
-            let full = l0 + NQ * w <= lanes;
-            for k0 in (0..nk_tiles).step_by(MK) {
-                // SAFETY: the caller's contract: lanes `l0..` of the panel,
-                // key rows `k0..k0 + MK`, score rows `k0..k0 + MK`.
-                unsafe {
-                    let q = qt.add(l0);
-                    let kr = kw.add(k0 * D);
-                    let sp = st.add(k0 * PANEL + l0);
-                    if full {
-                        qk_tile::<S, D, MK, NQ>(s, q, PANEL, kr, sp, PANEL);
-                    } else {
-                        qk_tile::<S, D, MK, 1>(s, q, PANEL, kr, sp, PANEL);
-                    }
-                }
-            }
-            l0 += if full { NQ * w } else { w };
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn pv<const R: usize, const CMAX: usize>(
-        s: S,
-        o: *mut f32,
-        dp: usize,
-        st: *mut f32,
-        alpha: *const f32,
-        vw: *const f32,
-        nk: usize,
-        rows: usize,
-        _lanes: usize,
-    ) {
-        let w = S::W;
-        let dv = dp / w;
-        let chunks = dv.div_ceil(CMAX);
-        for r0 in (0..rows).step_by(R) {
-            let mut c0 = 0;
-            for ch in 0..chunks {
-                let c = dv / chunks + usize::from(ch < dv % chunks);
-                // SAFETY: the caller's contract: rows `r0..r0 + R`, vectors
-                // `c0..c0 + c` of `o`; lanes `r0..r0 + R` of `st` rows < nk.
-                unsafe {
-                    pv_chunk::<S, R, CMAX>(
-                        s,
-                        c,
-                        o.add(r0 * dp + c0 * w),
-                        dp,
-                        st.add(r0),
-                        PANEL,
-                        alpha.add(r0),
-                        vw.add(c0 * w),
-                        dp,
-                        nk,
-                    );
-                }
-                c0 += c;
-            }
-        }
+    unsafe fn probabilities(_s: S, _st: *mut f32, nk: usize, _lanes: usize) -> usize {
+        nk
     }
 }
 
-/// Prefetches key and value row `j + PREFETCH_ROWS` of head (b, kvh) if it
-/// is below `key_end`. Rows of one head lie a token stride apart (often a
-/// page or more), which the hardware prefetcher does not follow;
+/// Prefetches key and value row `j + PREFETCH_ROWS` of the block's head if
+/// it is below `blk.key_end`. Rows of one head lie a token stride apart
+/// (often a page or more), which the hardware prefetcher does not follow;
 /// decode-like calls are bound by these loads.
 #[inline(always)]
-pub(crate) fn prefetch_ahead<S: Simd, const D: usize>(
-    s: S,
-    ctx: &Ctx<'_>,
-    b: usize,
-    kvh: usize,
-    j: usize,
-    key_end: usize,
-) {
+fn prefetch_ahead<S: Simd, const D: usize>(s: S, ctx: &Ctx<'_>, blk: &KvBlock, j: usize) {
     let ahead = j + PREFETCH_ROWS;
-    if ahead < key_end {
-        prefetch_row::<S, D>(s, ctx, &ctx.k, b, ahead, kvh);
-        prefetch_row::<S, D>(s, ctx, &ctx.v, b, ahead, kvh);
+    if ahead < blk.key_end {
+        prefetch_row::<S, D>(s, ctx, &ctx.k, blk.b, ahead, blk.kvh);
+        prefetch_row::<S, D>(s, ctx, &ctx.v, blk.b, ahead, blk.kvh);
     }
 }
 
@@ -757,7 +920,18 @@ pub(crate) unsafe fn run_task<
         // SAFETY: rows `i0 + p0..+prows` of head (b, h) lie inside q's
         // buffer; `qt` holds `max_task_rows(D) / PANEL` panels; `kw` holds
         // `bk >= PANEL` rows of D floats.
-        unsafe { P::pack_q::<D>(s, ctx, b, h, i0 + p0, prows, qt_at(qt, D, p0), kw) };
+        unsafe {
+            let q = QRows {
+                b,
+                h,
+                i: i0 + p0,
+                rows: prows,
+                qt: qt_at(qt, D, p0),
+                scratch: kw,
+            };
+            read_q_rows::<S, P, D>(s, ctx, &q);
+            P::transpose_q::<D>(s, ctx, &q);
+        }
     }
     for r in 0..lanes {
         // SAFETY: `o` has `bq + R` rows of `dp`; `m`, `l`, `alpha` have
@@ -781,7 +955,18 @@ pub(crate) unsafe fn run_task<
         // SAFETY: rows `j0..j0 + n` (< key_end <= Sk) of head (b, kvh) lie
         // inside k's and v's buffers; `kw` and `vw` hold `bk >= n` rows,
         // `bk` a multiple of MK.
-        unsafe { P::load_block::<D, MK>(s, ctx, b, kvh, j0, n, key_end, kw, vw, dp) };
+        let blk = KvBlock {
+            b,
+            kvh,
+            j0,
+            n,
+            key_end,
+            kw,
+            vw,
+            dp,
+        };
+        // SAFETY: as above.
+        unsafe { load_block::<S, P, D, MK>(s, ctx, &blk) };
 
         for p0 in (0..rows).step_by(PANEL) {
             let prows = PANEL.min(rows - p0);
@@ -803,7 +988,14 @@ pub(crate) unsafe fn run_task<
             // `qt`; key rows `< nk_tiles <= bk` of `kw` (padding rows zero);
             // `st` holds `bk` rows of PANEL.
             unsafe {
-                P::scores::<D, MK, NQ>(s, ctx, qt_at(qt, D, p0), kw, st, nk_tiles, plan_lanes)
+                let panel = ScorePanel {
+                    qt: qt_at(qt, D, p0),
+                    kw,
+                    st,
+                    keys: nk_tiles,
+                    lanes: plan_lanes,
+                };
+                scores::<S, P, D, MK, NQ>(s, &panel, ctx.scale)
             };
 
             // The mask's bias, one query row at a time.
@@ -825,17 +1017,17 @@ pub(crate) unsafe fn run_task<
                 // SAFETY: lanes `g..g + W` of `st` rows `< nk`, entries
                 // `p0 + g..` of `m`, `l`, `alpha` (`bq + PANEL` long).
                 unsafe {
-                    softmax_group(
-                        s,
-                        st.add(g),
+                    let group = LaneGroup {
+                        st: st.add(g),
                         nk,
-                        mrow.add(p0 + g),
-                        lrow.add(p0 + g),
-                        alpha.add(p0 + g),
-                        ctx.causal && j0 + nk > row0 + 1,
+                        m: mrow.add(p0 + g),
+                        l: lrow.add(p0 + g),
+                        alpha: alpha.add(p0 + g),
+                        diagonal: ctx.causal && j0 + nk > row0 + 1,
                         j0,
                         row0,
-                    );
+                    };
+                    softmax_group(s, &group);
                 }
             }
 
@@ -844,17 +1036,17 @@ pub(crate) unsafe fn run_task<
             // (`bq + R` rows of dp) and of `alpha`; `st` rows `< nk`, lanes
             // `< plan_lanes`; `vw` rows `< nk`.
             unsafe {
-                P::pv::<R, CMAX>(
-                    s,
-                    o.add(p0 * dp),
+                let panel = PvPanel {
+                    o: o.add(p0 * dp),
                     dp,
                     st,
-                    alpha.add(p0),
+                    alpha: alpha.add(p0),
                     vw,
                     nk,
-                    prows,
-                    plan_lanes,
-                )
+                    rows: prows,
+                    lanes: plan_lanes,
+                };
+                pv::<S, P, R, CMAX>(s, &panel)
             };
         }
         j0 += n;
@@ -879,27 +1071,52 @@ pub(crate) unsafe fn run_task<
     }
 }
 
-/// The online-softmax step of `W` query lanes against `nk` keys: masks the
-/// causal diagonal, updates the running maximum `m` and sum `l`, writes the
+/// `W` query lanes of a panel in one online-softmax step, against the `nk`
+/// keys `j0..` of a block.
+///
+/// Invariants (the callers' safety contract): `st` reads and writes `nk`
+/// rows of `W` floats at stride [`PANEL`]; `m`, `l` and `alpha` hold `W`
+/// floats each.
+#[derive(Clone, Copy)]
+struct LaneGroup {
+    /// The group's scores, lane 0 of key row 0.
+    st: *mut f32,
+    /// Keys in the step.
+    nk: usize,
+    /// The running maxima of the group's rows.
+    m: *mut f32,
+    /// The running sums of the group's rows.
+    l: *mut f32,
+    /// Where the step's corrections `e^(m_old − m_new)` go.
+    alpha: *mut f32,
+    /// Whether the causal diagonal crosses the step (some key is past
+    /// some row).
+    diagonal: bool,
+    /// The step's first key.
+    j0: usize,
+    /// The group's first query row.
+    row0: usize,
+}
+
+/// The online-softmax step of one [`LaneGroup`]: masks the causal
+/// diagonal, updates the running maximum `m` and sum `l`, writes the
 /// correction `alpha = e^(m_old − m_new)` and turns the scores into
 /// probabilities in place.
 ///
 /// # Safety
-/// `st` reads and writes `nk` rows of `W` floats at stride [`PANEL`]; `m`,
-/// `l` and `alpha` hold `W` floats.
+/// [`LaneGroup`]'s invariants hold.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn softmax_group<S: Simd>(
-    s: S,
-    st: *mut f32,
-    nk: usize,
-    m: *mut f32,
-    l: *mut f32,
-    alpha: *mut f32,
-    diagonal: bool,
-    j0: usize,
-    row0: usize,
-) {
+unsafe fn softmax_group<S: Simd>(s: S, group: &LaneGroup) {
+    let LaneGroup {
+        st,
+        nk,
+        m,
+        l,
+        alpha,
+        diagonal,
+        j0,
+        row0,
+    } = *group;
     let neg_inf = s.splat(f32::NEG_INFINITY);
     let mut mx = neg_inf;
     if diagonal {

@@ -22,7 +22,8 @@ use sdpa_runtime::distributed::{
 use sdpa_runtime::prelude::*;
 use sdpa_runtime::{probe_cuda, CudaProbe, Element, Layout, SdpaError};
 
-use crate::bench::{time_passes, BenchArgs, Case, SEED, SINGLE};
+use super::args::{cases, has_shape_flags, BenchArgs, Case};
+use super::timing::{throughput, time_passes, write_json, SEED, SINGLE};
 use crate::error::{CliError, Result};
 use crate::presets::Shape;
 use sdpa_cli::variants::SdpaCli;
@@ -120,8 +121,8 @@ pub fn run(args: &BenchArgs, worlds: &[usize]) -> Result<()> {
     } else {
         BackendKind::Cpu
     };
-    let cases = if crate::bench::has_shape_flags(args) || args.preset.is_some() {
-        crate::bench::cases(args, backend)?
+    let cases = if has_shape_flags(args) || args.preset.is_some() {
+        cases(args, backend)?
     } else {
         let dtype = args.dtype.map(DType::from).unwrap_or(DType::BF16);
         vec![Case {
@@ -163,16 +164,19 @@ pub fn run(args: &BenchArgs, worlds: &[usize]) -> Result<()> {
         // Speed-ups are against one rank, timed first when asked for.
         let mut one_rank_ms = None;
         for &world in &worlds {
-            let (full, local) = match (on_cuda, case.dtype) {
-                (true, dtype) => {
-                    let ordinals: Vec<usize> = (0..world).collect();
-                    let comms = NcclCommunicator::for_devices(&ordinals)?;
-                    time_world(comms, s, dtype, explicit, warmup, iters)?
-                }
-                (false, dtype) => {
-                    let comms = ThreadCommunicator::group(world)?;
-                    time_world(comms, s, dtype, explicit, warmup, iters)?
-                }
+            let plan = Plan {
+                shape: s,
+                backend: explicit,
+                warmup,
+                iters,
+            };
+            let (full, local) = if on_cuda {
+                let ordinals: Vec<usize> = (0..world).collect();
+                let comms = NcclCommunicator::for_devices(&ordinals)?;
+                time_world(comms, case.dtype, plan)?
+            } else {
+                let comms = ThreadCommunicator::group(world)?;
+                time_world(comms, case.dtype, plan)?
             };
             let (full_ms, local_ms) = (full.as_secs_f64() * 1e3, local.as_secs_f64() * 1e3);
             if world == 1 {
@@ -189,7 +193,7 @@ pub fn run(args: &BenchArgs, worlds: &[usize]) -> Result<()> {
                 full_ms,
                 local_ms,
                 share * 100.0,
-                crate::bench::throughput(tflops * 1e12),
+                throughput(tflops * 1e12),
                 speedup.map_or("-".into(), |x| format!("{x:.2}x")),
             );
             records.push(Record {
@@ -207,47 +211,65 @@ pub fn run(args: &BenchArgs, worlds: &[usize]) -> Result<()> {
         }
     }
     if let Some(path) = &args.json {
-        crate::bench::write_json(path, &records)?;
+        write_json(path, &records)?;
     }
     Ok(())
+}
+
+/// What every rank of one timing runs: the shape, the backend the flag
+/// asked for (if any) and the pass counts.
+#[derive(Clone, Copy)]
+struct Plan<'a> {
+    /// The whole problem; each rank holds `1/world` of its sequence.
+    shape: &'a Shape,
+    /// `--backend`, when given (else `SDPA_BACKEND` or auto decide).
+    backend: Option<BackendKind>,
+    /// Untimed passes.
+    warmup: usize,
+    /// Timed passes.
+    iters: usize,
+}
+
+/// Where the ranks of one timing meet: the barrier around every pass, and
+/// the flag a rank raises when its setup failed.
+#[derive(Clone, Copy)]
+struct Meeting<'a> {
+    /// Waited on by every rank before and after each pass.
+    barrier: &'a Barrier,
+    /// Set by a rank whose setup failed, read after the first barrier.
+    failed: &'a AtomicBool,
 }
 
 /// Times `world` ranks: the medians of the sequence-parallel pass and of the
 /// local attention alone.
 fn time_world<C: Rank>(
     comms: Vec<C>,
-    shape: &Shape,
     dtype: DType,
-    backend: Option<BackendKind>,
-    warmup: usize,
-    iters: usize,
+    plan: Plan<'_>,
 ) -> Result<(Duration, Duration)> {
     match dtype {
-        DType::F32 => time_world_typed::<C, f32>(comms, shape, backend, warmup, iters),
-        DType::F16 => time_world_typed::<C, f16>(comms, shape, backend, warmup, iters),
-        DType::BF16 => time_world_typed::<C, bf16>(comms, shape, backend, warmup, iters),
+        DType::F32 => time_world_typed::<C, f32>(comms, plan),
+        DType::F16 => time_world_typed::<C, f16>(comms, plan),
+        DType::BF16 => time_world_typed::<C, bf16>(comms, plan),
     }
 }
 
+/// [`time_world`] for element type `T`: one thread per rank.
 fn time_world_typed<C: Rank, T: Element>(
     comms: Vec<C>,
-    shape: &Shape,
-    backend: Option<BackendKind>,
-    warmup: usize,
-    iters: usize,
+    plan: Plan<'_>,
 ) -> Result<(Duration, Duration)> {
     let world = comms.len();
     let barrier = Barrier::new(world);
     let failed = AtomicBool::new(false);
+    let meeting = Meeting {
+        barrier: &barrier,
+        failed: &failed,
+    };
     let results: Vec<Result<(Duration, Duration)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = comms
             .into_iter()
-            .map(|comm| {
-                let (barrier, failed) = (&barrier, &failed);
-                scope.spawn(move || {
-                    rank_passes::<C, T>(comm, shape, backend, warmup, iters, barrier, failed)
-                })
-            })
+            .map(|comm| scope.spawn(move || rank_passes::<C, T>(comm, plan, meeting)))
             .collect();
         handles
             .into_iter()
@@ -267,16 +289,18 @@ fn time_world_typed<C: Rank, T: Element>(
 }
 
 /// One rank's side of [`time_world`]: setup, then passes between barriers.
-#[allow(clippy::too_many_arguments)]
 fn rank_passes<C: Rank, T: Element>(
     comm: C,
-    shape: &Shape,
-    backend: Option<BackendKind>,
-    warmup: usize,
-    iters: usize,
-    barrier: &Barrier,
-    failed: &AtomicBool,
+    plan: Plan<'_>,
+    meeting: Meeting<'_>,
 ) -> Result<(Duration, Duration)> {
+    let Plan {
+        shape,
+        backend,
+        warmup,
+        iters,
+    } = plan;
+    let Meeting { barrier, failed } = meeting;
     let world = comm.world_size();
     let (b, h, hkv, d) = (shape.batch, shape.heads_q, shape.heads_kv, shape.head_size);
     // Pad the sequence to a multiple of the world size, as FastVideo does.
@@ -366,14 +390,4 @@ fn rank_passes<C: Rank, T: Element>(
         Ok(())
     })?;
     Ok((full, local))
-}
-
-/// Parses one rank count of `--world-size 1,2,4`.
-pub fn parse_world(text: &str) -> std::result::Result<usize, String> {
-    match text.trim().parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!(
-            "{text:?} is not a rank count; pass counts of 1 or more, like 1,2,4"
-        )),
-    }
 }

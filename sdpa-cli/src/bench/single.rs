@@ -1,0 +1,273 @@
+//! `sdpa bench` on one device: times the forward pass on model shapes or a
+//! shape given by flags, and reports the median time and throughput.
+//!
+//! Each case fills `q`, `k` and `v` with seeded random values, builds its
+//! layer, runs warm-up passes, then times passes of `forward_into` into one
+//! preallocated output and reports their median. On the CUDA backend the
+//! tensors are copied to device 0 once, before timing, and each pass is
+//! timed with CUDA events around the launch (the first warm-up pass pays
+//! the JIT load of the variant, reported after the table).
+
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sdpa_runtime::cudarc::driver::sys::CUevent_flags;
+use sdpa_runtime::cudarc::driver::{CudaSlice, CudaStream};
+use sdpa_runtime::prelude::*;
+use sdpa_runtime::{cuda, probe_cuda, select, CudaProbe, Element, Residence, SdpaError, SdpaImpl};
+
+use super::args::{cases, has_shape_flags, BenchArgs, Case};
+use super::timing::{throughput, time_passes, write_json, Budget, Timing, SEED, SINGLE, TABLE};
+use crate::error::{CliError, Result};
+use crate::presets::Shape;
+use sdpa_cli::variants::SdpaCli;
+
+/// One line of `--json`.
+#[derive(Debug, serde::Serialize)]
+struct Record {
+    shape: String,
+    dtype: &'static str,
+    causal: bool,
+    backend: &'static str,
+    median_ms: f64,
+    tflops: f64,
+    batch: usize,
+    heads_q: usize,
+    heads_kv: usize,
+    seq_q: usize,
+    seq_k: usize,
+    head_size: usize,
+}
+
+/// Runs `sdpa bench` on one device: the preset table, one preset or the
+/// shape of the flags.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let explicit = args.backend.map(BackendKind::from);
+    let request = BackendKind::resolve(explicit)?;
+    // Tensors go to device 0 when CUDA is asked for or auto finds a device;
+    // `select` then says what runs them (or why CUDA cannot).
+    let residence = match (request, probe_cuda()) {
+        (BackendKind::Cpu, _) | (_, CudaProbe::Absent(_)) => Residence::Host,
+        (_, CudaProbe::Present { .. }) => Residence::Cuda { ordinal: 0 },
+    };
+    let selection = select(request, residence)?;
+    let backend = selection.backend;
+    let cases = cases(args, backend)?;
+    let layers = cases
+        .iter()
+        .map(|case| build_layer(&case.shape, explicit))
+        .collect::<Result<Vec<_>>>()?;
+
+    println!(
+        "backend {backend} ({}), {} rayon threads",
+        selection.reason,
+        rayon::current_num_threads()
+    );
+    let budget = if cases.len() <= 2 { SINGLE } else { TABLE };
+    let table = Table::new(&cases);
+    table.header();
+    let mut records = Vec::with_capacity(cases.len());
+    for (case, layer) in cases.iter().zip(&layers) {
+        let timing = time_case(case, layer, backend, args.warmup, args.iters, budget)?;
+        let seconds = timing.median.as_secs_f64();
+        let flops_per_s = case.shape.flops() / seconds;
+        table.row(case, backend, &timing, flops_per_s);
+        records.push(Record {
+            shape: case.shape.dims(),
+            dtype: case.dtype.name(),
+            causal: case.shape.causal,
+            backend: backend.name(),
+            median_ms: seconds * 1e3,
+            tflops: flops_per_s / 1e12,
+            batch: case.shape.batch,
+            heads_q: case.shape.heads_q,
+            heads_kv: case.shape.heads_kv,
+            seq_q: case.shape.seq_q,
+            seq_k: case.shape.seq_k,
+            head_size: case.shape.head_size,
+        });
+    }
+    if args.preset.is_none() && !has_shape_flags(args) && backend == BackendKind::Cpu {
+        println!(
+            "note: CPU presets run in f32 and bf16 with sequences scaled down for a small \
+             machine; the CUDA table runs full size in bf16 (`sdpa bench --preset list`)"
+        );
+    }
+    if backend == BackendKind::Cuda {
+        let loads = cuda::jit_loads();
+        let ms: f64 = loads.iter().map(|l| l.elapsed.as_secs_f64() * 1e3).sum();
+        println!(
+            "jit: {} kernel(s) loaded in {ms:.1} ms (during warm-up, not timed)",
+            loads.len()
+        );
+    }
+    if let Some(path) = &args.json {
+        write_json(path, &records)?;
+    }
+    Ok(())
+}
+
+/// Builds the layer for `shape`; sets the backend only when the flag gave
+/// one, so that `SDPA_BACKEND` still applies.
+fn build_layer(shape: &Shape, backend: Option<BackendKind>) -> Result<SdpaImpl> {
+    let mut params = AttentionParams::new(shape.heads_q, shape.head_size)
+        .num_kv_heads(shape.heads_kv)
+        .causal(shape.causal)
+        .prefix("sdpa bench");
+    if let Some(backend) = backend {
+        params = params.backend(backend);
+    }
+    Ok(SdpaCli.build_impl(params)?)
+}
+
+/// Warms up, then times passes of `forward_into` and returns their median,
+/// on the host or, for `Cuda`, on device 0.
+fn time_case(
+    case: &Case,
+    layer: &SdpaImpl,
+    backend: BackendKind,
+    warmup: Option<usize>,
+    iters: Option<u64>,
+    budget: Budget,
+) -> Result<Timing> {
+    let s = &case.shape;
+    let mut rng = StdRng::seed_from_u64(SEED);
+    let q_shape = [s.batch, s.seq_q, s.heads_q, s.head_size];
+    let kv_shape = [s.batch, s.seq_k, s.heads_kv, s.head_size];
+    let q = random_tensor(&mut rng, case.dtype, q_shape)?;
+    let k = random_tensor(&mut rng, case.dtype, kv_shape)?;
+    let v = random_tensor(&mut rng, case.dtype, kv_shape)?;
+    if backend == BackendKind::Cuda {
+        return match case.dtype {
+            DType::F32 => time_on_device::<f32>(layer, [&q, &k, &v], warmup, iters, budget),
+            DType::F16 => time_on_device::<f16>(layer, [&q, &k, &v], warmup, iters, budget),
+            DType::BF16 => time_on_device::<bf16>(layer, [&q, &k, &v], warmup, iters, budget),
+        };
+    }
+    let (q, k, v) = (q.view(), k.view(), v.view());
+    let mut out = Tensor::zeros(case.dtype, q_shape);
+    let mut out = out.view_mut();
+    let metadata = AttentionMetadata::default();
+    let pass = || -> Result<Duration> {
+        let start = Instant::now();
+        layer.forward_into(&q, &k, &v, &metadata, &mut out)?;
+        Ok(start.elapsed())
+    };
+    time_passes(pass, warmup, iters, budget)
+}
+
+/// Times passes with `q`, `k`, `v` and the output on device 0, allocated
+/// once; each pass is the time between CUDA events recorded on the stream
+/// before and after the launch.
+fn time_on_device<T: Element>(
+    layer: &SdpaImpl,
+    [q, k, v]: [&Tensor; 3],
+    warmup: Option<usize>,
+    iters: Option<u64>,
+    budget: Budget,
+) -> Result<Timing> {
+    let cuda_err = |doing: &str, e: sdpa_runtime::cudarc::driver::DriverError| {
+        CliError::Sdpa(SdpaError::Cuda(format!("{doing}: {e}")))
+    };
+    let stream = cuda::context(0)?.default_stream();
+    let upload = |t: &Tensor| -> Result<CudaSlice<T>> {
+        let host = t
+            .as_slice::<T>()
+            .ok_or_else(|| CliError::Input("a bench tensor has the wrong dtype".into()))?;
+        stream
+            .clone_htod(host)
+            .map_err(|e| cuda_err("copying the inputs to device 0", e))
+    };
+    let (dq, dk, dv) = (upload(q)?, upload(k)?, upload(v)?);
+    let mut dout = stream
+        .alloc_zeros::<T>(q.shape().iter().product::<usize>().max(1))
+        .map_err(|e| cuda_err("allocating the output on device 0", e))?;
+    let qv = TensorView::from_cuda(&dq, q.shape())?;
+    let kv = TensorView::from_cuda(&dk, k.shape())?;
+    let vv = TensorView::from_cuda(&dv, v.shape())?;
+    let mut out = TensorViewMut::from_cuda(&mut dout, q.shape())?;
+    let metadata = AttentionMetadata::default();
+    let ctx = stream.context();
+    let event = || {
+        ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("creating a timing event", e))
+    };
+    let (start, end) = (event()?, event()?);
+    let stream: &CudaStream = &stream;
+    let pass = || -> Result<Duration> {
+        start
+            .record(stream)
+            .map_err(|e| cuda_err("recording an event", e))?;
+        layer.forward_into(&qv, &kv, &vv, &metadata, &mut out)?;
+        end.record(stream)
+            .map_err(|e| cuda_err("recording an event", e))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(|e| cuda_err("running the kernel", e))?;
+        Ok(Duration::from_secs_f64(f64::from(ms) / 1e3))
+    };
+    time_passes(pass, warmup, iters, budget)
+}
+
+/// A tensor of `shape` with values uniform in `[-1, 1)`.
+fn random_tensor(rng: &mut StdRng, dtype: DType, shape: [usize; 4]) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let values = (0..n).map(|_| rng.random_range(-1.0f32..1.0));
+    let tensor = match dtype {
+        DType::F32 => Tensor::from_vec(values.collect(), shape),
+        DType::F16 => Tensor::from_vec(values.map(f16::from_f32).collect(), shape),
+        DType::BF16 => Tensor::from_vec(values.map(bf16::from_f32).collect(), shape),
+    };
+    Ok(tensor?)
+}
+
+/// The results table, printed a row at a time as cases finish.
+struct Table {
+    preset_width: usize,
+    shape_width: usize,
+}
+
+impl Table {
+    fn new(cases: &[Case]) -> Table {
+        let width = |f: &dyn Fn(&Case) -> usize, title: &str| {
+            cases.iter().map(f).max().unwrap_or(0).max(title.len())
+        };
+        Table {
+            preset_width: width(&|c| c.preset.map_or(1, str::len), "preset"),
+            shape_width: width(&|c| c.shape.to_string().len(), "shape (BxHqxSqxSkxD)"),
+        }
+    }
+
+    fn header(&self) {
+        println!(
+            "{:<pw$}  {:<sw$}  {:<5}  {:<6}  {:<7}  {:>10}  {:>5}  {:>15}",
+            "preset",
+            "shape (BxHqxSqxSkxD)",
+            "dtype",
+            "causal",
+            "backend",
+            "median ms",
+            "runs",
+            "throughput",
+            pw = self.preset_width,
+            sw = self.shape_width,
+        );
+    }
+
+    fn row(&self, case: &Case, backend: BackendKind, timing: &Timing, flops_per_s: f64) {
+        println!(
+            "{:<pw$}  {:<sw$}  {:<5}  {:<6}  {:<7}  {:>10.3}  {:>5}  {:>15}",
+            case.preset.unwrap_or("-"),
+            case.shape,
+            case.dtype.name(),
+            case.shape.causal,
+            backend.name(),
+            timing.median.as_secs_f64() * 1e3,
+            timing.runs,
+            throughput(flops_per_s),
+            pw = self.preset_width,
+            sw = self.shape_width,
+        );
+    }
+}
