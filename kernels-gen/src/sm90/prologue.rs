@@ -4,9 +4,10 @@
 //! consumers' registers.
 
 use super::emitter::{desc_bits, Core, Emitter};
-use super::epilogue::Output;
 use super::schedule::{Tile, TileScheduler};
-use crate::contract::{declare_params, load_args, TENSOR_MAP_PARAMS};
+use crate::attention::mask::{key_blocks, mask_of_head};
+use crate::attention::store::OutputRows;
+use crate::contract::{declare_params, load_args, tensor_head, TENSOR_MAP_PARAMS};
 use crate::ptx::{BinOp, Cmp, Kernel, Operand, Param, Reg, Ty};
 
 /// What the prologue leaves for the parts after it.
@@ -36,7 +37,7 @@ pub(super) struct Prologue {
     /// The tile's key blocks.
     pub(super) n_blocks: Reg,
     /// Where the consumer's output rows go.
-    pub(super) out: Output,
+    pub(super) out: OutputRows,
     /// The consumer's products' and softmax's registers.
     pub(super) core: Core,
 }
@@ -78,19 +79,12 @@ impl Emitter {
         let tq = k.bin(BinOp::And, Ty::U32, lane, Operand::U(3));
         let (q0, kv_head) = sched.rows(k, &tile, bm, a.group);
 
-        let tensor_base = |k: &mut Kernel, ptr: Reg, st: [Reg; 3], h: Reg| -> Base {
-            let b64 = k.cvt(None, Ty::U64, Ty::U32, tile.batch);
-            let h64 = k.cvt(None, Ty::U64, Ty::U32, h);
-            let off = k.bin(BinOp::Mul, Ty::U64, b64, st[0]);
-            let off = k.mad(Ty::U64, h64, st[2], off);
-            let base = k.mad(Ty::U64, off, Operand::U(2), ptr);
-            let stride = k.bin(BinOp::Mul, Ty::U64, st[1], Operand::U(2));
-            (base, stride)
-        };
-        let q = tensor_base(k, a.q, a.q_strides, tile.head);
-        let kk = tensor_base(k, a.k, a.k_strides, kv_head);
-        let v = tensor_base(k, a.v, a.v_strides, kv_head);
-        let (o_base, o_stride) = tensor_base(k, a.out, a.out_strides, tile.head);
+        // 16-bit elements.
+        let elem = 2;
+        let q = tensor_head(k, a.q, a.q_strides, tile.batch, tile.head, elem);
+        let kk = tensor_head(k, a.k, a.k_strides, tile.batch, kv_head, elem);
+        let v = tensor_head(k, a.v, a.v_strides, tile.batch, kv_head, elem);
+        let (o_base, o_stride) = tensor_head(k, a.out, a.out_strides, tile.batch, tile.head, elem);
 
         // Shared tiles, from a 1024-byte aligned base: Q, then the stages
         // of (K, V).
@@ -118,25 +112,18 @@ impl Emitter {
         let row0 = k.mad(Ty::U32, cwg, Operand::U(64), q0);
         let row0 = k.mad(Ty::U32, warp_in_wg, Operand::U(16), row0);
         let row0 = k.bin(BinOp::Add, Ty::U32, row0, g);
-        let n_blocks = sched.key_blocks(k, q0, a.seq_k, (bm, bn), cfg.causal());
-
-        let has_mask = k.setp(Cmp::Ne, Ty::U64, a.mask, Operand::U(0));
-        let mask_head = {
-            let b64 = k.cvt(None, Ty::U64, Ty::U32, tile.batch);
-            let h64 = k.cvt(None, Ty::U64, Ty::U32, tile.head);
-            let off = k.bin(BinOp::Mul, Ty::U64, b64, msb);
-            k.mad(Ty::U64, h64, msh, off)
-        };
+        let n_blocks = key_blocks(k, q0, bm, bn, a.seq_k, cfg.causal());
+        let (has_mask, mask_head) = mask_of_head(k, a.mask, tile.batch, tile.head, msb, msh);
         let zero = k.mov(Ty::U32, Operand::U(0));
         let p_true = k.setp(Cmp::Eq, Ty::U32, zero, Operand::U(0));
         let p_false = k.setp(Cmp::Ne, Ty::U32, zero, Operand::U(0));
         let neg_inf = Operand::F32(f32::NEG_INFINITY);
-        let out = Output {
-            tq,
+        let out = OutputRows {
             row0,
+            tq,
             seq_q: a.seq_q,
-            o_base,
-            o_stride,
+            base: o_base,
+            stride: o_stride,
         };
         let core = Core {
             s_acc: k.regs(Ty::F32, bn / 2),

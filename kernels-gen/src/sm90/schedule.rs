@@ -67,26 +67,6 @@ impl TileScheduler {
         (q0, kv_head)
     }
 
-    /// The tile's key blocks of `block_n` keys: causal tiles stop at their
-    /// last row.
-    pub(super) fn key_blocks(
-        self,
-        k: &mut Kernel,
-        q0: Reg,
-        seq_k: Reg,
-        (block_m, block_n): (usize, usize),
-        causal: bool,
-    ) -> Reg {
-        let key_end = if causal {
-            let last = k.bin(BinOp::Add, Ty::U32, q0, Operand::U(block_m as u64));
-            k.bin(BinOp::Min, Ty::U32, last, seq_k)
-        } else {
-            seq_k
-        };
-        let n = k.bin(BinOp::Add, Ty::U32, key_end, Operand::U(block_n as u64 - 1));
-        k.bin(BinOp::Div, Ty::U32, n, Operand::U(block_n as u64))
-    }
-
     /// The producer's start: its progress counters, and the top of its
     /// tile loop, where a looping scheduler comes back to.
     pub(super) fn producer_start(self, k: &mut Kernel) -> ProducerTiles {
