@@ -70,9 +70,9 @@ impl Emitter {
         k.branch_if(done, true, &top);
     }
 
-    /// The stage of block `blk` (a register): the address of its mbarrier
-    /// `bar` and the parity of the phase block `blk` completes.
-    pub(super) fn stage_barrier(&mut self, sbar: Reg, blk: Reg, bar: Bar) -> (Reg, Reg) {
+    /// The address of the mbarrier `bar` of block `blk`'s stage (`blk` a
+    /// register).
+    pub(super) fn stage_barrier(&mut self, sbar: Reg, blk: Reg, bar: Bar) -> Reg {
         let stages = self.cfg.stages();
         let row = match bar {
             Bar::Full => 0,
@@ -86,10 +86,17 @@ impl Emitter {
         } else {
             sbar
         };
-        let addr = k.mad(Ty::U32, s, Operand::U(8), base);
-        let round = k.bin(BinOp::Div, Ty::U32, blk, Self::u(stages));
+        k.mad(Ty::U32, s, Operand::U(8), base)
+    }
+
+    /// Waits on the mbarrier `bar` of block `blk`'s stage until it has
+    /// completed the phase of block `blk` (the parity of `blk / stages`).
+    pub(super) fn wait_stage(&mut self, sbar: Reg, blk: Reg, bar: Bar) {
+        let addr = self.stage_barrier(sbar, blk, bar);
+        let k = &mut self.k;
+        let round = k.bin(BinOp::Div, Ty::U32, blk, Self::u(self.cfg.stages()));
         let parity = k.bin(BinOp::And, Ty::U32, round, Operand::U(1));
-        (addr, parity)
+        self.mbar_wait(addr, parity);
     }
 
     /// An arrival on the mbarrier at `addr`, announcing `expect_tx` bytes
@@ -103,9 +110,9 @@ impl Emitter {
         }
     }
 
-    /// Byte offset of the stage of block `n + plus`, and the same in
-    /// descriptor units.
-    pub(super) fn stage_of(&mut self, n: Reg, plus: usize) -> (Reg, Reg) {
+    /// The offset of the stage of block `n + plus` from stage 0, in
+    /// descriptor units (16 bytes), for the `wgmma` descriptors.
+    pub(super) fn stage_of(&mut self, n: Reg, plus: usize) -> Reg {
         let stages = self.cfg.stages();
         let stride = 2 * self.cfg.kv_tile();
         let k = &mut self.k;
@@ -115,9 +122,7 @@ impl Emitter {
             n
         };
         let s = k.bin(BinOp::Rem, Ty::U32, m, Self::u(stages));
-        let bytes = k.bin(BinOp::Mul, Ty::U32, s, Self::u(stride));
         let s64 = k.cvt(None, Ty::U64, Ty::U32, s);
-        let units = k.bin(BinOp::Mul, Ty::U64, s64, Self::u(stride >> 4));
-        (bytes, units)
+        k.bin(BinOp::Mul, Ty::U64, s64, Self::u(stride >> 4))
     }
 }

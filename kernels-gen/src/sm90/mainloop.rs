@@ -18,8 +18,6 @@ pub(super) struct Operands {
     pub(super) v_desc0: Reg,
     /// The tile's key blocks.
     pub(super) n_blocks: Reg,
-    /// The consumer warpgroup of this thread (0-based).
-    pub(super) cwg: Reg,
 }
 
 impl Emitter {
@@ -31,9 +29,8 @@ impl Emitter {
             k_desc0,
             v_desc0,
             n_blocks,
-            cwg,
         } = *ops;
-        let (bn, wgs) = (self.cfg.block_n(), self.cfg.wgs());
+        let bn = self.cfg.block_n();
         let k = &mut self.k;
         let n = k.mov(Ty::U32, Operand::U(0));
         let j0 = k.mov(Ty::U32, Operand::U(0));
@@ -43,14 +40,9 @@ impl Emitter {
         // Q's box (its phase: the tile, 0).
         let q_bar = self.q_full(sbar);
         self.mbar_wait(q_bar, n);
-        // Whether this is the last consumer: unread since the consumers no
-        // longer take turns (ping-pong), kept so that the PTX stays
-        // byte-identical with the kernels measured in `docs/hopper.md`.
-        let _is_last = self.k.setp(Cmp::Eq, Ty::U32, cwg, Self::u(wgs - 1));
 
         // Block 0: scores and softmax.
-        let (full, parity) = self.stage_barrier(sbar, n, Bar::Full);
-        self.mbar_wait(full, parity);
+        self.wait_stage(sbar, n, Bar::Full);
         self.k.push(Instr::WgmmaFence);
         self.s_gemm(c, k_desc0);
         self.k.push(Instr::WgmmaCommit);
@@ -65,12 +57,10 @@ impl Emitter {
         let loop_top = self.k.label("key_block");
         self.k.push(Instr::Label(loop_top.clone()));
         let n1 = self.k.bin(BinOp::Add, Ty::U32, n, Operand::U(1));
-        let (full, parity) = self.stage_barrier(sbar, n1, Bar::Full);
-        self.mbar_wait(full, parity);
-        let (full, parity) = self.stage_barrier(sbar, n, Bar::VFull);
-        self.mbar_wait(full, parity);
-        let (_, cur) = self.stage_of(n, 0);
-        let (_, next) = self.stage_of(n, 1);
+        self.wait_stage(sbar, n1, Bar::Full);
+        self.wait_stage(sbar, n, Bar::VFull);
+        let cur = self.stage_of(n, 0);
+        let next = self.stage_of(n, 1);
         let k = &mut self.k;
         k.bin_to(BinOp::Add, Ty::U32, j0, j0, Self::u(bn));
         let k_desc = k.bin(BinOp::Add, Ty::U64, k_desc0, next);
@@ -97,7 +87,7 @@ impl Emitter {
             }
             self.k.push(Instr::WgmmaWait(0));
             let prev = self.k.bin(BinOp::Sub, Ty::U32, n, Operand::U(1));
-            let (empty, _) = self.stage_barrier(sbar, prev, Bar::Empty);
+            let empty = self.stage_barrier(sbar, prev, Bar::Empty);
             let release = self.arrival(empty, None);
             self.k.push(release);
             self.rescale_and_pack(c, alpha);
@@ -111,9 +101,8 @@ impl Emitter {
 
         // The last block's P·V.
         self.k.push(Instr::Label(tail));
-        let (full, parity) = self.stage_barrier(sbar, n, Bar::VFull);
-        self.mbar_wait(full, parity);
-        let (_, cur) = self.stage_of(n, 0);
+        self.wait_stage(sbar, n, Bar::VFull);
+        let cur = self.stage_of(n, 0);
         let v_desc = self.k.bin(BinOp::Add, Ty::U64, v_desc0, cur);
         self.k.push(Instr::WgmmaFence);
         self.pv_gemm(c, v_desc);

@@ -150,7 +150,6 @@ fn compose(mut e: Emitter, sched: TileScheduler) -> Kernel {
         k_desc0: p.k_desc0,
         v_desc0: p.v_desc0,
         n_blocks: p.n_blocks,
-        cwg: p.cwg,
     };
     e.mainloop(&p.core, &ops);
     e.epilogue(&p.core, &p.out);

@@ -104,11 +104,10 @@ impl Emitter {
         let free = k.label("stage_free");
         k.branch_if(reuse, true, &free);
         let old = k.bin(BinOp::Sub, Ty::U32, gb, Self::u(stages));
-        let (empty, parity) = self.stage_barrier(sbar, old, Bar::Empty);
-        self.mbar_wait(empty, parity);
+        self.wait_stage(sbar, old, Bar::Empty);
         self.k.push(Instr::Label(free));
         for (which, bar, m) in [(0, Bar::Full, map[1]), (1, Bar::VFull, map[2])] {
-            let (full, _) = self.stage_barrier(sbar, gb, bar);
+            let full = self.stage_barrier(sbar, gb, bar);
             let arrive = self.arrival(full, Some(tile as u32));
             let k = &mut self.k;
             k.push(arrive);

@@ -4,10 +4,11 @@
 //! consumers' registers.
 
 use super::emitter::{desc_bits, Core, Emitter};
-use super::epilogue::Output;
 use super::schedule::{Tile, TileScheduler};
-use crate::contract::{declare_params, load_args, TENSOR_MAP_PARAMS};
-use crate::ptx::{BinOp, Cmp, Kernel, Operand, Param, Reg, Ty};
+use crate::attention::mask::{key_blocks, mask_of_head};
+use crate::attention::store::OutputRows;
+use crate::contract::{declare_params, load_args, tensor_head, TENSOR_MAP_PARAMS};
+use crate::ptx::{BinOp, Cmp, Operand, Param, Reg, Ty};
 
 /// What the prologue leaves for the parts after it.
 pub(super) struct Prologue {
@@ -23,8 +24,6 @@ pub(super) struct Prologue {
     pub(super) kv_head: Reg,
     /// The warpgroup of this thread (0: the producer).
     pub(super) wg: Reg,
-    /// The consumer warpgroup of this thread (`wg - 1`).
-    pub(super) cwg: Reg,
     /// Q's shared tile (1024-byte aligned).
     pub(super) sq: Reg,
     /// Stage 0's K tile.
@@ -36,13 +35,10 @@ pub(super) struct Prologue {
     /// The tile's key blocks.
     pub(super) n_blocks: Reg,
     /// Where the consumer's output rows go.
-    pub(super) out: Output,
+    pub(super) out: OutputRows,
     /// The consumer's products' and softmax's registers.
     pub(super) core: Core,
 }
-
-/// A tensor's (batch, head) base address and token stride in bytes.
-type Base = (Reg, Reg);
 
 impl Emitter {
     /// Declares the parameters and emits everything both roles compute.
@@ -78,19 +74,9 @@ impl Emitter {
         let tq = k.bin(BinOp::And, Ty::U32, lane, Operand::U(3));
         let (q0, kv_head) = sched.rows(k, &tile, bm, a.group);
 
-        let tensor_base = |k: &mut Kernel, ptr: Reg, st: [Reg; 3], h: Reg| -> Base {
-            let b64 = k.cvt(None, Ty::U64, Ty::U32, tile.batch);
-            let h64 = k.cvt(None, Ty::U64, Ty::U32, h);
-            let off = k.bin(BinOp::Mul, Ty::U64, b64, st[0]);
-            let off = k.mad(Ty::U64, h64, st[2], off);
-            let base = k.mad(Ty::U64, off, Operand::U(2), ptr);
-            let stride = k.bin(BinOp::Mul, Ty::U64, st[1], Operand::U(2));
-            (base, stride)
-        };
-        let q = tensor_base(k, a.q, a.q_strides, tile.head);
-        let kk = tensor_base(k, a.k, a.k_strides, kv_head);
-        let v = tensor_base(k, a.v, a.v_strides, kv_head);
-        let (o_base, o_stride) = tensor_base(k, a.out, a.out_strides, tile.head);
+        // Q, K and V are read through their tensor maps; only the output
+        // (16-bit elements) is addressed from its pointer and strides.
+        let (o_base, o_stride) = tensor_head(k, a.out, a.out_strides, tile.batch, tile.head, 2);
 
         // Shared tiles, from a 1024-byte aligned base: Q, then the stages
         // of (K, V).
@@ -100,7 +86,6 @@ impl Emitter {
         let sk0 = k.bin(BinOp::Add, Ty::U32, sq, Self::u(bm * dp * 2));
         // The consumer warpgroup of this thread (the producer is 0).
         let cwg = k.bin(BinOp::Sub, Ty::U32, wg, Operand::U(1));
-        self.unused_copy_addresses(tid, cwg, q0, (sq, sk0), [q, kk, v]);
 
         // ---- descriptors ----
         let k_bits = desc_bits(16, 1024);
@@ -118,25 +103,18 @@ impl Emitter {
         let row0 = k.mad(Ty::U32, cwg, Operand::U(64), q0);
         let row0 = k.mad(Ty::U32, warp_in_wg, Operand::U(16), row0);
         let row0 = k.bin(BinOp::Add, Ty::U32, row0, g);
-        let n_blocks = sched.key_blocks(k, q0, a.seq_k, (bm, bn), cfg.causal());
-
-        let has_mask = k.setp(Cmp::Ne, Ty::U64, a.mask, Operand::U(0));
-        let mask_head = {
-            let b64 = k.cvt(None, Ty::U64, Ty::U32, tile.batch);
-            let h64 = k.cvt(None, Ty::U64, Ty::U32, tile.head);
-            let off = k.bin(BinOp::Mul, Ty::U64, b64, msb);
-            k.mad(Ty::U64, h64, msh, off)
-        };
+        let n_blocks = key_blocks(k, q0, bm, bn, a.seq_k, cfg.causal());
+        let (has_mask, mask_head) = mask_of_head(k, a.mask, tile.batch, tile.head, msb, msh);
         let zero = k.mov(Ty::U32, Operand::U(0));
         let p_true = k.setp(Cmp::Eq, Ty::U32, zero, Operand::U(0));
         let p_false = k.setp(Cmp::Ne, Ty::U32, zero, Operand::U(0));
         let neg_inf = Operand::F32(f32::NEG_INFINITY);
-        let out = Output {
-            tq,
+        let out = OutputRows {
             row0,
+            tq,
             seq_q: a.seq_q,
-            o_base,
-            o_stride,
+            base: o_base,
+            stride: o_stride,
         };
         let core = Core {
             s_acc: k.regs(Ty::F32, bn / 2),
@@ -176,7 +154,6 @@ impl Emitter {
             q0,
             kv_head,
             wg,
-            cwg,
             sq,
             sk0,
             k_desc0,
@@ -185,67 +162,5 @@ impl Emitter {
             out,
             core,
         }
-    }
-
-    /// The per-thread addresses of the `cp.async` loader that the TMA
-    /// producer replaced (thread `t` of a warpgroup copying 16-byte chunk
-    /// `t % cpr` of row `t / cpr`, into swizzled shared memory), from the
-    /// thread index, its consumer warpgroup, the tile's first row, Q's and
-    /// K's shared tiles and Q's, K's and V's global bases.
-    ///
-    /// Nothing reads them, and ptxas drops them. They are emitted only so
-    /// that the PTX, its register numbers, stays byte-identical with the
-    /// kernels measured in `docs/hopper.md`; removing them renumbers every
-    /// later register, a change of its own to measure on the device.
-    fn unused_copy_addresses(
-        &mut self,
-        tid: Reg,
-        cwg: Reg,
-        q0: Reg,
-        (sq, sk0): (Reg, Reg),
-        [q, kk, v]: [Base; 3],
-    ) {
-        let cfg = self.cfg;
-        let (d, dp, bm, bn) = (cfg.head_size(), cfg.d_pad(), cfg.block_m(), cfg.block_n());
-        let cpr = dp / 8; // 16-byte chunks per (padded) row
-        let rpp = (128 / cpr).max(1); // rows per loading pass
-        let k = &mut self.k;
-        let ltid = k.bin(BinOp::And, Ty::U32, tid, Operand::U(127));
-        let lrow = k.bin(BinOp::Div, Ty::U32, ltid, Self::u(cpr));
-        let chunk = k.bin(BinOp::Rem, Ty::U32, ltid, Self::u(cpr));
-        if d < dp {
-            k.setp(Cmp::Lt, Ty::U32, chunk, Self::u(d / 8));
-        }
-        let panel = k.bin(BinOp::Shr, Ty::U32, chunk, Operand::U(3));
-        let cc = k.bin(BinOp::And, Ty::U32, chunk, Operand::U(7));
-        let r8 = k.bin(BinOp::And, Ty::U32, lrow, Operand::U(7));
-        let swz = k.bin(BinOp::Xor, Ty::U32, cc, r8);
-        let swz = k.bin(BinOp::Shl, Ty::U32, swz, Operand::U(4));
-        let in_panel = k.mad(Ty::U32, lrow, Operand::U(128), swz);
-        let q_dst = k.mad(Ty::U32, panel, Self::u(bm * 128), in_panel);
-        let q_dst = k.bin(BinOp::Add, Ty::U32, q_dst, sq);
-        k.mad(Ty::U32, cwg, Self::u(64 * 128), q_dst);
-        let q_row0 = k.mad(Ty::U32, cwg, Operand::U(64), q0);
-        let kv_off = k.mad(Ty::U32, panel, Self::u(bn * 128), in_panel);
-        k.bin(BinOp::Add, Ty::U32, kv_off, sk0);
-        let chunk_bytes = k.bin(BinOp::Shl, Ty::U32, chunk, Operand::U(4));
-        let chunk64 = k.cvt(None, Ty::U64, Ty::U32, chunk_bytes);
-        let lrow64 = k.cvt(None, Ty::U64, Ty::U32, lrow);
-        let src_of = |k: &mut Kernel, (base, stride): Base| {
-            let s = k.mad(Ty::U64, lrow64, stride, base);
-            k.bin(BinOp::Add, Ty::U64, s, chunk64)
-        };
-        let q0_64 = k.cvt(None, Ty::U64, Ty::U32, q_row0);
-        let q_first = k.mad(Ty::U64, q0_64, q.1, q.0);
-        src_of(k, (q_first, q.1));
-        k.bin(BinOp::Mul, Ty::U64, q.1, Self::u(rpp));
-        k.bin(BinOp::Add, Ty::U32, q_row0, lrow);
-        src_of(k, kk);
-        src_of(k, v);
-        k.bin(BinOp::Mul, Ty::U64, kk.1, Self::u(rpp));
-        k.bin(BinOp::Mul, Ty::U64, v.1, Self::u(rpp));
-        k.bin(BinOp::Mul, Ty::U64, kk.1, Self::u(bn));
-        k.bin(BinOp::Mul, Ty::U64, v.1, Self::u(bn));
-        k.mov(Ty::U32, lrow);
     }
 }

@@ -11,7 +11,7 @@
 //! 0365c48 (`docs/hopper.md`).
 
 use crate::contract::cta_coords;
-use crate::ptx::{BinOp, Cmp, Instr, Kernel, Operand, Reg, Special, Ty};
+use crate::ptx::{BinOp, Cmp, Instr, Kernel, Operand, Reg, Ty};
 
 /// Which tiles a CTA computes, and in what order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,42 +67,13 @@ impl TileScheduler {
         (q0, kv_head)
     }
 
-    /// The tile's key blocks of `block_n` keys: causal tiles stop at their
-    /// last row.
-    pub(super) fn key_blocks(
-        self,
-        k: &mut Kernel,
-        q0: Reg,
-        seq_k: Reg,
-        (block_m, block_n): (usize, usize),
-        causal: bool,
-    ) -> Reg {
-        let key_end = if causal {
-            let last = k.bin(BinOp::Add, Ty::U32, q0, Operand::U(block_m as u64));
-            k.bin(BinOp::Min, Ty::U32, last, seq_k)
-        } else {
-            seq_k
-        };
-        let n = k.bin(BinOp::Add, Ty::U32, key_end, Operand::U(block_n as u64 - 1));
-        k.bin(BinOp::Div, Ty::U32, n, Operand::U(block_n as u64))
-    }
-
-    /// The producer's start: its progress counters, and the top of its
-    /// tile loop, where a looping scheduler comes back to.
+    /// The producer's start: its progress counters (a looping scheduler
+    /// would also open its tile loop here).
     pub(super) fn producer_start(self, k: &mut Kernel) -> ProducerTiles {
         match self {
             TileScheduler::OneTilePerCta => {
-                // The tile index, tiles done and blocks done, and the
-                // labels of a tile loop: with one tile only the block
-                // count is read, the rest is left from the persistent
-                // form so that the PTX stays byte-identical with the
-                // kernels measured in `docs/hopper.md` (ptxas drops it).
-                let _idx = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
-                let _done = k.mov(Ty::U32, Operand::U(0));
+                // One tile: no key block was loaded before it.
                 let blocks_before = k.mov(Ty::U32, Operand::U(0));
-                let top = k.label("produce_tile");
-                let _next = k.label("next_tile");
-                k.push(Instr::Label(top));
                 ProducerTiles { blocks_before }
             }
         }
