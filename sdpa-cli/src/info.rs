@@ -1,7 +1,7 @@
 //! `sdpa info`: what this binary was compiled with and where it would run.
 
 use sdpa_runtime::prelude::*;
-use sdpa_runtime::{cuda, probe_cuda, select, CudaProbe, Residence, BACKEND_ENV};
+use sdpa_runtime::{cuda, probe_cuda, select, CudaProbe, Residence, Target, BACKEND_ENV};
 
 use crate::error::Result;
 use sdpa_cli::variants::SdpaCli;
@@ -34,16 +34,24 @@ pub fn run() -> Result<()> {
     let gpu_kernels = table
         .variants()
         .iter()
-        .filter_map(|v| v.gpu_kernel())
+        .flat_map(|v| v.gpu_kernels())
         .collect::<Vec<_>>();
-    let targets = {
-        let mut t: Vec<&str> = gpu_kernels.iter().map(|k| k.target().name()).collect();
-        t.dedup();
-        t.join(", ")
-    };
+    // Per target, in the order the variants prefer them.
+    let mut targets: Vec<(Target, usize)> = Vec::new();
+    for k in &gpu_kernels {
+        match targets.iter_mut().find(|(t, _)| *t == k.target()) {
+            Some((_, n)) => *n += 1,
+            None => targets.push((k.target(), 1)),
+        }
+    }
+    let targets: Vec<String> = targets
+        .iter()
+        .map(|(t, n)| format!("{n} {}", t.name()))
+        .collect();
     println!(
-        "  gpu kernels: {} embedded as PTX ({targets}), {} KiB in all",
+        "  gpu kernels: {} embedded as PTX ({}), {} KiB in all",
         gpu_kernels.len(),
+        targets.join(", "),
         gpu_kernels.iter().map(|k| k.ptx().len()).sum::<usize>() / 1024
     );
 
