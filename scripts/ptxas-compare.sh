@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ptxas-compare.sh BEFORE AFTER [ARCH]: assembles every BEFORE/*.ptx and its
-# namesake in AFTER with ptxas (-arch=ARCH, default sm_90a; `$PTXAS`, else
+# namesake in AFTER with ptxas (-arch=ARCH, default sm_90a; `$SDPA_PTXAS`, else
 # ptxas on the PATH) and compares what ptxas makes of them: registers, spill
 # stores and loads, shared memory, the serialised-wgmma warning (C7512), and,
 # where nvdisasm is found (`$NVDISASM`, else on the PATH), the SASS itself.
@@ -12,7 +12,7 @@ set -euo pipefail
 before=${1:?usage: scripts/ptxas-compare.sh BEFORE AFTER [ARCH]}
 after=${2:?usage: scripts/ptxas-compare.sh BEFORE AFTER [ARCH]}
 arch=${3:-sm_90a}
-ptxas=${PTXAS:-ptxas}
+ptxas=${SDPA_PTXAS:-ptxas}
 nvdisasm=${NVDISASM:-$(command -v nvdisasm || true)}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -28,14 +28,15 @@ fn sample() -> Vec<VariantSpec> {
     out
 }
 
-/// Assembles the sample with `ptxas` when `PTXAS` names the binary
-/// (`PTXAS=/path/to/ptxas cargo test -p kernels-gen simt`): every
-/// variant must assemble for sm_80 and sm_90 without spilling.
+/// Assembles the sample with `ptxas`: every variant must assemble for
+/// sm_80 and sm_90 without spilling, and the registers are reported. Needs
+/// `SDPA_PTXAS`, so it runs on request (`SDPA_PTXAS=/path/to/ptxas cargo
+/// test -p kernels-gen simt -- --ignored`); CI's check of every declared
+/// variant is `sdpa-cli/tests/ptxas.rs`.
 #[test]
-fn assembles_without_spills_when_ptxas_is_available() {
-    let Some(ptxas) = std::env::var_os("PTXAS") else {
-        return;
-    };
+#[ignore = "needs SDPA_PTXAS; CI assembles every variant in sdpa-cli/tests/ptxas.rs"]
+fn assembles_without_spills() {
+    let ptxas = std::env::var_os("SDPA_PTXAS").expect("set SDPA_PTXAS to a ptxas binary");
     let dir = std::env::temp_dir().join(format!("simt-ptx-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut report = String::new();
