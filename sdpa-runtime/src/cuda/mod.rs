@@ -145,44 +145,18 @@ fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<Kerne
             )
         })?
     };
-    let kernels = Kernels::new(variant.gpu_kernels(), capability);
-    let kernel = kernels
-        .preferred()
-        .ok_or_else(|| no_kernel(variant, capability))?;
-    tracing::debug!(
-        variant = %variant.spec(),
-        device = ctx.ordinal(),
-        target = kernel.target().name(),
-        entry = kernel.entry(),
-        tensor_maps = kernel.tensor_maps().is_some(),
-        "picked a GPU kernel"
-    );
-    Ok(kernels)
-}
-
-/// The error for a variant with no GPU kernel that a device of
-/// `capability` runs.
-fn no_kernel(variant: &Variant, capability: (i32, i32)) -> SdpaError {
-    let targets: Vec<&str> = variant
-        .gpu_kernels()
-        .iter()
-        .map(|k| k.target().name())
-        .collect();
-    SdpaError::BackendUnavailable {
-        backend: "cuda",
-        reason: if targets.is_empty() {
-            format!("variant {} was built without a GPU kernel", variant.spec())
-        } else {
-            format!(
-                "variant {} has no GPU kernel for compute capability {}.{} (its kernels target \
-                 {})",
-                variant.spec(),
-                capability.0,
-                capability.1,
-                targets.join(", ")
-            )
-        },
+    let kernels = Kernels::new(variant, capability)?;
+    if let Some(kernel) = kernels.preferred() {
+        tracing::debug!(
+            variant = %variant.spec(),
+            device = ctx.ordinal(),
+            target = kernel.target().name(),
+            entry = kernel.entry(),
+            tensor_maps = kernel.tensor_maps().is_some(),
+            "picked a GPU kernel"
+        );
     }
+    Ok(kernels)
 }
 
 /// Launches on `stream` for device tensors; the kernel that ran, or `None`

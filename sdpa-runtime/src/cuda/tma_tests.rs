@@ -217,7 +217,7 @@ fn the_tma_kernel_matches_the_portable_kernel() {
         let v = Input::new(&stream, [b, sk, hkv, d], strides([b, sk, hkv, d]), seed + 2);
         let p = Problem::new(q.view(), k.view(), v.view(), None, 1.0 / (d as f32).sqrt()).unwrap();
         // The maps of these tensors are made: the TMA kernel runs.
-        let kernels = Kernels::new(tma.gpu_kernels(), (9, 0));
+        let kernels = Kernels::new(&tma, (9, 0)).unwrap();
         assert_eq!(kernels.preferred(), tma.gpu_kernel_sm90());
         let addresses = [&q, &k, &v].map(|t| {
             let (address, _guard) = cudarc::driver::DevicePtr::device_ptr(&t.buf, &stream);
