@@ -9,6 +9,8 @@
 //! encoded for this call; where they cannot be ([`choose`]), the next of the
 //! variant's kernels that the device runs is tried instead.
 
+use std::fmt;
+
 use cudarc::driver::{CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use kernels_gen::contract::{ParamKind, PARAMS, SCALE_PARAM, TENSOR_MAP_PARAMS};
 
@@ -20,7 +22,7 @@ use crate::layout::Layout;
 use crate::problem::Problem;
 use crate::storage::StorageMut;
 use crate::tensor::TensorViewMut;
-use crate::variant::{GpuKernel, Variant};
+use crate::variant::{GpuKernel, Variant, PORTABLE_CAPABILITY};
 
 /// The most CTAs in the y and z dimensions of a grid.
 const MAX_GRID_YZ: usize = 65_535;
@@ -184,6 +186,68 @@ fn map_param<'m>(name: &str, maps: &'m [TensorMap; 3]) -> Result<&'m TensorMap> 
     }
 }
 
+/// The environment variable that picks the GPU kernel family: `auto` (the
+/// default: the first of the variant's kernels that the device runs, e.g.
+/// the Hopper kernel on compute capability 9.0 where the variant has one)
+/// or `sm80` (the kernels a device of capability 8.0 runs: the portable
+/// kernel everywhere).
+pub const KERNEL_ENV: &str = "SDPA_CUDA_KERNEL";
+
+/// Whether the environment asks for the portable kernels only
+/// ([`KERNEL_ENV`]).
+pub(crate) fn portable_only() -> Result<bool> {
+    portable_only_in(std::env::var(KERNEL_ENV).ok().as_deref())
+}
+
+/// Whether `value`, [`KERNEL_ENV`]'s value where it is set (and valid
+/// Unicode), asks for the portable kernels only.
+fn portable_only_in(value: Option<&str>) -> Result<bool> {
+    match value {
+        None | Some("" | "auto") => Ok(false),
+        Some("sm80") => Ok(true),
+        Some(v) => Err(SdpaError::Param(format!(
+            "{KERNEL_ENV}={v:?} is not a kernel family; use auto or sm80"
+        ))),
+    }
+}
+
+/// The device a call runs on, as the kernel's choice sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Capability {
+    /// The device's own compute capability, `(major, minor)`.
+    pub(crate) device: (i32, i32),
+    /// Whether [`KERNEL_ENV`]`=sm80` forces the portable kernels.
+    pub(crate) portable_only: bool,
+}
+
+impl Capability {
+    /// The capability the kernels are chosen for: the device's, or 8.0
+    /// where the portable kernels are forced.
+    fn choosing(self) -> (i32, i32) {
+        if self.portable_only {
+            PORTABLE_CAPABILITY
+        } else {
+            self.device
+        }
+    }
+}
+
+/// For error messages: the device's own capability, and whether the
+/// environment forced the portable kernels.
+impl fmt::Display for Capability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (major, minor) = self.device;
+        write!(f, "compute capability {major}.{minor}")?;
+        if self.portable_only {
+            write!(
+                f,
+                " with {KERNEL_ENV}=sm80, which asks for the portable kernels only"
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// The kernels a call may run: the kernels of a variant that the device
 /// runs, in the variant's order of preference ([`Variant::gpu_kernels_for`],
 /// the one place that rule is written).
@@ -191,14 +255,14 @@ fn map_param<'m>(name: &str, maps: &'m [TensorMap; 3]) -> Result<&'m TensorMap> 
 pub(crate) struct Kernels<'v> {
     /// The variant.
     variant: &'v Variant,
-    /// The compute capability the kernels must run on.
-    capability: (i32, i32),
+    /// The device the kernels must run on.
+    capability: Capability,
 }
 
 impl<'v> Kernels<'v> {
-    /// The kernels of `variant` that a device of `capability` runs, or
-    /// [`no_kernel`]'s error where it runs none.
-    pub(crate) fn new(variant: &'v Variant, capability: (i32, i32)) -> Result<Kernels<'v>> {
+    /// The kernels of `variant` that the device runs, or an error saying
+    /// why it runs none.
+    pub(crate) fn new(variant: &'v Variant, capability: Capability) -> Result<Kernels<'v>> {
         let kernels = Kernels {
             variant,
             capability,
@@ -210,11 +274,11 @@ impl<'v> Kernels<'v> {
     }
     /// The kernels the device runs, best first.
     pub(crate) fn candidates(self) -> impl Iterator<Item = &'static GpuKernel> {
-        self.variant.gpu_kernels_for(self.capability)
+        self.variant.gpu_kernels_for(self.capability.choosing())
     }
     /// The kernel the device prefers ([`Variant::gpu_kernel_for`]).
     pub(crate) fn preferred(self) -> Option<&'static GpuKernel> {
-        self.variant.gpu_kernel_for(self.capability)
+        self.variant.gpu_kernel_for(self.capability.choosing())
     }
     /// The error for a variant with no GPU kernel that the device runs.
     fn no_kernel(self) -> SdpaError {
@@ -224,6 +288,12 @@ impl<'v> Kernels<'v> {
             .iter()
             .map(|k| k.target().name())
             .collect();
+        // Where the environment forced the portable kernels, the kernel the
+        // device would run without it.
+        let unforced = match self.capability.portable_only {
+            true => self.variant.gpu_kernel_for(self.capability.device),
+            false => None,
+        };
         SdpaError::BackendUnavailable {
             backend: "cuda",
             reason: if targets.is_empty() {
@@ -233,12 +303,14 @@ impl<'v> Kernels<'v> {
                 )
             } else {
                 format!(
-                    "variant {} has no GPU kernel for compute capability {}.{} (its kernels \
-                     target {})",
+                    "variant {} has no GPU kernel for {} (its kernels target {}){}",
                     self.variant.spec(),
-                    self.capability.0,
-                    self.capability.1,
-                    targets.join(", ")
+                    self.capability,
+                    targets.join(", "),
+                    unforced.map_or(String::new(), |k| format!(
+                        "; without {KERNEL_ENV} the device runs its {} kernel",
+                        k.target().name()
+                    ))
                 )
             },
         }
@@ -291,16 +363,19 @@ pub(crate) fn choose(
         }
     }
     Err(match refused {
-        Some((kernel, tensor, why)) => SdpaError::BackendUnavailable {
-            backend: "cuda",
-            reason: format!(
+        Some((kernel, tensor, why)) => {
+            SdpaError::BackendUnavailable {
+                backend: "cuda",
+                reason: format!(
                 "{} needs a tensor map of {tensor}, and {why}; the variant has no other kernel \
-                 for compute capability {}.{} to run instead",
+                 for {}{} to run instead",
                 kernel.entry(),
-                kernels.capability.0,
-                kernels.capability.1
+                kernels.capability,
+                // The capability's clause on the environment ends here.
+                if kernels.capability.portable_only { "," } else { "" }
             ),
-        },
+            }
+        }
         None => kernels.no_kernel(),
     })
 }
@@ -638,9 +713,23 @@ mod tests {
     /// No GPU kernel.
     static CPU_ONLY: Variant = Variant::new(SPEC, cpu);
 
+    /// A device of compute capability `device`, choosing its own kernels.
+    fn device(device: (i32, i32)) -> Capability {
+        Capability {
+            device,
+            portable_only: false,
+        }
+    }
+    /// A device of compute capability `device`, with `SDPA_CUDA_KERNEL=sm80`.
+    fn forced(device: (i32, i32)) -> Capability {
+        Capability {
+            device,
+            portable_only: true,
+        }
+    }
     /// The kernels of `variant` for a device of `capability`.
     fn kernels(variant: &'static Variant, capability: (i32, i32)) -> Kernels<'static> {
-        Kernels::new(variant, capability).unwrap()
+        Kernels::new(variant, device(capability)).unwrap()
     }
 
     /// Stands in for the driver: a map tagged with the tensor's address
@@ -738,14 +827,16 @@ mod tests {
         );
         // Nothing this device runs: a typed error, when the kernels are
         // looked for, and from `choose` should it be handed none.
-        let err = Kernels::new(&HOPPER_ONLY, (8, 0)).unwrap_err().to_string();
+        let err = Kernels::new(&HOPPER_ONLY, device((8, 0)))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("no GPU kernel for compute capability 8.0"),
             "{err}"
         );
         let none = Kernels {
             variant: &HOPPER_ONLY,
-            capability: (8, 0),
+            capability: device((8, 0)),
         };
         assert!(none.preferred().is_none());
         let err = choose(none, &p, [0; 3], tag).unwrap_err().to_string();
@@ -757,7 +848,7 @@ mod tests {
 
     #[test]
     fn no_kernel_names_the_variant_and_its_targets() {
-        let err = Kernels::new(&HOPPER_ONLY, (8, 6)).unwrap_err();
+        let err = Kernels::new(&HOPPER_ONLY, device((8, 6))).unwrap_err();
         assert!(matches!(
             err,
             SdpaError::BackendUnavailable {
@@ -776,9 +867,97 @@ mod tests {
             }
             .to_string()
         );
-        let err = Kernels::new(&CPU_ONLY, (9, 0)).unwrap_err().to_string();
+        let err = Kernels::new(&CPU_ONLY, device((9, 0)))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains(&format!("variant {SPEC} was built without a GPU kernel")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sm80_from_the_environment_runs_the_portable_kernel_and_says_so() {
+        assert!(!portable_only_in(None).unwrap());
+        assert!(!portable_only_in(Some("")).unwrap());
+        assert!(!portable_only_in(Some("auto")).unwrap());
+        assert!(portable_only_in(Some("sm80")).unwrap());
+        let err = portable_only_in(Some("sm90")).unwrap_err().to_string();
+        assert!(
+            err.contains("SDPA_CUDA_KERNEL=\"sm90\" is not a kernel family; use auto or sm80"),
+            "{err}"
+        );
+        // A Hopper device told to run the portable kernel runs it.
+        let hopper = Kernels::new(&WITH_FALLBACK, forced((9, 0))).unwrap();
+        assert_eq!(hopper.preferred().map(|k| k.entry()), Some("sm80"));
+        assert_eq!(
+            hopper.candidates().map(|k| k.entry()).collect::<Vec<_>>(),
+            ["sm80"]
+        );
+        // Without one, the error gives the device's own capability, says
+        // that the environment forced the portable kernels, and what runs
+        // without it.
+        let err = Kernels::new(&HOPPER_ONLY, forced((9, 0)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "variant {SPEC} has no GPU kernel for compute capability 9.0 with \
+                 SDPA_CUDA_KERNEL=sm80, which asks for the portable kernels only (its kernels \
+                 target sm_90a); without SDPA_CUDA_KERNEL the device runs its sm_90a kernel"
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("8.0"), "{err}");
+        // On a device that runs none of them anyway, no such advice.
+        let err = Kernels::new(&HOPPER_ONLY, forced((8, 6)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "variant {SPEC} has no GPU kernel for compute capability 8.6 with \
+                 SDPA_CUDA_KERNEL=sm80, which asks for the portable kernels only (its kernels \
+                 target sm_90a)"
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("without SDPA_CUDA_KERNEL"), "{err}");
+    }
+
+    #[test]
+    fn a_refused_map_names_the_devices_own_capability() {
+        // k and v rows 68 elements (136 bytes) apart: no map describes them.
+        let data = vec![bf16::ZERO; 8 * 68];
+        let k = TensorView::with_strides(&data, [1, 8, 1, 64], [8 * 68, 68, 68, 1]).unwrap();
+        let q = vec![bf16::ZERO; 8 * 64];
+        let q = TensorView::from_slice(&q, [1, 8, 1, 64]).unwrap();
+        let p = Problem::new(q, k, k, None, 0.125).unwrap();
+        let err = choose(kernels(&HOPPER_ONLY, (9, 0)), &p, [0; 3], tag)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "sm90 needs a tensor map of k, and its token stride is 136 bytes; a tensor map \
+                 needs a multiple of 16; the variant has no other kernel for compute \
+                 capability 9.0 to run instead"
+            ),
+            "{err}"
+        );
+        // A portable kernel that takes maps, forced on a Hopper device: the
+        // message gives 9.0 and the environment, not 8.0.
+        const MAPPED_PORTABLE: GpuKernel =
+            GpuKernel::new("", "mapped80", Target::Sm80, 64, 128, 0).with_tensor_maps(64, 64);
+        static MAPPED_PORTABLE_ALONE: [GpuKernel; 1] = [MAPPED_PORTABLE];
+        static MAPPED_PORTABLE_ONLY: Variant =
+            Variant::new(SPEC, cpu).with_gpu_kernels(&MAPPED_PORTABLE_ALONE);
+        let portable = Kernels::new(&MAPPED_PORTABLE_ONLY, forced((9, 0))).unwrap();
+        let err = choose(portable, &p, [0; 3], tag).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "mapped80 needs a tensor map of k, and its token stride is 136 bytes; a tensor \
+                 map needs a multiple of 16; the variant has no other kernel for compute capability 9.0 with \
+                 SDPA_CUDA_KERNEL=sm80, which asks for the portable kernels only, to run instead"
+            ),
             "{err}"
         );
     }

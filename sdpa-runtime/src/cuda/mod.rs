@@ -77,6 +77,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
 pub use device::{context, devices, DeviceInfo};
+pub use launch::KERNEL_ENV;
 pub use module_cache::{jit_loads, JitLoad};
 
 use crate::element::Element;
@@ -87,7 +88,7 @@ use crate::storage::dispatch::dispatch;
 use crate::storage::{CudaOwned, CudaRefMut, Storage, StorageMut};
 use crate::tensor::{Tensor, TensorView, TensorViewMut};
 use crate::variant::{GpuKernel, Variant};
-use launch::Kernels;
+use launch::{Capability, Kernels};
 
 /// Runs `variant`'s GPU kernel for `p` into `out`: on the device where they
 /// live, or through device 0 for host tensors.
@@ -111,41 +112,23 @@ pub(crate) fn run(variant: &Variant, p: &Problem<'_>, out: &mut TensorViewMut<'_
     }
 }
 
-/// The environment variable that picks the GPU kernel family: `auto` (the
-/// default: the first of the variant's kernels that the device runs, e.g.
-/// the Hopper kernel on compute capability 9.0 where the variant has one)
-/// or `sm80` (the kernels a device of capability 8.0 runs: the portable
-/// kernel everywhere).
-pub const KERNEL_ENV: &str = "SDPA_CUDA_KERNEL";
-
-/// Whether the environment asks for the portable kernels only.
-fn portable_only() -> Result<bool> {
-    match std::env::var(KERNEL_ENV) {
-        Err(_) => Ok(false),
-        Ok(v) => match v.as_str() {
-            "" | "auto" => Ok(false),
-            "sm80" => Ok(true),
-            _ => Err(SdpaError::Param(format!(
-                "{KERNEL_ENV}={v:?} is not a kernel family; use auto or sm80"
-            ))),
-        },
-    }
-}
-
 /// The kernels of `variant` that the device of `ctx` runs, best first (the
 /// call runs the first that can run it: [`launch::choose`]).
 fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<Kernels<'v>> {
-    let capability = if portable_only()? {
-        (8, 0)
-    } else {
-        ctx.compute_capability().map_err(|e| {
-            SdpaError::cuda(
-                format_args!("reading device {}'s compute capability", ctx.ordinal()),
-                e,
-            )
-        })?
-    };
-    let kernels = Kernels::new(variant, capability)?;
+    let portable_only = launch::portable_only()?;
+    let device = ctx.compute_capability().map_err(|e| {
+        SdpaError::cuda(
+            format_args!("reading device {}'s compute capability", ctx.ordinal()),
+            e,
+        )
+    })?;
+    let kernels = Kernels::new(
+        variant,
+        Capability {
+            device,
+            portable_only,
+        },
+    )?;
     if let Some(kernel) = kernels.preferred() {
         tracing::debug!(
             variant = %variant.spec(),
@@ -153,6 +136,7 @@ fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<Kerne
             target = kernel.target().name(),
             entry = kernel.entry(),
             tensor_maps = kernel.tensor_maps().is_some(),
+            portable_only,
             "picked a GPU kernel"
         );
     }
