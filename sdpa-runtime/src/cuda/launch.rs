@@ -434,18 +434,22 @@ pub(crate) fn grid(p: &Problem<'_>, kernel: &GpuKernel) -> Result<(u32, u32, u32
 ///
 /// `p`'s tensors and `out` must be device memory of `stream`'s context;
 /// `mask` is `p`'s mask, uploaded on `stream`. Returns the kernel once its
-/// launch is queued (the stream orders it with what comes next), or `None`
-/// for an empty output, where nothing runs.
+/// launch is queued (the stream orders it with what comes next). An empty
+/// output has nothing to compute: callers return before launching, and
+/// this refuses one with an error.
 pub(crate) fn attention(
     kernels: Kernels<'_>,
     stream: &CudaStream,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
     mask: Option<&DeviceMask>,
-) -> Result<Option<&'static GpuKernel>> {
+) -> Result<&'static GpuKernel> {
     p.check_output(out)?;
     if out.layout().numel() == 0 {
-        return Ok(None);
+        return Err(SdpaError::Shape(format!(
+            "an output of shape {:?} has no element to compute; nothing is launched for it",
+            out.layout().shape()
+        )));
     }
     let out_layout = *out.layout();
     let not_here = |what: &str| {
@@ -575,7 +579,7 @@ pub(crate) fn attention(
             e,
         )
     })?;
-    Ok(Some(kernel))
+    Ok(kernel)
 }
 
 #[cfg(test)]

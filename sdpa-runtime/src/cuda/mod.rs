@@ -85,7 +85,7 @@ use crate::error::{Result, SdpaError};
 use crate::layout::Layout;
 use crate::problem::Problem;
 use crate::storage::dispatch::dispatch;
-use crate::storage::{CudaOwned, CudaRefMut, Storage, StorageMut};
+use crate::storage::{CudaOwned, Storage, StorageMut};
 use crate::tensor::{Tensor, TensorView, TensorViewMut};
 use crate::variant::{GpuKernel, Variant};
 use launch::{Capability, Kernels};
@@ -97,7 +97,7 @@ pub(crate) fn run(variant: &Variant, p: &Problem<'_>, out: &mut TensorViewMut<'_
         (Storage::Cuda(_), StorageMut::Cuda(out_data)) => {
             let stream = out_data.stream().clone();
             let kernels = pick_kernel(variant, stream.context())?;
-            on_device(kernels, &stream, p, out).map(drop)
+            on_device(kernels, &stream, p, out)
         }
         (Storage::Host(_), StorageMut::Host(_)) => {
             let device = device::device(0)?;
@@ -143,17 +143,28 @@ fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<Kerne
     Ok(kernels)
 }
 
-/// Launches on `stream` for device tensors; the kernel that ran, or `None`
-/// for an empty output.
-fn on_device<'v>(
-    kernels: Kernels<'v>,
+/// Launches on `stream` for device tensors, unless the output is empty
+/// (nothing to compute).
+fn on_device(
+    kernels: Kernels<'_>,
     stream: &Arc<CudaStream>,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
-) -> Result<Option<&'v GpuKernel>> {
+) -> Result<()> {
     if out.layout().numel() == 0 {
-        return Ok(None);
+        return Ok(());
     }
+    launch_on(kernels, stream, p, out).map(drop)
+}
+
+/// Uploads `p`'s mask on `stream` and launches for device tensors and a
+/// non-empty output; the kernel that ran.
+fn launch_on(
+    kernels: Kernels<'_>,
+    stream: &Arc<CudaStream>,
+    p: &Problem<'_>,
+    out: &mut TensorViewMut<'_>,
+) -> Result<&'static GpuKernel> {
     let mask = p
         .mask
         .as_ref()
@@ -172,7 +183,8 @@ fn staged<T: Element>(
     out: &mut TensorViewMut<'_>,
 ) -> Result<()> {
     let out_layout = *out.layout();
-    if out_layout.numel() == 0 {
+    let n = out_layout.numel();
+    if n == 0 {
         return Ok(());
     }
     let not_host = |what: &str| {
@@ -183,10 +195,7 @@ fn staged<T: Element>(
         upload_slice(stream, &pack(host, t.layout()), name)
     };
     let (q, k, v) = (upload("q", &p.q)?, upload("k", &p.k)?, upload("v", &p.v)?);
-    let n = out_layout.numel();
-    let mut device_out = stream
-        .alloc_zeros::<T>(n)
-        .map_err(|e| SdpaError::cuda(format_args!("allocating the output ({n} elements)"), e))?;
+    let mut device_out = CudaOwned::zeros(stream, T::DTYPE, n)?;
     let packed_out = Layout::contiguous(out_layout.shape());
     let kernel = {
         fn view<'s, T: Element>(s: &'s CudaSlice<T>, t: &TensorView<'_>) -> Result<TensorView<'s>> {
@@ -198,19 +207,15 @@ fn staged<T: Element>(
             v: view(&v, &p.v)?,
             ..*p
         };
-        let mut device_view =
-            TensorViewMut::new_cuda(T::cuda_mut(CudaRefMut::from(&mut device_out)), packed_out)?;
-        on_device(kernels, stream, &device_problem, &mut device_view)?
+        let mut device_view = TensorViewMut::new_cuda(device_out.as_cuda_mut(), packed_out)?;
+        launch_on(kernels, stream, &device_problem, &mut device_view)?
     };
-    let Some(kernel) = kernel else {
-        return Ok(()); // Nothing to compute: no kernel ran.
-    };
-    let result: Vec<T> = stream
-        .clone_dtoh(&device_out)
-        .map_err(|e| SdpaError::cuda("copying the result to the host", e))?;
-    stream
-        .synchronize()
-        .map_err(|e| SdpaError::cuda(format_args!("running {}", kernel.entry()), e))?;
+    // The copy waits for the kernel: a fault of the kernel surfaces here.
+    let result = device_out.to_host(n).map_err(|e| match e {
+        SdpaError::Cuda(why) => SdpaError::Cuda(format!("running {}: {why}", kernel.entry())),
+        e => e,
+    })?;
+    let result = T::downcast_owned(&result).ok_or_else(|| not_host("the result"))?;
     let host_out = out.host_slice_mut::<T>().ok_or_else(|| not_host("out"))?;
     let d = out_layout.head_size();
     let [b, s, h, _] = out_layout.shape();
