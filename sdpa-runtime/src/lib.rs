@@ -59,10 +59,10 @@ pub use metadata::AttentionMetadata;
 pub use params::AttentionParams;
 pub use problem::Problem;
 pub use sdpa_macros::sdpa_variants;
-pub use select::{probe_cuda, select, BackendKind, CudaProbe, Residence, Selection, BACKEND_ENV};
+pub use select::{probe_cuda, select, BackendKind, CudaProbe, Selection, BACKEND_ENV};
 pub use storage::{
     CudaData, CudaDataMut, CudaOwned, CudaRef, CudaRefMut, HostData, HostDataMut, OwnedData,
-    Storage, StorageMut, TensorData,
+    Residence, Storage, StorageMut, TensorData,
 };
 pub use tensor::{Tensor, TensorView, TensorViewMut};
 pub use variant::{CpuKernelFn, GpuKernel, Variant, VariantTable};

@@ -12,6 +12,9 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 
 use crate::error::{Result, SdpaError};
+/// Where tensors live is the storage's to say; named here too for the
+/// modules that select a backend by it.
+pub(crate) use crate::storage::Residence;
 
 /// The environment variable that picks a backend when code does not.
 pub const BACKEND_ENV: &str = "SDPA_BACKEND";
@@ -125,35 +128,6 @@ pub struct Selection {
     pub backend: BackendKind,
     /// Why, in words.
     pub reason: String,
-}
-
-/// Where the tensors of a call live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Residence {
-    /// Host memory.
-    Host,
-    /// Memory of one CUDA device.
-    Cuda {
-        /// The device's ordinal.
-        ordinal: usize,
-    },
-}
-
-impl Residence {
-    /// Whether this is CUDA device memory.
-    pub fn is_cuda(self) -> bool {
-        matches!(self, Residence::Cuda { .. })
-    }
-}
-
-impl fmt::Display for Residence {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Residence::Host => f.write_str("host memory"),
-            Residence::Cuda { ordinal } => write!(f, "CUDA device {ordinal}"),
-        }
-    }
 }
 
 /// Resolves a request for tensors that live at `residence`.

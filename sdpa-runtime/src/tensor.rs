@@ -30,10 +30,9 @@ use cudarc::driver::CudaSlice;
 use crate::element::Element;
 use crate::error::{Result, SdpaError};
 use crate::layout::Layout;
-use crate::select::Residence;
 use crate::storage::{
     CudaData, CudaDataMut, CudaOwned, CudaRef, CudaRefMut, HostData, HostDataMut, OwnedData,
-    Storage, StorageMut, TensorData,
+    Residence, Storage, StorageMut, TensorData,
 };
 use crate::DType;
 

@@ -10,6 +10,11 @@ use crate::problem::Problem;
 use crate::tensor::TensorViewMut;
 use crate::{DType, VariantSpec};
 
+/// The compute capability whose kernels every supported device runs: the
+/// portable kernel is the one a device of this capability prefers
+/// ([`Variant::gpu_kernel`]).
+pub(crate) const PORTABLE_CAPABILITY: (i32, i32) = (8, 0);
+
 /// A CPU kernel: one instantiation of [`crate::cpu::attention`].
 pub type CpuKernelFn = fn(&Problem<'_>, &mut TensorViewMut<'_>) -> Result<()>;
 
@@ -140,20 +145,30 @@ impl Variant {
     pub fn gpu_kernels(&self) -> &'static [GpuKernel] {
         self.gpu
     }
-    /// The portable GPU kernel (the first whose PTX runs on every device of
-    /// capability 8.0 or later), if one was generated.
+    /// The portable GPU kernel, if one was generated: the one a device of
+    /// compute capability 8.0, the oldest the kernels support, prefers
+    /// ([`Variant::gpu_kernel_for`]).
     pub fn gpu_kernel(&self) -> Option<&'static GpuKernel> {
-        self.gpu.iter().find(|k| k.runs_on((8, 0)))
+        self.gpu_kernel_for(PORTABLE_CAPABILITY)
     }
     /// The Hopper (sm_90a) kernel, if one was generated for this variant.
     pub fn gpu_kernel_sm90(&self) -> Option<&'static GpuKernel> {
         self.gpu.iter().find(|k| k.target() == Target::Sm90a)
     }
+    /// The GPU kernels a device of compute capability `(major, minor)` runs
+    /// ([`GpuKernel::runs_on`]), in order of preference: the one place
+    /// that rule is written.
+    pub fn gpu_kernels_for(
+        &self,
+        capability: (i32, i32),
+    ) -> impl Iterator<Item = &'static GpuKernel> {
+        self.gpu.iter().filter(move |k| k.runs_on(capability))
+    }
     /// The kernel a device of compute capability `(major, minor)` prefers:
-    /// the first it can run. A call runs a later one where this one cannot
-    /// run it (see [`Variant::with_gpu_kernels`]).
+    /// the first of [`Variant::gpu_kernels_for`]. A call runs a later one
+    /// where this one cannot run it (see [`Variant::with_gpu_kernels`]).
     pub fn gpu_kernel_for(&self, capability: (i32, i32)) -> Option<&'static GpuKernel> {
-        self.gpu.iter().find(|k| k.runs_on(capability))
+        self.gpu_kernels_for(capability).next()
     }
 }
 
@@ -301,6 +316,14 @@ mod tests {
         assert_eq!(entry((8, 6)), Some("portable"));
         assert_eq!(entry((10, 0)), Some("portable"));
         assert_eq!(entry((7, 0)), None);
+        let runs = |cap| {
+            v.gpu_kernels_for(cap)
+                .map(|k| k.entry())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(runs((9, 0)), ["hopper", "portable"]);
+        assert_eq!(runs((8, 0)), ["portable"]);
+        assert!(runs((7, 5)).is_empty());
         assert_eq!(v.gpu_kernel().map(|k| k.entry()), Some("portable"));
         assert_eq!(v.gpu_kernel_sm90().map(|k| k.entry()), Some("hopper"));
         let cpu_only = Variant::new(spec, cpu);

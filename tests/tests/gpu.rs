@@ -292,24 +292,32 @@ fn the_module_cache_loads_each_variant_once_under_threads() {
             });
         }
     });
-    let entry = CacheProbe.variant_table().variants()[0]
-        .gpu_kernel()
-        .unwrap()
-        .entry();
+    let variant = &CacheProbe.variant_table().variants()[0];
+    let entry = variant.gpu_kernel().unwrap().entry();
     let loads: Vec<_> = cuda::jit_loads()
         .into_iter()
         .filter(|l| l.entry == entry && l.ordinal == 0)
         .collect();
+    // The variant's kernels share the entry name; contiguous inputs run the
+    // one the device prefers, loaded once.
     assert_eq!(
         loads.len(),
         1,
-        "{entry} was JIT-loaded {} times",
+        "{entry} was JIT-loaded {} times: {loads:?}",
         loads.len()
+    );
+    assert!(
+        variant
+            .gpu_kernels()
+            .iter()
+            .any(|k| k.entry() == entry && k.target() == loads[0].target),
+        "{loads:?} is not a kernel of the variant"
     );
     for l in cuda::jit_loads() {
         say(&format!(
-            "JIT {} on device {}: {:.1} ms, {} registers, {} bytes local memory",
+            "JIT {} ({}) on device {}: {:.1} ms, {} registers, {} bytes local memory",
             l.entry,
+            l.target.name(),
             l.ordinal,
             l.elapsed.as_secs_f64() * 1e3,
             l.registers,

@@ -97,9 +97,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if backend == BackendKind::Cuda {
         let loads = cuda::jit_loads();
         let ms: f64 = loads.iter().map(|l| l.elapsed.as_secs_f64() * 1e3).sum();
+        // A variant's kernels share their entry name: count them by target.
+        let mut targets: Vec<(&str, usize)> = Vec::new();
+        for l in &loads {
+            match targets.iter_mut().find(|(t, _)| *t == l.target.name()) {
+                Some((_, n)) => *n += 1,
+                None => targets.push((l.target.name(), 1)),
+            }
+        }
+        let targets: Vec<String> = targets.iter().map(|(t, n)| format!("{n} {t}")).collect();
         println!(
-            "jit: {} kernel(s) loaded in {ms:.1} ms (during warm-up, not timed)",
-            loads.len()
+            "jit: {} kernel(s) loaded in {ms:.1} ms ({}; during warm-up, not timed)",
+            loads.len(),
+            targets.join(", ")
         );
     }
     if let Some(path) = &args.json {

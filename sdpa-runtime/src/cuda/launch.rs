@@ -9,6 +9,8 @@
 //! encoded for this call; where they cannot be ([`choose`]), the next of the
 //! variant's kernels that the device runs is tried instead.
 
+use std::fmt;
+
 use cudarc::driver::{CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use kernels_gen::contract::{ParamKind, PARAMS, SCALE_PARAM, TENSOR_MAP_PARAMS};
 
@@ -20,7 +22,7 @@ use crate::layout::Layout;
 use crate::problem::Problem;
 use crate::storage::StorageMut;
 use crate::tensor::TensorViewMut;
-use crate::variant::GpuKernel;
+use crate::variant::{GpuKernel, Variant, PORTABLE_CAPABILITY};
 
 /// The most CTAs in the y and z dimensions of a grid.
 const MAX_GRID_YZ: usize = 65_535;
@@ -184,36 +186,142 @@ fn map_param<'m>(name: &str, maps: &'m [TensorMap; 3]) -> Result<&'m TensorMap> 
     }
 }
 
-/// The kernels a call may run: the variant's kernels that the device runs
-/// ([`GpuKernel::runs_on`]), in the variant's order of preference.
+/// The environment variable that picks the GPU kernel family: `auto` (the
+/// default: the first of the variant's kernels that the device runs, e.g.
+/// the Hopper kernel on compute capability 9.0 where the variant has one)
+/// or `sm80` (the kernels a device of capability 8.0 runs: the portable
+/// kernel everywhere).
+pub const KERNEL_ENV: &str = "SDPA_CUDA_KERNEL";
+
+/// Whether the environment asks for the portable kernels only
+/// ([`KERNEL_ENV`]).
+pub(crate) fn portable_only() -> Result<bool> {
+    portable_only_in(std::env::var(KERNEL_ENV).ok().as_deref())
+}
+
+/// Whether `value`, [`KERNEL_ENV`]'s value where it is set (and valid
+/// Unicode), asks for the portable kernels only.
+fn portable_only_in(value: Option<&str>) -> Result<bool> {
+    match value {
+        None | Some("" | "auto") => Ok(false),
+        Some("sm80") => Ok(true),
+        Some(v) => Err(SdpaError::Param(format!(
+            "{KERNEL_ENV}={v:?} is not a kernel family; use auto or sm80"
+        ))),
+    }
+}
+
+/// The device a call runs on, as the kernel's choice sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Capability {
+    /// The device's own compute capability, `(major, minor)`.
+    pub(crate) device: (i32, i32),
+    /// Whether [`KERNEL_ENV`]`=sm80` forces the portable kernels.
+    pub(crate) portable_only: bool,
+}
+
+impl Capability {
+    /// The capability the kernels are chosen for: the device's, or 8.0
+    /// where the portable kernels are forced.
+    fn choosing(self) -> (i32, i32) {
+        if self.portable_only {
+            PORTABLE_CAPABILITY
+        } else {
+            self.device
+        }
+    }
+}
+
+/// For error messages: the device's own capability, and whether the
+/// environment forced the portable kernels.
+impl fmt::Display for Capability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (major, minor) = self.device;
+        write!(f, "compute capability {major}.{minor}")?;
+        if self.portable_only {
+            write!(
+                f,
+                " with {KERNEL_ENV}=sm80, which asks for the portable kernels only"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The kernels a call may run: the kernels of a variant that the device
+/// runs, in the variant's order of preference ([`Variant::gpu_kernels_for`],
+/// the one place that rule is written).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Kernels<'v> {
-    /// The variant's kernels, in order of preference.
-    all: &'v [GpuKernel],
-    /// The compute capability the kernels must run on.
-    capability: (i32, i32),
+    /// The variant.
+    variant: &'v Variant,
+    /// The device the kernels must run on.
+    capability: Capability,
 }
 
 impl<'v> Kernels<'v> {
-    /// The kernels of `all` that a device of `capability` runs.
-    pub(crate) fn new(all: &'v [GpuKernel], capability: (i32, i32)) -> Kernels<'v> {
-        Kernels { all, capability }
+    /// The kernels of `variant` that the device runs, or an error saying
+    /// why it runs none.
+    pub(crate) fn new(variant: &'v Variant, capability: Capability) -> Result<Kernels<'v>> {
+        let kernels = Kernels {
+            variant,
+            capability,
+        };
+        match kernels.preferred() {
+            Some(_) => Ok(kernels),
+            None => Err(kernels.no_kernel()),
+        }
     }
     /// The kernels the device runs, best first.
-    pub(crate) fn candidates(self) -> impl Iterator<Item = &'v GpuKernel> {
-        self.all.iter().filter(move |k| k.runs_on(self.capability))
+    pub(crate) fn candidates(self) -> impl Iterator<Item = &'static GpuKernel> {
+        self.variant.gpu_kernels_for(self.capability.choosing())
     }
-    /// The kernel the device prefers, if it runs any.
-    pub(crate) fn preferred(self) -> Option<&'v GpuKernel> {
-        self.candidates().next()
+    /// The kernel the device prefers ([`Variant::gpu_kernel_for`]).
+    pub(crate) fn preferred(self) -> Option<&'static GpuKernel> {
+        self.variant.gpu_kernel_for(self.capability.choosing())
+    }
+    /// The error for a variant with no GPU kernel that the device runs.
+    fn no_kernel(self) -> SdpaError {
+        let targets: Vec<&str> = self
+            .variant
+            .gpu_kernels()
+            .iter()
+            .map(|k| k.target().name())
+            .collect();
+        // Where the environment forced the portable kernels, the kernel the
+        // device would run without it.
+        let unforced = match self.capability.portable_only {
+            true => self.variant.gpu_kernel_for(self.capability.device),
+            false => None,
+        };
+        SdpaError::BackendUnavailable {
+            backend: "cuda",
+            reason: if targets.is_empty() {
+                format!(
+                    "variant {} was built without a GPU kernel",
+                    self.variant.spec()
+                )
+            } else {
+                format!(
+                    "variant {} has no GPU kernel for {} (its kernels target {}){}",
+                    self.variant.spec(),
+                    self.capability,
+                    targets.join(", "),
+                    unforced.map_or(String::new(), |k| format!(
+                        "; without {KERNEL_ENV} the device runs its {} kernel",
+                        k.target().name()
+                    ))
+                )
+            },
+        }
     }
 }
 
 /// The kernel a call launches, and the tensor maps it takes.
 #[derive(Debug)]
-pub(crate) struct Chosen<'v> {
+pub(crate) struct Chosen {
     /// The kernel.
-    pub(crate) kernel: &'v GpuKernel,
+    pub(crate) kernel: &'static GpuKernel,
     /// The maps of `q`, `k` and `v`, where the kernel takes them.
     pub(crate) maps: Option<[TensorMap; 3]>,
 }
@@ -224,12 +332,12 @@ pub(crate) struct Chosen<'v> {
 /// device). A kernel that takes maps cannot run the call where a tensor has
 /// no map (strides TMA cannot describe, or the driver refused): the next
 /// kernel is tried, with a debug line saying why.
-pub(crate) fn choose<'v>(
-    kernels: Kernels<'v>,
+pub(crate) fn choose(
+    kernels: Kernels<'_>,
     p: &Problem<'_>,
     addresses: [u64; 3],
     encode: impl Fn(&Tiled) -> Result<TensorMap, Undescribable>,
-) -> Result<Chosen<'v>> {
+) -> Result<Chosen> {
     let mut refused: Option<(&GpuKernel, &str, Undescribable)> = None;
     for kernel in kernels.candidates() {
         if let Some((previous, tensor, why)) = &refused {
@@ -255,29 +363,21 @@ pub(crate) fn choose<'v>(
         }
     }
     Err(match refused {
-        Some((kernel, tensor, why)) => SdpaError::BackendUnavailable {
-            backend: "cuda",
-            reason: format!(
+        Some((kernel, tensor, why)) => {
+            SdpaError::BackendUnavailable {
+                backend: "cuda",
+                reason: format!(
                 "{} needs a tensor map of {tensor}, and {why}; the variant has no other kernel \
-                 for compute capability {}.{} to run instead",
+                 for {}{} to run instead",
                 kernel.entry(),
-                kernels.capability.0,
-                kernels.capability.1
+                kernels.capability,
+                // The capability's clause on the environment ends here.
+                if kernels.capability.portable_only { "," } else { "" }
             ),
-        },
-        None => no_kernel(kernels.capability),
+            }
+        }
+        None => kernels.no_kernel(),
     })
-}
-
-/// The error for a variant without a kernel for a device.
-pub(crate) fn no_kernel(capability: (i32, i32)) -> SdpaError {
-    SdpaError::BackendUnavailable {
-        backend: "cuda",
-        reason: format!(
-            "the variant has no GPU kernel for compute capability {}.{}",
-            capability.0, capability.1
-        ),
-    }
 }
 
 /// The kernels move 16-byte vectors: every row `[b, s, h, ..]` of a tensor
@@ -334,18 +434,22 @@ pub(crate) fn grid(p: &Problem<'_>, kernel: &GpuKernel) -> Result<(u32, u32, u32
 ///
 /// `p`'s tensors and `out` must be device memory of `stream`'s context;
 /// `mask` is `p`'s mask, uploaded on `stream`. Returns the kernel once its
-/// launch is queued (the stream orders it with what comes next), or `None`
-/// for an empty output, where nothing runs.
-pub(crate) fn attention<'v>(
-    kernels: Kernels<'v>,
+/// launch is queued (the stream orders it with what comes next). An empty
+/// output has nothing to compute: callers return before launching, and
+/// this refuses one with an error.
+pub(crate) fn attention(
+    kernels: Kernels<'_>,
     stream: &CudaStream,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
     mask: Option<&DeviceMask>,
-) -> Result<Option<&'v GpuKernel>> {
+) -> Result<&'static GpuKernel> {
     p.check_output(out)?;
     if out.layout().numel() == 0 {
-        return Ok(None);
+        return Err(SdpaError::Shape(format!(
+            "an output of shape {:?} has no element to compute; nothing is launched for it",
+            out.layout().shape()
+        )));
     }
     let out_layout = *out.layout();
     let not_here = |what: &str| {
@@ -475,13 +579,14 @@ pub(crate) fn attention<'v>(
             e,
         )
     })?;
-    Ok(Some(kernel))
+    Ok(kernel)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tensor::TensorView;
+    use crate::{DType, VariantSpec};
     use half::bf16;
     use kernels_gen::ptx::Target;
 
@@ -591,12 +696,45 @@ mod tests {
     const PORTABLE: GpuKernel = GpuKernel::new("", "sm80", Target::Sm80, 64, 128, 0);
     const MAPPED: GpuKernel =
         GpuKernel::new("", "sm90", Target::Sm90a, 128, 384, 0).with_tensor_maps(128, 96);
-    /// A Hopper kernel with the portable one to fall back on, on a Hopper
-    /// device.
-    const BOTH: Kernels<'static> = Kernels {
-        all: &[MAPPED, PORTABLE],
-        capability: (9, 0),
+    static MAPPED_AND_PORTABLE: [GpuKernel; 2] = [MAPPED, PORTABLE];
+    static MAPPED_ALONE: [GpuKernel; 1] = [MAPPED];
+    static PORTABLE_ALONE: [GpuKernel; 1] = [PORTABLE];
+
+    fn cpu(_: &Problem<'_>, _: &mut TensorViewMut<'_>) -> Result<()> {
+        Ok(())
+    }
+    const SPEC: VariantSpec = VariantSpec {
+        head_size: 64,
+        causal: false,
+        dtype: DType::BF16,
     };
+    /// A Hopper kernel with the portable one to fall back on.
+    static WITH_FALLBACK: Variant = Variant::new(SPEC, cpu).with_gpu_kernels(&MAPPED_AND_PORTABLE);
+    /// A Hopper kernel alone.
+    static HOPPER_ONLY: Variant = Variant::new(SPEC, cpu).with_gpu_kernels(&MAPPED_ALONE);
+    /// The portable kernel alone.
+    static PORTABLE_ONLY: Variant = Variant::new(SPEC, cpu).with_gpu_kernels(&PORTABLE_ALONE);
+    /// No GPU kernel.
+    static CPU_ONLY: Variant = Variant::new(SPEC, cpu);
+
+    /// A device of compute capability `device`, choosing its own kernels.
+    fn device(device: (i32, i32)) -> Capability {
+        Capability {
+            device,
+            portable_only: false,
+        }
+    }
+    /// A device of compute capability `device`, with `SDPA_CUDA_KERNEL=sm80`.
+    fn forced(device: (i32, i32)) -> Capability {
+        Capability {
+            device,
+            portable_only: true,
+        }
+    }
+    /// The kernels of `variant` for a device of `capability`.
+    fn kernels(variant: &'static Variant, capability: (i32, i32)) -> Kernels<'static> {
+        Kernels::new(variant, device(capability)).unwrap()
+    }
 
     /// Stands in for the driver: a map tagged with the tensor's address
     /// and box rows.
@@ -617,12 +755,13 @@ mod tests {
         let data = vec![bf16::ZERO; 8 * 4 * 64];
         let k = TensorView::from_slice(&data[..8 * 2 * 64], [1, 8, 2, 64]).unwrap();
         let p = bf16_problem(&data, k);
-        let chosen = choose(BOTH, &p, [0x1000, 0x2000, 0x3000], tag).unwrap();
+        let both = kernels(&WITH_FALLBACK, (9, 0));
+        let chosen = choose(both, &p, [0x1000, 0x2000, 0x3000], tag).unwrap();
         assert_eq!(chosen.kernel.entry(), "sm90");
         let tags = chosen.maps.unwrap().map(|m| m.tag());
         assert_eq!(tags, [0x1000 + 128, 0x2000 + 96, 0x3000 + 96]);
         // A kernel without maps gets none, and nothing is encoded.
-        let plain = Kernels::new(&[PORTABLE], (9, 0));
+        let plain = kernels(&PORTABLE_ONLY, (9, 0));
         let never = |_: &Tiled| -> Result<TensorMap, Undescribable> { unreachable!() };
         let chosen = choose(plain, &p, [0; 3], never).unwrap();
         assert!(chosen.maps.is_none());
@@ -631,13 +770,13 @@ mod tests {
     #[test]
     fn strides_tma_cannot_describe_run_the_portable_kernel() {
         let data = vec![bf16::ZERO; 8 * 4 * 64];
-        let kernels = BOTH;
+        let both = kernels(&WITH_FALLBACK, (9, 0));
         // k and v rows 68 elements (136 bytes) apart: no map describes them.
         let k = TensorView::with_strides(&data, [1, 8, 1, 64], [8 * 68, 68, 68, 1]).unwrap();
         let q = vec![bf16::ZERO; 8 * 64];
         let q = TensorView::from_slice(&q, [1, 8, 1, 64]).unwrap();
         let p = Problem::new(q, k, k, None, 0.125).unwrap();
-        let chosen = choose(kernels, &p, [0; 3], tag).unwrap();
+        let chosen = choose(both, &p, [0; 3], tag).unwrap();
         assert_eq!(chosen.kernel.entry(), "sm80");
         assert!(chosen.maps.is_none());
         assert_eq!(
@@ -651,7 +790,7 @@ mod tests {
             ))
         );
         // Without a portable kernel to run, the call fails and says why.
-        let alone = Kernels::new(&[MAPPED], (9, 0));
+        let alone = kernels(&HOPPER_ONLY, (9, 0));
         let err = choose(alone, &p, [0; 3], tag).unwrap_err().to_string();
         assert!(
             err.contains("sm90 needs a tensor map of k, and its token stride is 136 bytes"),
@@ -664,15 +803,15 @@ mod tests {
         let data = vec![bf16::ZERO; 8 * 4 * 64];
         let k = TensorView::from_slice(&data, [1, 8, 4, 64]).unwrap();
         let p = bf16_problem(&data, k);
-        let kernels = BOTH;
+        let both = kernels(&WITH_FALLBACK, (9, 0));
         let old = |_: &Tiled| Err(Undescribable::OldDriver(11_080));
-        let chosen = choose(kernels, &p, [0; 3], old).unwrap();
+        let chosen = choose(both, &p, [0; 3], old).unwrap();
         assert_eq!(chosen.kernel.entry(), "sm80");
         // So does an f32 call (no f32 tensor maps).
         let (q, kv) = (vec![0.0; 8 * 64], vec![0.0; 8 * 64]);
         let p = problem(&q, &kv, [1, 8, 1, 64], [1, 8, 1, 64]);
         assert_eq!(
-            choose(kernels, &p, [0; 3], tag).unwrap().kernel.entry(),
+            choose(both, &p, [0; 3], tag).unwrap().kernel.entry(),
             "sm80"
         );
     }
@@ -683,19 +822,146 @@ mod tests {
         let k = TensorView::from_slice(&data, [1, 8, 4, 64]).unwrap();
         let p = bf16_problem(&data, k);
         // Not Hopper: the sm_90a kernel is skipped, and nothing is encoded.
-        let ampere = Kernels::new(&[MAPPED, PORTABLE], (8, 6));
+        let ampere = kernels(&WITH_FALLBACK, (8, 6));
         let never = |_: &Tiled| -> Result<TensorMap, Undescribable> { unreachable!() };
         assert_eq!(ampere.preferred().map(|k| k.entry()), Some("sm80"));
         assert_eq!(
             choose(ampere, &p, [0; 3], never).unwrap().kernel.entry(),
             "sm80"
         );
-        // Nothing this device runs: a typed error.
-        let none = Kernels::new(&[MAPPED], (8, 0));
+        // Nothing this device runs: a typed error, when the kernels are
+        // looked for, and from `choose` should it be handed none.
+        let err = Kernels::new(&HOPPER_ONLY, device((8, 0)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no GPU kernel for compute capability 8.0"),
+            "{err}"
+        );
+        let none = Kernels {
+            variant: &HOPPER_ONLY,
+            capability: device((8, 0)),
+        };
         assert!(none.preferred().is_none());
         let err = choose(none, &p, [0; 3], tag).unwrap_err().to_string();
         assert!(
             err.contains("no GPU kernel for compute capability 8.0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn no_kernel_names_the_variant_and_its_targets() {
+        let err = Kernels::new(&HOPPER_ONLY, device((8, 6))).unwrap_err();
+        assert!(matches!(
+            err,
+            SdpaError::BackendUnavailable {
+                backend: "cuda",
+                ..
+            }
+        ));
+        assert_eq!(
+            err.to_string(),
+            SdpaError::BackendUnavailable {
+                backend: "cuda",
+                reason: format!(
+                    "variant {SPEC} has no GPU kernel for compute capability 8.6 (its kernels \
+                     target sm_90a)"
+                ),
+            }
+            .to_string()
+        );
+        let err = Kernels::new(&CPU_ONLY, device((9, 0)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("variant {SPEC} was built without a GPU kernel")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sm80_from_the_environment_runs_the_portable_kernel_and_says_so() {
+        assert!(!portable_only_in(None).unwrap());
+        assert!(!portable_only_in(Some("")).unwrap());
+        assert!(!portable_only_in(Some("auto")).unwrap());
+        assert!(portable_only_in(Some("sm80")).unwrap());
+        let err = portable_only_in(Some("sm90")).unwrap_err().to_string();
+        assert!(
+            err.contains("SDPA_CUDA_KERNEL=\"sm90\" is not a kernel family; use auto or sm80"),
+            "{err}"
+        );
+        // A Hopper device told to run the portable kernel runs it.
+        let hopper = Kernels::new(&WITH_FALLBACK, forced((9, 0))).unwrap();
+        assert_eq!(hopper.preferred().map(|k| k.entry()), Some("sm80"));
+        assert_eq!(
+            hopper.candidates().map(|k| k.entry()).collect::<Vec<_>>(),
+            ["sm80"]
+        );
+        // Without one, the error gives the device's own capability, says
+        // that the environment forced the portable kernels, and what runs
+        // without it.
+        let err = Kernels::new(&HOPPER_ONLY, forced((9, 0)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "variant {SPEC} has no GPU kernel for compute capability 9.0 with \
+                 SDPA_CUDA_KERNEL=sm80, which asks for the portable kernels only (its kernels \
+                 target sm_90a); without SDPA_CUDA_KERNEL the device runs its sm_90a kernel"
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("8.0"), "{err}");
+        // On a device that runs none of them anyway, no such advice.
+        let err = Kernels::new(&HOPPER_ONLY, forced((8, 6)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "variant {SPEC} has no GPU kernel for compute capability 8.6 with \
+                 SDPA_CUDA_KERNEL=sm80, which asks for the portable kernels only (its kernels \
+                 target sm_90a)"
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("without SDPA_CUDA_KERNEL"), "{err}");
+    }
+
+    #[test]
+    fn a_refused_map_names_the_devices_own_capability() {
+        // k and v rows 68 elements (136 bytes) apart: no map describes them.
+        let data = vec![bf16::ZERO; 8 * 68];
+        let k = TensorView::with_strides(&data, [1, 8, 1, 64], [8 * 68, 68, 68, 1]).unwrap();
+        let q = vec![bf16::ZERO; 8 * 64];
+        let q = TensorView::from_slice(&q, [1, 8, 1, 64]).unwrap();
+        let p = Problem::new(q, k, k, None, 0.125).unwrap();
+        let err = choose(kernels(&HOPPER_ONLY, (9, 0)), &p, [0; 3], tag)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "sm90 needs a tensor map of k, and its token stride is 136 bytes; a tensor map \
+                 needs a multiple of 16; the variant has no other kernel for compute \
+                 capability 9.0 to run instead"
+            ),
+            "{err}"
+        );
+        // A portable kernel that takes maps, forced on a Hopper device: the
+        // message gives 9.0 and the environment, not 8.0.
+        const MAPPED_PORTABLE: GpuKernel =
+            GpuKernel::new("", "mapped80", Target::Sm80, 64, 128, 0).with_tensor_maps(64, 64);
+        static MAPPED_PORTABLE_ALONE: [GpuKernel; 1] = [MAPPED_PORTABLE];
+        static MAPPED_PORTABLE_ONLY: Variant =
+            Variant::new(SPEC, cpu).with_gpu_kernels(&MAPPED_PORTABLE_ALONE);
+        let portable = Kernels::new(&MAPPED_PORTABLE_ONLY, forced((9, 0))).unwrap();
+        let err = choose(portable, &p, [0; 3], tag).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "mapped80 needs a tensor map of k, and its token stride is 136 bytes; a tensor \
+                 map needs a multiple of 16; the variant has no other kernel for compute capability 9.0 with \
+                 SDPA_CUDA_KERNEL=sm80, which asks for the portable kernels only, to run instead"
+            ),
             "{err}"
         );
     }

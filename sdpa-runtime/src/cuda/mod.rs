@@ -77,6 +77,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
 pub use device::{context, devices, DeviceInfo};
+pub use launch::KERNEL_ENV;
 pub use module_cache::{jit_loads, JitLoad};
 
 use crate::element::Element;
@@ -84,10 +85,10 @@ use crate::error::{Result, SdpaError};
 use crate::layout::Layout;
 use crate::problem::Problem;
 use crate::storage::dispatch::dispatch;
-use crate::storage::{CudaOwned, CudaRefMut, Storage, StorageMut};
+use crate::storage::{CudaOwned, Storage, StorageMut};
 use crate::tensor::{Tensor, TensorView, TensorViewMut};
 use crate::variant::{GpuKernel, Variant};
-use launch::Kernels;
+use launch::{Capability, Kernels};
 
 /// Runs `variant`'s GPU kernel for `p` into `out`: on the device where they
 /// live, or through device 0 for host tensors.
@@ -96,7 +97,7 @@ pub(crate) fn run(variant: &Variant, p: &Problem<'_>, out: &mut TensorViewMut<'_
         (Storage::Cuda(_), StorageMut::Cuda(out_data)) => {
             let stream = out_data.stream().clone();
             let kernels = pick_kernel(variant, stream.context())?;
-            on_device(kernels, &stream, p, out).map(drop)
+            on_device(kernels, &stream, p, out)
         }
         (Storage::Host(_), StorageMut::Host(_)) => {
             let device = device::device(0)?;
@@ -111,91 +112,59 @@ pub(crate) fn run(variant: &Variant, p: &Problem<'_>, out: &mut TensorViewMut<'_
     }
 }
 
-/// The environment variable that picks the GPU kernel family: `auto` (the
-/// default: the first of the variant's kernels that the device runs, e.g.
-/// the Hopper kernel on compute capability 9.0 where the variant has one)
-/// or `sm80` (the kernels a device of capability 8.0 runs: the portable
-/// kernel everywhere).
-pub const KERNEL_ENV: &str = "SDPA_CUDA_KERNEL";
-
-/// Whether the environment asks for the portable kernels only.
-fn portable_only() -> Result<bool> {
-    match std::env::var(KERNEL_ENV) {
-        Err(_) => Ok(false),
-        Ok(v) => match v.as_str() {
-            "" | "auto" => Ok(false),
-            "sm80" => Ok(true),
-            _ => Err(SdpaError::Param(format!(
-                "{KERNEL_ENV}={v:?} is not a kernel family; use auto or sm80"
-            ))),
-        },
-    }
-}
-
 /// The kernels of `variant` that the device of `ctx` runs, best first (the
 /// call runs the first that can run it: [`launch::choose`]).
 fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<Kernels<'v>> {
-    let capability = if portable_only()? {
-        (8, 0)
-    } else {
-        ctx.compute_capability().map_err(|e| {
-            SdpaError::cuda(
-                format_args!("reading device {}'s compute capability", ctx.ordinal()),
-                e,
-            )
-        })?
-    };
-    let kernels = Kernels::new(variant.gpu_kernels(), capability);
-    let kernel = kernels
-        .preferred()
-        .ok_or_else(|| no_kernel(variant, capability))?;
-    tracing::debug!(
-        variant = %variant.spec(),
-        device = ctx.ordinal(),
-        target = kernel.target().name(),
-        entry = kernel.entry(),
-        tensor_maps = kernel.tensor_maps().is_some(),
-        "picked a GPU kernel"
-    );
+    let portable_only = launch::portable_only()?;
+    let device = ctx.compute_capability().map_err(|e| {
+        SdpaError::cuda(
+            format_args!("reading device {}'s compute capability", ctx.ordinal()),
+            e,
+        )
+    })?;
+    let kernels = Kernels::new(
+        variant,
+        Capability {
+            device,
+            portable_only,
+        },
+    )?;
+    if let Some(kernel) = kernels.preferred() {
+        tracing::debug!(
+            variant = %variant.spec(),
+            device = ctx.ordinal(),
+            target = kernel.target().name(),
+            entry = kernel.entry(),
+            tensor_maps = kernel.tensor_maps().is_some(),
+            portable_only,
+            "picked a GPU kernel"
+        );
+    }
     Ok(kernels)
 }
 
-/// The error for a variant with no GPU kernel that a device of
-/// `capability` runs.
-fn no_kernel(variant: &Variant, capability: (i32, i32)) -> SdpaError {
-    let targets: Vec<&str> = variant
-        .gpu_kernels()
-        .iter()
-        .map(|k| k.target().name())
-        .collect();
-    SdpaError::BackendUnavailable {
-        backend: "cuda",
-        reason: if targets.is_empty() {
-            format!("variant {} was built without a GPU kernel", variant.spec())
-        } else {
-            format!(
-                "variant {} has no GPU kernel for compute capability {}.{} (its kernels target \
-                 {})",
-                variant.spec(),
-                capability.0,
-                capability.1,
-                targets.join(", ")
-            )
-        },
-    }
-}
-
-/// Launches on `stream` for device tensors; the kernel that ran, or `None`
-/// for an empty output.
-fn on_device<'v>(
-    kernels: Kernels<'v>,
+/// Launches on `stream` for device tensors, unless the output is empty
+/// (nothing to compute).
+fn on_device(
+    kernels: Kernels<'_>,
     stream: &Arc<CudaStream>,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
-) -> Result<Option<&'v GpuKernel>> {
+) -> Result<()> {
     if out.layout().numel() == 0 {
-        return Ok(None);
+        return Ok(());
     }
+    launch_on(kernels, stream, p, out).map(drop)
+}
+
+/// Uploads `p`'s mask on `stream` and launches for device tensors and a
+/// non-empty output; the kernel that ran.
+fn launch_on(
+    kernels: Kernels<'_>,
+    stream: &Arc<CudaStream>,
+    p: &Problem<'_>,
+    out: &mut TensorViewMut<'_>,
+) -> Result<&'static GpuKernel> {
     let mask = p
         .mask
         .as_ref()
@@ -214,7 +183,8 @@ fn staged<T: Element>(
     out: &mut TensorViewMut<'_>,
 ) -> Result<()> {
     let out_layout = *out.layout();
-    if out_layout.numel() == 0 {
+    let n = out_layout.numel();
+    if n == 0 {
         return Ok(());
     }
     let not_host = |what: &str| {
@@ -225,10 +195,7 @@ fn staged<T: Element>(
         upload_slice(stream, &pack(host, t.layout()), name)
     };
     let (q, k, v) = (upload("q", &p.q)?, upload("k", &p.k)?, upload("v", &p.v)?);
-    let n = out_layout.numel();
-    let mut device_out = stream
-        .alloc_zeros::<T>(n)
-        .map_err(|e| SdpaError::cuda(format_args!("allocating the output ({n} elements)"), e))?;
+    let mut device_out = CudaOwned::zeros(stream, T::DTYPE, n)?;
     let packed_out = Layout::contiguous(out_layout.shape());
     let kernel = {
         fn view<'s, T: Element>(s: &'s CudaSlice<T>, t: &TensorView<'_>) -> Result<TensorView<'s>> {
@@ -240,19 +207,15 @@ fn staged<T: Element>(
             v: view(&v, &p.v)?,
             ..*p
         };
-        let mut device_view =
-            TensorViewMut::new_cuda(T::cuda_mut(CudaRefMut::from(&mut device_out)), packed_out)?;
-        on_device(kernels, stream, &device_problem, &mut device_view)?
+        let mut device_view = TensorViewMut::new_cuda(device_out.as_cuda_mut(), packed_out)?;
+        launch_on(kernels, stream, &device_problem, &mut device_view)?
     };
-    let Some(kernel) = kernel else {
-        return Ok(()); // Nothing to compute: no kernel ran.
-    };
-    let result: Vec<T> = stream
-        .clone_dtoh(&device_out)
-        .map_err(|e| SdpaError::cuda("copying the result to the host", e))?;
-    stream
-        .synchronize()
-        .map_err(|e| SdpaError::cuda(format_args!("running {}", kernel.entry()), e))?;
+    // The copy waits for the kernel: a fault of the kernel surfaces here.
+    let result = device_out.to_host(n).map_err(|e| match e {
+        SdpaError::Cuda(why) => SdpaError::Cuda(format!("running {}: {why}", kernel.entry())),
+        e => e,
+    })?;
+    let result = T::downcast_owned(&result).ok_or_else(|| not_host("the result"))?;
     let host_out = out.host_slice_mut::<T>().ok_or_else(|| not_host("out"))?;
     let d = out_layout.head_size();
     let [b, s, h, _] = out_layout.shape();

@@ -1,9 +1,10 @@
-//! The JIT cache: each variant's PTX is loaded into each context once, on
-//! first use, and its function handle kept for the life of the process.
+//! The JIT cache: each kernel's PTX (a variant has one per target) is
+//! loaded into each context once, on first use, and its function handle
+//! kept for the life of the process.
 //!
-//! Thread-safe: the map is locked only to find a variant's slot; the slot's
+//! Thread-safe: the map is locked only to find a kernel's slot; the slot's
 //! own lock is held while the driver compiles, so concurrent first calls of
-//! one variant wait for a single load while other variants load in
+//! one kernel wait for a single load while other kernels load in
 //! parallel. A failed load is not cached (the next call tries again).
 //!
 //! The PTX is handed to `CudaContext::load_module` as a `cudarc::nvrtc::Ptx`
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction};
 use cudarc::nvrtc::Ptx;
+use kernels_gen::ptx::Target;
 
 use super::jit_log;
 use crate::error::{Result, SdpaError};
@@ -29,11 +31,17 @@ const DEFAULT_SMEM_LIMIT: u32 = 48 * 1024;
 
 /// One JIT load: which kernel, on which device, how long the driver took,
 /// and what it allocated.
+///
+/// A variant's kernels share their entry name (the Hopper kernel and the
+/// portable one of `sdpa_fwd_d128_causal_bf16` are both called that), so a
+/// kernel is its `entry` and its `target` together.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct JitLoad {
     /// The kernel's entry point, e.g. `sdpa_fwd_d128_causal_bf16`.
     pub entry: &'static str,
+    /// The architecture the kernel's PTX targets ([`GpuKernel::target`]).
+    pub target: Target,
     /// The device's ordinal.
     pub ordinal: usize,
     /// How long loading the module took (PTX to machine code included).
@@ -46,8 +54,11 @@ pub struct JitLoad {
 
 /// Every JIT load of this process so far, oldest first.
 ///
-/// A variant appears once per context it ran in; the first call of a
-/// variant on a device pays its `elapsed` time, later calls nothing.
+/// A kernel (an `entry` and a `target`) appears once per context it ran
+/// in; the first call that runs it on a device pays its `elapsed` time,
+/// later calls nothing. A variant may appear with more than one kernel in a
+/// context: a call whose tensors no tensor map describes runs the portable
+/// kernel where the device prefers the Hopper one, so both are loaded.
 pub fn jit_loads() -> Vec<JitLoad> {
     loads().lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
@@ -89,6 +100,7 @@ pub(crate) fn function(ctx: &Arc<CudaContext>, kernel: &GpuKernel) -> Result<Cud
     let local_bytes = function.local_size_bytes().unwrap_or(-1);
     tracing::debug!(
         entry = kernel.entry(),
+        target = kernel.target().name(),
         device = ctx.ordinal(),
         jit_ms = elapsed.as_secs_f64() * 1e3,
         registers,
@@ -101,6 +113,7 @@ pub(crate) fn function(ctx: &Arc<CudaContext>, kernel: &GpuKernel) -> Result<Cud
         .unwrap_or_else(|p| p.into_inner())
         .push(JitLoad {
             entry: kernel.entry(),
+            target: kernel.target(),
             ordinal: ctx.ordinal(),
             elapsed,
             registers,

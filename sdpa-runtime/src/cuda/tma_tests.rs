@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use kernels_gen::sm90::{generate_with, Sm90Config};
 
-use super::launch::{choose, Kernels};
+use super::launch::{choose, Capability, Kernels};
 use super::tensor_map::{describe, Tiled, Undescribable};
 use crate::layout::Layout;
 use crate::problem::Problem;
@@ -217,7 +217,11 @@ fn the_tma_kernel_matches_the_portable_kernel() {
         let v = Input::new(&stream, [b, sk, hkv, d], strides([b, sk, hkv, d]), seed + 2);
         let p = Problem::new(q.view(), k.view(), v.view(), None, 1.0 / (d as f32).sqrt()).unwrap();
         // The maps of these tensors are made: the TMA kernel runs.
-        let kernels = Kernels::new(tma.gpu_kernels(), (9, 0));
+        let hopper = Capability {
+            device: (9, 0),
+            portable_only: false,
+        };
+        let kernels = Kernels::new(&tma, hopper).unwrap();
         assert_eq!(kernels.preferred(), tma.gpu_kernel_sm90());
         let addresses = [&q, &k, &v].map(|t| {
             let (address, _guard) = cudarc::driver::DevicePtr::device_ptr(&t.buf, &stream);

@@ -11,7 +11,8 @@
 //!   runtime [`DType`].
 //!
 //! This module joins them: [`Storage`] and [`StorageMut`] for views,
-//! [`TensorData`] for owned tensors. Nothing here knows the tensor types.
+//! [`TensorData`] for owned tensors, and [`Residence`], where each one's
+//! memory is. Nothing here knows the tensor types or backend selection.
 
 pub(crate) mod cuda;
 pub(crate) mod dispatch;
@@ -20,9 +21,39 @@ pub(crate) mod host;
 pub use cuda::{CudaData, CudaDataMut, CudaOwned, CudaRef, CudaRefMut};
 pub use host::{HostData, HostDataMut, OwnedData};
 
+use std::fmt;
+
 use crate::error::Result;
-use crate::select::Residence;
 use crate::DType;
+
+/// Where a tensor's elements live: host memory or which CUDA device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Residence {
+    /// Host memory.
+    Host,
+    /// Memory of one CUDA device.
+    Cuda {
+        /// The device's ordinal.
+        ordinal: usize,
+    },
+}
+
+impl Residence {
+    /// Whether this is CUDA device memory.
+    pub fn is_cuda(self) -> bool {
+        matches!(self, Residence::Cuda { .. })
+    }
+}
+
+impl fmt::Display for Residence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Residence::Host => f.write_str("host memory"),
+            Residence::Cuda { ordinal } => write!(f, "CUDA device {ordinal}"),
+        }
+    }
+}
 
 /// The residence of device memory whose stream is `stream`.
 fn on_device(stream: &cudarc::driver::CudaStream) -> Residence {
