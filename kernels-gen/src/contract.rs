@@ -240,6 +240,32 @@ pub fn load_args(k: &mut Kernel, params: &Params) -> Args {
     }
 }
 
+/// The K/V head that query head `head` reads: `head / group`, where
+/// `group = Hq / Hkv` query heads share one K/V head (grouped-query
+/// attention; `group` 1 is multi-head attention).
+pub fn kv_head(k: &mut Kernel, head: Reg, group: Reg) -> Reg {
+    k.bin(BinOp::Div, Ty::U32, head, group)
+}
+
+/// The element offset of one (batch, head) of a tensor or the mask:
+/// `batch · stride_b + head · stride_h`, from `batch` and `head` widened to
+/// 64 bits.
+pub fn head_offset(k: &mut Kernel, batch64: Reg, head64: Reg, stride_b: Reg, stride_h: Reg) -> Reg {
+    let off = k.bin(BinOp::Mul, Ty::U64, batch64, stride_b);
+    k.mad(Ty::U64, head64, stride_h, off)
+}
+
+/// How [`tensor_head_wide`] turns element offsets into byte offsets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ByteScale {
+    /// The base by one `mad` (`offset · elem_bytes + ptr`), the stride by a
+    /// `mul`.
+    Mad,
+    /// The base by a shift and an add (`(offset << log2 elem_bytes) +
+    /// ptr`), the stride by a shift; `elem_bytes` a power of two.
+    Shift,
+}
+
 /// The byte address of element `[batch, 0, head, 0]` of a tensor whose
 /// element strides are `strides` (batch, token, head) and elements
 /// `elem_bytes` wide, and its token stride in bytes: `(base, stride)`.
@@ -253,11 +279,41 @@ pub fn tensor_head(
 ) -> (Reg, Reg) {
     let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
     let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
-    let off = k.bin(BinOp::Mul, Ty::U64, b64, strides[0]);
-    let off = k.mad(Ty::U64, h64, strides[2], off);
-    let base = k.mad(Ty::U64, off, Operand::U(elem_bytes), ptr);
-    let stride = k.bin(BinOp::Mul, Ty::U64, strides[1], Operand::U(elem_bytes));
-    (base, stride)
+    tensor_head_wide(k, ptr, strides, b64, h64, elem_bytes, ByteScale::Mad)
+}
+
+/// [`tensor_head`] from `batch` and `head` already widened to 64 bits (a
+/// kernel that widens them once for several tensors), scaling to bytes as
+/// `scale` says.
+///
+/// # Panics
+///
+/// With [`ByteScale::Shift`], if `elem_bytes` is not a power of two.
+pub fn tensor_head_wide(
+    k: &mut Kernel,
+    ptr: Reg,
+    strides: [Reg; 3],
+    batch64: Reg,
+    head64: Reg,
+    elem_bytes: u64,
+    scale: ByteScale,
+) -> (Reg, Reg) {
+    let off = head_offset(k, batch64, head64, strides[0], strides[2]);
+    match scale {
+        ByteScale::Mad => {
+            let base = k.mad(Ty::U64, off, Operand::U(elem_bytes), ptr);
+            let stride = k.bin(BinOp::Mul, Ty::U64, strides[1], Operand::U(elem_bytes));
+            (base, stride)
+        }
+        ByteScale::Shift => {
+            assert!(elem_bytes.is_power_of_two(), "{elem_bytes}-byte elements");
+            let shift = Operand::U(elem_bytes.trailing_zeros() as u64);
+            let off = k.bin(BinOp::Shl, Ty::U64, off, shift.clone());
+            let base = k.bin(BinOp::Add, Ty::U64, off, ptr);
+            let stride = k.bin(BinOp::Shl, Ty::U64, strides[1], shift);
+            (base, stride)
+        }
+    }
 }
 
 /// The thread index and the CTA's query block, head and batch, from the
