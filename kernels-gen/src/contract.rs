@@ -2,7 +2,8 @@
 //! in launch order and by name, the tensor maps of the kernels that take
 //! them, the grid, and what a kernel promises about its output.
 //!
-//! Emitters declare the parameters with [`declare_params`] and read them by
+//! Emitters declare the parameters with [`declare_params`] (and the tensor
+//! maps, where they take them, with [`declare_tensor_maps`]) and read them by
 //! name through the returned [`Params`] ([`Params::get`],
 //! [`Params::strides`], or all of them at once with [`load_args`]); the
 //! runtime passes them in the order of [`PARAMS`], then [`SCALE_PARAM`],
@@ -86,10 +87,20 @@ pub const SCALE_PARAM: (&str, ParamKind) = ("scale_log2", ParamKind::F32);
 
 /// The tensor maps a kernel with [`GpuKernel::tensor_maps`] takes after
 /// [`SCALE_PARAM`], in this order: those of `q`, `k` and `v`. Each is a
-/// 128-byte `CUtensorMap` passed by value (`.param .align 64 .b8 [128]`),
-/// encoded by the runtime with `cuTensorMapEncodeTiled` as
-/// [`TensorMaps`] describes.
+/// 128-byte `CUtensorMap` passed by value, declared by
+/// [`declare_tensor_maps`] and encoded by the runtime with
+/// `cuTensorMapEncodeTiled` as [`TensorMaps`] describes.
 pub const TENSOR_MAP_PARAMS: [&str; 3] = ["tmap_q", "tmap_k", "tmap_v"];
+
+/// Declares the tensor-map parameters on `k`, after the contract's
+/// ([`declare_params`]): the [`TENSOR_MAP_PARAMS`] in their order, each a
+/// 128-byte `CUtensorMap` passed by value, `.param .align 64 .b8 NAME[128]`.
+pub fn declare_tensor_maps(k: &mut Kernel) -> Vec<Param> {
+    TENSOR_MAP_PARAMS
+        .iter()
+        .map(|name| k.param_bytes(name, 64, 128))
+        .collect()
+}
 
 /// How the runtime encodes the tensor maps of a kernel that loads its tiles
 /// with the Tensor Memory Accelerator (TMA).

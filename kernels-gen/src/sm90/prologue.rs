@@ -7,7 +7,7 @@ use super::emitter::{desc_bits, Core, Emitter};
 use super::schedule::{Tile, TileScheduler};
 use crate::attention::mask::{key_blocks, mask_of_head};
 use crate::attention::store::OutputRows;
-use crate::contract::{declare_params, load_args, tensor_head, TENSOR_MAP_PARAMS};
+use crate::contract::{declare_params, declare_tensor_maps, load_args, tensor_head};
 use crate::ptx::{BinOp, Cmp, Operand, Param, Reg, Ty};
 
 /// What the prologue leaves for the parts after it.
@@ -47,10 +47,7 @@ impl Emitter {
         let (d, bn, bm) = (cfg.head_size(), cfg.block_n(), cfg.block_m());
         let dp = cfg.d_pad();
         let params = declare_params(&mut self.k);
-        let maps: Vec<Param> = TENSOR_MAP_PARAMS
-            .iter()
-            .map(|name| self.k.param_bytes(name, 64, 128))
-            .collect();
+        let maps = declare_tensor_maps(&mut self.k);
         self.k.launch_bounds(cfg.threads() as u32, Some(1));
         self.k.dynamic_shared(1024);
         self.k.comment(format!(

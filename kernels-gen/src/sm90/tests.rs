@@ -50,6 +50,7 @@ fn the_defaults_by_head_size() {
                 (wgs, bn, stages),
                 "d={d}"
             );
+            assert_eq!(*c.spec(), spec(d, causal, DType::F16));
             assert_eq!(c.head_size(), d);
             assert_eq!(c.causal(), causal);
             assert_eq!(c.lazy_rescale(), !causal, "lazy rescale off where causal");
@@ -109,7 +110,9 @@ fn illegal_tunings_are_typed_errors() {
     // A legal override takes as many stages as fit.
     let two = config(64).with_tiles(2, 192).unwrap();
     assert_eq!((two.wgs(), two.block_n(), two.stages()), (2, 192, 3));
-    let k = generate_with(&spec(64, false, DType::BF16), two);
+    let k = generate_with(two);
+    // The kernel is named after the variant the configuration holds.
+    assert_eq!(k.entry, spec(64, false, DType::BF16).kernel_name());
     assert_eq!((k.block_m, k.threads), (128, 384));
     assert!(k.ptx.contains("setmaxnreg.inc.sync.aligned.u32 240;"));
     assert!(!config(64).with_lazy_rescale(false).lazy_rescale());
@@ -221,7 +224,7 @@ fn the_default_loads_with_tma_through_three_tensor_maps() {
     let plain = generate(&spec(128, false, DType::F16)).unwrap();
     assert!(plain.ptx.contains("vote.sync.all.pred"));
     let cfg = Sm90Config::new(&spec(128, false, DType::F16)).unwrap();
-    let eager = generate_with(&spec(128, false, DType::F16), cfg.with_lazy_rescale(false));
+    let eager = generate_with(cfg.with_lazy_rescale(false));
     assert!(!eager.ptx.contains("vote.sync"));
     // d=128: Q (32 KB) and three stages of 128-key K and V tiles.
     let k = generate(&spec(128, true, DType::F16)).unwrap();
