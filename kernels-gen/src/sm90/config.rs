@@ -43,9 +43,9 @@ pub struct Sm90Config {
 }
 
 /// The bytes of the mbarriers of `stages` K/V stages: K-full, V-full and
-/// empty per stage, then Q-full and Q-empty.
+/// empty per stage, then Q-full.
 fn barrier_bytes(stages: usize) -> usize {
-    8 * (3 * stages + 2)
+    8 * (3 * stages + 1)
 }
 
 /// Why a tuning of [`Sm90Config`] cannot be built.
@@ -192,7 +192,7 @@ impl Sm90Config {
         // between. The edge is not a count alone: 188 of 240 are clean at
         // d=256 (80 keys) while 184 spill at d=128 (160 keys), which this
         // check lets through; the ptxas test catches such a default.
-        let needed = cfg.block_n / 2 + cfg.block_n / 4 + cfg.pv_n() / 2;
+        let needed = cfg.block_n / 2 + cfg.block_n / 4 + cfg.head_size() / 2;
         let available = cfg.consumer_regs();
         if 5 * needed > 4 * available as usize {
             return Err(ConfigError::Registers { needed, available });
@@ -262,13 +262,6 @@ impl Sm90Config {
     /// 64-column swizzle panels (columns past `d` are never read).
     pub fn d_pad(&self) -> usize {
         self.head_size().next_multiple_of(64)
-    }
-
-    /// The `N` of the `P·V` product: `d` itself, also where it is not a
-    /// multiple of 64: a partial last panel of V is read as such (measured
-    /// correct on an H100), `m64n80` rather than `m64n128` at d=80.
-    pub fn pv_n(&self) -> usize {
-        self.head_size()
     }
 
     /// Query rows per CTA.

@@ -51,12 +51,14 @@ impl Emitter {
         self.k.launch_bounds(cfg.threads() as u32, Some(1));
         self.k.dynamic_shared(1024);
         self.k.comment(format!(
-            "wgmma attention: d={d} causal={} {}, {} consumer warpgroups, block {bm}x{bn}, \
-             {} stages, overlap true, producer warpgroup true",
+            "wgmma attention: d={d} causal={} {}, a TMA producer warpgroup and {} consumer \
+             warpgroups, block {bm}x{bn}, {} K/V stages, Q.K(n+1)^T issued with P.V(n), \
+             lazy rescale {}",
             cfg.causal(),
             cfg.element().name(),
             cfg.wgs(),
             cfg.stages(),
+            cfg.lazy_rescale(),
         ));
 
         // ---- parameters, thread and tile coordinates ----
@@ -115,7 +117,7 @@ impl Emitter {
         };
         let core = Core {
             s_acc: k.regs(Ty::F32, bn / 2),
-            o_acc: (0..cfg.pv_n() / 2)
+            o_acc: (0..d / 2)
                 .map(|_| k.mov(Ty::F32, Operand::F32(0.0)))
                 .collect(),
             p: (0..bn / 16)
