@@ -52,7 +52,7 @@ fn kernel_sm90(spec: &VariantSpec, tuning: &Sm90Tuning) -> Option<GpuKernel> {
     if tuning.no_lazy_rescale {
         c = c.with_lazy_rescale(false);
     }
-    Some(sm90::generate_with(spec, c))
+    Some(sm90::generate_with(c))
 }
 
 /// Removes `flag` and its value from `args`, parsed as a count; a missing

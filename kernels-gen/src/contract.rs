@@ -2,7 +2,8 @@
 //! in launch order and by name, the tensor maps of the kernels that take
 //! them, the grid, and what a kernel promises about its output.
 //!
-//! Emitters declare the parameters with [`declare_params`] and read them by
+//! Emitters declare the parameters with [`declare_params`] (and the tensor
+//! maps, where they take them, with [`declare_tensor_maps`]) and read them by
 //! name through the returned [`Params`] ([`Params::get`],
 //! [`Params::strides`], or all of them at once with [`load_args`]); the
 //! runtime passes them in the order of [`PARAMS`], then [`SCALE_PARAM`],
@@ -86,10 +87,20 @@ pub const SCALE_PARAM: (&str, ParamKind) = ("scale_log2", ParamKind::F32);
 
 /// The tensor maps a kernel with [`GpuKernel::tensor_maps`] takes after
 /// [`SCALE_PARAM`], in this order: those of `q`, `k` and `v`. Each is a
-/// 128-byte `CUtensorMap` passed by value (`.param .align 64 .b8 [128]`),
-/// encoded by the runtime with `cuTensorMapEncodeTiled` as
-/// [`TensorMaps`] describes.
+/// 128-byte `CUtensorMap` passed by value, declared by
+/// [`declare_tensor_maps`] and encoded by the runtime with
+/// `cuTensorMapEncodeTiled` as [`TensorMaps`] describes.
 pub const TENSOR_MAP_PARAMS: [&str; 3] = ["tmap_q", "tmap_k", "tmap_v"];
+
+/// Declares the tensor-map parameters on `k`, after the contract's
+/// ([`declare_params`]): the [`TENSOR_MAP_PARAMS`] in their order, each a
+/// 128-byte `CUtensorMap` passed by value, `.param .align 64 .b8 NAME[128]`.
+pub fn declare_tensor_maps(k: &mut Kernel) -> Vec<Param> {
+    TENSOR_MAP_PARAMS
+        .iter()
+        .map(|name| k.param_bytes(name, 64, 128))
+        .collect()
+}
 
 /// How the runtime encodes the tensor maps of a kernel that loads its tiles
 /// with the Tensor Memory Accelerator (TMA).
@@ -240,6 +251,32 @@ pub fn load_args(k: &mut Kernel, params: &Params) -> Args {
     }
 }
 
+/// The K/V head that query head `head` reads: `head / group`, where
+/// `group = Hq / Hkv` query heads share one K/V head (grouped-query
+/// attention; `group` 1 is multi-head attention).
+pub fn kv_head(k: &mut Kernel, head: Reg, group: Reg) -> Reg {
+    k.bin(BinOp::Div, Ty::U32, head, group)
+}
+
+/// The element offset of one (batch, head) of a tensor or the mask:
+/// `batch · stride_b + head · stride_h`, from `batch` and `head` widened to
+/// 64 bits.
+pub fn head_offset(k: &mut Kernel, batch64: Reg, head64: Reg, stride_b: Reg, stride_h: Reg) -> Reg {
+    let off = k.bin(BinOp::Mul, Ty::U64, batch64, stride_b);
+    k.mad(Ty::U64, head64, stride_h, off)
+}
+
+/// How [`tensor_head_wide`] turns element offsets into byte offsets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ByteScale {
+    /// The base by one `mad` (`offset · elem_bytes + ptr`), the stride by a
+    /// `mul`.
+    Mad,
+    /// The base by a shift and an add (`(offset << log2 elem_bytes) +
+    /// ptr`), the stride by a shift; `elem_bytes` a power of two.
+    Shift,
+}
+
 /// The byte address of element `[batch, 0, head, 0]` of a tensor whose
 /// element strides are `strides` (batch, token, head) and elements
 /// `elem_bytes` wide, and its token stride in bytes: `(base, stride)`.
@@ -253,11 +290,41 @@ pub fn tensor_head(
 ) -> (Reg, Reg) {
     let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
     let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
-    let off = k.bin(BinOp::Mul, Ty::U64, b64, strides[0]);
-    let off = k.mad(Ty::U64, h64, strides[2], off);
-    let base = k.mad(Ty::U64, off, Operand::U(elem_bytes), ptr);
-    let stride = k.bin(BinOp::Mul, Ty::U64, strides[1], Operand::U(elem_bytes));
-    (base, stride)
+    tensor_head_wide(k, ptr, strides, b64, h64, elem_bytes, ByteScale::Mad)
+}
+
+/// [`tensor_head`] from `batch` and `head` already widened to 64 bits (a
+/// kernel that widens them once for several tensors), scaling to bytes as
+/// `scale` says.
+///
+/// # Panics
+///
+/// With [`ByteScale::Shift`], if `elem_bytes` is not a power of two.
+pub fn tensor_head_wide(
+    k: &mut Kernel,
+    ptr: Reg,
+    strides: [Reg; 3],
+    batch64: Reg,
+    head64: Reg,
+    elem_bytes: u64,
+    scale: ByteScale,
+) -> (Reg, Reg) {
+    let off = head_offset(k, batch64, head64, strides[0], strides[2]);
+    match scale {
+        ByteScale::Mad => {
+            let base = k.mad(Ty::U64, off, Operand::U(elem_bytes), ptr);
+            let stride = k.bin(BinOp::Mul, Ty::U64, strides[1], Operand::U(elem_bytes));
+            (base, stride)
+        }
+        ByteScale::Shift => {
+            assert!(elem_bytes.is_power_of_two(), "{elem_bytes}-byte elements");
+            let shift = Operand::U(elem_bytes.trailing_zeros() as u64);
+            let off = k.bin(BinOp::Shl, Ty::U64, off, shift.clone());
+            let base = k.bin(BinOp::Add, Ty::U64, off, ptr);
+            let stride = k.bin(BinOp::Shl, Ty::U64, strides[1], shift);
+            (base, stride)
+        }
+    }
 }
 
 /// The thread index and the CTA's query block, head and batch, from the

@@ -37,7 +37,7 @@ use crate::attention::softmax::{
 };
 use crate::attention::store::{store_output, OutputRows};
 use crate::attention::AccFragment;
-use crate::contract::{cta_coords, declare_params, load_args, tensor_head, GpuKernel};
+use crate::contract::{cta_coords, declare_params, kv_head, load_args, tensor_head, GpuKernel};
 use crate::ptx::{Addr, BinOp, Cmp, Instr, Kernel, MmaShape, Module, Operand, Reg, Target, Ty};
 use crate::{DType, VariantSpec};
 
@@ -381,7 +381,7 @@ impl Emitter {
         let g = k.bin(BinOp::Shr, Ty::U32, lane, Operand::U(2));
         let tq = k.bin(BinOp::And, Ty::U32, lane, Operand::U(3));
         let q0 = k.bin(BinOp::Mul, Ty::U32, qblock, Self::u(bm));
-        let kv_head = k.bin(BinOp::Div, Ty::U32, head, group);
+        let kv_head = kv_head(k, head, group);
         // First row of this warp within the CTA.
         let warp_row = k.bin(BinOp::Mul, Ty::U32, warp, Self::u(16 * mts));
 

@@ -64,12 +64,15 @@
 //! rows and NaN rows, in all three element types. With `PTXAS` set they also
 //! assemble a sample of variants for sm_80 and sm_90 and require zero spills.
 
-use crate::attention::mask::{add_bias, hide_unless};
+use crate::attention::mask::{add_bias, hide_unless, key_end, mask_of_head_wide, row_key_end};
 use crate::attention::softmax::{
     exp2_shifted, pack, reduce_pairwise, scale, update_max, update_sum,
 };
 use crate::attention::store::row_inverse;
-use crate::contract::{cta_coords, declare_params, GpuKernel, Params, SCALE_PARAM};
+use crate::contract::{
+    cta_coords, declare_params, kv_head, tensor_head_wide, ByteScale, GpuKernel, Params,
+    SCALE_PARAM,
+};
 use crate::ptx::{
     Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Reg, Special, StateSpace, Target, Ty,
 };
@@ -249,11 +252,6 @@ struct Emitter {
 }
 
 impl Emitter {
-    /// log2 of the element size.
-    fn log2_es(&self) -> u32 {
-        self.dtype.size_bytes().trailing_zeros()
-    }
-
     fn es(&self) -> u32 {
         self.dtype.size_bytes() as u32
     }
@@ -370,24 +368,6 @@ impl Emitter {
         );
     }
 
-    /// `ptr + (b·stride_b + h·stride_h)·elem` and `stride_s·elem`, in bytes.
-    fn head_base(
-        &mut self,
-        ptr: Reg,
-        strides: [Reg; 3],
-        b64: Reg,
-        h64: Reg,
-        les: u32,
-    ) -> (Reg, Reg) {
-        let k = &mut self.k;
-        let off = k.bin(BinOp::Mul, Ty::U64, b64, strides[0]);
-        let off = k.mad(Ty::U64, h64, strides[2], off);
-        let off = k.bin(BinOp::Shl, Ty::U64, off, u(les));
-        let base = k.bin(BinOp::Add, Ty::U64, off, ptr);
-        let stride = k.bin(BinOp::Shl, Ty::U64, strides[1], u(les));
-        (base, stride)
-    }
-
     fn emit(&mut self) {
         let plan = self.plan;
         // `.minnctapersm 2` allows 255 registers (2 · 128 · 256 = 64K) and
@@ -419,7 +399,6 @@ impl Emitter {
     fn prologue(&mut self, params: &Params) -> Ctx {
         let plan = self.plan;
         let (lanes, rows, width) = (plan.lanes, plan.rows, plan.width);
-        let les = self.log2_es();
         let es = self.es();
 
         let q_ptr = params.get(&mut self.k, "q");
@@ -441,19 +420,19 @@ impl Emitter {
         let lane = k.bin(BinOp::And, Ty::U32, tid, u(lanes - 1));
         let grp = k.bin(BinOp::Shr, Ty::U32, tid, u(lanes.trailing_zeros()));
         let i0 = k.bin(BinOp::Mul, Ty::U32, qblock, u(plan.block_m()));
-        let kv_head = k.bin(BinOp::Div, Ty::U32, head, group);
+        let kv_head = kv_head(k, head, group);
         let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
         let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
         let kvh64 = k.cvt(None, Ty::U64, Ty::U32, kv_head);
         // Byte offset of this lane's first column in a global row.
         let lane_g = k.bin(BinOp::MulWide, Ty::U32, lane, u(width * es));
 
-        let (qhead, qstride) = self.head_base(q_ptr, qs, b64, h64, les);
-        let (khead, kstride) = self.head_base(k_ptr, ks, b64, kvh64, les);
-        let (vhead, vstride) = self.head_base(v_ptr, vs, b64, kvh64, les);
+        let es64 = es as u64;
+        let (qhead, qstride) = tensor_head_wide(k, q_ptr, qs, b64, h64, es64, ByteScale::Shift);
+        let (khead, kstride) = tensor_head_wide(k, k_ptr, ks, b64, kvh64, es64, ByteScale::Shift);
+        let (vhead, vstride) = tensor_head_wide(k, v_ptr, vs, b64, kvh64, es64, ByteScale::Shift);
 
         // The rows of this thread: grp + r·(threads/lanes).
-        let k = &mut self.k;
         let base_row = k.bin(BinOp::Add, Ty::U32, i0, grp);
         let mut row_regs = Vec::new();
         let mut valid = Vec::new();
@@ -486,28 +465,27 @@ impl Emitter {
 
         // Causal bounds. Non-causal: every row sees keys [0, Sk).
         let k = &mut self.k;
-        let (kend, full_lim, lims) = if self.causal {
-            let last = k.bin(BinOp::Add, Ty::U32, i0, u(plan.block_m()));
-            let last = k.bin(BinOp::Min, Ty::U32, last, seq_q);
-            let kend = k.bin(BinOp::Min, Ty::U32, last, seq_k);
-            let first = k.bin(BinOp::Add, Ty::U32, i0, u(1));
-            let full = k.bin(BinOp::Min, Ty::U32, first, seq_k);
+        let kend = key_end(
+            k,
+            i0,
+            plan.block_m() as usize,
+            Some(seq_q),
+            seq_k,
+            self.causal,
+        );
+        let (full_lim, lims) = if self.causal {
+            let full = row_key_end(k, i0, seq_k);
             let lims = row_regs
                 .iter()
-                .map(|&row| {
-                    let l = k.bin(BinOp::Add, Ty::U32, row, u(1));
-                    k.bin(BinOp::Min, Ty::U32, l, seq_k)
-                })
+                .map(|&row| row_key_end(k, row, seq_k))
                 .collect();
-            (kend, full, lims)
+            (full, lims)
         } else {
-            (seq_k, seq_k, vec![seq_k; rows as usize])
+            (seq_k, vec![seq_k; rows as usize])
         };
 
         // Mask rows: mask + 4·(b·msb + h·msh + i·msq).
-        let has_mask = k.setp(Cmp::Ne, Ty::U64, mask, u(0));
-        let mhead = k.bin(BinOp::Mul, Ty::U64, b64, ms[0]);
-        let mhead = k.mad(Ty::U64, h64, ms[1], mhead);
+        let (has_mask, mhead) = mask_of_head_wide(k, mask, b64, h64, ms[0], ms[1]);
         let mut mask_rows = Vec::new();
         let mut mask_lims = Vec::new();
         for r in 0..rows as usize {
@@ -785,7 +763,6 @@ impl Emitter {
     fn epilogue(&mut self, ctx: &Ctx, params: &Params) {
         let plan = self.plan;
         let (lanes, rows, width) = (plan.lanes, plan.rows, plan.width);
-        let les = self.log2_es();
         let es = self.es();
         let o_ptr = params.get(&mut self.k, "out");
         let os = params.strides(&mut self.k, "out");
@@ -800,7 +777,8 @@ impl Emitter {
         let grp = k.bin(BinOp::Shr, Ty::U32, ctx.tid, u(lanes.trailing_zeros()));
         let lane_g = k.bin(BinOp::MulWide, Ty::U32, lane, u(width * es));
         let base_row = k.mad(Ty::U32, qblock, u(plan.block_m()), grp);
-        let (ohead, ostride) = self.head_base(o_ptr, os, b64, h64, les);
+        let (ohead, ostride) =
+            tensor_head_wide(k, o_ptr, os, b64, h64, es as u64, ByteScale::Shift);
         for r in 0..rows as usize {
             let k = &mut self.k;
             let row = if r == 0 {

@@ -3,13 +3,44 @@
 //! `-inf`, so that they weigh exactly 0.
 
 use super::layout::AccFragment;
+use crate::contract::head_offset;
 use crate::ptx::{Addr, BinOp, Cmp, Instr, Kernel, Operand, Reg, StateSpace, Ty};
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 
+/// The end of the keys the CTA whose first query row is `q0` visits: `Sk`,
+/// and for causal CTAs the key after their last row's diagonal,
+/// `min(q0 + block_m, Sk)`. With `seq_q` the last row is also clamped to
+/// `Sq` first (`min(q0 + block_m, Sq, Sk)`: the CTA's rows past `Sq` see
+/// nothing).
+pub fn key_end(
+    k: &mut Kernel,
+    q0: Reg,
+    block_m: usize,
+    seq_q: Option<Reg>,
+    seq_k: Reg,
+    causal: bool,
+) -> Reg {
+    if !causal {
+        return seq_k;
+    }
+    let last = k.bin(BinOp::Add, Ty::U32, q0, Operand::U(block_m as u64));
+    let last = match seq_q {
+        Some(seq_q) => k.bin(BinOp::Min, Ty::U32, last, seq_q),
+        None => last,
+    };
+    k.bin(BinOp::Min, Ty::U32, last, seq_k)
+}
+
+/// The end of the keys causal query row `row` sees: `min(row + 1, Sk)`.
+pub fn row_key_end(k: &mut Kernel, row: Reg, seq_k: Reg) -> Reg {
+    let end = k.bin(BinOp::Add, Ty::U32, row, Operand::U(1));
+    k.bin(BinOp::Min, Ty::U32, end, seq_k)
+}
+
 /// The number of `block_n`-key blocks the CTA whose first query row is
 /// `q0` visits: every block up to `Sk`, and causal CTAs stop at the block
-/// holding their last row's diagonal (`min(q0 + block_m, Sk)` keys).
+/// holding their last row's diagonal ([`key_end`]).
 pub fn key_blocks(
     k: &mut Kernel,
     q0: Reg,
@@ -18,12 +49,7 @@ pub fn key_blocks(
     seq_k: Reg,
     causal: bool,
 ) -> Reg {
-    let key_end = if causal {
-        let last = k.bin(BinOp::Add, Ty::U32, q0, Operand::U(block_m as u64));
-        k.bin(BinOp::Min, Ty::U32, last, seq_k)
-    } else {
-        seq_k
-    };
+    let key_end = key_end(k, q0, block_m, None, seq_k, causal);
     let n_blocks = k.bin(BinOp::Add, Ty::U32, key_end, Operand::U(block_n as u64 - 1));
     k.bin(BinOp::Div, Ty::U32, n_blocks, Operand::U(block_n as u64))
 }
@@ -39,11 +65,31 @@ pub fn mask_of_head(
     stride_b: Reg,
     stride_h: Reg,
 ) -> (Reg, Reg) {
-    let has_mask = k.setp(Cmp::Ne, Ty::U64, mask, Operand::U(0));
+    let has_mask = mask_passed(k, mask);
     let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
     let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
-    let off = k.bin(BinOp::Mul, Ty::U64, b64, stride_b);
-    (has_mask, k.mad(Ty::U64, h64, stride_h, off))
+    (has_mask, head_offset(k, b64, h64, stride_b, stride_h))
+}
+
+/// [`mask_of_head`] from `batch` and `head` already widened to 64 bits.
+pub fn mask_of_head_wide(
+    k: &mut Kernel,
+    mask: Reg,
+    batch64: Reg,
+    head64: Reg,
+    stride_b: Reg,
+    stride_h: Reg,
+) -> (Reg, Reg) {
+    let has_mask = mask_passed(k, mask);
+    (
+        has_mask,
+        head_offset(k, batch64, head64, stride_b, stride_h),
+    )
+}
+
+/// Whether the mask pointer is not null.
+fn mask_passed(k: &mut Kernel, mask: Reg) -> Reg {
+    k.setp(Cmp::Ne, Ty::U64, mask, Operand::U(0))
 }
 
 /// `score += bias · log2(e)`, with `bias` the mask's `f32` at `addr` where

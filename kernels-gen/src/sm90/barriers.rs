@@ -2,7 +2,7 @@
 //! consumers, and the stages' shared-memory arithmetic.
 //!
 //! Layout from `sbar` (after the last stage): K-full per stage, V-full
-//! per stage, empty per stage, then Q-full and Q-empty.
+//! per stage, empty per stage, then Q-full: `3 · stages + 1` mbarriers.
 
 use super::emitter::Emitter;
 use crate::ptx::{Addr, BinOp, Cmp, Instr, Operand, Reg, Ty};
@@ -26,15 +26,15 @@ impl Emitter {
         self.k.bin(BinOp::Add, Ty::U32, sk0, Self::u(stages_end))
     }
 
-    /// Initialises the barriers at `sbar` (thread 0; K-full and V-full
-    /// count the producer's one arrival, empty and Q-empty every consumer
+    /// Initialises the barriers at `sbar` (thread 0; K-full, V-full and
+    /// Q-full count the producer's one arrival, empty every consumer
     /// thread), fences them for TMA and meets the CTA.
     pub(super) fn init_barriers(&mut self, sbar: Reg, tid: Reg) {
         let (stages, wgs) = (self.cfg.stages(), self.cfg.wgs());
         let k = &mut self.k;
         let first = k.setp(Cmp::Eq, Ty::U32, tid, Operand::U(0));
-        for s in 0..3 * stages + 2 {
-            let count = if (2 * stages..3 * stages).contains(&s) || s == 3 * stages + 1 {
+        for s in 0..3 * stages + 1 {
+            let count = if (2 * stages..3 * stages).contains(&s) {
                 (128 * wgs) as u32
             } else {
                 1

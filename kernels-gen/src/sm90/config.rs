@@ -19,26 +19,33 @@ pub(super) const PRODUCER_REGS: u32 = 24;
 pub const SMEM_LIMIT: usize = 232_448;
 
 /// The K/V stages the pipeline supports: at least two (the consumers wait
-/// for block `n + 1` before giving block `n`'s stage back), and three
-/// barriers' worth are budgeted beside Q ([`Sm90Config::stages`]).
+/// for block `n + 1` before giving block `n`'s stage back), at most three
+/// ([`Sm90Config::stages`]).
 const STAGES: std::ops::RangeInclusive<usize> = 2..=3;
 
 /// The shape of one variant's sm_90a kernel: a producer warpgroup loading
 /// with TMA and `wgs` consumer warpgroups of 64 query rows each, block
 /// `n + 1`'s `Q·Kᵀ` issued with block `n`'s `P·V`.
 ///
-/// Built by [`Sm90Config::new`] with the measured defaults; the tuning
-/// values change only through the checked [`Sm90Config::with_tiles`],
+/// Built by [`Sm90Config::new`] from a variant with the measured defaults;
+/// it holds its variant ([`Sm90Config::spec`]), so the kernel it describes
+/// is named and shaped by the same one. The tuning values change only
+/// through the checked [`Sm90Config::with_tiles`],
 /// [`Sm90Config::with_stages`] and [`Sm90Config::with_lazy_rescale`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sm90Config {
-    d: usize,
+    spec: VariantSpec,
     ab: Ty,
-    causal: bool,
     wgs: usize,
     block_n: usize,
     stages: usize,
     lazy_rescale: bool,
+}
+
+/// The bytes of the mbarriers of `stages` K/V stages: K-full, V-full and
+/// empty per stage, then Q-full.
+fn barrier_bytes(stages: usize) -> usize {
+    8 * (3 * stages + 1)
 }
 
 /// Why a tuning of [`Sm90Config`] cannot be built.
@@ -128,9 +135,8 @@ impl Sm90Config {
             _ => (2, 80),
         };
         let cfg = Sm90Config {
-            d,
+            spec: *spec,
             ab,
-            causal: spec.causal,
             wgs,
             block_n,
             stages: 0,
@@ -161,10 +167,12 @@ impl Sm90Config {
             block_n,
             ..self
         };
-        // As many stages as fit beside Q and three stages' barriers.
-        let fixed = 1024 + tiled.block_m() * tiled.d_pad() * 2 + 8 * (3 * 3 + 2);
-        let fit = SMEM_LIMIT.saturating_sub(fixed) / (2 * tiled.kv_tile());
-        tiled.with_stages(fit.clamp(*STAGES.start(), *STAGES.end()))
+        // As many stages as fit; two where none does (which errs).
+        let stages = STAGES
+            .rev()
+            .find(|&s| tiled.smem_bytes_with(s) <= SMEM_LIMIT)
+            .unwrap_or(*STAGES.start());
+        tiled.with_stages(stages)
     }
 
     /// The same with `stages` K/V stages. Errs on other than 2 or 3
@@ -184,7 +192,7 @@ impl Sm90Config {
         // between. The edge is not a count alone: 188 of 240 are clean at
         // d=256 (80 keys) while 184 spill at d=128 (160 keys), which this
         // check lets through; the ptxas test catches such a default.
-        let needed = cfg.block_n / 2 + cfg.block_n / 4 + cfg.pv_n() / 2;
+        let needed = cfg.block_n / 2 + cfg.block_n / 4 + cfg.head_size() / 2;
         let available = cfg.consumer_regs();
         if 5 * needed > 4 * available as usize {
             return Err(ConfigError::Registers { needed, available });
@@ -208,9 +216,14 @@ impl Sm90Config {
         }
     }
 
+    /// The variant the kernel is generated for.
+    pub fn spec(&self) -> &VariantSpec {
+        &self.spec
+    }
+
     /// Head size.
     pub fn head_size(&self) -> usize {
-        self.d
+        self.spec.head_size
     }
 
     /// `BF16` or `F16`.
@@ -220,7 +233,7 @@ impl Sm90Config {
 
     /// Top-left causal.
     pub fn causal(&self) -> bool {
-        self.causal
+        self.spec.causal
     }
 
     /// Consumer warpgroups per CTA, 64 query rows each.
@@ -248,14 +261,7 @@ impl Sm90Config {
     /// The width of the shared-memory tiles: `d` rounded up to whole
     /// 64-column swizzle panels (columns past `d` are never read).
     pub fn d_pad(&self) -> usize {
-        self.d.next_multiple_of(64)
-    }
-
-    /// The `N` of the `P·V` product: `d` itself, also where it is not a
-    /// multiple of 64: a partial last panel of V is read as such (measured
-    /// correct on an H100), `m64n80` rather than `m64n128` at d=80.
-    pub fn pv_n(&self) -> usize {
-        self.d
+        self.head_size().next_multiple_of(64)
     }
 
     /// Query rows per CTA.
@@ -284,15 +290,14 @@ impl Sm90Config {
     /// Dynamic shared memory: 1 KB of alignment slack, Q, a K and a V tile
     /// per stage, and the mbarriers.
     pub fn smem_bytes(&self) -> usize {
-        1024 + self.block_m() * self.d_pad() * 2
-            + 2 * self.stages * self.kv_tile()
-            + self.barrier_bytes()
+        self.smem_bytes_with(self.stages)
     }
 
-    /// The mbarriers: K-full, V-full and empty per stage, then Q-full and
-    /// Q-empty.
-    pub(super) fn barrier_bytes(&self) -> usize {
-        8 * (3 * self.stages + 2)
+    /// [`Sm90Config::smem_bytes`] with `stages` K/V stages.
+    fn smem_bytes_with(&self, stages: usize) -> usize {
+        1024 + self.block_m() * self.d_pad() * 2
+            + 2 * stages * self.kv_tile()
+            + barrier_bytes(stages)
     }
 
     /// The packed pair type of the element type.

@@ -107,12 +107,13 @@ pub fn generate(spec: &VariantSpec) -> Option<GpuKernel> {
     if !HEAD_SIZES.contains(&spec.head_size) {
         return None;
     }
-    Sm90Config::new(spec).map(|cfg| generate_with(spec, cfg))
+    Sm90Config::new(spec).map(generate_with)
 }
 
-/// Generates the sm_90a kernel of a variant with the tiles of `cfg`.
-pub fn generate_with(spec: &VariantSpec, cfg: Sm90Config) -> GpuKernel {
-    let entry = spec.kernel_name();
+/// Generates the sm_90a kernel of `cfg`'s variant ([`Sm90Config::spec`])
+/// with `cfg`'s tiles.
+pub fn generate_with(cfg: Sm90Config) -> GpuKernel {
+    let entry = cfg.spec().kernel_name();
     let k = compose(Emitter::new(&entry, cfg), TileScheduler::OneTilePerCta);
     GpuKernel {
         ptx: Module::new(Target::Sm90a).kernel(k).to_string(),

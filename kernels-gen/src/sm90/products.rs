@@ -49,13 +49,15 @@ impl Emitter {
 
     /// `O += P·V(block)` for the V tile of descriptor `v_desc` (no fence,
     /// no commit): one `m64n{d}k16` per 16 keys, V read N-major through
-    /// the transpose bit.
+    /// the transpose bit. `N` is `d` itself, also where it is not a
+    /// multiple of 64: a partial last panel of V is read as such (measured
+    /// correct on an H100), `m64n80` rather than `m64n128` at d=80.
     pub(super) fn pv_gemm(&mut self, c: &Core, v_desc: Reg) {
         let cfg = self.cfg;
         for (j, a) in c.p.iter().enumerate() {
             let vb = self.desc_at(v_desc, j * 16 * 128);
             self.k.push(Instr::Wgmma {
-                n: cfg.pv_n() as u32,
+                n: cfg.head_size() as u32,
                 ab: cfg.element(),
                 d: c.o_acc.clone(),
                 a: WgmmaA::Regs(*a),

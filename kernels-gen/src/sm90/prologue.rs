@@ -7,7 +7,7 @@ use super::emitter::{desc_bits, Core, Emitter};
 use super::schedule::{Tile, TileScheduler};
 use crate::attention::mask::{key_blocks, mask_of_head};
 use crate::attention::store::OutputRows;
-use crate::contract::{declare_params, load_args, tensor_head, TENSOR_MAP_PARAMS};
+use crate::contract::{declare_params, declare_tensor_maps, load_args, tensor_head};
 use crate::ptx::{BinOp, Cmp, Operand, Param, Reg, Ty};
 
 /// What the prologue leaves for the parts after it.
@@ -47,19 +47,18 @@ impl Emitter {
         let (d, bn, bm) = (cfg.head_size(), cfg.block_n(), cfg.block_m());
         let dp = cfg.d_pad();
         let params = declare_params(&mut self.k);
-        let maps: Vec<Param> = TENSOR_MAP_PARAMS
-            .iter()
-            .map(|name| self.k.param_bytes(name, 64, 128))
-            .collect();
+        let maps = declare_tensor_maps(&mut self.k);
         self.k.launch_bounds(cfg.threads() as u32, Some(1));
         self.k.dynamic_shared(1024);
         self.k.comment(format!(
-            "wgmma attention: d={d} causal={} {}, {} consumer warpgroups, block {bm}x{bn}, \
-             {} stages, overlap true, producer warpgroup true",
+            "wgmma attention: d={d} causal={} {}, a TMA producer warpgroup and {} consumer \
+             warpgroups, block {bm}x{bn}, {} K/V stages, Q.K(n+1)^T issued with P.V(n), \
+             lazy rescale {}",
             cfg.causal(),
             cfg.element().name(),
             cfg.wgs(),
             cfg.stages(),
+            cfg.lazy_rescale(),
         ));
 
         // ---- parameters, thread and tile coordinates ----
@@ -118,7 +117,7 @@ impl Emitter {
         };
         let core = Core {
             s_acc: k.regs(Ty::F32, bn / 2),
-            o_acc: (0..cfg.pv_n() / 2)
+            o_acc: (0..d / 2)
                 .map(|_| k.mov(Ty::F32, Operand::F32(0.0)))
                 .collect(),
             p: (0..bn / 16)

@@ -10,7 +10,7 @@
 //! loops where this one returns. Its earlier, slower form is in commit
 //! 0365c48 (`docs/hopper.md`).
 
-use crate::contract::cta_coords;
+use crate::contract::{cta_coords, kv_head};
 use crate::ptx::{BinOp, Cmp, Instr, Kernel, Operand, Reg, Ty};
 
 /// Which tiles a CTA computes, and in what order.
@@ -63,7 +63,7 @@ impl TileScheduler {
     /// head (`group` query heads share one).
     pub(super) fn rows(self, k: &mut Kernel, t: &Tile, block_m: usize, group: Reg) -> (Reg, Reg) {
         let q0 = k.bin(BinOp::Mul, Ty::U32, t.qblock, Operand::U(block_m as u64));
-        let kv_head = k.bin(BinOp::Div, Ty::U32, t.head, group);
+        let kv_head = kv_head(k, t.head, group);
         (q0, kv_head)
     }
 

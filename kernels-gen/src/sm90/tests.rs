@@ -50,10 +50,10 @@ fn the_defaults_by_head_size() {
                 (wgs, bn, stages),
                 "d={d}"
             );
+            assert_eq!(*c.spec(), spec(d, causal, DType::F16));
             assert_eq!(c.head_size(), d);
             assert_eq!(c.causal(), causal);
             assert_eq!(c.lazy_rescale(), !causal, "lazy rescale off where causal");
-            assert_eq!(c.pv_n(), d, "P·V as wide as the head, not the panels");
             assert_eq!(c.consumer_regs(), [240, 160][wgs - 2]);
             assert!(c.smem_bytes() <= SMEM_LIMIT, "d={d}");
             // The defaults are what the checked overrides give.
@@ -98,7 +98,7 @@ fn illegal_tunings_are_typed_errors() {
     assert_eq!(
         err,
         ConfigError::SharedMemory {
-            bytes: 1024 + (128 + 6 * 80) * 512 + 88,
+            bytes: 1024 + (128 + 6 * 80) * 512 + 8 * (3 * 3 + 1),
             limit: SMEM_LIMIT
         }
     );
@@ -109,7 +109,9 @@ fn illegal_tunings_are_typed_errors() {
     // A legal override takes as many stages as fit.
     let two = config(64).with_tiles(2, 192).unwrap();
     assert_eq!((two.wgs(), two.block_n(), two.stages()), (2, 192, 3));
-    let k = generate_with(&spec(64, false, DType::BF16), two);
+    let k = generate_with(two);
+    // The kernel is named after the variant the configuration holds.
+    assert_eq!(k.entry, spec(64, false, DType::BF16).kernel_name());
     assert_eq!((k.block_m, k.threads), (128, 384));
     assert!(k.ptx.contains("setmaxnreg.inc.sync.aligned.u32 240;"));
     assert!(!config(64).with_lazy_rescale(false).lazy_rescale());
@@ -119,8 +121,9 @@ fn illegal_tunings_are_typed_errors() {
 fn head_size_256_fits_shared_memory_in_two_stages() {
     let k = generate(&spec(256, false, DType::BF16)).unwrap();
     assert_eq!((k.block_m, k.threads), (128, 384));
-    // Q, two stages of 80-key K and V tiles, 1 KB of slack, 8 barriers.
-    assert_eq!(k.smem_bytes, 1024 + (128 + 4 * 80) * 512 + 64);
+    // Q, two stages of 80-key K and V tiles, 1 KB of slack, 7 barriers
+    // (K-full, V-full and empty per stage, Q-full).
+    assert_eq!(k.smem_bytes, 1024 + (128 + 4 * 80) * 512 + 8 * (3 * 2 + 1));
     assert!(k.smem_bytes as usize <= SMEM_LIMIT);
     assert!(k
         .ptx
@@ -134,7 +137,10 @@ fn head_size_256_fits_shared_memory_in_two_stages() {
 fn head_sizes_off_the_panel_width_pad_tiles_but_not_products() {
     let k = generate(&spec(80, false, DType::F16)).unwrap();
     // Tiles padded to 128 columns; Q·Kᵀ over 5 k-steps, P·V m64n80.
-    assert_eq!(k.smem_bytes, 1024 + (192 + 6 * 96) * 128 * 2 + 88);
+    assert_eq!(
+        k.smem_bytes,
+        1024 + (192 + 6 * 96) * 128 * 2 + 8 * (3 * 3 + 1)
+    );
     assert!(k
         .ptx
         .contains("wgmma.mma_async.sync.aligned.m64n80k16.f32.f16.f16"));
@@ -165,7 +171,10 @@ fn uses_wgmma_with_swizzled_descriptors() {
         .contains(&format!(", {};", desc_bits(128 * 128, 1024))));
     assert_eq!(k.block_m, 192);
     assert_eq!(k.threads, 512);
-    assert_eq!(k.smem_bytes, 1024 + (192 + 6 * 128) * 64 * 2 + 88);
+    assert_eq!(
+        k.smem_bytes,
+        1024 + (192 + 6 * 128) * 64 * 2 + 8 * (3 * 3 + 1)
+    );
 }
 
 #[test]
@@ -177,6 +186,19 @@ fn the_producer_specialises_warpgroups() {
             .ptx
             .contains(&format!("setmaxnreg.inc.sync.aligned.u32 {consumers};")));
         assert!(k.ptx.contains("mbarrier.try_wait.parity.shared::cta.b64"));
+        // K-full, V-full and empty per stage, then Q-full: the empty ones
+        // count every consumer thread, the others the producer's arrival.
+        let stages = Sm90Config::new(&spec(d, true, DType::BF16))
+            .unwrap()
+            .stages();
+        let inits: Vec<&str> = k
+            .ptx
+            .lines()
+            .filter(|l| l.contains("mbarrier.init"))
+            .collect();
+        assert_eq!(inits.len(), 3 * stages + 1, "d={d}");
+        let by_producer = inits.iter().filter(|l| l.ends_with(", 1;")).count();
+        assert_eq!(by_producer, 2 * stages + 1, "d={d}");
         // No CTA barrier after the barriers' initialisation, no ping-pong.
         assert_eq!(k.ptx.matches("bar.sync").count(), 1, "d={d}");
         assert!(!k.ptx.contains("bar.arrive"), "d={d}");
@@ -221,12 +243,12 @@ fn the_default_loads_with_tma_through_three_tensor_maps() {
     let plain = generate(&spec(128, false, DType::F16)).unwrap();
     assert!(plain.ptx.contains("vote.sync.all.pred"));
     let cfg = Sm90Config::new(&spec(128, false, DType::F16)).unwrap();
-    let eager = generate_with(&spec(128, false, DType::F16), cfg.with_lazy_rescale(false));
+    let eager = generate_with(cfg.with_lazy_rescale(false));
     assert!(!eager.ptx.contains("vote.sync"));
     // d=128: Q (32 KB) and three stages of 128-key K and V tiles.
     let k = generate(&spec(128, true, DType::F16)).unwrap();
     assert!(!k.ptx.contains("vote.sync"));
-    assert_eq!(k.smem_bytes, 1024 + (128 + 6 * 128) * 256 + 88);
+    assert_eq!(k.smem_bytes, 1024 + (128 + 6 * 128) * 256 + 8 * (3 * 3 + 1));
 }
 
 /// Assembles every variant with `ptxas` for sm_90a: none may spill, warn,

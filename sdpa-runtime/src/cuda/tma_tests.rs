@@ -82,7 +82,7 @@ fn variants(spec: VariantSpec) -> (Variant, Variant) {
         }
     };
     // The default Hopper kernel loads through tensor maps.
-    let tma = runtime(generate_with(&spec, Sm90Config::new(&spec).unwrap()));
+    let tma = runtime(generate_with(Sm90Config::new(&spec).unwrap()));
     assert!(tma.tensor_maps().is_some());
     let portable = runtime(kernels_gen::generate(&spec, kernels_gen::ptx::Target::Sm80));
     let cpu = match (spec.head_size, spec.causal) {
