@@ -126,7 +126,7 @@ fn variant(spec: &VariantSpec, kernels: &[GpuKernel]) -> TokenStream {
     quote! {
         ::sdpa_runtime::Variant::new(
             ::sdpa_runtime::VariantSpec { head_size: #head_size, causal: #causal, dtype: #dtype },
-            ::sdpa_runtime::cpu::attention::<#head_size, #causal, #element>,
+            ::sdpa_runtime::cpu::attention_lse::<#head_size, #causal, #element>,
         )
         .with_gpu_kernels(&[#(#gpu),*])
     }
@@ -220,22 +220,22 @@ mod tests {
                     static VARIANTS: [::sdpa_runtime::Variant; 4] = [
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 64, causal: true, dtype: ::sdpa_runtime::DType::F32 },
-                            ::sdpa_runtime::cpu::attention::<64, true, ::core::primitive::f32>,
+                            ::sdpa_runtime::cpu::attention_lse::<64, true, ::core::primitive::f32>,
                         )
                         .with_gpu_kernels(&[#g64f]),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 64, causal: true, dtype: ::sdpa_runtime::DType::BF16 },
-                            ::sdpa_runtime::cpu::attention::<64, true, ::sdpa_runtime::half::bf16>,
+                            ::sdpa_runtime::cpu::attention_lse::<64, true, ::sdpa_runtime::half::bf16>,
                         )
                         .with_gpu_kernels(&[#h64b, #g64b]),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 80, causal: true, dtype: ::sdpa_runtime::DType::F32 },
-                            ::sdpa_runtime::cpu::attention::<80, true, ::core::primitive::f32>,
+                            ::sdpa_runtime::cpu::attention_lse::<80, true, ::core::primitive::f32>,
                         )
                         .with_gpu_kernels(&[#g80f]),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 80, causal: true, dtype: ::sdpa_runtime::DType::BF16 },
-                            ::sdpa_runtime::cpu::attention::<80, true, ::sdpa_runtime::half::bf16>,
+                            ::sdpa_runtime::cpu::attention_lse::<80, true, ::sdpa_runtime::half::bf16>,
                         )
                         .with_gpu_kernels(&[#h80b, #g80b]),
                     ];

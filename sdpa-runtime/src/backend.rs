@@ -65,6 +65,33 @@ pub trait AttentionImpl: Send + Sync {
         metadata: &AttentionMetadata<'_>,
         out: &mut TensorViewMut<'_>,
     ) -> Result<()>;
+
+    /// [`forward`](AttentionImpl::forward), also returning the row
+    /// log-sum-exp: a new `f32` tensor of shape `[B, Hq, Sq, 1]` whose
+    /// element `(b, h, i)` is the natural log of the softmax denominator of
+    /// query row `i` of head `h` over the scaled, masked scores, `-inf` for
+    /// a row that sees no key. The backward pass takes it. Host tensors
+    /// only for now (CUDA tensors give [`SdpaError::NotBuilt`]).
+    fn forward_with_lse(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+    ) -> Result<(Tensor, Tensor)>;
+
+    /// [`forward_into`](AttentionImpl::forward_into), also writing the row
+    /// log-sum-exp into the caller's `lse` (`f32`, `[B, Hq, Sq, 1]`, any
+    /// non-overlapping strides, in the same place as `q`).
+    fn forward_with_lse_into(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: &mut TensorViewMut<'_>,
+    ) -> Result<()>;
 }
 
 /// The layer built by [`AttentionBackend::build_impl`].
@@ -169,7 +196,7 @@ impl AttentionImpl for SdpaImpl {
             Residence::Host => Tensor::zeros(p.dtype(), p.out_shape()),
             _ => crate::cuda::alloc_output(&p)?,
         };
-        self.run(&p, variant, &selection, &mut out.view_mut())?;
+        self.run(&p, variant, &selection, &mut out.view_mut(), None)?;
         Ok(out)
     }
 
@@ -184,8 +211,59 @@ impl AttentionImpl for SdpaImpl {
         let p = self.problem(q, k, v, metadata)?;
         p.check_output(out)?;
         let (variant, selection) = self.plan(&p)?;
-        self.run(&p, variant, &selection, out)
+        self.run(&p, variant, &selection, out, None)
     }
+
+    fn forward_with_lse(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+    ) -> Result<(Tensor, Tensor)> {
+        let p = self.problem(q, k, v, metadata)?;
+        let (variant, selection) = self.plan(&p)?;
+        if selection.backend == BackendKind::Cuda || p.residence() != Residence::Host {
+            return Err(not_built("the forward with the log-sum-exp"));
+        }
+        let mut out = Tensor::zeros(p.dtype(), p.out_shape());
+        let mut lse = Tensor::zeros(crate::DType::F32, p.lse_shape());
+        self.run(
+            &p,
+            variant,
+            &selection,
+            &mut out.view_mut(),
+            Some(&mut lse.view_mut()),
+        )?;
+        Ok((out, lse))
+    }
+
+    fn forward_with_lse_into(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: &mut TensorViewMut<'_>,
+    ) -> Result<()> {
+        let p = self.problem(q, k, v, metadata)?;
+        p.check_output(out)?;
+        p.check_lse(lse)?;
+        let (variant, selection) = self.plan(&p)?;
+        if selection.backend == BackendKind::Cuda || p.residence() != Residence::Host {
+            return Err(not_built("the forward with the log-sum-exp"));
+        }
+        self.run(&p, variant, &selection, out, Some(lse))
+    }
+}
+
+/// The error for a training call on CUDA tensors or the CUDA backend.
+pub(crate) fn not_built(what: &str) -> SdpaError {
+    SdpaError::NotBuilt(format!(
+        "{what} has no CUDA kernel yet; run it on host tensors with the CPU backend \
+         (backend cpu, or SDPA_BACKEND=cpu)"
+    ))
 }
 
 impl SdpaImpl {
@@ -205,6 +283,7 @@ impl SdpaImpl {
         variant: &Variant,
         selection: &Selection,
         out: &mut TensorViewMut<'_>,
+        lse: Option<&mut TensorViewMut<'_>>,
     ) -> Result<()> {
         tracing::debug!(
             layer = %self.params.prefix,
@@ -215,11 +294,12 @@ impl SdpaImpl {
             kv_heads = p.heads_kv,
             seq_k = p.seq_k,
             masked = p.mask.is_some(),
+            lse = lse.is_some(),
             "sdpa forward"
         );
         match selection.backend {
             BackendKind::Cuda => crate::cuda::run(variant, p, out),
-            _ => (variant.cpu_kernel())(p, out),
+            _ => (variant.cpu_kernel())(p, out, lse),
         }
     }
 }

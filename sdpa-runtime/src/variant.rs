@@ -10,8 +10,10 @@ use crate::problem::Problem;
 use crate::tensor::TensorViewMut;
 use crate::{DType, VariantSpec};
 
-/// A CPU kernel: one instantiation of [`crate::cpu::attention`].
-pub type CpuKernelFn = fn(&Problem<'_>, &mut TensorViewMut<'_>) -> Result<()>;
+/// A CPU kernel: one instantiation of [`crate::cpu::attention_lse`] (the
+/// output, and the row log-sum-exp where one is asked for).
+pub type CpuKernelFn =
+    fn(&Problem<'_>, &mut TensorViewMut<'_>, Option<&mut TensorViewMut<'_>>) -> Result<()>;
 
 /// A GPU kernel generated at compile time: its PTX text and how to launch
 /// it, following the launch contract of [`kernels_gen::contract`].
@@ -291,7 +293,11 @@ mod tests {
             GpuKernel::new("", "hopper", Target::Sm90a, 128, 384, 0),
             GpuKernel::new("", "portable", Target::Sm80, 64, 128, 0),
         ];
-        fn cpu(_: &Problem<'_>, _: &mut TensorViewMut<'_>) -> Result<()> {
+        fn cpu(
+            _: &Problem<'_>,
+            _: &mut TensorViewMut<'_>,
+            _: Option<&mut TensorViewMut<'_>>,
+        ) -> Result<()> {
             Ok(())
         }
         let spec = VariantSpec::new(64, false, DType::BF16).unwrap();

@@ -50,7 +50,24 @@ pub fn attention<const D: usize, const CAUSAL: bool, T: Element>(
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
 ) -> Result<()> {
+    attention_lse::<D, CAUSAL, T>(p, out, None)
+}
+
+/// [`attention`], also writing the row log-sum-exp into `lse` when it is
+/// given: a `[B, Hq, Sq, 1]` `f32` view (any strides) whose element
+/// `(b, h, i)` becomes the natural log of the softmax denominator of query
+/// row `i` of head `h` over the scaled, masked scores, or `-inf` for a row
+/// that sees no key. The variant table holds this instantiation; with
+/// `None` it is the plain forward (one untaken branch per output row).
+pub fn attention_lse<const D: usize, const CAUSAL: bool, T: Element>(
+    p: &Problem<'_>,
+    out: &mut TensorViewMut<'_>,
+    lse: Option<&mut TensorViewMut<'_>>,
+) -> Result<()> {
     p.check_output(out)?;
+    if let Some(l) = &lse {
+        p.check_lse(l)?;
+    }
     if p.head_size != D {
         return Err(SdpaError::Shape(format!(
             "the CPU kernel for head size {D} was called with head size {}",
@@ -73,6 +90,20 @@ pub fn attention<const D: usize, const CAUSAL: bool, T: Element>(
     let o = out
         .host_slice_mut::<T>()
         .ok_or_else(|| not_host("the output"))?;
+
+    let lse = match lse {
+        Some(l) => {
+            let layout = *l.layout();
+            let data = l
+                .host_slice_mut::<f32>()
+                .ok_or_else(|| not_host("the lse buffer"))?;
+            Some(kernel::Dst {
+                ptr: data.as_mut_ptr(),
+                layout,
+            })
+        }
+        None => None,
+    };
 
     let bq = kernel::task_rows(
         D,
@@ -101,6 +132,7 @@ pub fn attention<const D: usize, const CAUSAL: bool, T: Element>(
         },
         out: o.as_mut_ptr().cast(),
         out_layout,
+        lse,
         mask: p.mask,
         scale: p.scale,
         causal: CAUSAL,
