@@ -92,6 +92,15 @@ pub enum SdpaError {
     /// CUDA log-sum-exp and backward); the message says what runs instead.
     #[error("{0}")]
     NotBuilt(String),
+    /// The backward pass was asked of a variant declared without it.
+    #[error(
+        "the backward pass of variant {variant} was not compiled; add `backward = true` to \
+         `#[sdpa_variants(...)]` to build it"
+    )]
+    BackwardNotDeclared {
+        /// The variant that was asked for.
+        variant: crate::VariantSpec,
+    },
     /// The CUDA driver refused a call: what was being done, then the
     /// driver's own message.
     #[error("CUDA: {0}")]

@@ -6,6 +6,7 @@ use kernels_gen::contract::TensorMaps;
 use kernels_gen::ptx::Target;
 
 use crate::error::{Result, SdpaError};
+use crate::grad::{BackwardInputs, Gradients};
 use crate::problem::Problem;
 use crate::tensor::TensorViewMut;
 use crate::{DType, VariantSpec};
@@ -14,6 +15,9 @@ use crate::{DType, VariantSpec};
 /// output, and the row log-sum-exp where one is asked for).
 pub type CpuKernelFn =
     fn(&Problem<'_>, &mut TensorViewMut<'_>, Option<&mut TensorViewMut<'_>>) -> Result<()>;
+
+/// A CPU backward kernel: one instantiation of [`crate::cpu::backward`].
+pub type CpuBackwardFn = fn(&Problem<'_>, &BackwardInputs<'_>, &mut Gradients<'_>) -> Result<()>;
 
 /// A GPU kernel generated at compile time: its PTX text and how to launch
 /// it, following the launch contract of [`kernels_gen::contract`].
@@ -109,6 +113,7 @@ impl GpuKernel {
 pub struct Variant {
     spec: VariantSpec,
     cpu: CpuKernelFn,
+    backward: Option<CpuBackwardFn>,
     gpu: &'static [GpuKernel],
 }
 
@@ -118,8 +123,23 @@ impl Variant {
         Variant {
             spec,
             cpu,
+            backward: None,
             gpu: &[],
         }
+    }
+    /// The same variant with its CPU backward kernel (the macro adds it
+    /// where the declaration says `backward = true`).
+    pub const fn with_cpu_backward(self, backward: CpuBackwardFn) -> Variant {
+        Variant {
+            backward: Some(backward),
+            ..self
+        }
+    }
+    /// The CPU backward kernel, or an error saying which attribute to add
+    /// where the variant was declared without one.
+    pub fn cpu_backward(&self) -> Result<CpuBackwardFn> {
+        self.backward
+            .ok_or(SdpaError::BackwardNotDeclared { variant: self.spec })
     }
     /// The same variant with GPU kernels in order of preference: a device
     /// runs the first one it can ([`GpuKernel::runs_on`]) that can run the

@@ -8,8 +8,8 @@ use rand::SeedableRng;
 
 use sdpa_runtime::cpu::with_isa;
 use sdpa_runtime::{
-    AttentionBackend, AttentionImpl, BackendKind, DType, Element, SdpaError, TensorView,
-    TensorViewMut,
+    AttentionBackend, AttentionImpl, AttentionMetadata, BackendKind, BackwardInputs, DType,
+    Element, Gradients, SdpaError, SdpaImpl, TensorView, TensorViewMut,
 };
 
 use crate::cases::{cpu_paths, gen_tensor, Case, CaseInputs, GenTensor};
@@ -204,4 +204,147 @@ fn lse_typed<T: Element>(
         assert!(a.to_bits() == (*c as f32).to_bits() || (a.is_nan() && c.is_nan()));
     }
     Ok(())
+}
+
+/// How a backward call is made: the layer, q, k, v, the metadata, the
+/// backward's inputs and the gradient buffers.
+pub type BackwardCall<'c> = &'c dyn Fn(
+    &SdpaImpl,
+    [&TensorView<'_>; 3],
+    &AttentionMetadata<'_>,
+    &BackwardInputs<'_>,
+    &mut Gradients<'_>,
+) -> Result<(), SdpaError>;
+
+/// The backward through the layer: `backward_into`.
+pub fn through_layer(
+    layer: &SdpaImpl,
+    [q, k, v]: [&TensorView<'_>; 3],
+    meta: &AttentionMetadata<'_>,
+    x: &BackwardInputs<'_>,
+    g: &mut Gradients<'_>,
+) -> Result<(), SdpaError> {
+    layer.backward_into(q, k, v, meta, x, g)
+}
+
+/// The tolerance on `‖grad − ref‖ / ‖ref‖` per dtype: `f32` sums over
+/// `Sk` or `Sq` terms; `f16`/`bf16` round the inputs, the output the
+/// backward reads, and the gradients.
+pub fn grad_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2e-5,
+        DType::F16 => 1e-2,
+        DType::BF16 => 3e-2,
+    }
+}
+
+/// The gradients a backward run wrote, float64, row-major.
+#[derive(Debug, PartialEq)]
+pub struct Grads {
+    /// `[B, Sq, Hq, D]`.
+    pub dq: Vec<f64>,
+    /// `[B, Sk, Hkv, D]`.
+    pub dk: Vec<f64>,
+    /// `[B, Sk, Hkv, D]`.
+    pub dv: Vec<f64>,
+}
+
+/// Runs `case` through the forward with the log-sum-exp and then `call`,
+/// on every CPU path, with NaN-poisoned gradient buffers laid out as the
+/// case's output placement says, and checks the gradients against the
+/// float64 reference. Panics with the case, path and seed on a mismatch.
+/// Returns the gradients of the last path.
+pub fn check_backward(
+    backend: &dyn AttentionBackend,
+    case: &Case,
+    seed: u64,
+    call: BackwardCall<'_>,
+) -> Grads {
+    let mut last = None;
+    for isa in cpu_paths(BackendKind::Cpu) {
+        let isa = isa.expect("the CPU backend runs a forced path");
+        let what = format!("{case:?} on {isa} (seed {seed})");
+        let run = || match case.dtype {
+            DType::F32 => backward_typed::<f32>(backend, case, seed, call, &what),
+            DType::F16 => backward_typed::<f16>(backend, case, seed, call, &what),
+            DType::BF16 => backward_typed::<bf16>(backend, case, seed, call, &what),
+        };
+        let grads = with_isa(isa, run)
+            .and_then(|r| r)
+            .unwrap_or_else(|e| panic!("{what} failed: {e}"));
+        last = Some(grads);
+    }
+    last.expect("at least the portable path runs")
+}
+
+/// One backward run of `case` on the active path, judged.
+pub fn backward_typed<T: Element>(
+    backend: &dyn AttentionBackend,
+    case: &Case,
+    seed: u64,
+    call: BackwardCall<'_>,
+    what: &str,
+) -> Result<Grads, SdpaError> {
+    let (b, sq, sk, hq, hkv, d) = case.dims();
+    let t = TrainingInputs::<T>::draw(case, seed);
+    let x = &t.x;
+    let layer = backend.build_impl(case.params().backend(BackendKind::Cpu))?;
+    let qv = TensorView::with_strides(&x.q.buf, [b, sq, hq, d], x.q.strides)?;
+    let kv = TensorView::with_strides(&x.k.buf, [b, sk, hkv, d], x.k.strides)?;
+    let vv = TensorView::with_strides(&x.v.buf, [b, sk, hkv, d], x.v.strides)?;
+    let dov = TensorView::with_strides(&t.dout.buf, [b, sq, hq, d], t.dout.strides)?;
+    let meta = x.metadata()?;
+    let (out, lse) = layer.forward_with_lse(&qv, &kv, &vv, &meta)?;
+    let inputs = BackwardInputs {
+        out: out.view(),
+        dout: dov,
+        lse: lse.view(),
+    };
+    let (qs, ks) = ([b, sq, hq, d], [b, sk, hkv, d]);
+    let (q_strides, q_len) = case.out_placement.strides(qs);
+    let (k_strides, k_len) = case.out_placement.strides(ks);
+    let mut dq = vec![T::from_f32(f32::NAN); q_len];
+    let mut dk = vec![T::from_f32(f32::NAN); k_len];
+    let mut dv = vec![T::from_f32(f32::NAN); k_len];
+    {
+        let mut g = Gradients {
+            dq: TensorViewMut::with_strides(&mut dq, qs, q_strides)?,
+            dk: TensorViewMut::with_strides(&mut dk, ks, k_strides)?,
+            dv: TensorViewMut::with_strides(&mut dv, ks, k_strides)?,
+        };
+        call(&layer, [&qv, &kv, &vv], &meta, &inputs, &mut g)?;
+    }
+    let got = Grads {
+        dq: read_view(&dq, qs, q_strides, what),
+        dk: read_view(&dk, ks, k_strides, what),
+        dv: read_view(&dv, ks, k_strides, what),
+    };
+    let want = t.reference(case);
+    let tol = grad_tolerance(case.dtype);
+    for (name, g, w) in [
+        ("dq", &got.dq, &want.dq),
+        ("dk", &got.dk, &want.dk),
+        ("dv", &got.dv, &want.dv),
+    ] {
+        let err = reference::rel_l2(g, w);
+        assert!(
+            err <= tol,
+            "{what}: {name} relative error {err:.3e} > {tol:.0e}"
+        );
+    }
+    // Rows that see no key: dq exactly zero.
+    for bi in 0..b {
+        for h in 0..hq {
+            for i in 0..sq {
+                if want.lse[(bi * hq + h) * sq + i] == f64::NEG_INFINITY {
+                    let row = &got.dq[((bi * sq + i) * hq + h) * d..][..d];
+                    assert!(
+                        row.iter().all(|x| *x == 0.0),
+                        "{what}: dq of row ({bi}, {i}, {h}), which sees no key, is not zero"
+                    );
+                }
+            }
+        }
+    }
+    Ok(got)
 }

@@ -4,9 +4,10 @@
 //! on every CPU path, with every output buffer poisoned first.
 
 use sdpa_runtime::prelude::*;
+use sdpa_runtime::{cpu, BackwardInputs, Gradients, Problem, SdpaImpl};
 use sdpa_tests::cases::{run_seed, Case, IntType, MaskKind, Placement};
 use sdpa_tests::consumer::ConformanceAttention;
-use sdpa_tests::training::check_lse;
+use sdpa_tests::training::{check_backward, check_lse};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
@@ -79,4 +80,32 @@ fn bad_lse_buffers_are_errors_that_say_what_to_pass() {
         .unwrap_err();
     assert!(matches!(e, SdpaError::Lse(_)), "{e:?}");
     assert!(e.to_string().contains("f32"), "{e}");
+}
+
+/// The CPU backward kernel called directly (no variant table), `D = 64`.
+fn kernel_call<const CAUSAL: bool>(
+    layer: &SdpaImpl,
+    [q, k, v]: [&TensorView<'_>; 3],
+    meta: &AttentionMetadata<'_>,
+    x: &BackwardInputs<'_>,
+    g: &mut Gradients<'_>,
+) -> Result<(), SdpaError> {
+    let p = Problem::new(*q, *k, *v, meta.attn_mask.as_ref(), layer.params().scale())?;
+    match q.dtype() {
+        DType::F32 => cpu::backward::<64, CAUSAL, f32>(&p, x, g),
+        DType::F16 => cpu::backward::<64, CAUSAL, half::f16>(&p, x, g),
+        DType::BF16 => cpu::backward::<64, CAUSAL, half::bf16>(&p, x, g),
+    }
+}
+
+#[test]
+fn the_cpu_kernel_matches_the_reference_gradients() {
+    let seed = run_seed();
+    let b = &ConformanceAttention;
+    for dtype in DTYPES {
+        let case = Case::new(2, 70, 150, 4, 64).kv_heads(2).dtype(dtype);
+        check_backward(b, &case, seed, &kernel_call::<false>);
+        let case = case.causal(true).mask(MaskKind::HideRows);
+        check_backward(b, &case, seed, &kernel_call::<true>);
+    }
 }

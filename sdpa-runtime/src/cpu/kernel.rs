@@ -226,7 +226,7 @@ pub(crate) fn workspace_lines(d: usize, w: usize, r: usize) -> usize {
 /// `off..off + D` is in bounds of `src`'s buffer of `dtype` elements; `dst`
 /// holds `D` floats; `D` is a multiple of 8.
 #[inline(always)]
-unsafe fn read_row<S: Simd, const D: usize>(
+pub(crate) unsafe fn read_row<S: Simd, const D: usize>(
     s: S,
     dtype: DType,
     src: *const u8,
@@ -258,7 +258,7 @@ unsafe fn read_row<S: Simd, const D: usize>(
 /// # Safety
 /// As [`read_row`], for writing; no other thread writes `off..off + D`.
 #[inline(always)]
-unsafe fn write_row<S: Simd, const D: usize>(
+pub(crate) unsafe fn write_row<S: Simd, const D: usize>(
     s: S,
     dtype: DType,
     dst: *mut u8,
