@@ -6,8 +6,8 @@
 use sdpa_runtime::prelude::*;
 use sdpa_runtime::{cpu, BackwardInputs, Gradients, Problem, SdpaImpl};
 use sdpa_tests::cases::{run_seed, Case, IntType, MaskKind, Placement};
-use sdpa_tests::consumer::ConformanceAttention;
-use sdpa_tests::training::{check_backward, check_lse};
+use sdpa_tests::consumer::{ConformanceAttention, NarrowAttention, TrainingAttention};
+use sdpa_tests::training::{check_backward, check_lse, through_layer};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
@@ -108,4 +108,29 @@ fn the_cpu_kernel_matches_the_reference_gradients() {
         let case = case.causal(true).mask(MaskKind::HideRows);
         check_backward(b, &case, seed, &kernel_call::<true>);
     }
+}
+
+#[test]
+fn backward_without_the_attribute_is_an_error_naming_it() {
+    let (b, s, h, d) = (1, 4, 2, 32);
+    let layer = NarrowAttention
+        .build_impl(AttentionParams::new(h, d).backend(BackendKind::Cpu))
+        .unwrap();
+    let x = vec![0.5f32; b * s * h * d];
+    let q = TensorView::from_slice(&x, [b, s, h, d]).unwrap();
+    let meta = AttentionMetadata::default();
+    // The forward with the log-sum-exp needs no attribute.
+    let (out, lse) = layer.forward_with_lse(&q, &q, &q, &meta).unwrap();
+    let e = layer
+        .backward(&q, &q, &q, &out.view(), &q, &lse.view(), &meta)
+        .unwrap_err();
+    assert!(matches!(e, SdpaError::BackwardNotDeclared { .. }), "{e:?}");
+    assert!(e.to_string().contains("add `backward = true`"), "{e}");
+}
+
+#[test]
+fn the_declared_backward_runs_through_the_layer() {
+    let seed = run_seed();
+    let case = Case::new(2, 70, 90, 4, 64).kv_heads(2).causal(true);
+    check_backward(&TrainingAttention, &case, seed, &through_layer);
 }
