@@ -20,5 +20,5 @@ pub struct NarrowAttention;
 /// A training declaration: the backward kernels too, on head sizes that
 /// cross the CPU paths' vector widths (8, 40 and 136 are not multiples of
 /// 16).
-#[sdpa_variants(head_sizes = [8, 40, 64, 136], backward = true)]
+#[sdpa_variants(head_sizes = [8, 40, 64, 136, 256], backward = true)]
 pub struct TrainingAttention;
