@@ -124,6 +124,24 @@ pub fn lse(x: &RefInputs<'_>) -> Vec<f64> {
 /// `dK = scale · dSᵀ Q`; key/value heads sum over their query heads; rows
 /// that see no key contribute nothing. The mask is a constant.
 pub fn backward(x: &RefInputs<'_>, dout: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    backward_terms(x, dout, false)
+}
+
+/// The size of the terms the gradients sum, for judging them: [`backward`]
+/// with every factor replaced by its absolute value (`|dP| + |Δ|` for
+/// `dP − Δ`, `|q|`, `|k|`, `|dO|`). Where the gradient cancels (one key:
+/// `dP = Δ`, so `dq = 0` exactly), an `f32` kernel's error is a few unit
+/// roundoffs of these terms, not of the gradient.
+pub fn backward_magnitude(x: &RefInputs<'_>, dout: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    backward_terms(x, dout, true)
+}
+
+fn backward_terms(
+    x: &RefInputs<'_>,
+    dout: &[f64],
+    magnitude: bool,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let f = |v: f64| if magnitude { v.abs() } else { v };
     let (b_n, sq, sk, hq, hkv, d) = (x.batch, x.seq_q, x.seq_k, x.heads_q, x.heads_kv, x.d);
     let mut dq = vec![0.0; b_n * sq * hq * d];
     let mut dk = vec![0.0; b_n * sk * hkv * d];
@@ -147,18 +165,22 @@ pub fn backward(x: &RefInputs<'_>, dout: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64
                 let doi = &dout[row..][..d];
                 for j in 0..sk {
                     let kv = ((b * sk + j) * hkv + g) * d;
-                    dp[j] = doi.iter().zip(&x.v[kv..][..d]).map(|(a, c)| a * c).sum();
+                    dp[j] = doi.iter().zip(&x.v[kv..][..d]).map(|(a, c)| f(a * c)).sum();
                     for e in 0..d {
-                        dv[kv + e] += w[j] * doi[e];
+                        dv[kv + e] += w[j] * f(doi[e]);
                     }
                 }
                 let di: f64 = w.iter().zip(&dp).map(|(p, g)| p * g).sum();
                 for j in 0..sk {
-                    let ds = w[j] * (dp[j] - di);
+                    let ds = if magnitude {
+                        w[j] * (dp[j] + di)
+                    } else {
+                        w[j] * (dp[j] - di)
+                    };
                     let kv = ((b * sk + j) * hkv + g) * d;
                     for e in 0..d {
-                        dq[row + e] += x.scale * ds * x.k[kv + e];
-                        dk[kv + e] += x.scale * ds * x.q[row + e];
+                        dq[row + e] += f(x.scale * ds * x.k[kv + e]);
+                        dk[kv + e] += f(x.scale * ds * x.q[row + e]);
                     }
                 }
             }
