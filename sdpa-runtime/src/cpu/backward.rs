@@ -9,15 +9,18 @@
 //!    `k` and the forward's log-sum-exp, `dP = dO·Vᵀ` and
 //!    `dS = P∘(dP − Δ)` (`Δ = rowsum(dO∘O)`, computed once per row
 //!    beforehand), and adds `dV[j] += P[j]·dO` and `dK[j] += dS[j]·q·scale`
-//!    into its own `f32` block.
+//!    into its own `f32` block, four query rows per pass over the block
+//!    (the block outgrows L1, so each accumulator row is loaded and stored
+//!    once per four rows).
 //! 2. **dQ**: one task per (batch, query head, block of [`BQ`] queries). It
 //!    walks the key blocks the rows can see, recomputes `P` and `dS` the
-//!    same way (the same function), and adds `dQ[i] += dS[j]·K[j]`; `dQ`
-//!    is multiplied by the scale once at the end.
+//!    same way (the same function), and adds `dQ[i] += dS[j]·K[j]` with the
+//!    row of `dQ` held in registers over the block's keys; `dQ` is
+//!    multiplied by the scale once at the end.
 //!
 //! The scores and `dP` of one row come out with keys in vector lanes (the
 //! key and value blocks are stored transposed), so there is no horizontal
-//! sum; the accumulations are row-wise `axpy`s. Memory is the per-task
+//! sum; the accumulations are row-wise multiply-adds. Memory is the per-task
 //! blocks (`O(BQ·D + BK·D)` floats) and two `f32` numbers per query row
 //! (`lse` and `Δ`), never `Sq·Sk`. Rows whose `lse` is `-inf` (they see no
 //! key) contribute nothing, so their `dq` is zero. The mask is the forward's
@@ -109,9 +112,16 @@ impl BwdCtx<'_> {
 /// The floats of workspace one task of head size `d` needs (either pass).
 pub(crate) fn workspace_floats(d: usize) -> usize {
     // dQ pass: q, dO, dQ (BQ rows each), K rows, Kᵀ, Vᵀ (BK each), and
-    // three rows of BK (P, dS, the bias) and a scratch row of D. The dK/dV
-    // pass needs less.
-    3 * BQ * d + 3 * BK * d + 3 * BK + d
+    // three rows of BK (P, dS, the bias) and a scratch row of D. dK/dV
+    // pass: Kᵀ, Vᵀ, dK, dV (BK each), RB rows of q and dO, RB rows of P
+    // and dS, the bias.
+    let dq_pass = 3 * BQ * d + 3 * BK * d + 3 * BK + d;
+    let kv_pass = 4 * BK * d + 2 * RB * d + 2 * RB * BK + BK;
+    if dq_pass > kv_pass {
+        dq_pass
+    } else {
+        kv_pass
+    }
 }
 
 /// One row's probabilities and score gradients against a loaded block.
@@ -209,25 +219,57 @@ unsafe fn row_probs<S: Simd, const D: usize, const NV: usize>(
     }
 }
 
-/// `acc[0..D] += a·x[0..D]`.
-///
-/// Whole vectors first, then the last `D mod W` elements one at a time (a
-/// head size of 40 on 16 lanes).
+/// Vectors of a `dQ` row held in registers while the keys are summed.
+const DQ_CHUNK: usize = 8;
+
+/// `dq[0..D] += Σ_{j<nk} ds[j]·kr[j][0..D]`, [`DQ_CHUNK`] vectors of the
+/// row at a time in registers, the keys summed in order.
 ///
 /// # Safety
-/// `acc` and `x` hold `D` floats.
+/// `dq` holds `D` floats, `ds` `nk`, `kr` `nk` rows of `D`.
 #[inline(always)]
-unsafe fn axpy<S: Simd, const D: usize>(s: S, acc: *mut f32, a: f32, x: *const f32) {
-    let av = s.splat(a);
+unsafe fn dq_row<S: Simd, const D: usize>(
+    s: S,
+    dq: *mut f32,
+    ds: *const f32,
+    kr: *const f32,
+    nk: usize,
+) {
     let w = S::W;
     let full = D / w * w;
-    for c in (0..full).step_by(w) {
-        // SAFETY: `c + W <= D`.
-        unsafe { s.store(acc.add(c), s.fma(av, s.load(x.add(c)), s.load(acc.add(c)))) };
-    }
-    for c in full..D {
-        // SAFETY: `c < D`.
-        unsafe { *acc.add(c) += a * *x.add(c) };
+    let mut c0 = 0;
+    // SAFETY (all accesses): the caller's contract; `c0 + DQ_CHUNK·W <= D`
+    // in the first loop, `c0 + W <= D` in the second.
+    unsafe {
+        while c0 + DQ_CHUNK * w <= full {
+            let mut acc = [s.zero(); DQ_CHUNK];
+            for (n, a) in acc.iter_mut().enumerate() {
+                *a = s.load(dq.add(c0 + n * w));
+            }
+            for j in 0..nk {
+                let x = s.splat(*ds.add(j));
+                for (n, a) in acc.iter_mut().enumerate() {
+                    *a = s.fma(x, s.load(kr.add(j * D + c0 + n * w)), *a);
+                }
+            }
+            for (n, a) in acc.iter().enumerate() {
+                s.store(dq.add(c0 + n * w), *a);
+            }
+            c0 += DQ_CHUNK * w;
+        }
+        while c0 < full {
+            let mut a = s.load(dq.add(c0));
+            for j in 0..nk {
+                a = s.fma(s.splat(*ds.add(j)), s.load(kr.add(j * D + c0)), a);
+            }
+            s.store(dq.add(c0), a);
+            c0 += w;
+        }
+        for c in full..D {
+            for j in 0..nk {
+                *dq.add(c) += *ds.add(j) * *kr.add(j * D + c);
+            }
+        }
     }
 }
 
@@ -306,6 +348,57 @@ fn seen(causal: bool, i: usize, j0: usize, n: usize) -> usize {
     }
 }
 
+/// Query rows the dK/dV pass gathers before it adds them into the block.
+const RB: usize = 4;
+
+/// `dV[j] += Σ_r P[r][j]·dO[r]` and `dK[j] += Σ_r dS[r][j]·q[r]` for the
+/// keys `j < n` and the gathered rows `r < rows`, each accumulator row
+/// loaded and stored once; the sum over `r` runs in row order.
+///
+/// # Safety
+/// `dk`, `dv` hold `n` rows of `D`; `q`, `dout` hold `rows` rows of `D`;
+/// `p`, `ds` hold `rows` rows of [`BK`], valid for `j < n`; `rows <= RB`.
+#[inline(always)]
+unsafe fn accumulate<S: Simd, const D: usize>(
+    s: S,
+    (dk, dv): (*mut f32, *mut f32),
+    (q, dout): (*const f32, *const f32),
+    (p, ds): (*const f32, *const f32),
+    rows: usize,
+    n: usize,
+) {
+    let w = S::W;
+    let full = D / w * w;
+    for j in 0..n {
+        // SAFETY: the caller's contract: row `j` of the accumulators,
+        // element `j` of each gathered row of `p` and `ds`.
+        unsafe {
+            let (kr, vr) = (dk.add(j * D), dv.add(j * D));
+            let mut pj = [s.zero(); RB];
+            let mut sj = [s.zero(); RB];
+            for r in 0..rows {
+                pj[r] = s.splat(*p.add(r * BK + j));
+                sj[r] = s.splat(*ds.add(r * BK + j));
+            }
+            for c in (0..full).step_by(w) {
+                let (mut av, mut ak) = (s.load(vr.add(c)), s.load(kr.add(c)));
+                for r in 0..rows {
+                    av = s.fma(pj[r], s.load(dout.add(r * D + c)), av);
+                    ak = s.fma(sj[r], s.load(q.add(r * D + c)), ak);
+                }
+                s.store(vr.add(c), av);
+                s.store(kr.add(c), ak);
+            }
+            for c in full..D {
+                for r in 0..rows {
+                    *vr.add(c) += *p.add(r * BK + j) * *dout.add(r * D + c);
+                    *kr.add(c) += *ds.add(r * BK + j) * *q.add(r * D + c);
+                }
+            }
+        }
+    }
+}
+
 /// Task `task` of the dK/dV pass: keys `kb·BK..` of (b, kvh).
 ///
 /// # Safety
@@ -328,16 +421,17 @@ pub(crate) unsafe fn kv_task<S: Simd, const D: usize, const NV: usize>(
     let base = ws.as_mut_ptr();
     // SAFETY (offsets): the parts below lie inside `ws` and do not overlap.
     let (kt, vt, dk, dv, q, dout, p, ds, bias) = unsafe {
+        let x = 4 * D * BK;
         (
             base,
             base.add(D * BK),
             base.add(2 * D * BK),
             base.add(3 * D * BK),
-            base.add(4 * D * BK),
-            base.add(4 * D * BK + D),
-            base.add(4 * D * BK + 2 * D),
-            base.add(4 * D * BK + 2 * D + BK),
-            base.add(4 * D * BK + 2 * D + 2 * BK),
+            base.add(x),
+            base.add(x + RB * D),
+            base.add(x + 2 * RB * D),
+            base.add(x + 2 * RB * D + RB * BK),
+            base.add(x + 2 * RB * D + 2 * RB * BK),
         )
     };
     // SAFETY: rows `j0..j0 + n` of (b, kvh) are in bounds; `q` is scratch
@@ -346,6 +440,9 @@ pub(crate) unsafe fn kv_task<S: Simd, const D: usize, const NV: usize>(
         load_kv::<S, D>(s, ctx, (b, kvh, j0, n), kt, vt, None, q);
         std::ptr::write_bytes(dk, 0, 2 * D * BK);
     }
+    // Rows are gathered RB at a time, so that each dK and dV row is loaded
+    // and stored once per RB query rows (the blocks outgrow L1).
+    let mut pending = 0;
     let group = ctx.group();
     for h in kvh * group..(kvh + 1) * group {
         // Top-left causal: rows before j0 see none of the block.
@@ -357,29 +454,43 @@ pub(crate) unsafe fn kv_task<S: Simd, const D: usize, const NV: usize>(
             if lse == f32::NEG_INFINITY || nk == 0 {
                 continue; // sees no key at all, or none of this block
             }
-            // SAFETY: row (b, i, h) of q and dout; `q`, `dout` hold D
-            // floats, `p`, `ds`, `bias` BK; `nk <= n <= BK`.
+            // SAFETY: row (b, i, h) of q and dout; slot `pending < RB` of
+            // `q`, `dout` (RB rows of D), `p`, `ds` (RB rows of BK); `bias`
+            // holds BK; `nk <= n <= BK`.
             unsafe {
-                load_row::<S, D>(s, ctx.dtype, &ctx.q, (b, i, h), q, ctx.scale);
-                load_row::<S, D>(s, ctx.dtype, &ctx.dout, (b, i, h), dout, 1.0);
+                let (qg, dg) = (q.add(pending * D), dout.add(pending * D));
+                let (pg, sg) = (p.add(pending * BK), ds.add(pending * BK));
+                load_row::<S, D>(s, ctx.dtype, &ctx.q, (b, i, h), qg, ctx.scale);
+                load_row::<S, D>(s, ctx.dtype, &ctx.dout, (b, i, h), dg, 1.0);
                 let bias = ctx.mask.as_ref().map(|m| {
                     m.bias_row(b, h, i, j0, std::slice::from_raw_parts_mut(bias, nk));
                     bias.cast_const()
                 });
                 let row = RowInputs {
-                    q,
-                    dout,
+                    q: qg,
+                    dout: dg,
                     lse,
                     delta: ctx.delta[r],
                     nk,
                 };
-                row_probs::<S, D, NV>(s, &row, kt, vt, bias, p, ds);
-                for j in 0..nk {
-                    axpy::<S, D>(s, dv.add(j * D), *p.add(j), dout);
-                    axpy::<S, D>(s, dk.add(j * D), *ds.add(j), q);
+                row_probs::<S, D, NV>(s, &row, kt, vt, bias, pg, sg);
+                // Keys the row does not see add nothing.
+                for j in nk..n {
+                    *pg.add(j) = 0.0;
+                    *sg.add(j) = 0.0;
                 }
             }
+            pending += 1;
+            if pending == RB {
+                // SAFETY: RB gathered rows; dK and dV hold n rows of D.
+                unsafe { accumulate::<S, D>(s, (dk, dv), (q, dout), (p, ds), RB, n) };
+                pending = 0;
+            }
         }
+    }
+    if pending > 0 {
+        // SAFETY: as above, `pending` rows.
+        unsafe { accumulate::<S, D>(s, (dk, dv), (q, dout), (p, ds), pending, n) };
     }
     for j in 0..n {
         // SAFETY: rows (b, j0 + j, kvh) of dk and dv are this task's alone.
@@ -485,9 +596,7 @@ pub(crate) unsafe fn q_task<S: Simd, const D: usize, const NV: usize>(
                     nk,
                 };
                 row_probs::<S, D, NV>(s, &row, kt, vt, bias, p, ds);
-                for j in 0..nk {
-                    axpy::<S, D>(s, dq.add(r * D), *ds.add(j), kr.add(j * D));
-                }
+                dq_row::<S, D>(s, dq.add(r * D), ds, kr, nk);
             }
         }
         j0 += n;
