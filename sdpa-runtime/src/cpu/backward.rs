@@ -157,10 +157,13 @@ unsafe fn dots<S: Simd, const D: usize, const NV: usize>(
         if l0 + NV * w <= lanes {
             let mut acc = [s.zero(); NV];
             for d in 0..D {
-                // SAFETY: element `d` of `x`; row `d`, lanes `l0..` of `t`.
+                // SAFETY: element `d < D` of `x`.
                 let xd = s.splat(unsafe { *x.add(d) });
                 for (n, a) in acc.iter_mut().enumerate() {
-                    *a = s.fma(xd, unsafe { s.load(t.add(d * BK + l0 + n * w)) }, *a);
+                    // SAFETY: row `d`, lanes `l0 + n·W..` (below `lanes <=
+                    // BK`) of `t`.
+                    let tv = unsafe { s.load(t.add(d * BK + l0 + n * w)) };
+                    *a = s.fma(xd, tv, *a);
                 }
             }
             for (n, a) in acc.iter().enumerate() {
@@ -171,9 +174,11 @@ unsafe fn dots<S: Simd, const D: usize, const NV: usize>(
         } else {
             let mut a = s.zero();
             for d in 0..D {
-                // SAFETY: as above, one vector.
+                // SAFETY: element `d < D` of `x`.
                 let xd = s.splat(unsafe { *x.add(d) });
-                a = s.fma(xd, unsafe { s.load(t.add(d * BK + l0)) }, a);
+                // SAFETY: row `d`, lanes `l0..l0 + W` (below `lanes`) of `t`.
+                let tv = unsafe { s.load(t.add(d * BK + l0)) };
+                a = s.fma(xd, tv, a);
             }
             // SAFETY: as above.
             unsafe { s.store(out.add(l0), a) };

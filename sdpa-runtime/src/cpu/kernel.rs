@@ -1068,7 +1068,8 @@ pub(crate) unsafe fn run_task<
     // Normalise and write; a row that saw no key is zeros, as in torch.
     for r in 0..rows {
         // SAFETY: `l` has bq entries; `o` row r has dp floats; `tmp` has D;
-        // the output row (b, i0 + r, h) is in bounds and this task's alone.
+        // the output row (b, i0 + r, h) is in bounds and this task's alone,
+        // and so is lse element (b, h, i0 + r) (checked `[B, Hq, Sq, 1]`).
         unsafe {
             let l = *lrow.add(r);
             let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
