@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use sdpa_runtime::prelude::*;
-use sdpa_runtime::{select, Residence};
+use sdpa_runtime::{select, Residence, SdpaImpl};
 
+use crate::error::CliError;
 use crate::error::Result;
 use crate::options::BackendArg;
-use crate::safetensors_io::{read_case, write_output};
+use crate::safetensors_io::{read_case, write_output, write_tensors, Case};
 use sdpa_cli::variants::SdpaCli;
 
 /// The flags of `sdpa run`.
@@ -30,6 +31,12 @@ pub struct RunArgs {
     /// variable decides, else auto.
     #[arg(long, value_enum, value_name = "BACKEND")]
     pub backend: Option<BackendArg>,
+    /// Also run the backward pass: the input must hold dout ([B, Sq, Hq, D],
+    /// q's dtype); the output then holds out, dq, dk, dv (the input dtype)
+    /// and lse ([B, Hq, Sq], F32: the log of each row's softmax
+    /// denominator, -inf for a row that sees no key). CPU only for now.
+    #[arg(long)]
+    pub backward: bool,
 }
 
 /// Reads the case, computes attention and writes `out`.
@@ -42,6 +49,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let layer = SdpaCli.build_impl(params)?;
 
     let metadata = case.metadata()?;
+    if args.backward {
+        return run_backward(args, &case, &layer, &metadata);
+    }
     let start = Instant::now();
     let out = layer.forward(&case.q.view(), &case.k.view(), &case.v.view(), &metadata)?;
     let elapsed = start.elapsed();
@@ -57,6 +67,57 @@ pub fn run(args: &RunArgs) -> Result<()> {
     println!(
         "wrote out {:?} {} to {} ({backend}, causal={}, scale={scale}, {:.3} ms)",
         out.shape(),
+        out.dtype(),
+        args.output.display(),
+        case.causal,
+        elapsed.as_secs_f64() * 1e3,
+    );
+    Ok(())
+}
+
+/// `sdpa run --backward`: the forward with the log-sum-exp, then the
+/// backward; writes `out`, `dq`, `dk`, `dv` and `lse`.
+fn run_backward(
+    args: &RunArgs,
+    case: &Case,
+    layer: &SdpaImpl,
+    metadata: &AttentionMetadata<'_>,
+) -> Result<()> {
+    let dout = case.dout.as_ref().ok_or_else(|| {
+        CliError::Input(format!(
+            "{} has no tensor \"dout\"; sdpa run --backward needs the output gradient dout \
+             ([B, Sq, Hq, D], q's dtype)",
+            args.input.display()
+        ))
+    })?;
+    let (q, k, v) = (case.q.view(), case.k.view(), case.v.view());
+    let start = Instant::now();
+    let (out, lse) = layer.forward_with_lse(&q, &k, &v, metadata)?;
+    let (dq, dk, dv) =
+        layer.backward(&q, &k, &v, &out.view(), &dout.view(), &lse.view(), metadata)?;
+    let elapsed = start.elapsed();
+    let backend = select(layer.backend_request(), Residence::Host)?.backend;
+    let scale = layer.params().scale();
+    let written = HashMap::from([
+        ("causal".to_string(), case.causal.to_string()),
+        ("scale".to_string(), scale.to_string()),
+        ("backend".to_string(), backend.to_string()),
+    ]);
+    let [b, hq, sq, _] = lse.shape();
+    write_tensors(
+        &args.output,
+        &[
+            ("out", &out, None),
+            ("dq", &dq, None),
+            ("dk", &dk, None),
+            ("dv", &dv, None),
+            ("lse", &lse, Some(vec![b, hq, sq])),
+        ],
+        written,
+    )?;
+    println!(
+        "wrote out, dq, dk, dv {} and lse f32 to {} ({backend}, causal={}, scale={scale}, \
+         forward and backward {:.3} ms)",
         out.dtype(),
         args.output.display(),
         case.causal,

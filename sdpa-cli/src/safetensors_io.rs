@@ -19,7 +19,7 @@ use sdpa_runtime::{
 use crate::error::{CliError, Result};
 
 /// The tensor names a case may hold.
-const KNOWN_TENSORS: [&str; 4] = ["q", "k", "v", "attn_mask"];
+const KNOWN_TENSORS: [&str; 5] = ["q", "k", "v", "attn_mask", "dout"];
 
 /// One attention call read from a file.
 #[derive(Debug)]
@@ -32,6 +32,9 @@ pub struct Case {
     pub v: Tensor,
     /// The optional attention mask.
     pub mask: Option<OwnedMask>,
+    /// The optional output gradient `[B, Sq, Hq, D]` (`sdpa run
+    /// --backward` needs it).
+    pub dout: Option<Tensor>,
     /// The `causal` metadata entry; absent means `false`.
     pub causal: bool,
     /// The `scale` metadata entry; absent means `1/sqrt(D)`.
@@ -101,7 +104,8 @@ pub fn read_case_bytes(bytes: &[u8], path: &Path) -> Result<Case> {
     for name in file.names() {
         if !KNOWN_TENSORS.contains(&name) {
             tracing::warn!(
-                "{} holds a tensor {name:?} that sdpa run ignores; it reads q, k, v and attn_mask",
+                "{} holds a tensor {name:?} that sdpa run ignores; it reads q, k, v, attn_mask \
+                 and dout",
                 path.display()
             );
         }
@@ -122,6 +126,10 @@ pub fn read_case_bytes(bytes: &[u8], path: &Path) -> Result<Case> {
         Ok(view) => Some(mask_tensor(&view)?),
         Err(_) => None,
     };
+    let dout = match file.tensor("dout") {
+        Ok(view) => Some(qkv_tensor("dout", &view)?),
+        Err(_) => None,
+    };
 
     let empty = HashMap::new();
     let metadata = header.metadata().as_ref().unwrap_or(&empty);
@@ -136,6 +144,7 @@ pub fn read_case_bytes(bytes: &[u8], path: &Path) -> Result<Case> {
         k,
         v,
         mask,
+        dout,
         causal,
         scale,
     })
@@ -145,6 +154,41 @@ pub fn read_case_bytes(bytes: &[u8], path: &Path) -> Result<Case> {
 /// `metadata` as its `__metadata__`; a device tensor is copied to the host
 /// first.
 pub fn write_output(path: &Path, out: &Tensor, metadata: HashMap<String, String>) -> Result<()> {
+    write_tensors(path, &[("out", out, None)], metadata)
+}
+
+/// Writes each `(name, tensor, shape)` as a tensor of a new safetensors
+/// file (with `shape` in place of the tensor's own where given: the same
+/// elements, e.g. `lse`'s `[B, Hq, Sq, 1]` written as `[B, Hq, Sq]`), with
+/// `metadata` as its `__metadata__`; device tensors are copied to the host
+/// first.
+pub fn write_tensors(
+    path: &Path,
+    tensors: &[(&str, &Tensor, Option<Vec<usize>>)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let write = |source: Box<dyn std::error::Error + Send + Sync>| CliError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let mut encoded = Vec::with_capacity(tensors.len());
+    for (name, t, shape) in tensors {
+        let (dtype, bytes) = host_bytes(t)?;
+        let shape = shape.clone().unwrap_or_else(|| t.shape().to_vec());
+        encoded.push((*name, dtype, shape, bytes));
+    }
+    let mut views = Vec::with_capacity(encoded.len());
+    for (name, dtype, shape, bytes) in &encoded {
+        let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+            .map_err(|e| write(e.into()))?;
+        views.push((*name, view));
+    }
+    safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| write(e.into()))
+}
+
+/// The safetensors dtype and little-endian bytes of `out`, copied to the
+/// host first if it lives on a device.
+fn host_bytes(out: &Tensor) -> Result<(Dtype, Vec<u8>)> {
     let host;
     let out = match out.host_data() {
         Some(_) => out,
@@ -156,19 +200,11 @@ pub fn write_output(path: &Path, out: &Tensor, metadata: HashMap<String, String>
     let Some(data) = out.host_data() else {
         return Err(CliError::Input("the result is not in host memory".into()));
     };
-    let (dtype, bytes) = match data {
+    Ok(match data {
         OwnedData::F32(v) => (Dtype::F32, encode(v, |x| x.to_le_bytes())),
         OwnedData::F16(v) => (Dtype::F16, encode(v, |x| x.to_bits().to_le_bytes())),
         OwnedData::BF16(v) => (Dtype::BF16, encode(v, |x| x.to_bits().to_le_bytes())),
-    };
-    let write = |source: Box<dyn std::error::Error + Send + Sync>| CliError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let view = safetensors::tensor::TensorView::new(dtype, out.shape().to_vec(), &bytes)
-        .map_err(|e| write(e.into()))?;
-    safetensors::serialize_to_file([("out", view)], Some(metadata), path)
-        .map_err(|e| write(e.into()))
+    })
 }
 
 /// Reads `q`, `k` or `v`: rank 4, a floating dtype the kernels take.

@@ -13,7 +13,7 @@ use safetensors::{Dtype, SafeTensors};
 use sdpa_runtime::half::{bf16, f16};
 use sdpa_runtime::{probe_cuda, CudaProbe};
 use sdpa_tests::cases::{backends, run_seed};
-use sdpa_tests::reference::{attention, rel_l2, RefInputs};
+use sdpa_tests::reference::{attention, backward, lse, rel_l2, RefInputs};
 
 /// The `sdpa` binary: where cargo built it, or beside this test binary (as
 /// `/work/shared/tools/gpu-pack` lays them out on a GPU host).
@@ -328,4 +328,131 @@ fn cuda_without_a_gpu_is_one_line_and_a_non_zero_exit() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains(&reason), "{stderr}");
+}
+
+/// Reads tensor `name` of a safetensors file: its dtype, shape and values.
+fn read_tensor(path: &Path, name: &str) -> (Dtype, Vec<usize>, Vec<f64>) {
+    let bytes = std::fs::read(path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let t = file.tensor(name).unwrap();
+    let data = t.data();
+    let values = match t.dtype() {
+        Dtype::F32 => data
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        Dtype::F16 => data
+            .chunks(2)
+            .map(|c| f16::from_bits(u16::from_le_bytes(c.try_into().unwrap())).to_f64())
+            .collect(),
+        _ => data
+            .chunks(2)
+            .map(|c| bf16::from_bits(u16::from_le_bytes(c.try_into().unwrap())).to_f64())
+            .collect(),
+    };
+    (t.dtype(), t.shape().to_vec(), values)
+}
+
+#[test]
+fn backward_writes_the_reference_gradients_and_lse() {
+    let seed = run_seed();
+    for (dtype, causal, tol) in [(Dtype::F32, true, 1e-5), (Dtype::BF16, false, 3e-2)] {
+        let (b, sq, sk, hq, hkv, d) = (2, 30, 45, 4, 2, 64);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut draw =
+            |n: usize| -> Vec<f64> { (0..n).map(|_| rng.random_range(-1.5..1.5)).collect() };
+        let (q, qb) = encode(dtype, &draw(b * sq * hq * d));
+        let (k, kb) = encode(dtype, &draw(b * sk * hkv * d));
+        let (v, vb) = encode(dtype, &draw(b * sk * hkv * d));
+        let (dout, db) = encode(dtype, &draw(b * sq * hq * d));
+        let dir = tempfile::tempdir().unwrap();
+        let (input, output) = (
+            dir.path().join("case.safetensors"),
+            dir.path().join("out.safetensors"),
+        );
+        let causal_s = causal.to_string();
+        write(
+            &input,
+            &[
+                ("q", Entry(dtype, vec![b, sq, hq, d], qb)),
+                ("k", Entry(dtype, vec![b, sk, hkv, d], kb)),
+                ("v", Entry(dtype, vec![b, sk, hkv, d], vb)),
+                ("dout", Entry(dtype, vec![b, sq, hq, d], db)),
+            ],
+            &[("causal", causal_s.as_str())],
+        );
+        let status = Command::new(sdpa())
+            .args(["run", "--backward", "--backend", "cpu", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .status()
+            .unwrap();
+        assert!(status.success(), "sdpa run --backward failed (seed {seed})");
+        let x = RefInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            batch: b,
+            seq_q: sq,
+            seq_k: sk,
+            heads_q: hq,
+            heads_kv: hkv,
+            d,
+            scale: 1.0 / (d as f64).sqrt(),
+            causal,
+            bias: None,
+        };
+        let (dq, dk, dv) = backward(&x, &dout);
+        let want = [("out", attention(&x)), ("dq", dq), ("dk", dk), ("dv", dv)];
+        for (name, want) in want {
+            let (got_dtype, shape, got) = read_tensor(&output, name);
+            assert_eq!(got_dtype, dtype, "{name} keeps the input dtype");
+            assert_eq!(
+                shape.iter().product::<usize>(),
+                want.len(),
+                "{name}: {shape:?}"
+            );
+            let err = rel_l2(&got, &want);
+            assert!(
+                err <= tol,
+                "{dtype:?} {name}: relative error {err:.3e} > {tol:.0e} (seed {seed})"
+            );
+        }
+        let (lse_dtype, shape, got) = read_tensor(&output, "lse");
+        assert_eq!((lse_dtype, shape), (Dtype::F32, vec![b, hq, sq]));
+        for (g, w) in got.iter().zip(lse(&x)) {
+            assert!(
+                (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "lse {g} vs {w} (seed {seed})"
+            );
+        }
+    }
+}
+
+#[test]
+fn backward_without_dout_is_one_line_and_a_non_zero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("case.safetensors");
+    let q = vec![0u8; 4 * 8 * 2 * 64];
+    write(
+        &input,
+        &[
+            ("q", Entry(Dtype::F32, vec![1, 8, 2, 64], q.clone())),
+            ("k", Entry(Dtype::F32, vec![1, 8, 2, 64], q.clone())),
+            ("v", Entry(Dtype::F32, vec![1, 8, 2, 64], q)),
+        ],
+        &[],
+    );
+    let out = Command::new(sdpa())
+        .args(["run", "--backward", "--backend", "cpu", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.path().join("out.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("dout"), "{stderr}");
 }

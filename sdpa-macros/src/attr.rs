@@ -18,6 +18,7 @@ pub mod kw {
     syn::custom_keyword!(head_sizes);
     syn::custom_keyword!(causal);
     syn::custom_keyword!(dtypes);
+    syn::custom_keyword!(backward);
 }
 
 /// The attribute's arguments. Each known key keeps every occurrence, in
@@ -27,6 +28,8 @@ pub struct Attr {
     pub head_sizes: Vec<List<HeadSize>>,
     pub causal: Vec<List<LitBool>>,
     pub dtypes: Vec<List<Dtype>>,
+    /// `backward = true|false`, every occurrence.
+    pub backward: Vec<Flag>,
     /// Keys that are none of the above; their values are skipped.
     pub unknown_keys: Vec<Ident>,
 }
@@ -38,6 +41,13 @@ pub struct List<T> {
     /// The brackets, for "empty list".
     pub bracket: token::Bracket,
     pub items: Vec<T>,
+}
+
+/// `key = true` or `key = false`.
+pub struct Flag {
+    /// The key, for "given twice".
+    pub key: Span,
+    pub value: LitBool,
 }
 
 /// One entry of `head_sizes`.
@@ -77,6 +87,10 @@ fn parse_attr(input: ParseStream) -> Result<Attr> {
             let key: kw::dtypes = input.parse()?;
             let list = parse_list(input, "dtypes", key.span, &mut errors, dtype)?;
             attr.dtypes.push(list);
+        } else if lookahead.peek(kw::backward) {
+            let key: kw::backward = input.parse()?;
+            attr.backward
+                .push(parse_flag(input, key.span, &mut errors)?);
         } else if input.peek(Ident::peek_any) {
             attr.unknown_keys.push(input.call(Ident::parse_any)?);
             while !input.is_empty() && !input.peek(Token![,]) {
@@ -92,6 +106,32 @@ fn parse_attr(input: ParseStream) -> Result<Attr> {
     }
     errors.finish()?;
     Ok(attr)
+}
+
+/// Parses `= true` or `= false` after the `backward` key; a value that is
+/// not a bool literal goes to `errors` (the parse goes on, as `false`).
+fn parse_flag(input: ParseStream, key: Span, errors: &mut Errors) -> Result<Flag> {
+    let message = "`backward` takes `true` or `false`, e.g. `backward = true`";
+    if !input.peek(Token![=]) {
+        return Err(Error::new(key, message));
+    }
+    input.parse::<Token![=]>()?;
+    let mut tokens = TokenStream::new();
+    while !input.is_empty() && !input.peek(Token![,]) {
+        tokens.extend([input.parse::<TokenTree>()?]);
+    }
+    let value = match syn::parse2::<LitBool>(tokens.clone()) {
+        Ok(value) => value,
+        Err(_) => {
+            errors.push(if tokens.is_empty() {
+                Error::new(key, message)
+            } else {
+                Error::new_spanned(&tokens, message)
+            });
+            LitBool::new(false, key)
+        }
+    };
+    Ok(Flag { key, value })
 }
 
 /// Parses `= [item, ...]` after `key`, each item by `item` from its own
@@ -281,6 +321,23 @@ mod tests {
             messages(err),
             ["`head_sizes` takes a list in brackets, e.g. `head_sizes = [64, 128]`"]
         );
+    }
+
+    #[test]
+    fn backward_takes_a_bool() {
+        let attr = parse(quote!(head_sizes = [64], backward = true)).unwrap();
+        assert!(attr.backward[0].value.value);
+        for bad in [
+            quote!(backward = 1),
+            quote!(backward = [true]),
+            quote!(backward),
+        ] {
+            let err = parse(bad).err().unwrap();
+            assert_eq!(
+                messages(err),
+                ["`backward` takes `true` or `false`, e.g. `backward = true`"]
+            );
+        }
     }
 
     #[test]

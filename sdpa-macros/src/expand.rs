@@ -86,7 +86,7 @@ fn generate(valid: &Valid, kernels: &[Kernels]) -> TokenStream {
         .variants
         .iter()
         .zip(kernels)
-        .map(|(s, k)| variant(s, k));
+        .map(|(s, k)| variant(s, k, valid.backward));
     let head_sizes = valid
         .head_sizes
         .iter()
@@ -116,19 +116,26 @@ fn generate(valid: &Valid, kernels: &[Kernels]) -> TokenStream {
 
 /// One entry of the variant table: the spec, the CPU kernel instantiated
 /// for it and the GPU kernels generated for it in order of preference (PTX
-/// text and launch metadata, embedded as literals).
-fn variant(spec: &VariantSpec, kernels: &[GpuKernel]) -> TokenStream {
+/// text and launch metadata, embedded as literals), and its CPU backward
+/// kernel where the declaration says `backward = true`.
+fn variant(spec: &VariantSpec, kernels: &[GpuKernel], backward: bool) -> TokenStream {
     let head_size = Literal::usize_unsuffixed(spec.head_size);
     let causal = spec.causal;
     let dtype = dtype_path(spec.dtype);
     let element = element_type(spec.dtype);
     let gpu = kernels.iter().map(gpu_kernel);
+    let backward = backward.then(|| {
+        quote! {
+            .with_cpu_backward(::sdpa_runtime::cpu::backward::<#head_size, #causal, #element>)
+        }
+    });
     quote! {
         ::sdpa_runtime::Variant::new(
             ::sdpa_runtime::VariantSpec { head_size: #head_size, causal: #causal, dtype: #dtype },
-            ::sdpa_runtime::cpu::attention::<#head_size, #causal, #element>,
+            ::sdpa_runtime::cpu::attention_lse::<#head_size, #causal, #element>,
         )
         .with_gpu_kernels(&[#(#gpu),*])
+        #backward
     }
 }
 
@@ -220,22 +227,22 @@ mod tests {
                     static VARIANTS: [::sdpa_runtime::Variant; 4] = [
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 64, causal: true, dtype: ::sdpa_runtime::DType::F32 },
-                            ::sdpa_runtime::cpu::attention::<64, true, ::core::primitive::f32>,
+                            ::sdpa_runtime::cpu::attention_lse::<64, true, ::core::primitive::f32>,
                         )
                         .with_gpu_kernels(&[#g64f]),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 64, causal: true, dtype: ::sdpa_runtime::DType::BF16 },
-                            ::sdpa_runtime::cpu::attention::<64, true, ::sdpa_runtime::half::bf16>,
+                            ::sdpa_runtime::cpu::attention_lse::<64, true, ::sdpa_runtime::half::bf16>,
                         )
                         .with_gpu_kernels(&[#h64b, #g64b]),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 80, causal: true, dtype: ::sdpa_runtime::DType::F32 },
-                            ::sdpa_runtime::cpu::attention::<80, true, ::core::primitive::f32>,
+                            ::sdpa_runtime::cpu::attention_lse::<80, true, ::core::primitive::f32>,
                         )
                         .with_gpu_kernels(&[#g80f]),
                         ::sdpa_runtime::Variant::new(
                             ::sdpa_runtime::VariantSpec { head_size: 80, causal: true, dtype: ::sdpa_runtime::DType::BF16 },
-                            ::sdpa_runtime::cpu::attention::<80, true, ::sdpa_runtime::half::bf16>,
+                            ::sdpa_runtime::cpu::attention_lse::<80, true, ::sdpa_runtime::half::bf16>,
                         )
                         .with_gpu_kernels(&[#h80b, #g80b]),
                     ];
@@ -321,6 +328,30 @@ mod tests {
             "& [:: sdpa_runtime :: DType :: BF16 , :: sdpa_runtime :: DType :: F16 , \
              :: sdpa_runtime :: DType :: F32]"
         ));
+    }
+
+    #[test]
+    fn backward_true_adds_each_variants_backward_kernel() {
+        let backward = "with_cpu_backward";
+        let plain = expand(quote!(head_sizes = [64], causal = [true], dtypes = [f32]));
+        assert!(!quote!(#plain).to_string().contains(backward));
+        let off = expand(quote!(
+            head_sizes = [64],
+            causal = [true],
+            dtypes = [f32],
+            backward = false
+        ));
+        assert_eq!(quote!(#off).to_string(), quote!(#plain).to_string());
+        let on = expand(quote!(
+            head_sizes = [64, 80],
+            causal = [true],
+            dtypes = [f32, bf16],
+            backward = true
+        ));
+        let text = quote!(#on).to_string();
+        assert_eq!(text.matches(backward).count(), 4);
+        let kernel = quote!(.with_cpu_backward(::sdpa_runtime::cpu::backward::<80, true, ::sdpa_runtime::half::bf16>));
+        assert!(text.contains(&kernel.to_string()), "{text}");
     }
 
     #[test]

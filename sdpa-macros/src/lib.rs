@@ -25,8 +25,8 @@ use syn::Item;
 ///
 /// # Keys
 ///
-/// Each key takes a list in brackets; keys may come in any order, and
-/// trailing commas are accepted.
+/// Each key but `backward` takes a list in brackets; keys may come in any
+/// order, and trailing commas are accepted.
 ///
 /// - `head_sizes` (required): the head dimensions, integer literals, each a
 ///   multiple of 8 from 8 to 256, e.g. `[64, 80, 128]`.
@@ -34,6 +34,9 @@ use syn::Item;
 ///   causal (top-left aligned) masking to generate.
 /// - `dtypes` (optional, default `[bf16, f16, f32]`): the element types, among
 ///   `bf16`, `f16` and `f32`.
+/// - `backward` (optional, default `false`): `backward = true` (a bool, not
+///   a list) also compiles each variant's CPU backward kernel
+///   (`sdpa_runtime::cpu::backward`), which `AttentionImpl::backward` needs.
 ///
 /// The table lists variants in declaration order: head sizes outer, then
 /// causal values, then dtypes. Duplicates, unknown keys or dtypes, a key given

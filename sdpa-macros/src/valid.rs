@@ -22,6 +22,8 @@ pub struct Valid<'a> {
     pub causal: Vec<bool>,
     /// As declared, in order, or the default.
     pub dtypes: Vec<DType>,
+    /// Whether each variant gets its CPU backward kernel.
+    pub backward: bool,
     /// Every combination: head sizes outer, then causal, then dtype.
     pub variants: Vec<VariantSpec>,
 }
@@ -36,6 +38,12 @@ pub fn validate<'a>(attr: &Attr, item: &'a Item) -> Result<Valid<'a>> {
     errors.check(check_keys_once("head_sizes", &attr.head_sizes));
     errors.check(check_keys_once("causal", &attr.causal));
     errors.check(check_keys_once("dtypes", &attr.dtypes));
+    for flag in attr.backward.iter().skip(1) {
+        errors.push(Error::new(
+            flag.key,
+            "`backward` is given twice; give it once, `backward = true` or `backward = false`",
+        ));
+    }
     errors.check(check_head_sizes_given(attr));
     errors.check(check_not_empty(&attr.head_sizes, || {
         "`head_sizes` is empty; declare at least one head size, e.g. `head_sizes = [64]`".into()
@@ -93,11 +101,13 @@ pub fn validate<'a>(attr: &Attr, item: &'a Item) -> Result<Valid<'a>> {
             }
         }
     }
+    let backward = attr.backward.first().is_some_and(|flag| flag.value.value);
     Ok(Valid {
         item,
         head_sizes,
         causal,
         dtypes,
+        backward,
         variants,
     })
 }
@@ -147,7 +157,7 @@ fn check_keys_known(attr: &Attr) -> Result<()> {
         };
         errors.push(Error::new(
             key.span(),
-            format!("unknown key `{key}`; {hint}the keys are `head_sizes`, `causal` and `dtypes`"),
+            format!("unknown key `{key}`; {hint}the keys are `head_sizes`, `causal`, `dtypes` and `backward`"),
         ));
     }
     errors.finish()
@@ -161,10 +171,13 @@ fn key_meant(unknown: &str) -> Option<&'static str> {
         s.to_lowercase().trim_end_matches('s').to_owned()
     };
     let unknown = fold(unknown);
-    ["head_sizes", "causal", "dtypes"].into_iter().find(|key| {
-        let key = fold(key);
-        unknown == key || (unknown.len() >= 4 && (unknown.contains(&key) || key.contains(&unknown)))
-    })
+    ["head_sizes", "causal", "dtypes", "backward"]
+        .into_iter()
+        .find(|key| {
+            let key = fold(key);
+            unknown == key
+                || (unknown.len() >= 4 && (unknown.contains(&key) || key.contains(&unknown)))
+        })
 }
 
 /// Reports every list of `name` after the first, at its key.
@@ -335,7 +348,7 @@ mod tests {
         assert_eq!(
             got,
             [
-                "unknown key `tile`; the keys are `head_sizes`, `causal` and `dtypes`",
+                "unknown key `tile`; the keys are `head_sizes`, `causal`, `dtypes` and `backward`",
                 "`dtypes` is given twice; put all its values in one list",
                 "`dtypes` is empty; declare some of `bf16`, `f16` and `f32`, \
                  or leave the key out for all three",
@@ -348,6 +361,17 @@ mod tests {
                 "unknown dtype `f64`; the dtypes are `bf16`, `f16` and `f32`",
                 "dtype `f32` is already declared; declare each dtype once",
             ]
+        );
+    }
+
+    #[test]
+    fn backward_is_given_once() {
+        assert_eq!(
+            errors(
+                quote!(head_sizes = [64], backward = true, backward = false),
+                &item()
+            ),
+            ["`backward` is given twice; give it once, `backward = true` or `backward = false`"]
         );
     }
 
@@ -392,7 +416,7 @@ mod tests {
         assert_eq!(
             errors(quote!(head_sizes = [64], dtype = [half]), &item()),
             ["unknown key `dtype`; did you mean `dtypes`? \
-              the keys are `head_sizes`, `causal` and `dtypes`"]
+              the keys are `head_sizes`, `causal`, `dtypes` and `backward`"]
         );
         assert_eq!(
             errors(quote!(head_sizes = [64], dtypes = [half]), &item()),

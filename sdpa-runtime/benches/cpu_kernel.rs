@@ -14,7 +14,7 @@
 use divan::counter::ItemsCount;
 use divan::Bencher;
 use sdpa_runtime::half::{bf16, f16};
-use sdpa_runtime::{cpu, Element, Problem, TensorView, TensorViewMut};
+use sdpa_runtime::{cpu, BackwardInputs, Element, Gradients, Problem, TensorView, TensorViewMut};
 
 fn main() {
     eprintln!(
@@ -62,6 +62,49 @@ fn run<const D: usize, const CAUSAL: bool, T: Element>(
     bencher
         .counter(ItemsCount::new(flops))
         .bench_local(|| cpu::attention::<D, CAUSAL, T>(&p, &mut ov).unwrap());
+}
+
+/// Times `backward::<D, CAUSAL, T>` on `[b, sq, h, D]` queries against
+/// `sk` keys, after one forward with the log-sum-exp; FLOPs counted as 2.5
+/// times the forward's.
+fn run_backward<const D: usize, const CAUSAL: bool, T: Element>(
+    bencher: Bencher,
+    [b, h, sq, sk]: [usize; 4],
+) {
+    let q = fill::<T>(b * sq * h * D, 1);
+    let k = fill::<T>(b * sk * h * D, 2);
+    let v = fill::<T>(b * sk * h * D, 3);
+    let dout = fill::<T>(b * sq * h * D, 4);
+    let mut o = vec![T::from_f32(0.0); b * sq * h * D];
+    let mut lse = vec![0.0f32; b * h * sq];
+    let qv = TensorView::from_slice(&q, [b, sq, h, D]).unwrap();
+    let kv = TensorView::from_slice(&k, [b, sk, h, D]).unwrap();
+    let vv = TensorView::from_slice(&v, [b, sk, h, D]).unwrap();
+    let p = Problem::new(qv, kv, vv, None, 1.0 / (D as f32).sqrt()).unwrap();
+    {
+        let mut ov = TensorViewMut::from_slice(&mut o, [b, sq, h, D]).unwrap();
+        let mut lv = TensorViewMut::from_slice(&mut lse, [b, h, sq, 1]).unwrap();
+        cpu::attention_lse::<D, CAUSAL, T>(&p, &mut ov, Some(&mut lv)).unwrap();
+    }
+    let x = BackwardInputs {
+        out: TensorView::from_slice(&o, [b, sq, h, D]).unwrap(),
+        dout: TensorView::from_slice(&dout, [b, sq, h, D]).unwrap(),
+        lse: TensorView::from_slice(&lse, [b, h, sq, 1]).unwrap(),
+    };
+    let (mut dq, mut dk, mut dv) = (
+        vec![T::from_f32(0.0); q.len()],
+        vec![T::from_f32(0.0); k.len()],
+        vec![T::from_f32(0.0); v.len()],
+    );
+    let mut g = Gradients {
+        dq: TensorViewMut::from_slice(&mut dq, [b, sq, h, D]).unwrap(),
+        dk: TensorViewMut::from_slice(&mut dk, [b, sk, h, D]).unwrap(),
+        dv: TensorViewMut::from_slice(&mut dv, [b, sk, h, D]).unwrap(),
+    };
+    let flops = 10 * b * h * sq * sk * D / if CAUSAL { 2 } else { 1 };
+    bencher
+        .counter(ItemsCount::new(flops))
+        .bench_local(|| cpu::backward::<D, CAUSAL, T>(&p, &x, &mut g).unwrap());
 }
 
 /// 1×8×2048×128, the CPU anchor shape.
@@ -121,4 +164,14 @@ fn decode_f32(b: Bencher) {
 #[divan::bench(sample_count = 50, sample_size = 5)]
 fn decode_bf16(b: Bencher) {
     run::<128, false, bf16>(b, DECODE);
+}
+
+#[divan::bench(sample_count = 3, sample_size = 1)]
+fn backward_anchor_f32(b: Bencher) {
+    run_backward::<128, false, f32>(b, ANCHOR);
+}
+
+#[divan::bench(sample_count = 3, sample_size = 1)]
+fn backward_anchor_bf16(b: Bencher) {
+    run_backward::<128, false, bf16>(b, ANCHOR);
 }

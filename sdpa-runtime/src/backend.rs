@@ -2,6 +2,7 @@
 //! compiled variants and builds layers; [`AttentionImpl`] runs them.
 
 use crate::error::{Result, SdpaError};
+use crate::grad::{BackwardInputs, Gradients};
 use crate::metadata::AttentionMetadata;
 use crate::params::AttentionParams;
 use crate::problem::Problem;
@@ -64,6 +65,66 @@ pub trait AttentionImpl: Send + Sync {
         v: &TensorView<'_>,
         metadata: &AttentionMetadata<'_>,
         out: &mut TensorViewMut<'_>,
+    ) -> Result<()>;
+
+    /// [`forward`](AttentionImpl::forward), also returning the row
+    /// log-sum-exp: a new `f32` tensor of shape `[B, Hq, Sq, 1]` whose
+    /// element `(b, h, i)` is the natural log of the softmax denominator of
+    /// query row `i` of head `h` over the scaled, masked scores, `-inf` for
+    /// a row that sees no key. The backward pass takes it. Host tensors
+    /// only for now (CUDA tensors give [`SdpaError::NotBuilt`]).
+    fn forward_with_lse(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+    ) -> Result<(Tensor, Tensor)>;
+
+    /// [`forward_into`](AttentionImpl::forward_into), also writing the row
+    /// log-sum-exp into the caller's `lse` (`f32`, `[B, Hq, Sq, 1]`, any
+    /// non-overlapping strides, in the same place as `q`).
+    fn forward_with_lse_into(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: &mut TensorViewMut<'_>,
+    ) -> Result<()>;
+
+    /// The gradients `(dq, dk, dv)` of a loss whose gradient with respect
+    /// to the forward's output `out` is `dout`, given the forward's row
+    /// log-sum-exp `lse` (from [`forward_with_lse`](Self::forward_with_lse)):
+    /// new tensors in q's dtype, `dq` shaped as `q`, `dk` and `dv` as `k`
+    /// (summed over each key/value head's query heads). Same views, masks,
+    /// scale and causal rule as the forward; masks get no gradient; rows
+    /// that see no key give zeros. Deterministic: bit-identical run to run.
+    /// Needs a variant declared with `backward = true`; host tensors only
+    /// for now (CUDA tensors give [`SdpaError::NotBuilt`]).
+    #[allow(clippy::too_many_arguments)] // the issue's signature: torch's order
+    fn backward(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        out: &TensorView<'_>,
+        dout: &TensorView<'_>,
+        lse: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+    ) -> Result<(Tensor, Tensor, Tensor)>;
+
+    /// [`backward`](Self::backward) into the caller's gradient buffers
+    /// (any non-overlapping strides, q's dtype, in the same place as `q`).
+    fn backward_into(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+        inputs: &BackwardInputs<'_>,
+        grads: &mut Gradients<'_>,
     ) -> Result<()>;
 }
 
@@ -169,7 +230,7 @@ impl AttentionImpl for SdpaImpl {
             Residence::Host => Tensor::zeros(p.dtype(), p.out_shape()),
             _ => crate::cuda::alloc_output(&p)?,
         };
-        self.run(&p, variant, &selection, &mut out.view_mut())?;
+        self.run(&p, variant, &selection, &mut out.view_mut(), None)?;
         Ok(out)
     }
 
@@ -184,8 +245,125 @@ impl AttentionImpl for SdpaImpl {
         let p = self.problem(q, k, v, metadata)?;
         p.check_output(out)?;
         let (variant, selection) = self.plan(&p)?;
-        self.run(&p, variant, &selection, out)
+        self.run(&p, variant, &selection, out, None)
     }
+
+    fn forward_with_lse(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+    ) -> Result<(Tensor, Tensor)> {
+        let p = self.problem(q, k, v, metadata)?;
+        let (variant, selection) = self.plan(&p)?;
+        if selection.backend == BackendKind::Cuda || p.residence() != Residence::Host {
+            return Err(not_built("the forward with the log-sum-exp"));
+        }
+        let mut out = Tensor::zeros(p.dtype(), p.out_shape());
+        let mut lse = Tensor::zeros(crate::DType::F32, p.lse_shape());
+        self.run(
+            &p,
+            variant,
+            &selection,
+            &mut out.view_mut(),
+            Some(&mut lse.view_mut()),
+        )?;
+        Ok((out, lse))
+    }
+
+    fn forward_with_lse_into(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: &mut TensorViewMut<'_>,
+    ) -> Result<()> {
+        let p = self.problem(q, k, v, metadata)?;
+        p.check_output(out)?;
+        p.check_lse(lse)?;
+        let (variant, selection) = self.plan(&p)?;
+        if selection.backend == BackendKind::Cuda || p.residence() != Residence::Host {
+            return Err(not_built("the forward with the log-sum-exp"));
+        }
+        self.run(&p, variant, &selection, out, Some(lse))
+    }
+
+    fn backward(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        out: &TensorView<'_>,
+        dout: &TensorView<'_>,
+        lse: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let p = self.problem(q, k, v, metadata)?;
+        let kernel = self.backward_plan(&p)?;
+        let mut dq = Tensor::zeros(p.dtype(), p.out_shape());
+        let mut dk = Tensor::zeros(p.dtype(), p.k.layout().shape());
+        let mut dv = Tensor::zeros(p.dtype(), p.k.layout().shape());
+        let inputs = BackwardInputs {
+            out: *out,
+            dout: *dout,
+            lse: *lse,
+        };
+        let mut grads = Gradients {
+            dq: dq.view_mut(),
+            dk: dk.view_mut(),
+            dv: dv.view_mut(),
+        };
+        kernel(&p, &inputs, &mut grads)?;
+        Ok((dq, dk, dv))
+    }
+
+    fn backward_into(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        metadata: &AttentionMetadata<'_>,
+        inputs: &BackwardInputs<'_>,
+        grads: &mut Gradients<'_>,
+    ) -> Result<()> {
+        let p = self.problem(q, k, v, metadata)?;
+        p.check_backward(inputs, grads)?;
+        let kernel = self.backward_plan(&p)?;
+        kernel(&p, inputs, grads)
+    }
+}
+
+impl SdpaImpl {
+    /// The backward's variant kernel for a checked problem, after the
+    /// checks that do not depend on the buffers.
+    fn backward_plan(&self, p: &Problem<'_>) -> Result<crate::variant::CpuBackwardFn> {
+        let (variant, selection) = self.plan(p)?;
+        let kernel = variant.cpu_backward()?;
+        if selection.backend == BackendKind::Cuda || p.residence() != Residence::Host {
+            return Err(not_built("the backward pass"));
+        }
+        tracing::debug!(
+            layer = %self.params.prefix,
+            variant = %variant.spec(),
+            shape = ?p.out_shape(),
+            kv_heads = p.heads_kv,
+            seq_k = p.seq_k,
+            masked = p.mask.is_some(),
+            "sdpa backward"
+        );
+        Ok(kernel)
+    }
+}
+
+/// The error for a training call on CUDA tensors or the CUDA backend.
+pub(crate) fn not_built(what: &str) -> SdpaError {
+    SdpaError::NotBuilt(format!(
+        "{what} has no CUDA kernel yet; run it on host tensors with the CPU backend \
+         (backend cpu, or SDPA_BACKEND=cpu)"
+    ))
 }
 
 impl SdpaImpl {
@@ -205,6 +383,7 @@ impl SdpaImpl {
         variant: &Variant,
         selection: &Selection,
         out: &mut TensorViewMut<'_>,
+        lse: Option<&mut TensorViewMut<'_>>,
     ) -> Result<()> {
         tracing::debug!(
             layer = %self.params.prefix,
@@ -215,11 +394,12 @@ impl SdpaImpl {
             kv_heads = p.heads_kv,
             seq_k = p.seq_k,
             masked = p.mask.is_some(),
+            lse = lse.is_some(),
             "sdpa forward"
         );
         match selection.backend {
             BackendKind::Cuda => crate::cuda::run(variant, p, out),
-            _ => (variant.cpu_kernel())(p, out),
+            _ => (variant.cpu_kernel())(p, out, lse),
         }
     }
 }

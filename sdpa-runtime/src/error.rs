@@ -84,6 +84,23 @@ pub enum SdpaError {
     /// CUDA device, or two devices).
     #[error("{0}")]
     Residence(String),
+    /// A row log-sum-exp buffer (the forward's optional output, the
+    /// backward's input) has the wrong dtype or shape.
+    #[error("{0}")]
+    Lse(String),
+    /// The call needs a kernel that this build does not have yet (the
+    /// CUDA log-sum-exp and backward); the message says what runs instead.
+    #[error("{0}")]
+    NotBuilt(String),
+    /// The backward pass was asked of a variant declared without it.
+    #[error(
+        "the backward pass of variant {variant} was not compiled; add `backward = true` to \
+         `#[sdpa_variants(...)]` to build it"
+    )]
+    BackwardNotDeclared {
+        /// The variant that was asked for.
+        variant: crate::VariantSpec,
+    },
     /// The CUDA driver refused a call: what was being done, then the
     /// driver's own message.
     #[error("CUDA: {0}")]

@@ -38,6 +38,7 @@ pub mod cuda;
 pub mod distributed;
 mod element;
 mod error;
+mod grad;
 mod layout;
 mod mask;
 mod metadata;
@@ -51,6 +52,7 @@ mod variant;
 pub use backend::{AttentionBackend, AttentionImpl, SdpaImpl};
 pub use element::Element;
 pub use error::{Result, SdpaError};
+pub use grad::{BackwardInputs, Gradients};
 pub use kernels_gen::ptx::Target;
 pub use kernels_gen::{DType, VariantSpec};
 pub use layout::Layout;
@@ -65,7 +67,7 @@ pub use storage::{
     Residence, Storage, StorageMut, TensorData,
 };
 pub use tensor::{Tensor, TensorView, TensorViewMut};
-pub use variant::{CpuKernelFn, GpuKernel, Variant, VariantTable};
+pub use variant::{CpuBackwardFn, CpuKernelFn, GpuKernel, Variant, VariantTable};
 
 /// Re-exported for the code the macro generates and for callers building
 /// `f16`/`bf16` tensors.

@@ -143,6 +143,56 @@ impl<'a> Problem<'a> {
     }
 }
 
+impl Problem<'_> {
+    /// The shape of the row log-sum-exp, `[B, Hq, Sq, 1]` (`[B, Hq, Sq]`
+    /// with a unit head dimension, so that it is a tensor like the others).
+    pub fn lse_shape(&self) -> [usize; 4] {
+        [self.batch, self.heads_q, self.seq_q, 1]
+    }
+
+    /// Checks that `lse` can take this problem's row log-sum-exp: `f32`,
+    /// [`Problem::lse_shape`], in the same place as `q`.
+    pub fn check_lse(&self, lse: &TensorViewMut<'_>) -> Result<()> {
+        self.check_lse_parts(
+            lse.residence(),
+            lse.dtype(),
+            lse.layout().shape(),
+            "lse buffer",
+        )
+    }
+
+    /// Checks a read-only `lse` (the backward's input) as
+    /// [`Problem::check_lse`] does.
+    pub fn check_lse_input(&self, lse: &TensorView<'_>) -> Result<()> {
+        self.check_lse_parts(lse.residence(), lse.dtype(), lse.layout().shape(), "lse")
+    }
+
+    fn check_lse_parts(
+        &self,
+        residence: Residence,
+        dtype: DType,
+        shape: [usize; 4],
+        what: &str,
+    ) -> Result<()> {
+        if residence != self.residence() {
+            return Err(elsewhere(what, residence, self.residence()));
+        }
+        if dtype != DType::F32 {
+            return Err(SdpaError::Lse(format!(
+                "the {what} has dtype {dtype}; the log-sum-exp is always f32 whatever q's dtype"
+            )));
+        }
+        if shape != self.lse_shape() {
+            return Err(SdpaError::Lse(format!(
+                "the {what} has shape {shape:?} but the log-sum-exp has shape {:?} \
+                 ([B, Hq, Sq, 1] of q)",
+                self.lse_shape()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The error for a tensor that lives somewhere other than `q`.
 fn elsewhere(name: &str, found: Residence, q: Residence) -> SdpaError {
     SdpaError::Residence(format!(

@@ -6,6 +6,7 @@ use kernels_gen::contract::TensorMaps;
 use kernels_gen::ptx::Target;
 
 use crate::error::{Result, SdpaError};
+use crate::grad::{BackwardInputs, Gradients};
 use crate::problem::Problem;
 use crate::tensor::TensorViewMut;
 use crate::{DType, VariantSpec};
@@ -15,8 +16,13 @@ use crate::{DType, VariantSpec};
 /// ([`Variant::gpu_kernel`]).
 pub(crate) const PORTABLE_CAPABILITY: (i32, i32) = (8, 0);
 
-/// A CPU kernel: one instantiation of [`crate::cpu::attention`].
-pub type CpuKernelFn = fn(&Problem<'_>, &mut TensorViewMut<'_>) -> Result<()>;
+/// A CPU kernel: one instantiation of [`crate::cpu::attention_lse`] (the
+/// output, and the row log-sum-exp where one is asked for).
+pub type CpuKernelFn =
+    fn(&Problem<'_>, &mut TensorViewMut<'_>, Option<&mut TensorViewMut<'_>>) -> Result<()>;
+
+/// A CPU backward kernel: one instantiation of [`crate::cpu::backward`].
+pub type CpuBackwardFn = fn(&Problem<'_>, &BackwardInputs<'_>, &mut Gradients<'_>) -> Result<()>;
 
 /// A GPU kernel generated at compile time: its PTX text and how to launch
 /// it, following the launch contract of [`kernels_gen::contract`].
@@ -112,6 +118,7 @@ impl GpuKernel {
 pub struct Variant {
     spec: VariantSpec,
     cpu: CpuKernelFn,
+    backward: Option<CpuBackwardFn>,
     gpu: &'static [GpuKernel],
 }
 
@@ -121,8 +128,23 @@ impl Variant {
         Variant {
             spec,
             cpu,
+            backward: None,
             gpu: &[],
         }
+    }
+    /// The same variant with its CPU backward kernel (the macro adds it
+    /// where the declaration says `backward = true`).
+    pub const fn with_cpu_backward(self, backward: CpuBackwardFn) -> Variant {
+        Variant {
+            backward: Some(backward),
+            ..self
+        }
+    }
+    /// The CPU backward kernel, or an error saying which attribute to add
+    /// where the variant was declared without one.
+    pub fn cpu_backward(&self) -> Result<CpuBackwardFn> {
+        self.backward
+            .ok_or(SdpaError::BackwardNotDeclared { variant: self.spec })
     }
     /// The same variant with GPU kernels in order of preference: a device
     /// runs the first one it can ([`GpuKernel::runs_on`]) that can run the
@@ -306,7 +328,11 @@ mod tests {
             GpuKernel::new("", "hopper", Target::Sm90a, 128, 384, 0),
             GpuKernel::new("", "portable", Target::Sm80, 64, 128, 0),
         ];
-        fn cpu(_: &Problem<'_>, _: &mut TensorViewMut<'_>) -> Result<()> {
+        fn cpu(
+            _: &Problem<'_>,
+            _: &mut TensorViewMut<'_>,
+            _: Option<&mut TensorViewMut<'_>>,
+        ) -> Result<()> {
             Ok(())
         }
         let spec = VariantSpec::new(64, false, DType::BF16).unwrap();

@@ -16,3 +16,9 @@ pub struct ConformanceAttention;
 /// name what was declared.
 #[sdpa_variants(head_sizes = [32], causal = [false], dtypes = [f32])]
 pub struct NarrowAttention;
+
+/// A training declaration: the backward kernels too, on head sizes that
+/// cross the CPU paths' vector widths (8, 40 and 136 are not multiples of
+/// 16).
+#[sdpa_variants(head_sizes = [8, 40, 64, 136, 256], backward = true)]
+pub struct TrainingAttention;

@@ -6,3 +6,4 @@ pub mod cases;
 pub mod consumer;
 pub mod reference;
 pub mod sequence_parallel;
+pub mod training;

@@ -12,7 +12,7 @@ use sdpa_runtime::cudarc::driver::{CudaSlice, CudaStream};
 use sdpa_runtime::prelude::*;
 use sdpa_runtime::{cuda, probe_cuda, CudaProbe, Element, Residence};
 use sdpa_tests::cases::{run_seed, say, Case, CaseInputs, MaskKind, Placement};
-use sdpa_tests::consumer::ConformanceAttention;
+use sdpa_tests::consumer::{ConformanceAttention, TrainingAttention};
 
 /// A declaration of its own, so that its one variant is loaded by the cache
 /// test only (no other test here runs an entry point of this name; the
@@ -193,6 +193,31 @@ fn forward_on_device_tensors_returns_a_device_tensor() {
         "GPU and CPU differ by {:.3e}",
         diff / norm
     );
+}
+
+#[test]
+fn the_lse_and_backward_on_device_tensors_say_they_are_not_built_yet() {
+    let Some(stream) = stream() else { return };
+    let (b, s, h, d) = (1, 16, 2, 64);
+    let host = vec![bf16::from_f32(0.5); b * s * h * d];
+    let dq = stream.clone_htod(&host).unwrap();
+    let layer = TrainingAttention
+        .build_impl(AttentionParams::new(h, d))
+        .unwrap();
+    let qv = TensorView::from_cuda(&dq, [b, s, h, d]).unwrap();
+    let meta = AttentionMetadata::default();
+    let e = layer.forward_with_lse(&qv, &qv, &qv, &meta).unwrap_err();
+    assert!(matches!(e, SdpaError::NotBuilt(_)), "{e:?}");
+    assert!(e.to_string().contains("CPU backend"), "{e}");
+    // The backward asks for host `lse`; on device tensors it is refused
+    // the same way before anything runs.
+    let lse_host = vec![0.0f32; b * h * s];
+    let lse = stream.clone_htod(&lse_host).unwrap();
+    let lv = TensorView::from_cuda(&lse, [b, h, s, 1]).unwrap();
+    let e = layer
+        .backward(&qv, &qv, &qv, &qv, &qv, &lv, &meta)
+        .unwrap_err();
+    assert!(matches!(e, SdpaError::NotBuilt(_)), "{e:?}");
 }
 
 #[test]

@@ -5,6 +5,9 @@
 //! - On the CPU, every code path this CPU has (AVX-512, AVX2, portable)
 //!   against the float64 reference, with every element outside the output
 //!   view left untouched.
+//! - The backward pass on the CPU, every path, the same generator: the
+//!   gradients against the float64 reference gradients, relative to the
+//!   size of the terms they sum, with the buffers poisoned first.
 //! - On a GPU (when `probe_cuda` finds one), the same generator through the
 //!   CUDA backend on host tensors, against the CPU result and the reference.
 //!
@@ -21,12 +24,13 @@ use half::{bf16, f16};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunner};
 use sdpa_runtime::cpu::{with_isa, Isa};
-use sdpa_runtime::{probe_cuda, BackendKind, CudaProbe, DType, Layout};
+use sdpa_runtime::{probe_cuda, BackendKind, CudaProbe, DType, Element, Layout};
 use sdpa_tests::cases::{
     run_seed, run_typed, say, Case, CaseInputs, IntType, MaskKind, Outcome, Placement,
 };
-use sdpa_tests::consumer::ConformanceAttention;
+use sdpa_tests::consumer::{ConformanceAttention, TrainingAttention};
 use sdpa_tests::reference::rel_l2;
+use sdpa_tests::training::{grad_tolerance, judge_backward, run_backward, through_layer};
 
 /// Cases per property when `SDPA_PROPTEST_CASES` is not set: a few seconds
 /// at the test profile on two cores.
@@ -575,6 +579,61 @@ fn every_cpu_path_matches_the_reference() {
             tolerance,
         })
     });
+}
+
+/// Whether a gradient buffer of `shape` with the case's output placement is
+/// the known empty-view bug of [`refused_empty_output`] (for `dk`/`dv`,
+/// whose shape has `Sk`).
+fn refused_empty_kv(case: &Case) -> bool {
+    let shape = [case.batch, case.seq_k, case.heads_kv, case.head_size];
+    let (strides, _) = case.out_placement.strides(shape);
+    shape.contains(&0) && Layout::strided(shape, strides).is_ok_and(|l| !l.is_non_overlapping())
+}
+
+#[test]
+fn every_cpu_path_matches_the_reference_gradients() {
+    run_property(
+        "cpu backward vs float64 reference gradients",
+        |case, values| {
+            // The errors are measured against the size of the summed terms
+            // (`judge_backward`), which carries the conditioning: no widening.
+            let tol = grad_tolerance(case.dtype);
+            let tolerance = Tolerance {
+                value: tol,
+                logit_bound: None,
+            };
+            if refused_empty_kv(case) {
+                return Ok(Measured {
+                    over_tolerance: 0.0,
+                    rel_err: 0.0,
+                    tolerance,
+                });
+            }
+            let mut rel_err = 0.0f64;
+            for isa in Isa::supported() {
+                fn go<T: Element>(case: &Case, values: u64, tol: f64) -> Result<f64, String> {
+                    let b = &TrainingAttention;
+                    let grads = run_backward::<T>(b, case, values, &through_layer)
+                        .map_err(|e| format!("the call failed: {e}"))?;
+                    judge_backward::<T>(case, values, &grads, tol)
+                }
+                let err = with_isa(isa, || match case.dtype {
+                    DType::F32 => go::<f32>(case, values, tol),
+                    DType::F16 => go::<f16>(case, values, tol),
+                    DType::BF16 => go::<bf16>(case, values, tol),
+                })
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+                .map_err(|e| TestCaseError::fail(format!("on cpu ({isa}): {e}")))?;
+                rel_err = rel_err.max(err);
+            }
+            Ok(Measured {
+                over_tolerance: rel_err / tol,
+                rel_err,
+                tolerance,
+            })
+        },
+    );
 }
 
 #[test]

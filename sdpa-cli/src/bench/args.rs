@@ -68,6 +68,11 @@ pub struct BenchArgs {
     /// passes are counted: --warmup [default: 2] and --iters [default: 10].
     #[arg(long, value_name = "N[,N...]", value_delimiter = ',', value_parser = parse_world)]
     pub world_size: Option<Vec<usize>>,
+    /// Time the backward pass (`backward_into`, after one forward with the
+    /// log-sum-exp) instead of the forward; throughput counts 2.5 times the
+    /// forward's FLOPs. CPU only for now.
+    #[arg(long, conflicts_with = "world_size")]
+    pub backward: bool,
 }
 
 /// One line of the results table.

@@ -1,5 +1,6 @@
-//! `sdpa bench`: times the forward pass on model shapes or a shape given by
-//! flags, and reports the median time and throughput.
+//! `sdpa bench`: times the forward pass (or, with `--backward`, the CPU
+//! backward pass) on model shapes or a shape given by flags, and reports the
+//! median time and throughput.
 //!
 //! - [`args`]: the flags and the cases they ask for;
 //! - [`timing`]: warm-up, timed passes and their median, the output helpers;

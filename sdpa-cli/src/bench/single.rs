@@ -15,7 +15,10 @@ use rand::{Rng, SeedableRng};
 use sdpa_runtime::cudarc::driver::sys::CUevent_flags;
 use sdpa_runtime::cudarc::driver::{CudaSlice, CudaStream};
 use sdpa_runtime::prelude::*;
-use sdpa_runtime::{cuda, probe_cuda, select, CudaProbe, Element, Residence, SdpaError, SdpaImpl};
+use sdpa_runtime::{
+    cuda, probe_cuda, select, BackwardInputs, CudaProbe, Element, Gradients, Residence, SdpaError,
+    SdpaImpl,
+};
 
 use super::args::{cases, has_shape_flags, BenchArgs, Case};
 use super::timing::{throughput, time_passes, write_json, Budget, Timing, SEED, SINGLE, TABLE};
@@ -27,6 +30,8 @@ use sdpa_cli::variants::SdpaCli;
 #[derive(Debug, serde::Serialize)]
 struct Record {
     shape: String,
+    /// `forward` or `backward`.
+    pass: &'static str,
     dtype: &'static str,
     causal: bool,
     backend: &'static str,
@@ -53,6 +58,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let selection = select(request, residence)?;
     let backend = selection.backend;
+    if args.backward && backend != BackendKind::Cpu {
+        return Err(CliError::Input(format!(
+            "sdpa bench --backward runs on the CPU only for now (the {backend} backward is not \
+             built yet); pass --backend cpu"
+        )));
+    }
     let cases = cases(args, backend)?;
     let layers = cases
         .iter()
@@ -60,21 +71,32 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
 
     println!(
-        "backend {backend} ({}), {} rayon threads",
+        "backend {backend} ({}), {} rayon threads{}",
         selection.reason,
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        if args.backward {
+            "; timing the backward pass (FLOPs 2.5x the forward's)"
+        } else {
+            ""
+        }
     );
     let budget = if cases.len() <= 2 { SINGLE } else { TABLE };
     let table = Table::new(&cases);
     table.header();
     let mut records = Vec::with_capacity(cases.len());
     for (case, layer) in cases.iter().zip(&layers) {
-        let timing = time_case(case, layer, backend, args.warmup, args.iters, budget)?;
+        let timing = if args.backward {
+            time_backward(case, layer, args.warmup, args.iters, budget)?
+        } else {
+            time_case(case, layer, backend, args.warmup, args.iters, budget)?
+        };
         let seconds = timing.median.as_secs_f64();
-        let flops_per_s = case.shape.flops() / seconds;
+        let flops = case.shape.flops() * if args.backward { BACKWARD_FLOPS } else { 1.0 };
+        let flops_per_s = flops / seconds;
         table.row(case, backend, &timing, flops_per_s);
         records.push(Record {
             shape: case.shape.dims(),
+            pass: if args.backward { "backward" } else { "forward" },
             dtype: case.dtype.name(),
             causal: case.shape.causal,
             backend: backend.name(),
@@ -162,6 +184,50 @@ fn time_case(
     let pass = || -> Result<Duration> {
         let start = Instant::now();
         layer.forward_into(&q, &k, &v, &metadata, &mut out)?;
+        Ok(start.elapsed())
+    };
+    time_passes(pass, warmup, iters, budget)
+}
+
+/// The backward's FLOPs as a multiple of the forward's (DESIGN.md).
+const BACKWARD_FLOPS: f64 = 2.5;
+
+/// Runs the forward with the log-sum-exp once, then warms up and times
+/// passes of `backward_into` into preallocated gradients, on the host.
+fn time_backward(
+    case: &Case,
+    layer: &SdpaImpl,
+    warmup: Option<usize>,
+    iters: Option<u64>,
+    budget: Budget,
+) -> Result<Timing> {
+    let s = &case.shape;
+    let mut rng = StdRng::seed_from_u64(SEED);
+    let q_shape = [s.batch, s.seq_q, s.heads_q, s.head_size];
+    let kv_shape = [s.batch, s.seq_k, s.heads_kv, s.head_size];
+    let q = random_tensor(&mut rng, case.dtype, q_shape)?;
+    let k = random_tensor(&mut rng, case.dtype, kv_shape)?;
+    let v = random_tensor(&mut rng, case.dtype, kv_shape)?;
+    let dout = random_tensor(&mut rng, case.dtype, q_shape)?;
+    let (q, k, v) = (q.view(), k.view(), v.view());
+    let metadata = AttentionMetadata::default();
+    let (out, lse) = layer.forward_with_lse(&q, &k, &v, &metadata)?;
+    let inputs = BackwardInputs {
+        out: out.view(),
+        dout: dout.view(),
+        lse: lse.view(),
+    };
+    let mut dq = Tensor::zeros(case.dtype, q_shape);
+    let mut dk = Tensor::zeros(case.dtype, kv_shape);
+    let mut dv = Tensor::zeros(case.dtype, kv_shape);
+    let mut grads = Gradients {
+        dq: dq.view_mut(),
+        dk: dk.view_mut(),
+        dv: dv.view_mut(),
+    };
+    let pass = || -> Result<Duration> {
+        let start = Instant::now();
+        layer.backward_into(&q, &k, &v, &metadata, &inputs, &mut grads)?;
         Ok(start.elapsed())
     };
     time_passes(pass, warmup, iters, budget)

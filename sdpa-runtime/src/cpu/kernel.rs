@@ -109,6 +109,15 @@ pub(crate) struct Src {
     pub layout: Layout,
 }
 
+/// A raw `f32` output with a `[B, Hq, Sq, 1]` layout: the row log-sum-exp.
+#[derive(Clone, Copy)]
+pub(crate) struct Dst {
+    /// The first element of the caller's buffer.
+    pub ptr: *mut f32,
+    /// Element `(b, h, i)` is at `layout.offset(b, h, i)`.
+    pub layout: Layout,
+}
+
 /// Everything a task reads, shared by all tasks of a call.
 pub(crate) struct Ctx<'a> {
     /// The element type of q, k, v and the output.
@@ -123,6 +132,10 @@ pub(crate) struct Ctx<'a> {
     pub out: *mut u8,
     /// Offsets of the output's rows, in elements.
     pub out_layout: Layout,
+    /// Where the row log-sum-exp goes, if it was asked for; every
+    /// `(b, h, i)` is written by the task that writes output row
+    /// `(b, i, h)`.
+    pub lse: Option<Dst>,
     /// The mask, checked against this problem, if any.
     pub mask: Option<ResolvedMask<'a>>,
     /// The softmax scale.
@@ -213,7 +226,7 @@ pub(crate) fn workspace_lines(d: usize, w: usize, r: usize) -> usize {
 /// `off..off + D` is in bounds of `src`'s buffer of `dtype` elements; `dst`
 /// holds `D` floats; `D` is a multiple of 8.
 #[inline(always)]
-unsafe fn read_row<S: Simd, const D: usize>(
+pub(crate) unsafe fn read_row<S: Simd, const D: usize>(
     s: S,
     dtype: DType,
     src: *const u8,
@@ -245,7 +258,7 @@ unsafe fn read_row<S: Simd, const D: usize>(
 /// # Safety
 /// As [`read_row`], for writing; no other thread writes `off..off + D`.
 #[inline(always)]
-unsafe fn write_row<S: Simd, const D: usize>(
+pub(crate) unsafe fn write_row<S: Simd, const D: usize>(
     s: S,
     dtype: DType,
     dst: *mut u8,
@@ -1055,7 +1068,8 @@ pub(crate) unsafe fn run_task<
     // Normalise and write; a row that saw no key is zeros, as in torch.
     for r in 0..rows {
         // SAFETY: `l` has bq entries; `o` row r has dp floats; `tmp` has D;
-        // the output row (b, i0 + r, h) is in bounds and this task's alone.
+        // the output row (b, i0 + r, h) is in bounds and this task's alone,
+        // and so is lse element (b, h, i0 + r) (checked `[B, Hq, Sq, 1]`).
         unsafe {
             let l = *lrow.add(r);
             let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
@@ -1067,6 +1081,15 @@ pub(crate) unsafe fn run_task<
             }
             let off = ctx.out_layout.offset(b, i0 + r, h);
             write_row::<S, D>(s, ctx.dtype, ctx.out, off, o.add(r * dp));
+            if let Some(lse) = ctx.lse {
+                // The scores were scaled and masked; `m` is their maximum.
+                let x = if l == 0.0 {
+                    f32::NEG_INFINITY
+                } else {
+                    *mrow.add(r) + l.ln()
+                };
+                *lse.ptr.add(lse.layout.offset(b, h, i0 + r)) = x;
+            }
         }
     }
 }

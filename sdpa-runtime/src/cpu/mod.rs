@@ -20,6 +20,7 @@
 //! data layout and `simd.rs` for why it is written against a small SIMD trait
 //! of our own).
 
+mod backward;
 #[cfg(target_arch = "x86_64")]
 mod bf16dot;
 mod isa;
@@ -32,9 +33,11 @@ use rayon::prelude::*;
 
 use crate::element::Element;
 use crate::error::{Result, SdpaError};
+use crate::grad::{BackwardInputs, Gradients};
 use crate::problem::Problem;
 use crate::tensor::TensorViewMut;
 
+pub use backward::{BK as BACKWARD_BLOCK_K, BQ as BACKWARD_BLOCK_Q};
 pub use isa::{active_isa, detected_isa, with_isa, Isa, CPU_ISA_ENV};
 pub use kernel::{block_k, block_q, max_task_rows, task_rows, L1D_BYTES, L2_BYTES, PANEL};
 
@@ -50,7 +53,24 @@ pub fn attention<const D: usize, const CAUSAL: bool, T: Element>(
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
 ) -> Result<()> {
+    attention_lse::<D, CAUSAL, T>(p, out, None)
+}
+
+/// [`attention`], also writing the row log-sum-exp into `lse` when it is
+/// given: a `[B, Hq, Sq, 1]` `f32` view (any strides) whose element
+/// `(b, h, i)` becomes the natural log of the softmax denominator of query
+/// row `i` of head `h` over the scaled, masked scores, or `-inf` for a row
+/// that sees no key. The variant table holds this instantiation; with
+/// `None` it is the plain forward (one untaken branch per output row).
+pub fn attention_lse<const D: usize, const CAUSAL: bool, T: Element>(
+    p: &Problem<'_>,
+    out: &mut TensorViewMut<'_>,
+    lse: Option<&mut TensorViewMut<'_>>,
+) -> Result<()> {
     p.check_output(out)?;
+    if let Some(l) = &lse {
+        p.check_lse(l)?;
+    }
     if p.head_size != D {
         return Err(SdpaError::Shape(format!(
             "the CPU kernel for head size {D} was called with head size {}",
@@ -73,6 +93,20 @@ pub fn attention<const D: usize, const CAUSAL: bool, T: Element>(
     let o = out
         .host_slice_mut::<T>()
         .ok_or_else(|| not_host("the output"))?;
+
+    let lse = match lse {
+        Some(l) => {
+            let layout = *l.layout();
+            let data = l
+                .host_slice_mut::<f32>()
+                .ok_or_else(|| not_host("the lse buffer"))?;
+            Some(kernel::Dst {
+                ptr: data.as_mut_ptr(),
+                layout,
+            })
+        }
+        None => None,
+    };
 
     let bq = kernel::task_rows(
         D,
@@ -101,6 +135,7 @@ pub fn attention<const D: usize, const CAUSAL: bool, T: Element>(
         },
         out: o.as_mut_ptr().cast(),
         out_layout,
+        lse,
         mask: p.mask,
         scale: p.scale,
         causal: CAUSAL,
@@ -121,6 +156,200 @@ pub fn attention<const D: usize, const CAUSAL: bool, T: Element>(
     );
     dispatch::<D>(isa, &ctx, tasks);
     Ok(())
+}
+
+/// The gradients of attention for `p` on the CPU: `dq`, `dk` and `dv` of
+/// the loss whose gradient with respect to the forward's output `x.out` is
+/// `x.dout`, given the forward's row log-sum-exp `x.lse`.
+///
+/// `D`, `CAUSAL` and `T` as in [`attention`]. The probabilities are
+/// recomputed from `q`, `k` and `lse` block by block (see `backward.rs`):
+/// memory grows with the blocks and with `Sq`, never with `Sq·Sk`. Key and
+/// value gradients sum over each key/value head's query heads; rows that
+/// see no key (`lse = -inf`) contribute nothing. Deterministic: every
+/// element is written by one task, every sum has a fixed order, so two
+/// calls give the same bits whatever the thread count. Runs on
+/// [`active_isa`].
+pub fn backward<const D: usize, const CAUSAL: bool, T: Element>(
+    p: &Problem<'_>,
+    x: &BackwardInputs<'_>,
+    g: &mut Gradients<'_>,
+) -> Result<()> {
+    p.check_backward(x, g)?;
+    if p.head_size != D || D == 0 || !D.is_multiple_of(8) {
+        return Err(SdpaError::Shape(format!(
+            "the CPU backward kernel for head size {D} was called with head size {}; \
+             the CPU kernels take head sizes that are multiples of 8",
+            p.head_size
+        )));
+    }
+    let not_host = |what: &str| SdpaError::BackendUnavailable {
+        backend: "cpu",
+        reason: format!("{what} is not in host memory of dtype {}", T::DTYPE),
+    };
+    fn host<'a, T: Element>(t: &crate::TensorView<'a>, what: &str) -> Result<&'a [T]> {
+        t.host_slice::<T>()
+            .ok_or_else(|| SdpaError::BackendUnavailable {
+                backend: "cpu",
+                reason: format!("{what} is not in host memory of dtype {}", T::DTYPE),
+            })
+    }
+    let slice = host::<T>;
+    let src = |t: &crate::TensorView<'_>, data: &[T]| Src {
+        ptr: data.as_ptr().cast(),
+        layout: *t.layout(),
+    };
+    let (out_s, dout_s) = (slice(&x.out, "out")?, slice(&x.dout, "dout")?);
+    let q = src(&p.q, slice(&p.q, "q")?);
+    let k = src(&p.k, slice(&p.k, "k")?);
+    let v = src(&p.v, slice(&p.v, "v")?);
+    let dout = src(&x.dout, dout_s);
+    let (out_layout, dout_layout) = (*x.out.layout(), *x.dout.layout());
+    let lse_in = x
+        .lse
+        .host_slice::<f32>()
+        .ok_or_else(|| SdpaError::BackendUnavailable {
+            backend: "cpu",
+            reason: "lse is not in host memory of dtype f32".into(),
+        })?;
+    let dst = |t: &mut TensorViewMut<'_>, what: &str| -> Result<backward::DstT> {
+        let layout = *t.layout();
+        let data = t.host_slice_mut::<T>().ok_or_else(|| not_host(what))?;
+        Ok(backward::DstT {
+            ptr: data.as_mut_ptr().cast(),
+            layout,
+        })
+    };
+    let (dq, dk, dv) = (
+        dst(&mut g.dq, "dq")?,
+        dst(&mut g.dk, "dk")?,
+        dst(&mut g.dv, "dv")?,
+    );
+
+    // The log-sum-exp gathered, and Δ = rowsum(dO∘O), one f32 per row.
+    let (b_n, hq, sq) = (p.batch, p.heads_q, p.seq_q);
+    let rows = b_n * hq * sq;
+    let mut lse = vec![0.0f32; rows];
+    let mut delta = vec![0.0f32; rows];
+    let lse_layout = *x.lse.layout();
+    lse.par_chunks_mut(sq.max(1))
+        .zip(delta.par_chunks_mut(sq.max(1)))
+        .enumerate()
+        .for_each(|(bh, (l, dl))| {
+            let (b, h) = (bh / hq, bh % hq);
+            for i in 0..l.len() {
+                l[i] = lse_in[lse_layout.offset(b, h, i)];
+                let o = &out_s[out_layout.offset(b, i, h)..][..D];
+                let g = &dout_s[dout_layout.offset(b, i, h)..][..D];
+                dl[i] = o.iter().zip(g).map(|(a, c)| a.to_f32() * c.to_f32()).sum();
+            }
+        });
+    let ctx = backward::BwdCtx {
+        dtype: T::DTYPE,
+        q,
+        k,
+        v,
+        dout,
+        lse: &lse,
+        delta: &delta,
+        dq,
+        dk,
+        dv,
+        mask: p.mask,
+        scale: p.scale,
+        causal: CAUSAL,
+        batch: b_n,
+        heads_q: hq,
+        heads_kv: p.heads_kv,
+        seq_q: sq,
+        seq_k: p.seq_k,
+    };
+    let isa = active_isa();
+    tracing::debug!(
+        isa = isa.name(),
+        kv_tasks = ctx.kv_tasks(),
+        q_tasks = ctx.q_tasks(),
+        "cpu attention backward"
+    );
+    backward_dispatch::<D>(isa, &ctx);
+    Ok(())
+}
+
+thread_local! {
+    /// The backward's per-thread workspace, kept between calls.
+    static BWD_WORKSPACE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `task(workspace, t)` for every `t < tasks` on rayon's pool, each
+/// with a workspace of at least `floats` floats.
+fn run_bwd_tasks<F>(tasks: usize, floats: usize, task: F)
+where
+    F: Fn(&mut [f32], usize) + Sync,
+{
+    let one = |t: usize| {
+        BWD_WORKSPACE.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut ws) => {
+                if ws.len() < floats {
+                    ws.resize(floats, 0.0);
+                }
+                task(&mut ws[..], t)
+            }
+            // Not reachable (tasks make no nested calls), but never panic.
+            Err(_) => task(&mut vec![0.0; floats], t),
+        })
+    };
+    if tasks <= 1 || rayon::current_num_threads() == 1 {
+        (0..tasks).for_each(one);
+    } else {
+        (0..tasks).into_par_iter().for_each(one);
+    }
+}
+
+/// Runs both passes of the backward (dK/dV, then dQ) on `isa`, or the best
+/// path below it that the CPU has.
+fn backward_dispatch<const D: usize>(isa: Isa, ctx: &backward::BwdCtx<'_>) {
+    let floats = backward::workspace_floats(D);
+    let (kv, q) = (ctx.kv_tasks(), ctx.q_tasks());
+    #[cfg(target_arch = "x86_64")]
+    {
+        use simd::{Avx2, Avx512};
+        if isa == Isa::Avx512 {
+            if let Some(s) = Avx512::detect() {
+                // SAFETY: `s` proves the features the entry points enable;
+                // the workspace has `floats` floats; each task runs once.
+                run_bwd_tasks(kv, floats, |ws, t| unsafe {
+                    x86::avx512_bwd::<D, true>(s, ctx, ws, t)
+                });
+                // SAFETY: as above.
+                run_bwd_tasks(q, floats, |ws, t| unsafe {
+                    x86::avx512_bwd::<D, false>(s, ctx, ws, t)
+                });
+                return;
+            }
+        }
+        if isa != Isa::Portable {
+            if let Some(s) = Avx2::detect() {
+                // SAFETY: as above, for AVX2.
+                run_bwd_tasks(kv, floats, |ws, t| unsafe {
+                    x86::avx2_bwd::<D, true>(s, ctx, ws, t)
+                });
+                // SAFETY: as above.
+                run_bwd_tasks(q, floats, |ws, t| unsafe {
+                    x86::avx2_bwd::<D, false>(s, ctx, ws, t)
+                });
+                return;
+            }
+        }
+    }
+    let _ = isa;
+    // SAFETY: the workspace has `floats` floats; each task runs once.
+    run_bwd_tasks(kv, floats, |ws, t| unsafe {
+        backward::kv_task::<simd::Portable, D, 8>(simd::Portable, ctx, ws, t)
+    });
+    // SAFETY: as above.
+    run_bwd_tasks(q, floats, |ws, t| unsafe {
+        backward::q_task::<simd::Portable, D, 8>(simd::Portable, ctx, ws, t)
+    });
 }
 
 /// Runs every task of `ctx` on `isa` (or the best path below it that the CPU
@@ -213,6 +442,7 @@ mod x86 {
     //! The `#[target_feature]` entry points: the generic kernel body is
     //! inlined into each, so that its intrinsics compile for that path.
 
+    use super::backward::{self, BwdCtx};
     use super::bf16dot::Bf16Dot;
     use super::kernel::{self, Ctx, F32Products, Line};
     use super::simd::{Avx2, Avx512};
@@ -268,5 +498,49 @@ mod x86 {
     ) {
         // SAFETY: the caller's contract.
         unsafe { kernel::run_task::<Avx2, F32Products, D, 6, 2, AVX2_R, 2>(s, ctx, ws, task) }
+    }
+
+    /// One backward task on AVX-512 (16 lanes, 4 vectors of keys per score
+    /// step): of the dK/dV pass when `KV`, else of the dQ pass.
+    ///
+    /// # Safety
+    /// As `backward::kv_task`; `s` proves the features.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    pub(super) unsafe fn avx512_bwd<const D: usize, const KV: bool>(
+        s: Avx512,
+        ctx: &BwdCtx<'_>,
+        ws: &mut [f32],
+        task: usize,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if KV {
+                backward::kv_task::<Avx512, D, 4>(s, ctx, ws, task)
+            } else {
+                backward::q_task::<Avx512, D, 4>(s, ctx, ws, task)
+            }
+        }
+    }
+
+    /// One backward task on AVX2 (8 lanes, 8 vectors of keys per score
+    /// step).
+    ///
+    /// # Safety
+    /// As `backward::kv_task`; `s` proves the features.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn avx2_bwd<const D: usize, const KV: bool>(
+        s: Avx2,
+        ctx: &BwdCtx<'_>,
+        ws: &mut [f32],
+        task: usize,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if KV {
+                backward::kv_task::<Avx2, D, 8>(s, ctx, ws, task)
+            } else {
+                backward::q_task::<Avx2, D, 8>(s, ctx, ws, task)
+            }
+        }
     }
 }

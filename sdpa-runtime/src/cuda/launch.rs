@@ -700,7 +700,11 @@ mod tests {
     static MAPPED_ALONE: [GpuKernel; 1] = [MAPPED];
     static PORTABLE_ALONE: [GpuKernel; 1] = [PORTABLE];
 
-    fn cpu(_: &Problem<'_>, _: &mut TensorViewMut<'_>) -> Result<()> {
+    fn cpu(
+        _: &Problem<'_>,
+        _: &mut TensorViewMut<'_>,
+        _: Option<&mut TensorViewMut<'_>>,
+    ) -> Result<()> {
         Ok(())
     }
     const SPEC: VariantSpec = VariantSpec {

@@ -86,10 +86,10 @@ fn variants(spec: VariantSpec) -> (Variant, Variant) {
     assert!(tma.tensor_maps().is_some());
     let portable = runtime(kernels_gen::generate(&spec, kernels_gen::ptx::Target::Sm80));
     let cpu = match (spec.head_size, spec.causal) {
-        (64, false) => crate::cpu::attention::<64, false, bf16>,
-        (64, true) => crate::cpu::attention::<64, true, bf16>,
-        (128, false) => crate::cpu::attention::<128, false, bf16>,
-        _ => crate::cpu::attention::<128, true, bf16>,
+        (64, false) => crate::cpu::attention_lse::<64, false, bf16>,
+        (64, true) => crate::cpu::attention_lse::<64, true, bf16>,
+        (128, false) => crate::cpu::attention_lse::<128, false, bf16>,
+        _ => crate::cpu::attention_lse::<128, true, bf16>,
     };
     let kernels: &'static [GpuKernel] = Box::leak(Box::new([tma, portable]));
     let base = Variant::new(spec, cpu);

@@ -1,0 +1,405 @@
+//! The training calls (the forward with the log-sum-exp, the backward pass)
+//! run on random problems and checked against the float64 reference, on
+//! every CPU path, with every output buffer poisoned (NaN) first.
+
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use sdpa_runtime::cpu::with_isa;
+use sdpa_runtime::{
+    AttentionBackend, AttentionImpl, AttentionMetadata, BackendKind, BackwardInputs, DType,
+    Element, Gradients, SdpaError, SdpaImpl, TensorView, TensorViewMut,
+};
+
+use crate::cases::{cpu_paths, gen_tensor, Case, CaseInputs, GenTensor};
+use crate::reference::{self, RefInputs};
+
+/// The inputs of a training case: q, k, v and the mask as the forward
+/// cases draw them, and the output gradient `dout` with q's layout.
+pub struct TrainingInputs<T> {
+    /// q, k, v and the mask.
+    pub x: CaseInputs<T>,
+    /// `[B, Sq, Hq, D]`, with the case's placement.
+    pub dout: GenTensor<T>,
+}
+
+impl<T: Element> TrainingInputs<T> {
+    /// Draws the inputs of `case` from `seed`.
+    pub fn draw(case: &Case, seed: u64) -> TrainingInputs<T> {
+        let x = CaseInputs::<T>::draw(case, seed);
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_d0d0);
+        let (b, sq, _, hq, _, d) = case.dims();
+        let dout = gen_tensor::<T>([b, sq, hq, d], case.placement, 1.0, &mut rng);
+        TrainingInputs { x, dout }
+    }
+
+    /// The float64 reference: `(out, lse, dq, dk, dv)`, with `out` and
+    /// `dout` as the element type holds them.
+    pub fn reference(&self, case: &Case) -> Reference {
+        let (b, sq, sk, hq, hkv, d) = case.dims();
+        let mask = &self.x.mask;
+        let bias_fn = |bi: usize, hi: usize, i: usize, j: usize| {
+            mask.as_ref().unwrap().bias_at(sk, bi, hi, i, j)
+        };
+        let r = RefInputs {
+            q: &self.x.q.values,
+            k: &self.x.k.values,
+            v: &self.x.v.values,
+            batch: b,
+            seq_q: sq,
+            seq_k: sk,
+            heads_q: hq,
+            heads_kv: hkv,
+            d,
+            scale: case.scale.map_or(1.0 / (d as f64).sqrt(), |s| s as f64),
+            causal: case.causal,
+            bias: if mask.is_some() { Some(&bias_fn) } else { None },
+        };
+        let out = reference::attention(&r);
+        let lse = reference::lse(&r);
+        let (dq, dk, dv) = reference::backward(&r, &self.dout.values);
+        let (mq, mk, mv) = reference::backward_magnitude(&r, &self.dout.values);
+        let norm = |v: Vec<f64>| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        Reference {
+            out,
+            lse,
+            dq,
+            dk,
+            dv,
+            magnitude: [norm(mq), norm(mk), norm(mv)],
+        }
+    }
+}
+
+/// What the float64 reference computes for a training case.
+pub struct Reference {
+    /// `[B, Sq, Hq, D]`.
+    pub out: Vec<f64>,
+    /// `[B, Hq, Sq]`.
+    pub lse: Vec<f64>,
+    /// `[B, Sq, Hq, D]`.
+    pub dq: Vec<f64>,
+    /// `[B, Sk, Hkv, D]`.
+    pub dk: Vec<f64>,
+    /// `[B, Sk, Hkv, D]`.
+    pub dv: Vec<f64>,
+    /// The L2 norms of [`reference::backward_magnitude`]'s `dq`, `dk`,
+    /// `dv`: what the gradients' errors are measured against.
+    pub magnitude: [f64; 3],
+}
+
+/// Reads the view `[shape]` with `strides` out of `buf` as float64, and
+/// checks that everything outside it is still NaN (the buffer was
+/// poisoned before the call).
+pub fn read_view<T: Element>(
+    buf: &[T],
+    shape: [usize; 4],
+    strides: [usize; 4],
+    what: &str,
+) -> Vec<f64> {
+    let mut out = Vec::with_capacity(shape.iter().product());
+    let mut written = vec![false; buf.len()];
+    for b in 0..shape[0] {
+        for s in 0..shape[1] {
+            for h in 0..shape[2] {
+                let base = b * strides[0] + s * strides[1] + h * strides[2];
+                for e in 0..shape[3] {
+                    out.push(buf[base + e].to_f32() as f64);
+                    written[base + e] = true;
+                }
+            }
+        }
+    }
+    for (n, x) in buf.iter().enumerate() {
+        assert!(
+            written[n] || x.to_f32().is_nan(),
+            "{what}: the kernel wrote outside the view at offset {n}"
+        );
+    }
+    out
+}
+
+/// Checks `lse` against the reference: `-inf` exactly where the reference
+/// has it, else within `tol · (1 + |ref|)`.
+pub fn assert_lse_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len());
+    for (n, (g, w)) in got.iter().zip(want).enumerate() {
+        if *w == f64::NEG_INFINITY {
+            assert!(*g == f64::NEG_INFINITY, "{what}: lse[{n}] = {g}, want -inf");
+        } else {
+            assert!(
+                (g - w).abs() <= tol * (1.0 + w.abs()),
+                "{what}: lse[{n}] = {g}, want {w}"
+            );
+        }
+    }
+}
+
+/// The tolerance on the log-sum-exp: `f32` arithmetic on inputs the
+/// reference sees rounded as the kernel does, for every dtype.
+pub const LSE_TOL: f64 = 2e-5;
+
+/// Runs `forward_with_lse_into` on `case` (CPU backend, every CPU path)
+/// with poisoned buffers, and checks the output and the log-sum-exp
+/// against the reference; also checks that `forward_with_lse` returns the
+/// same bits. Panics with the case, path and seed on a mismatch.
+pub fn check_lse(backend: &dyn AttentionBackend, case: &Case, seed: u64) {
+    for isa in cpu_paths(BackendKind::Cpu) {
+        let isa = isa.expect("the CPU backend runs a forced path");
+        let what = format!("{case:?} on {isa} (seed {seed})");
+        let run = || match case.dtype {
+            DType::F32 => lse_typed::<f32>(backend, case, seed, &what),
+            DType::F16 => lse_typed::<f16>(backend, case, seed, &what),
+            DType::BF16 => lse_typed::<bf16>(backend, case, seed, &what),
+        };
+        with_isa(isa, run)
+            .and_then(|r| r)
+            .unwrap_or_else(|e| panic!("{what} failed: {e}"));
+    }
+}
+
+fn lse_typed<T: Element>(
+    backend: &dyn AttentionBackend,
+    case: &Case,
+    seed: u64,
+    what: &str,
+) -> Result<(), SdpaError> {
+    let (b, sq, sk, hq, hkv, d) = case.dims();
+    let t = TrainingInputs::<T>::draw(case, seed);
+    let x = &t.x;
+    let layer = backend.build_impl(case.params().backend(BackendKind::Cpu))?;
+    let qv = TensorView::with_strides(&x.q.buf, [b, sq, hq, d], x.q.strides)?;
+    let kv = TensorView::with_strides(&x.k.buf, [b, sk, hkv, d], x.k.strides)?;
+    let vv = TensorView::with_strides(&x.v.buf, [b, sk, hkv, d], x.v.strides)?;
+    let meta = x.metadata()?;
+    let out_shape = [b, sq, hq, d];
+    let (out_strides, out_len) = case.out_placement.strides(out_shape);
+    let mut out_buf = vec![T::from_f32(f32::NAN); out_len];
+    // The lse with a gap after each head's rows: strides are honoured.
+    let lse_shape = [b, hq, sq, 1];
+    let lse_strides = [hq * (sq + 3), sq + 3, 1, 1];
+    let mut lse_buf = vec![f32::NAN; b * hq * (sq + 3)];
+    {
+        let mut ov = TensorViewMut::with_strides(&mut out_buf, out_shape, out_strides)?;
+        let mut lv = TensorViewMut::with_strides(&mut lse_buf, lse_shape, lse_strides)?;
+        layer.forward_with_lse_into(&qv, &kv, &vv, &meta, &mut ov, &mut lv)?;
+    }
+    let want = t.reference(case);
+    let out = read_view(&out_buf, out_shape, out_strides, what);
+    let err = reference::rel_l2(&out, &want.out);
+    assert!(
+        err <= case.tolerance(),
+        "{what}: output relative error {err:.3e} > {:.0e}",
+        case.tolerance()
+    );
+    let lse = read_view(&lse_buf, lse_shape, lse_strides, what);
+    assert_lse_close(&lse, &want.lse, LSE_TOL, what);
+    // The fresh form gives the same bits.
+    let (out2, lse2) = layer.forward_with_lse(&qv, &kv, &vv, &meta)?;
+    assert_eq!(lse2.shape(), lse_shape);
+    let lse2 = lse2.to_f32_vec()?;
+    for (n, (a, c)) in lse2.iter().zip(&lse).enumerate() {
+        assert!(
+            a.to_bits() == (*c as f32).to_bits(),
+            "{what}: forward_with_lse's lse[{n}] = {a} but forward_with_lse_into wrote {c}"
+        );
+    }
+    let out2 = out2.to_f32_vec()?;
+    for (a, c) in out2.iter().zip(&out) {
+        assert!(a.to_bits() == (*c as f32).to_bits() || (a.is_nan() && c.is_nan()));
+    }
+    Ok(())
+}
+
+/// How a backward call is made: the layer, q, k, v, the metadata, the
+/// backward's inputs and the gradient buffers.
+pub type BackwardCall<'c> = &'c dyn Fn(
+    &SdpaImpl,
+    [&TensorView<'_>; 3],
+    &AttentionMetadata<'_>,
+    &BackwardInputs<'_>,
+    &mut Gradients<'_>,
+) -> Result<(), SdpaError>;
+
+/// The backward through the layer: `backward_into`.
+pub fn through_layer(
+    layer: &SdpaImpl,
+    [q, k, v]: [&TensorView<'_>; 3],
+    meta: &AttentionMetadata<'_>,
+    x: &BackwardInputs<'_>,
+    g: &mut Gradients<'_>,
+) -> Result<(), SdpaError> {
+    layer.backward_into(q, k, v, meta, x, g)
+}
+
+/// The tolerance on a gradient's error relative to the size of its terms
+/// (see [`judge_backward`]) per dtype: `f32` sums over `Sk` or `Sq` terms;
+/// `f16`/`bf16` round the output the backward reads and the gradients.
+pub fn grad_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 5e-3,
+        DType::BF16 => 2e-2,
+    }
+}
+
+/// The gradients a backward run wrote, float64, row-major.
+#[derive(Debug, PartialEq)]
+pub struct Grads {
+    /// `[B, Sq, Hq, D]`.
+    pub dq: Vec<f64>,
+    /// `[B, Sk, Hkv, D]`.
+    pub dk: Vec<f64>,
+    /// `[B, Sk, Hkv, D]`.
+    pub dv: Vec<f64>,
+}
+
+/// Runs `case` through the forward with the log-sum-exp and then `call`,
+/// on every CPU path, with NaN-poisoned gradient buffers laid out as the
+/// case's output placement says, and checks the gradients against the
+/// float64 reference. Panics with the case, path and seed on a mismatch.
+/// Returns the gradients of the last path.
+pub fn check_backward(
+    backend: &dyn AttentionBackend,
+    case: &Case,
+    seed: u64,
+    call: BackwardCall<'_>,
+) -> Grads {
+    let mut last = None;
+    for isa in cpu_paths(BackendKind::Cpu) {
+        let isa = isa.expect("the CPU backend runs a forced path");
+        let what = format!("{case:?} on {isa} (seed {seed})");
+        let tol = grad_tolerance(case.dtype);
+        let run = || match case.dtype {
+            DType::F32 => backward_typed::<f32>(backend, case, seed, call, tol),
+            DType::F16 => backward_typed::<f16>(backend, case, seed, call, tol),
+            DType::BF16 => backward_typed::<bf16>(backend, case, seed, call, tol),
+        };
+        let grads = with_isa(isa, run)
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        last = Some(grads);
+    }
+    last.expect("at least the portable path runs")
+}
+
+/// One backward run of `case` on the active path, judged against the
+/// reference with relative tolerance `tol`: `Err` says what failed (the
+/// call, or which gradient by how much).
+pub fn backward_typed<T: Element>(
+    backend: &dyn AttentionBackend,
+    case: &Case,
+    seed: u64,
+    call: BackwardCall<'_>,
+    tol: f64,
+) -> Result<Grads, String> {
+    let grads = run_backward::<T>(backend, case, seed, call)
+        .map_err(|e| format!("the call failed: {e}"))?;
+    judge_backward::<T>(case, seed, &grads, tol)?;
+    Ok(grads)
+}
+
+/// Runs the forward with the log-sum-exp and then `call` on `case`'s
+/// inputs, with NaN-poisoned gradient buffers laid out as the case's output
+/// placement says; returns the gradients (checking that nothing outside
+/// the views was written).
+pub fn run_backward<T: Element>(
+    backend: &dyn AttentionBackend,
+    case: &Case,
+    seed: u64,
+    call: BackwardCall<'_>,
+) -> Result<Grads, SdpaError> {
+    let what = format!("{case:?} (seed {seed})");
+    let what = what.as_str();
+    let (b, sq, sk, hq, hkv, d) = case.dims();
+    let t = TrainingInputs::<T>::draw(case, seed);
+    let x = &t.x;
+    let layer = backend.build_impl(case.params().backend(BackendKind::Cpu))?;
+    let qv = TensorView::with_strides(&x.q.buf, [b, sq, hq, d], x.q.strides)?;
+    let kv = TensorView::with_strides(&x.k.buf, [b, sk, hkv, d], x.k.strides)?;
+    let vv = TensorView::with_strides(&x.v.buf, [b, sk, hkv, d], x.v.strides)?;
+    let dov = TensorView::with_strides(&t.dout.buf, [b, sq, hq, d], t.dout.strides)?;
+    let meta = x.metadata()?;
+    let (out, lse) = layer.forward_with_lse(&qv, &kv, &vv, &meta)?;
+    let inputs = BackwardInputs {
+        out: out.view(),
+        dout: dov,
+        lse: lse.view(),
+    };
+    let (qs, ks) = ([b, sq, hq, d], [b, sk, hkv, d]);
+    let (q_strides, q_len) = case.out_placement.strides(qs);
+    let (k_strides, k_len) = case.out_placement.strides(ks);
+    let mut dq = vec![T::from_f32(f32::NAN); q_len];
+    let mut dk = vec![T::from_f32(f32::NAN); k_len];
+    let mut dv = vec![T::from_f32(f32::NAN); k_len];
+    {
+        let mut g = Gradients {
+            dq: TensorViewMut::with_strides(&mut dq, qs, q_strides)?,
+            dk: TensorViewMut::with_strides(&mut dk, ks, k_strides)?,
+            dv: TensorViewMut::with_strides(&mut dv, ks, k_strides)?,
+        };
+        call(&layer, [&qv, &kv, &vv], &meta, &inputs, &mut g)?;
+    }
+    let got = Grads {
+        dq: read_view(&dq, qs, q_strides, what),
+        dk: read_view(&dk, ks, k_strides, what),
+        dv: read_view(&dv, ks, k_strides, what),
+    };
+    Ok(got)
+}
+
+/// Judges gradients of `case` against the float64 reference: each error's
+/// L2 norm within `tol` of the norm of the terms the gradient sums
+/// ([`reference::backward_magnitude`]; the gradient's own norm where that
+/// is larger, which it never is), and `dq` exactly zero in rows that see
+/// no key. Returns the largest relative error of the three.
+pub fn judge_backward<T: Element>(
+    case: &Case,
+    seed: u64,
+    got: &Grads,
+    tol: f64,
+) -> Result<f64, String> {
+    let mut worst = 0.0f64;
+    let (b, sq, _, hq, _, d) = case.dims();
+    let want = TrainingInputs::<T>::draw(case, seed).reference(case);
+    for (n, (name, g, w)) in [
+        ("dq", &got.dq, &want.dq),
+        ("dk", &got.dk, &want.dk),
+        ("dv", &got.dv, &want.dv),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(g.len(), w.len());
+        let diff = g
+            .iter()
+            .zip(w)
+            .map(|(a, c)| (a - c) * (a - c))
+            .sum::<f64>()
+            .sqrt();
+        let own = w.iter().map(|c| c * c).sum::<f64>().sqrt();
+        let denom = want.magnitude[n].max(own);
+        let err = if denom == 0.0 { diff } else { diff / denom };
+        if err.is_nan() || err > tol {
+            return Err(format!("{name} relative error {err:.3e} > {tol:.1e}"));
+        }
+        worst = worst.max(err);
+    }
+    for bi in 0..b {
+        for h in 0..hq {
+            for i in 0..sq {
+                if want.lse[(bi * hq + h) * sq + i] == f64::NEG_INFINITY {
+                    let row = &got.dq[((bi * sq + i) * hq + h) * d..][..d];
+                    if row.iter().any(|x| *x != 0.0) {
+                        return Err(format!(
+                            "dq of row ({bi}, {i}, {h}), which sees no key, is not zero"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(worst)
+}
