@@ -407,9 +407,11 @@ pub(crate) struct QRows {
 /// loaded into the workspace.
 ///
 /// Invariants (the callers' safety contract): `j0 + n <= key_end <= Sk`,
-/// so the rows lie inside k's and v's buffers; `kw` and `vw` hold `n`
-/// rounded up to the key tile (`MK`) rows of `D` and `dp` floats, do not
-/// overlap, and `dp` is `D` rounded up to the vector width.
+/// so the rows lie inside k's and v's buffers; `kw` and `vw` hold the
+/// whole key block of the workspace, `block_k(D) >= n` rows (rounded up to
+/// the key tile `MK`) of `D` and `dp` floats, do not overlap, and `dp` is
+/// `D` rounded up to the vector width. The bf16 value layout keeps its two
+/// spare rows in the part of `vw` past the block's pair rows.
 pub(crate) struct KvBlock {
     /// Batch index.
     pub b: usize,
@@ -844,10 +846,7 @@ fn prefetch_row<S: Simd, const D: usize>(
     t: usize,
     h: usize,
 ) {
-    let esize = match ctx.dtype {
-        DType::F32 => 4,
-        DType::F16 | DType::BF16 => 2,
-    };
+    let esize = ctx.dtype.size_bytes();
     let p = src.ptr.wrapping_add(src.layout.offset(b, t, h) * esize);
     for line in (0..D * esize).step_by(64) {
         s.prefetch(p.wrapping_add(line));
