@@ -55,14 +55,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let start = Instant::now();
     let out = layer.forward(&case.q.view(), &case.k.view(), &case.v.view(), &metadata)?;
     let elapsed = start.elapsed();
-    let backend = select(layer.backend_request(), Residence::Host)?.backend;
-
-    let scale = layer.params().scale();
-    let written = HashMap::from([
-        ("causal".to_string(), case.causal.to_string()),
-        ("scale".to_string(), scale.to_string()),
-        ("backend".to_string(), backend.to_string()),
-    ]);
+    let (written, backend, scale) = run_metadata(&case, &layer)?;
     write_output(&args.output, &out, written)?;
     println!(
         "wrote out {:?} {} to {} ({backend}, causal={}, scale={scale}, {:.3} ms)",
@@ -73,6 +66,22 @@ pub fn run(args: &RunArgs) -> Result<()> {
         elapsed.as_secs_f64() * 1e3,
     );
     Ok(())
+}
+
+/// The metadata strings an output file carries (`causal`, `scale`, and the
+/// backend that ran), with that backend and the scale.
+fn run_metadata(
+    case: &Case,
+    layer: &SdpaImpl,
+) -> Result<(HashMap<String, String>, BackendKind, f32)> {
+    let backend = select(layer.backend_request(), Residence::Host)?.backend;
+    let scale = layer.params().scale();
+    let written = HashMap::from([
+        ("causal".to_string(), case.causal.to_string()),
+        ("scale".to_string(), scale.to_string()),
+        ("backend".to_string(), backend.to_string()),
+    ]);
+    Ok((written, backend, scale))
 }
 
 /// `sdpa run --backward`: the forward with the log-sum-exp, then the
@@ -96,13 +105,7 @@ fn run_backward(
     let (dq, dk, dv) =
         layer.backward(&q, &k, &v, &out.view(), &dout.view(), &lse.view(), metadata)?;
     let elapsed = start.elapsed();
-    let backend = select(layer.backend_request(), Residence::Host)?.backend;
-    let scale = layer.params().scale();
-    let written = HashMap::from([
-        ("causal".to_string(), case.causal.to_string()),
-        ("scale".to_string(), scale.to_string()),
-        ("backend".to_string(), backend.to_string()),
-    ]);
+    let (written, backend, scale) = run_metadata(case, layer)?;
     let [b, hq, sq, _] = lse.shape();
     write_tensors(
         &args.output,
