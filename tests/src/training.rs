@@ -12,7 +12,7 @@ use sdpa_runtime::{
     Element, Gradients, SdpaError, SdpaImpl, TensorView, TensorViewMut,
 };
 
-use crate::cases::{cpu_paths, gen_tensor, Case, CaseInputs, GenTensor};
+use crate::cases::{cpu_paths, gen_tensor, Case, CaseInputs, GenTensor, MaskKind};
 use crate::reference::{self, RefInputs};
 
 /// The inputs of a training case: q, k, v and the mask as the forward
@@ -54,6 +54,8 @@ impl<T: Element> TrainingInputs<T> {
             d,
             scale: case.scale.map_or(1.0 / (d as f64).sqrt(), |s| s as f64),
             causal: case.causal,
+            // The kernels hold the masked scores in f32 (see the field).
+            f32_scores: true,
             bias: if mask.is_some() { Some(&bias_fn) } else { None },
         };
         let out = reference::attention(&r);
@@ -136,6 +138,27 @@ pub fn assert_lse_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
     }
 }
 
+/// Checks `lse` against the reference with an absolute tolerance: `-inf`
+/// exactly where the reference has it, else within the `f32` spacing at
+/// `|ref|` (what an `f32` can hold of it: 64 at `-1e9`) plus `1e-4`. With a
+/// large finite mask, [`assert_lse_close`]'s relative tolerance alone would
+/// let an error of thousands through.
+pub fn assert_lse_close_abs(got: &[f64], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len());
+    for (n, (g, w)) in got.iter().zip(want).enumerate() {
+        if *w == f64::NEG_INFINITY {
+            assert!(*g == f64::NEG_INFINITY, "{what}: lse[{n}] = {g}, want -inf");
+            continue;
+        }
+        let x = (w.abs() as f32).min(f32::MAX);
+        let spacing = (f32::from_bits(x.to_bits() + 1) - x) as f64;
+        assert!(
+            (g - w).abs() <= spacing + 1e-4,
+            "{what}: lse[{n}] = {g}, want {w} (absolute tolerance {spacing:.1e} + 1e-4)"
+        );
+    }
+}
+
 /// The tolerance on the log-sum-exp: `f32` arithmetic on inputs the
 /// reference sees rounded as the kernel does, for every dtype.
 pub const LSE_TOL: f64 = 2e-5;
@@ -195,6 +218,9 @@ fn lse_typed<T: Element>(
     );
     let lse = read_view(&lse_buf, lse_shape, lse_strides, what);
     assert_lse_close(&lse, &want.lse, LSE_TOL, what);
+    if matches!(case.mask, MaskKind::LargeAdditive { .. }) {
+        assert_lse_close_abs(&lse, &want.lse, what);
+    }
     // The fresh form gives the same bits.
     let (out2, lse2) = layer.forward_with_lse(&qv, &kv, &vv, &meta)?;
     assert_eq!(lse2.shape(), lse_shape);

@@ -5,7 +5,7 @@
 
 use sdpa_runtime::prelude::*;
 use sdpa_runtime::{cpu, BackwardInputs, Gradients, Problem, SdpaImpl};
-use sdpa_tests::cases::{run_seed, Case, IntType, MaskKind, Placement};
+use sdpa_tests::cases::{run_seed, Case, IntType, LargeValue, MaskKind, Placement};
 use sdpa_tests::consumer::{ConformanceAttention, NarrowAttention, TrainingAttention};
 use sdpa_tests::training::{
     check_backward, check_lse, run_backward, through_layer, Grads, TrainingInputs,
@@ -248,6 +248,35 @@ fn every_mask_kind_and_shape() {
             &Case::new(1, 30, 70, 2, 64).mask(mask).dtype(DType::F16),
             seed,
         );
+    }
+}
+
+/// Large finite additive masks (`torch.finfo(dtype).min`, `-1e9`), the
+/// Hugging Face convention: a row hidden by one on every key is uniform
+/// over its keys (its `f32` masked scores are all equal), and its lse
+/// (`≈ -1e9`) is too large for `f32` to hold `ln Sk` in it, so the
+/// backward recomputes that row's statistics. `[B, H, Sq, Sk]` and
+/// `[B, Sk]` masks, whole rows hidden and some keys hidden; lse checked
+/// with an absolute tolerance as well.
+#[test]
+fn large_finite_masks_give_the_reference_gradients() {
+    let seed = run_seed();
+    for dtype in DTYPES {
+        for value in [LargeValue::DtypeMin, LargeValue::MinusBillion] {
+            for key_padding in [false, true] {
+                for whole_rows in [true, false] {
+                    let mask = MaskKind::LargeAdditive {
+                        value,
+                        key_padding,
+                        whole_rows,
+                    };
+                    let case = Case::new(2, 37, 70, 2, 64).mask(mask).dtype(dtype);
+                    check_lse(&ConformanceAttention, &case, seed);
+                    grads(&case, seed);
+                    grads(&case.causal(true).kv_heads(1), seed);
+                }
+            }
+        }
     }
 }
 
