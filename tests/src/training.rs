@@ -12,7 +12,7 @@ use sdpa_runtime::{
     Element, Gradients, SdpaError, SdpaImpl, TensorView, TensorViewMut,
 };
 
-use crate::cases::{cpu_paths, gen_tensor, Case, CaseInputs, GenTensor, MaskKind};
+use crate::cases::{cpu_paths, gen_tensor, Case, CaseInputs, GenTensor, MaskKind, Placement};
 use crate::reference::{self, RefInputs};
 
 /// The inputs of a training case: q, k, v and the mask as the forward
@@ -359,8 +359,8 @@ pub fn backward_typed<T: Element>(
 }
 
 /// Runs the forward with the log-sum-exp and then `call` on `case`'s
-/// inputs, with NaN-poisoned gradient buffers laid out as the case's output
-/// placement says; returns the gradients (checking that nothing outside
+/// inputs, with `out`, `lse` and NaN-poisoned gradient buffers laid out as
+/// the case's output placement says; returns the gradients (checking that nothing outside
 /// the views was written).
 pub fn run_backward<T: Element>(
     backend: &dyn AttentionBackend,
@@ -380,10 +380,41 @@ pub fn run_backward<T: Element>(
     let dov = TensorView::with_strides(&t.dout.buf, [b, sq, hq, d], t.dout.strides)?;
     let meta = x.metadata()?;
     let (out, lse) = layer.forward_with_lse(&qv, &kv, &vv, &meta)?;
+    // `out` and `lse` as the backward reads them: in the case's output
+    // placement, and the lse with a gap after each head's rows unless the
+    // placement is contiguous (NaN between the elements either way).
+    let out_shape = [b, sq, hq, d];
+    let (out_strides, out_len) = case.out_placement.strides(out_shape);
+    let mut out_buf = vec![T::from_f32(f32::NAN); out_len];
+    let out_vals = out.to_f32_vec()?;
+    let mut n = 0;
+    for bi in 0..b {
+        for i in 0..sq {
+            for h in 0..hq {
+                let base = bi * out_strides[0] + i * out_strides[1] + h * out_strides[2];
+                for e in 0..d {
+                    // Exact: the value came from a `T`.
+                    out_buf[base + e] = T::from_f32(out_vals[n]);
+                    n += 1;
+                }
+            }
+        }
+    }
+    let lse_shape = [b, hq, sq, 1];
+    let gap = if case.out_placement == Placement::Contiguous {
+        0
+    } else {
+        3
+    };
+    let lse_strides = [hq * (sq + gap), sq + gap, 1, 1];
+    let mut lse_buf = vec![f32::NAN; b * hq * (sq + gap)];
+    for (n, x) in lse.to_f32_vec()?.into_iter().enumerate() {
+        lse_buf[(n / sq) * (sq + gap) + n % sq] = x;
+    }
     let inputs = BackwardInputs {
-        out: out.view(),
+        out: TensorView::with_strides(&out_buf, out_shape, out_strides)?,
         dout: dov,
-        lse: lse.view(),
+        lse: TensorView::with_strides(&lse_buf, lse_shape, lse_strides)?,
     };
     let (qs, ks) = ([b, sq, hq, d], [b, sk, hkv, d]);
     let (q_strides, q_len) = case.out_placement.strides(qs);
