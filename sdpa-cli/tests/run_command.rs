@@ -199,6 +199,7 @@ fn check_on(spec: &Spec, backend: &str, seed: u64) {
         d,
         scale: scale.unwrap_or(1.0 / (d as f64).sqrt()),
         causal,
+        f32_scores: false,
         bias: key_padding.map(|_| &bias as _),
     });
     let tol = if dtype == Dtype::F32 { 1e-5 } else { 2e-2 };
@@ -401,6 +402,7 @@ fn backward_writes_the_reference_gradients_and_lse() {
             d,
             scale: 1.0 / (d as f64).sqrt(),
             causal,
+            f32_scores: false,
             bias: None,
         };
         let (dq, dk, dv) = backward(&x, &dout);

@@ -101,6 +101,28 @@ pub enum MaskKind {
     },
     /// Boolean `[B, H, Sq, Sk]` that hides every key from some query rows.
     HideRows,
+    /// A large finite additive mask in the element type (the Hugging Face
+    /// convention): `0` where a key is seen, `value` where it is hidden.
+    LargeAdditive {
+        /// What hides a key.
+        value: LargeValue,
+        /// `[B, Sk]` key padding rather than `[B, H, Sq, Sk]`.
+        key_padding: bool,
+        /// Hide every key from some rows (`[B, H, Sq, Sk]`: about a third
+        /// of the rows; `[B, Sk]`: every row of batch 0); otherwise key 0
+        /// is seen everywhere and about a third of the others hidden.
+        whole_rows: bool,
+    },
+}
+
+/// The finite value a [`MaskKind::LargeAdditive`] mask hides keys with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LargeValue {
+    /// The element type's most negative finite value (`torch.finfo(dtype)
+    /// .min`: `f32::MIN`, `-65504` for `f16`, `bf16::MIN`).
+    DtypeMin,
+    /// `-1e9` as the element type holds it (`-inf` in `f16`).
+    MinusBillion,
 }
 
 /// One attention problem.
@@ -390,6 +412,47 @@ pub fn gen_mask(case: &Case, rng: &mut StdRng) -> Option<GenMask> {
                 shape: vec![b, hm, sq, len],
             })
         }
+        MaskKind::LargeAdditive {
+            value,
+            key_padding,
+            whole_rows,
+        } => {
+            let big = match (value, case.dtype) {
+                (LargeValue::DtypeMin, DType::F32) => f32::MIN,
+                (LargeValue::DtypeMin, DType::F16) => f16::MIN.to_f32(),
+                (LargeValue::DtypeMin, DType::BF16) => bf16::MIN.to_f32(),
+                (LargeValue::MinusBillion, _) => -1e9,
+            };
+            let (rows, shape) = if key_padding {
+                (b, vec![b, sk])
+            } else {
+                (b * h * sq, vec![b, h, sq, sk])
+            };
+            let mut raw = Vec::with_capacity(rows * sk);
+            for row in 0..rows {
+                let hidden = whole_rows
+                    && if key_padding {
+                        row == 0
+                    } else {
+                        rng.random_bool(0.3)
+                    };
+                raw.extend((0..sk).map(|j| {
+                    if hidden || (j != 0 && rng.random_bool(0.3)) {
+                        big
+                    } else {
+                        0.0
+                    }
+                }));
+            }
+            let data = match case.dtype {
+                DType::F32 => OwnedMaskData::F32(raw),
+                DType::F16 => OwnedMaskData::F16(raw.iter().map(|&x| f16::from_f32(x)).collect()),
+                DType::BF16 => {
+                    OwnedMaskData::BF16(raw.iter().map(|&x| bf16::from_f32(x)).collect())
+                }
+            };
+            Some(GenMask { data, shape })
+        }
         MaskKind::HideRows => {
             let mut v = Vec::with_capacity(b * h * sq * sk);
             for _ in 0..b * h * sq {
@@ -575,6 +638,7 @@ impl<T: Element> CaseInputs<T> {
             d,
             scale: case.scale.map_or(1.0 / (d as f64).sqrt(), |s| s as f64),
             causal: case.causal,
+            f32_scores: false,
             bias: if mask.is_some() { Some(&bias_fn) } else { None },
         });
         Outcome {

@@ -28,6 +28,12 @@ pub struct RefInputs<'a> {
     pub scale: f64,
     /// Top-left causal.
     pub causal: bool,
+    /// Round each masked score `scale·q·k + bias` to `f32`, as a kernel
+    /// that holds its scores in `f32` (and PyTorch's `f32` math) does: with
+    /// a large finite mask (`-1e9`, `f32::MIN`) on every key of a row,
+    /// the `f32` sums are all equal and the row is uniform, where float64
+    /// would keep the scores. Off for finite differences.
+    pub f32_scores: bool,
     /// Additive bias per `(b, h, i, j)`, if any.
     pub bias: Option<Bias<'a>>,
 }
@@ -47,6 +53,9 @@ pub fn attention(x: &RefInputs<'_>) -> Vec<f64> {
                     let mut s: f64 = qi.iter().zip(kj).map(|(a, c)| a * c).sum::<f64>() * x.scale;
                     if let Some(bias) = x.bias {
                         s += bias(b, h, i, j);
+                    }
+                    if x.f32_scores {
+                        s = s as f32 as f64;
                     }
                     if x.causal && j > i {
                         s = f64::NEG_INFINITY;
@@ -86,6 +95,9 @@ fn row_scores(x: &RefInputs<'_>, b: usize, h: usize, i: usize, w: &mut [f64]) {
         let mut s: f64 = qi.iter().zip(kj).map(|(a, c)| a * c).sum::<f64>() * x.scale;
         if let Some(bias) = x.bias {
             s += bias(b, h, i, j);
+        }
+        if x.f32_scores {
+            s = s as f32 as f64;
         }
         if x.causal && j > i {
             s = f64::NEG_INFINITY;
@@ -254,6 +266,7 @@ mod tests {
             d,
             scale: 0.7,
             causal: p.causal,
+            f32_scores: false,
             bias: Some(bias),
         }
     }

@@ -274,6 +274,7 @@ impl SpInputs {
             d,
             scale: 1.0 / (d as f64).sqrt(),
             causal: case.causal,
+            f32_scores: false,
             bias: if case.key_padding { Some(&bias) } else { None },
         });
         let row = h * d;

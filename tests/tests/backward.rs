@@ -4,11 +4,12 @@
 //! on every CPU path, with every output buffer poisoned first.
 
 use sdpa_runtime::prelude::*;
-use sdpa_runtime::{cpu, BackwardInputs, Gradients, Problem, SdpaImpl};
-use sdpa_tests::cases::{run_seed, Case, IntType, MaskKind, Placement};
+use sdpa_runtime::{cpu, BackwardInputs, Element, Gradients, Problem, SdpaImpl};
+use sdpa_tests::cases::{run_seed, Case, IntType, LargeValue, MaskKind, Placement};
 use sdpa_tests::consumer::{ConformanceAttention, NarrowAttention, TrainingAttention};
 use sdpa_tests::training::{
-    check_backward, check_lse, run_backward, through_layer, Grads, TrainingInputs,
+    check_backward, check_lse, grad_tolerance, judge_grads, run_backward, through_layer, Grads,
+    TrainingInputs,
 };
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -248,6 +249,118 @@ fn every_mask_kind_and_shape() {
             &Case::new(1, 30, 70, 2, 64).mask(mask).dtype(DType::F16),
             seed,
         );
+    }
+}
+
+/// Large finite additive masks (`torch.finfo(dtype).min`, `-1e9`), the
+/// Hugging Face convention: a row hidden by one on every key is uniform
+/// over its keys (its `f32` masked scores are all equal), and its lse
+/// (`≈ -1e9`) is too large for `f32` to hold `ln Sk` in it, so the
+/// backward recomputes that row's statistics. `[B, H, Sq, Sk]` and
+/// `[B, Sk]` masks, whole rows hidden and some keys hidden; lse checked
+/// with an absolute tolerance as well.
+#[test]
+fn large_finite_masks_give_the_reference_gradients() {
+    let seed = run_seed();
+    for dtype in DTYPES {
+        for value in [LargeValue::DtypeMin, LargeValue::MinusBillion] {
+            for key_padding in [false, true] {
+                for whole_rows in [true, false] {
+                    let mask = MaskKind::LargeAdditive {
+                        value,
+                        key_padding,
+                        whole_rows,
+                    };
+                    let case = Case::new(2, 37, 70, 2, 64).mask(mask).dtype(dtype);
+                    check_lse(&ConformanceAttention, &case, seed);
+                    grads(&case, seed);
+                    grads(&case.causal(true).kv_heads(1), seed);
+                }
+            }
+        }
+    }
+}
+
+/// The judge itself: the reference gradients (exact, and rounded to the
+/// element type) pass; zero, doubled or halved gradients, or one head of
+/// them wrong, fail, for every dtype.
+#[test]
+fn the_judge_rejects_wrong_gradients() {
+    fn reference<T: Element>(case: &Case, seed: u64) -> sdpa_tests::training::Reference {
+        TrainingInputs::<T>::draw(case, seed).reference(case)
+    }
+    let seed = run_seed();
+    for dtype in DTYPES {
+        let case = Case::new(2, 37, 70, 2, 64).dtype(dtype);
+        let want = match dtype {
+            DType::F32 => reference::<f32>(&case, seed),
+            DType::F16 => reference::<half::f16>(&case, seed),
+            DType::BF16 => reference::<half::bf16>(&case, seed),
+        };
+        let tol = grad_tolerance(dtype);
+        let exact = Grads {
+            dq: want.dq.clone(),
+            dk: want.dk.clone(),
+            dv: want.dv.clone(),
+        };
+        let judge = |g: &Grads| judge_grads(&case, &want, g, tol);
+        assert!(judge(&exact).is_ok(), "{dtype:?}: exact reference rejected");
+        let round = |v: &[f64]| -> Vec<f64> {
+            v.iter()
+                .map(|&x| match dtype {
+                    DType::F32 => x as f32 as f64,
+                    DType::F16 => half::f16::from_f64(x).to_f64(),
+                    DType::BF16 => half::bf16::from_f64(x).to_f64(),
+                })
+                .collect()
+        };
+        let rounded = Grads {
+            dq: round(&want.dq),
+            dk: round(&want.dk),
+            dv: round(&want.dv),
+        };
+        if let Err(e) = judge(&rounded) {
+            panic!("{dtype:?}: the reference rounded to the dtype rejected: {e}");
+        }
+        let scaled = |v: &[f64], by: f64| v.iter().map(|x| x * by).collect::<Vec<_>>();
+        // One (batch, head) slice of a [B, S, H, D] tensor times `by`.
+        let one_head = |v: &[f64], s_n: usize, by: f64| {
+            let (d, h_n) = (64, 2);
+            let mut v = v.to_vec();
+            for s in 0..s_n {
+                for x in &mut v[((s_n + s) * h_n + 1) * d..][..d] {
+                    *x *= by; // batch 1, head 1
+                }
+            }
+            v
+        };
+        let wrong = [
+            ("dq = 0", scaled(&want.dq, 0.0), 0),
+            ("dq × 2", scaled(&want.dq, 2.0), 0),
+            ("dq × 0.5", scaled(&want.dq, 0.5), 0),
+            ("dq of one head = 0", one_head(&want.dq, 37, 0.0), 0),
+            ("dk = 0", scaled(&want.dk, 0.0), 1),
+            ("dk × 2", scaled(&want.dk, 2.0), 1),
+            ("dk × 0.5", scaled(&want.dk, 0.5), 1),
+            ("dk of one head × 0.5", one_head(&want.dk, 70, 0.5), 1),
+            ("dv = 0", scaled(&want.dv, 0.0), 2),
+            ("dv × 2", scaled(&want.dv, 2.0), 2),
+            ("dv × 0.5", scaled(&want.dv, 0.5), 2),
+            ("dv of one head = 0", one_head(&want.dv, 70, 0.0), 2),
+        ];
+        for (what, v, which) in wrong {
+            let mut g = Grads {
+                dq: want.dq.clone(),
+                dk: want.dk.clone(),
+                dv: want.dv.clone(),
+            };
+            match which {
+                0 => g.dq = v,
+                1 => g.dk = v,
+                _ => g.dv = v,
+            }
+            assert!(judge(&g).is_err(), "{dtype:?}: {what} accepted");
+        }
     }
 }
 

@@ -23,7 +23,12 @@
 //! sum; the accumulations are row-wise multiply-adds. Memory is the per-task
 //! blocks (`O(BQ·D + BK·D)` floats) and two `f32` numbers per query row
 //! (`lse` and `Δ`), never `Sq·Sk`. Rows whose `lse` is `-inf` (they see no
-//! key) contribute nothing, so their `dq` is zero. The mask is the forward's
+//! key) contribute nothing, so their `dq` is zero. Rows whose `lse` is too
+//! large for `f32` to hold `ln l` in it (a large finite mask such as `-1e9`
+//! on every key) have their maximum `m` and `ln l` recomputed beforehand
+//! ([`row_stats`]), and `P = e^((x − m) − ln l)`; for every other row
+//! `m = lse` and `ln l = 0` (one more subtraction per probability, one more
+//! `f32` per row). The mask is the forward's
 //! [`ResolvedMask`](crate::ResolvedMask), applied by the same `bias_row`.
 
 use super::kernel::{read_row, write_row, Src};
@@ -60,8 +65,15 @@ pub(crate) struct BwdCtx<'a> {
     pub v: Src,
     /// The output gradient, `[B, Sq, Hq, D]`.
     pub dout: Src,
-    /// The forward's log-sum-exp, row `(b·Hq + h)·Sq + i`.
+    /// The shift `m` of each row's probabilities `P = e^((x − m) − ln l)`,
+    /// row `(b·Hq + h)·Sq + i`: the forward's log-sum-exp, except for rows
+    /// [`row_stats`] recomputed (see [`needs_stats`]), where it is the
+    /// row's largest masked score.
     pub lse: &'a [f32],
+    /// `ln l` of each row, indexed as `lse`: `0` where `lse` is the
+    /// log-sum-exp, the log of the softmax denominator after the shift
+    /// where [`row_stats`] recomputed the row.
+    pub lnl: &'a [f32],
     /// `Δ = rowsum(dO∘O)`, indexed as `lse`.
     pub delta: &'a [f32],
     /// `[B, Sq, Hq, D]`; each row written by one dQ task.
@@ -130,8 +142,11 @@ struct RowInputs {
     q: *const f32,
     /// The output-gradient row, `D` floats.
     dout: *const f32,
-    /// The row's log-sum-exp (finite).
+    /// The row's shift `m` (finite): its log-sum-exp, or its largest
+    /// masked score (see [`BwdCtx::lse`]).
     lse: f32,
+    /// The row's `ln l` (see [`BwdCtx::lnl`]).
+    lnl: f32,
     /// The row's `Δ`.
     delta: f32,
     /// Keys of the block the row sees (the first `nk`), at most [`BK`].
@@ -187,7 +202,7 @@ unsafe fn dots<S: Simd, const D: usize, const NV: usize>(
     }
 }
 
-/// `P[j] = e^(s[j] + bias[j] − lse)` into `p` and `dS[j] = P[j]·(dP[j] − Δ)`
+/// `P[j] = e^((s[j] + bias[j] − m) − ln l)` into `p` and `dS[j] = P[j]·(dP[j] − Δ)`
 /// into `ds` for the keys `j < nk` of a block (lanes up to the next vector
 /// hold finite values that the callers never read). `bias` holds the mask's
 /// bias of those keys, if the call has a mask.
@@ -216,8 +231,10 @@ unsafe fn row_probs<S: Simd, const D: usize, const NV: usize>(
             }
         }
         let (lse, delta) = (s.splat(row.lse), s.splat(row.delta));
+        let lnl = s.splat(row.lnl);
         for l in (0..lanes).step_by(w) {
-            let pr = s.exp(s.sub(s.load(p.add(l)), lse));
+            // `ln l` is 0 for ordinary rows: `y − 0 = y`, today's bits.
+            let pr = s.exp(s.sub(s.sub(s.load(p.add(l)), lse), lnl));
             s.store(p.add(l), pr);
             s.store(ds.add(l), s.mul(pr, s.sub(s.load(ds.add(l)), delta)));
         }
@@ -475,6 +492,7 @@ pub(crate) unsafe fn kv_task<S: Simd, const D: usize, const NV: usize>(
                     q: qg,
                     dout: dg,
                     lse,
+                    lnl: ctx.lnl[r],
                     delta: ctx.delta[r],
                     nk,
                 };
@@ -597,6 +615,7 @@ pub(crate) unsafe fn q_task<S: Simd, const D: usize, const NV: usize>(
                     q: q.add(r * D),
                     dout: dout.add(r * D),
                     lse,
+                    lnl: ctx.lnl[row_of(r)],
                     delta: ctx.delta[row_of(r)],
                     nk,
                 };
@@ -616,6 +635,128 @@ pub(crate) unsafe fn q_task<S: Simd, const D: usize, const NV: usize>(
             }
             let off = ctx.dq.layout.offset(b, i0 + r, h);
             write_row::<S, D>(s, ctx.dtype, ctx.dq.ptr, off, x);
+        }
+    }
+}
+
+/// The `|lse|` from which [`row_stats`] recomputes a row: `2^12`. The
+/// forward stores `lse = m + ln l` in `f32`, whose spacing at `|lse|` is
+/// `|lse|·2^-23` or so; below `2^12` that is at most `2^-12`, so `P` keeps
+/// a relative error of at most `2^-13 ≈ 1.2e-4` from the rounding, and only
+/// rows with scores beyond ±4000 (which a mask puts there, not attention
+/// logits) reach it. At `2^12` and above the rounding grows with the mask's
+/// size until it swallows `ln l ≤ ln Sk` whole (spacing 64 at `-1e9`,
+/// `2·10^31` at `f32::MIN`), and `P = e^(x − lse)` becomes 1 for every key
+/// instead of `1/Sk`. Those rows, and only those, pay the recomputation:
+/// one `q·kᵀ` row, `O(Sk·D)`, the cost of a forward row.
+pub(crate) const LARGE_LSE: f32 = 4096.0;
+
+/// Whether [`row_stats`] recomputes the row whose log-sum-exp is `lse`.
+#[inline]
+pub(crate) fn needs_stats(lse: f32) -> bool {
+    lse.is_finite() && lse.abs() >= LARGE_LSE
+}
+
+/// Recomputes the softmax statistics of the rows of (b, h) `bh = b·Hq + h`
+/// whose log-sum-exp is large (see [`needs_stats`]): for each, its
+/// largest masked score `m` into `m[i]` (which holds the forward's lse on
+/// entry) and `ln l`, the log of `l = Σ_j e^(x_j − m)`, into `lnl[i]`. The
+/// scores are formed by the very calls [`row_probs`] makes (`dots` on the
+/// scaled query row and the transposed key block, then `bias_row` added),
+/// so `m` and `l` describe exactly the `x` the passes exponentiate, and
+/// `Σ_j P[j] = 1` to rounding. The sum runs over key blocks in order with
+/// the online rescaling `l ← l·e^(m_old − m_new) + Σ e^(x − m_new)`:
+/// deterministic. Other rows are left as they are (`lnl` 0).
+///
+/// # Safety
+/// `ws` holds [`workspace_floats`]`(D)` floats; `ctx` describes buffers
+/// valid for its layouts and dtype (its `lse`, `lnl` and `delta` are not
+/// read); `m` and `lnl` hold `Sq` floats.
+#[inline(always)]
+pub(crate) unsafe fn row_stats<S: Simd, const D: usize, const NV: usize>(
+    s: S,
+    ctx: &BwdCtx<'_>,
+    ws: &mut [f32],
+    bh: usize,
+    m: &mut [f32],
+    lnl: &mut [f32],
+) {
+    let (b, h) = (bh / ctx.heads_q, bh % ctx.heads_q);
+    let kvh = h / ctx.group();
+    let rows: Vec<usize> = (0..m.len()).filter(|&i| needs_stats(m[i])).collect();
+    let Some(&last) = rows.last() else {
+        return;
+    };
+    debug_assert!(ws.len() >= workspace_floats(D));
+    let base = ws.as_mut_ptr();
+    // SAFETY (offsets): 2·D·BK + 2·D + 2·BK floats, inside `ws`
+    // (`workspace_floats(D)` is more), not overlapping.
+    let (kt, vt, q, scratch, p, bias) = unsafe {
+        let x = 2 * D * BK;
+        (
+            base,
+            base.add(D * BK),
+            base.add(x),
+            base.add(x + D),
+            base.add(x + 2 * D),
+            base.add(x + 2 * D + BK),
+        )
+    };
+    let mut mx = vec![f32::NEG_INFINITY; rows.len()];
+    let mut sum = vec![0.0f32; rows.len()];
+    let key_end = if ctx.causal {
+        ctx.seq_k.min(last + 1)
+    } else {
+        ctx.seq_k
+    };
+    let w = S::W;
+    let mut j0 = 0;
+    while j0 < key_end {
+        let n = BK.min(ctx.seq_k - j0);
+        // SAFETY: rows `j0..j0 + n` of (b, kvh) are in bounds; `kt`, `vt`
+        // hold D·BK floats, `scratch` D.
+        unsafe { load_kv::<S, D>(s, ctx, (b, kvh, j0, n), kt, vt, None, scratch) };
+        for (r, &i) in rows.iter().enumerate() {
+            let nk = seen(ctx.causal, i, j0, n);
+            if nk == 0 {
+                continue;
+            }
+            let lanes = nk.div_ceil(w) * w;
+            // SAFETY: row (b, i, h) of q; `q` holds D floats; `p` and
+            // `bias` hold BK >= lanes; `kt` D·BK.
+            let x = unsafe {
+                load_row::<S, D>(s, ctx.dtype, &ctx.q, (b, i, h), q, ctx.scale);
+                dots::<S, D, NV>(s, q, kt, p, lanes);
+                if let Some(mask) = ctx.mask.as_ref() {
+                    let bias = std::slice::from_raw_parts_mut(bias, nk);
+                    mask.bias_row(b, h, i, j0, bias);
+                    for (j, &y) in bias.iter().enumerate() {
+                        *p.add(j) += y;
+                    }
+                }
+                std::slice::from_raw_parts(p, nk)
+            };
+            let top = x.iter().fold(mx[r], |a, &y| if y > a { y } else { a });
+            if top == f32::NEG_INFINITY {
+                continue; // every key so far hidden
+            }
+            let rescale = if mx[r] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (mx[r] - top).exp()
+            };
+            let block: f32 = x.iter().map(|&y| (y - top).exp()).sum();
+            sum[r] = sum[r] * rescale + block;
+            mx[r] = top;
+        }
+        j0 += n;
+    }
+    for (r, &i) in rows.iter().enumerate() {
+        // A row the forward saw keys in sees the same ones here; should it
+        // not, the forward's lse stays (with `ln l` 0).
+        if mx[r].is_finite() && sum[r] > 0.0 {
+            m[i] = mx[r];
+            lnl[i] = sum[r].ln();
         }
     }
 }

@@ -244,14 +244,16 @@ pub fn backward<const D: usize, const CAUSAL: bool, T: Element>(
                 dl[i] = o.iter().zip(g).map(|(a, c)| a.to_f32() * c.to_f32()).sum();
             }
         });
-    let ctx = backward::BwdCtx {
+    let isa = active_isa();
+    let stats_ctx = backward::BwdCtx {
         dtype: T::DTYPE,
         q,
         k,
         v,
         dout,
-        lse: &lse,
-        delta: &delta,
+        lse: &[],
+        lnl: &[],
+        delta: &[],
         dq,
         dk,
         dv,
@@ -264,7 +266,27 @@ pub fn backward<const D: usize, const CAUSAL: bool, T: Element>(
         seq_q: sq,
         seq_k: p.seq_k,
     };
-    let isa = active_isa();
+    // Rows whose lse is too large for f32 to hold `ln l` in it (a large
+    // finite additive mask on every key): their `m` and `ln l` recomputed,
+    // so that `P = e^((x − m) − ln l)`; every other row keeps `m = lse`,
+    // `ln l = 0`.
+    let mut lnl = vec![0.0f32; rows];
+    if lse.iter().any(|&x| backward::needs_stats(x)) {
+        lse.par_chunks_mut(sq.max(1))
+            .zip(lnl.par_chunks_mut(sq.max(1)))
+            .enumerate()
+            .for_each(|(bh, (m, l))| {
+                if m.iter().any(|&x| backward::needs_stats(x)) {
+                    stats_dispatch::<D>(isa, &stats_ctx, bh, m, l);
+                }
+            });
+    }
+    let ctx = backward::BwdCtx {
+        lse: &lse,
+        lnl: &lnl,
+        delta: &delta,
+        ..stats_ctx
+    };
     tracing::debug!(
         isa = isa.name(),
         kv_tasks = ctx.kv_tasks(),
@@ -280,29 +302,68 @@ thread_local! {
     static BWD_WORKSPACE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Runs `f` with this thread's backward workspace, of at least `floats`
+/// floats.
+fn with_bwd_workspace<F: FnOnce(&mut [f32])>(floats: usize, f: F) {
+    BWD_WORKSPACE.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut ws) => {
+            if ws.len() < floats {
+                ws.resize(floats, 0.0);
+            }
+            f(&mut ws[..])
+        }
+        // Not reachable (tasks make no nested calls), but never panic.
+        Err(_) => f(&mut vec![0.0; floats]),
+    })
+}
+
 /// Runs `task(workspace, t)` for every `t < tasks` on rayon's pool, each
 /// with a workspace of at least `floats` floats.
 fn run_bwd_tasks<F>(tasks: usize, floats: usize, task: F)
 where
     F: Fn(&mut [f32], usize) + Sync,
 {
-    let one = |t: usize| {
-        BWD_WORKSPACE.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut ws) => {
-                if ws.len() < floats {
-                    ws.resize(floats, 0.0);
-                }
-                task(&mut ws[..], t)
-            }
-            // Not reachable (tasks make no nested calls), but never panic.
-            Err(_) => task(&mut vec![0.0; floats], t),
-        })
-    };
+    let one = |t: usize| with_bwd_workspace(floats, |ws| task(ws, t));
     if tasks <= 1 || rayon::current_num_threads() == 1 {
         (0..tasks).for_each(one);
     } else {
         (0..tasks).into_par_iter().for_each(one);
     }
+}
+
+/// Runs [`backward::row_stats`] for the rows of (b, h) `bh` on `isa`, or
+/// the best path below it that the CPU has: the path the passes then run
+/// on, so the scores are formed by the same instructions.
+fn stats_dispatch<const D: usize>(
+    isa: Isa,
+    ctx: &backward::BwdCtx<'_>,
+    bh: usize,
+    m: &mut [f32],
+    lnl: &mut [f32],
+) {
+    let floats = backward::workspace_floats(D);
+    with_bwd_workspace(floats, |ws| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use simd::{Avx2, Avx512};
+            if isa == Isa::Avx512 {
+                if let Some(s) = Avx512::detect() {
+                    // SAFETY: `s` proves the features; the workspace has
+                    // `floats` floats; `m` and `lnl` are the Sq rows of `bh`.
+                    return unsafe { x86::avx512_stats::<D>(s, ctx, ws, bh, m, lnl) };
+                }
+            }
+            if isa != Isa::Portable {
+                if let Some(s) = Avx2::detect() {
+                    // SAFETY: as above, for AVX2.
+                    return unsafe { x86::avx2_stats::<D>(s, ctx, ws, bh, m, lnl) };
+                }
+            }
+        }
+        let _ = isa;
+        // SAFETY: as above.
+        unsafe { backward::row_stats::<simd::Portable, D, 8>(simd::Portable, ctx, ws, bh, m, lnl) }
+    });
 }
 
 /// Runs both passes of the backward (dK/dV, then dQ) on `isa`, or the best
@@ -520,6 +581,42 @@ mod x86 {
                 backward::q_task::<Avx512, D, 4>(s, ctx, ws, task)
             }
         }
+    }
+
+    /// [`backward::row_stats`] on AVX-512, with the score steps of
+    /// [`avx512_bwd`].
+    ///
+    /// # Safety
+    /// As `backward::row_stats`; `s` proves the features.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    pub(super) unsafe fn avx512_stats<const D: usize>(
+        s: Avx512,
+        ctx: &BwdCtx<'_>,
+        ws: &mut [f32],
+        bh: usize,
+        m: &mut [f32],
+        lnl: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { backward::row_stats::<Avx512, D, 4>(s, ctx, ws, bh, m, lnl) }
+    }
+
+    /// [`backward::row_stats`] on AVX2, with the score steps of
+    /// [`avx2_bwd`].
+    ///
+    /// # Safety
+    /// As `backward::row_stats`; `s` proves the features.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn avx2_stats<const D: usize>(
+        s: Avx2,
+        ctx: &BwdCtx<'_>,
+        ws: &mut [f32],
+        bh: usize,
+        m: &mut [f32],
+        lnl: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { backward::row_stats::<Avx2, D, 8>(s, ctx, ws, bh, m, lnl) }
     }
 
     /// One backward task on AVX2 (8 lanes, 8 vectors of keys per score
