@@ -153,6 +153,18 @@ fn build_layer(shape: &Shape, backend: Option<BackendKind>) -> Result<SdpaImpl> 
     Ok(SdpaCli.build_impl(params)?)
 }
 
+/// Random `q`, `k` and `v` of the case's shape and dtype, drawn from `rng`
+/// in that order, with `q`'s shape.
+fn random_qkv(case: &Case, rng: &mut StdRng) -> Result<([usize; 4], Tensor, Tensor, Tensor)> {
+    let s = &case.shape;
+    let q_shape = [s.batch, s.seq_q, s.heads_q, s.head_size];
+    let kv_shape = [s.batch, s.seq_k, s.heads_kv, s.head_size];
+    let q = random_tensor(rng, case.dtype, q_shape)?;
+    let k = random_tensor(rng, case.dtype, kv_shape)?;
+    let v = random_tensor(rng, case.dtype, kv_shape)?;
+    Ok((q_shape, q, k, v))
+}
+
 /// Warms up, then times passes of `forward_into` and returns their median,
 /// on the host or, for `Cuda`, on device 0.
 fn time_case(
@@ -163,13 +175,8 @@ fn time_case(
     iters: Option<u64>,
     budget: Budget,
 ) -> Result<Timing> {
-    let s = &case.shape;
     let mut rng = StdRng::seed_from_u64(SEED);
-    let q_shape = [s.batch, s.seq_q, s.heads_q, s.head_size];
-    let kv_shape = [s.batch, s.seq_k, s.heads_kv, s.head_size];
-    let q = random_tensor(&mut rng, case.dtype, q_shape)?;
-    let k = random_tensor(&mut rng, case.dtype, kv_shape)?;
-    let v = random_tensor(&mut rng, case.dtype, kv_shape)?;
+    let (q_shape, q, k, v) = random_qkv(case, &mut rng)?;
     if backend == BackendKind::Cuda {
         return match case.dtype {
             DType::F32 => time_on_device::<f32>(layer, [&q, &k, &v], warmup, iters, budget),
@@ -201,13 +208,8 @@ fn time_backward(
     iters: Option<u64>,
     budget: Budget,
 ) -> Result<Timing> {
-    let s = &case.shape;
     let mut rng = StdRng::seed_from_u64(SEED);
-    let q_shape = [s.batch, s.seq_q, s.heads_q, s.head_size];
-    let kv_shape = [s.batch, s.seq_k, s.heads_kv, s.head_size];
-    let q = random_tensor(&mut rng, case.dtype, q_shape)?;
-    let k = random_tensor(&mut rng, case.dtype, kv_shape)?;
-    let v = random_tensor(&mut rng, case.dtype, kv_shape)?;
+    let (q_shape, q, k, v) = random_qkv(case, &mut rng)?;
     let dout = random_tensor(&mut rng, case.dtype, q_shape)?;
     let (q, k, v) = (q.view(), k.view(), v.view());
     let metadata = AttentionMetadata::default();
@@ -218,8 +220,8 @@ fn time_backward(
         lse: lse.view(),
     };
     let mut dq = Tensor::zeros(case.dtype, q_shape);
-    let mut dk = Tensor::zeros(case.dtype, kv_shape);
-    let mut dv = Tensor::zeros(case.dtype, kv_shape);
+    let mut dk = Tensor::zeros(case.dtype, k.layout().shape());
+    let mut dv = Tensor::zeros(case.dtype, v.layout().shape());
     let mut grads = Gradients {
         dq: dq.view_mut(),
         dk: dk.view_mut(),
