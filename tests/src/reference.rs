@@ -47,21 +47,7 @@ pub fn attention(x: &RefInputs<'_>) -> Vec<f64> {
         for h in 0..hq {
             let g = h / (hq / hkv);
             for i in 0..sq {
-                let qi = &x.q[((b * sq + i) * hq + h) * d..][..d];
-                for (j, wj) in w.iter_mut().enumerate() {
-                    let kj = &x.k[((b * sk + j) * hkv + g) * d..][..d];
-                    let mut s: f64 = qi.iter().zip(kj).map(|(a, c)| a * c).sum::<f64>() * x.scale;
-                    if let Some(bias) = x.bias {
-                        s += bias(b, h, i, j);
-                    }
-                    if x.f32_scores {
-                        s = s as f32 as f64;
-                    }
-                    if x.causal && j > i {
-                        s = f64::NEG_INFINITY;
-                    }
-                    *wj = s;
-                }
+                row_scores(x, b, h, i, &mut w);
                 let m = w.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let o = &mut out[((b * sq + i) * hq + h) * d..][..d];
                 if m == f64::NEG_INFINITY {
