@@ -301,16 +301,12 @@ fn bad_input_is_one_line_and_a_non_zero_exit() {
     assert!(!missing.status.success());
 }
 
-#[test]
-fn cuda_without_a_gpu_is_one_line_and_a_non_zero_exit() {
-    let CudaProbe::Absent(reason) = probe_cuda() else {
-        return; // with a GPU, `check` runs `--backend cuda` above
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("case.safetensors");
+/// A small f32 case (`q`, `k`, `v` of `[1, 8, 2, 64]`, all zeros) at
+/// `input`, for the error paths that never read its values.
+fn write_small_f32_case(input: &Path) {
     let q = vec![0u8; 4 * 8 * 2 * 64];
     write(
-        &input,
+        input,
         &[
             ("q", Entry(Dtype::F32, vec![1, 8, 2, 64], q.clone())),
             ("k", Entry(Dtype::F32, vec![1, 8, 2, 64], q.clone())),
@@ -318,6 +314,16 @@ fn cuda_without_a_gpu_is_one_line_and_a_non_zero_exit() {
         ],
         &[],
     );
+}
+
+#[test]
+fn cuda_without_a_gpu_is_one_line_and_a_non_zero_exit() {
+    let CudaProbe::Absent(reason) = probe_cuda() else {
+        return; // with a GPU, `check` runs `--backend cuda` above
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("case.safetensors");
+    write_small_f32_case(&input);
     let out = Command::new(sdpa())
         .args(["run", "--backend", "cuda", "--input"])
         .arg(&input)
@@ -436,16 +442,7 @@ fn backward_writes_the_reference_gradients_and_lse() {
 fn backward_without_dout_is_one_line_and_a_non_zero_exit() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("case.safetensors");
-    let q = vec![0u8; 4 * 8 * 2 * 64];
-    write(
-        &input,
-        &[
-            ("q", Entry(Dtype::F32, vec![1, 8, 2, 64], q.clone())),
-            ("k", Entry(Dtype::F32, vec![1, 8, 2, 64], q.clone())),
-            ("v", Entry(Dtype::F32, vec![1, 8, 2, 64], q)),
-        ],
-        &[],
-    );
+    write_small_f32_case(&input);
     let out = Command::new(sdpa())
         .args(["run", "--backward", "--backend", "cpu", "--input"])
         .arg(&input)
