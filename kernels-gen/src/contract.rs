@@ -150,35 +150,47 @@ pub struct GpuKernel {
     pub tensor_maps: Option<TensorMaps>,
 }
 
-/// The contract's parameters as declared on one kernel, read by name.
+/// A launch contract's parameters as declared on one kernel, read by name.
 #[derive(Clone, Debug)]
 pub struct Params {
-    /// [`PARAMS`] then [`SCALE_PARAM`], in launch order.
+    /// The contract's table, in launch order.
+    table: Vec<(&'static str, ParamKind)>,
+    /// The declared parameters, one per entry of `table`.
     declared: Vec<Param>,
 }
 
-/// Declares the contract's parameters on `k`, in launch order ([`PARAMS`],
-/// then [`SCALE_PARAM`]).
+/// Declares the forward contract's parameters on `k`, in launch order
+/// ([`PARAMS`], then [`SCALE_PARAM`]).
 pub fn declare_params(k: &mut Kernel) -> Params {
-    let declared = PARAMS
+    declare_table(k, PARAMS.iter().chain([&SCALE_PARAM]).copied())
+}
+
+/// Declares the parameters of the contract `table` on `k`, in its order
+/// (the backward kernels' table is
+/// [`crate::backward::BACKWARD_PARAMS`]).
+pub fn declare_table(
+    k: &mut Kernel,
+    table: impl IntoIterator<Item = (&'static str, ParamKind)>,
+) -> Params {
+    let table: Vec<_> = table.into_iter().collect();
+    let declared = table
         .iter()
-        .chain([&SCALE_PARAM])
         .map(|&(name, kind)| k.param(kind.ty(), name))
         .collect();
-    Params { declared }
+    Params { table, declared }
 }
 
 impl Params {
-    /// Loads the parameter `name` (one of [`PARAMS`] or [`SCALE_PARAM`])
-    /// into a fresh register of its kind's type: one `ld.param` per call.
+    /// Loads the parameter `name` (one of the contract's) into a fresh
+    /// register of its kind's type: one `ld.param` per call.
     ///
     /// # Panics
     ///
     /// If the contract has no parameter `name`.
     pub fn get(&self, k: &mut Kernel, name: &str) -> Reg {
-        let (i, &(_, kind)) = PARAMS
+        let (i, &(_, kind)) = self
+            .table
             .iter()
-            .chain([&SCALE_PARAM])
             .enumerate()
             .find(|(_, p)| p.0 == name)
             .unwrap_or_else(|| panic!("the launch contract has no parameter {name}"));
@@ -186,10 +198,10 @@ impl Params {
     }
 
     /// Loads the three strides of tensor `t`, in their launch order: batch,
-    /// token, head for `q`, `k`, `v` and `out`; batch, head, query for
-    /// `mask`.
+    /// token, head for the `[B, S, H, D]` tensors; batch, head, query for
+    /// `mask` and `lse`.
     pub fn strides(&self, k: &mut Kernel, t: &str) -> [Reg; 3] {
-        let dims = if t == "mask" {
+        let dims = if t == "mask" || t == "lse" {
             ["b", "h", "q"]
         } else {
             ["b", "s", "h"]

@@ -18,6 +18,7 @@
 //! ```
 
 pub mod attention;
+pub mod backward;
 pub mod contract;
 pub mod fa2;
 pub mod ptx;
@@ -25,6 +26,7 @@ mod simt;
 pub mod sm90;
 mod spec;
 
+pub use backward::BackwardKernels;
 pub use contract::GpuKernel;
 use ptx::Target;
 
@@ -59,6 +61,13 @@ pub fn kernels(spec: &VariantSpec) -> Vec<GpuKernel> {
         .into_iter()
         .chain([generate(spec, Target::Sm80)])
         .collect()
+}
+
+/// The backward kernels of `spec` (for a variant declared with `backward
+/// = true`): portable sm_80 PTX, run on every device of compute capability
+/// 8.0 and later; [`backward`] holds their launch contract.
+pub fn backward_kernels(spec: &VariantSpec) -> BackwardKernels {
+    backward::generate(spec)
 }
 
 #[cfg(test)]

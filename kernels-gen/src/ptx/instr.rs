@@ -554,6 +554,33 @@ pub enum Instr {
         /// The phase parity waited for (0 or 1).
         parity: Operand,
     },
+    /// `red.global.add.f32 [addr], src;`: adds `src` to the `f32` at `addr`
+    /// in device memory (performed at L2; no value comes back).
+    RedAddF32 {
+        /// The address.
+        addr: Addr,
+        /// The addend.
+        src: Reg,
+    },
+    /// `ld.acquire.gpu.global.u32 dst, [addr];`: a load that orders every
+    /// later memory access of the thread after it, at device scope.
+    LdAcquire {
+        /// Destination.
+        dst: Reg,
+        /// The address.
+        addr: Addr,
+    },
+    /// `st.release.gpu.global.u32 [addr], src;`: a store that orders every
+    /// earlier memory access of the thread (and those it observed) before
+    /// it, at device scope.
+    StRelease {
+        /// The address.
+        addr: Addr,
+        /// The value.
+        src: Operand,
+    },
+    /// `fence.acq_rel.gpu;`.
+    FenceGpu,
 }
 
 impl Instr {
@@ -886,6 +913,12 @@ impl fmt::Display for Instr {
                 f,
                 "mbarrier.try_wait.parity.shared::cta.b64 {done}, {addr}, {parity};"
             ),
+            Instr::RedAddF32 { addr, src } => write!(f, "red.global.add.f32 {addr}, {src};"),
+            Instr::LdAcquire { dst, addr } => write!(f, "ld.acquire.gpu.global.u32 {dst}, {addr};"),
+            Instr::StRelease { addr, src } => {
+                write!(f, "st.release.gpu.global.u32 {addr}, {src};")
+            }
+            Instr::FenceGpu => f.write_str("fence.acq_rel.gpu;"),
         }
     }
 }

@@ -1,0 +1,146 @@
+//! The backward kernels: the gradients `dq`, `dk` and `dv` of attention,
+//! from `q`, `k`, `v`, the forward's output `out` and row log-sum-exp
+//! `lse`, and the output's gradient `dout`.
+//!
+//! # The launch contract
+//!
+//! A variant's backward is three kernels ([`BackwardKernels`]), launched in
+//! order on one stream with the same arguments, those of
+//! [`BACKWARD_PARAMS`] in its order:
+//!
+//! 1. [`BackwardKernels::preprocess`], grid `(ceil(Sq / block_m), Hq, B)`:
+//!    for every query row, `delta = rowsum(dout ∘ out)` and `lse_log2 =
+//!    lse · log2(e)` (`+inf` where `lse` is `-inf`: a row that sees no key,
+//!    whose probabilities are then all `exp2(s - inf) = 0`), into the
+//!    scratch buffers `delta` and `lse_log2`.
+//! 2. [`BackwardKernels::main`], grid `(ceil(Sk / block_n), Hkv, B)`, where
+//!    `block_n` is [`BackwardKernels::block_n`]: each CTA holds `block_n`
+//!    keys of one K/V head and walks every query head of its group and
+//!    every query block of `main.block_m` rows that sees them, recomputing
+//!    `P` from `q`, `k` and `lse_log2`. `dk` and `dv` are summed in
+//!    registers and written once, in the input dtype (`dk` times `scale`);
+//!    each query block's share of `dq` is added to the `f32` scratch
+//!    `dq_accum` in key-block order: the CTA of key block `j` waits until
+//!    the block's counter in `sem` reads `j`, adds, and sets it to `j + 1`,
+//!    so the sums are bit-identical run to run.
+//! 3. [`BackwardKernels::convert`], grid `(ceil(Sq / block_m), Hq, B)`:
+//!    `dq = dq_accum · scale` in the input dtype.
+//!
+//! Scratch buffers, all allocated by the caller, dense, row-major:
+//!
+//! - `dq_accum`: `f32 [B, Hq, Sq, D]`, zeroed before the launches;
+//! - `lse_log2`, `delta`: `f32 [B, Hq, Sq]`;
+//! - `sem`: `u32 [B, Hq, ceil(Sq / main.block_m)]`, zeroed before the
+//!   launches.
+//!
+//! `q`, `k`, `v`, `out`, `dout`, `dq`, `dk` and `dv` are `[B, S, H, D]`
+//! tensors with element strides (batch, token, head) and a contiguous head
+//! dimension; `lse` is `f32 [B, Hq, Sq]` with strides (batch, head, query);
+//! the mask is the forward's (a dense `f32` additive bias, null for none).
+//! Keys of a CTA past `Sk` and query rows past `Sq` take no part.
+//!
+//! The CTAs of one (batch, K/V head) rely on every CTA of a lower key
+//! block having been scheduled before them (as the hardware schedules a
+//! grid in order of its linear index); the CTA of key block 0 never waits.
+
+mod rows;
+
+use crate::contract::{GpuKernel, ParamKind};
+use crate::ptx::Target;
+use crate::{DType, VariantSpec};
+
+/// The backward kernels' parameters, in launch order: one table for all
+/// three kernels.
+pub const BACKWARD_PARAMS: [(&str, ParamKind); 50] = [
+    ("q", ParamKind::Ptr),
+    ("k", ParamKind::Ptr),
+    ("v", ParamKind::Ptr),
+    ("out", ParamKind::Ptr),
+    ("dout", ParamKind::Ptr),
+    ("lse", ParamKind::Ptr),
+    ("mask", ParamKind::Ptr),
+    ("dq", ParamKind::Ptr),
+    ("dk", ParamKind::Ptr),
+    ("dv", ParamKind::Ptr),
+    ("dq_accum", ParamKind::Ptr),
+    ("lse_log2", ParamKind::Ptr),
+    ("delta", ParamKind::Ptr),
+    ("sem", ParamKind::Ptr),
+    ("q_stride_b", ParamKind::U64),
+    ("q_stride_s", ParamKind::U64),
+    ("q_stride_h", ParamKind::U64),
+    ("k_stride_b", ParamKind::U64),
+    ("k_stride_s", ParamKind::U64),
+    ("k_stride_h", ParamKind::U64),
+    ("v_stride_b", ParamKind::U64),
+    ("v_stride_s", ParamKind::U64),
+    ("v_stride_h", ParamKind::U64),
+    ("out_stride_b", ParamKind::U64),
+    ("out_stride_s", ParamKind::U64),
+    ("out_stride_h", ParamKind::U64),
+    ("dout_stride_b", ParamKind::U64),
+    ("dout_stride_s", ParamKind::U64),
+    ("dout_stride_h", ParamKind::U64),
+    ("dq_stride_b", ParamKind::U64),
+    ("dq_stride_s", ParamKind::U64),
+    ("dq_stride_h", ParamKind::U64),
+    ("dk_stride_b", ParamKind::U64),
+    ("dk_stride_s", ParamKind::U64),
+    ("dk_stride_h", ParamKind::U64),
+    ("dv_stride_b", ParamKind::U64),
+    ("dv_stride_s", ParamKind::U64),
+    ("dv_stride_h", ParamKind::U64),
+    ("lse_stride_b", ParamKind::U64),
+    ("lse_stride_h", ParamKind::U64),
+    ("lse_stride_q", ParamKind::U64),
+    ("mask_stride_b", ParamKind::U64),
+    ("mask_stride_h", ParamKind::U64),
+    ("mask_stride_q", ParamKind::U64),
+    ("seq_q", ParamKind::U32),
+    ("seq_k", ParamKind::U32),
+    ("heads_q", ParamKind::U32),
+    ("group", ParamKind::U32),
+    ("scale_log2", ParamKind::F32),
+    ("scale", ParamKind::F32),
+];
+
+/// The three backward kernels of a variant and how to launch them (the
+/// module docs give the contract).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackwardKernels {
+    /// `delta` and `lse_log2`, per query row.
+    pub preprocess: GpuKernel,
+    /// `dk`, `dv` and the `dq_accum` sums, per block of
+    /// [`BackwardKernels::block_n`] keys; its `block_m` is the query rows
+    /// per `dq` block (the granularity of `sem`).
+    pub main: GpuKernel,
+    /// Keys per CTA of [`BackwardKernels::main`].
+    pub block_n: u32,
+    /// `dq` from `dq_accum`.
+    pub convert: GpuKernel,
+}
+
+impl BackwardKernels {
+    /// The architecture all three kernels target.
+    pub fn target(&self) -> Target {
+        self.main.target
+    }
+}
+
+/// Generates the backward kernels of `spec` (portable sm_80 PTX).
+pub fn generate(spec: &VariantSpec) -> BackwardKernels {
+    let target = Target::Sm80;
+    let (main, block_n) = match spec.dtype {
+        DType::F32 => rows::placeholder_main(spec, target),
+        DType::F16 | DType::BF16 => rows::placeholder_main(spec, target),
+    };
+    BackwardKernels {
+        preprocess: rows::preprocess(spec, target),
+        main,
+        block_n,
+        convert: rows::convert(spec, target),
+    }
+}
+
+#[cfg(test)]
+mod tests;
