@@ -43,6 +43,7 @@
 //! block having been scheduled before them (as the hardware schedules a
 //! grid in order of its linear index); the CTA of key block 0 never waits.
 
+mod mma;
 mod rows;
 
 use crate::contract::{GpuKernel, ParamKind};
@@ -132,7 +133,7 @@ pub fn generate(spec: &VariantSpec) -> BackwardKernels {
     let target = Target::Sm80;
     let (main, block_n) = match spec.dtype {
         DType::F32 => rows::placeholder_main(spec, target),
-        DType::F16 | DType::BF16 => rows::placeholder_main(spec, target),
+        DType::F16 | DType::BF16 => mma::main_kernel(spec, target),
     };
     BackwardKernels {
         preprocess: rows::preprocess(spec, target),

@@ -1,0 +1,940 @@
+//! The tensor-core backward main kernel for 16-bit element types, in the
+//! manner of FlashAttention-2 on sm_80: `mma.sync` m16n8k16 products,
+//! `ldmatrix` from padded shared memory and `cp.async` loads.
+//!
+//! # Structure
+//!
+//! A CTA holds `block_n` keys of one (batch, K/V head): their K and V rows
+//! stay in shared memory and their `dK`, `dV` accumulators in registers.
+//! Warp `w` owns the 16 keys of key tile `w % (block_n / 16)`; above head
+//! size 128 two warps share a key tile, each owning half of the head
+//! dimension's columns of `dK`, `dV` (and of `dQ`), both computing the
+//! tile's scores. The CTA walks every (query head of the group, query block
+//! of `block_m` rows that sees its keys); per step, with `Q`, `dO`,
+//! `lse_log2` and `delta` of the block in shared memory:
+//!
+//! 1. `Sᵀ = K·Qᵀ` and `dPᵀ = V·dOᵀ` (16 keys × `block_m` queries per warp);
+//! 2. `Pᵀ = exp2(Sᵀ·scale_log2 + bias − lse_log2)` with the mask, keys past
+//!    `Sk` and causal keys hidden (only on blocks that need it), and `dSᵀ =
+//!    Pᵀ ∘ (dPᵀ − delta)`;
+//! 3. `dV += Pᵀ·dO`, `dK += dSᵀ·Q`: the accumulator layout of `Pᵀ` and
+//!    `dSᵀ` is exactly an A fragment, `dO` and `Q` come by `ldmatrix.trans`;
+//! 4. `dSᵀ` goes to shared memory; past a barrier the next block's `Q` and
+//!    `dO` start loading, and `dQ = dS·K` (an A fragment by
+//!    `ldmatrix.trans` of `dSᵀ`) is added to `dq_accum` in key-block order
+//!    (the semaphore of the launch contract).
+//!
+//! The end writes `dK · scale` and `dV` in the input dtype.
+
+use super::BACKWARD_PARAMS;
+use crate::attention::softmax::pack_a_fragment;
+use crate::contract::{declare_table, head_offset, tensor_head, GpuKernel};
+use crate::ptx::{
+    Addr, BinOp, Cmp, Instr, Kernel, MmaShape, Module, Operand, Reg, Special, StateSpace, Target,
+    Ty, UnOp,
+};
+use crate::{DType, VariantSpec};
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+
+/// The shape of one variant's backward main kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmaBackwardConfig {
+    /// Head size.
+    pub d: usize,
+    /// `BF16` or `F16`.
+    pub ab: Ty,
+    /// Top-left causal.
+    pub causal: bool,
+    /// Keys per CTA.
+    pub block_n: usize,
+    /// Query rows per step (and per `dq` semaphore).
+    pub block_m: usize,
+    /// Warps sharing one 16-key tile (each owning a share of the columns).
+    pub col_parts: usize,
+    /// Bytes between consecutive rows of a `[rows, D]` shared tile.
+    pub pitch: usize,
+    /// Bytes between consecutive rows of the `dSᵀ` tile.
+    pub ds_pitch: usize,
+}
+
+impl MmaBackwardConfig {
+    /// The configuration of a 16-bit variant.
+    pub fn new(spec: &VariantSpec) -> MmaBackwardConfig {
+        let d = spec.head_size;
+        let ab = match spec.dtype {
+            DType::BF16 => Ty::BF16,
+            _ => Ty::F16,
+        };
+        let odd_chunks = |bytes: usize| {
+            let c = bytes / 16;
+            (if c % 2 == 1 { c } else { c + 1 }) * 16
+        };
+        let block_m = 64;
+        MmaBackwardConfig {
+            d,
+            ab,
+            causal: spec.causal,
+            block_n: 64,
+            block_m,
+            col_parts: if d > 128 { 2 } else { 1 },
+            pitch: odd_chunks(d * 2),
+            ds_pitch: odd_chunks(block_m * 2),
+        }
+    }
+
+    /// Warps per CTA.
+    pub fn warps(&self) -> usize {
+        self.block_n / 16 * self.col_parts
+    }
+
+    /// Threads per CTA.
+    pub fn threads(&self) -> usize {
+        self.warps() * 32
+    }
+
+    /// Byte offsets of the shared tiles: K, V, Q, dO, dSᵀ, lse, delta, and
+    /// the total.
+    fn smem(&self) -> [usize; 8] {
+        let (bn, bm, p) = (self.block_n, self.block_m, self.pitch);
+        let k = 0;
+        let v = k + bn * p;
+        let q = v + bn * p;
+        let dout = q + bm * p;
+        let ds = dout + bm * p;
+        let lse = ds + bn * self.ds_pitch;
+        let delta = lse + bm * 4;
+        // 32 bytes of slack: a warp's last column pair may read one 16-byte
+        // chunk past the head dimension of the last row (never used).
+        let end = delta + bm * 4 + 32;
+        [k, v, q, dout, ds, lse, delta, end]
+    }
+
+    /// Dynamic shared memory per CTA, in bytes.
+    pub fn smem_bytes(&self) -> usize {
+        self.smem()[7]
+    }
+
+    /// n8 tiles of the head dimension.
+    fn d_tiles(&self) -> usize {
+        self.d / 8
+    }
+
+    /// n8 tiles of `dK`, `dV` and `dQ` each warp owns (the last may not
+    /// exist for the last part).
+    fn part_tiles(&self) -> usize {
+        self.d_tiles().div_ceil(self.col_parts)
+    }
+
+    fn packed(&self) -> Ty {
+        if self.ab == Ty::BF16 {
+            Ty::BF16x2
+        } else {
+            Ty::F16x2
+        }
+    }
+}
+
+/// Generates the backward main kernel of a 16-bit variant, and its keys
+/// per CTA.
+pub(super) fn main_kernel(spec: &VariantSpec, target: Target) -> (GpuKernel, u32) {
+    let cfg = MmaBackwardConfig::new(spec);
+    let entry = format!("{}_bwd", spec.kernel_name());
+    let k = Emitter {
+        k: Kernel::new(&entry),
+        cfg,
+    }
+    .emit();
+    let kernel = GpuKernel {
+        ptx: Module::new(target).kernel(k).to_string(),
+        entry,
+        target,
+        block_m: cfg.block_m as u32,
+        threads: cfg.threads() as u32,
+        smem_bytes: cfg.smem_bytes() as u32,
+        tensor_maps: None,
+    };
+    (kernel, cfg.block_n as u32)
+}
+
+fn u(x: usize) -> Operand {
+    Operand::U(x as u64)
+}
+
+/// Per-thread chunk assignment for `cp.async` tile loads: `D/8` 16-byte
+/// chunks per row, threads laid out row-major over them.
+struct Loader {
+    active: Reg,
+    row: Reg,
+    chunk_bytes: Reg,
+    rows_per_pass: usize,
+}
+
+/// Lane row addresses of the four `ldmatrix` patterns over a tile.
+#[derive(Clone, Copy)]
+struct Lanes {
+    /// A fragment, row-major tile: row `lane % 16`, chunk `lane / 16`.
+    a: Reg,
+    /// A fragment from a transposed tile: row `lane % 8 + 8·(lane / 16)`,
+    /// chunk `(lane / 8) % 2`.
+    a_tr: Reg,
+    /// B fragments of two n8 tiles, `[n][k]` tile: row `8·(lane / 16) +
+    /// lane % 8`, chunk `(lane / 8) % 2`.
+    b: Reg,
+    /// B fragments, `[k][n]` tile (transposed load): row `8·((lane / 8) %
+    /// 2) + lane % 8`, chunk `lane / 16`.
+    b_tr: Reg,
+    /// The k8 tail's B fragments: row `lane`.
+    b_tail: Reg,
+}
+
+struct Emitter {
+    k: Kernel,
+    cfg: MmaBackwardConfig,
+}
+
+impl Emitter {
+    fn loader(&mut self, tid: Reg) -> Loader {
+        let chunks = self.cfg.d / 8;
+        let rows_per_pass = self.cfg.threads() / chunks;
+        let k = &mut self.k;
+        let active = k.setp(Cmp::Lt, Ty::U32, tid, u(rows_per_pass * chunks));
+        let row = k.bin(BinOp::Div, Ty::U32, tid, u(chunks));
+        let chunk = k.bin(BinOp::Rem, Ty::U32, tid, u(chunks));
+        let chunk_bytes = k.bin(BinOp::Shl, Ty::U32, chunk, Operand::U(4));
+        Loader {
+            active,
+            row,
+            chunk_bytes,
+            rows_per_pass,
+        }
+    }
+
+    /// `cp.async` copies of rows `row0 .. row0 + rows` of a tensor (byte
+    /// base `base`, row stride `stride`) into the shared tile at `smem`;
+    /// rows at or past `seq` are zero-filled without reading memory.
+    #[allow(clippy::too_many_arguments)]
+    fn load_rows(
+        &mut self,
+        ld: &Loader,
+        smem: Reg,
+        base: Reg,
+        stride: Reg,
+        row0: Reg,
+        rows: usize,
+        seq: Reg,
+    ) {
+        let pitch = self.cfg.pitch;
+        let k = &mut self.k;
+        let chunk64 = k.cvt(None, Ty::U64, Ty::U32, ld.chunk_bytes);
+        let base = k.bin(BinOp::Add, Ty::U64, base, chunk64);
+        let dst0 = k.mad(Ty::U32, ld.row, u(pitch), smem);
+        let dst0 = k.bin(BinOp::Add, Ty::U32, dst0, ld.chunk_bytes);
+        for pass in 0..rows.div_ceil(ld.rows_per_pass) {
+            let local = pass * ld.rows_per_pass;
+            let mut go = ld.active;
+            if local + ld.rows_per_pass > rows {
+                let fits = k.setp(Cmp::Lt, Ty::U32, ld.row, u(rows - local));
+                let both = k.reg(Ty::Pred);
+                k.bin_to(BinOp::And, Ty::Pred, both, go, fits);
+                go = both;
+            }
+            let grow = k.bin(BinOp::Add, Ty::U32, row0, ld.row);
+            let grow = k.bin(BinOp::Add, Ty::U32, grow, u(local));
+            let valid = k.setp(Cmp::Lt, Ty::U32, grow, seq);
+            let size = k.selp(Ty::U32, Operand::U(16), Operand::U(0), valid);
+            // Rows past `seq` read nothing: their address is the base.
+            let g64 = k.cvt(None, Ty::U64, Ty::U32, grow);
+            let src = k.mad(Ty::U64, g64, stride, base);
+            k.selp_to(Ty::U64, src, src, base, valid);
+            k.guard(
+                go,
+                false,
+                Instr::CpAsync16 {
+                    dst: Addr::at(dst0, (local * pitch) as i64),
+                    src: src.into(),
+                    src_size: size.into(),
+                },
+            );
+        }
+    }
+
+    fn ldmatrix(&mut self, n: usize, trans: bool, base: Reg, offset: usize) -> Vec<Reg> {
+        let dst = self.k.regs(Ty::B32, n);
+        self.k.push(Instr::Ldmatrix {
+            trans,
+            dst: dst.clone(),
+            addr: Addr::at(base, offset as i64),
+        });
+        dst
+    }
+
+    /// `acc = a·b + c`.
+    fn mma_into(&mut self, shape: MmaShape, acc: &[Reg], a: &[Reg], b: &[Reg], c: &[Reg]) {
+        self.k.push(Instr::Mma {
+            shape,
+            ab: self.cfg.ab,
+            d: [acc[0], acc[1], acc[2], acc[3]],
+            a: a.to_vec(),
+            b: b.to_vec(),
+            c: [c[0], c[1], c[2], c[3]],
+        });
+    }
+
+    fn mma(&mut self, acc: &[Reg], a: &[Reg], b: &[Reg]) {
+        self.mma_into(MmaShape::M16N8K16, acc, a, b, acc);
+    }
+
+    /// The lane addresses of the `ldmatrix` patterns over the shared tile
+    /// at `base` with rows `pitch` bytes apart.
+    fn lanes(&mut self, lane: Reg, base: Reg, pitch: usize) -> Lanes {
+        let k = &mut self.k;
+        let l16 = k.bin(BinOp::And, Ty::U32, lane, Operand::U(15));
+        let l8 = k.bin(BinOp::And, Ty::U32, lane, Operand::U(7));
+        let hi16 = k.bin(BinOp::Shr, Ty::U32, lane, Operand::U(4));
+        let bit3 = k.bin(BinOp::Shr, Ty::U32, lane, Operand::U(3));
+        let bit3 = k.bin(BinOp::And, Ty::U32, bit3, Operand::U(1));
+        let at = |k: &mut Kernel, row: Reg, chunk: Reg| {
+            let a = k.mad(Ty::U32, row, u(pitch), base);
+            k.mad(Ty::U32, chunk, Operand::U(16), a)
+        };
+        let a = at(k, l16, hi16);
+        let row = k.mad(Ty::U32, hi16, Operand::U(8), l8);
+        let a_tr = at(k, row, bit3);
+        let b = at(k, row, bit3);
+        let row = k.mad(Ty::U32, bit3, Operand::U(8), l8);
+        let b_tr = at(k, row, hi16);
+        let b_tail = k.mad(Ty::U32, lane, u(pitch), base);
+        Lanes {
+            a,
+            a_tr,
+            b,
+            b_tr,
+            b_tail,
+        }
+    }
+
+    /// `acc[16 × block_m] = A·Bᵀ` over the head dimension: A the 16 rows at
+    /// `a_row` of one `[rows, D]` tile, B the `block_m` rows of another.
+    fn scores(&mut self, acc: &[Vec<Reg>], a: &Lanes, a_row: Reg, b: &Lanes) {
+        let cfg = self.cfg;
+        let (d, p) = (cfg.d, cfg.pitch);
+        let n_tiles = cfg.block_m / 8;
+        let zeros: Vec<Reg> = (0..4)
+            .map(|_| self.k.mov(Ty::F32, Operand::F32(0.0)))
+            .collect();
+        let a_lane = self.k.mad(Ty::U32, a_row, u(p), a.a);
+        for kk in 0..d / 16 {
+            let af = self.ldmatrix(4, false, a_lane, kk * 32);
+            for pair in 0..n_tiles / 2 {
+                let bf = self.ldmatrix(4, false, b.b, pair * 16 * p + kk * 32);
+                let (c0, c1) = if kk == 0 {
+                    (zeros.clone(), zeros.clone())
+                } else {
+                    (acc[2 * pair].clone(), acc[2 * pair + 1].clone())
+                };
+                self.mma_into(MmaShape::M16N8K16, &acc[2 * pair], &af, &bf[0..2], &c0);
+                self.mma_into(MmaShape::M16N8K16, &acc[2 * pair + 1], &af, &bf[2..4], &c1);
+            }
+        }
+        if d % 16 == 8 {
+            let first = d < 16;
+            let af = self.ldmatrix(2, false, a_lane, (d - 8) * 2);
+            for quad in 0..n_tiles / 4 {
+                let bf = self.ldmatrix(4, false, b.b_tail, quad * 32 * p + (d - 8) * 2);
+                for t in 0..4 {
+                    let acc_t = acc[quad * 4 + t].clone();
+                    let c = if first { zeros.clone() } else { acc_t.clone() };
+                    self.mma_into(MmaShape::M16N8K8, &acc_t, &af, &bf[t..t + 1], &c);
+                }
+            }
+        }
+    }
+
+    /// `acc += A·B` where A (16 × k) is given as A fragments per k16 step
+    /// and B (k × this warp's columns) is read by `ldmatrix.trans` from the
+    /// `[k][D]` tile whose lanes are `b` (already offset to the warp's
+    /// first column), k16 step `kk` at row `k_row0(kk)`.
+    fn products(&mut self, acc: &[Vec<Reg>], a: &[Reg], b_tr: Reg, k_row: usize) {
+        let p = self.cfg.pitch;
+        let tiles = self.cfg.part_tiles();
+        for pair in 0..tiles / 2 {
+            let bf = self.ldmatrix(4, true, b_tr, k_row * p + pair * 32);
+            self.mma(&acc[2 * pair], a, &bf[0..2]);
+            self.mma(&acc[2 * pair + 1], a, &bf[2..4]);
+        }
+        if tiles % 2 == 1 {
+            let last = tiles - 1;
+            let bf = self.ldmatrix(2, true, b_tr, k_row * p + last * 16);
+            self.mma(&acc[last], a, &bf);
+        }
+    }
+
+    fn zeros(&mut self, tiles: usize) -> Vec<Vec<Reg>> {
+        (0..tiles)
+            .map(|_| {
+                (0..4)
+                    .map(|_| self.k.mov(Ty::F32, Operand::F32(0.0)))
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn shared_f32(&mut self, addr: Reg, offset: usize) -> Reg {
+        let dst = self.k.reg(Ty::F32);
+        self.k.push(Instr::Ld {
+            space: StateSpace::Shared,
+            ty: Ty::F32,
+            dst: vec![dst],
+            addr: Addr::at(addr, offset as i64),
+        });
+        dst
+    }
+
+    fn emit(mut self) -> Kernel {
+        let cfg = self.cfg;
+        let (d, bm, bn) = (cfg.d, cfg.block_m, cfg.block_n);
+        let [sm_k, sm_v, sm_q, sm_do, sm_ds, sm_lse, sm_delta, _] = cfg.smem();
+        let m_tiles = bm / 8;
+        let part_tiles = cfg.part_tiles();
+        let packed = cfg.packed();
+
+        let params = declare_table(&mut self.k, BACKWARD_PARAMS);
+        self.k.launch_bounds(cfg.threads() as u32, None);
+        self.k.dynamic_shared(128);
+        self.k.comment(format!(
+            "tensor-core attention backward: d={d} causal={} {}, {} warps, \
+             {bn} keys x {bm} query rows, pitch {} B",
+            cfg.causal,
+            cfg.ab.name(),
+            cfg.warps(),
+            cfg.pitch
+        ));
+        let prm = |s: &mut Self, name: &str| params.get(&mut s.k, name);
+        let q_ptr = prm(&mut self, "q");
+        let k_ptr = prm(&mut self, "k");
+        let v_ptr = prm(&mut self, "v");
+        let do_ptr = prm(&mut self, "dout");
+        let mask_ptr = prm(&mut self, "mask");
+        let dk_ptr = prm(&mut self, "dk");
+        let dv_ptr = prm(&mut self, "dv");
+        let accum_ptr = prm(&mut self, "dq_accum");
+        let lse2_ptr = prm(&mut self, "lse_log2");
+        let delta_ptr = prm(&mut self, "delta");
+        let sem_ptr = prm(&mut self, "sem");
+        let seq_q = prm(&mut self, "seq_q");
+        let seq_k = prm(&mut self, "seq_k");
+        let heads_q = prm(&mut self, "heads_q");
+        let group = prm(&mut self, "group");
+        let scale_log2 = prm(&mut self, "scale_log2");
+        let scale = prm(&mut self, "scale");
+        let qs = params.strides(&mut self.k, "q");
+        let ks = params.strides(&mut self.k, "k");
+        let vs = params.strides(&mut self.k, "v");
+        let dos = params.strides(&mut self.k, "dout");
+        let dks = params.strides(&mut self.k, "dk");
+        let dvs = params.strides(&mut self.k, "dv");
+        let [msb, msh, msq] = params.strides(&mut self.k, "mask");
+
+        // ---- coordinates ----
+        let k = &mut self.k;
+        let tid = k.mov(Ty::U32, Operand::Special(Special::TidX));
+        let kblock = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
+        let kv_head = k.mov(Ty::U32, Operand::Special(Special::CtaIdY));
+        let batch = k.mov(Ty::U32, Operand::Special(Special::CtaIdZ));
+        let lane = k.bin(BinOp::And, Ty::U32, tid, Operand::U(31));
+        let warp = k.bin(BinOp::Shr, Ty::U32, tid, Operand::U(5));
+        let g = k.bin(BinOp::Shr, Ty::U32, lane, Operand::U(2));
+        let t = k.bin(BinOp::And, Ty::U32, lane, Operand::U(3));
+        let t2 = k.bin(BinOp::Shl, Ty::U32, t, Operand::U(1));
+        let key_tiles = bn / 16;
+        let key_tile = k.bin(BinOp::Rem, Ty::U32, warp, u(key_tiles));
+        let part = k.bin(BinOp::Div, Ty::U32, warp, u(key_tiles));
+        let key_row = k.bin(BinOp::Shl, Ty::U32, key_tile, Operand::U(4));
+        let j0 = k.bin(BinOp::Mul, Ty::U32, kblock, u(bn));
+        // This warp's first owned column of dK, dV (and dQ).
+        let col0 = k.bin(BinOp::Mul, Ty::U32, part, u(part_tiles * 8));
+        // Whether the warp's last owned n8 tile exists.
+        let last_col = k.bin(BinOp::Add, Ty::U32, col0, u(part_tiles * 8 - 8));
+        let last_tile_ok = k.setp(Cmp::Lt, Ty::U32, last_col, u(d));
+
+        let (k_base, k_stride) = tensor_head(k, k_ptr, ks, batch, kv_head, 2);
+        let (v_base, v_stride) = tensor_head(k, v_ptr, vs, batch, kv_head, 2);
+        let smem = k.mov(Ty::U32, Operand::Symbol("smem".into()));
+        let at = |k: &mut Kernel, off: usize| k.bin(BinOp::Add, Ty::U32, smem, u(off));
+        let s_k = at(k, sm_k);
+        let s_v = at(k, sm_v);
+        let s_q = at(k, sm_q);
+        let s_do = at(k, sm_do);
+        let s_ds = at(k, sm_ds);
+        let s_lse = at(k, sm_lse);
+        let s_delta = at(k, sm_delta);
+
+        // Steps: (query head of the group, query block), query blocks from
+        // the first that sees the CTA's keys.
+        let nqb = k.bin(BinOp::Add, Ty::U32, seq_q, u(bm - 1));
+        let nqb = k.bin(BinOp::Div, Ty::U32, nqb, u(bm));
+        let i_start = if cfg.causal {
+            let i = k.bin(BinOp::Div, Ty::U32, j0, u(bm));
+            k.bin(BinOp::Min, Ty::U32, i, nqb)
+        } else {
+            k.mov(Ty::U32, Operand::U(0))
+        };
+        let n_i = k.bin(BinOp::Sub, Ty::U32, nqb, i_start);
+        let steps = k.bin(BinOp::Mul, Ty::U32, n_i, group);
+        let head0 = k.bin(BinOp::Mul, Ty::U32, kv_head, group);
+        let batch64 = k.cvt(None, Ty::U64, Ty::U32, batch);
+        let has_mask = k.setp(Cmp::Ne, Ty::U64, mask_ptr, Operand::U(0));
+
+        // ---- K and V of the CTA ----
+        let ld = self.loader(tid);
+        self.load_rows(&ld, s_k, k_base, k_stride, j0, bn, seq_k);
+        self.load_rows(&ld, s_v, v_base, v_stride, j0, bn, seq_k);
+        self.k.push(Instr::CpAsyncCommit);
+
+        // The step's (head, query block) and what it reads.
+        struct Step {
+            head: Reg,
+            i0: Reg,
+            qblock: Reg,
+            /// `batch · Hq + head`, 64-bit.
+            bh: Reg,
+        }
+        let step_of = |s: &mut Self, step: Reg| {
+            let k = &mut s.k;
+            let gi = k.bin(BinOp::Div, Ty::U32, step, n_i);
+            let ii = k.bin(BinOp::Rem, Ty::U32, step, n_i);
+            let head = k.bin(BinOp::Add, Ty::U32, head0, gi);
+            let qblock = k.bin(BinOp::Add, Ty::U32, i_start, ii);
+            let i0 = k.bin(BinOp::Mul, Ty::U32, qblock, u(bm));
+            let bh = k.mad(Ty::U32, batch, heads_q, head);
+            let bh = k.cvt(None, Ty::U64, Ty::U32, bh);
+            Step {
+                head,
+                i0,
+                qblock,
+                bh,
+            }
+        };
+        // Issues the loads of a step: Q and dO by cp.async, lse_log2 and
+        // delta into registers (threads below block_m).
+        let row_reader = self.k.setp(Cmp::Lt, Ty::U32, tid, u(bm));
+        let issue = |s: &mut Self, st: &Step| -> (Reg, Reg) {
+            let k = &mut s.k;
+            let (q_base, q_stride) = tensor_head(k, q_ptr, qs, batch, st.head, 2);
+            let (do_base, do_stride) = tensor_head(k, do_ptr, dos, batch, st.head, 2);
+            s.load_rows(&ld, s_q, q_base, q_stride, st.i0, bm, seq_q);
+            s.load_rows(&ld, s_do, do_base, do_stride, st.i0, bm, seq_q);
+            s.k.push(Instr::CpAsyncCommit);
+            let k = &mut s.k;
+            let row = k.bin(BinOp::Add, Ty::U32, st.i0, tid);
+            let ok = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
+            k.bin_to(BinOp::And, Ty::Pred, ok, ok, row_reader);
+            let sq64 = k.cvt(None, Ty::U64, Ty::U32, seq_q);
+            let row64 = k.cvt(None, Ty::U64, Ty::U32, row);
+            let dense = k.mad(Ty::U64, st.bh, sq64, row64);
+            let dense4 = k.bin(BinOp::Shl, Ty::U64, dense, Operand::U(2));
+            let lse = k.mov(Ty::F32, Operand::F32(f32::INFINITY));
+            let delta = k.mov(Ty::F32, Operand::F32(0.0));
+            for (dst, ptr) in [(lse, lse2_ptr), (delta, delta_ptr)] {
+                let addr = k.bin(BinOp::Add, Ty::U64, ptr, dense4);
+                k.guard(
+                    ok,
+                    false,
+                    Instr::Ld {
+                        space: StateSpace::Global,
+                        ty: Ty::F32,
+                        dst: vec![dst],
+                        addr: Addr::at(addr, 0),
+                    },
+                );
+            }
+            (lse, delta)
+        };
+
+        // Accumulators.
+        let dk_acc = self.zeros(part_tiles);
+        let dv_acc = self.zeros(part_tiles);
+        let s_acc: Vec<Vec<Reg>> = (0..m_tiles).map(|_| self.k.regs(Ty::F32, 4)).collect();
+        let dp_acc: Vec<Vec<Reg>> = (0..m_tiles).map(|_| self.k.regs(Ty::F32, 4)).collect();
+
+        // Lane addresses.
+        let lk = self.lanes(lane, s_k, cfg.pitch);
+        let lv = self.lanes(lane, s_v, cfg.pitch);
+        let lq = self.lanes(lane, s_q, cfg.pitch);
+        let ldo = self.lanes(lane, s_do, cfg.pitch);
+        let lds = self.lanes(lane, s_ds, cfg.ds_pitch);
+        let k = &mut self.k;
+        let col_bytes = k.bin(BinOp::Shl, Ty::U32, col0, Operand::U(1));
+        let q_tr = k.bin(BinOp::Add, Ty::U32, lq.b_tr, col_bytes);
+        let do_tr = k.bin(BinOp::Add, Ty::U32, ldo.b_tr, col_bytes);
+
+        let step = k.mov(Ty::U32, Operand::U(0));
+        let done = k.label("bwd_end");
+        let top = k.label("bwd_step");
+        let none = k.setp(Cmp::Ge, Ty::U32, step, steps);
+        k.branch_if(none, false, &done);
+        let first = step_of(&mut self, step);
+        let (lse_next, delta_next) = issue(&mut self, &first);
+        let k = &mut self.k;
+        k.push(Instr::Label(top.clone()));
+        let cur = step_of(&mut self, step);
+        // ---- 0. the step's tiles have landed ----
+        let k = &mut self.k;
+        let row_lse = k.mad(Ty::U32, tid, Operand::U(4), s_lse);
+        let row_delta = k.mad(Ty::U32, tid, Operand::U(4), s_delta);
+        for (addr, v) in [(row_lse, lse_next), (row_delta, delta_next)] {
+            k.guard(
+                row_reader,
+                false,
+                Instr::St {
+                    space: StateSpace::Shared,
+                    ty: Ty::F32,
+                    addr: Addr::at(addr, 0),
+                    src: vec![v],
+                },
+            );
+        }
+        k.push(Instr::CpAsyncWait(0));
+        k.push(Instr::BarSync(0));
+
+        // ---- 1. Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ ----
+        self.scores(&s_acc, &lk, key_row, &lq);
+        self.scores(&dp_acc, &lv, key_row, &ldo);
+
+        // ---- 2. Pᵀ and dSᵀ ----
+        // Thread element (r, n-tile nt, e): key j0 + key_row + g + 8r,
+        // query i0 + 8nt + 2t + e.
+        let k = &mut self.k;
+        for acc in &s_acc {
+            for &x in acc {
+                k.bin_to(BinOp::Mul, Ty::F32, x, x, scale_log2);
+            }
+        }
+        let key_lo = k.bin(BinOp::Add, Ty::U32, j0, key_row);
+        let key_lo = k.bin(BinOp::Add, Ty::U32, key_lo, g);
+        let keys = [key_lo, k.bin(BinOp::Add, Ty::U32, key_lo, Operand::U(8))];
+        // Does this block need element-wise masking?
+        let block_end = k.bin(BinOp::Add, Ty::U32, j0, u(bn));
+        let need = k.setp(Cmp::Gt, Ty::U32, block_end, seq_k);
+        k.bin_to(BinOp::Or, Ty::Pred, need, need, has_mask);
+        if cfg.causal {
+            let last_key = k.bin(BinOp::Add, Ty::U32, j0, u(bn - 1));
+            let diag = k.setp(Cmp::Gt, Ty::U32, last_key, cur.i0);
+            k.bin_to(BinOp::Or, Ty::Pred, need, need, diag);
+        }
+        let skip = k.label("bwd_unmasked");
+        k.branch_if(need, true, &skip);
+        {
+            let qcol0 = k.bin(BinOp::Add, Ty::U32, cur.i0, t2);
+            let h64 = k.cvt(None, Ty::U64, Ty::U32, cur.head);
+            let mask_head = head_offset(k, batch64, h64, msb, msh);
+            let key_in: Vec<Reg> = keys
+                .iter()
+                .map(|&key| k.setp(Cmp::Lt, Ty::U32, key, seq_k))
+                .collect();
+            let key64: Vec<Reg> = keys
+                .iter()
+                .map(|&key| k.cvt(None, Ty::U64, Ty::U32, key))
+                .collect();
+            let no_bias = k.label("bwd_no_bias");
+            k.branch_if(has_mask, true, &no_bias);
+            for (nt, acc) in s_acc.iter().enumerate() {
+                for e in 0..2 {
+                    let q = k.bin(BinOp::Add, Ty::U32, qcol0, u(8 * nt + e));
+                    let q_in = k.setp(Cmp::Lt, Ty::U32, q, seq_q);
+                    let q64 = k.cvt(None, Ty::U64, Ty::U32, q);
+                    let row = k.mad(Ty::U64, q64, msq, mask_head);
+                    for r in 0..2 {
+                        let ok = k.reg(Ty::Pred);
+                        k.bin_to(BinOp::And, Ty::Pred, ok, q_in, key_in[r]);
+                        let off = k.bin(BinOp::Add, Ty::U64, row, key64[r]);
+                        let addr = k.mad(Ty::U64, off, Operand::U(4), mask_ptr);
+                        let bias = k.mov(Ty::F32, Operand::F32(0.0));
+                        k.guard(
+                            ok,
+                            false,
+                            Instr::Ld {
+                                space: StateSpace::GlobalNc,
+                                ty: Ty::F32,
+                                dst: vec![bias],
+                                addr: Addr::at(addr, 0),
+                            },
+                        );
+                        let x = acc[2 * r + e];
+                        k.mad_to(Ty::F32, x, bias, Operand::F32(LOG2E), x);
+                    }
+                }
+            }
+            k.push(Instr::Label(no_bias));
+            for (nt, acc) in s_acc.iter().enumerate() {
+                for e in 0..2 {
+                    let q = k.bin(BinOp::Add, Ty::U32, qcol0, u(8 * nt + e));
+                    for r in 0..2 {
+                        let hide = k.setp(Cmp::Ge, Ty::U32, keys[r], seq_k);
+                        if cfg.causal {
+                            let after = k.setp(Cmp::Gt, Ty::U32, keys[r], q);
+                            k.bin_to(BinOp::Or, Ty::Pred, hide, hide, after);
+                        }
+                        let x = acc[2 * r + e];
+                        k.selp_to(Ty::F32, x, Operand::F32(f32::NEG_INFINITY), x, hide);
+                    }
+                }
+            }
+        }
+        k.push(Instr::Label(skip));
+        // P = exp2(s - lse_log2[q]); dS = P (dP - delta[q]).
+        let lane_col = k.mad(Ty::U32, t2, Operand::U(4), Operand::U(0));
+        let lse_at = k.bin(BinOp::Add, Ty::U32, s_lse, lane_col);
+        let delta_at = k.bin(BinOp::Add, Ty::U32, s_delta, lane_col);
+        for nt in 0..m_tiles {
+            for e in 0..2 {
+                let lse = self.shared_f32(lse_at, (8 * nt + e) * 4);
+                let delta = self.shared_f32(delta_at, (8 * nt + e) * 4);
+                let k = &mut self.k;
+                for r in 0..2 {
+                    let i = 2 * r + e;
+                    let (s, dp) = (s_acc[nt][i], dp_acc[nt][i]);
+                    k.bin_to(BinOp::Sub, Ty::F32, s, s, lse);
+                    k.un_to(UnOp::Ex2, Ty::F32, s, s);
+                    k.bin_to(BinOp::Sub, Ty::F32, dp, dp, delta);
+                    k.bin_to(BinOp::Mul, Ty::F32, dp, dp, s);
+                }
+            }
+        }
+
+        // ---- 3. dV += Pᵀ·dO, dK += dSᵀ·Q; dSᵀ to shared memory ----
+        let ds_writer = self.k.setp(Cmp::Eq, Ty::U32, part, Operand::U(0));
+        let ds_row = self.k.bin(BinOp::Add, Ty::U32, key_row, g);
+        let ds_lane = self.k.mad(Ty::U32, ds_row, u(cfg.ds_pitch), s_ds);
+        let ds_lane = self.k.mad(Ty::U32, t2, Operand::U(2), ds_lane);
+        for kk in 0..bm / 16 {
+            let k = &mut self.k;
+            let pa = k.regs(Ty::B32, 4);
+            pack_a_fragment(k, packed, &s_acc[2 * kk], &s_acc[2 * kk + 1], &pa);
+            self.products(&dv_acc, &pa, do_tr, kk * 16);
+            let k = &mut self.k;
+            let dsa = k.regs(Ty::B32, 4);
+            pack_a_fragment(k, packed, &dp_acc[2 * kk], &dp_acc[2 * kk + 1], &dsa);
+            // a0: (key g, query 16kk + 2t), a1: key g + 8, a2: query + 8,
+            // a3: both.
+            for (i, &w) in dsa.iter().enumerate() {
+                let off = (i % 2) * 8 * cfg.ds_pitch + (16 * kk + 8 * (i / 2)) * 2;
+                k.guard(
+                    ds_writer,
+                    false,
+                    Instr::St {
+                        space: StateSpace::Shared,
+                        ty: Ty::B32,
+                        addr: Addr::at(ds_lane, off as i64),
+                        src: vec![w],
+                    },
+                );
+            }
+            self.products(&dk_acc, &dsa, q_tr, kk * 16);
+        }
+        self.k.push(Instr::BarSync(0));
+
+        // ---- 4. the next step's loads, then dQ = dS·K ----
+        let k = &mut self.k;
+        k.bin_to(BinOp::Add, Ty::U32, step, step, Operand::U(1));
+        let more = k.setp(Cmp::Lt, Ty::U32, step, steps);
+        let no_next = k.label("bwd_no_next");
+        k.branch_if(more, true, &no_next);
+        let next = step_of(&mut self, step);
+        let (lse_n, delta_n) = issue(&mut self, &next);
+        let k = &mut self.k;
+        k.mov_to(Ty::F32, lse_next, lse_n);
+        k.mov_to(Ty::F32, delta_next, delta_n);
+        k.push(Instr::Label(no_next));
+
+        // Warp w: query rows 16·(w % (block_m / 16)), its columns' share.
+        let q_tiles = bm / 16;
+        let parts_q = cfg.warps() / q_tiles;
+        assert_eq!(parts_q, cfg.col_parts, "dQ splits columns as dK does");
+        let mt = k.bin(BinOp::Rem, Ty::U32, warp, u(q_tiles));
+        let q_row = k.bin(BinOp::Shl, Ty::U32, mt, Operand::U(4));
+        let qpart = k.bin(BinOp::Div, Ty::U32, warp, u(q_tiles));
+        let qcol0 = k.bin(BinOp::Mul, Ty::U32, qpart, u(part_tiles * 8));
+        let qcol_bytes = k.bin(BinOp::Shl, Ty::U32, qcol0, Operand::U(1));
+        let k_tr_q = k.bin(BinOp::Add, Ty::U32, lk.b_tr, qcol_bytes);
+        let q_last = k.bin(BinOp::Add, Ty::U32, qcol0, u(part_tiles * 8 - 8));
+        let q_last_ok = k.setp(Cmp::Lt, Ty::U32, q_last, u(d));
+        let ds_a = k.bin(BinOp::Shl, Ty::U32, q_row, Operand::U(1));
+        let ds_a = k.bin(BinOp::Add, Ty::U32, lds.a_tr, ds_a);
+        let dq_acc = self.zeros(part_tiles);
+        for kk in 0..bn / 16 {
+            let a = self.ldmatrix(4, true, ds_a, kk * 16 * cfg.ds_pitch);
+            self.products(&dq_acc, &a, k_tr_q, kk * 16);
+        }
+
+        // The semaphore: wait for key block `kblock`'s turn on this query
+        // block, add, hand over to the next key block.
+        let k = &mut self.k;
+        let nqb64 = k.cvt(None, Ty::U64, Ty::U32, nqb);
+        let qb64 = k.cvt(None, Ty::U64, Ty::U32, cur.qblock);
+        let sem_i = k.mad(Ty::U64, cur.bh, nqb64, qb64);
+        let sem_addr = k.mad(Ty::U64, sem_i, Operand::U(4), sem_ptr);
+        let leader = k.setp(Cmp::Eq, Ty::U32, tid, Operand::U(0));
+        let spun = k.label("bwd_turn");
+        let spin = k.label("bwd_spin");
+        k.branch_if(leader, true, &spun);
+        k.push(Instr::Label(spin.clone()));
+        let seen = k.reg(Ty::U32);
+        k.push(Instr::LdAcquire {
+            dst: seen,
+            addr: Addr::at(sem_addr, 0),
+        });
+        let wait = k.setp(Cmp::Ne, Ty::U32, seen, kblock);
+        k.branch_if(wait, false, &spin);
+        k.push(Instr::Label(spun));
+        k.push(Instr::BarSync(0));
+        // dq_accum[(bh · Sq + q) · D + c] += dQ.
+        let sq64 = k.cvt(None, Ty::U64, Ty::U32, seq_q);
+        let rows_base = k.bin(BinOp::Mul, Ty::U64, cur.bh, sq64);
+        for r in 0..2 {
+            let q = k.bin(BinOp::Add, Ty::U32, cur.i0, q_row);
+            let q = k.bin(BinOp::Add, Ty::U32, q, g);
+            let q = k.bin(BinOp::Add, Ty::U32, q, u(8 * r));
+            let q_in = k.setp(Cmp::Lt, Ty::U32, q, seq_q);
+            let q64 = k.cvt(None, Ty::U64, Ty::U32, q);
+            let row = k.bin(BinOp::Add, Ty::U64, rows_base, q64);
+            let row = k.bin(BinOp::Mul, Ty::U64, row, u(d));
+            let c = k.bin(BinOp::Add, Ty::U32, qcol0, t2);
+            let c64 = k.cvt(None, Ty::U64, Ty::U32, c);
+            let e = k.bin(BinOp::Add, Ty::U64, row, c64);
+            let addr = k.mad(Ty::U64, e, Operand::U(4), accum_ptr);
+            for (nt, acc) in dq_acc.iter().enumerate() {
+                let ok = if nt + 1 == part_tiles && d.div_ceil(8) % cfg.col_parts != 0 {
+                    let both = k.reg(Ty::Pred);
+                    k.bin_to(BinOp::And, Ty::Pred, both, q_in, q_last_ok);
+                    both
+                } else {
+                    q_in
+                };
+                for e in 0..2 {
+                    k.guard(
+                        ok,
+                        false,
+                        Instr::RedAddF32 {
+                            addr: Addr::at(addr, ((8 * nt + e) * 4) as i64),
+                            src: acc[2 * r + e],
+                        },
+                    );
+                }
+            }
+        }
+        k.push(Instr::FenceGpu);
+        k.push(Instr::BarSync(0));
+        let next_turn = k.bin(BinOp::Add, Ty::U32, kblock, Operand::U(1));
+        k.guard(
+            leader,
+            false,
+            Instr::StRelease {
+                addr: Addr::at(sem_addr, 0),
+                src: next_turn.into(),
+            },
+        );
+        k.branch_if(more, false, &top);
+        k.push(Instr::Label(done));
+
+        // ---- the end: dK · scale and dV, in the input dtype ----
+        let (dk_base, dk_stride) = tensor_head(k, dk_ptr, dks, batch, kv_head, 2);
+        let (dv_base, dv_stride) = tensor_head(k, dv_ptr, dvs, batch, kv_head, 2);
+        let cbytes = k.bin(BinOp::Add, Ty::U32, col0, t2);
+        let cbytes = k.bin(BinOp::Shl, Ty::U32, cbytes, Operand::U(1));
+        let cbytes = k.cvt(None, Ty::U64, Ty::U32, cbytes);
+        for r in 0..2 {
+            let key = keys_at(k, j0, key_row, g, r);
+            let key_in = k.setp(Cmp::Lt, Ty::U32, key, seq_k);
+            let key64 = k.cvt(None, Ty::U64, Ty::U32, key);
+            for (acc, base, stride, factor) in [
+                (&dk_acc, dk_base, dk_stride, Some(scale)),
+                (&dv_acc, dv_base, dv_stride, None),
+            ] {
+                let row = k.mad(Ty::U64, key64, stride, base);
+                let row = k.bin(BinOp::Add, Ty::U64, row, cbytes);
+                for (nt, tile) in acc.iter().enumerate() {
+                    let ok = if nt + 1 == part_tiles && d.div_ceil(8) % cfg.col_parts != 0 {
+                        let both = k.reg(Ty::Pred);
+                        k.bin_to(BinOp::And, Ty::Pred, both, key_in, last_tile_ok);
+                        both
+                    } else {
+                        key_in
+                    };
+                    let (lo, hi) = (tile[2 * r], tile[2 * r + 1]);
+                    let (lo, hi) = match factor {
+                        Some(f) => (
+                            k.bin(BinOp::Mul, Ty::F32, lo, f),
+                            k.bin(BinOp::Mul, Ty::F32, hi, f),
+                        ),
+                        None => (lo, hi),
+                    };
+                    let w = k.reg(Ty::B32);
+                    k.push(Instr::CvtPack {
+                        ty: packed,
+                        dst: w,
+                        hi,
+                        lo,
+                    });
+                    k.guard(
+                        ok,
+                        false,
+                        Instr::St {
+                            space: StateSpace::Global,
+                            ty: Ty::B32,
+                            addr: Addr::at(row, (nt * 16) as i64),
+                            src: vec![w],
+                        },
+                    );
+                }
+            }
+        }
+        k.push(Instr::CpAsyncWait(0));
+        k.push(Instr::Ret);
+        self.k
+    }
+}
+
+/// Key `j0 + key_row + g + 8r`: row `r` of a thread's accumulator.
+fn keys_at(k: &mut Kernel, j0: Reg, key_row: Reg, g: Reg, r: usize) -> Reg {
+    let key = k.bin(BinOp::Add, Ty::U32, j0, key_row);
+    let key = k.bin(BinOp::Add, Ty::U32, key, g);
+    k.bin(BinOp::Add, Ty::U32, key, u(8 * r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_fit_and_rows_are_odd_chunks() {
+        for d in (8..=256).step_by(8) {
+            let spec = VariantSpec::new(d, false, DType::BF16).unwrap();
+            let c = MmaBackwardConfig::new(&spec);
+            assert_eq!((c.pitch / 16) % 2, 1, "d={d}");
+            assert_eq!((c.ds_pitch / 16) % 2, 1);
+            assert!(c.smem_bytes() <= 227 * 1024, "d={d}: {}", c.smem_bytes());
+            assert_eq!(c.warps() / (c.block_m / 16), c.col_parts);
+        }
+    }
+
+    #[test]
+    fn uses_tensor_cores_and_the_semaphore() {
+        let spec = VariantSpec::new(128, true, DType::BF16).unwrap();
+        let (k, block_n) = main_kernel(&spec, Target::Sm80);
+        assert_eq!(block_n, 64);
+        for needle in [
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+            "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+            "cp.async.cg.shared.global",
+            "ld.acquire.gpu.global.u32",
+            "red.global.add.f32",
+            "fence.acq_rel.gpu;",
+            "st.release.gpu.global.u32",
+            "ex2.approx",
+        ] {
+            assert!(k.ptx.contains(needle), "{needle}");
+        }
+    }
+}
