@@ -139,7 +139,7 @@ impl MmaBackwardConfig {
 /// per CTA.
 pub(super) fn main_kernel(spec: &VariantSpec, target: Target) -> (GpuKernel, u32) {
     let cfg = MmaBackwardConfig::new(spec);
-    let entry = format!("{}_bwd", spec.kernel_name());
+    let entry = super::entry(spec, "main");
     let k = Emitter {
         k: Kernel::new(&entry),
         cfg,

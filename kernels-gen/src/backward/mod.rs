@@ -128,6 +128,14 @@ impl BackwardKernels {
     }
 }
 
+/// The entry name of `spec`'s backward kernel `part` (`pre`, `main`,
+/// `dq`): `sdpa_bwd_d128_causal_bf16_main`.
+fn entry(spec: &VariantSpec, part: &str) -> String {
+    let name = spec.kernel_name();
+    let stem = name.strip_prefix("sdpa_fwd").unwrap_or(&name);
+    format!("sdpa_bwd{stem}_{part}")
+}
+
 /// Generates the backward kernels of `spec` (portable sm_80 PTX).
 pub fn generate(spec: &VariantSpec) -> BackwardKernels {
     let target = Target::Sm80;

@@ -190,7 +190,7 @@ fn kernel(spec: &VariantSpec, target: Target, entry: String, k: Kernel) -> GpuKe
 /// The preprocess kernel: `delta = rowsum(dout ∘ out)` and `lse_log2 =
 /// lse · log2(e)` (`+inf` for `lse = -inf`) per query row.
 pub(super) fn preprocess(spec: &VariantSpec, target: Target) -> GpuKernel {
-    let entry = format!("{}_bwd_pre", spec.kernel_name());
+    let entry = super::entry(spec, "pre");
     let mut k = Kernel::new(&entry);
     k.comment(format!(
         "backward preprocess: delta = rowsum(dout * out), lse in log2; d={} {}",
@@ -266,7 +266,7 @@ pub(super) fn preprocess(spec: &VariantSpec, target: Target) -> GpuKernel {
 
 /// The conversion kernel: `dq = dq_accum · scale` in the input dtype.
 pub(super) fn convert(spec: &VariantSpec, target: Target) -> GpuKernel {
-    let entry = format!("{}_bwd_dq", spec.kernel_name());
+    let entry = super::entry(spec, "dq");
     let mut k = Kernel::new(&entry);
     k.comment(format!(
         "backward dq: dq = dq_accum * scale; d={} {}",
@@ -296,7 +296,7 @@ pub(super) fn convert(spec: &VariantSpec, target: Target) -> GpuKernel {
 /// Until the main kernels land: a main kernel that only declares the
 /// contract.
 pub(super) fn placeholder_main(spec: &VariantSpec, target: Target) -> (GpuKernel, u32) {
-    let entry = format!("{}_bwd", spec.kernel_name());
+    let entry = super::entry(spec, "main");
     let mut k = Kernel::new(&entry);
     let _ = declare_table(&mut k, BACKWARD_PARAMS);
     k.push(Instr::Ret);

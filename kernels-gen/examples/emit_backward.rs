@@ -1,0 +1,60 @@
+//! Writes the backward kernels (preprocess, main, dq conversion) of
+//! several head sizes, for every causal value and dtype, and a
+//! `manifest.json` of their launch metadata into a folder, for
+//! `tests/gpu/backward_harness.py`:
+//!
+//! `cargo run -p kernels-gen --example emit_backward -- OUT 40 64 128`
+
+use kernels_gen::backward::BACKWARD_PARAMS;
+use kernels_gen::{backward_kernels, DType, GpuKernel, VariantSpec};
+
+fn meta(k: &GpuKernel) -> String {
+    format!(
+        r#"{{"entry": "{}", "block_m": {}, "threads": {}, "smem_bytes": {}}}"#,
+        k.entry, k.block_m, k.threads, k.smem_bytes
+    )
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let Some(dir) = args.next() else {
+        eprintln!("usage: emit_backward OUT HEAD_SIZE...");
+        std::process::exit(2);
+    };
+    let dir = std::path::PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).expect("creating the output folder");
+    let mut entries = Vec::new();
+    for d in args {
+        let d: usize = d.parse().expect("head sizes are numbers");
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            for causal in [false, true] {
+                let spec = VariantSpec::new(d, causal, dtype).expect("a valid variant");
+                let b = backward_kernels(&spec);
+                for k in [&b.preprocess, &b.main, &b.convert] {
+                    std::fs::write(dir.join(format!("{}.ptx", k.entry)), &k.ptx)
+                        .expect("writing PTX");
+                }
+                entries.push(format!(
+                    r#"{{"d": {d}, "causal": {causal}, "dtype": "{dtype}", "block_n": {}, "pre": {}, "main": {}, "convert": {}}}"#,
+                    b.block_n,
+                    meta(&b.preprocess),
+                    meta(&b.main),
+                    meta(&b.convert)
+                ));
+            }
+        }
+    }
+    let params: Vec<String> = BACKWARD_PARAMS
+        .iter()
+        .map(|(name, kind)| format!(r#"["{name}", "{}"]"#, kind.ty()))
+        .collect();
+    std::fs::write(
+        dir.join("manifest.json"),
+        format!(
+            "{{\"params\": [{}],\n\"variants\": [\n{}\n]}}\n",
+            params.join(", "),
+            entries.join(",\n")
+        ),
+    )
+    .expect("writing the manifest");
+}

@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Loads the generated backward kernels through the CUDA driver (ctypes),
+checks dq, dk and dv against float64 autograd, and times them beside
+torch's flash backward.
+
+A development harness for kernels-gen, independent of the Rust runtime:
+
+    cargo run -p kernels-gen --example emit_backward -- .gpu-bwd 40 64 128
+    python3 tests/gpu/backward_harness.py .gpu-bwd [--check] [--bench]
+
+It needs a CUDA GPU and torch; it is not run by CI.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ptx_harness import DT, Driver  # noqa: E402
+
+LOG2E = math.log2(math.e)
+
+
+def reference(q, k, v, causal, mask, scale):
+    """Float64 attention on [B, S, H, D] inputs: (out, lse [B, H, Sq])."""
+    hq, hkv = q.shape[2], k.shape[2]
+    qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))
+    kd = kd.repeat_interleave(hq // hkv, dim=1)
+    vd = vd.repeat_interleave(hq // hkv, dim=1)
+    s = (qd @ kd.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask.double()
+    if causal:
+        sq, sk = s.shape[-2], s.shape[-1]
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    # Rows that see no key: lse -inf, weights (and gradients) zero.
+    none = torch.isinf(s).all(dim=-1, keepdim=True) & (s < 0).all(dim=-1, keepdim=True)
+    s_safe = s.masked_fill(none, 0.0)
+    lse = torch.logsumexp(s_safe, dim=-1).masked_fill(none[..., 0], float("-inf"))
+    p = torch.softmax(s_safe, dim=-1).masked_fill(none, 0.0)
+    return (p @ vd).transpose(1, 2), lse
+
+
+class Backward:
+    def __init__(self, drv, ptx_dir, manifest, variant):
+        self.drv, self.dir, self.params, self.var = drv, ptx_dir, manifest["params"], variant
+
+    def launch_all(self, q, k, v, out, dout, lse, dq, dk, dv, mask=None, scale=None):
+        b, sq, hq, d = q.shape
+        sk, hkv = k.shape[1], k.shape[2]
+        scale = 1 / math.sqrt(d) if scale is None else scale
+        dev = q.device
+        main = self.var["main"]
+        nqb = (sq + main["block_m"] - 1) // main["block_m"]
+        accum = torch.zeros(b, hq, sq, d, dtype=torch.float32, device=dev)
+        lse2 = torch.empty(b, hq, sq, dtype=torch.float32, device=dev)
+        delta = torch.empty(b, hq, sq, dtype=torch.float32, device=dev)
+        sem = torch.zeros(b, hq, max(nqb, 1), dtype=torch.int32, device=dev)
+        ms = [0, 0, 0]
+        if mask is not None:
+            st = mask.stride()
+            ms = [st[0] if mask.shape[0] > 1 else 0, st[1] if mask.shape[1] > 1 else 0,
+                  st[2] if mask.shape[2] > 1 else 0]
+        vals = {}
+        for name, t in [("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout),
+                        ("dq", dq), ("dk", dk), ("dv", dv)]:
+            vals[name] = t.data_ptr()
+            vals[f"{name}_stride_b"], vals[f"{name}_stride_s"], vals[f"{name}_stride_h"] = \
+                t.stride(0), t.stride(1), t.stride(2)
+        vals.update(lse=lse.data_ptr(), lse_stride_b=lse.stride(0), lse_stride_h=lse.stride(1),
+                    lse_stride_q=lse.stride(2), mask=0 if mask is None else mask.data_ptr(),
+                    mask_stride_b=ms[0], mask_stride_h=ms[1], mask_stride_q=ms[2],
+                    dq_accum=accum.data_ptr(), lse_log2=lse2.data_ptr(),
+                    delta=delta.data_ptr(), sem=sem.data_ptr(), seq_q=sq, seq_k=sk,
+                    heads_q=hq, group=hq // hkv, scale_log2=scale * LOG2E, scale=scale)
+        kinds = {".u64": "u64", ".u32": "u32", ".f32": "f32"}
+        args = [(kinds[ty], vals[name]) for name, ty in self.params]
+        for part, grid in [("pre", ((sq + 7) // 8, hq, b)),
+                           ("main", ((sk + self.var["block_n"] - 1) // self.var["block_n"], hkv, b)),
+                           ("convert", ((sq + 7) // 8, hq, b))]:
+            meta = self.var[part]
+            grid = ((sq + meta["block_m"] - 1) // meta["block_m"], hq, b) if part != "main" else grid
+            fn, _ = self.drv.load(self.dir / f"{meta['entry']}.ptx", meta["entry"], meta["smem_bytes"])
+            self.drv.launch(fn, grid, meta["threads"], meta["smem_bytes"], args)
+
+
+def case(drv, ptx_dir, manifest, var, b, sq, sk, hq, hkv, mask_kind, seed, strided=False):
+    torch.manual_seed(seed)
+    d, causal, dt = var["d"], var["causal"], DT[var["dtype"]]
+    dev = "cuda"
+
+    def rnd(s_, h):
+        if strided:  # [B, S, H, D] view of a [B, H, S, D + 8] buffer
+            t = torch.randn(b, h, s_, d + 8, device=dev).to(dt)[..., :d]
+            return t.transpose(1, 2)
+        return torch.randn(b, s_, h, d, device=dev).to(dt)
+
+    q, k, v = rnd(sq, hq), rnd(sk, hkv), rnd(sk, hkv)
+    dout = rnd(sq, hq)
+    mask = None
+    if mask_kind == "additive":
+        mask = torch.randn(b, 1, sq, sk, device=dev, dtype=torch.float32)
+    elif mask_kind == "bool":
+        keep = torch.rand(1, hq, sq, sk, device=dev) > 0.3
+        keep[..., 0, :] = False  # a row that sees no key
+        mask = torch.zeros(1, hq, sq, sk, device=dev).masked_fill(~keep, float("-inf"))
+    scale = 1 / math.sqrt(d)
+    out_ref, lse = reference(q, k, v, causal, mask, scale)
+    out = out_ref.to(dt)
+    lse32 = lse.float().contiguous()
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    o2, _ = reference(qd, kd, vd, causal, mask, scale)
+    o2.backward(dout.double())
+    dq = torch.full_like(q, float("nan"))
+    dk = torch.full_like(k, float("nan"))
+    dv = torch.full_like(v, float("nan"))
+    bw = Backward(drv, ptx_dir, manifest, var)
+    bw.launch_all(q, k, v, out, dout, lse32, dq, dk, dv, mask, scale)
+    torch.cuda.synchronize()
+    errs = []
+    # Relative to the gradients' scale (dq and dk can be ~0 where one key
+    # takes all the weight: their error is then the rounding of out).
+    scale_ = max(g.abs().max().item() for g in (qd.grad, kd.grad, vd.grad)) + 1e-6
+    for name, got, want in [("dq", dq, qd.grad), ("dk", dk, kd.grad), ("dv", dv, vd.grad)]:
+        den = scale_
+        err = ((got.double() - want).abs().max().item()) / den
+        if math.isnan(err):
+            err = float("inf")
+        errs.append((name, err))
+    # Determinism: a second run gives the same bits.
+    dq2, dk2, dv2 = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    bw.launch_all(q, k, v, out, dout, lse32, dq2, dk2, dv2, mask, scale)
+    torch.cuda.synchronize()
+    same = all(torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                           b_.view(torch.int16 if b_.element_size() == 2 else torch.int32))
+               for a, b_ in [(dq, dq2), (dk, dk2), (dv, dv2)])
+    return errs, same
+
+
+def check(drv, ptx_dir, manifest, seed):
+    tol = {"bf16": 3e-2, "f16": 5e-3, "f32": 1e-4}
+    bad = 0
+    shapes = [(1, 64, 64, 2, 2, None), (2, 100, 37, 4, 2, None), (1, 1, 200, 2, 1, None),
+              (1, 257, 129, 3, 3, "additive"), (2, 70, 70, 2, 2, "bool"),
+              (1, 130, 300, 4, 1, None), (1, 300, 130, 2, 2, None)]
+    for var in manifest["variants"]:
+        if var["dtype"] == "f32" and "--f32" not in sys.argv:
+            continue
+        for i, (b, sq, sk, hq, hkv, mk) in enumerate(shapes):
+            for strided in [False, True] if i == 1 else [False]:
+                errs, same = case(drv, ptx_dir, manifest, var, b, sq, sk, hq, hkv, mk,
+                                  seed + i, strided)
+                ok = all(e < tol[var["dtype"]] for _, e in errs) and same
+                bad += not ok
+                print(f"{'ok ' if ok else 'BAD'} d={var['d']} causal={var['causal']} "
+                      f"{var['dtype']} B={b} Sq={sq} Sk={sk} Hq={hq} Hkv={hkv} mask={mk} "
+                      f"strided={strided} " + " ".join(f"{n}={e:.2e}" for n, e in errs)
+                      + ("" if same else " NONDETERMINISTIC"), flush=True)
+    print(f"{bad} bad")
+    return bad
+
+
+def bench(drv, ptx_dir, manifest, shapes):
+    for b, hq, sq, d, causal, hkv in shapes:
+        var = next((x for x in manifest["variants"] if x["d"] == d and x["causal"] == causal
+                    and x["dtype"] == "bf16"), None)
+        if var is None:
+            continue
+        torch.manual_seed(0)
+        dt = torch.bfloat16
+        q = torch.randn(b, sq, hq, d, device="cuda", dtype=dt)
+        k = torch.randn(b, sq, hkv, d, device="cuda", dtype=dt)
+        v = torch.randn(b, sq, hkv, d, device="cuda", dtype=dt)
+        dout = torch.randn_like(q)
+        qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal,
+                                               enable_gqa=hq != hkv)
+        out = o.detach().transpose(1, 2).contiguous()
+        # lse from the float32 scores, chunked by head to bound memory.
+        lse = torch.empty(b, hq, sq, device="cuda")
+        for h in range(hq):
+            s = (q[:, :, h].float() @ k[:, :, h * hkv // hq].float().transpose(1, 2)) / math.sqrt(d)
+            if causal:
+                s = s.masked_fill(torch.ones(sq, sq, device="cuda", dtype=torch.bool).triu(1),
+                                  float("-inf"))
+            lse[:, h] = torch.logsumexp(s, -1)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        bw = Backward(drv, ptx_dir, manifest, var)
+        go = lambda: bw.launch_all(q, k, v, out, dout, lse, dq, dk, dv)  # noqa: E731
+        tg = lambda: torch.autograd.grad(o, (qt, kt, vt), dout.transpose(1, 2),  # noqa: E731
+                                         retain_graph=True)
+        flops = 2.5 * 4 * b * hq * sq * sq * d * (0.5 if causal else 1.0)
+        res = {}
+        for name, fn in [("ours", go), ("torch_flash", tg)]:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(10):
+                e0, e1 = torch.cuda.Event(True), torch.cuda.Event(True)
+                e0.record()
+                fn()
+                e1.record()
+                torch.cuda.synchronize()
+                times.append(e0.elapsed_time(e1))
+            times.sort()
+            res[name] = flops / (times[len(times) // 2] * 1e-3) / 1e12
+        print(f"bench B={b} H={hq}/{hkv} S={sq} d={d} causal={causal}: ours "
+              f"{res['ours']:.0f} TFLOP/s, torch flash {res['torch_flash']:.0f} "
+              f"({res['ours'] / res['torch_flash']:.2f}x)", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("ptx_dir", type=Path)
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--f32", action="store_true")
+    ap.add_argument("--seed", type=int, default=1)
+    a = ap.parse_args()
+    manifest = json.loads((a.ptx_dir / "manifest.json").read_text())
+    drv = Driver()
+    bad = 0
+    if a.check:
+        bad = check(drv, a.ptx_dir, manifest, a.seed)
+    if a.bench:
+        bench(drv, a.ptx_dir, manifest, [
+            (1, 12, 32760, 128, False, 12), (1, 24, 16384, 128, False, 24),
+            (1, 24, 16384, 64, False, 24), (1, 8, 16384, 256, False, 8),
+            (4, 32, 4096, 128, True, 32), (4, 32, 4096, 128, True, 8),
+            (16, 16, 257, 80, False, 16)])
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
