@@ -71,13 +71,19 @@ impl MmaBackwardConfig {
             (if c % 2 == 1 { c } else { c + 1 }) * 16
         };
         let block_m = 64;
+        // Eight warps either way: 128 keys of one warp each up to head size
+        // 128 (each Q and dO tile loaded serves 128 keys, and a query
+        // block's dq takes half as many hand-overs), 64 keys of two warps
+        // each above (dK and dV of a whole 16-key tile no longer fit one
+        // warp's registers).
+        let (block_n, col_parts) = if d > 128 { (64, 2) } else { (128, 1) };
         MmaBackwardConfig {
             d,
             ab,
             causal: spec.causal,
-            block_n: 64,
+            block_n,
             block_m,
-            col_parts: if d > 128 { 2 } else { 1 },
+            col_parts,
             pitch: odd_chunks(d * 2),
             ds_pitch: odd_chunks(block_m * 2),
         }
@@ -93,21 +99,27 @@ impl MmaBackwardConfig {
         self.warps() * 32
     }
 
-    /// Byte offsets of the shared tiles: K, V, Q, dO, dSᵀ, lse, delta, and
-    /// the total.
+    /// Byte offsets of the shared tiles: K, V, Q, dO (two buffers of Q
+    /// then dO, [`MmaBackwardConfig::buffer_bytes`] apart), dSᵀ, lse,
+    /// delta, and the total.
     fn smem(&self) -> [usize; 8] {
         let (bn, bm, p) = (self.block_n, self.block_m, self.pitch);
         let k = 0;
         let v = k + bn * p;
         let q = v + bn * p;
         let dout = q + bm * p;
-        let ds = dout + bm * p;
+        let ds = q + 2 * self.buffer_bytes();
         let lse = ds + bn * self.ds_pitch;
         let delta = lse + bm * 4;
         // 32 bytes of slack: a warp's last column pair may read one 16-byte
         // chunk past the head dimension of the last row (never used).
         let end = delta + bm * 4 + 32;
         [k, v, q, dout, ds, lse, delta, end]
+    }
+
+    /// Bytes of one buffer of Q and dO tiles.
+    fn buffer_bytes(&self) -> usize {
+        2 * self.block_m * self.pitch
     }
 
     /// Dynamic shared memory per CTA, in bytes.
@@ -120,10 +132,21 @@ impl MmaBackwardConfig {
         self.d / 8
     }
 
-    /// n8 tiles of `dK`, `dV` and `dQ` each warp owns (the last may not
-    /// exist for the last part).
+    /// n8 tiles of `dK` and `dV` each warp owns (the last may not exist
+    /// for the last part).
     fn part_tiles(&self) -> usize {
         self.d_tiles().div_ceil(self.col_parts)
+    }
+
+    /// Warps sharing one 16-row tile of `dQ`.
+    fn dq_parts(&self) -> usize {
+        self.warps() / (self.block_m / 16)
+    }
+
+    /// n8 tiles of `dQ` each warp owns (the last may not exist for the
+    /// last part).
+    fn dq_tiles(&self) -> usize {
+        self.d_tiles().div_ceil(self.dq_parts())
     }
 
     fn packed(&self) -> Ty {
@@ -186,6 +209,20 @@ struct Lanes {
     b_tr: Reg,
     /// The k8 tail's B fragments: row `lane`.
     b_tail: Reg,
+}
+
+impl Lanes {
+    /// The same patterns `off` bytes further on.
+    fn shifted(&self, k: &mut Kernel, off: Reg) -> Lanes {
+        let add = |k: &mut Kernel, r: Reg| k.bin(BinOp::Add, Ty::U32, r, off);
+        Lanes {
+            a: add(k, self.a),
+            a_tr: self.a_tr,
+            b: add(k, self.b),
+            b_tr: self.b_tr,
+            b_tail: add(k, self.b_tail),
+        }
+    }
 }
 
 struct Emitter {
@@ -357,7 +394,7 @@ impl Emitter {
     /// first column), k16 step `kk` at row `k_row0(kk)`.
     fn products(&mut self, acc: &[Vec<Reg>], a: &[Reg], b_tr: Reg, k_row: usize) {
         let p = self.cfg.pitch;
-        let tiles = self.cfg.part_tiles();
+        let tiles = acc.len();
         for pair in 0..tiles / 2 {
             let bf = self.ldmatrix(4, true, b_tr, k_row * p + pair * 32);
             self.mma(&acc[2 * pair], a, &bf[0..2]);
@@ -519,12 +556,14 @@ impl Emitter {
         // Issues the loads of a step: Q and dO by cp.async, lse_log2 and
         // delta into registers (threads below block_m).
         let row_reader = self.k.setp(Cmp::Lt, Ty::U32, tid, u(bm));
-        let issue = |s: &mut Self, st: &Step| -> (Reg, Reg) {
+        let issue = |s: &mut Self, st: &Step, boff: Reg| -> (Reg, Reg) {
             let k = &mut s.k;
             let (q_base, q_stride) = tensor_head(k, q_ptr, qs, batch, st.head, 2);
             let (do_base, do_stride) = tensor_head(k, do_ptr, dos, batch, st.head, 2);
-            s.load_rows(&ld, s_q, q_base, q_stride, st.i0, bm, seq_q);
-            s.load_rows(&ld, s_do, do_base, do_stride, st.i0, bm, seq_q);
+            let dst_q = k.bin(BinOp::Add, Ty::U32, s_q, boff);
+            let dst_do = k.bin(BinOp::Add, Ty::U32, s_do, boff);
+            s.load_rows(&ld, dst_q, q_base, q_stride, st.i0, bm, seq_q);
+            s.load_rows(&ld, dst_do, do_base, do_stride, st.i0, bm, seq_q);
             s.k.push(Instr::CpAsyncCommit);
             let k = &mut s.k;
             let row = k.bin(BinOp::Add, Ty::U32, st.i0, tid);
@@ -575,12 +614,16 @@ impl Emitter {
         let none = k.setp(Cmp::Ge, Ty::U32, step, steps);
         k.branch_if(none, false, &done);
         let first = step_of(&mut self, step);
-        let (lse_next, delta_next) = issue(&mut self, &first);
+        let zero = self.k.mov(Ty::U32, Operand::U(0));
+        let (lse_next, delta_next) = issue(&mut self, &first, zero);
         let k = &mut self.k;
         k.push(Instr::Label(top.clone()));
         let cur = step_of(&mut self, step);
         // ---- 0. the step's tiles have landed ----
         let k = &mut self.k;
+        let buf = k.bin(BinOp::And, Ty::U32, step, Operand::U(1));
+        let boff = k.bin(BinOp::Mul, Ty::U32, buf, u(cfg.buffer_bytes()));
+        let next_boff = k.bin(BinOp::Sub, Ty::U32, u(cfg.buffer_bytes()), boff);
         let row_lse = k.mad(Ty::U32, tid, Operand::U(4), s_lse);
         let row_delta = k.mad(Ty::U32, tid, Operand::U(4), s_delta);
         for (addr, v) in [(row_lse, lse_next), (row_delta, delta_next)] {
@@ -598,9 +641,26 @@ impl Emitter {
         k.push(Instr::CpAsyncWait(0));
         k.push(Instr::BarSync(0));
 
+        // The next step's loads, into the other buffer: past the barrier
+        // every warp is done with it.
+        k.bin_to(BinOp::Add, Ty::U32, step, step, Operand::U(1));
+        let more = k.setp(Cmp::Lt, Ty::U32, step, steps);
+        let no_next = k.label("bwd_no_next");
+        k.branch_if(more, true, &no_next);
+        let next = step_of(&mut self, step);
+        let (lse_n, delta_n) = issue(&mut self, &next, next_boff);
+        let k = &mut self.k;
+        k.mov_to(Ty::F32, lse_next, lse_n);
+        k.mov_to(Ty::F32, delta_next, delta_n);
+        k.push(Instr::Label(no_next));
+
         // ---- 1. Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ ----
-        self.scores(&s_acc, &lk, key_row, &lq);
-        self.scores(&dp_acc, &lv, key_row, &ldo);
+        let lq_b = lq.shifted(k, boff);
+        let ldo_b = ldo.shifted(k, boff);
+        let q_tr_b = k.bin(BinOp::Add, Ty::U32, q_tr, boff);
+        let do_tr_b = k.bin(BinOp::Add, Ty::U32, do_tr, boff);
+        self.scores(&s_acc, &lk, key_row, &lq_b);
+        self.scores(&dp_acc, &lv, key_row, &ldo_b);
 
         // ---- 2. Pᵀ and dSᵀ ----
         // Thread element (r, n-tile nt, e): key j0 + key_row + g + 8r,
@@ -712,7 +772,7 @@ impl Emitter {
             let k = &mut self.k;
             let pa = k.regs(Ty::B32, 4);
             pack_a_fragment(k, packed, &s_acc[2 * kk], &s_acc[2 * kk + 1], &pa);
-            self.products(&dv_acc, &pa, do_tr, kk * 16);
+            self.products(&dv_acc, &pa, do_tr_b, kk * 16);
             let k = &mut self.k;
             let dsa = k.regs(Ty::B32, 4);
             pack_a_fragment(k, packed, &dp_acc[2 * kk], &dp_acc[2 * kk + 1], &dsa);
@@ -731,38 +791,26 @@ impl Emitter {
                     },
                 );
             }
-            self.products(&dk_acc, &dsa, q_tr, kk * 16);
+            self.products(&dk_acc, &dsa, q_tr_b, kk * 16);
         }
         self.k.push(Instr::BarSync(0));
 
-        // ---- 4. the next step's loads, then dQ = dS·K ----
-        let k = &mut self.k;
-        k.bin_to(BinOp::Add, Ty::U32, step, step, Operand::U(1));
-        let more = k.setp(Cmp::Lt, Ty::U32, step, steps);
-        let no_next = k.label("bwd_no_next");
-        k.branch_if(more, true, &no_next);
-        let next = step_of(&mut self, step);
-        let (lse_n, delta_n) = issue(&mut self, &next);
-        let k = &mut self.k;
-        k.mov_to(Ty::F32, lse_next, lse_n);
-        k.mov_to(Ty::F32, delta_next, delta_n);
-        k.push(Instr::Label(no_next));
-
+        // ---- 4. dQ = dS·K ----
         // Warp w: query rows 16·(w % (block_m / 16)), its columns' share.
         let q_tiles = bm / 16;
-        let parts_q = cfg.warps() / q_tiles;
-        assert_eq!(parts_q, cfg.col_parts, "dQ splits columns as dK does");
+        let dq_tiles = cfg.dq_tiles();
+        let k = &mut self.k;
         let mt = k.bin(BinOp::Rem, Ty::U32, warp, u(q_tiles));
         let q_row = k.bin(BinOp::Shl, Ty::U32, mt, Operand::U(4));
         let qpart = k.bin(BinOp::Div, Ty::U32, warp, u(q_tiles));
-        let qcol0 = k.bin(BinOp::Mul, Ty::U32, qpart, u(part_tiles * 8));
+        let qcol0 = k.bin(BinOp::Mul, Ty::U32, qpart, u(dq_tiles * 8));
         let qcol_bytes = k.bin(BinOp::Shl, Ty::U32, qcol0, Operand::U(1));
         let k_tr_q = k.bin(BinOp::Add, Ty::U32, lk.b_tr, qcol_bytes);
-        let q_last = k.bin(BinOp::Add, Ty::U32, qcol0, u(part_tiles * 8 - 8));
+        let q_last = k.bin(BinOp::Add, Ty::U32, qcol0, u(dq_tiles * 8 - 8));
         let q_last_ok = k.setp(Cmp::Lt, Ty::U32, q_last, u(d));
         let ds_a = k.bin(BinOp::Shl, Ty::U32, q_row, Operand::U(1));
         let ds_a = k.bin(BinOp::Add, Ty::U32, lds.a_tr, ds_a);
-        let dq_acc = self.zeros(part_tiles);
+        let dq_acc = self.zeros(dq_tiles);
         for kk in 0..bn / 16 {
             let a = self.ldmatrix(4, true, ds_a, kk * 16 * cfg.ds_pitch);
             self.products(&dq_acc, &a, k_tr_q, kk * 16);
@@ -805,7 +853,7 @@ impl Emitter {
             let e = k.bin(BinOp::Add, Ty::U64, row, c64);
             let addr = k.mad(Ty::U64, e, Operand::U(4), accum_ptr);
             for (nt, acc) in dq_acc.iter().enumerate() {
-                let ok = if nt + 1 == part_tiles && d.div_ceil(8) % cfg.col_parts != 0 {
+                let ok = if nt + 1 == dq_tiles && (d / 8) % cfg.dq_parts() != 0 {
                     let both = k.reg(Ty::Pred);
                     k.bin_to(BinOp::And, Ty::Pred, both, q_in, q_last_ok);
                     both
@@ -824,9 +872,12 @@ impl Emitter {
                 }
             }
         }
-        k.push(Instr::FenceGpu);
+        // Every thread's additions, then the leader's release: the barrier
+        // orders the CTA's additions before the leader's fence, which makes
+        // them visible at device scope before the release store.
         k.push(Instr::BarSync(0));
         let next_turn = k.bin(BinOp::Add, Ty::U32, kblock, Operand::U(1));
+        k.guard(leader, false, Instr::FenceGpu);
         k.guard(
             leader,
             false,
@@ -855,7 +906,7 @@ impl Emitter {
                 let row = k.mad(Ty::U64, key64, stride, base);
                 let row = k.bin(BinOp::Add, Ty::U64, row, cbytes);
                 for (nt, tile) in acc.iter().enumerate() {
-                    let ok = if nt + 1 == part_tiles && d.div_ceil(8) % cfg.col_parts != 0 {
+                    let ok = if nt + 1 == part_tiles && (d / 8) % cfg.col_parts != 0 {
                         let both = k.reg(Ty::Pred);
                         k.bin_to(BinOp::And, Ty::Pred, both, key_in, last_tile_ok);
                         both
@@ -915,7 +966,7 @@ mod tests {
             assert_eq!((c.pitch / 16) % 2, 1, "d={d}");
             assert_eq!((c.ds_pitch / 16) % 2, 1);
             assert!(c.smem_bytes() <= 227 * 1024, "d={d}: {}", c.smem_bytes());
-            assert_eq!(c.warps() / (c.block_m / 16), c.col_parts);
+            assert_eq!(c.warps(), 8);
         }
     }
 
@@ -923,7 +974,7 @@ mod tests {
     fn uses_tensor_cores_and_the_semaphore() {
         let spec = VariantSpec::new(128, true, DType::BF16).unwrap();
         let (k, block_n) = main_kernel(&spec, Target::Sm80);
-        assert_eq!(block_n, 64);
+        assert_eq!(block_n, 128);
         for needle in [
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
             "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
