@@ -556,7 +556,7 @@ impl Emitter {
         // Issues the loads of a step: Q and dO by cp.async, lse_log2 and
         // delta into registers (threads below block_m).
         let row_reader = self.k.setp(Cmp::Lt, Ty::U32, tid, u(bm));
-        let issue = |s: &mut Self, st: &Step, boff: Reg| -> (Reg, Reg) {
+        let issue_tiles = |s: &mut Self, st: &Step, boff: Reg| {
             let k = &mut s.k;
             let (q_base, q_stride) = tensor_head(k, q_ptr, qs, batch, st.head, 2);
             let (do_base, do_stride) = tensor_head(k, do_ptr, dos, batch, st.head, 2);
@@ -565,6 +565,8 @@ impl Emitter {
             s.load_rows(&ld, dst_q, q_base, q_stride, st.i0, bm, seq_q);
             s.load_rows(&ld, dst_do, do_base, do_stride, st.i0, bm, seq_q);
             s.k.push(Instr::CpAsyncCommit);
+        };
+        let issue_rows = |s: &mut Self, st: &Step| -> (Reg, Reg) {
             let k = &mut s.k;
             let row = k.bin(BinOp::Add, Ty::U32, st.i0, tid);
             let ok = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
@@ -615,7 +617,8 @@ impl Emitter {
         k.branch_if(none, false, &done);
         let first = step_of(&mut self, step);
         let zero = self.k.mov(Ty::U32, Operand::U(0));
-        let (lse_next, delta_next) = issue(&mut self, &first, zero);
+        issue_tiles(&mut self, &first, zero);
+        let (lse_next, delta_next) = issue_rows(&mut self, &first);
         let k = &mut self.k;
         k.push(Instr::Label(top.clone()));
         let cur = step_of(&mut self, step);
@@ -648,13 +651,11 @@ impl Emitter {
         let no_next = k.label("bwd_no_next");
         k.branch_if(more, true, &no_next);
         let next = step_of(&mut self, step);
-        let (lse_n, delta_n) = issue(&mut self, &next, next_boff);
-        let k = &mut self.k;
-        k.mov_to(Ty::F32, lse_next, lse_n);
-        k.mov_to(Ty::F32, delta_next, delta_n);
-        k.push(Instr::Label(no_next));
+        issue_tiles(&mut self, &next, next_boff);
+        self.k.push(Instr::Label(no_next));
 
         // ---- 1. Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ ----
+        let k = &mut self.k;
         let lq_b = lq.shifted(k, boff);
         let ldo_b = ldo.shifted(k, boff);
         let q_tr_b = k.bin(BinOp::Add, Ty::U32, q_tr, boff);
@@ -794,6 +795,16 @@ impl Emitter {
             self.products(&dk_acc, &dsa, q_tr_b, kk * 16);
         }
         self.k.push(Instr::BarSync(0));
+        // The next step's lse and delta, under dQ (every warp is past its
+        // reads of this step's).
+        let no_rows = self.k.label("bwd_no_rows");
+        self.k.branch_if(more, true, &no_rows);
+        let next = step_of(&mut self, step);
+        let (lse_n, delta_n) = issue_rows(&mut self, &next);
+        let k = &mut self.k;
+        k.mov_to(Ty::F32, lse_next, lse_n);
+        k.mov_to(Ty::F32, delta_next, delta_n);
+        k.push(Instr::Label(no_rows));
 
         // ---- 4. dQ = dS·K ----
         // Warp w: query rows 16·(w % (block_m / 16)), its columns' share.
