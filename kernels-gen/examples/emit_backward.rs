@@ -4,8 +4,12 @@
 //! `tests/gpu/backward_harness.py`:
 //!
 //! `cargo run -p kernels-gen --example emit_backward -- OUT 40 64 128`
+//!
+//! `--racing` writes the main kernels without the semaphore (their `dq`
+//! additions race), for measuring what the ordering costs.
 
-use kernels_gen::backward::BACKWARD_PARAMS;
+use kernels_gen::backward::{mma, BACKWARD_PARAMS};
+use kernels_gen::ptx::Target;
 use kernels_gen::{backward_kernels, DType, GpuKernel, VariantSpec};
 
 fn meta(k: &GpuKernel) -> String {
@@ -16,7 +20,10 @@ fn meta(k: &GpuKernel) -> String {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let racing = args.iter().any(|a| a == "--racing");
+    args.retain(|a| a != "--racing");
+    let mut args = args.into_iter();
     let Some(dir) = args.next() else {
         eprintln!("usage: emit_backward OUT HEAD_SIZE...");
         std::process::exit(2);
@@ -29,7 +36,15 @@ fn main() {
         for dtype in [DType::BF16, DType::F16, DType::F32] {
             for causal in [false, true] {
                 let spec = VariantSpec::new(d, causal, dtype).expect("a valid variant");
-                let b = backward_kernels(&spec);
+                let mut b = backward_kernels(&spec);
+                if racing && dtype != DType::F32 {
+                    let mut cfg = mma::MmaBackwardConfig::new(&spec);
+                    cfg.deterministic = false;
+                    b.main = mma::main_kernel_with(&spec, cfg, Target::Sm80).0;
+                    let racing_entry = format!("{}_racing", b.main.entry);
+                    b.main.ptx = b.main.ptx.replace(&b.main.entry, &racing_entry);
+                    b.main.entry = racing_entry;
+                }
                 for k in [&b.preprocess, &b.main, &b.convert] {
                     std::fs::write(dir.join(format!("{}.ptx", k.entry)), &k.ptx)
                         .expect("writing PTX");

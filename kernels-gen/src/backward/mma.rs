@@ -56,6 +56,9 @@ pub struct MmaBackwardConfig {
     pub pitch: usize,
     /// Bytes between consecutive rows of the `dSᵀ` tile.
     pub ds_pitch: usize,
+    /// Add to `dq_accum` in key-block order (the semaphore); without it
+    /// the additions race, and `dq`'s last bits vary run to run.
+    pub deterministic: bool,
 }
 
 impl MmaBackwardConfig {
@@ -86,6 +89,7 @@ impl MmaBackwardConfig {
             col_parts,
             pitch: odd_chunks(d * 2),
             ds_pitch: odd_chunks(block_m * 2),
+            deterministic: true,
         }
     }
 
@@ -161,7 +165,15 @@ impl MmaBackwardConfig {
 /// Generates the backward main kernel of a 16-bit variant, and its keys
 /// per CTA.
 pub(super) fn main_kernel(spec: &VariantSpec, target: Target) -> (GpuKernel, u32) {
-    let cfg = MmaBackwardConfig::new(spec);
+    main_kernel_with(spec, MmaBackwardConfig::new(spec), target)
+}
+
+/// [`main_kernel`] with the configuration `cfg` (for tuning).
+pub fn main_kernel_with(
+    spec: &VariantSpec,
+    cfg: MmaBackwardConfig,
+    target: Target,
+) -> (GpuKernel, u32) {
     let entry = super::entry(spec, "main");
     let k = Emitter {
         k: Kernel::new(&entry),
@@ -539,10 +551,21 @@ impl Emitter {
         }
         let step_of = |s: &mut Self, step: Reg| {
             let k = &mut s.k;
-            let gi = k.bin(BinOp::Div, Ty::U32, step, n_i);
-            let ii = k.bin(BinOp::Rem, Ty::U32, step, n_i);
+            // Query blocks outermost, heads of the group innermost, and
+            // causal CTAs from the last query block down: every CTA of the
+            // (batch, K/V head) reaches a given (head, query block) at the
+            // same step, so the hand-overs of `sem` come in lockstep
+            // (causal CTAs going up from their diagonal would each wait
+            // for the previous one's third step).
+            let ii = k.bin(BinOp::Div, Ty::U32, step, group);
+            let gi = k.bin(BinOp::Rem, Ty::U32, step, group);
             let head = k.bin(BinOp::Add, Ty::U32, head0, gi);
-            let qblock = k.bin(BinOp::Add, Ty::U32, i_start, ii);
+            let qblock = if s.cfg.causal {
+                let last = k.bin(BinOp::Sub, Ty::U32, nqb, Operand::U(1));
+                k.bin(BinOp::Sub, Ty::U32, last, ii)
+            } else {
+                ii
+            };
             let i0 = k.bin(BinOp::Mul, Ty::U32, qblock, u(bm));
             let bh = k.mad(Ty::U32, batch, heads_q, head);
             let bh = k.cvt(None, Ty::U64, Ty::U32, bh);
@@ -835,19 +858,21 @@ impl Emitter {
         let sem_i = k.mad(Ty::U64, cur.bh, nqb64, qb64);
         let sem_addr = k.mad(Ty::U64, sem_i, Operand::U(4), sem_ptr);
         let leader = k.setp(Cmp::Eq, Ty::U32, tid, Operand::U(0));
-        let spun = k.label("bwd_turn");
-        let spin = k.label("bwd_spin");
-        k.branch_if(leader, true, &spun);
-        k.push(Instr::Label(spin.clone()));
-        let seen = k.reg(Ty::U32);
-        k.push(Instr::LdAcquire {
-            dst: seen,
-            addr: Addr::at(sem_addr, 0),
-        });
-        let wait = k.setp(Cmp::Ne, Ty::U32, seen, kblock);
-        k.branch_if(wait, false, &spin);
-        k.push(Instr::Label(spun));
-        k.push(Instr::BarSync(0));
+        if cfg.deterministic {
+            let spun = k.label("bwd_turn");
+            let spin = k.label("bwd_spin");
+            k.branch_if(leader, true, &spun);
+            k.push(Instr::Label(spin.clone()));
+            let seen = k.reg(Ty::U32);
+            k.push(Instr::LdAcquire {
+                dst: seen,
+                addr: Addr::at(sem_addr, 0),
+            });
+            let wait = k.setp(Cmp::Ne, Ty::U32, seen, kblock);
+            k.branch_if(wait, false, &spin);
+            k.push(Instr::Label(spun));
+            k.push(Instr::BarSync(0));
+        }
         // dq_accum[(bh · Sq + q) · D + c] += dQ.
         let sq64 = k.cvt(None, Ty::U64, Ty::U32, seq_q);
         let rows_base = k.bin(BinOp::Mul, Ty::U64, cur.bh, sq64);
@@ -886,17 +911,19 @@ impl Emitter {
         // Every thread's additions, then the leader's release: the barrier
         // orders the CTA's additions before the leader's fence, which makes
         // them visible at device scope before the release store.
-        k.push(Instr::BarSync(0));
-        let next_turn = k.bin(BinOp::Add, Ty::U32, kblock, Operand::U(1));
-        k.guard(leader, false, Instr::FenceGpu);
-        k.guard(
-            leader,
-            false,
-            Instr::StRelease {
-                addr: Addr::at(sem_addr, 0),
-                src: next_turn.into(),
-            },
-        );
+        if cfg.deterministic {
+            k.push(Instr::BarSync(0));
+            let next_turn = k.bin(BinOp::Add, Ty::U32, kblock, Operand::U(1));
+            k.guard(leader, false, Instr::FenceGpu);
+            k.guard(
+                leader,
+                false,
+                Instr::StRelease {
+                    addr: Addr::at(sem_addr, 0),
+                    src: next_turn.into(),
+                },
+            );
+        }
         k.branch_if(more, false, &top);
         k.push(Instr::Label(done));
 

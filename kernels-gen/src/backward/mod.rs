@@ -43,7 +43,7 @@
 //! block having been scheduled before them (as the hardware schedules a
 //! grid in order of its linear index); the CTA of key block 0 never waits.
 
-mod mma;
+pub mod mma;
 mod rows;
 
 use crate::contract::{GpuKernel, ParamKind};
