@@ -44,6 +44,7 @@
 //! grid in order of its linear index); the CTA of key block 0 never waits.
 
 mod rows;
+mod simt;
 
 use crate::contract::{GpuKernel, ParamKind};
 use crate::ptx::Target;
@@ -131,7 +132,7 @@ impl BackwardKernels {
 pub fn generate(spec: &VariantSpec) -> BackwardKernels {
     let target = Target::Sm80;
     let (main, block_n) = match spec.dtype {
-        DType::F32 => rows::placeholder_main(spec, target),
+        DType::F32 => simt::main_kernel(spec, target),
         DType::F16 | DType::BF16 => rows::placeholder_main(spec, target),
     };
     BackwardKernels {
