@@ -35,11 +35,15 @@
 //!   `red.global.add.f32`; after another `bar.sync` thread 0 fences and
 //!   releases the counter as key block + 1. The sums are therefore made in
 //!   key-block order, bit-identical run to run.
-//! - **Causal** (top-left): the CTA starts at query block
+//! - **Order.** A CTA visits its query blocks last first, so that all
+//!   CTAs of a (batch, head) work at once, each a hand-off behind the CTA of
+//!   the key block before (going up, a causal CTA would wait until the first
+//!   CTA reached its diagonal: causal ran as long as non-causal).
+//! - **Causal** (top-left): the CTA stops at query block
 //!   `floor(j0 / block_m)`, the first that can see its first key `j0`, so
 //!   each query block's contributors are a prefix of the key blocks (the
-//!   counter's protocol needs it); every block from there on is visited,
-//!   fully hidden ones too.
+//!   counter's protocol needs it); every block above it is visited, fully
+//!   hidden ones too.
 //!
 //! Rows of `q`, `k`, `v`, `dout`, `dk` and `dv` are accessed with vectors
 //! of up to 16 bytes: their starts must be 16-byte aligned, as for the
@@ -601,13 +605,17 @@ impl Emitter {
             mask_row,
         };
 
-        let qb = k.mov(Ty::U32, qb_start);
+        // Last block first: every CTA then starts at once (causal ones
+        // included; going up, the CTA of the last key block would wait for
+        // the first to reach the diagonal, as long as a whole non-causal
+        // pass).
+        let qb = k.bin(BinOp::Sub, Ty::U32, nqb, u(1));
         let block_top = k.label("qblock");
         k.push(Instr::Label(block_top.clone()));
         self.step(cta, &head, qb);
         let k = &mut self.k;
-        k.bin_to(BinOp::Add, Ty::U32, qb, qb, u(1));
-        let more = k.setp(Cmp::Lt, Ty::U32, qb, nqb);
+        let more = k.setp(Cmp::Gt, Ty::U32, qb, qb_start);
+        k.bin_to(BinOp::Sub, Ty::U32, qb, qb, u(1));
         k.branch_if(more, false, &block_top);
 
         k.bin_to(BinOp::Add, Ty::U32, hh, hh, u(1));
@@ -701,6 +709,9 @@ impl Emitter {
 
     /// The loop over the block's rows `0 .. iend`: scores, `P`, `dS`, the
     /// `dk` and `dv` sums, `dS` into shared memory.
+    // Key slots index several per-slot arrays at once (scores, k, v, the
+    // accumulators, limits, mask addresses): plain index loops read best.
+    #[allow(clippy::needless_range_loop)]
     fn row_loop(&mut self, cta: &Cta, head: &Head, i0: Reg, iend: Reg, with_mask: bool) {
         let plan = self.plan;
         let [_, do_off, _, ds_off, lse_off, delta_off, _] = plan.layout();
