@@ -45,6 +45,7 @@
 
 pub mod mma;
 mod rows;
+mod simt;
 
 use crate::contract::{GpuKernel, ParamKind};
 use crate::ptx::Target;
@@ -140,7 +141,7 @@ fn entry(spec: &VariantSpec, part: &str) -> String {
 pub fn generate(spec: &VariantSpec) -> BackwardKernels {
     let target = Target::Sm80;
     let (main, block_n) = match spec.dtype {
-        DType::F32 => rows::placeholder_main(spec, target),
+        DType::F32 => simt::main_kernel(spec, target),
         DType::F16 | DType::BF16 => mma::main_kernel(spec, target),
     };
     BackwardKernels {

@@ -293,19 +293,6 @@ pub(super) fn convert(spec: &VariantSpec, target: Target) -> GpuKernel {
     kernel(spec, target, entry, k)
 }
 
-/// Until the main kernels land: a main kernel that only declares the
-/// contract.
-pub(super) fn placeholder_main(spec: &VariantSpec, target: Target) -> (GpuKernel, u32) {
-    let entry = super::entry(spec, "main");
-    let mut k = Kernel::new(&entry);
-    let _ = declare_table(&mut k, BACKWARD_PARAMS);
-    k.push(Instr::Ret);
-    let mut g = kernel(spec, target, entry, k);
-    g.block_m = 64;
-    g.threads = 128;
-    (g, 64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -94,3 +94,61 @@ fn assembles_without_spills() {
     eprintln!("{report}(files in {})", dir.display());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Writes the three kernels of every spec of the sample (or of the head
+/// sizes in `BWD_HEAD_SIZES`, comma-separated, every dtype and causal flag) and a `manifest.json` of
+/// their launch metadata into `BWD_PTX_DIR` when that is set, for
+/// `tests/gpu/bwd_harness.py` on a GPU machine.
+#[test]
+fn writes_ptx_for_the_gpu_harness_when_asked() {
+    let Some(dir) = std::env::var_os("BWD_PTX_DIR") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let specs = match std::env::var("BWD_HEAD_SIZES") {
+        Ok(sizes) => {
+            let mut out = Vec::new();
+            for dtype in [DType::BF16, DType::F16, DType::F32] {
+                for d in sizes.split(',') {
+                    for causal in [false, true] {
+                        let d = d
+                            .trim()
+                            .parse()
+                            .expect("BWD_HEAD_SIZES: comma-separated sizes");
+                        out.push(VariantSpec::new(d, causal, dtype).unwrap());
+                    }
+                }
+            }
+            out
+        }
+        Err(_) => sample(),
+    };
+    let mut manifest = Vec::new();
+    for spec in specs {
+        let b = generate(&spec);
+        let mut entries = Vec::new();
+        for (role, k) in [
+            ("preprocess", &b.preprocess),
+            ("main", &b.main),
+            ("convert", &b.convert),
+        ] {
+            std::fs::write(dir.join(format!("{}.ptx", k.entry)), &k.ptx).unwrap();
+            entries.push(format!(
+                "\"{role}\": {{\"entry\": \"{}\", \"block_m\": {}, \"threads\": {}, \
+                 \"smem_bytes\": {}}}",
+                k.entry, k.block_m, k.threads, k.smem_bytes
+            ));
+        }
+        manifest.push(format!(
+            "{{\"head_size\": {}, \"causal\": {}, \"dtype\": \"{}\", \"block_n\": {}, {}}}",
+            spec.head_size,
+            spec.causal,
+            spec.dtype,
+            b.block_n,
+            entries.join(", ")
+        ));
+    }
+    let text = format!("[\n{}\n]\n", manifest.join(",\n"));
+    std::fs::write(dir.join("manifest.json"), text).unwrap();
+}
