@@ -223,20 +223,6 @@ struct Lanes {
     b_tail: Reg,
 }
 
-impl Lanes {
-    /// The same patterns `off` bytes further on.
-    fn shifted(&self, k: &mut Kernel, off: Reg) -> Lanes {
-        let add = |k: &mut Kernel, r: Reg| k.bin(BinOp::Add, Ty::U32, r, off);
-        Lanes {
-            a: add(k, self.a),
-            a_tr: self.a_tr,
-            b: add(k, self.b),
-            b_tr: self.b_tr,
-            b_tail: add(k, self.b_tail),
-        }
-    }
-}
-
 struct Emitter {
     k: Kernel,
     cfg: MmaBackwardConfig,
@@ -365,7 +351,7 @@ impl Emitter {
 
     /// `acc[16 × block_m] = A·Bᵀ` over the head dimension: A the 16 rows at
     /// `a_row` of one `[rows, D]` tile, B the `block_m` rows of another.
-    fn scores(&mut self, acc: &[Vec<Reg>], a: &Lanes, a_row: Reg, b: &Lanes) {
+    fn scores(&mut self, acc: &[Vec<Reg>], a: &Lanes, a_row: Reg, b: &Lanes, b_off: usize) {
         let cfg = self.cfg;
         let (d, p) = (cfg.d, cfg.pitch);
         let n_tiles = cfg.block_m / 8;
@@ -376,7 +362,7 @@ impl Emitter {
         for kk in 0..d / 16 {
             let af = self.ldmatrix(4, false, a_lane, kk * 32);
             for pair in 0..n_tiles / 2 {
-                let bf = self.ldmatrix(4, false, b.b, pair * 16 * p + kk * 32);
+                let bf = self.ldmatrix(4, false, b.b, b_off + pair * 16 * p + kk * 32);
                 let (c0, c1) = if kk == 0 {
                     (zeros.clone(), zeros.clone())
                 } else {
@@ -390,7 +376,7 @@ impl Emitter {
             let first = d < 16;
             let af = self.ldmatrix(2, false, a_lane, (d - 8) * 2);
             for quad in 0..n_tiles / 4 {
-                let bf = self.ldmatrix(4, false, b.b_tail, quad * 32 * p + (d - 8) * 2);
+                let bf = self.ldmatrix(4, false, b.b_tail, b_off + quad * 32 * p + (d - 8) * 2);
                 for t in 0..4 {
                     let acc_t = acc[quad * 4 + t].clone();
                     let c = if first { zeros.clone() } else { acc_t.clone() };
@@ -404,17 +390,17 @@ impl Emitter {
     /// and B (k × this warp's columns) is read by `ldmatrix.trans` from the
     /// `[k][D]` tile whose lanes are `b` (already offset to the warp's
     /// first column), k16 step `kk` at row `k_row0(kk)`.
-    fn products(&mut self, acc: &[Vec<Reg>], a: &[Reg], b_tr: Reg, k_row: usize) {
+    fn products(&mut self, acc: &[Vec<Reg>], a: &[Reg], b_tr: Reg, k_row: usize, off: usize) {
         let p = self.cfg.pitch;
         let tiles = acc.len();
         for pair in 0..tiles / 2 {
-            let bf = self.ldmatrix(4, true, b_tr, k_row * p + pair * 32);
+            let bf = self.ldmatrix(4, true, b_tr, off + k_row * p + pair * 32);
             self.mma(&acc[2 * pair], a, &bf[0..2]);
             self.mma(&acc[2 * pair + 1], a, &bf[2..4]);
         }
         if tiles % 2 == 1 {
             let last = tiles - 1;
-            let bf = self.ldmatrix(2, true, b_tr, k_row * p + last * 16);
+            let bf = self.ldmatrix(2, true, b_tr, off + k_row * p + last * 16);
             self.mma(&acc[last], a, &bf);
         }
     }
@@ -460,30 +446,17 @@ impl Emitter {
             cfg.pitch
         ));
         let prm = |s: &mut Self, name: &str| params.get(&mut s.k, name);
-        let q_ptr = prm(&mut self, "q");
         let k_ptr = prm(&mut self, "k");
         let v_ptr = prm(&mut self, "v");
-        let do_ptr = prm(&mut self, "dout");
         let mask_ptr = prm(&mut self, "mask");
-        let dk_ptr = prm(&mut self, "dk");
-        let dv_ptr = prm(&mut self, "dv");
-        let accum_ptr = prm(&mut self, "dq_accum");
-        let lse2_ptr = prm(&mut self, "lse_log2");
-        let delta_ptr = prm(&mut self, "delta");
-        let sem_ptr = prm(&mut self, "sem");
         let seq_q = prm(&mut self, "seq_q");
         let seq_k = prm(&mut self, "seq_k");
         let heads_q = prm(&mut self, "heads_q");
         let group = prm(&mut self, "group");
         let scale_log2 = prm(&mut self, "scale_log2");
         let scale = prm(&mut self, "scale");
-        let qs = params.strides(&mut self.k, "q");
         let ks = params.strides(&mut self.k, "k");
         let vs = params.strides(&mut self.k, "v");
-        let dos = params.strides(&mut self.k, "dout");
-        let dks = params.strides(&mut self.k, "dk");
-        let dvs = params.strides(&mut self.k, "dv");
-        let [msb, msh, msq] = params.strides(&mut self.k, "mask");
 
         // ---- coordinates ----
         let k = &mut self.k;
@@ -579,12 +552,16 @@ impl Emitter {
         // Issues the loads of a step: Q and dO by cp.async, lse_log2 and
         // delta into registers (threads below block_m).
         let row_reader = self.k.setp(Cmp::Lt, Ty::U32, tid, u(bm));
-        let issue_tiles = |s: &mut Self, st: &Step, boff: Reg| {
+        let issue_tiles = |s: &mut Self, st: &Step, boff: usize| {
             let k = &mut s.k;
+            // Parameters are loaded where they are used: held across the
+            // loop, they would take registers the accumulators need.
+            let (q_ptr, qs) = (params.get(k, "q"), params.strides(k, "q"));
+            let (do_ptr, dos) = (params.get(k, "dout"), params.strides(k, "dout"));
             let (q_base, q_stride) = tensor_head(k, q_ptr, qs, batch, st.head, 2);
             let (do_base, do_stride) = tensor_head(k, do_ptr, dos, batch, st.head, 2);
-            let dst_q = k.bin(BinOp::Add, Ty::U32, s_q, boff);
-            let dst_do = k.bin(BinOp::Add, Ty::U32, s_do, boff);
+            let dst_q = k.bin(BinOp::Add, Ty::U32, s_q, u(boff));
+            let dst_do = k.bin(BinOp::Add, Ty::U32, s_do, u(boff));
             s.load_rows(&ld, dst_q, q_base, q_stride, st.i0, bm, seq_q);
             s.load_rows(&ld, dst_do, do_base, do_stride, st.i0, bm, seq_q);
             s.k.push(Instr::CpAsyncCommit);
@@ -600,7 +577,8 @@ impl Emitter {
             let dense4 = k.bin(BinOp::Shl, Ty::U64, dense, Operand::U(2));
             let lse = k.mov(Ty::F32, Operand::F32(f32::INFINITY));
             let delta = k.mov(Ty::F32, Operand::F32(0.0));
-            for (dst, ptr) in [(lse, lse2_ptr), (delta, delta_ptr)] {
+            for (dst, name) in [(lse, "lse_log2"), (delta, "delta")] {
+                let ptr = params.get(k, name);
                 let addr = k.bin(BinOp::Add, Ty::U64, ptr, dense4);
                 k.guard(
                     ok,
@@ -639,295 +617,320 @@ impl Emitter {
         let none = k.setp(Cmp::Ge, Ty::U32, step, steps);
         k.branch_if(none, false, &done);
         let first = step_of(&mut self, step);
-        let zero = self.k.mov(Ty::U32, Operand::U(0));
-        issue_tiles(&mut self, &first, zero);
+        issue_tiles(&mut self, &first, 0);
         let (lse_next, delta_next) = issue_rows(&mut self, &first);
-        let k = &mut self.k;
-        k.push(Instr::Label(top.clone()));
-        let cur = step_of(&mut self, step);
-        // ---- 0. the step's tiles have landed ----
-        let k = &mut self.k;
-        let buf = k.bin(BinOp::And, Ty::U32, step, Operand::U(1));
-        let boff = k.bin(BinOp::Mul, Ty::U32, buf, u(cfg.buffer_bytes()));
-        let next_boff = k.bin(BinOp::Sub, Ty::U32, u(cfg.buffer_bytes()), boff);
-        let row_lse = k.mad(Ty::U32, tid, Operand::U(4), s_lse);
-        let row_delta = k.mad(Ty::U32, tid, Operand::U(4), s_delta);
-        for (addr, v) in [(row_lse, lse_next), (row_delta, delta_next)] {
-            k.guard(
-                row_reader,
-                false,
-                Instr::St {
-                    space: StateSpace::Shared,
-                    ty: Ty::F32,
-                    addr: Addr::at(addr, 0),
-                    src: vec![v],
-                },
-            );
-        }
-        k.push(Instr::CpAsyncWait(0));
-        k.push(Instr::BarSync(0));
-
-        // The next step's loads, into the other buffer: past the barrier
-        // every warp is done with it.
-        k.bin_to(BinOp::Add, Ty::U32, step, step, Operand::U(1));
-        let more = k.setp(Cmp::Lt, Ty::U32, step, steps);
-        let no_next = k.label("bwd_no_next");
-        k.branch_if(more, true, &no_next);
-        let next = step_of(&mut self, step);
-        issue_tiles(&mut self, &next, next_boff);
-        self.k.push(Instr::Label(no_next));
-
-        // ---- 1. Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ ----
-        let k = &mut self.k;
-        let lq_b = lq.shifted(k, boff);
-        let ldo_b = ldo.shifted(k, boff);
-        let q_tr_b = k.bin(BinOp::Add, Ty::U32, q_tr, boff);
-        let do_tr_b = k.bin(BinOp::Add, Ty::U32, do_tr, boff);
-        self.scores(&s_acc, &lk, key_row, &lq_b);
-        self.scores(&dp_acc, &lv, key_row, &ldo_b);
-
-        // ---- 2. Pᵀ and dSᵀ ----
-        // Thread element (r, n-tile nt, e): key j0 + key_row + g + 8r,
-        // query i0 + 8nt + 2t + e.
-        let k = &mut self.k;
-        for acc in &s_acc {
-            for &x in acc {
-                k.bin_to(BinOp::Mul, Ty::F32, x, x, scale_log2);
-            }
-        }
-        let key_lo = k.bin(BinOp::Add, Ty::U32, j0, key_row);
-        let key_lo = k.bin(BinOp::Add, Ty::U32, key_lo, g);
-        let keys = [key_lo, k.bin(BinOp::Add, Ty::U32, key_lo, Operand::U(8))];
-        // Does this block need element-wise masking?
-        let block_end = k.bin(BinOp::Add, Ty::U32, j0, u(bn));
-        let need = k.setp(Cmp::Gt, Ty::U32, block_end, seq_k);
-        k.bin_to(BinOp::Or, Ty::Pred, need, need, has_mask);
-        if cfg.causal {
-            let last_key = k.bin(BinOp::Add, Ty::U32, j0, u(bn - 1));
-            let diag = k.setp(Cmp::Gt, Ty::U32, last_key, cur.i0);
-            k.bin_to(BinOp::Or, Ty::Pred, need, need, diag);
-        }
-        let skip = k.label("bwd_unmasked");
-        k.branch_if(need, true, &skip);
-        {
-            let qcol0 = k.bin(BinOp::Add, Ty::U32, cur.i0, t2);
-            let h64 = k.cvt(None, Ty::U64, Ty::U32, cur.head);
-            let mask_head = head_offset(k, batch64, h64, msb, msh);
-            let key_in: Vec<Reg> = keys
-                .iter()
-                .map(|&key| k.setp(Cmp::Lt, Ty::U32, key, seq_k))
-                .collect();
-            let key64: Vec<Reg> = keys
-                .iter()
-                .map(|&key| k.cvt(None, Ty::U64, Ty::U32, key))
-                .collect();
-            let no_bias = k.label("bwd_no_bias");
-            k.branch_if(has_mask, true, &no_bias);
-            for (nt, acc) in s_acc.iter().enumerate() {
-                for e in 0..2 {
-                    let q = k.bin(BinOp::Add, Ty::U32, qcol0, u(8 * nt + e));
-                    let q_in = k.setp(Cmp::Lt, Ty::U32, q, seq_q);
-                    let q64 = k.cvt(None, Ty::U64, Ty::U32, q);
-                    let row = k.mad(Ty::U64, q64, msq, mask_head);
-                    for r in 0..2 {
-                        let ok = k.reg(Ty::Pred);
-                        k.bin_to(BinOp::And, Ty::Pred, ok, q_in, key_in[r]);
-                        let off = k.bin(BinOp::Add, Ty::U64, row, key64[r]);
-                        let addr = k.mad(Ty::U64, off, Operand::U(4), mask_ptr);
-                        let bias = k.mov(Ty::F32, Operand::F32(0.0));
-                        k.guard(
-                            ok,
-                            false,
-                            Instr::Ld {
-                                space: StateSpace::GlobalNc,
-                                ty: Ty::F32,
-                                dst: vec![bias],
-                                addr: Addr::at(addr, 0),
-                            },
-                        );
-                        let x = acc[2 * r + e];
-                        k.mad_to(Ty::F32, x, bias, Operand::F32(LOG2E), x);
-                    }
-                }
-            }
-            k.push(Instr::Label(no_bias));
-            for (nt, acc) in s_acc.iter().enumerate() {
-                for e in 0..2 {
-                    let q = k.bin(BinOp::Add, Ty::U32, qcol0, u(8 * nt + e));
-                    for r in 0..2 {
-                        let hide = k.setp(Cmp::Ge, Ty::U32, keys[r], seq_k);
-                        if cfg.causal {
-                            let after = k.setp(Cmp::Gt, Ty::U32, keys[r], q);
-                            k.bin_to(BinOp::Or, Ty::Pred, hide, hide, after);
-                        }
-                        let x = acc[2 * r + e];
-                        k.selp_to(Ty::F32, x, Operand::F32(f32::NEG_INFINITY), x, hide);
-                    }
-                }
-            }
-        }
-        k.push(Instr::Label(skip));
-        // P = exp2(s - lse_log2[q]); dS = P (dP - delta[q]).
-        let lane_col = k.mad(Ty::U32, t2, Operand::U(4), Operand::U(0));
-        let lse_at = k.bin(BinOp::Add, Ty::U32, s_lse, lane_col);
-        let delta_at = k.bin(BinOp::Add, Ty::U32, s_delta, lane_col);
-        for nt in 0..m_tiles {
-            for e in 0..2 {
-                let lse = self.shared_f32(lse_at, (8 * nt + e) * 4);
-                let delta = self.shared_f32(delta_at, (8 * nt + e) * 4);
-                let k = &mut self.k;
-                for r in 0..2 {
-                    let i = 2 * r + e;
-                    let (s, dp) = (s_acc[nt][i], dp_acc[nt][i]);
-                    k.bin_to(BinOp::Sub, Ty::F32, s, s, lse);
-                    k.un_to(UnOp::Ex2, Ty::F32, s, s);
-                    k.bin_to(BinOp::Sub, Ty::F32, dp, dp, delta);
-                    k.bin_to(BinOp::Mul, Ty::F32, dp, dp, s);
-                }
-            }
-        }
-
-        // ---- 3. dV += Pᵀ·dO, dK += dSᵀ·Q; dSᵀ to shared memory ----
-        let ds_writer = self.k.setp(Cmp::Eq, Ty::U32, part, Operand::U(0));
-        let ds_row = self.k.bin(BinOp::Add, Ty::U32, key_row, g);
-        let ds_lane = self.k.mad(Ty::U32, ds_row, u(cfg.ds_pitch), s_ds);
-        let ds_lane = self.k.mad(Ty::U32, t2, Operand::U(2), ds_lane);
-        for kk in 0..bm / 16 {
+        let top_odd = self.k.label("bwd_step_odd");
+        // Two copies of the step, for even and odd steps: each reads one
+        // buffer of Q and dO at immediate offsets and fills the other.
+        for par in 0..2 {
+            let boff = par * cfg.buffer_bytes();
+            let next_boff = (1 - par) * cfg.buffer_bytes();
             let k = &mut self.k;
-            let pa = k.regs(Ty::B32, 4);
-            pack_a_fragment(k, packed, &s_acc[2 * kk], &s_acc[2 * kk + 1], &pa);
-            self.products(&dv_acc, &pa, do_tr_b, kk * 16);
+            k.push(Instr::Label(if par == 0 {
+                top.clone()
+            } else {
+                top_odd.clone()
+            }));
+            let cur = step_of(&mut self, step);
+            // ---- 0. the step's tiles have landed ----
             let k = &mut self.k;
-            let dsa = k.regs(Ty::B32, 4);
-            pack_a_fragment(k, packed, &dp_acc[2 * kk], &dp_acc[2 * kk + 1], &dsa);
-            // a0: (key g, query 16kk + 2t), a1: key g + 8, a2: query + 8,
-            // a3: both.
-            for (i, &w) in dsa.iter().enumerate() {
-                let off = (i % 2) * 8 * cfg.ds_pitch + (16 * kk + 8 * (i / 2)) * 2;
+            let row_lse = k.mad(Ty::U32, tid, Operand::U(4), s_lse);
+            let row_delta = k.mad(Ty::U32, tid, Operand::U(4), s_delta);
+            for (addr, v) in [(row_lse, lse_next), (row_delta, delta_next)] {
                 k.guard(
-                    ds_writer,
+                    row_reader,
                     false,
                     Instr::St {
                         space: StateSpace::Shared,
-                        ty: Ty::B32,
-                        addr: Addr::at(ds_lane, off as i64),
-                        src: vec![w],
+                        ty: Ty::F32,
+                        addr: Addr::at(addr, 0),
+                        src: vec![v],
                     },
                 );
             }
-            self.products(&dk_acc, &dsa, q_tr_b, kk * 16);
-        }
-        self.k.push(Instr::BarSync(0));
-        // The next step's lse and delta, under dQ (every warp is past its
-        // reads of this step's).
-        let no_rows = self.k.label("bwd_no_rows");
-        self.k.branch_if(more, true, &no_rows);
-        let next = step_of(&mut self, step);
-        let (lse_n, delta_n) = issue_rows(&mut self, &next);
-        let k = &mut self.k;
-        k.mov_to(Ty::F32, lse_next, lse_n);
-        k.mov_to(Ty::F32, delta_next, delta_n);
-        k.push(Instr::Label(no_rows));
-
-        // ---- 4. dQ = dS·K ----
-        // Warp w: query rows 16·(w % (block_m / 16)), its columns' share.
-        let q_tiles = bm / 16;
-        let dq_tiles = cfg.dq_tiles();
-        let k = &mut self.k;
-        let mt = k.bin(BinOp::Rem, Ty::U32, warp, u(q_tiles));
-        let q_row = k.bin(BinOp::Shl, Ty::U32, mt, Operand::U(4));
-        let qpart = k.bin(BinOp::Div, Ty::U32, warp, u(q_tiles));
-        let qcol0 = k.bin(BinOp::Mul, Ty::U32, qpart, u(dq_tiles * 8));
-        let qcol_bytes = k.bin(BinOp::Shl, Ty::U32, qcol0, Operand::U(1));
-        let k_tr_q = k.bin(BinOp::Add, Ty::U32, lk.b_tr, qcol_bytes);
-        let q_last = k.bin(BinOp::Add, Ty::U32, qcol0, u(dq_tiles * 8 - 8));
-        let q_last_ok = k.setp(Cmp::Lt, Ty::U32, q_last, u(d));
-        let ds_a = k.bin(BinOp::Shl, Ty::U32, q_row, Operand::U(1));
-        let ds_a = k.bin(BinOp::Add, Ty::U32, lds.a_tr, ds_a);
-        let dq_acc = self.zeros(dq_tiles);
-        for kk in 0..bn / 16 {
-            let a = self.ldmatrix(4, true, ds_a, kk * 16 * cfg.ds_pitch);
-            self.products(&dq_acc, &a, k_tr_q, kk * 16);
-        }
-
-        // The semaphore: wait for key block `kblock`'s turn on this query
-        // block, add, hand over to the next key block.
-        let k = &mut self.k;
-        let nqb64 = k.cvt(None, Ty::U64, Ty::U32, nqb);
-        let qb64 = k.cvt(None, Ty::U64, Ty::U32, cur.qblock);
-        let sem_i = k.mad(Ty::U64, cur.bh, nqb64, qb64);
-        let sem_addr = k.mad(Ty::U64, sem_i, Operand::U(4), sem_ptr);
-        let leader = k.setp(Cmp::Eq, Ty::U32, tid, Operand::U(0));
-        if cfg.deterministic {
-            let spun = k.label("bwd_turn");
-            let spin = k.label("bwd_spin");
-            k.branch_if(leader, true, &spun);
-            k.push(Instr::Label(spin.clone()));
-            let seen = k.reg(Ty::U32);
-            k.push(Instr::LdAcquire {
-                dst: seen,
-                addr: Addr::at(sem_addr, 0),
-            });
-            let wait = k.setp(Cmp::Ne, Ty::U32, seen, kblock);
-            k.branch_if(wait, false, &spin);
-            k.push(Instr::Label(spun));
+            k.push(Instr::CpAsyncWait(0));
             k.push(Instr::BarSync(0));
-        }
-        // dq_accum[(bh · Sq + q) · D + c] += dQ.
-        let sq64 = k.cvt(None, Ty::U64, Ty::U32, seq_q);
-        let rows_base = k.bin(BinOp::Mul, Ty::U64, cur.bh, sq64);
-        for r in 0..2 {
-            let q = k.bin(BinOp::Add, Ty::U32, cur.i0, q_row);
-            let q = k.bin(BinOp::Add, Ty::U32, q, g);
-            let q = k.bin(BinOp::Add, Ty::U32, q, u(8 * r));
-            let q_in = k.setp(Cmp::Lt, Ty::U32, q, seq_q);
-            let q64 = k.cvt(None, Ty::U64, Ty::U32, q);
-            let row = k.bin(BinOp::Add, Ty::U64, rows_base, q64);
-            let row = k.bin(BinOp::Mul, Ty::U64, row, u(d));
-            let c = k.bin(BinOp::Add, Ty::U32, qcol0, t2);
-            let c64 = k.cvt(None, Ty::U64, Ty::U32, c);
-            let e = k.bin(BinOp::Add, Ty::U64, row, c64);
-            let addr = k.mad(Ty::U64, e, Operand::U(4), accum_ptr);
-            for (nt, acc) in dq_acc.iter().enumerate() {
-                let ok = if nt + 1 == dq_tiles && (d / 8) % cfg.dq_parts() != 0 {
-                    let both = k.reg(Ty::Pred);
-                    k.bin_to(BinOp::And, Ty::Pred, both, q_in, q_last_ok);
-                    both
-                } else {
-                    q_in
-                };
+
+            // The next step's loads, into the other buffer: past the barrier
+            // every warp is done with it.
+            k.bin_to(BinOp::Add, Ty::U32, step, step, Operand::U(1));
+            let more = k.setp(Cmp::Lt, Ty::U32, step, steps);
+            let no_next = k.label("bwd_no_next");
+            k.branch_if(more, true, &no_next);
+            let next = step_of(&mut self, step);
+            issue_tiles(&mut self, &next, next_boff);
+            self.k.push(Instr::Label(no_next));
+
+            // ---- 1. Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ ----
+            self.scores(&s_acc, &lk, key_row, &lq, boff);
+
+            // ---- 2. Pᵀ and dSᵀ ----
+            // Thread element (r, n-tile nt, e): key j0 + key_row + g + 8r,
+            // query i0 + 8nt + 2t + e.
+            let k = &mut self.k;
+            for acc in &s_acc {
+                for &x in acc {
+                    k.bin_to(BinOp::Mul, Ty::F32, x, x, scale_log2);
+                }
+            }
+            let key_lo = k.bin(BinOp::Add, Ty::U32, j0, key_row);
+            let key_lo = k.bin(BinOp::Add, Ty::U32, key_lo, g);
+            let keys = [key_lo, k.bin(BinOp::Add, Ty::U32, key_lo, Operand::U(8))];
+            // Does this block need element-wise masking?
+            let block_end = k.bin(BinOp::Add, Ty::U32, j0, u(bn));
+            let need = k.setp(Cmp::Gt, Ty::U32, block_end, seq_k);
+            k.bin_to(BinOp::Or, Ty::Pred, need, need, has_mask);
+            if cfg.causal {
+                let last_key = k.bin(BinOp::Add, Ty::U32, j0, u(bn - 1));
+                let diag = k.setp(Cmp::Gt, Ty::U32, last_key, cur.i0);
+                k.bin_to(BinOp::Or, Ty::Pred, need, need, diag);
+            }
+            let skip = k.label("bwd_unmasked");
+            k.branch_if(need, true, &skip);
+            {
+                let qcol0 = k.bin(BinOp::Add, Ty::U32, cur.i0, t2);
+                let h64 = k.cvt(None, Ty::U64, Ty::U32, cur.head);
+                let [msb, msh, msq] = params.strides(k, "mask");
+                let mask_ptr = params.get(k, "mask");
+                let mask_head = head_offset(k, batch64, h64, msb, msh);
+                let key_in: Vec<Reg> = keys
+                    .iter()
+                    .map(|&key| k.setp(Cmp::Lt, Ty::U32, key, seq_k))
+                    .collect();
+                let key64: Vec<Reg> = keys
+                    .iter()
+                    .map(|&key| k.cvt(None, Ty::U64, Ty::U32, key))
+                    .collect();
+                let no_bias = k.label("bwd_no_bias");
+                k.branch_if(has_mask, true, &no_bias);
+                for (nt, acc) in s_acc.iter().enumerate() {
+                    for e in 0..2 {
+                        let q = k.bin(BinOp::Add, Ty::U32, qcol0, u(8 * nt + e));
+                        let q_in = k.setp(Cmp::Lt, Ty::U32, q, seq_q);
+                        let q64 = k.cvt(None, Ty::U64, Ty::U32, q);
+                        let row = k.mad(Ty::U64, q64, msq, mask_head);
+                        for r in 0..2 {
+                            let ok = k.reg(Ty::Pred);
+                            k.bin_to(BinOp::And, Ty::Pred, ok, q_in, key_in[r]);
+                            let off = k.bin(BinOp::Add, Ty::U64, row, key64[r]);
+                            let addr = k.mad(Ty::U64, off, Operand::U(4), mask_ptr);
+                            let bias = k.mov(Ty::F32, Operand::F32(0.0));
+                            k.guard(
+                                ok,
+                                false,
+                                Instr::Ld {
+                                    space: StateSpace::GlobalNc,
+                                    ty: Ty::F32,
+                                    dst: vec![bias],
+                                    addr: Addr::at(addr, 0),
+                                },
+                            );
+                            let x = acc[2 * r + e];
+                            k.mad_to(Ty::F32, x, bias, Operand::F32(LOG2E), x);
+                        }
+                    }
+                }
+                k.push(Instr::Label(no_bias));
+                for (nt, acc) in s_acc.iter().enumerate() {
+                    for e in 0..2 {
+                        let q = k.bin(BinOp::Add, Ty::U32, qcol0, u(8 * nt + e));
+                        for r in 0..2 {
+                            let hide = k.setp(Cmp::Ge, Ty::U32, keys[r], seq_k);
+                            if cfg.causal {
+                                let after = k.setp(Cmp::Gt, Ty::U32, keys[r], q);
+                                k.bin_to(BinOp::Or, Ty::Pred, hide, hide, after);
+                            }
+                            let x = acc[2 * r + e];
+                            k.selp_to(Ty::F32, x, Operand::F32(f32::NEG_INFINITY), x, hide);
+                        }
+                    }
+                }
+            }
+            k.push(Instr::Label(skip));
+            // P = exp2(s - lse_log2[q]), before dP is formed: the mask's
+            // temporaries and dP are never live together.
+            let lane_col = k.bin(BinOp::Shl, Ty::U32, t2, Operand::U(2));
+            let lse_at = k.bin(BinOp::Add, Ty::U32, s_lse, lane_col);
+            for nt in 0..m_tiles {
                 for e in 0..2 {
+                    let lse = self.shared_f32(lse_at, (8 * nt + e) * 4);
+                    let k = &mut self.k;
+                    for r in 0..2 {
+                        let x = s_acc[nt][2 * r + e];
+                        k.bin_to(BinOp::Sub, Ty::F32, x, x, lse);
+                        k.un_to(UnOp::Ex2, Ty::F32, x, x);
+                    }
+                }
+            }
+            // dPᵀ = V·dOᵀ; dS = P (dP - delta[q]).
+            self.scores(&dp_acc, &lv, key_row, &ldo, boff);
+            let k = &mut self.k;
+            let lane_col = k.bin(BinOp::Shl, Ty::U32, t2, Operand::U(2));
+            let delta_at = k.bin(BinOp::Add, Ty::U32, s_delta, lane_col);
+            for nt in 0..m_tiles {
+                for e in 0..2 {
+                    let delta = self.shared_f32(delta_at, (8 * nt + e) * 4);
+                    let k = &mut self.k;
+                    for r in 0..2 {
+                        let i = 2 * r + e;
+                        let (p, dp) = (s_acc[nt][i], dp_acc[nt][i]);
+                        k.bin_to(BinOp::Sub, Ty::F32, dp, dp, delta);
+                        k.bin_to(BinOp::Mul, Ty::F32, dp, dp, p);
+                    }
+                }
+            }
+
+            // ---- 3. dV += Pᵀ·dO, dK += dSᵀ·Q; dSᵀ to shared memory ----
+            let ds_writer = self.k.setp(Cmp::Eq, Ty::U32, part, Operand::U(0));
+            let ds_row = self.k.bin(BinOp::Add, Ty::U32, key_row, g);
+            let ds_lane = self.k.mad(Ty::U32, ds_row, u(cfg.ds_pitch), s_ds);
+            let ds_lane = self.k.mad(Ty::U32, t2, Operand::U(2), ds_lane);
+            for kk in 0..bm / 16 {
+                let k = &mut self.k;
+                let pa = k.regs(Ty::B32, 4);
+                pack_a_fragment(k, packed, &s_acc[2 * kk], &s_acc[2 * kk + 1], &pa);
+                self.products(&dv_acc, &pa, do_tr, kk * 16, boff);
+                let k = &mut self.k;
+                let dsa = k.regs(Ty::B32, 4);
+                pack_a_fragment(k, packed, &dp_acc[2 * kk], &dp_acc[2 * kk + 1], &dsa);
+                // a0: (key g, query 16kk + 2t), a1: key g + 8, a2: query + 8,
+                // a3: both.
+                for (i, &w) in dsa.iter().enumerate() {
+                    let off = (i % 2) * 8 * cfg.ds_pitch + (16 * kk + 8 * (i / 2)) * 2;
                     k.guard(
-                        ok,
+                        ds_writer,
                         false,
-                        Instr::RedAddF32 {
-                            addr: Addr::at(addr, ((8 * nt + e) * 4) as i64),
-                            src: acc[2 * r + e],
+                        Instr::St {
+                            space: StateSpace::Shared,
+                            ty: Ty::B32,
+                            addr: Addr::at(ds_lane, off as i64),
+                            src: vec![w],
                         },
                     );
                 }
+                self.products(&dk_acc, &dsa, q_tr, kk * 16, boff);
+            }
+            self.k.push(Instr::BarSync(0));
+            // The next step's lse and delta, under dQ (every warp is past its
+            // reads of this step's).
+            let no_rows = self.k.label("bwd_no_rows");
+            self.k.branch_if(more, true, &no_rows);
+            let next = step_of(&mut self, step);
+            let (lse_n, delta_n) = issue_rows(&mut self, &next);
+            let k = &mut self.k;
+            k.mov_to(Ty::F32, lse_next, lse_n);
+            k.mov_to(Ty::F32, delta_next, delta_n);
+            k.push(Instr::Label(no_rows));
+
+            // ---- 4. dQ = dS·K ----
+            // Warp w: query rows 16·(w % (block_m / 16)), its columns' share.
+            let q_tiles = bm / 16;
+            let dq_tiles = cfg.dq_tiles();
+            let k = &mut self.k;
+            let mt = k.bin(BinOp::Rem, Ty::U32, warp, u(q_tiles));
+            let q_row = k.bin(BinOp::Shl, Ty::U32, mt, Operand::U(4));
+            let qpart = k.bin(BinOp::Div, Ty::U32, warp, u(q_tiles));
+            let qcol0 = k.bin(BinOp::Mul, Ty::U32, qpart, u(dq_tiles * 8));
+            let qcol_bytes = k.bin(BinOp::Shl, Ty::U32, qcol0, Operand::U(1));
+            let k_tr_q = k.bin(BinOp::Add, Ty::U32, lk.b_tr, qcol_bytes);
+            let q_last = k.bin(BinOp::Add, Ty::U32, qcol0, u(dq_tiles * 8 - 8));
+            let q_last_ok = k.setp(Cmp::Lt, Ty::U32, q_last, u(d));
+            let ds_a = k.bin(BinOp::Shl, Ty::U32, q_row, Operand::U(1));
+            let ds_a = k.bin(BinOp::Add, Ty::U32, lds.a_tr, ds_a);
+            let dq_acc = self.zeros(dq_tiles);
+            for kk in 0..bn / 16 {
+                let a = self.ldmatrix(4, true, ds_a, kk * 16 * cfg.ds_pitch);
+                self.products(&dq_acc, &a, k_tr_q, kk * 16, 0);
+            }
+
+            // The semaphore: wait for key block `kblock`'s turn on this query
+            // block, add, hand over to the next key block.
+            let k = &mut self.k;
+            let nqb64 = k.cvt(None, Ty::U64, Ty::U32, nqb);
+            let qb64 = k.cvt(None, Ty::U64, Ty::U32, cur.qblock);
+            let sem_i = k.mad(Ty::U64, cur.bh, nqb64, qb64);
+            let sem_ptr = params.get(k, "sem");
+            let sem_addr = k.mad(Ty::U64, sem_i, Operand::U(4), sem_ptr);
+            let leader = k.setp(Cmp::Eq, Ty::U32, tid, Operand::U(0));
+            if cfg.deterministic {
+                let spun = k.label("bwd_turn");
+                let spin = k.label("bwd_spin");
+                k.branch_if(leader, true, &spun);
+                k.push(Instr::Label(spin.clone()));
+                let seen = k.reg(Ty::U32);
+                k.push(Instr::LdAcquire {
+                    dst: seen,
+                    addr: Addr::at(sem_addr, 0),
+                });
+                let wait = k.setp(Cmp::Ne, Ty::U32, seen, kblock);
+                k.branch_if(wait, false, &spin);
+                k.push(Instr::Label(spun));
+                k.push(Instr::BarSync(0));
+            }
+            // dq_accum[(bh · Sq + q) · D + c] += dQ.
+            let sq64 = k.cvt(None, Ty::U64, Ty::U32, seq_q);
+            let rows_base = k.bin(BinOp::Mul, Ty::U64, cur.bh, sq64);
+            for r in 0..2 {
+                let q = k.bin(BinOp::Add, Ty::U32, cur.i0, q_row);
+                let q = k.bin(BinOp::Add, Ty::U32, q, g);
+                let q = k.bin(BinOp::Add, Ty::U32, q, u(8 * r));
+                let q_in = k.setp(Cmp::Lt, Ty::U32, q, seq_q);
+                let q64 = k.cvt(None, Ty::U64, Ty::U32, q);
+                let row = k.bin(BinOp::Add, Ty::U64, rows_base, q64);
+                let row = k.bin(BinOp::Mul, Ty::U64, row, u(d));
+                let c = k.bin(BinOp::Add, Ty::U32, qcol0, t2);
+                let c64 = k.cvt(None, Ty::U64, Ty::U32, c);
+                let e = k.bin(BinOp::Add, Ty::U64, row, c64);
+                let accum_ptr = params.get(k, "dq_accum");
+                let addr = k.mad(Ty::U64, e, Operand::U(4), accum_ptr);
+                for (nt, acc) in dq_acc.iter().enumerate() {
+                    let ok = if nt + 1 == dq_tiles && (d / 8) % cfg.dq_parts() != 0 {
+                        let both = k.reg(Ty::Pred);
+                        k.bin_to(BinOp::And, Ty::Pred, both, q_in, q_last_ok);
+                        both
+                    } else {
+                        q_in
+                    };
+                    for e in 0..2 {
+                        k.guard(
+                            ok,
+                            false,
+                            Instr::RedAddF32 {
+                                addr: Addr::at(addr, ((8 * nt + e) * 4) as i64),
+                                src: acc[2 * r + e],
+                            },
+                        );
+                    }
+                }
+            }
+            // Every thread's additions, then the leader's release: the barrier
+            // orders the CTA's additions before the leader's fence, which makes
+            // them visible at device scope before the release store.
+            if cfg.deterministic {
+                k.push(Instr::BarSync(0));
+                let next_turn = k.bin(BinOp::Add, Ty::U32, kblock, Operand::U(1));
+                k.guard(leader, false, Instr::FenceGpu);
+                k.guard(
+                    leader,
+                    false,
+                    Instr::StRelease {
+                        addr: Addr::at(sem_addr, 0),
+                        src: next_turn.into(),
+                    },
+                );
+            }
+            if par == 0 {
+                k.branch_if(more, true, &done);
+            } else {
+                k.branch_if(more, false, &top);
             }
         }
-        // Every thread's additions, then the leader's release: the barrier
-        // orders the CTA's additions before the leader's fence, which makes
-        // them visible at device scope before the release store.
-        if cfg.deterministic {
-            k.push(Instr::BarSync(0));
-            let next_turn = k.bin(BinOp::Add, Ty::U32, kblock, Operand::U(1));
-            k.guard(leader, false, Instr::FenceGpu);
-            k.guard(
-                leader,
-                false,
-                Instr::StRelease {
-                    addr: Addr::at(sem_addr, 0),
-                    src: next_turn.into(),
-                },
-            );
-        }
-        k.branch_if(more, false, &top);
+        let k = &mut self.k;
         k.push(Instr::Label(done));
 
         // ---- the end: dK · scale and dV, in the input dtype ----
+        let (dk_ptr, dks) = (params.get(k, "dk"), params.strides(k, "dk"));
+        let (dv_ptr, dvs) = (params.get(k, "dv"), params.strides(k, "dv"));
         let (dk_base, dk_stride) = tensor_head(k, dk_ptr, dks, batch, kv_head, 2);
         let (dv_base, dv_stride) = tensor_head(k, dv_ptr, dvs, batch, kv_head, 2);
         let cbytes = k.bin(BinOp::Add, Ty::U32, col0, t2);
