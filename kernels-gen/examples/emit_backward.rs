@@ -6,7 +6,8 @@
 //! `cargo run -p kernels-gen --example emit_backward -- OUT 40 64 128`
 //!
 //! `--racing` writes the main kernels without the semaphore (their `dq`
-//! additions race), for measuring what the ordering costs.
+//! additions race), for measuring what the ordering costs; `--block-m N`
+//! sets their query rows per step.
 
 use kernels_gen::backward::{mma, BACKWARD_PARAMS};
 use kernels_gen::ptx::Target;
@@ -23,6 +24,14 @@ fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let racing = args.iter().any(|a| a == "--racing");
     args.retain(|a| a != "--racing");
+    let block_m: Option<usize> = args
+        .iter()
+        .position(|a| a == "--block-m")
+        .map(|i| {
+            let v = args.remove(i + 1).parse().expect("--block-m takes a number");
+            args.remove(i);
+            v
+        });
     let mut args = args.into_iter();
     let Some(dir) = args.next() else {
         eprintln!("usage: emit_backward OUT HEAD_SIZE...");
@@ -37,13 +46,16 @@ fn main() {
             for causal in [false, true] {
                 let spec = VariantSpec::new(d, causal, dtype).expect("a valid variant");
                 let mut b = backward_kernels(&spec);
-                if racing && dtype != DType::F32 {
+                if (racing || block_m.is_some()) && dtype != DType::F32 {
                     let mut cfg = mma::MmaBackwardConfig::new(&spec);
-                    cfg.deterministic = false;
+                    cfg.deterministic = !racing;
+                    if let Some(m) = block_m {
+                        cfg.block_m = m;
+                    }
                     b.main = mma::main_kernel_with(&spec, cfg, Target::Sm80).0;
-                    let racing_entry = format!("{}_racing", b.main.entry);
-                    b.main.ptx = b.main.ptx.replace(&b.main.entry, &racing_entry);
-                    b.main.entry = racing_entry;
+                    let tuned = format!("{}_tuned", b.main.entry);
+                    b.main.ptx = b.main.ptx.replace(&b.main.entry, &tuned);
+                    b.main.entry = tuned;
                 }
                 for k in [&b.preprocess, &b.main, &b.convert] {
                     std::fs::write(dir.join(format!("{}.ptx", k.entry)), &k.ptx)
