@@ -532,6 +532,10 @@ impl Cta<'_> {
                         }
                     }
                     UnOp::Rcp => 1.0 / x,
+                    UnOp::Lg2 => {
+                        let x = if x.is_subnormal() { 0.0 } else { x };
+                        (x as f64).log2() as f32
+                    }
                     _ => panic!("{i}"),
                 };
                 self.write(*dst, t, fb(v));
