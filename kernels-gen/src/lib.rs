@@ -125,11 +125,13 @@ mod tests {
                 continue;
             }
             match dst {
-                Some(d) if l.starts_with("setp.ne.u64") && l.ends_with(", 0;") => {
-                    if addr.contains(uses[0]) {
-                        guards.insert(d);
-                        continue;
-                    }
+                Some(d)
+                    if l.starts_with("setp.ne.u64")
+                        && l.ends_with(", 0;")
+                        && addr.contains(uses[0]) =>
+                {
+                    guards.insert(d);
+                    continue;
                 }
                 Some(d) if l.starts_with("and.pred") && uses.iter().any(|u| guards.contains(u)) => {
                     guards.insert(d);

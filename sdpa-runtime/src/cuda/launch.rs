@@ -455,7 +455,7 @@ pub(crate) fn attention(
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
     mask: Option<&DeviceMask>,
-    mut lse: Option<&mut TensorViewMut<'_>>,
+    lse: Option<&mut TensorViewMut<'_>>,
 ) -> Result<&'static GpuKernel> {
     p.check_output(out)?;
     if let Some(lse) = lse.as_deref() {
@@ -491,7 +491,7 @@ pub(crate) fn attention(
         return Err(not_here("out"));
     }
     let lse_layout = lse.as_deref().map(|l| *l.layout());
-    let lse_data = match lse.as_deref_mut().map(|l| l.storage_mut()) {
+    let lse_data = match lse.map(|l| l.storage_mut()) {
         None => None,
         Some(StorageMut::Cuda(data)) if data.stream().context() == stream.context() => Some(data),
         Some(_) => return Err(not_here("the lse buffer")),
