@@ -19,13 +19,20 @@
 //!   shared memory `smem_bytes` (the runtime raises the function's limit when
 //!   it exceeds 48 KB); [`cta_coords`] reads the grid;
 //! - parameters, in the order of [`PARAMS`]: the device pointers of `q`, `k`,
-//!   `v`, `out` and the mask, the element strides (batch, token, head) of each
-//!   tensor, the mask's element strides (batch, head, query), `Sq`, `Sk`, the
-//!   GQA group size `Hq / Hkv`, and `softmax_scale · log2(e)`.
+//!   `v`, `out`, the mask and the row log-sum-exp `lse`, the element strides
+//!   (batch, token, head) of each tensor, the mask's element strides (batch,
+//!   head, query), `lse`'s element strides (batch, head, query), `Sq`, `Sk`,
+//!   the GQA group size `Hq / Hkv`, and `softmax_scale · log2(e)`.
 //! - The mask, if any, is a dense `f32` additive bias whose rows have exactly
 //!   `Sk` contiguous entries (the runtime normalises bool, integer and short
 //!   masks into it); a null pointer means no mask. Broadcast dimensions have
 //!   stride 0.
+//! - `lse`, if not null, is an `f32` tensor `[B, Hq, Sq]` at any element
+//!   strides: every query row `i < Sq` gets `ln Σ_j exp(scale · q_i · k_j +
+//!   mask_ij)` over the keys it sees, `-inf` where it sees none (the rule is
+//!   [`crate::attention::store::row_lse`]). A null pointer means the caller
+//!   did not ask for it: nothing is written, and the forward pays for one
+//!   predicated store per row at most.
 //! - Query rows that see no key are written as zeros; everything is computed
 //!   in `f32`; offsets are 64-bit.
 
@@ -56,12 +63,13 @@ impl ParamKind {
 }
 
 /// The kernel parameters, in launch order.
-pub const PARAMS: [(&str, ParamKind); 23] = [
+pub const PARAMS: [(&str, ParamKind); 27] = [
     ("q", ParamKind::Ptr),
     ("k", ParamKind::Ptr),
     ("v", ParamKind::Ptr),
     ("out", ParamKind::Ptr),
     ("mask", ParamKind::Ptr),
+    ("lse", ParamKind::Ptr),
     ("q_stride_b", ParamKind::U64),
     ("q_stride_s", ParamKind::U64),
     ("q_stride_h", ParamKind::U64),
@@ -77,6 +85,9 @@ pub const PARAMS: [(&str, ParamKind); 23] = [
     ("mask_stride_b", ParamKind::U64),
     ("mask_stride_h", ParamKind::U64),
     ("mask_stride_q", ParamKind::U64),
+    ("lse_stride_b", ParamKind::U64),
+    ("lse_stride_h", ParamKind::U64),
+    ("lse_stride_q", ParamKind::U64),
     ("seq_q", ParamKind::U32),
     ("seq_k", ParamKind::U32),
     ("group", ParamKind::U32),
@@ -223,6 +234,8 @@ pub struct Args {
     pub out: Reg,
     /// The mask's device pointer (null: no mask).
     pub mask: Reg,
+    /// The row log-sum-exp's device pointer (null: not written).
+    pub lse: Reg,
     /// `q`'s element strides: batch, token, head.
     pub q_strides: [Reg; 3],
     /// `k`'s element strides.
@@ -233,6 +246,8 @@ pub struct Args {
     pub out_strides: [Reg; 3],
     /// The mask's element strides: batch, head, query.
     pub mask_strides: [Reg; 3],
+    /// The row log-sum-exp's element strides: batch, head, query.
+    pub lse_strides: [Reg; 3],
     /// `Sq`.
     pub seq_q: Reg,
     /// `Sk`.
@@ -251,11 +266,13 @@ pub fn load_args(k: &mut Kernel, params: &Params) -> Args {
         v: params.get(k, "v"),
         out: params.get(k, "out"),
         mask: params.get(k, "mask"),
+        lse: params.get(k, "lse"),
         q_strides: params.strides(k, "q"),
         k_strides: params.strides(k, "k"),
         v_strides: params.strides(k, "v"),
         out_strides: params.strides(k, "out"),
         mask_strides: params.strides(k, "mask"),
+        lse_strides: params.strides(k, "lse"),
         seq_q: params.get(k, "seq_q"),
         seq_k: params.get(k, "seq_k"),
         group: params.get(k, "group"),
@@ -353,9 +370,17 @@ pub fn cta_coords(k: &mut Kernel, last_block_first: bool) -> (Reg, Reg, Reg, Reg
     } else {
         qblock
     };
+    let (head, batch) = cta_head_batch(k);
+    (tid, qblock, head, batch)
+}
+
+/// The CTA's query head and batch entry, read from the grid: an epilogue
+/// reads them again rather than hold registers for them across its main
+/// loop.
+pub fn cta_head_batch(k: &mut Kernel) -> (Reg, Reg) {
     let head = k.mov(Ty::U32, Operand::Special(Special::CtaIdY));
     let batch = k.mov(Ty::U32, Operand::Special(Special::CtaIdZ));
-    (tid, qblock, head, batch)
+    (head, batch)
 }
 
 #[cfg(test)]

@@ -35,9 +35,11 @@ use crate::attention::softmax::{
     exp2_with_row_sums, pack_a_fragment, quad_reduce, reduce_chain, scale, scale_rows, update_max,
     update_sum,
 };
-use crate::attention::store::{store_output, OutputRows};
+use crate::attention::store::{lse_rows, quad_writer, store_output, OutputRows};
 use crate::attention::AccFragment;
-use crate::contract::{cta_coords, declare_params, kv_head, load_args, tensor_head, GpuKernel};
+use crate::contract::{
+    cta_coords, cta_head_batch, declare_params, kv_head, load_args, tensor_head, GpuKernel,
+};
 use crate::ptx::{Addr, BinOp, Cmp, Instr, Kernel, MmaShape, Module, Operand, Reg, Target, Ty};
 use crate::{DType, VariantSpec};
 
@@ -372,6 +374,7 @@ impl Emitter {
         let (q_ptr, k_ptr, v_ptr, o_ptr, m_ptr) = (a.q, a.k, a.v, a.out, a.mask);
         let (qs, ks, vs, os) = (a.q_strides, a.k_strides, a.v_strides, a.out_strides);
         let [msb, msh, msq] = a.mask_strides;
+        let (lse_ptr, lse_strides) = (a.lse, a.lse_strides);
         let (seq_q, seq_k, group, scale_log2) = (a.seq_q, a.seq_k, a.group, a.scale_log2);
 
         // ---- thread and block coordinates ----
@@ -635,7 +638,7 @@ impl Emitter {
         let again = k.setp(Cmp::Lt, Ty::U32, n, n_blocks);
         k.branch_if(again, false, &loop_top);
 
-        // ---- epilogue: O / sum, rows that saw no key are 0 ----
+        // ---- epilogue: O / sum, rows that saw no key are 0; the lse ----
         k.push(Instr::Label(loop_end));
         k.push(Instr::CpAsyncWait(0));
         let out = OutputRows {
@@ -645,7 +648,12 @@ impl Emitter {
             base: o_base,
             stride: o_stride,
         };
-        store_output(k, &o_frag, &l_run, &out, packed);
+        let (head, batch) = cta_head_batch(k);
+        let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
+        let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
+        let writer = quad_writer(k, tq);
+        let lse = lse_rows(k, lse_ptr, lse_strides, b64, h64, Some(writer));
+        store_output(k, &o_frag, &m_run, &l_run, &out, &lse, packed);
         self.k.push(Instr::Ret);
         self.k
     }

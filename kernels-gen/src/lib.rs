@@ -73,6 +73,133 @@ pub fn backward_kernels(spec: &VariantSpec) -> BackwardKernels {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
+
+    /// The registers an instruction line names, in order (a guard's
+    /// predicate first).
+    fn regs(line: &str) -> Vec<&str> {
+        line.split(|c: char| c.is_whitespace() || ",;[]{}|@!".contains(c))
+            .filter(|t| t.starts_with('%') && !t.contains('.'))
+            .collect()
+    }
+
+    /// The lse stores of a kernel's text, after checking how the lse is
+    /// written: one `ld.param` of `lse`; what is computed from it is
+    /// address arithmetic, the null test (`setp.ne.u64 .., 0`) and the
+    /// predicates combined with it (`and.pred`), and `st.global.f32`
+    /// stores guarded by such a predicate, each of a value `(m + lg2 l) ·
+    /// ln 2`. Nothing else (no branch, no other store) depends on `lse`.
+    fn lse_stores(k: &GpuKernel) -> Vec<String> {
+        let body: Vec<&str> = k.ptx.lines().map(str::trim).collect();
+        let param = format!("[{}_lse];", k.entry);
+        let loads: Vec<&&str> = body.iter().filter(|l| l.ends_with(&param)).collect();
+        assert_eq!(loads.len(), 1, "{}: one load of lse", k.entry);
+        let mut addr: HashSet<&str> = HashSet::from([regs(loads[0])[0]]);
+        let mut guards: HashSet<&str> = HashSet::new();
+        let mut logs: HashSet<&str> = HashSet::new();
+        let mut values: HashSet<&str> = HashSet::new();
+        let mut stores = Vec::new();
+        let what = |l: &str| format!("{} ({:?}): {l}", k.entry, k.target);
+        for l in &body {
+            let r = regs(l);
+            let writes = !l.starts_with('@') && !l.starts_with("st.") && !r.is_empty();
+            let (dst, uses) = if writes {
+                (Some(r[0]), &r[1..])
+            } else {
+                (None, &r[..])
+            };
+            let op = l.split(|c: char| c == '.' || c.is_whitespace()).next();
+            if l.starts_with("lg2.approx.ftz.f32") {
+                logs.insert(r[0]);
+            }
+            if l.starts_with("add.f32") && logs.contains(uses[1]) {
+                values.insert(r[0]);
+            }
+            if l.starts_with("mul.f32") && l.ends_with(", 0f3F317218;") && values.contains(uses[0])
+            {
+                values.insert(r[0]);
+            }
+            if l.contains("st.global.f32 [") && uses.len() == 3 && addr.contains(uses[1]) {
+                assert!(
+                    guards.contains(uses[0]),
+                    "{} is not guarded by lse != 0",
+                    what(l)
+                );
+                assert!(
+                    values.contains(uses[2]),
+                    "{} does not store (m + lg2 l) ln 2",
+                    what(l)
+                );
+                stores.push(l.to_string());
+                continue;
+            }
+            match dst {
+                Some(d)
+                    if l.starts_with("setp.ne.u64")
+                        && l.ends_with(", 0;")
+                        && addr.contains(uses[0]) =>
+                {
+                    guards.insert(d);
+                    continue;
+                }
+                Some(d) if l.starts_with("and.pred") && uses.iter().any(|u| guards.contains(u)) => {
+                    guards.insert(d);
+                    continue;
+                }
+                _ => {}
+            }
+            assert!(
+                !uses.iter().any(|u| guards.contains(u)),
+                "{} reads the lse test",
+                what(l)
+            );
+            if uses.iter().any(|u| addr.contains(u)) {
+                let arithmetic = matches!(op, Some("mul" | "mad" | "shl" | "add" | "cvt"));
+                assert!(arithmetic && dst.is_some(), "{} reads lse", what(l));
+                addr.insert(dst.unwrap());
+            }
+        }
+        assert_eq!(logs.len(), stores.len(), "{}: one lg2 a store", k.entry);
+        stores
+    }
+
+    #[test]
+    fn every_kernel_writes_the_lse_behind_a_null_test() {
+        // (spec, kernel, lse stores per thread: one per row slot).
+        let spec = |d, causal, dtype| VariantSpec::new(d, causal, dtype).unwrap();
+        let mut cases = Vec::new();
+        for (d, causal) in [
+            (8, false),
+            (40, true),
+            (64, false),
+            (136, true),
+            (256, false),
+        ] {
+            let s = spec(d, causal, DType::F32);
+            let rows = simt::Plan::new(d as u32).rows as usize;
+            cases.push((generate(&s, Target::Sm80), rows));
+        }
+        for (d, causal, dtype) in [
+            (8, false, DType::F16),
+            (40, true, DType::BF16),
+            (128, false, DType::BF16),
+            (256, true, DType::F16),
+        ] {
+            let s = spec(d, causal, dtype);
+            let slots = 2 * fa2::Fa2Config::new(&s).m_tiles;
+            cases.push((generate(&s, Target::Sm80), slots));
+        }
+        for (d, causal, dtype) in [
+            (64, false, DType::BF16),
+            (128, true, DType::F16),
+            (256, false, DType::BF16),
+        ] {
+            cases.push((generate_sm90(&spec(d, causal, dtype)).unwrap(), 2));
+        }
+        for (k, slots) in cases {
+            assert_eq!(lse_stores(&k).len(), slots, "{} on {:?}", k.entry, k.target);
+        }
+    }
 
     #[test]
     fn kernels_come_by_preference() {

@@ -68,10 +68,10 @@ use crate::attention::mask::{add_bias, hide_unless, key_end, mask_of_head_wide, 
 use crate::attention::softmax::{
     exp2_shifted, pack, reduce_pairwise, scale, update_max, update_sum,
 };
-use crate::attention::store::row_inverse;
+use crate::attention::store::{lse_rows, row_inverse, store_lse};
 use crate::contract::{
-    cta_coords, declare_params, kv_head, tensor_head_wide, ByteScale, GpuKernel, Params,
-    SCALE_PARAM,
+    cta_coords, cta_head_batch, declare_params, kv_head, tensor_head_wide, ByteScale, GpuKernel,
+    Params, SCALE_PARAM,
 };
 use crate::ptx::{
     Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Reg, Special, StateSpace, Target, Ty,
@@ -759,7 +759,9 @@ impl Emitter {
     }
 
     /// `out = acc / sum` (zeros where the sum is 0), converted and stored
-    /// for the rows that exist.
+    /// for the rows that exist; and their log-sum-exp where the contract's
+    /// `lse` is not null, written by the group's lane 0 (the lanes of a
+    /// group hold the same max and sum).
     fn epilogue(&mut self, ctx: &Ctx, params: &Params) {
         let plan = self.plan;
         let (lanes, rows, width) = (plan.lanes, plan.rows, plan.width);
@@ -767,10 +769,11 @@ impl Emitter {
         let o_ptr = params.get(&mut self.k, "out");
         let os = params.strides(&mut self.k, "out");
         let seq_q = params.get(&mut self.k, "seq_q");
+        let lse_ptr = params.get(&mut self.k, "lse");
+        let lse_strides = params.strides(&mut self.k, "lse");
         let k = &mut self.k;
         let qblock = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
-        let head = k.mov(Ty::U32, Operand::Special(Special::CtaIdY));
-        let batch = k.mov(Ty::U32, Operand::Special(Special::CtaIdZ));
+        let (head, batch) = cta_head_batch(k);
         let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
         let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
         let lane = k.bin(BinOp::And, Ty::U32, ctx.tid, u(lanes - 1));
@@ -779,6 +782,8 @@ impl Emitter {
         let base_row = k.mad(Ty::U32, qblock, u(plan.block_m()), grp);
         let (ohead, ostride) =
             tensor_head_wide(k, o_ptr, os, b64, h64, es as u64, ByteScale::Shift);
+        let first_lane = k.setp(Cmp::Eq, Ty::U32, lane, u(0));
+        let lse = lse_rows(k, lse_ptr, lse_strides, b64, h64, Some(first_lane));
         for r in 0..rows as usize {
             let k = &mut self.k;
             let row = if r == 0 {
@@ -802,6 +807,7 @@ impl Emitter {
                 let vals = &outs[(c * width) as usize..((c + 1) * width) as usize];
                 self.store_elems(valid, oa, c * lanes * width * es, vals);
             }
+            store_lse(&mut self.k, &lse, ctx.m[r], ctx.l[r], row, valid);
         }
     }
 }

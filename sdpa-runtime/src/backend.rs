@@ -71,8 +71,11 @@ pub trait AttentionImpl: Send + Sync {
     /// log-sum-exp: a new `f32` tensor of shape `[B, Hq, Sq, 1]` whose
     /// element `(b, h, i)` is the natural log of the softmax denominator of
     /// query row `i` of head `h` over the scaled, masked scores, `-inf` for
-    /// a row that sees no key. The backward pass takes it. Host tensors
-    /// only for now (CUDA tensors give [`SdpaError::NotBuilt`]).
+    /// a row that sees no key. The backward pass takes it. Both tensors live
+    /// where `q` lives: on the CPU backend for host tensors (or on the GPU,
+    /// staged through device 0, with the `cuda` backend), on `q`'s device
+    /// for CUDA tensors, where the forward kernel writes the lse in the same
+    /// launch.
     fn forward_with_lse(
         &self,
         q: &TensorView<'_>,
@@ -83,7 +86,9 @@ pub trait AttentionImpl: Send + Sync {
 
     /// [`forward_into`](AttentionImpl::forward_into), also writing the row
     /// log-sum-exp into the caller's `lse` (`f32`, `[B, Hq, Sq, 1]`, any
-    /// non-overlapping strides, in the same place as `q`).
+    /// non-overlapping strides, in the same place as `q`: a device buffer
+    /// of `q`'s device for CUDA tensors, queued on `out`'s stream like the
+    /// output).
     fn forward_with_lse_into(
         &self,
         q: &TensorView<'_>,
@@ -257,11 +262,13 @@ impl AttentionImpl for SdpaImpl {
     ) -> Result<(Tensor, Tensor)> {
         let p = self.problem(q, k, v, metadata)?;
         let (variant, selection) = self.plan(&p)?;
-        if selection.backend == BackendKind::Cuda || p.residence() != Residence::Host {
-            return Err(not_built("the forward with the log-sum-exp"));
-        }
-        let mut out = Tensor::zeros(p.dtype(), p.out_shape());
-        let mut lse = Tensor::zeros(crate::DType::F32, p.lse_shape());
+        let (mut out, mut lse) = match p.residence() {
+            Residence::Host => (
+                Tensor::zeros(p.dtype(), p.out_shape()),
+                Tensor::zeros(crate::DType::F32, p.lse_shape()),
+            ),
+            _ => (crate::cuda::alloc_output(&p)?, crate::cuda::alloc_lse(&p)?),
+        };
         self.run(
             &p,
             variant,
@@ -285,9 +292,6 @@ impl AttentionImpl for SdpaImpl {
         p.check_output(out)?;
         p.check_lse(lse)?;
         let (variant, selection) = self.plan(&p)?;
-        if selection.backend == BackendKind::Cuda || p.residence() != Residence::Host {
-            return Err(not_built("the forward with the log-sum-exp"));
-        }
         self.run(&p, variant, &selection, out, Some(lse))
     }
 
@@ -398,7 +402,7 @@ impl SdpaImpl {
             "sdpa forward"
         );
         match selection.backend {
-            BackendKind::Cuda => crate::cuda::run(variant, p, out),
+            BackendKind::Cuda => crate::cuda::run(variant, p, out, lse),
             _ => (variant.cpu_kernel())(p, out, lse),
         }
     }

@@ -175,11 +175,23 @@ impl Problem<'_> {
         what: &str,
     ) -> Result<()> {
         if residence != self.residence() {
-            return Err(elsewhere(what, residence, self.residence()));
+            return Err(SdpaError::Residence(format!(
+                "the {what} lives in {residence} but q lives in {}; pass an f32 {:?} lse \
+                 where q lives ({})",
+                self.residence(),
+                self.lse_shape(),
+                if self.residence().is_cuda() {
+                    "device memory of q's device"
+                } else {
+                    "host memory"
+                }
+            )));
         }
         if dtype != DType::F32 {
             return Err(SdpaError::Lse(format!(
-                "the {what} has dtype {dtype}; the log-sum-exp is always f32 whatever q's dtype"
+                "the {what} has dtype {dtype}; the log-sum-exp is always f32 whatever q's \
+                 dtype: pass an f32 buffer of shape {:?}",
+                self.lse_shape()
             )));
         }
         if shape != self.lse_shape() {

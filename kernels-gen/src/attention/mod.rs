@@ -2,7 +2,8 @@
 //! bias and the hiding of keys that do not exist for a row ([`mask`]), the
 //! online-softmax row update and the reductions along a row, within a
 //! thread and across the quad of a fragment row ([`softmax`]), and the
-//! rows' inverse sums and scaled 16-bit output stores ([`store`]).
+//! rows' inverse sums, scaled 16-bit output stores and log-sum-exp
+//! ([`store`]).
 //!
 //! The tensor-core kernels hand their score and output accumulators over
 //! as an [`AccFragment`] (which query rows and key columns a thread's

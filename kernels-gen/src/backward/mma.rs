@@ -751,12 +751,12 @@ impl Emitter {
             // temporaries and dP are never live together.
             let lane_col = k.bin(BinOp::Shl, Ty::U32, t2, Operand::U(2));
             let lse_at = k.bin(BinOp::Add, Ty::U32, s_lse, lane_col);
-            for nt in 0..m_tiles {
+            for (nt, tile) in s_acc.iter().enumerate() {
                 for e in 0..2 {
                     let lse = self.shared_f32(lse_at, (8 * nt + e) * 4);
                     let k = &mut self.k;
                     for r in 0..2 {
-                        let x = s_acc[nt][2 * r + e];
+                        let x = tile[2 * r + e];
                         k.bin_to(BinOp::Sub, Ty::F32, x, x, lse);
                         k.un_to(UnOp::Ex2, Ty::F32, x, x);
                     }

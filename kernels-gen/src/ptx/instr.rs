@@ -164,6 +164,8 @@ pub enum UnOp {
     Ex2,
     /// `rcp.rn.f32`: 1/x, correctly rounded.
     Rcp,
+    /// `lg2.approx.ftz.f32`: log2(x), `lg2(+0) = -inf`.
+    Lg2,
     /// `neg`.
     Neg,
     /// `not`.
@@ -730,6 +732,7 @@ impl fmt::Display for Instr {
                 let name = match op {
                     UnOp::Ex2 => "ex2.approx.ftz",
                     UnOp::Rcp => "rcp.rn",
+                    UnOp::Lg2 => "lg2.approx.ftz",
                     UnOp::Neg => "neg",
                     UnOp::Not => "not",
                 };
@@ -1085,6 +1088,13 @@ mod tests {
             a: fr(2).into(),
         };
         assert_eq!(text(i), "rcp.rn.f32 %f1, %f2;");
+        let i = Instr::Un {
+            op: UnOp::Lg2,
+            ty: Ty::F32,
+            dst: fr(1),
+            a: fr(2).into(),
+        };
+        assert_eq!(text(i), "lg2.approx.ftz.f32 %f1, %f2;");
         let i = Instr::Setp {
             cmp: Cmp::Lt,
             ty: Ty::U32,

@@ -532,6 +532,10 @@ impl Cta<'_> {
                         }
                     }
                     UnOp::Rcp => 1.0 / x,
+                    UnOp::Lg2 => {
+                        let x = if x.is_subnormal() { 0.0 } else { x };
+                        (x as f64).log2() as f32
+                    }
                     _ => panic!("{i}"),
                 };
                 self.write(*dst, t, fb(v));
@@ -683,6 +687,10 @@ struct Case {
     mask: MaskKind,
     /// Puts a NaN into q at (batch 0, row 2, head 0).
     nan_q: bool,
+    /// Asks for the row log-sum-exp, into a strided buffer with gaps
+    /// (otherwise `lse` is null, and any store to it would be out of
+    /// bounds).
+    lse: bool,
     /// softmax_scale.
     scale: f32,
 }
@@ -805,6 +813,15 @@ fn check(c: Case) -> f64 {
         }
     };
 
+    // lse `[B, Hq, Sq]` with gaps between rows, heads and batches, NaN
+    // bytes throughout.
+    let lse_st = [hq * (2 * sq + 1) + 3, 2 * sq + 1, 2];
+    let lse_ptr = if c.lse {
+        mem.alloc(b * lse_st[0] * 4, 0xFF)
+    } else {
+        0
+    };
+
     let name = kernel.name().to_string();
     let mut params: HashMap<String, u64> = HashMap::new();
     let mut set = |n: &str, v: u64| {
@@ -822,6 +839,10 @@ fn check(c: Case) -> f64 {
     }
     for (dim, x) in ["b", "h", "q"].iter().zip(m_st) {
         set(&format!("mask_stride_{dim}"), x as u64);
+    }
+    set("lse", lse_ptr);
+    for (dim, x) in ["b", "h", "q"].iter().zip(lse_st) {
+        set(&format!("lse_stride_{dim}"), x as u64);
     }
     set("seq_q", sq as u64);
     set("seq_k", sk as u64);
@@ -869,6 +890,7 @@ fn check(c: Case) -> f64 {
     // The reference, in f64.
     let group = hq / hkv;
     let (mut num, mut den) = (0f64, 0f64);
+    let mut lse_written = vec![false; if c.lse { b * lse_st[0] } else { 0 }];
     for bi in 0..b {
         for h in 0..hq {
             let kh = h / group;
@@ -892,8 +914,10 @@ fn check(c: Case) -> f64 {
                 let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let has_nan = sc.iter().any(|s| s.is_nan());
                 let mut out = vec![0f64; d];
+                let mut lse = f64::NEG_INFINITY;
                 if has_nan {
                     out.fill(f64::NAN);
+                    lse = f64::NAN;
                 } else if mx > f64::NEG_INFINITY {
                     let mut sum = 0.0;
                     for (j, &s) in sc.iter().enumerate() {
@@ -906,6 +930,21 @@ fn check(c: Case) -> f64 {
                     }
                     for o in &mut out {
                         *o /= sum;
+                    }
+                    lse = mx + sum.ln();
+                }
+                if c.lse {
+                    let n = bi * lse_st[0] + h * lse_st[1] + i * lse_st[2];
+                    lse_written[n] = true;
+                    let got = get(&mem, DType::F32, lse_ptr, n);
+                    let at = format!("{c:?}: lse ({bi},{h},{i})");
+                    if lse.is_nan() {
+                        assert!(got.is_nan(), "{at}: want NaN, got {got}");
+                    } else if lse == f64::NEG_INFINITY {
+                        assert_eq!(got, f64::NEG_INFINITY, "{at}");
+                    } else {
+                        let err = (got - lse).abs();
+                        assert!(err <= 2e-5 * (1.0 + lse.abs()), "{at}: {got} vs {lse}");
                     }
                 }
                 for (x, &want) in out.iter().enumerate() {
@@ -925,6 +964,11 @@ fn check(c: Case) -> f64 {
                 }
             }
         }
+    }
+    // Nothing is written between the rows of the lse.
+    for (n, written) in lse_written.iter().enumerate() {
+        let untouched = get(&mem, DType::F32, lse_ptr, n).is_nan();
+        assert!(*written || untouched, "{c:?}: lse gap {n} was written");
     }
     let err = (num / den.max(1e-30)).sqrt();
     let tol = match c.dtype {
@@ -1018,6 +1062,7 @@ fn case(d: usize, causal: bool, dtype: DType, sq: usize, sk: usize) -> Case {
         sk,
         mask: MaskKind::None,
         nan_q: false,
+        lse: true,
         scale: 1.0 / (d as f32).sqrt(),
     }
 }
@@ -1076,6 +1121,10 @@ fn masks_fully_masked_rows_and_nan() {
 fn mqa_and_one_key() {
     let mut c = case(32, false, DType::F32, 5, 1);
     c.hkv = 1;
+    check(c);
+    // No lse asked for: nothing is stored through the null pointer (the
+    // interpreter would refuse the access).
+    c.lse = false;
     check(c);
     let mut c = case(32, true, DType::F16, 70, 1);
     c.hkv = 1;

@@ -52,7 +52,8 @@
 //! - `mainloop`: the consumers' loop over key blocks;
 //! - `products`: the two `wgmma` products and their descriptors;
 //! - `softmax`: masking, the online softmax, the output's rescale, P;
-//! - `epilogue`: the output stores.
+//! - `epilogue`: the output stores and, where asked for, the rows'
+//!   log-sum-exp.
 //!
 //! # Shared memory
 //!
@@ -153,7 +154,7 @@ fn compose(mut e: Emitter, sched: TileScheduler) -> Kernel {
         n_blocks: p.n_blocks,
     };
     e.mainloop(&p.core, &ops);
-    e.epilogue(&p.core, &p.out);
+    e.epilogue(&p.core, &p.out, p.lse, sched);
     sched.consumer_tile_done(&mut e.k);
 
     let loads = Loads {

@@ -36,6 +36,9 @@ pub(super) struct Prologue {
     pub(super) n_blocks: Reg,
     /// Where the consumer's output rows go.
     pub(super) out: OutputRows,
+    /// The contract's `lse` pointer (null: not asked for) and its element
+    /// strides (batch, head, query), for the epilogue.
+    pub(super) lse: (Reg, [Reg; 3]),
     /// The consumer's products' and softmax's registers.
     pub(super) core: Core,
 }
@@ -159,6 +162,7 @@ impl Emitter {
             v_desc0,
             n_blocks,
             out,
+            lse: (a.lse, a.lse_strides),
             core,
         }
     }

@@ -10,7 +10,7 @@
 //! loops where this one returns. Its earlier, slower form is in commit
 //! 0365c48 (`docs/hopper.md`).
 
-use crate::contract::{cta_coords, kv_head};
+use crate::contract::{cta_coords, cta_head_batch, kv_head};
 use crate::ptx::{BinOp, Cmp, Instr, Kernel, Operand, Reg, Ty};
 
 /// Which tiles a CTA computes, and in what order.
@@ -56,6 +56,15 @@ impl TileScheduler {
                     },
                 )
             }
+        }
+    }
+
+    /// The consumer's current tile's query head and batch entry, for its
+    /// epilogue: with one tile per CTA, read from the grid again, so that
+    /// no register holds them across the mainloop.
+    pub(super) fn epilogue_head_batch(self, k: &mut Kernel) -> (Reg, Reg) {
+        match self {
+            TileScheduler::OneTilePerCta => cta_head_batch(k),
         }
     }
 

@@ -2,7 +2,8 @@
 //! on the hot path.
 //!
 //! [`attention`] derives the device pointers from the checked views of a
-//! [`Problem`], lays out the arguments in the order of the launch contract
+//! [`Problem`] (and of the row log-sum-exp, where the caller asks for it),
+//! lays out the arguments in the order of the launch contract
 //! ([`kernels_gen::contract::PARAMS`], then [`kernels_gen::contract::SCALE_PARAM`]),
 //! computes the grid and launches on the given stream. A kernel that takes
 //! tensor maps gets them last ([`kernels_gen::contract::TENSOR_MAP_PARAMS`]),
@@ -40,7 +41,8 @@ pub(crate) enum Arg {
     F32(f32),
 }
 
-/// Device addresses of the call's buffers (0 for an absent mask).
+/// Device addresses of the call's buffers (0 for an absent mask, and for
+/// an lse the caller did not ask for).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Pointers {
     pub(crate) q: u64,
@@ -48,6 +50,16 @@ pub(crate) struct Pointers {
     pub(crate) v: u64,
     pub(crate) out: u64,
     pub(crate) mask: u64,
+    pub(crate) lse: u64,
+}
+
+/// The element strides (batch, head, query) of the call's per-row buffers:
+/// the mask's dense bias and the row log-sum-exp (zeros for one that is
+/// absent).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RowStrides {
+    pub(crate) mask: [usize; 3],
+    pub(crate) lse: [usize; 3],
 }
 
 /// A value the launch knows for a contract parameter, before it takes the
@@ -69,7 +81,7 @@ fn value(
     name: &str,
     p: &Problem<'_>,
     out: &Layout,
-    mask_strides: [usize; 3],
+    rows: &RowStrides,
     ptrs: &Pointers,
 ) -> Option<(Value, &'static str)> {
     use Value::{Address, Float, Size};
@@ -77,7 +89,8 @@ fn value(
     let [kb, ks, kh, _] = p.k.layout().strides();
     let [vb, vs, vh, _] = p.v.layout().strides();
     let [ob, os, oh, _] = out.strides();
-    let [mb, mh, mq] = mask_strides;
+    let [mb, mh, mq] = rows.mask;
+    let [lb, lh, lq] = rows.lse;
     let stride = |n| (Size(n), "a stride");
     Some(match name {
         "q" => (Address(ptrs.q), "q's address"),
@@ -85,6 +98,7 @@ fn value(
         "v" => (Address(ptrs.v), "v's address"),
         "out" => (Address(ptrs.out), "the output's address"),
         "mask" => (Address(ptrs.mask), "the mask's address"),
+        "lse" => (Address(ptrs.lse), "the lse's address"),
         "q_stride_b" => stride(qb),
         "q_stride_s" => stride(qs),
         "q_stride_h" => stride(qh),
@@ -100,6 +114,9 @@ fn value(
         "mask_stride_b" => stride(mb),
         "mask_stride_h" => stride(mh),
         "mask_stride_q" => stride(mq),
+        "lse_stride_b" => stride(lb),
+        "lse_stride_h" => stride(lh),
+        "lse_stride_q" => stride(lq),
         "seq_q" => (Size(p.seq_q), "Sq"),
         "seq_k" => (Size(p.seq_k), "Sk"),
         "group" => (Size(p.group_size()), "Hq / Hkv"),
@@ -117,16 +134,10 @@ fn value(
 pub(crate) fn arguments(
     p: &Problem<'_>,
     out: &Layout,
-    mask_strides: [usize; 3],
+    rows: &RowStrides,
     ptrs: &Pointers,
 ) -> Result<Vec<(&'static str, Arg)>> {
-    arguments_of(
-        PARAMS.iter().chain([&SCALE_PARAM]),
-        p,
-        out,
-        mask_strides,
-        ptrs,
-    )
+    arguments_of(PARAMS.iter().chain([&SCALE_PARAM]), p, out, rows, ptrs)
 }
 
 /// The arguments for the parameters `params`, in their order, each the
@@ -136,13 +147,13 @@ fn arguments_of<'c>(
     params: impl IntoIterator<Item = &'c (&'static str, ParamKind)>,
     p: &Problem<'_>,
     out: &Layout,
-    mask_strides: [usize; 3],
+    rows: &RowStrides,
     ptrs: &Pointers,
 ) -> Result<Vec<(&'static str, Arg)>> {
     params
         .into_iter()
         .map(|&(name, kind)| {
-            let (value, what) = value(name, p, out, mask_strides, ptrs).ok_or_else(|| {
+            let (value, what) = value(name, p, out, rows, ptrs).ok_or_else(|| {
                 SdpaError::Cuda(format!(
                     "the launch contract has a parameter {name:?} that this runtime does not \
                      know; the runtime and kernels-gen come from different versions"
@@ -430,21 +441,26 @@ pub(crate) fn grid(p: &Problem<'_>, kernel: &GpuKernel) -> Result<(u32, u32, u32
 
 /// Launches a GPU kernel of `p`'s variant ([`choose`]n from `kernels`,
 /// JIT-loaded on first use) on `stream` for the checked problem `p`,
-/// writing `out`.
+/// writing `out`, and the row log-sum-exp into `lse` where it is given.
 ///
-/// `p`'s tensors and `out` must be device memory of `stream`'s context;
-/// `mask` is `p`'s mask, uploaded on `stream`. Returns the kernel once its
-/// launch is queued (the stream orders it with what comes next). An empty
-/// output has nothing to compute: callers return before launching, and
-/// this refuses one with an error.
+/// `p`'s tensors, `out` and `lse` must be device memory of `stream`'s
+/// context; `lse` is `f32`, `[B, Hq, Sq, 1]` ([`Problem::check_lse`]), at
+/// any strides; `mask` is `p`'s mask, uploaded on `stream`. Returns the
+/// kernel once its launch is queued (the stream orders it with what comes
+/// next). An empty output has nothing to compute: callers return before
+/// launching, and this refuses one with an error.
 pub(crate) fn attention(
     kernels: Kernels<'_>,
     stream: &CudaStream,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
     mask: Option<&DeviceMask>,
+    lse: Option<&mut TensorViewMut<'_>>,
 ) -> Result<&'static GpuKernel> {
     p.check_output(out)?;
+    if let Some(lse) = lse.as_deref() {
+        p.check_lse(lse)?;
+    }
     if out.layout().numel() == 0 {
         return Err(SdpaError::Shape(format!(
             "an output of shape {:?} has no element to compute; nothing is launched for it",
@@ -455,7 +471,7 @@ pub(crate) fn attention(
     let not_here = |what: &str| {
         SdpaError::Residence(format!(
             "{what} is not device memory of CUDA device {}'s context, where the kernel runs; \
-             pass q, k, v and out on one device",
+             pass q, k, v, out (and lse) on one device",
             stream.context().ordinal()
         ))
     };
@@ -474,6 +490,12 @@ pub(crate) fn attention(
     if out_data.stream().context() != stream.context() {
         return Err(not_here("out"));
     }
+    let lse_layout = lse.as_deref().map(|l| *l.layout());
+    let lse_data = match lse.map(|l| l.storage_mut()) {
+        None => None,
+        Some(StorageMut::Cuda(data)) if data.stream().context() == stream.context() => Some(data),
+        Some(_) => return Err(not_here("the lse buffer")),
+    };
     let mask_bias = mask.and_then(|m| m.bias.as_ref());
     if mask_bias.is_some_and(|b| b.stream().context() != stream.context()) {
         return Err(not_here("the mask"));
@@ -490,6 +512,13 @@ pub(crate) fn attention(
         None => (0, None),
     };
     let (out_ptr, _out) = out_data.device_ptr_mut(stream);
+    let (lse_ptr, _lse) = match lse_data {
+        Some(data) => {
+            let (ptr, guard) = data.device_ptr_mut(stream);
+            (ptr, Some(guard))
+        }
+        None => (0, None),
+    };
     let elem = p.dtype().size_bytes();
     check_rows_aligned("q", q, p.q.layout(), elem)?;
     check_rows_aligned("k", k, p.k.layout(), elem)?;
@@ -501,8 +530,16 @@ pub(crate) fn attention(
         v,
         out: out_ptr,
         mask: mask_ptr,
+        lse: lse_ptr,
     };
-    let args = arguments(p, &out_layout, mask.map_or([0; 3], |m| m.strides), &ptrs)?;
+    let rows = RowStrides {
+        mask: mask.map_or([0; 3], |m| m.strides),
+        lse: lse_layout.map_or([0; 3], |l| {
+            let [b, h, q, _] = l.strides();
+            [b, h, q]
+        }),
+    };
+    let args = arguments(p, &out_layout, &rows, &ptrs)?;
     let Chosen { kernel, maps } = choose(kernels, p, [q, k, v], Tiled::encode)?;
     let grid = grid(p, kernel)?;
     let function = module_cache::function(stream.context(), kernel)?;
@@ -564,6 +601,15 @@ pub(crate) fn attention(
     //   elements with strides 0 on broadcast dimensions (`dense_bias`),
     //   uploaded on this stream, so rows `(b, h, i)` with `b < B, h < Hq,
     //   i < Sq` read `Sk` in-bounds entries; a null pointer means no mask;
+    // - the lse, when given, is f32 of shape `[B, Hq, Sq, 1]`
+    //   (`check_lse` above), device memory of `stream`'s context (checked
+    //   above) guarded by `_lse` like the others, whose view holds
+    //   `Layout::required_len` elements for its strides; the kernel writes
+    //   4 bytes at element `b · stride_b + h · stride_h + i · stride_q` for
+    //   `b < B, h < Hq, i < Sq` only, in bounds, one thread per row; the
+    //   view is borrowed mutably and non-overlapping, and it cannot alias
+    //   `out` or an input (distinct borrows); when absent its pointer is
+    //   null and the kernel writes nothing through it;
     // - the grid is `(ceil(Sq / block_m), Hq, B)` within the driver's limits
     //   (checked by `grid`), and the kernel guards query rows `>= Sq`;
     //   `threads` and `smem_bytes` are the kernel's own, and the function's
@@ -612,8 +658,13 @@ mod tests {
             v: 3,
             out: 4,
             mask: 0,
+            lse: 5,
         };
-        let args = arguments(&p, &out, [9, 0, 7], &ptrs).unwrap();
+        let rows = RowStrides {
+            mask: [9, 0, 7],
+            lse: [4 * 13, 13, 2],
+        };
+        let args = arguments(&p, &out, &rows, &ptrs).unwrap();
         let names: Vec<&str> = args.iter().map(|(n, _)| *n).collect();
         let expected: Vec<&str> = PARAMS
             .iter()
@@ -643,6 +694,18 @@ mod tests {
             Arg::F32(0.125 * std::f32::consts::LOG2_E)
         );
         assert_eq!(value("out"), Arg::U64(4));
+        assert_eq!(value("lse"), Arg::U64(5));
+        assert_eq!(value("lse_stride_b"), Arg::U64(4 * 13));
+        assert_eq!(value("lse_stride_h"), Arg::U64(13));
+        assert_eq!(value("lse_stride_q"), Arg::U64(2));
+        // The lse follows the mask, its strides the mask's.
+        let at = |name: &str| names.iter().position(|n| *n == name).unwrap();
+        assert_eq!(at("lse"), at("mask") + 1);
+        assert_eq!(at("lse_stride_b"), at("mask_stride_q") + 1);
+        // No lse asked for: a null pointer.
+        let none = arguments(&p, &out, &RowStrides::default(), &Pointers::default()).unwrap();
+        let lse = none.iter().find(|(n, _)| *n == "lse").unwrap().1;
+        assert_eq!(lse, Arg::U64(0));
     }
 
     #[test]
@@ -651,7 +714,8 @@ mod tests {
         let p = problem(&q, &kv, [1, 1, 1, 8], [1, 1, 1, 8]);
         let out = Layout::contiguous([1, 1, 1, 8]);
         let ptrs = Pointers::default();
-        let known = |name| value(name, &p, &out, [0; 3], &ptrs).is_some();
+        let rows = RowStrides::default();
+        let known = |name| value(name, &p, &out, &rows, &ptrs).is_some();
         for (name, _) in PARAMS.iter().chain([&SCALE_PARAM]) {
             assert!(known(name), "{name}");
         }
@@ -661,7 +725,7 @@ mod tests {
         assert!(map_param("tmap_out", &maps).is_err());
 
         let args = |params: &[(&'static str, ParamKind)]| {
-            arguments_of(params, &p, &out, [0; 3], &ptrs).map_err(|e| e.to_string())
+            arguments_of(params, &p, &out, &rows, &ptrs).map_err(|e| e.to_string())
         };
         let err = args(&[("q", ParamKind::Ptr), ("bogus", ParamKind::U64)]).unwrap_err();
         assert!(err.contains("parameter \"bogus\""), "{err}");
@@ -685,7 +749,7 @@ mod tests {
         let err = arguments(
             &p,
             &Layout::contiguous([1, 1, 1, 8]),
-            [0; 3],
+            &RowStrides::default(),
             &Pointers::default(),
         )
         .unwrap_err()

@@ -52,6 +52,15 @@
 //! --backend cuda` and the conformance suite exercise the GPU kernels on
 //! host data. `auto` keeps host tensors on the CPU.
 //!
+//! # The row log-sum-exp
+//!
+//! `forward_with_lse` and `forward_with_lse_into` run here too: the kernel
+//! that writes the output writes each row's log-sum-exp into the `f32`
+//! `[B, Hq, Sq, 1]` buffer, at its strides, in the same launch (a forward
+//! without it passes a null pointer and pays nothing but a predicated
+//! store per row). For device tensors `lse` must be device memory of the
+//! same device; for host tensors it is staged like the output.
+//!
 //! # Modules
 //!
 //! `device` (contexts, probing), `module_cache` (the per-device JIT cache),
@@ -88,21 +97,28 @@ use crate::storage::dispatch::dispatch;
 use crate::storage::{CudaOwned, Storage, StorageMut};
 use crate::tensor::{Tensor, TensorView, TensorViewMut};
 use crate::variant::{GpuKernel, Variant};
+use crate::DType;
 use launch::{Capability, Kernels};
 
-/// Runs `variant`'s GPU kernel for `p` into `out`: on the device where they
-/// live, or through device 0 for host tensors.
-pub(crate) fn run(variant: &Variant, p: &Problem<'_>, out: &mut TensorViewMut<'_>) -> Result<()> {
+/// Runs `variant`'s GPU kernel for `p` into `out`, and the row log-sum-exp
+/// into `lse` where it is given (checked as [`Problem::check_lse`] says):
+/// on the device where they live, or through device 0 for host tensors.
+pub(crate) fn run(
+    variant: &Variant,
+    p: &Problem<'_>,
+    out: &mut TensorViewMut<'_>,
+    lse: Option<&mut TensorViewMut<'_>>,
+) -> Result<()> {
     match (p.q.storage(), out.storage()) {
         (Storage::Cuda(_), StorageMut::Cuda(out_data)) => {
             let stream = out_data.stream().clone();
             let kernels = pick_kernel(variant, stream.context())?;
-            on_device(kernels, &stream, p, out)
+            on_device(kernels, &stream, p, out, lse)
         }
         (Storage::Host(_), StorageMut::Host(_)) => {
             let device = device::device(0)?;
             let kernels = pick_kernel(variant, &device.ctx)?;
-            dispatch!(p.dtype(), T => staged::<T>(kernels, &device.stream, p, out))
+            dispatch!(p.dtype(), T => staged::<T>(kernels, &device.stream, p, out, lse))
         }
         _ => Err(SdpaError::Residence(format!(
             "q lives in {} and out in {}; pass q, k, v and out in one place",
@@ -144,17 +160,18 @@ fn pick_kernel<'v>(variant: &'v Variant, ctx: &Arc<CudaContext>) -> Result<Kerne
 }
 
 /// Launches on `stream` for device tensors, unless the output is empty
-/// (nothing to compute).
+/// (nothing to compute; then so is `lse`, whose rows are the output's).
 fn on_device(
     kernels: Kernels<'_>,
     stream: &Arc<CudaStream>,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
+    lse: Option<&mut TensorViewMut<'_>>,
 ) -> Result<()> {
     if out.layout().numel() == 0 {
         return Ok(());
     }
-    launch_on(kernels, stream, p, out).map(drop)
+    launch_on(kernels, stream, p, out, lse).map(drop)
 }
 
 /// Uploads `p`'s mask on `stream` and launches for device tensors and a
@@ -164,26 +181,32 @@ fn launch_on(
     stream: &Arc<CudaStream>,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
+    lse: Option<&mut TensorViewMut<'_>>,
 ) -> Result<&'static GpuKernel> {
     let mask = p
         .mask
         .as_ref()
         .map(|m| mask::upload(m, stream))
         .transpose()?;
-    launch::attention(kernels, stream, p, out, mask.as_ref())
+    launch::attention(kernels, stream, p, out, mask.as_ref(), lse)
 }
 
 /// Copies the host tensors of `p` to the device, packed contiguously (so
 /// that any host strides meet the kernels' 16-byte row alignment), runs
-/// there and scatters the result into `out`, waiting for it.
+/// there and scatters the result into `out` (and the row log-sum-exp into
+/// `lse`, where given), waiting for it.
 fn staged<T: Element>(
     kernels: Kernels<'_>,
     stream: &Arc<CudaStream>,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
+    lse: Option<&mut TensorViewMut<'_>>,
 ) -> Result<()> {
     let out_layout = *out.layout();
     let n = out_layout.numel();
+    if let Some(lse) = lse.as_deref() {
+        p.check_lse(lse)?;
+    }
     if n == 0 {
         return Ok(());
     }
@@ -197,6 +220,12 @@ fn staged<T: Element>(
     let (q, k, v) = (upload("q", &p.q)?, upload("k", &p.k)?, upload("v", &p.v)?);
     let mut device_out = CudaOwned::zeros(stream, T::DTYPE, n)?;
     let packed_out = Layout::contiguous(out_layout.shape());
+    let lse_shape = p.lse_shape();
+    let lse_n: usize = lse_shape.iter().product();
+    let mut device_lse = match lse {
+        Some(_) => Some(CudaOwned::zeros(stream, DType::F32, lse_n)?),
+        None => None,
+    };
     let kernel = {
         fn view<'s, T: Element>(s: &'s CudaSlice<T>, t: &TensorView<'_>) -> Result<TensorView<'s>> {
             TensorView::new_cuda(T::cuda(s.into()), Layout::contiguous(t.layout().shape()))
@@ -208,7 +237,20 @@ fn staged<T: Element>(
             ..*p
         };
         let mut device_view = TensorViewMut::new_cuda(device_out.as_cuda_mut(), packed_out)?;
-        launch_on(kernels, stream, &device_problem, &mut device_view)?
+        let mut lse_view = match device_lse.as_mut() {
+            Some(l) => Some(TensorViewMut::new_cuda(
+                l.as_cuda_mut(),
+                Layout::contiguous(lse_shape),
+            )?),
+            None => None,
+        };
+        launch_on(
+            kernels,
+            stream,
+            &device_problem,
+            &mut device_view,
+            lse_view.as_mut(),
+        )?
     };
     // The copy waits for the kernel: a fault of the kernel surfaces here.
     let result = device_out.to_host(n).map_err(|e| match e {
@@ -226,6 +268,25 @@ fn staged<T: Element>(
                 let o = out_layout.offset(bi, si, hi);
                 if let Some(row) = rows.next() {
                     host_out[o..o + d].copy_from_slice(row);
+                }
+            }
+        }
+    }
+    if let (Some(device_lse), Some(lse)) = (device_lse, lse) {
+        let result = device_lse.to_host(lse_n)?;
+        let result = f32::downcast_owned(&result).ok_or_else(|| not_host("the lse"))?;
+        let layout = *lse.layout();
+        let host_lse = lse
+            .host_slice_mut::<f32>()
+            .ok_or_else(|| SdpaError::Residence("the lse buffer is not f32 host memory".into()))?;
+        let [b, h, s, _] = lse_shape;
+        let mut values = result.iter();
+        for bi in 0..b {
+            for hi in 0..h {
+                for si in 0..s {
+                    if let Some(&x) = values.next() {
+                        host_lse[layout.offset(bi, hi, si)] = x;
+                    }
                 }
             }
         }
@@ -272,10 +333,20 @@ fn upload_slice<T: Element>(
 
 /// A device tensor of zeros for `p`'s output, on `q`'s stream.
 pub(crate) fn alloc_output(p: &Problem<'_>) -> Result<Tensor> {
+    alloc_on_q(p, p.dtype(), p.out_shape())
+}
+
+/// A device tensor of zeros for `p`'s row log-sum-exp (`f32`,
+/// [`Problem::lse_shape`]), on `q`'s stream.
+pub(crate) fn alloc_lse(p: &Problem<'_>) -> Result<Tensor> {
+    alloc_on_q(p, DType::F32, p.lse_shape())
+}
+
+/// A device tensor of zeros of `dtype` and `shape`, on `q`'s stream.
+fn alloc_on_q(p: &Problem<'_>, dtype: DType, shape: [usize; 4]) -> Result<Tensor> {
     let Some(q) = p.q.cuda_data() else {
         return Err(SdpaError::Residence("q is not device memory".into()));
     };
-    let shape = p.out_shape();
-    let data = CudaOwned::zeros(q.stream(), p.dtype(), shape.iter().product())?;
+    let data = CudaOwned::zeros(q.stream(), dtype, shape.iter().product())?;
     Ok(Tensor::from_cuda_owned(data, shape))
 }

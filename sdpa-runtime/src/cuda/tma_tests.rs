@@ -231,13 +231,17 @@ fn the_tma_kernel_matches_the_portable_kernel() {
         assert!(chosen.maps.is_some(), "case {i}");
         let n = b * sq * hq * d;
         let mut outs = Vec::new();
+        let mut lses = Vec::new();
         for variant in [&tma, &portable] {
             let mut out: CudaSlice<bf16> = stream.alloc_zeros(n).unwrap();
+            let mut lse: CudaSlice<f32> = stream.clone_htod(&vec![f32::NAN; b * hq * sq]).unwrap();
             {
                 let mut view = TensorViewMut::from_cuda(&mut out, [b, sq, hq, d]).unwrap();
-                super::run(variant, &p, &mut view).unwrap();
+                let mut lse_view = TensorViewMut::from_cuda(&mut lse, [b, hq, sq, 1]).unwrap();
+                super::run(variant, &p, &mut view, Some(&mut lse_view)).unwrap();
             }
             outs.push(stream.clone_dtoh(&out).unwrap());
+            lses.push(stream.clone_dtoh(&lse).unwrap());
         }
         stream.synchronize().unwrap();
         let worst = outs[0]
@@ -247,5 +251,13 @@ fn the_tma_kernel_matches_the_portable_kernel() {
             .fold(0.0f32, f32::max);
         eprintln!("case {i}: largest difference {worst}");
         assert!(worst < 2e-2, "case {i}: TMA and portable differ by {worst}");
+        // Every row's log-sum-exp, the same from both (f32 arithmetic on
+        // the same products, summed in another order).
+        for (n, (a, c)) in lses[0].iter().zip(&lses[1]).enumerate() {
+            assert!(
+                a.is_finite() && (a - c).abs() <= 1e-4 * (1.0 + c.abs()),
+                "case {i}: lse[{n}] is {a} from the TMA kernel, {c} from the portable one"
+            );
+        }
     }
 }
