@@ -63,6 +63,7 @@
 //! [`CudaView`]: cudarc::driver::CudaView
 //! [`SdpaError::BackendUnavailable`]: crate::SdpaError::BackendUnavailable
 
+pub(crate) mod backward;
 mod device;
 mod jit_log;
 mod launch;
