@@ -340,14 +340,20 @@ mod tests {
                     .map(move |t| VariantSpec::new(d, d % 16 == 0, t).unwrap())
             })
             .collect();
-        let kernels = gpu_kernels(&specs).unwrap();
+        let kernels = gpu_kernels(&specs, false).unwrap();
         // The portable kernel comes last in each list.
         let entries: Vec<String> = kernels
-            .into_iter()
-            .map(|k| k.last().unwrap().entry.clone())
+            .iter()
+            .map(|(k, _)| k.last().unwrap().entry.clone())
             .collect();
         let expected: Vec<String> = specs.iter().map(|s| s.kernel_name()).collect();
         assert_eq!(entries, expected);
+        assert!(kernels.iter().all(|(_, b)| b.is_none()));
+        // With the backward, each variant's own backward kernels.
+        let kernels = gpu_kernels(&specs, true).unwrap();
+        for ((_, b), spec) in kernels.iter().zip(&specs) {
+            assert_eq!(b.as_ref(), Some(&kernels_gen::backward_kernels(spec)));
+        }
     }
 
     #[test]
