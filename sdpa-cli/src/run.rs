@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use sdpa_runtime::prelude::*;
-use sdpa_runtime::{select, Residence, SdpaImpl};
+use sdpa_runtime::{select, Residence, SdpaError, SdpaImpl};
 
 use crate::error::CliError;
 use crate::error::Result;
@@ -34,7 +34,8 @@ pub struct RunArgs {
     /// Also run the backward pass: the input must hold dout ([B, Sq, Hq, D],
     /// q's dtype); the output then holds out, dq, dk, dv (the input dtype)
     /// and lse ([B, Hq, Sq], F32: the log of each row's softmax
-    /// denominator, -inf for a row that sees no key). CPU only for now.
+    /// denominator, -inf for a row that sees no key). Runs on the backend
+    /// the forward runs on (`--backend cuda`: the GPU kernels on device 0).
     #[arg(long)]
     pub backward: bool,
 }
@@ -101,7 +102,16 @@ fn run_backward(
     })?;
     let (q, k, v) = (case.q.view(), case.k.view(), case.v.view());
     let start = Instant::now();
-    let (out, lse) = layer.forward_with_lse(&q, &k, &v, metadata)?;
+    let (out, lse) = match layer.forward_with_lse(&q, &k, &v, metadata) {
+        // The backend's forward does not write the log-sum-exp yet: the
+        // CPU forward gives `out` and `lse`, the backend runs the backward.
+        Err(SdpaError::NotBuilt(why)) => {
+            eprintln!("note: {why}; the forward and its lse run on the CPU");
+            let cpu = SdpaCli.build_impl(case.params().backend(BackendKind::Cpu))?;
+            cpu.forward_with_lse(&q, &k, &v, metadata)?
+        }
+        result => result?,
+    };
     let (dq, dk, dv) =
         layer.backward(&q, &k, &v, &out.view(), &dout.view(), &lse.view(), metadata)?;
     let elapsed = start.elapsed();
