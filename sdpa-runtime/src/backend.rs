@@ -350,12 +350,15 @@ impl AttentionImpl for SdpaImpl {
 
 impl SdpaImpl {
     /// The backward's variant and backend for a checked problem, after the
-    /// checks that do not depend on the buffers: the variant was declared
-    /// with `backward = true` (it then has both backward kernels).
+    /// checks that do not depend on the buffers: the variant has the
+    /// backward kernel of the selected backend (the macro adds both with
+    /// `backward = true`).
     fn backward_plan(&self, p: &Problem<'_>) -> Result<(&'static Variant, Selection)> {
         let (variant, selection) = self.plan(p)?;
-        variant.cpu_backward()?;
-        variant.gpu_backward()?;
+        match selection.backend {
+            BackendKind::Cuda => variant.gpu_backward().map(drop)?,
+            _ => variant.cpu_backward().map(drop)?,
+        }
         tracing::debug!(
             layer = %self.params.prefix,
             variant = %variant.spec(),

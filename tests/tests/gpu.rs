@@ -209,15 +209,15 @@ fn the_lse_and_backward_on_device_tensors_say_they_are_not_built_yet() {
     let e = layer.forward_with_lse(&qv, &qv, &qv, &meta).unwrap_err();
     assert!(matches!(e, SdpaError::NotBuilt(_)), "{e:?}");
     assert!(e.to_string().contains("CPU backend"), "{e}");
-    // The backward asks for host `lse`; on device tensors it is refused
-    // the same way before anything runs.
+    // The backward on device tensors runs (`tests/gpu_backward.rs` checks
+    // its gradients): fresh gradients on the device.
     let lse_host = vec![0.0f32; b * h * s];
     let lse = stream.clone_htod(&lse_host).unwrap();
     let lv = TensorView::from_cuda(&lse, [b, h, s, 1]).unwrap();
-    let e = layer
-        .backward(&qv, &qv, &qv, &qv, &qv, &lv, &meta)
-        .unwrap_err();
-    assert!(matches!(e, SdpaError::NotBuilt(_)), "{e:?}");
+    let (dq, dk, dv) = layer.backward(&qv, &qv, &qv, &qv, &qv, &lv, &meta).unwrap();
+    for g in [dq, dk, dv] {
+        assert!(g.residence().is_cuda());
+    }
 }
 
 #[test]
