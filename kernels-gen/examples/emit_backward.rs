@@ -24,14 +24,14 @@ fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let racing = args.iter().any(|a| a == "--racing");
     args.retain(|a| a != "--racing");
-    let block_m: Option<usize> = args
-        .iter()
-        .position(|a| a == "--block-m")
-        .map(|i| {
-            let v = args.remove(i + 1).parse().expect("--block-m takes a number");
-            args.remove(i);
-            v
-        });
+    let block_m: Option<usize> = args.iter().position(|a| a == "--block-m").map(|i| {
+        let v = args
+            .remove(i + 1)
+            .parse()
+            .expect("--block-m takes a number");
+        args.remove(i);
+        v
+    });
     let mut args = args.into_iter();
     let Some(dir) = args.next() else {
         eprintln!("usage: emit_backward OUT HEAD_SIZE...");
