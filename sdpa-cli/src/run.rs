@@ -34,7 +34,8 @@ pub struct RunArgs {
     /// Also run the backward pass: the input must hold dout ([B, Sq, Hq, D],
     /// q's dtype); the output then holds out, dq, dk, dv (the input dtype)
     /// and lse ([B, Hq, Sq], F32: the log of each row's softmax
-    /// denominator, -inf for a row that sees no key). CPU only for now.
+    /// denominator, -inf for a row that sees no key). Runs on the backend
+    /// the forward runs on (`--backend cuda`: the GPU kernels on device 0).
     #[arg(long)]
     pub backward: bool,
 }

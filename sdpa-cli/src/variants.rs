@@ -3,7 +3,8 @@
 //!
 //! Every head size FastVideo's models use (and the common LLM and ViT ones),
 //! both causal values and every element type: 13 × 2 × 3 = 78 variants,
-//! each with its CPU backward kernel (`sdpa run --backward`).
+//! each with its CPU and GPU backward kernels (`sdpa run --backward`,
+//! `sdpa bench --backward`, on either backend).
 
 use sdpa_runtime::prelude::*;
 

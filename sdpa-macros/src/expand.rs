@@ -5,7 +5,7 @@
 use std::thread;
 
 use kernels_gen::ptx::Target;
-use kernels_gen::{DType, GpuKernel, VariantSpec};
+use kernels_gen::{BackwardKernels, DType, GpuKernel, VariantSpec};
 use proc_macro2::{Literal, Span, TokenStream};
 use quote::quote;
 use syn::{Error, Item, Result};
@@ -16,19 +16,22 @@ use crate::valid::{self, Valid};
 /// The struct, unchanged, and its `AttentionBackend` impl.
 pub fn sdpa_variants(attr: &Attr, item: &Item) -> Result<TokenStream> {
     let valid = valid::validate(attr, item)?;
-    let kernels = gpu_kernels(&valid.variants)?;
+    let kernels = gpu_kernels(&valid.variants, valid.backward)?;
     Ok(generate(&valid, &kernels))
 }
 
-/// The GPU kernels of one variant, in the runtime's order of preference
-/// ([`kernels_gen::kernels`]): the architecture-specific ones first, the
-/// portable (sm_80) one last.
-type Kernels = Vec<GpuKernel>;
+/// The GPU kernels of one variant: the forward's in the runtime's order of
+/// preference ([`kernels_gen::kernels`]: the architecture-specific ones
+/// first, the portable (sm_80) one last), and the backward's
+/// ([`kernels_gen::backward_kernels`]) where the declaration says
+/// `backward = true`.
+type Kernels = (Vec<GpuKernel>, Option<BackwardKernels>);
 
-/// Runs the generator for every variant, spread over the machine's cores
-/// (the generator is pure and each variant independent; only plain strings
-/// cross threads, as compiler tokens must stay on the macro's thread).
-fn gpu_kernels(variants: &[VariantSpec]) -> Result<Vec<Kernels>> {
+/// Runs the generator for every variant (its backward too, with
+/// `backward`), spread over the machine's cores (the generator is pure and
+/// each variant independent; only plain strings cross threads, as compiler
+/// tokens must stay on the macro's thread).
+fn gpu_kernels(variants: &[VariantSpec], backward: bool) -> Result<Vec<Kernels>> {
     let threads = thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(variants.len())
@@ -38,7 +41,15 @@ fn gpu_kernels(variants: &[VariantSpec]) -> Result<Vec<Kernels>> {
         let handles: Vec<_> = variants
             .chunks(chunk)
             .map(|specs| {
-                scope.spawn(move || specs.iter().map(kernels_gen::kernels).collect::<Vec<_>>())
+                scope.spawn(move || {
+                    specs
+                        .iter()
+                        .map(|spec| {
+                            let gpu = kernels_gen::kernels(spec);
+                            (gpu, backward.then(|| kernels_gen::backward_kernels(spec)))
+                        })
+                        .collect::<Vec<_>>()
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join()).collect()
@@ -86,7 +97,7 @@ fn generate(valid: &Valid, kernels: &[Kernels]) -> TokenStream {
         .variants
         .iter()
         .zip(kernels)
-        .map(|(s, k)| variant(s, k, valid.backward));
+        .map(|(s, (gpu, backward))| variant(s, gpu, backward.as_ref()));
     let head_sizes = valid
         .head_sizes
         .iter()
@@ -117,17 +128,26 @@ fn generate(valid: &Valid, kernels: &[Kernels]) -> TokenStream {
 /// One entry of the variant table: the spec, the CPU kernel instantiated
 /// for it and the GPU kernels generated for it in order of preference (PTX
 /// text and launch metadata, embedded as literals), and its CPU backward
-/// kernel where the declaration says `backward = true`.
-fn variant(spec: &VariantSpec, kernels: &[GpuKernel], backward: bool) -> TokenStream {
+/// kernel and GPU backward kernels (`gpu_backward`) where the declaration
+/// says `backward = true`.
+fn variant(
+    spec: &VariantSpec,
+    kernels: &[GpuKernel],
+    gpu_backward: Option<&BackwardKernels>,
+) -> TokenStream {
     let head_size = Literal::usize_unsuffixed(spec.head_size);
     let causal = spec.causal;
     let dtype = dtype_path(spec.dtype);
     let element = element_type(spec.dtype);
     let gpu = kernels.iter().map(gpu_kernel);
-    let backward = backward.then(|| {
+    let backward = gpu_backward.is_some().then(|| {
         quote! {
             .with_cpu_backward(::sdpa_runtime::cpu::backward::<#head_size, #causal, #element>)
         }
+    });
+    let gpu_backward = gpu_backward.map(|b| {
+        let b = backward_kernels(b);
+        quote! { .with_gpu_backward(#b) }
     });
     quote! {
         ::sdpa_runtime::Variant::new(
@@ -136,6 +156,18 @@ fn variant(spec: &VariantSpec, kernels: &[GpuKernel], backward: bool) -> TokenSt
         )
         .with_gpu_kernels(&[#(#gpu),*])
         #backward
+        #gpu_backward
+    }
+}
+
+/// A `GpuBackward::new(...)` expression holding the backward kernels `b`.
+fn backward_kernels(b: &BackwardKernels) -> TokenStream {
+    let preprocess = gpu_kernel(&b.preprocess);
+    let main = gpu_kernel(&b.main);
+    let block_n = Literal::u32_unsuffixed(b.block_n);
+    let convert = gpu_kernel(&b.convert);
+    quote! {
+        ::sdpa_runtime::GpuBackward::new(#preprocess, #main, #block_n, #convert)
     }
 }
 
@@ -308,14 +340,20 @@ mod tests {
                     .map(move |t| VariantSpec::new(d, d % 16 == 0, t).unwrap())
             })
             .collect();
-        let kernels = gpu_kernels(&specs).unwrap();
+        let kernels = gpu_kernels(&specs, false).unwrap();
         // The portable kernel comes last in each list.
         let entries: Vec<String> = kernels
-            .into_iter()
-            .map(|k| k.last().unwrap().entry.clone())
+            .iter()
+            .map(|(k, _)| k.last().unwrap().entry.clone())
             .collect();
         let expected: Vec<String> = specs.iter().map(|s| s.kernel_name()).collect();
         assert_eq!(entries, expected);
+        assert!(kernels.iter().all(|(_, b)| b.is_none()));
+        // With the backward, each variant's own backward kernels.
+        let kernels = gpu_kernels(&specs, true).unwrap();
+        for ((_, b), spec) in kernels.iter().zip(&specs) {
+            assert_eq!(b.as_ref(), Some(&kernels_gen::backward_kernels(spec)));
+        }
     }
 
     #[test]
@@ -335,6 +373,7 @@ mod tests {
         let backward = "with_cpu_backward";
         let plain = expand(quote!(head_sizes = [64], causal = [true], dtypes = [f32]));
         assert!(!quote!(#plain).to_string().contains(backward));
+        assert!(!quote!(#plain).to_string().contains("with_gpu_backward"));
         let off = expand(quote!(
             head_sizes = [64],
             causal = [true],
@@ -352,6 +391,20 @@ mod tests {
         assert_eq!(text.matches(backward).count(), 4);
         let kernel = quote!(.with_cpu_backward(::sdpa_runtime::cpu::backward::<80, true, ::sdpa_runtime::half::bf16>));
         assert!(text.contains(&kernel.to_string()), "{text}");
+        // And the GPU backward kernels, embedded as the generator made them.
+        assert_eq!(text.matches("with_gpu_backward").count(), 4);
+        let spec = VariantSpec::new(80, true, DType::BF16).unwrap();
+        let b = kernels_gen::backward_kernels(&spec);
+        let (pre, main, convert) = (
+            gpu_kernel(&b.preprocess),
+            gpu_kernel(&b.main),
+            gpu_kernel(&b.convert),
+        );
+        let block_n = Literal::u32_unsuffixed(b.block_n);
+        let embedded = quote! {
+            .with_gpu_backward(::sdpa_runtime::GpuBackward::new(#pre, #main, #block_n, #convert))
+        };
+        assert!(text.contains(&embedded.to_string()), "{text}");
     }
 
     #[test]

@@ -106,8 +106,11 @@ pub trait AttentionImpl: Send + Sync {
     /// (summed over each key/value head's query heads). Same views, masks,
     /// scale and causal rule as the forward; masks get no gradient; rows
     /// that see no key give zeros. Deterministic: bit-identical run to run.
-    /// Needs a variant declared with `backward = true`; host tensors only
-    /// for now (CUDA tensors give [`SdpaError::NotBuilt`]).
+    /// Needs a variant declared with `backward = true`. Runs where the
+    /// forward would: CUDA tensors on their device (new tensors on `q`'s
+    /// stream, the kernels queued without waiting), host tensors on the
+    /// CPU, or on CUDA device 0 when the layer asks for the `cuda` backend
+    /// (copied there and back, as the forward does).
     #[allow(clippy::too_many_arguments)] // the issue's signature: torch's order
     fn backward(
         &self,
@@ -122,6 +125,9 @@ pub trait AttentionImpl: Send + Sync {
 
     /// [`backward`](Self::backward) into the caller's gradient buffers
     /// (any non-overlapping strides, q's dtype, in the same place as `q`).
+    /// On a CUDA device the kernels are queued on `dq`'s stream and the
+    /// call returns without waiting for them; every row of the device
+    /// tensors must start on a 16-byte boundary.
     fn backward_into(
         &self,
         q: &TensorView<'_>,
@@ -306,10 +312,15 @@ impl AttentionImpl for SdpaImpl {
         metadata: &AttentionMetadata<'_>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let p = self.problem(q, k, v, metadata)?;
-        let kernel = self.backward_plan(&p)?;
-        let mut dq = Tensor::zeros(p.dtype(), p.out_shape());
-        let mut dk = Tensor::zeros(p.dtype(), p.k.layout().shape());
-        let mut dv = Tensor::zeros(p.dtype(), p.k.layout().shape());
+        let (variant, selection) = self.backward_plan(&p)?;
+        let (mut dq, mut dk, mut dv) = match p.residence() {
+            Residence::Host => (
+                Tensor::zeros(p.dtype(), p.out_shape()),
+                Tensor::zeros(p.dtype(), p.k.layout().shape()),
+                Tensor::zeros(p.dtype(), p.k.layout().shape()),
+            ),
+            _ => crate::cuda::backward::alloc_gradients(&p)?,
+        };
         let inputs = BackwardInputs {
             out: *out,
             dout: *dout,
@@ -320,7 +331,8 @@ impl AttentionImpl for SdpaImpl {
             dk: dk.view_mut(),
             dv: dv.view_mut(),
         };
-        kernel(&p, &inputs, &mut grads)?;
+        p.check_backward(&inputs, &grads)?;
+        run_backward(&p, variant, &selection, &inputs, &mut grads)?;
         Ok((dq, dk, dv))
     }
 
@@ -335,39 +347,51 @@ impl AttentionImpl for SdpaImpl {
     ) -> Result<()> {
         let p = self.problem(q, k, v, metadata)?;
         p.check_backward(inputs, grads)?;
-        let kernel = self.backward_plan(&p)?;
-        kernel(&p, inputs, grads)
+        let (variant, selection) = self.backward_plan(&p)?;
+        run_backward(&p, variant, &selection, inputs, grads)
     }
 }
 
 impl SdpaImpl {
-    /// The backward's variant kernel for a checked problem, after the
-    /// checks that do not depend on the buffers.
-    fn backward_plan(&self, p: &Problem<'_>) -> Result<crate::variant::CpuBackwardFn> {
+    /// The backward's variant and backend for a checked problem, after the
+    /// checks that do not depend on the buffers: the variant has the
+    /// backward kernel of the selected backend (the macro adds both with
+    /// `backward = true`).
+    fn backward_plan(&self, p: &Problem<'_>) -> Result<(&'static Variant, Selection)> {
         let (variant, selection) = self.plan(p)?;
-        let kernel = variant.cpu_backward()?;
-        if selection.backend == BackendKind::Cuda || p.residence() != Residence::Host {
-            return Err(not_built("the backward pass"));
+        match selection.backend {
+            BackendKind::Cuda => variant.gpu_backward().map(drop)?,
+            _ => variant.cpu_backward().map(drop)?,
         }
         tracing::debug!(
             layer = %self.params.prefix,
             variant = %variant.spec(),
+            backend = %selection.backend,
+            reason = %selection.reason,
             shape = ?p.out_shape(),
             kv_heads = p.heads_kv,
             seq_k = p.seq_k,
             masked = p.mask.is_some(),
             "sdpa backward"
         );
-        Ok(kernel)
+        Ok((variant, selection))
     }
 }
 
-/// The error for a training call on CUDA tensors or the CUDA backend.
-pub(crate) fn not_built(what: &str) -> SdpaError {
-    SdpaError::NotBuilt(format!(
-        "{what} has no CUDA kernel yet; run it on host tensors with the CPU backend \
-         (backend cpu, or SDPA_BACKEND=cpu)"
-    ))
+/// Runs the planned backward: the CPU kernel, or the GPU kernels where the
+/// selection says CUDA (on the tensors' device, or device 0 for host
+/// tensors).
+fn run_backward(
+    p: &Problem<'_>,
+    variant: &Variant,
+    selection: &Selection,
+    inputs: &BackwardInputs<'_>,
+    grads: &mut Gradients<'_>,
+) -> Result<()> {
+    match selection.backend {
+        BackendKind::Cuda => crate::cuda::backward::run(variant, p, inputs, grads),
+        _ => (variant.cpu_backward()?)(p, inputs, grads),
+    }
 }
 
 impl SdpaImpl {

@@ -88,10 +88,6 @@ pub enum SdpaError {
     /// backward's input) has the wrong dtype or shape.
     #[error("{0}")]
     Lse(String),
-    /// The call needs a kernel that this build does not have yet (the
-    /// CUDA log-sum-exp and backward); the message says what runs instead.
-    #[error("{0}")]
-    NotBuilt(String),
     /// The backward pass was asked of a variant declared without it.
     #[error(
         "the backward pass of variant {variant} was not compiled; add `backward = true` to \

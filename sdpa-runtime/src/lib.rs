@@ -67,7 +67,7 @@ pub use storage::{
     Residence, Storage, StorageMut, TensorData,
 };
 pub use tensor::{Tensor, TensorView, TensorViewMut};
-pub use variant::{CpuBackwardFn, CpuKernelFn, GpuKernel, Variant, VariantTable};
+pub use variant::{CpuBackwardFn, CpuKernelFn, GpuBackward, GpuKernel, Variant, VariantTable};
 
 /// Re-exported for the code the macro generates and for callers building
 /// `f16`/`bf16` tensors.

@@ -1,6 +1,7 @@
 //! The variant table the `#[sdpa_variants]` macro emits: one entry per
 //! declared (head size, causal, dtype), each holding its CPU kernel and its
-//! GPU kernels in order of preference.
+//! GPU kernels in order of preference, and, where declared with `backward =
+//! true`, its CPU and GPU backward kernels.
 
 use kernels_gen::contract::TensorMaps;
 use kernels_gen::ptx::Target;
@@ -113,13 +114,77 @@ impl GpuKernel {
     }
 }
 
-/// One compiled variant: its spec, its CPU kernel and its GPU kernels.
+/// A variant's GPU backward pass: the three kernels of the backward launch
+/// contract ([`kernels_gen::backward`]), launched in order on one stream
+/// with one argument list, and the keys per CTA of the main one.
+///
+/// The `#[sdpa_variants]` macro embeds it, as a constant, for a declaration
+/// with `backward = true`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuBackward {
+    preprocess: GpuKernel,
+    main: GpuKernel,
+    block_n: u32,
+    convert: GpuKernel,
+}
+
+impl GpuBackward {
+    /// The backward kernels: `preprocess` (`delta` and `lse_log2` per query
+    /// row), `main` (`dk`, `dv` and the `dq` sums, `block_n` keys per CTA)
+    /// and `convert` (`dq` from its `f32` sums).
+    pub const fn new(
+        preprocess: GpuKernel,
+        main: GpuKernel,
+        block_n: u32,
+        convert: GpuKernel,
+    ) -> GpuBackward {
+        GpuBackward {
+            preprocess,
+            main,
+            block_n,
+            convert,
+        }
+    }
+    /// The first kernel: `delta = rowsum(dout ∘ out)` and `lse · log2(e)`
+    /// per query row; grid `(ceil(Sq / block_m), Hq, B)`.
+    pub fn preprocess(&self) -> &GpuKernel {
+        &self.preprocess
+    }
+    /// The second kernel: `dk`, `dv` and the `dq` sums; grid
+    /// `(ceil(Sk / block_n), Hkv, B)`. Its `block_m` is the query rows per
+    /// `dq` block, the granularity of the `sem` counters.
+    pub fn main(&self) -> &GpuKernel {
+        &self.main
+    }
+    /// Keys per CTA of [`GpuBackward::main`].
+    pub fn block_n(&self) -> u32 {
+        self.block_n
+    }
+    /// The third kernel: `dq = dq_accum · scale` in the input dtype; grid
+    /// `(ceil(Sq / block_m), Hq, B)`.
+    pub fn convert(&self) -> &GpuKernel {
+        &self.convert
+    }
+    /// The three kernels in launch order.
+    pub fn kernels(&self) -> [&GpuKernel; 3] {
+        [&self.preprocess, &self.main, &self.convert]
+    }
+    /// Whether a device of compute capability `(major, minor)` runs all
+    /// three kernels ([`GpuKernel::runs_on`]).
+    pub fn runs_on(&self, capability: (i32, i32)) -> bool {
+        self.kernels().iter().all(|k| k.runs_on(capability))
+    }
+}
+
+/// One compiled variant: its spec, its CPU kernel, its GPU kernels and,
+/// where declared with `backward = true`, its backward kernels.
 #[derive(Clone, Copy, Debug)]
 pub struct Variant {
     spec: VariantSpec,
     cpu: CpuKernelFn,
     backward: Option<CpuBackwardFn>,
     gpu: &'static [GpuKernel],
+    gpu_backward: Option<GpuBackward>,
 }
 
 impl Variant {
@@ -130,6 +195,7 @@ impl Variant {
             cpu,
             backward: None,
             gpu: &[],
+            gpu_backward: None,
         }
     }
     /// The same variant with its CPU backward kernel (the macro adds it
@@ -144,6 +210,21 @@ impl Variant {
     /// where the variant was declared without one.
     pub fn cpu_backward(&self) -> Result<CpuBackwardFn> {
         self.backward
+            .ok_or(SdpaError::BackwardNotDeclared { variant: self.spec })
+    }
+    /// The same variant with its GPU backward kernels (the macro adds them
+    /// where the declaration says `backward = true`).
+    pub const fn with_gpu_backward(self, gpu_backward: GpuBackward) -> Variant {
+        Variant {
+            gpu_backward: Some(gpu_backward),
+            ..self
+        }
+    }
+    /// The GPU backward kernels, or an error saying which attribute to add
+    /// where the variant was declared without them.
+    pub fn gpu_backward(&self) -> Result<&GpuBackward> {
+        self.gpu_backward
+            .as_ref()
             .ok_or(SdpaError::BackwardNotDeclared { variant: self.spec })
     }
     /// The same variant with GPU kernels in order of preference: a device
@@ -354,5 +435,35 @@ mod tests {
         assert_eq!(v.gpu_kernel_sm90().map(|k| k.entry()), Some("hopper"));
         let cpu_only = Variant::new(spec, cpu);
         assert!(cpu_only.gpu_kernels().is_empty() && cpu_only.gpu_kernel().is_none());
+    }
+
+    #[test]
+    fn the_gpu_backward_is_declared_in_a_const_and_absent_without_it() {
+        const PRE: GpuKernel = GpuKernel::new("", "pre", Target::Sm80, 8, 256, 0);
+        const MAIN: GpuKernel = GpuKernel::new("", "main", Target::Sm80, 64, 128, 0);
+        const CONVERT: GpuKernel = GpuKernel::new("", "dq", Target::Sm80, 8, 256, 0);
+        const BACKWARD: GpuBackward = GpuBackward::new(PRE, MAIN, 128, CONVERT);
+        fn cpu(
+            _: &Problem<'_>,
+            _: &mut TensorViewMut<'_>,
+            _: Option<&mut TensorViewMut<'_>>,
+        ) -> Result<()> {
+            Ok(())
+        }
+        const SPEC: VariantSpec = VariantSpec {
+            head_size: 64,
+            causal: true,
+            dtype: DType::F16,
+        };
+        static TRAINING: Variant = Variant::new(SPEC, cpu).with_gpu_backward(BACKWARD);
+        static INFERENCE: Variant = Variant::new(SPEC, cpu);
+        let b = TRAINING.gpu_backward().unwrap();
+        let entries = b.kernels().map(|k| k.entry());
+        assert_eq!(entries, ["pre", "main", "dq"]);
+        assert_eq!((b.block_n(), b.main().block_m()), (128, 64));
+        assert!(b.runs_on((8, 0)) && b.runs_on((9, 0)) && !b.runs_on((7, 5)));
+        let err = INFERENCE.gpu_backward().unwrap_err();
+        assert!(matches!(err, SdpaError::BackwardNotDeclared { .. }));
+        assert!(err.to_string().contains("add `backward = true`"), "{err}");
     }
 }

@@ -368,18 +368,32 @@ pub fn run_backward<T: Element>(
     seed: u64,
     call: BackwardCall<'_>,
 ) -> Result<Grads, SdpaError> {
+    run_backward_on::<T>(backend, BackendKind::Cpu, case, seed, call)
+}
+
+/// [`run_backward`] with the backward's layer asking for backend `kind`
+/// (`Cuda`: host tensors staged through device 0); `out` and `lse` come
+/// from the CPU forward either way.
+pub fn run_backward_on<T: Element>(
+    backend: &dyn AttentionBackend,
+    kind: BackendKind,
+    case: &Case,
+    seed: u64,
+    call: BackwardCall<'_>,
+) -> Result<Grads, SdpaError> {
     let what = format!("{case:?} (seed {seed})");
     let what = what.as_str();
     let (b, sq, sk, hq, hkv, d) = case.dims();
     let t = TrainingInputs::<T>::draw(case, seed);
     let x = &t.x;
-    let layer = backend.build_impl(case.params().backend(BackendKind::Cpu))?;
+    let forward = backend.build_impl(case.params().backend(BackendKind::Cpu))?;
+    let layer = backend.build_impl(case.params().backend(kind))?;
     let qv = TensorView::with_strides(&x.q.buf, [b, sq, hq, d], x.q.strides)?;
     let kv = TensorView::with_strides(&x.k.buf, [b, sk, hkv, d], x.k.strides)?;
     let vv = TensorView::with_strides(&x.v.buf, [b, sk, hkv, d], x.v.strides)?;
     let dov = TensorView::with_strides(&t.dout.buf, [b, sq, hq, d], t.dout.strides)?;
     let meta = x.metadata()?;
-    let (out, lse) = layer.forward_with_lse(&qv, &kv, &vv, &meta)?;
+    let (out, lse) = forward.forward_with_lse(&qv, &kv, &vv, &meta)?;
     // `out` and `lse` as the backward reads them: in the case's output
     // placement, and the lse with a gap after each head's rows unless the
     // placement is contiguous (NaN between the elements either way).

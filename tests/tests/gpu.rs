@@ -196,7 +196,7 @@ fn forward_on_device_tensors_returns_a_device_tensor() {
 }
 
 #[test]
-fn the_backward_on_device_tensors_says_it_is_not_built_yet() {
+fn the_backward_on_device_tensors_gives_device_gradients() {
     let Some(stream) = stream() else { return };
     let (b, s, h, d) = (1, 16, 2, 64);
     let host = vec![bf16::from_f32(0.5); b * s * h * d];
@@ -206,15 +206,16 @@ fn the_backward_on_device_tensors_says_it_is_not_built_yet() {
         .unwrap();
     let qv = TensorView::from_cuda(&dq, [b, s, h, d]).unwrap();
     let meta = AttentionMetadata::default();
-    // The forward with the lse runs on the device (`tests/gpu_lse.rs`);
-    // the backward is refused before anything runs.
+    // The forward with the lse runs on the device (`tests/gpu_lse.rs`),
+    // and so does the backward (`tests/gpu_backward.rs` checks its
+    // gradients): fresh gradients on the device.
     let lse_host = vec![0.0f32; b * h * s];
     let lse = stream.clone_htod(&lse_host).unwrap();
     let lv = TensorView::from_cuda(&lse, [b, h, s, 1]).unwrap();
-    let e = layer
-        .backward(&qv, &qv, &qv, &qv, &qv, &lv, &meta)
-        .unwrap_err();
-    assert!(matches!(e, SdpaError::NotBuilt(_)), "{e:?}");
+    let (dq, dk, dv) = layer.backward(&qv, &qv, &qv, &qv, &qv, &lv, &meta).unwrap();
+    for g in [dq, dk, dv] {
+        assert!(g.residence().is_cuda());
+    }
 }
 
 #[test]

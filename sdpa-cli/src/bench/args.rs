@@ -69,8 +69,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N[,N...]", value_delimiter = ',', value_parser = parse_world)]
     pub world_size: Option<Vec<usize>>,
     /// Time the backward pass (`backward_into`, after one forward with the
-    /// log-sum-exp) instead of the forward; throughput counts 2.5 times the
-    /// forward's FLOPs. CPU only for now.
+    /// log-sum-exp) and the forward and backward together instead of the
+    /// forward, on either backend; throughput counts 2.5 and 3.5 times the
+    /// forward's FLOPs.
     #[arg(long, conflicts_with = "world_size")]
     pub backward: bool,
 }

@@ -1,10 +1,12 @@
-//! `sdpa bench`: times the forward pass (or, with `--backward`, the CPU
-//! backward pass) on model shapes or a shape given by flags, and reports the
-//! median time and throughput.
+//! `sdpa bench`: times the forward pass (or, with `--backward`, the
+//! backward pass alone and the forward and backward together) on model
+//! shapes or a shape given by flags, and reports the median time and
+//! throughput.
 //!
 //! - [`args`]: the flags and the cases they ask for;
 //! - [`timing`]: warm-up, timed passes and their median, the output helpers;
-//! - [`single`]: the forward pass on one device (CPU or CUDA device 0);
+//! - [`single`]: the forward (or backward) pass on one device (CPU or
+//!   CUDA device 0);
 //! - [`sp`]: sequence-parallel attention on `--world-size` ranks.
 //!
 //! Imports go one way: `single` and `sp` use `args` and `timing`, and this

@@ -1,19 +1,25 @@
-//! `sdpa bench` on one device: times the forward pass on model shapes or a
-//! shape given by flags, and reports the median time and throughput.
+//! `sdpa bench` on one device: times the forward pass (or, with
+//! `--backward`, the backward pass alone and the forward and backward
+//! together) on model shapes or a shape given by flags, and reports the
+//! median time and throughput.
 //!
-//! Each case fills `q`, `k` and `v` with seeded random values, builds its
-//! layer, runs warm-up passes, then times passes of `forward_into` into one
-//! preallocated output and reports their median. On the CUDA backend the
-//! tensors are copied to device 0 once, before timing, and each pass is
-//! timed with CUDA events around the launch (the first warm-up pass pays
-//! the JIT load of the variant, reported after the table).
+//! Each case fills `q`, `k` and `v` (and `dout`) with seeded random values,
+//! builds its layer, runs warm-up passes, then times passes of
+//! `forward_into` (or `backward_into`, or `forward_with_lse_into` then
+//! `backward_into`) into preallocated buffers and reports their median. On
+//! the CUDA backend the tensors are copied to device 0 once, before timing,
+//! and each pass is timed with CUDA events around the launches (the first
+//! warm-up pass pays the JIT load of the variant, reported after the
+//! table).
 
 use std::time::{Duration, Instant};
+
+use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sdpa_runtime::cudarc::driver::sys::CUevent_flags;
-use sdpa_runtime::cudarc::driver::{CudaSlice, CudaStream};
+use sdpa_runtime::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DriverError};
 use sdpa_runtime::prelude::*;
 use sdpa_runtime::{
     cuda, probe_cuda, select, BackwardInputs, CudaProbe, Element, Gradients, Residence, SdpaError,
@@ -30,7 +36,7 @@ use sdpa_cli::variants::SdpaCli;
 #[derive(Debug, serde::Serialize)]
 struct Record {
     shape: String,
-    /// `forward` or `backward`.
+    /// `forward`, `backward` or `forward+backward`.
     pass: &'static str,
     dtype: &'static str,
     causal: bool,
@@ -58,12 +64,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let selection = select(request, residence)?;
     let backend = selection.backend;
-    if args.backward && backend != BackendKind::Cpu {
-        return Err(CliError::Input(format!(
-            "sdpa bench --backward runs on the CPU only for now (the {backend} backward is not \
-             built yet); pass --backend cpu"
-        )));
-    }
     let cases = cases(args, backend)?;
     let layers = cases
         .iter()
@@ -75,40 +75,48 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         selection.reason,
         rayon::current_num_threads(),
         if args.backward {
-            "; timing the backward pass (FLOPs 2.5x the forward's)"
+            "; timing the backward pass (FLOPs 2.5x the forward's) and the forward and \
+             backward together (3.5x)"
         } else {
             ""
         }
     );
     let budget = if cases.len() <= 2 { SINGLE } else { TABLE };
-    let table = Table::new(&cases);
+    let table = Table::new(&cases, args.backward);
     table.header();
     let mut records = Vec::with_capacity(cases.len());
     for (case, layer) in cases.iter().zip(&layers) {
-        let timing = if args.backward {
-            time_backward(case, layer, args.warmup, args.iters, budget)?
+        let timings = if args.backward {
+            let [backward, both] =
+                time_backward(case, layer, backend, args.warmup, args.iters, budget)?;
+            vec![
+                ("backward", BACKWARD_FLOPS, backward),
+                ("forward+backward", 1.0 + BACKWARD_FLOPS, both),
+            ]
         } else {
-            time_case(case, layer, backend, args.warmup, args.iters, budget)?
+            let forward = time_case(case, layer, backend, args.warmup, args.iters, budget)?;
+            vec![("forward", 1.0, forward)]
         };
-        let seconds = timing.median.as_secs_f64();
-        let flops = case.shape.flops() * if args.backward { BACKWARD_FLOPS } else { 1.0 };
-        let flops_per_s = flops / seconds;
-        table.row(case, backend, &timing, flops_per_s);
-        records.push(Record {
-            shape: case.shape.dims(),
-            pass: if args.backward { "backward" } else { "forward" },
-            dtype: case.dtype.name(),
-            causal: case.shape.causal,
-            backend: backend.name(),
-            median_ms: seconds * 1e3,
-            tflops: flops_per_s / 1e12,
-            batch: case.shape.batch,
-            heads_q: case.shape.heads_q,
-            heads_kv: case.shape.heads_kv,
-            seq_q: case.shape.seq_q,
-            seq_k: case.shape.seq_k,
-            head_size: case.shape.head_size,
-        });
+        for (pass, times_forward, timing) in timings {
+            let seconds = timing.median.as_secs_f64();
+            let flops_per_s = case.shape.flops() * times_forward / seconds;
+            table.row(case, pass, backend, &timing, flops_per_s);
+            records.push(Record {
+                shape: case.shape.dims(),
+                pass,
+                dtype: case.dtype.name(),
+                causal: case.shape.causal,
+                backend: backend.name(),
+                median_ms: seconds * 1e3,
+                tflops: flops_per_s / 1e12,
+                batch: case.shape.batch,
+                heads_q: case.shape.heads_q,
+                heads_kv: case.shape.heads_kv,
+                seq_q: case.shape.seq_q,
+                seq_k: case.shape.seq_k,
+                head_size: case.shape.head_size,
+            });
+        }
     }
     if args.preset.is_none() && !has_shape_flags(args) && backend == BackendKind::Cpu {
         println!(
@@ -199,40 +207,219 @@ fn time_case(
 /// The backward's FLOPs as a multiple of the forward's (DESIGN.md).
 const BACKWARD_FLOPS: f64 = 2.5;
 
-/// Runs the forward with the log-sum-exp once, then warms up and times
-/// passes of `backward_into` into preallocated gradients, on the host.
+/// Times the backward pass alone and the forward (with the log-sum-exp)
+/// and backward together: on the host, or, for `Cuda`, on device 0.
 fn time_backward(
     case: &Case,
     layer: &SdpaImpl,
+    backend: BackendKind,
     warmup: Option<usize>,
     iters: Option<u64>,
     budget: Budget,
-) -> Result<Timing> {
+) -> Result<[Timing; 2]> {
     let mut rng = StdRng::seed_from_u64(SEED);
     let (q_shape, q, k, v) = random_qkv(case, &mut rng)?;
     let dout = random_tensor(&mut rng, case.dtype, q_shape)?;
+    if backend == BackendKind::Cuda {
+        let tensors = [&q, &k, &v, &dout];
+        return match case.dtype {
+            DType::F32 => backward_on_device::<f32>(layer, tensors, warmup, iters, budget),
+            DType::F16 => backward_on_device::<f16>(layer, tensors, warmup, iters, budget),
+            DType::BF16 => backward_on_device::<bf16>(layer, tensors, warmup, iters, budget),
+        };
+    }
     let (q, k, v) = (q.view(), k.view(), v.view());
     let metadata = AttentionMetadata::default();
-    let (out, lse) = layer.forward_with_lse(&q, &k, &v, &metadata)?;
-    let inputs = BackwardInputs {
-        out: out.view(),
-        dout: dout.view(),
-        lse: lse.view(),
-    };
+    let (mut out, mut lse) = layer.forward_with_lse(&q, &k, &v, &metadata)?;
     let mut dq = Tensor::zeros(case.dtype, q_shape);
     let mut dk = Tensor::zeros(case.dtype, k.layout().shape());
     let mut dv = Tensor::zeros(case.dtype, v.layout().shape());
-    let mut grads = Gradients {
-        dq: dq.view_mut(),
-        dk: dk.view_mut(),
-        dv: dv.view_mut(),
+    let mut backward = |out: &Tensor, lse: &Tensor| -> Result<()> {
+        let inputs = BackwardInputs {
+            out: out.view(),
+            dout: dout.view(),
+            lse: lse.view(),
+        };
+        let mut grads = Gradients {
+            dq: dq.view_mut(),
+            dk: dk.view_mut(),
+            dv: dv.view_mut(),
+        };
+        Ok(layer.backward_into(&q, &k, &v, &metadata, &inputs, &mut grads)?)
     };
-    let pass = || -> Result<Duration> {
-        let start = Instant::now();
-        layer.backward_into(&q, &k, &v, &metadata, &inputs, &mut grads)?;
-        Ok(start.elapsed())
+    let alone = time_passes(
+        || {
+            let start = Instant::now();
+            backward(&out, &lse)?;
+            Ok(start.elapsed())
+        },
+        warmup,
+        iters,
+        budget,
+    )?;
+    let both = time_passes(
+        || {
+            let start = Instant::now();
+            layer.forward_with_lse_into(
+                &q,
+                &k,
+                &v,
+                &metadata,
+                &mut out.view_mut(),
+                &mut lse.view_mut(),
+            )?;
+            backward(&out, &lse)?;
+            Ok(start.elapsed())
+        },
+        warmup,
+        iters,
+        budget,
+    )?;
+    Ok([alone, both])
+}
+
+/// A driver error of the bench, with what it was doing.
+fn cuda_err(doing: &str, e: DriverError) -> CliError {
+    CliError::Sdpa(SdpaError::Cuda(format!("{doing}: {e}")))
+}
+
+/// Copies a host tensor of the bench to a new buffer on `stream`.
+fn upload<T: Element>(stream: &Arc<CudaStream>, t: &Tensor) -> Result<CudaSlice<T>> {
+    let host = t
+        .as_slice::<T>()
+        .ok_or_else(|| CliError::Input("a bench tensor has the wrong dtype".into()))?;
+    if host.is_empty() {
+        return stream
+            .alloc_zeros::<T>(1)
+            .map_err(|e| cuda_err("allocating a tensor on device 0", e));
+    }
+    stream
+        .clone_htod(host)
+        .map_err(|e| cuda_err("copying the inputs to device 0", e))
+}
+
+/// A buffer of `n` zeros (at least one) on `stream`.
+fn zeros<T: Element>(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
+    stream
+        .alloc_zeros::<T>(n.max(1))
+        .map_err(|e| cuda_err("allocating an output on device 0", e))
+}
+
+/// Times work on a stream with two CUDA events recorded before and after
+/// it.
+struct Events {
+    stream: Arc<CudaStream>,
+    start: CudaEvent,
+    end: CudaEvent,
+}
+
+impl Events {
+    fn new(stream: &Arc<CudaStream>) -> Result<Events> {
+        let event = || {
+            stream
+                .context()
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| cuda_err("creating a timing event", e))
+        };
+        Ok(Events {
+            stream: stream.clone(),
+            start: event()?,
+            end: event()?,
+        })
+    }
+
+    /// The device time of the work `queue` queues on the stream (waiting
+    /// for it).
+    fn time(&self, queue: impl FnOnce() -> Result<()>) -> Result<Duration> {
+        self.start
+            .record(&self.stream)
+            .map_err(|e| cuda_err("recording an event", e))?;
+        queue()?;
+        self.end
+            .record(&self.stream)
+            .map_err(|e| cuda_err("recording an event", e))?;
+        let ms = self
+            .start
+            .elapsed_ms(&self.end)
+            .map_err(|e| cuda_err("running the kernels", e))?;
+        Ok(Duration::from_secs_f64(f64::from(ms) / 1e3))
+    }
+}
+
+/// Times the backward alone and the forward and backward together with
+/// every tensor on device 0, allocated once; each pass is the time between
+/// CUDA events recorded around its launches. `out` and `lse` come from the
+/// layer's forward on the device.
+fn backward_on_device<T: Element>(
+    layer: &SdpaImpl,
+    [q, k, v, dout]: [&Tensor; 4],
+    warmup: Option<usize>,
+    iters: Option<u64>,
+    budget: Budget,
+) -> Result<[Timing; 2]> {
+    let stream = cuda::context(0)?.default_stream();
+    let (q_shape, kv_shape) = (q.shape(), k.shape());
+    let [b, _, hq, _] = q_shape;
+    let sq = q_shape[1];
+    let lse_shape = [b, hq, sq, 1];
+    let (dq_buf, dk_buf, dv_buf) = (
+        upload::<T>(&stream, q)?,
+        upload::<T>(&stream, k)?,
+        upload::<T>(&stream, v)?,
+    );
+    let dout_buf = upload::<T>(&stream, dout)?;
+    let qv = TensorView::from_cuda(&dq_buf, q_shape)?;
+    let kv = TensorView::from_cuda(&dk_buf, kv_shape)?;
+    let vv = TensorView::from_cuda(&dv_buf, kv_shape)?;
+    let dov = TensorView::from_cuda(&dout_buf, q_shape)?;
+    let metadata = AttentionMetadata::default();
+    let mut out = zeros::<T>(&stream, q_shape.iter().product())?;
+    let mut lse = zeros::<f32>(&stream, lse_shape.iter().product())?;
+    layer.forward_with_lse_into(
+        &qv,
+        &kv,
+        &vv,
+        &metadata,
+        &mut TensorViewMut::from_cuda(&mut out, q_shape)?,
+        &mut TensorViewMut::from_cuda(&mut lse, lse_shape)?,
+    )?;
+    let mut dq = zeros::<T>(&stream, q_shape.iter().product())?;
+    let mut dk = zeros::<T>(&stream, kv_shape.iter().product())?;
+    let mut dv = zeros::<T>(&stream, kv_shape.iter().product())?;
+    let mut backward = |out: &CudaSlice<T>, lse: &CudaSlice<f32>| -> Result<()> {
+        let inputs = BackwardInputs {
+            out: TensorView::from_cuda(out, q_shape)?,
+            dout: dov,
+            lse: TensorView::from_cuda(lse, lse_shape)?,
+        };
+        let mut grads = Gradients {
+            dq: TensorViewMut::from_cuda(&mut dq, q_shape)?,
+            dk: TensorViewMut::from_cuda(&mut dk, kv_shape)?,
+            dv: TensorViewMut::from_cuda(&mut dv, kv_shape)?,
+        };
+        Ok(layer.backward_into(&qv, &kv, &vv, &metadata, &inputs, &mut grads)?)
     };
-    time_passes(pass, warmup, iters, budget)
+    let events = Events::new(&stream)?;
+    let alone = time_passes(
+        || events.time(|| backward(&out, &lse)),
+        warmup,
+        iters,
+        budget,
+    )?;
+    let both = time_passes(
+        || {
+            events.time(|| {
+                let mut ov = TensorViewMut::from_cuda(&mut out, q_shape)?;
+                let mut lv = TensorViewMut::from_cuda(&mut lse, lse_shape)?;
+                layer.forward_with_lse_into(&qv, &kv, &vv, &metadata, &mut ov, &mut lv)?;
+                backward(&out, &lse)
+            })
+        },
+        warmup,
+        iters,
+        budget,
+    )?;
+    Ok([alone, both])
 }
 
 /// Times passes with `q`, `k`, `v` and the output on device 0, allocated
@@ -245,46 +432,20 @@ fn time_on_device<T: Element>(
     iters: Option<u64>,
     budget: Budget,
 ) -> Result<Timing> {
-    let cuda_err = |doing: &str, e: sdpa_runtime::cudarc::driver::DriverError| {
-        CliError::Sdpa(SdpaError::Cuda(format!("{doing}: {e}")))
-    };
     let stream = cuda::context(0)?.default_stream();
-    let upload = |t: &Tensor| -> Result<CudaSlice<T>> {
-        let host = t
-            .as_slice::<T>()
-            .ok_or_else(|| CliError::Input("a bench tensor has the wrong dtype".into()))?;
-        stream
-            .clone_htod(host)
-            .map_err(|e| cuda_err("copying the inputs to device 0", e))
-    };
-    let (dq, dk, dv) = (upload(q)?, upload(k)?, upload(v)?);
-    let mut dout = stream
-        .alloc_zeros::<T>(q.shape().iter().product::<usize>().max(1))
-        .map_err(|e| cuda_err("allocating the output on device 0", e))?;
+    let (dq, dk, dv) = (
+        upload::<T>(&stream, q)?,
+        upload::<T>(&stream, k)?,
+        upload::<T>(&stream, v)?,
+    );
+    let mut dout = zeros::<T>(&stream, q.shape().iter().product())?;
     let qv = TensorView::from_cuda(&dq, q.shape())?;
     let kv = TensorView::from_cuda(&dk, k.shape())?;
     let vv = TensorView::from_cuda(&dv, v.shape())?;
     let mut out = TensorViewMut::from_cuda(&mut dout, q.shape())?;
     let metadata = AttentionMetadata::default();
-    let ctx = stream.context();
-    let event = || {
-        ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| cuda_err("creating a timing event", e))
-    };
-    let (start, end) = (event()?, event()?);
-    let stream: &CudaStream = &stream;
-    let pass = || -> Result<Duration> {
-        start
-            .record(stream)
-            .map_err(|e| cuda_err("recording an event", e))?;
-        layer.forward_into(&qv, &kv, &vv, &metadata, &mut out)?;
-        end.record(stream)
-            .map_err(|e| cuda_err("recording an event", e))?;
-        let ms = start
-            .elapsed_ms(&end)
-            .map_err(|e| cuda_err("running the kernel", e))?;
-        Ok(Duration::from_secs_f64(f64::from(ms) / 1e3))
-    };
+    let events = Events::new(&stream)?;
+    let pass = || events.time(|| Ok(layer.forward_into(&qv, &kv, &vv, &metadata, &mut out)?));
     time_passes(pass, warmup, iters, budget)
 }
 
@@ -304,24 +465,31 @@ fn random_tensor(rng: &mut StdRng, dtype: DType, shape: [usize; 4]) -> Result<Te
 struct Table {
     preset_width: usize,
     shape_width: usize,
+    pass_width: usize,
 }
 
 impl Table {
-    fn new(cases: &[Case]) -> Table {
+    fn new(cases: &[Case], backward: bool) -> Table {
         let width = |f: &dyn Fn(&Case) -> usize, title: &str| {
             cases.iter().map(f).max().unwrap_or(0).max(title.len())
         };
         Table {
             preset_width: width(&|c| c.preset.map_or(1, str::len), "preset"),
             shape_width: width(&|c| c.shape.to_string().len(), "shape (BxHqxSqxSkxD)"),
+            pass_width: if backward {
+                "forward+backward".len()
+            } else {
+                "forward".len()
+            },
         }
     }
 
     fn header(&self) {
         println!(
-            "{:<pw$}  {:<sw$}  {:<5}  {:<6}  {:<7}  {:>10}  {:>5}  {:>15}",
+            "{:<pw$}  {:<sw$}  {:<aw$}  {:<5}  {:<6}  {:<7}  {:>10}  {:>5}  {:>15}",
             "preset",
             "shape (BxHqxSqxSkxD)",
+            "pass",
             "dtype",
             "causal",
             "backend",
@@ -330,14 +498,23 @@ impl Table {
             "throughput",
             pw = self.preset_width,
             sw = self.shape_width,
+            aw = self.pass_width,
         );
     }
 
-    fn row(&self, case: &Case, backend: BackendKind, timing: &Timing, flops_per_s: f64) {
+    fn row(
+        &self,
+        case: &Case,
+        pass: &str,
+        backend: BackendKind,
+        timing: &Timing,
+        flops_per_s: f64,
+    ) {
         println!(
-            "{:<pw$}  {:<sw$}  {:<5}  {:<6}  {:<7}  {:>10.3}  {:>5}  {:>15}",
+            "{:<pw$}  {:<sw$}  {:<aw$}  {:<5}  {:<6}  {:<7}  {:>10.3}  {:>5}  {:>15}",
             case.preset.unwrap_or("-"),
             case.shape,
+            pass,
             case.dtype.name(),
             case.shape.causal,
             backend.name(),
@@ -346,6 +523,7 @@ impl Table {
             throughput(flops_per_s),
             pw = self.preset_width,
             sw = self.shape_width,
+            aw = self.pass_width,
         );
     }
 }

@@ -72,6 +72,7 @@
 //! [`CudaView`]: cudarc::driver::CudaView
 //! [`SdpaError::BackendUnavailable`]: crate::SdpaError::BackendUnavailable
 
+pub(crate) mod backward;
 mod device;
 mod jit_log;
 mod launch;
