@@ -54,16 +54,10 @@ const SPILL_BYTES_TOLERATED: u32 = 32;
 
 /// The larger of the spill stores and loads `ptxas -v` reports.
 fn spill_bytes(text: &str) -> u32 {
-    let number_before = |what: &str| {
-        text.split(what)
-            .next()
-            .and_then(|head| head.split_whitespace().last())
-            .and_then(|n| n.parse::<u32>().ok())
-            .unwrap_or(0)
-    };
     let stores = text
-        .contains(" bytes spill stores")
-        .then(|| number_before(" bytes spill stores"))
+        .split_once(" bytes spill stores")
+        .and_then(|(head, _)| head.split_whitespace().last())
+        .and_then(|n| n.parse::<u32>().ok())
         .unwrap_or(0);
     let loads = text
         .split(" bytes spill stores, ")
