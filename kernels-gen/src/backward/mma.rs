@@ -359,18 +359,30 @@ impl Emitter {
             .map(|_| self.k.mov(Ty::F32, Operand::F32(0.0)))
             .collect();
         let a_lane = self.k.mad(Ty::U32, a_row, u(p), a.a);
-        for kk in 0..d / 16 {
-            let af = self.ldmatrix(4, false, a_lane, kk * 32);
-            for pair in 0..n_tiles / 2 {
-                let bf = self.ldmatrix(4, false, b.b, b_off + pair * 16 * p + kk * 32);
-                let (c0, c1) = if kk == 0 {
-                    (zeros.clone(), zeros.clone())
-                } else {
-                    (acc[2 * pair].clone(), acc[2 * pair + 1].clone())
-                };
-                self.mma_into(MmaShape::M16N8K16, &acc[2 * pair], &af, &bf[0..2], &c0);
-                self.mma_into(MmaShape::M16N8K16, &acc[2 * pair + 1], &af, &bf[2..4], &c1);
+        // Software-pipelined by one (k-step, column pair): the fragments of
+        // the next product are loaded before this one's `mma`s issue.
+        let jobs: Vec<(usize, usize)> = (0..d / 16)
+            .flat_map(|kk| (0..n_tiles / 2).map(move |pair| (kk, pair)))
+            .collect();
+        let load = |s: &mut Self, (kk, pair): (usize, usize), af: Option<Vec<Reg>>| {
+            let af = af.unwrap_or_else(|| s.ldmatrix(4, false, a_lane, kk * 32));
+            let bf = s.ldmatrix(4, false, b.b, b_off + pair * 16 * p + kk * 32);
+            (af, bf)
+        };
+        let mut next = jobs.first().map(|&job| load(self, job, None));
+        for (i, &(kk, pair)) in jobs.iter().enumerate() {
+            let (af, bf) = next.take().expect("fragments loaded one job ahead");
+            if let Some(&job) = jobs.get(i + 1) {
+                let same_k = (job.0 == kk).then(|| af.clone());
+                next = Some(load(self, job, same_k));
             }
+            let (c0, c1) = if kk == 0 {
+                (zeros.clone(), zeros.clone())
+            } else {
+                (acc[2 * pair].clone(), acc[2 * pair + 1].clone())
+            };
+            self.mma_into(MmaShape::M16N8K16, &acc[2 * pair], &af, &bf[0..2], &c0);
+            self.mma_into(MmaShape::M16N8K16, &acc[2 * pair + 1], &af, &bf[2..4], &c1);
         }
         if d % 16 == 8 {
             let first = d < 16;
@@ -393,8 +405,16 @@ impl Emitter {
     fn products(&mut self, acc: &[Vec<Reg>], a: &[Reg], b_tr: Reg, k_row: usize, off: usize) {
         let p = self.cfg.pitch;
         let tiles = acc.len();
+        // One column pair ahead: the next B fragments load under this
+        // pair's `mma`s.
+        let load =
+            |s: &mut Self, pair: usize| s.ldmatrix(4, true, b_tr, off + k_row * p + pair * 32);
+        let mut next = (tiles >= 2).then(|| load(self, 0));
         for pair in 0..tiles / 2 {
-            let bf = self.ldmatrix(4, true, b_tr, off + k_row * p + pair * 32);
+            let bf = next.take().expect("fragments loaded one pair ahead");
+            if pair + 1 < tiles / 2 {
+                next = Some(load(self, pair + 1));
+            }
             self.mma(&acc[2 * pair], a, &bf[0..2]);
             self.mma(&acc[2 * pair + 1], a, &bf[2..4]);
         }
