@@ -843,6 +843,26 @@ impl Emitter {
             k.push(Instr::Label(no_rows));
 
             // ---- 4. dQ = dS·K ----
+            // The leader reads this query block's counter now; the products
+            // hide the read, and in the steady state the turn has come.
+            let k = &mut self.k;
+            let nqb64 = k.cvt(None, Ty::U64, Ty::U32, nqb);
+            let qb64 = k.cvt(None, Ty::U64, Ty::U32, cur.qblock);
+            let sem_i = k.mad(Ty::U64, cur.bh, nqb64, qb64);
+            let sem_ptr = params.get(k, "sem");
+            let sem_addr = k.mad(Ty::U64, sem_i, Operand::U(4), sem_ptr);
+            let leader = k.setp(Cmp::Eq, Ty::U32, tid, Operand::U(0));
+            let early = k.mov(Ty::U32, Operand::U(u32::MAX as u64));
+            if cfg.deterministic {
+                k.guard(
+                    leader,
+                    false,
+                    Instr::LdRelaxed {
+                        dst: early,
+                        addr: Addr::at(sem_addr, 0),
+                    },
+                );
+            }
             // Warp w: query rows 16·(w % (block_m / 16)), its columns' share.
             let q_tiles = bm / 16;
             let dq_tiles = cfg.dq_tiles();
@@ -866,16 +886,18 @@ impl Emitter {
             // The semaphore: wait for key block `kblock`'s turn on this query
             // block, add, hand over to the next key block.
             let k = &mut self.k;
-            let nqb64 = k.cvt(None, Ty::U64, Ty::U32, nqb);
-            let qb64 = k.cvt(None, Ty::U64, Ty::U32, cur.qblock);
-            let sem_i = k.mad(Ty::U64, cur.bh, nqb64, qb64);
-            let sem_ptr = params.get(k, "sem");
-            let sem_addr = k.mad(Ty::U64, sem_i, Operand::U(4), sem_ptr);
-            let leader = k.setp(Cmp::Eq, Ty::U32, tid, Operand::U(0));
             if cfg.deterministic {
                 let spun = k.label("bwd_turn");
                 let spin = k.label("bwd_spin");
                 k.branch_if(leader, true, &spun);
+                // The early read saw the turn: a fence makes it an acquire.
+                let not_yet = k.setp(Cmp::Ne, Ty::U32, early, kblock);
+                k.branch_if(not_yet, false, &spin);
+                k.push(Instr::FenceGpu);
+                k.push(Instr::Bra {
+                    target: spun.clone(),
+                    uni: false,
+                });
                 k.push(Instr::Label(spin.clone()));
                 let seen = k.reg(Ty::U32);
                 k.push(Instr::LdAcquire {
@@ -923,13 +945,13 @@ impl Emitter {
                     }
                 }
             }
-            // Every thread's additions, then the leader's release: the barrier
-            // orders the CTA's additions before the leader's fence, which makes
-            // them visible at device scope before the release store.
+            // Every thread's additions, then the leader's release store: the
+            // barrier orders the CTA's additions before it, and a release is
+            // cumulative (it covers what the leader observed through the
+            // barrier), as CUTLASS's semaphores rely on.
             if cfg.deterministic {
                 k.push(Instr::BarSync(0));
                 let next_turn = k.bin(BinOp::Add, Ty::U32, kblock, Operand::U(1));
-                k.guard(leader, false, Instr::FenceGpu);
                 k.guard(
                     leader,
                     false,

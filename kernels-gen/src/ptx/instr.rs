@@ -572,6 +572,15 @@ pub enum Instr {
         /// The address.
         addr: Addr,
     },
+    /// `ld.relaxed.gpu.global.u32 dst, [addr];`: a strong load at device
+    /// scope that orders nothing (followed by a `fence.acq_rel.gpu`, an
+    /// acquire).
+    LdRelaxed {
+        /// Destination.
+        dst: Reg,
+        /// The address.
+        addr: Addr,
+    },
     /// `st.release.gpu.global.u32 [addr], src;`: a store that orders every
     /// earlier memory access of the thread (and those it observed) before
     /// it, at device scope.
@@ -918,6 +927,7 @@ impl fmt::Display for Instr {
             ),
             Instr::RedAddF32 { addr, src } => write!(f, "red.global.add.f32 {addr}, {src};"),
             Instr::LdAcquire { dst, addr } => write!(f, "ld.acquire.gpu.global.u32 {dst}, {addr};"),
+            Instr::LdRelaxed { dst, addr } => write!(f, "ld.relaxed.gpu.global.u32 {dst}, {addr};"),
             Instr::StRelease { addr, src } => {
                 write!(f, "st.release.gpu.global.u32 {addr}, {src};")
             }
@@ -1322,6 +1332,40 @@ mod tests {
             trans_b: false,
         }
         .to_string();
+    }
+
+    #[test]
+    fn device_scope_synchronisation() {
+        let at = || Addr::at(rd(4), 8);
+        assert_eq!(
+            text(Instr::RedAddF32 {
+                addr: at(),
+                src: fr(2)
+            }),
+            "red.global.add.f32 [%rd4+8], %f2;"
+        );
+        assert_eq!(
+            text(Instr::LdAcquire {
+                dst: r(1),
+                addr: at()
+            }),
+            "ld.acquire.gpu.global.u32 %r1, [%rd4+8];"
+        );
+        assert_eq!(
+            text(Instr::LdRelaxed {
+                dst: r(1),
+                addr: at()
+            }),
+            "ld.relaxed.gpu.global.u32 %r1, [%rd4+8];"
+        );
+        assert_eq!(
+            text(Instr::StRelease {
+                addr: at(),
+                src: r(3).into()
+            }),
+            "st.release.gpu.global.u32 [%rd4+8], %r3;"
+        );
+        assert_eq!(text(Instr::FenceGpu), "fence.acq_rel.gpu;");
     }
 
     #[test]
