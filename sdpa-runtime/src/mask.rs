@@ -320,6 +320,35 @@ impl ResolvedMask<'_> {
             self.data.bias_into(row + j - self.pad, &mut out[n_pad..]);
         }
     }
+
+    /// The first row, as `[b, h, i]` in the mask's own (possibly
+    /// broadcast) sizes, that a finite bias at or below `limit` hides from
+    /// every key it sees (keys `0..=i` when `causal`, top-left, else all):
+    /// the rows whose log-sum-exp is as large as the bias. A row broadcast
+    /// over the queries is checked for its most hidden query.
+    pub fn row_hidden_by_finite(&self, limit: f32, causal: bool) -> Option<[usize; 3]> {
+        let [bm, hm, qm] = self.dims;
+        let mut row = vec![0.0f32; self.seq_k];
+        for b in 0..bm {
+            for h in 0..hm {
+                for i in 0..qm {
+                    self.bias_row(b, h, i, 0, &mut row);
+                    // A broadcast row's most hidden causal query is query 0.
+                    let seen = if causal {
+                        let last = if qm == 1 { 0 } else { i };
+                        &row[..(last + 1).min(row.len())]
+                    } else {
+                        &row[..]
+                    };
+                    let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    if max.is_finite() && max <= limit {
+                        return Some([b, h, i]);
+                    }
+                }
+            }
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -335,6 +364,43 @@ mod tests {
         assert!(!err.contains("1 or 1"), "{err}");
         let err = mask.resolve(3, 1, 1, 4).unwrap_err().to_string();
         assert!(err.contains("expected 3 or 1"), "{err}");
+    }
+
+    #[test]
+    fn rows_hidden_by_large_finite_values_are_found() {
+        let big = -1e9f32;
+        // [B=2, Sk=3] key padding (broadcast over heads and queries): batch 1
+        // hides every key.
+        let m = [0.0, big, 0.0, big, big, big];
+        let r = AttnMask::new(&m[..], &[2, 3])
+            .unwrap()
+            .resolve(2, 1, 4, 3)
+            .unwrap();
+        assert_eq!(r.row_hidden_by_finite(-65536.0, false), Some([1, 0, 0]));
+        // -inf hides too, but its lse is -inf, not large: not reported.
+        let inf = f32::NEG_INFINITY;
+        let m = [0.0, big, 0.0, inf, inf, inf];
+        let r = AttnMask::new(&m[..], &[2, 3])
+            .unwrap()
+            .resolve(2, 1, 4, 3)
+            .unwrap();
+        assert_eq!(r.row_hidden_by_finite(-65536.0, false), None);
+        // Causal: query 0 sees key 0 only, which this mask hides; a
+        // non-causal row still sees key 1.
+        let m = [big, 0.0, 0.0];
+        let r = AttnMask::new(&m[..], &[1, 3])
+            .unwrap()
+            .resolve(1, 1, 2, 3)
+            .unwrap();
+        assert_eq!(r.row_hidden_by_finite(-65536.0, false), None);
+        assert_eq!(r.row_hidden_by_finite(-65536.0, true), Some([0, 0, 0]));
+        // Values above the limit are left to the kernels.
+        let m = [-1000.0f32; 3];
+        let r = AttnMask::new(&m[..], &[1, 3])
+            .unwrap()
+            .resolve(1, 1, 2, 3)
+            .unwrap();
+        assert_eq!(r.row_hidden_by_finite(-65536.0, false), None);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use sdpa_runtime::prelude::*;
 use sdpa_runtime::{
     cuda, probe_cuda, AttentionBackend, BackwardInputs, CudaProbe, Element, Gradients, Residence,
 };
-use sdpa_tests::cases::{run_seed, say, Case, IntType, MaskKind, Placement};
+use sdpa_tests::cases::{run_seed, say, Case, IntType, LargeValue, MaskKind, Placement};
 use sdpa_tests::consumer::TrainingAttention;
 use sdpa_tests::training::{
     grad_tolerance, judge_backward, read_view, run_backward_on, through_layer, Grads,
@@ -323,6 +323,41 @@ fn every_mask_kind_and_shape() {
                     .dtype(dtype);
                 check(&s, &case, seed);
             }
+        }
+    }
+}
+
+#[test]
+fn large_finite_masks_run_unless_they_hide_whole_rows() {
+    let Some(s) = stream() else { return };
+    let seed = run_seed();
+    for value in [LargeValue::MinusBillion, LargeValue::DtypeMin] {
+        for dtype in [DType::BF16, DType::F32] {
+            // Padded keys hidden by a large finite value (the Hugging Face
+            // convention), every row still seeing some key: as the CPU.
+            let seen = Case::new(2, 33, 70, 2, 64)
+                .dtype(dtype)
+                .mask(MaskKind::LargeAdditive {
+                    value,
+                    key_padding: false,
+                    whole_rows: false,
+                });
+            check(&s, &seen, seed);
+            // Whole rows hidden by it: a typed error naming the fix.
+            let hidden = Case::new(2, 33, 70, 2, 64)
+                .dtype(dtype)
+                .mask(MaskKind::LargeAdditive {
+                    value,
+                    key_padding: true,
+                    whole_rows: true,
+                });
+            let err = match dtype {
+                DType::F32 => device_backward::<f32>(&s, &hidden, seed),
+                _ => device_backward::<bf16>(&s, &hidden, seed),
+            }
+            .unwrap_err();
+            assert!(matches!(err, SdpaError::Mask(_)), "{err:?}");
+            assert!(err.to_string().contains("-inf"), "{err}");
         }
     }
 }

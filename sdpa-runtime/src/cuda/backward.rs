@@ -55,6 +55,7 @@ pub(crate) fn run(
 ) -> Result<()> {
     let kernels = variant.gpu_backward()?;
     p.check_backward(x, g)?;
+    refuse_rows_hidden_by_large_finite(p, variant.spec().causal)?;
     match (p.q.storage(), g.dq.storage()) {
         (Storage::Cuda(_), StorageMut::Cuda(dq)) => {
             let stream = dq.stream().clone();
@@ -70,6 +71,26 @@ pub(crate) fn run(
             "q lives in {} and dq in {}; pass every tensor of the backward in one place",
             p.q.residence(),
             g.dq.residence()
+        ))),
+    }
+}
+
+/// The most negative finite mask value a row may be hidden by entirely on
+/// the GPU: below it, the row's log-sum-exp (`f32`, as large as the bias)
+/// no longer carries the probabilities' scale (its rounding alone is more
+/// than 1% of them), and the kernels, which recompute the probabilities
+/// from it, would be wrong. The CPU backward recomputes such rows.
+const LARGEST_HIDING_BIAS: f32 = -65536.0;
+
+/// Refuses a mask that hides some row from every key it sees with a finite
+/// value below [`LARGEST_HIDING_BIAS`] (`-1e9`, `f32::MIN`: the Hugging Face
+/// convention for padded keys, on a row with no key left).
+fn refuse_rows_hidden_by_large_finite(p: &Problem<'_>, causal: bool) -> Result<()> {
+    let Some(mask) = &p.mask else { return Ok(()) };
+    match mask.row_hidden_by_finite(LARGEST_HIDING_BIAS, causal) {
+        None => Ok(()),
+        Some([b, h, i]) => Err(SdpaError::Mask(format!(
+            "the mask hides row (batch {b}, head {h}, query {i}) from every key with finite              values below {LARGEST_HIDING_BIAS}; the GPU backward cannot recompute that row's              probabilities from its log-sum-exp: hide keys with -inf (or a bool mask), or run              the backward on the CPU backend"
         ))),
     }
 }
