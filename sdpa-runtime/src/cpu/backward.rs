@@ -660,7 +660,9 @@ pub(crate) unsafe fn kv_task<S: Simd, const D: usize, const NV: usize, const CV:
                 let m = BQ.min(ctx.seq_q - i0);
                 // SAFETY: the block is loaded; rows `i0..i0 + m` of (b, h)
                 // in bounds, of this chunk's partial.
-                unsafe { tile::<S, D, NV, CV>(s, ctx, &t, (b, h, i0, m), (j0, n), dq.add(i0 * dp)) };
+                unsafe {
+                    tile::<S, D, NV, CV>(s, ctx, &t, (b, h, i0, m), (j0, n), dq.add(i0 * dp))
+                };
                 i0 += m;
             }
         }
