@@ -830,3 +830,29 @@ pub(crate) unsafe fn row_stats<S: Simd, const D: usize, const NV: usize>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_depend_on_the_shape_alone() {
+        // 1 pair, 11 key blocks: 8 chunks (of 2 blocks, the last short or
+        // empty); 8 pairs: 2; 16 pairs or more: 1; never more chunks than
+        // key blocks, and at least one when there is nothing to split.
+        assert_eq!(key_chunks(1, 1, 10 * BK + 5), MAX_CHUNKS);
+        assert_eq!(key_chunks(1, 8, 2048), 2);
+        assert_eq!(key_chunks(4, 4, 3 * BK), 1);
+        assert_eq!(key_chunks(1, 1, BK + 1), 2);
+        assert_eq!(key_chunks(0, 0, 0), 1);
+        assert_eq!(key_chunks(1, 1, 0), 1);
+    }
+
+    #[test]
+    fn padded_rows_are_whole_zmm_vectors() {
+        assert_eq!(padded(8), 16);
+        assert_eq!(padded(40), 48);
+        assert_eq!(padded(128), 128);
+        assert_eq!(padded(136), 144);
+    }
+}
