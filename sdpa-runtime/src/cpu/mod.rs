@@ -163,8 +163,9 @@ pub fn attention_lse<const D: usize, const CAUSAL: bool, T: Element>(
 /// `x.dout`, given the forward's row log-sum-exp `x.lse`.
 ///
 /// `D`, `CAUSAL` and `T` as in [`attention`]. The probabilities are
-/// recomputed from `q`, `k` and `lse` block by block (see `backward.rs`):
-/// memory grows with the blocks and with `Sq`, never with `Sq·Sk`. Key and
+/// recomputed from `q`, `k` and `lse` tile by tile, once (see
+/// `backward.rs`): memory grows with the tiles, with `Sq` and with a few
+/// `f32` copies of `dq` (one per chunk of keys), never with `Sq·Sk`. Key and
 /// value gradients sum over each key/value head's query heads; rows that
 /// see no key (`lse = -inf`) contribute nothing. Deterministic: every
 /// element is written by one task, every sum has a fixed order, so two
