@@ -198,11 +198,12 @@ fn blocks_have_ragged_edges_and_many_blocks() {
 }
 
 #[test]
-fn keys_split_into_chunks_short_or_empty_at_the_end() {
+fn keys_split_into_chunks_of_equal_work_some_empty() {
     // One (batch, key/value head) pair: its keys are split into chunks
     // (each with its own partial of dq, summed in order), here 11 key
-    // blocks over 8 chunks of 2, so chunk 5 is short and 6, 7 empty; with 16
-    // pairs or more, one chunk each.
+    // blocks over 8 chunks of one or two; causal, the first block holds
+    // most of the work and six chunks are empty; with 16 pairs or more,
+    // one chunk each.
     let seed = run_seed();
     let bk = cpu::BACKWARD_BLOCK_K;
     for causal in [false, true] {

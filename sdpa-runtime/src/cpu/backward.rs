@@ -86,6 +86,47 @@ pub(crate) fn key_chunks(batch: usize, heads_kv: usize, seq_k: usize) -> usize {
         .max(1)
 }
 
+/// The key blocks of chunk `c` of `chunks` over `seq_k` keys: the chunks
+/// cut the blocks into consecutive runs of about equal work, so that the
+/// tasks are of one size. Block `kb` costs one unit, or when causal (with
+/// `Sq` queries) the `Sq − kb·BK` rows that see it (the first blocks are
+/// seen by every row, the last by few). Every block is in exactly one
+/// chunk (some may be empty): its dK and dV rows are written even when no
+/// row sees it.
+fn chunk_blocks(
+    c: usize,
+    chunks: usize,
+    seq_k: usize,
+    causal_seq_q: Option<usize>,
+) -> std::ops::Range<usize> {
+    let k_blocks = seq_k.div_ceil(BK);
+    let chunks = chunks.max(1);
+    let work = |kb: usize| match causal_seq_q {
+        Some(sq) => sq.saturating_sub(kb * BK),
+        None => 1,
+    };
+    let total: usize = (0..k_blocks).map(work).sum();
+    // The first block of chunk `c`: where the work before it reaches
+    // `c/chunks` of the total.
+    let start = |c: usize| {
+        if c == 0 {
+            return 0;
+        }
+        if c >= chunks {
+            return k_blocks;
+        }
+        let mut before = 0;
+        for kb in 0..k_blocks {
+            if before * chunks >= c * total {
+                return kb;
+            }
+            before += work(kb);
+        }
+        k_blocks
+    };
+    start(c)..start(c + 1)
+}
+
 /// A raw, writable tensor: its base pointer and layout.
 #[derive(Clone, Copy)]
 pub(crate) struct DstT {
@@ -161,9 +202,15 @@ impl BwdCtx<'_> {
     fn group(&self) -> usize {
         self.heads_q / self.heads_kv
     }
-    /// Key blocks per chunk (the last chunk may have fewer).
-    fn blocks_per_chunk(&self) -> usize {
-        self.seq_k.div_ceil(BK).div_ceil(self.chunks.max(1))
+    /// The key blocks of chunk `c` of a (batch, key/value head): see
+    /// [`chunk_blocks`].
+    fn chunk_blocks(&self, c: usize) -> std::ops::Range<usize> {
+        chunk_blocks(
+            c,
+            self.chunks,
+            self.seq_k,
+            self.causal.then_some(self.seq_q),
+        )
     }
     /// Tasks of the first pass: (batch, key/value head, chunk).
     pub fn kv_tasks(&self) -> usize {
@@ -635,13 +682,11 @@ pub(crate) unsafe fn kv_task<S: Simd, const D: usize, const NV: usize, const CV:
     let c = task % chunks;
     let kvh = (task / chunks) % ctx.heads_kv;
     let b = task / (chunks * ctx.heads_kv);
-    let k_blocks = ctx.seq_k.div_ceil(BK);
-    let per = ctx.blocks_per_chunk();
     let dp = padded(D);
     // SAFETY: the caller's contract.
     let t = unsafe { Tiles::carve::<D>(ws) };
     let group = ctx.group();
-    for kb in c * per..((c + 1) * per).min(k_blocks) {
+    for kb in ctx.chunk_blocks(c) {
         let j0 = kb * BK;
         let n = BK.min(ctx.seq_k - j0);
         // SAFETY: rows `j0..j0 + n` of (b, kvh) are in bounds; `t.q` is
@@ -846,6 +891,32 @@ mod tests {
         assert_eq!(key_chunks(1, 1, BK + 1), 2);
         assert_eq!(key_chunks(0, 0, 0), 1);
         assert_eq!(key_chunks(1, 1, 0), 1);
+    }
+
+    #[test]
+    fn chunks_cut_the_key_blocks_into_runs_of_equal_work() {
+        let runs = |chunks, sk, causal| -> Vec<std::ops::Range<usize>> {
+            (0..chunks)
+                .map(|c| chunk_blocks(c, chunks, sk, causal))
+                .collect()
+        };
+        // Every block in exactly one chunk, in order.
+        for (chunks, sk, causal) in [
+            (8, 10 * BK + 5, None),
+            (8, 10 * BK + 5, Some(70)),
+            (2, 2048, Some(2048)),
+            (3, 0, None),
+            (4, 5 * BK, Some(0)),
+        ] {
+            let r = runs(chunks, sk, causal);
+            assert_eq!(r[0].start, 0);
+            assert_eq!(r[chunks - 1].end, sk.div_ceil(BK));
+            assert!(r.windows(2).all(|w| w[0].end == w[1].start), "{r:?}");
+        }
+        assert_eq!(runs(8, 10 * BK + 5, None)[..3], [0..2, 2..3, 3..5]);
+        // Causal 2048 × 2048 in two: the first chunk takes the 10 blocks
+        // seen by the most rows (52% of the work), the second 22.
+        assert_eq!(runs(2, 2048, Some(2048)), [0..10, 10..32]);
     }
 
     #[test]
