@@ -636,8 +636,8 @@ mod x86 {
     }
 
     /// One backward task on AVX2 (8 lanes; micro-tiles of 4 rows × 2
-    /// vectors: 4 × 3 leaves too few of the 16 `ymm` registers for the
-    /// operands).
+    /// vectors: 8 accumulators, 2 operand vectors and a broadcast in the
+    /// 16 `ymm` registers).
     ///
     /// # Safety
     /// As `backward::kv_task`; `s` proves the features.
