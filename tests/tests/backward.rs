@@ -198,6 +198,26 @@ fn blocks_have_ragged_edges_and_many_blocks() {
 }
 
 #[test]
+fn keys_split_into_chunks_of_equal_work_some_empty() {
+    // One (batch, key/value head) pair: its keys are split into chunks
+    // (each with its own partial of dq, summed in order), here 11 key
+    // blocks over 8 chunks of one or two; causal, the first block holds
+    // most of the work and six chunks are empty; with 16 pairs or more,
+    // one chunk each.
+    let seed = run_seed();
+    let bk = cpu::BACKWARD_BLOCK_K;
+    for causal in [false, true] {
+        grads(
+            &Case::new(1, 70, 10 * bk + 5, 2, 64)
+                .kv_heads(1)
+                .causal(causal),
+            seed,
+        );
+        grads(&Case::new(4, 40, 2 * bk + 3, 4, 40).causal(causal), seed);
+    }
+}
+
+#[test]
 fn an_explicit_scale_is_used() {
     let seed = run_seed();
     for scale in [0.05, 0.5, 1.7, -0.4] {

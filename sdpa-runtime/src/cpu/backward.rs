@@ -1,35 +1,46 @@
 //! The backward pass on the CPU, written once against [`Simd`] and compiled
-//! per instruction set, in FlashAttention-2's two-pass structure so that no
-//! two tasks write the same element and every sum has a fixed order:
+//! per instruction set, in FlashAttention-2's structure: the probabilities
+//! are recomputed tile by tile from `q`, `k` and the forward's log-sum-exp,
+//! and each of the five products runs once per tile. No two tasks write the
+//! same element and every sum has a fixed order:
 //!
-//! 1. **dK, dV**: one task per (batch, key/value head, block of [`BK`]
-//!    keys). It widens its keys and values (transposed, `[D][BK]`), then,
-//!    for each query head of the group and each query row that can see the
-//!    block, recomputes the row's probabilities `P = e^(s − lse)` from `q`,
-//!    `k` and the forward's log-sum-exp, `dP = dO·Vᵀ` and
-//!    `dS = P∘(dP − Δ)` (`Δ = rowsum(dO∘O)`, computed once per row
-//!    beforehand), and adds `dV[j] += P[j]·dO` and `dK[j] += dS[j]·q·scale`
-//!    into its own `f32` block, four query rows per pass over the block
-//!    (the block outgrows L1, so each accumulator row is loaded and stored
-//!    once per four rows).
-//! 2. **dQ**: one task per (batch, query head, block of [`BQ`] queries). It
-//!    walks the key blocks the rows can see, recomputes `P` and `dS` the
-//!    same way (the same function), and adds `dQ[i] += dS[j]·K[j]` with the
-//!    row of `dQ` held in registers over the block's keys; `dQ` is
-//!    multiplied by the scale once at the end.
+//! 1. **dK, dV and dQ partials**: one task per (batch, key/value head,
+//!    chunk of key blocks). For each block of [`BK`] keys of its chunk it
+//!    packs the keys and values (transposed `[D][BK]` for the score
+//!    products, the keys also row-major for `dQ`) and zeroes two `f32`
+//!    accumulators `dK`, `dV`; then for each query head of the group and
+//!    each tile of [`BQ`] query rows that can see the block it packs the
+//!    rows of `q·scale` and `dO` and computes
+//!    - `S = q·Kᵀ` and `dP = dO·Vᵀ` (keys in vector lanes),
+//!    - `P = e^((S + bias − m) − ln l)` and `dS = P∘(dP − Δ)`
+//!      (`Δ = rowsum(dO∘O)`, computed once per row beforehand),
+//!    - `dV += Pᵀ·dO`, `dK += dSᵀ·(q·scale)`, and `dQ_c += dS·K` into the
+//!      chunk's own `f32` partial of `dQ`.
 //!
-//! The scores and `dP` of one row come out with keys in vector lanes (the
-//! key and value blocks are stored transposed), so there is no horizontal
-//! sum; the accumulations are row-wise multiply-adds. Memory is the per-task
-//! blocks (`O(BQ·D + BK·D)` floats) and two `f32` numbers per query row
-//! (`lse` and `Δ`), never `Sq·Sk`. Rows whose `lse` is `-inf` (they see no
-//! key) contribute nothing, so their `dq` is zero. Rows whose `lse` is too
-//! large for `f32` to hold `ln l` in it (a large finite mask such as `-1e9`
-//! on every key) have their maximum `m` and `ln l` recomputed beforehand
-//! ([`row_stats`]), and `P = e^((x − m) − ln l)`; for every other row
-//! `m = lse` and `ln l = 0` (one more subtraction per probability, one more
-//! `f32` per row). The mask is the forward's
-//! [`ResolvedMask`](crate::ResolvedMask), applied by the same `bias_row`.
+//!    Each product is a register-blocked micro-kernel: [`R`] rows × `NV`
+//!    (or `CV`) vectors of `f32` accumulators held in registers over the
+//!    whole reduction (4 × 4 `zmm` on AVX-512, 4 × 2 `ymm` on AVX2 and the
+//!    portable path), each operand element loaded once per micro-tile.
+//! 2. **dQ**: one task per (batch, query head, block of [`BQ`] rows) adds
+//!    the chunks' partials of each row in chunk order, multiplies by the
+//!    scale and writes the row in the caller's dtype.
+//!
+//! The number of chunks per (batch, key/value head) depends on the shape
+//! only ([`key_chunks`]: enough for [`MIN_TASKS`] tasks, at most
+//! [`MAX_CHUNKS`]), never on the thread count, so the bits are the same
+//! whatever the pool. Memory is the per-task tiles (`O(BK·D + BQ·D)`
+//! floats), two `f32` numbers per query row (`lse` and `Δ`) and the `dQ`
+//! partials (`chunks · B·Hq·Sq·D` floats, [`key_chunks`] of the gradient's
+//! size), never `Sq·Sk`.
+//!
+//! Rows whose `lse` is `-inf` (they see no key) contribute nothing, so
+//! their `dq` is zero. Rows whose `lse` is too large for `f32` to hold
+//! `ln l` in it (a large finite mask such as `-1e9` on every key) have
+//! their maximum `m` and `ln l` recomputed beforehand ([`row_stats`]), and
+//! `P = e^((x − m) − ln l)`; for every other row `m = lse` and `ln l = 0`
+//! (one more subtraction per probability, one more `f32` per row). The mask
+//! is the forward's [`ResolvedMask`](crate::ResolvedMask), applied by the
+//! same `bias_row`.
 
 use super::kernel::{read_row, write_row, Src};
 use super::simd::Simd;
@@ -37,12 +48,84 @@ use crate::layout::Layout;
 use crate::mask::ResolvedMask;
 use crate::DType;
 
-/// Keys per block of both passes: a multiple of every vector width, and of
-/// the `NV·W` key lanes one score step covers on every path (4 × 16 on
-/// AVX-512, 8 × 8 on AVX2 and the portable path).
+/// Keys per block: a multiple of the `NV·W` key lanes one score
+/// micro-tile covers on every path (4 × 16 on AVX-512, 2 × 8 on AVX2 and
+/// the portable path) and of [`R`]. 64 keys × D = 128 keep a block's
+/// packed keys and values (three copies) and its two accumulators in
+/// 160 KiB of L2.
 pub const BK: usize = 64;
-/// Query rows per task of the dQ pass.
+/// Query rows per tile: a multiple of [`R`].
 pub const BQ: usize = 64;
+/// Rows of every micro-tile: 4 rows × 4 `zmm` is 16 accumulators, and
+/// each step loads 4 vectors and broadcasts 4 scalars for 16 FMAs.
+const R: usize = 4;
+/// Tasks the first pass aims for: with fewer (batch, key/value head) pairs
+/// than this, each pair's keys are split into chunks.
+pub const MIN_TASKS: usize = 16;
+/// At most this many chunks per (batch, key/value head): each costs one
+/// `f32` copy of the `dQ` of the pair's query heads.
+pub const MAX_CHUNKS: usize = 8;
+
+/// `d` rounded up to 16: the row stride, in floats, of every row-major
+/// tile and of the `dQ` partials, so that rows are whole `zmm` vectors and
+/// 64-byte aligned.
+pub(crate) const fn padded(d: usize) -> usize {
+    d.div_ceil(16) * 16
+}
+
+/// Chunks the keys of each (batch, key/value head) are split into:
+/// enough for [`MIN_TASKS`] tasks, at most [`MAX_CHUNKS`] and at most one
+/// per key block; 1 when there is nothing to split. A function of the
+/// shape alone, so the order of every sum is too.
+pub(crate) fn key_chunks(batch: usize, heads_kv: usize, seq_k: usize) -> usize {
+    let pairs = (batch * heads_kv).max(1);
+    MIN_TASKS
+        .div_ceil(pairs)
+        .min(MAX_CHUNKS)
+        .min(seq_k.div_ceil(BK))
+        .max(1)
+}
+
+/// The key blocks of chunk `c` of `chunks` over `seq_k` keys: the chunks
+/// cut the blocks into consecutive runs of about equal work, so that the
+/// tasks are of one size. Block `kb` costs one unit, or when causal (with
+/// `Sq` queries) the `Sq − kb·BK` rows that see it (the first blocks are
+/// seen by every row, the last by few). Every block is in exactly one
+/// chunk (some may be empty): its dK and dV rows are written even when no
+/// row sees it.
+fn chunk_blocks(
+    c: usize,
+    chunks: usize,
+    seq_k: usize,
+    causal_seq_q: Option<usize>,
+) -> std::ops::Range<usize> {
+    let k_blocks = seq_k.div_ceil(BK);
+    let chunks = chunks.max(1);
+    let work = |kb: usize| match causal_seq_q {
+        Some(sq) => sq.saturating_sub(kb * BK),
+        None => 1,
+    };
+    let total: usize = (0..k_blocks).map(work).sum();
+    // The first block of chunk `c`: where the work before it reaches
+    // `c/chunks` of the total.
+    let start = |c: usize| {
+        if c == 0 {
+            return 0;
+        }
+        if c >= chunks {
+            return k_blocks;
+        }
+        let mut before = 0;
+        for kb in 0..k_blocks {
+            if before * chunks >= c * total {
+                return kb;
+            }
+            before += work(kb);
+        }
+        k_blocks
+    };
+    start(c)..start(c + 1)
+}
 
 /// A raw, writable tensor: its base pointer and layout.
 #[derive(Clone, Copy)]
@@ -82,6 +165,13 @@ pub(crate) struct BwdCtx<'a> {
     pub dk: DstT,
     /// As `dk`.
     pub dv: DstT,
+    /// The `f32` partials of `dQ` (unscaled), zeroed, 64-byte aligned:
+    /// [`BwdCtx::chunks`] × `[B][Hq][Sq][padded(D)]`, chunk `c` of (b, h)
+    /// written by the first-pass task of chunk `c` of (b, h's key/value
+    /// head) alone, then read by the dQ pass. Null where no pass runs.
+    pub dq_acc: *mut f32,
+    /// Chunks of key blocks per (batch, key/value head): [`key_chunks`].
+    pub chunks: usize,
     /// The mask, checked against this problem, if any.
     pub mask: Option<ResolvedMask<'a>>,
     /// The softmax scale.
@@ -102,7 +192,8 @@ pub(crate) struct BwdCtx<'a> {
 
 // SAFETY: the pointers are views of the caller's buffers, which the entry
 // point borrows (shared for the inputs, exclusive for the gradients) for the
-// whole parallel loop; tasks write disjoint rows of the gradients.
+// whole parallel loop, and of the `dQ` partials, which it owns for as long;
+// tasks write disjoint rows of the gradients and of the partials.
 unsafe impl Send for BwdCtx<'_> {}
 unsafe impl Sync for BwdCtx<'_> {}
 
@@ -111,186 +202,234 @@ impl BwdCtx<'_> {
     fn group(&self) -> usize {
         self.heads_q / self.heads_kv
     }
-    /// Tasks of the dK/dV pass.
+    /// The key blocks of chunk `c` of a (batch, key/value head): see
+    /// [`chunk_blocks`].
+    fn chunk_blocks(&self, c: usize) -> std::ops::Range<usize> {
+        chunk_blocks(
+            c,
+            self.chunks,
+            self.seq_k,
+            self.causal.then_some(self.seq_q),
+        )
+    }
+    /// Tasks of the first pass: (batch, key/value head, chunk).
     pub fn kv_tasks(&self) -> usize {
-        self.batch * self.heads_kv * self.seq_k.div_ceil(BK)
+        self.batch * self.heads_kv * self.chunks
     }
     /// Tasks of the dQ pass.
     pub fn q_tasks(&self) -> usize {
         self.batch * self.heads_q * self.seq_q.div_ceil(BQ)
     }
+    /// Floats of the `dQ` partials for head size `d`.
+    pub fn dq_acc_floats(&self, d: usize) -> usize {
+        self.chunks * self.batch * self.heads_q * self.seq_q * padded(d)
+    }
+    /// The first float of the `dQ` partial of chunk `c`, (b, h), row 0.
+    ///
+    /// # Safety
+    /// `dq_acc` is the buffer described on it; `c`, `b`, `h` in range.
+    unsafe fn dq_part(&self, c: usize, b: usize, h: usize, dp: usize) -> *mut f32 {
+        let head = (c * self.batch + b) * self.heads_q + h;
+        // SAFETY: the caller's contract: inside the buffer.
+        unsafe { self.dq_acc.add(head * self.seq_q * dp) }
+    }
 }
 
-/// The floats of workspace one task of head size `d` needs (either pass).
+/// The floats of workspace one task of head size `d` needs (any pass),
+/// including 16 of slack to align it to 64 bytes.
 pub(crate) fn workspace_floats(d: usize) -> usize {
-    // dQ pass: q, dO, dQ (BQ rows each), K rows, Kᵀ, Vᵀ (BK each), and
-    // three rows of BK (P, dS, the bias) and a scratch row of D. dK/dV
-    // pass: Kᵀ, Vᵀ, dK, dV (BK each), RB rows of q and dO, RB rows of P
-    // and dS, the bias.
-    let dq_pass = 3 * BQ * d + 3 * BK * d + 3 * BK + d;
-    let kv_pass = 4 * BK * d + 2 * RB * d + 2 * RB * BK + BK;
-    if dq_pass > kv_pass {
-        dq_pass
-    } else {
-        kv_pass
-    }
+    // Kᵀ, Vᵀ ([D][BK]); K, dK, dV ([BK][DP]); q·scale, dO ([BQ][DP]);
+    // P, dS, bias ([BQ][BK]). `row_stats` and the dQ pass need less.
+    let dp = padded(d);
+    16 + 2 * d * BK + 3 * BK * dp + 2 * BQ * dp + 3 * BQ * BK
 }
 
-/// One row's probabilities and score gradients against a loaded block.
-struct RowInputs {
-    /// The query row times the scale, `D` floats.
-    q: *const f32,
-    /// The output-gradient row, `D` floats.
-    dout: *const f32,
-    /// The row's shift `m` (finite): its log-sum-exp, or its largest
-    /// masked score (see [`BwdCtx::lse`]).
-    lse: f32,
-    /// The row's `ln l` (see [`BwdCtx::lnl`]).
-    lnl: f32,
-    /// The row's `Δ`.
-    delta: f32,
-    /// Keys of the block the row sees (the first `nk`), at most [`BK`].
-    nk: usize,
-}
-
-/// `out[l] = Σ_d x[d]·t[d][l]` for the lanes `l < lanes` (a multiple of
-/// the vector width, at most [`BK`]) of a transposed block `t` (`[D][BK]`).
-///
-/// # Safety
-/// `x` reads `D` floats, `t` reads `D·BK`, `out` writes `lanes`.
-#[inline(always)]
-unsafe fn dots<S: Simd, const D: usize, const NV: usize>(
-    s: S,
-    x: *const f32,
-    t: *const f32,
-    out: *mut f32,
-    lanes: usize,
-) {
-    let w = S::W;
-    let mut l0 = 0;
-    while l0 < lanes {
-        if l0 + NV * w <= lanes {
-            let mut acc = [s.zero(); NV];
-            for d in 0..D {
-                // SAFETY: element `d < D` of `x`.
-                let xd = s.splat(unsafe { *x.add(d) });
-                for (n, a) in acc.iter_mut().enumerate() {
-                    // SAFETY: row `d`, lanes `l0 + n·W..` (below `lanes <=
-                    // BK`) of `t`.
-                    let tv = unsafe { s.load(t.add(d * BK + l0 + n * w)) };
-                    *a = s.fma(xd, tv, *a);
-                }
-            }
-            for (n, a) in acc.iter().enumerate() {
-                // SAFETY: lanes `l0 + n·W..` of `out`, below `lanes`.
-                unsafe { s.store(out.add(l0 + n * w), *a) };
-            }
-            l0 += NV * w;
-        } else {
-            let mut a = s.zero();
-            for d in 0..D {
-                // SAFETY: element `d < D` of `x`.
-                let xd = s.splat(unsafe { *x.add(d) });
-                // SAFETY: row `d`, lanes `l0..l0 + W` (below `lanes`) of `t`.
-                let tv = unsafe { s.load(t.add(d * BK + l0)) };
-                a = s.fma(xd, tv, a);
-            }
-            // SAFETY: as above.
-            unsafe { s.store(out.add(l0), a) };
-            l0 += w;
-        }
-    }
-}
-
-/// `P[j] = e^((s[j] + bias[j] − m) − ln l)` into `p` and `dS[j] = P[j]·(dP[j] − Δ)`
-/// into `ds` for the keys `j < nk` of a block (lanes up to the next vector
-/// hold finite values that the callers never read). `bias` holds the mask's
-/// bias of those keys, if the call has a mask.
-///
-/// # Safety
-/// `kt` and `vt` read `D·BK` floats; `p`, `ds` and `bias` hold [`BK`].
-#[inline(always)]
-unsafe fn row_probs<S: Simd, const D: usize, const NV: usize>(
-    s: S,
-    row: &RowInputs,
-    kt: *const f32,
-    vt: *const f32,
-    bias: Option<*const f32>,
+/// A task's workspace, carved into its tiles (each 64-byte aligned).
+struct Tiles {
+    /// Keys, transposed: `[D][BK]`, lanes past the block's keys zero.
+    kt: *mut f32,
+    /// Values, transposed, as `kt`.
+    vt: *mut f32,
+    /// Keys, row-major: `[BK][DP]`, rows past the block's keys and
+    /// columns past `D` zero.
+    kr: *mut f32,
+    /// The block's `dK` accumulator, `[BK][DP]`.
+    dk: *mut f32,
+    /// The block's `dV` accumulator, `[BK][DP]`.
+    dv: *mut f32,
+    /// The tile's query rows times the scale, `[BQ][DP]`.
+    q: *mut f32,
+    /// The tile's output-gradient rows, `[BQ][DP]`.
+    dout: *mut f32,
+    /// Scores, then probabilities, `[BQ][BK]`.
     p: *mut f32,
+    /// `dP`, then `dS`, `[BQ][BK]`.
     ds: *mut f32,
-) {
-    let w = S::W;
-    let lanes = row.nk.div_ceil(w) * w;
-    // SAFETY: the caller's contract.
-    unsafe {
-        dots::<S, D, NV>(s, row.q, kt, p, lanes);
-        dots::<S, D, NV>(s, row.dout, vt, ds, lanes);
-        if let Some(bias) = bias {
-            for j in 0..row.nk {
-                *p.add(j) += *bias.add(j);
-            }
+    /// The mask's bias, `[BQ][BK]`.
+    bias: *mut f32,
+}
+
+impl Tiles {
+    /// Carves `ws` for head size `D`.
+    ///
+    /// # Safety
+    /// `ws` holds [`workspace_floats`]`(D)` floats.
+    #[inline(always)]
+    unsafe fn carve<const D: usize>(ws: &mut [f32]) -> Tiles {
+        debug_assert!(ws.len() >= workspace_floats(D));
+        let dp = padded(D);
+        let base = ws.as_mut_ptr();
+        let skip = base.align_offset(64).min(16);
+        let sizes = [
+            D * BK,
+            D * BK,
+            BK * dp,
+            BK * dp,
+            BK * dp,
+            BQ * dp,
+            BQ * dp,
+            BQ * BK,
+            BQ * BK,
+            BQ * BK,
+        ];
+        let mut at = [std::ptr::null_mut(); 10];
+        let mut off = skip;
+        for (p, n) in at.iter_mut().zip(sizes) {
+            // SAFETY: the sizes sum to `workspace_floats(D) - 16` and
+            // `skip <= 16`: every part lies inside `ws`; each size is a
+            // multiple of 16 floats, so every part stays aligned.
+            *p = unsafe { base.add(off) };
+            off += n;
         }
-        let (lse, delta) = (s.splat(row.lse), s.splat(row.delta));
-        let lnl = s.splat(row.lnl);
-        for l in (0..lanes).step_by(w) {
-            // `ln l` is 0 for ordinary rows: `y − 0 = y`, today's bits.
-            let pr = s.exp(s.sub(s.sub(s.load(p.add(l)), lse), lnl));
-            s.store(p.add(l), pr);
-            s.store(ds.add(l), s.mul(pr, s.sub(s.load(ds.add(l)), delta)));
+        let [kt, vt, kr, dk, dv, q, dout, p, ds, bias] = at;
+        Tiles {
+            kt,
+            vt,
+            kr,
+            dk,
+            dv,
+            q,
+            dout,
+            p,
+            ds,
+            bias,
         }
     }
 }
 
-/// Vectors of a `dQ` row held in registers while the keys are summed.
-const DQ_CHUNK: usize = 8;
-
-/// `dq[0..D] += Σ_{j<nk} ds[j]·kr[j][0..D]`, [`DQ_CHUNK`] vectors of the
-/// row at a time in registers, the keys summed in order.
+/// `out[r][l0 + lane] = Σ_{d<D} a[r][d]·t[d][l0 + lane]` for the rows
+/// `r < RR` of `a` (row stride `stride`) and the `NV·W` lanes from `l0` of a
+/// transposed block `t` (`[D][BK]`): the scores or `dP` of `RR` rows, with
+/// `RR·NV` accumulators in registers. Each lane's sum runs over `d` in
+/// order, one multiply-add at a time, whatever `RR` and `NV` are (so
+/// [`row_stats`] forms the very scores the passes do).
 ///
 /// # Safety
-/// `dq` holds `D` floats, `ds` `nk`, `kr` `nk` rows of `D`.
+/// `a` reads `RR` rows of `D`; `t` reads `D·BK`; `l0 + NV·W <= BK`; `out`
+/// writes `RR` rows of [`BK`].
 #[inline(always)]
-unsafe fn dq_row<S: Simd, const D: usize>(
+unsafe fn score_tile<S: Simd, const D: usize, const RR: usize, const NV: usize>(
     s: S,
-    dq: *mut f32,
-    ds: *const f32,
-    kr: *const f32,
-    nk: usize,
+    (a, stride): (*const f32, usize),
+    t: *const f32,
+    l0: usize,
+    out: *mut f32,
 ) {
     let w = S::W;
-    let full = D / w * w;
-    let mut c0 = 0;
-    // SAFETY (all accesses): the caller's contract; `c0 + DQ_CHUNK·W <= D`
-    // in the first loop, `c0 + W <= D` in the second.
+    let mut acc = [[s.zero(); NV]; RR];
+    // SAFETY (all accesses): the caller's contract.
     unsafe {
-        while c0 + DQ_CHUNK * w <= full {
-            let mut acc = [s.zero(); DQ_CHUNK];
-            for (n, a) in acc.iter_mut().enumerate() {
-                *a = s.load(dq.add(c0 + n * w));
+        for d in 0..D {
+            let mut tv = [s.zero(); NV];
+            for (n, x) in tv.iter_mut().enumerate() {
+                *x = s.load(t.add(d * BK + l0 + n * w));
             }
-            for j in 0..nk {
-                let x = s.splat(*ds.add(j));
-                for (n, a) in acc.iter_mut().enumerate() {
-                    *a = s.fma(x, s.load(kr.add(j * D + c0 + n * w)), *a);
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x = s.splat(*a.add(r * stride + d));
+                for (n, y) in row.iter_mut().enumerate() {
+                    *y = s.fma(x, tv[n], *y);
                 }
             }
-            for (n, a) in acc.iter().enumerate() {
-                s.store(dq.add(c0 + n * w), *a);
-            }
-            c0 += DQ_CHUNK * w;
         }
-        while c0 < full {
-            let mut a = s.load(dq.add(c0));
-            for j in 0..nk {
-                a = s.fma(s.splat(*ds.add(j)), s.load(kr.add(j * D + c0)), a);
+        for (r, row) in acc.iter().enumerate() {
+            for (n, y) in row.iter().enumerate() {
+                s.store(out.add(r * BK + l0 + n * w), *y);
             }
-            s.store(dq.add(c0), a);
-            c0 += w;
         }
-        for c in full..D {
-            for j in 0..nk {
-                *dq.add(c) += *ds.add(j) * *kr.add(j * D + c);
+    }
+}
+
+/// A rank update of `RR` accumulator rows over `CV` vectors of columns
+/// from `col`: `c[r][col..] += Σ_{k<kn} a(r, k)·b[k][col..]`, where
+/// `a(r, k) = a[r·a_row + k·a_k]`, the sum over `k` in order. `c` and `b`
+/// have row stride `padded(D)`.
+///
+/// # Safety
+/// `c` reads and writes `RR` rows, `b` reads `kn` rows, from `col` to
+/// `col + CV·W <= padded(D)`; `a` reads the `RR × kn` elements named.
+#[inline(always)]
+unsafe fn update_block<S: Simd, const D: usize, const RR: usize, const CV: usize>(
+    s: S,
+    c: *mut f32,
+    (a, a_row, a_k): (*const f32, usize, usize),
+    b: *const f32,
+    kn: usize,
+    col: usize,
+) {
+    let (w, dp) = (S::W, padded(D));
+    let mut acc = [[s.zero(); CV]; RR];
+    // SAFETY (all accesses): the caller's contract.
+    unsafe {
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (v, y) in row.iter_mut().enumerate() {
+                *y = s.load(c.add(r * dp + col + v * w));
             }
+        }
+        for k in 0..kn {
+            let mut bv = [s.zero(); CV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = s.load(b.add(k * dp + col + v * w));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x = s.splat(*a.add(r * a_row + k * a_k));
+                for (v, y) in row.iter_mut().enumerate() {
+                    *y = s.fma(x, bv[v], *y);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, y) in row.iter().enumerate() {
+                s.store(c.add(r * dp + col + v * w), *y);
+            }
+        }
+    }
+}
+
+/// [`update_block`] over every column of `padded(D)`: `CV` vectors at a
+/// time, then one.
+///
+/// # Safety
+/// As [`update_block`] for the columns `0..padded(D)`.
+#[inline(always)]
+unsafe fn update_rows<S: Simd, const D: usize, const RR: usize, const CV: usize>(
+    s: S,
+    c: *mut f32,
+    a: (*const f32, usize, usize),
+    b: *const f32,
+    kn: usize,
+) {
+    let (w, dp) = (S::W, padded(D));
+    let mut col = 0;
+    // SAFETY: the caller's contract; `col + CV·W <= DP`, then `col + W <=
+    // DP` (DP is a multiple of 16, so of W).
+    unsafe {
+        while col + CV * w <= dp {
+            update_block::<S, D, RR, CV>(s, c, a, b, kn, col);
+            col += CV * w;
+        }
+        while col < dp {
+            update_block::<S, D, RR, 1>(s, c, a, b, kn, col);
+            col += w;
         }
     }
 }
@@ -321,9 +460,10 @@ unsafe fn load_row<S: Simd, const D: usize>(
     }
 }
 
-/// Loads keys and values `j0..j0 + n` of (b, kvh) transposed into `kt` and
-/// `vt` (`[D][BK]`, lanes `n..BK` zero), and the keys row-major into `kr`
-/// (`[BK][D]`) where given; `row` is `D` floats of scratch.
+/// Loads keys `j0..j0 + n` of (b, kvh) row-major into `kr` (`[BK][DP]`,
+/// rows `n..` and columns `D..` zero) and transposed into `kt`
+/// (`[D][BK]`, lanes `n..` zero), and the values transposed into `vt`
+/// where given, through `row` (`DP` floats of scratch).
 ///
 /// # Safety
 /// The rows are in bounds; the buffers hold what is said above and do not
@@ -333,26 +473,29 @@ unsafe fn load_kv<S: Simd, const D: usize>(
     s: S,
     ctx: &BwdCtx<'_>,
     (b, kvh, j0, n): (usize, usize, usize, usize),
-    kt: *mut f32,
-    vt: *mut f32,
-    kr: Option<*mut f32>,
+    (kr, kt): (*mut f32, *mut f32),
+    vt: Option<*mut f32>,
     row: *mut f32,
 ) {
+    let dp = padded(D);
     // SAFETY: the caller's contract.
     unsafe {
+        std::ptr::write_bytes(kr, 0, BK * dp);
         std::ptr::write_bytes(kt, 0, D * BK);
-        std::ptr::write_bytes(vt, 0, D * BK);
         for j in 0..n {
-            load_row::<S, D>(s, ctx.dtype, &ctx.k, (b, j0 + j, kvh), row, 1.0);
+            let kj = kr.add(j * dp);
+            load_row::<S, D>(s, ctx.dtype, &ctx.k, (b, j0 + j, kvh), kj, 1.0);
             for d in 0..D {
-                *kt.add(d * BK + j) = *row.add(d);
+                *kt.add(d * BK + j) = *kj.add(d);
             }
-            if let Some(kr) = kr {
-                std::ptr::copy_nonoverlapping(row, kr.add(j * D), D);
-            }
-            load_row::<S, D>(s, ctx.dtype, &ctx.v, (b, j0 + j, kvh), row, 1.0);
-            for d in 0..D {
-                *vt.add(d * BK + j) = *row.add(d);
+        }
+        if let Some(vt) = vt {
+            std::ptr::write_bytes(vt, 0, D * BK);
+            for j in 0..n {
+                load_row::<S, D>(s, ctx.dtype, &ctx.v, (b, j0 + j, kvh), row, 1.0);
+                for d in 0..D {
+                    *vt.add(d * BK + j) = *row.add(d);
+                }
             }
         }
     }
@@ -370,168 +513,224 @@ fn seen(causal: bool, i: usize, j0: usize, n: usize) -> usize {
     }
 }
 
-/// Query rows the dK/dV pass gathers before it adds them into the block.
-const RB: usize = 4;
+/// One query row of a tile: its statistics and the keys it sees.
+#[derive(Clone, Copy, Default)]
+struct RowStat {
+    /// The row's shift `m` (see [`BwdCtx::lse`]).
+    m: f32,
+    /// The row's `ln l` (see [`BwdCtx::lnl`]).
+    lnl: f32,
+    /// The row's `Δ`.
+    delta: f32,
+    /// Keys of the block the row sees (the first `nk`); 0 where it sees
+    /// none, or no key at all (`lse = -inf`), or is past the tile.
+    nk: usize,
+}
 
-/// `dV[j] += Σ_r P[r][j]·dO[r]` and `dK[j] += Σ_r dS[r][j]·q[r]` for the
-/// keys `j < n` and the gathered rows `r < rows`, each accumulator row
-/// loaded and stored once; the sum over `r` runs in row order.
+/// Turns row `r`'s scores (in `p`, without the mask's bias) and `dP` (in
+/// `ds`) into `P = e^((s + bias − m) − ln l)` and `dS = P∘(dP − Δ)`, and
+/// zeroes both past the keys the row sees.
 ///
 /// # Safety
-/// `dk`, `dv` hold `n` rows of `D`; `q`, `dout` hold `rows` rows of `D`;
-/// `p`, `ds` hold `rows` rows of [`BK`], valid for `j < n`; `rows <= RB`.
+/// `p`, `ds` hold [`BK`] floats, `bias` (if any) the row's `nk` biases.
 #[inline(always)]
-unsafe fn accumulate<S: Simd, const D: usize>(
+unsafe fn probs_row<S: Simd>(
     s: S,
-    (dk, dv): (*mut f32, *mut f32),
-    (q, dout): (*const f32, *const f32),
-    (p, ds): (*const f32, *const f32),
-    rows: usize,
-    n: usize,
+    st: RowStat,
+    p: *mut f32,
+    ds: *mut f32,
+    bias: Option<*const f32>,
 ) {
     let w = S::W;
-    let full = D / w * w;
-    for j in 0..n {
-        // SAFETY: the caller's contract: row `j` of the accumulators,
-        // element `j` of each gathered row of `p` and `ds`.
-        unsafe {
-            let (kr, vr) = (dk.add(j * D), dv.add(j * D));
-            let mut pj = [s.zero(); RB];
-            let mut sj = [s.zero(); RB];
-            for r in 0..rows {
-                pj[r] = s.splat(*p.add(r * BK + j));
-                sj[r] = s.splat(*ds.add(r * BK + j));
+    let lanes = st.nk.div_ceil(w) * w;
+    // SAFETY: the caller's contract; `lanes <= BK`.
+    unsafe {
+        if let Some(bias) = bias {
+            for j in 0..st.nk {
+                *p.add(j) += *bias.add(j);
             }
-            for c in (0..full).step_by(w) {
-                let (mut av, mut ak) = (s.load(vr.add(c)), s.load(kr.add(c)));
-                for r in 0..rows {
-                    av = s.fma(pj[r], s.load(dout.add(r * D + c)), av);
-                    ak = s.fma(sj[r], s.load(q.add(r * D + c)), ak);
-                }
-                s.store(vr.add(c), av);
-                s.store(kr.add(c), ak);
+        }
+        let (m, lnl, delta) = (s.splat(st.m), s.splat(st.lnl), s.splat(st.delta));
+        for l in (0..lanes).step_by(w) {
+            // `ln l` is 0 for ordinary rows: `y − 0 = y`.
+            let pr = s.exp(s.sub(s.sub(s.load(p.add(l)), m), lnl));
+            s.store(p.add(l), pr);
+            s.store(ds.add(l), s.mul(pr, s.sub(s.load(ds.add(l)), delta)));
+        }
+        for j in st.nk..BK {
+            *p.add(j) = 0.0;
+            *ds.add(j) = 0.0;
+        }
+    }
+}
+
+/// One tile: query rows `i0..i0 + m` of (b, h) against the block of keys
+/// `j0..j0 + n` loaded in `t`; adds into `t.dk`, `t.dv` and the rows
+/// `i0..` of `dq` (the chunk's partial of (b, h), row stride `padded(D)`).
+///
+/// # Safety
+/// `t` carved from a workspace holding the block of (b, h's key/value
+/// head); `m <= BQ`, `n <= BK`, in bounds; `dq` this task's alone.
+#[inline(always)]
+unsafe fn tile<S: Simd, const D: usize, const NV: usize, const CV: usize>(
+    s: S,
+    ctx: &BwdCtx<'_>,
+    t: &Tiles,
+    (b, h, i0, m): (usize, usize, usize, usize),
+    (j0, n): (usize, usize),
+    dq: *mut f32,
+) {
+    let (w, dp) = (S::W, padded(D));
+    let mut st = [RowStat::default(); BQ];
+    let mut any = false;
+    let row0 = (b * ctx.heads_q + h) * ctx.seq_q + i0;
+    for (r, x) in st.iter_mut().enumerate().take(m) {
+        let lse = ctx.lse[row0 + r];
+        if lse == f32::NEG_INFINITY {
+            continue; // sees no key at all
+        }
+        *x = RowStat {
+            m: lse,
+            lnl: ctx.lnl[row0 + r],
+            delta: ctx.delta[row0 + r],
+            nk: seen(ctx.causal, i0 + r, j0, n),
+        };
+        any |= x.nk > 0;
+    }
+    if !any {
+        return;
+    }
+    // SAFETY (all accesses below): the tiles' sizes (see `Tiles`); rows
+    // `r < m <= BQ` of (b, h) in bounds; `m.div_ceil(R)·R <= BQ` and
+    // `n.div_ceil(R)·R <= BK` as R divides both.
+    unsafe {
+        for (r, x) in st.iter().enumerate().take(m) {
+            let (qr, dr) = (t.q.add(r * dp), t.dout.add(r * dp));
+            if x.nk == 0 {
+                // Zero rows add nothing to dK and dV.
+                std::ptr::write_bytes(qr, 0, D);
+                std::ptr::write_bytes(dr, 0, D);
+            } else {
+                load_row::<S, D>(s, ctx.dtype, &ctx.q, (b, i0 + r, h), qr, ctx.scale);
+                load_row::<S, D>(s, ctx.dtype, &ctx.dout, (b, i0 + r, h), dr, 1.0);
             }
-            for c in full..D {
-                for r in 0..rows {
-                    *vr.add(c) += *p.add(r * BK + j) * *dout.add(r * D + c);
-                    *kr.add(c) += *ds.add(r * BK + j) * *q.add(r * D + c);
+        }
+        // S = q·Kᵀ into p and dP = dO·Vᵀ into ds, keys up to the last
+        // micro-tile that holds one of the block's.
+        let key_lanes = n.div_ceil(NV * w) * NV * w;
+        for r0 in (0..m.div_ceil(R) * R).step_by(R) {
+            for l0 in (0..key_lanes).step_by(NV * w) {
+                let (pr, dr) = (t.p.add(r0 * BK), t.ds.add(r0 * BK));
+                score_tile::<S, D, R, NV>(s, (t.q.add(r0 * dp), dp), t.kt, l0, pr);
+                score_tile::<S, D, R, NV>(s, (t.dout.add(r0 * dp), dp), t.vt, l0, dr);
+            }
+        }
+        for (r, x) in st.iter().enumerate().take(m) {
+            let (pr, dr) = (t.p.add(r * BK), t.ds.add(r * BK));
+            let bias = match ctx.mask.as_ref() {
+                Some(mask) if x.nk > 0 => {
+                    let bias = t.bias.add(r * BK);
+                    let out = std::slice::from_raw_parts_mut(bias, x.nk);
+                    mask.bias_row(b, h, i0 + r, j0, out);
+                    Some(bias.cast_const())
                 }
+                _ => None,
+            };
+            probs_row::<S>(s, *x, pr, dr, bias);
+        }
+        // dV += Pᵀ·dO and dK += dSᵀ·(q·scale): R key rows at a time, the
+        // sum over the tile's rows in order.
+        for n0 in (0..n.div_ceil(R) * R).step_by(R) {
+            let (p, ds) = (t.p.add(n0).cast_const(), t.ds.add(n0).cast_const());
+            update_rows::<S, D, R, CV>(s, t.dv.add(n0 * dp), (p, 1, BK), t.dout, m);
+            update_rows::<S, D, R, CV>(s, t.dk.add(n0 * dp), (ds, 1, BK), t.q, m);
+        }
+        // dQ += dS·K: R query rows at a time where all R see keys, else
+        // row by row (a row that sees none is left alone).
+        let mut r0 = 0;
+        while r0 < m {
+            let ds = t.ds.add(r0 * BK).cast_const();
+            if r0 + R <= m && st[r0..r0 + R].iter().all(|x| x.nk > 0) {
+                update_rows::<S, D, R, CV>(s, dq.add(r0 * dp), (ds, BK, 1), t.kr, n);
+                r0 += R;
+            } else {
+                if st[r0].nk > 0 {
+                    update_rows::<S, D, 1, CV>(s, dq.add(r0 * dp), (ds, BK, 1), t.kr, n);
+                }
+                r0 += 1;
             }
         }
     }
 }
 
-/// Task `task` of the dK/dV pass: keys `kb·BK..` of (b, kvh).
+/// Task `task` of the first pass: chunk `c` of the key blocks of
+/// (b, kvh); writes their rows of `dk` and `dv` and adds into chunk `c`'s
+/// partial of `dQ` for the group's query heads.
 ///
 /// # Safety
 /// `ws` holds [`workspace_floats`]`(D)` floats; `ctx` describes buffers
-/// valid for its layouts and dtype; no other thread runs the same task.
+/// valid for its layouts and dtype, `dq_acc` included; no other thread
+/// runs the same task.
 #[inline(always)]
-pub(crate) unsafe fn kv_task<S: Simd, const D: usize, const NV: usize>(
+pub(crate) unsafe fn kv_task<S: Simd, const D: usize, const NV: usize, const CV: usize>(
     s: S,
     ctx: &BwdCtx<'_>,
     ws: &mut [f32],
     task: usize,
 ) {
-    let k_blocks = ctx.seq_k.div_ceil(BK);
-    let kb = task % k_blocks;
-    let kvh = (task / k_blocks) % ctx.heads_kv;
-    let b = task / (k_blocks * ctx.heads_kv);
-    let j0 = kb * BK;
-    let n = BK.min(ctx.seq_k - j0);
-    debug_assert!(ws.len() >= workspace_floats(D));
-    let base = ws.as_mut_ptr();
-    // SAFETY (offsets): the parts below lie inside `ws` and do not overlap.
-    let (kt, vt, dk, dv, q, dout, p, ds, bias) = unsafe {
-        let x = 4 * D * BK;
-        (
-            base,
-            base.add(D * BK),
-            base.add(2 * D * BK),
-            base.add(3 * D * BK),
-            base.add(x),
-            base.add(x + RB * D),
-            base.add(x + 2 * RB * D),
-            base.add(x + 2 * RB * D + RB * BK),
-            base.add(x + 2 * RB * D + 2 * RB * BK),
-        )
-    };
-    // SAFETY: rows `j0..j0 + n` of (b, kvh) are in bounds; `q` is scratch
-    // of D floats until the rows are read.
-    unsafe {
-        load_kv::<S, D>(s, ctx, (b, kvh, j0, n), kt, vt, None, q);
-        std::ptr::write_bytes(dk, 0, 2 * D * BK);
-    }
-    // Rows are gathered RB at a time, so that each dK and dV row is loaded
-    // and stored once per RB query rows (the blocks outgrow L1).
-    let mut pending = 0;
+    let chunks = ctx.chunks.max(1);
+    let c = task % chunks;
+    let kvh = (task / chunks) % ctx.heads_kv;
+    let b = task / (chunks * ctx.heads_kv);
+    let dp = padded(D);
+    // SAFETY: the caller's contract.
+    let t = unsafe { Tiles::carve::<D>(ws) };
     let group = ctx.group();
-    for h in kvh * group..(kvh + 1) * group {
-        // Top-left causal: rows before j0 see none of the block.
-        let first = if ctx.causal { j0.min(ctx.seq_q) } else { 0 };
-        for i in first..ctx.seq_q {
-            let r = (b * ctx.heads_q + h) * ctx.seq_q + i;
-            let lse = ctx.lse[r];
-            let nk = seen(ctx.causal, i, j0, n);
-            if lse == f32::NEG_INFINITY || nk == 0 {
-                continue; // sees no key at all, or none of this block
-            }
-            // SAFETY: row (b, i, h) of q and dout; slot `pending < RB` of
-            // `q`, `dout` (RB rows of D), `p`, `ds` (RB rows of BK); `bias`
-            // holds BK; `nk <= n <= BK`.
-            unsafe {
-                let (qg, dg) = (q.add(pending * D), dout.add(pending * D));
-                let (pg, sg) = (p.add(pending * BK), ds.add(pending * BK));
-                load_row::<S, D>(s, ctx.dtype, &ctx.q, (b, i, h), qg, ctx.scale);
-                load_row::<S, D>(s, ctx.dtype, &ctx.dout, (b, i, h), dg, 1.0);
-                let bias = ctx.mask.as_ref().map(|m| {
-                    m.bias_row(b, h, i, j0, std::slice::from_raw_parts_mut(bias, nk));
-                    bias.cast_const()
-                });
-                let row = RowInputs {
-                    q: qg,
-                    dout: dg,
-                    lse,
-                    lnl: ctx.lnl[r],
-                    delta: ctx.delta[r],
-                    nk,
+    for kb in ctx.chunk_blocks(c) {
+        let j0 = kb * BK;
+        let n = BK.min(ctx.seq_k - j0);
+        // SAFETY: rows `j0..j0 + n` of (b, kvh) are in bounds; `t.q` is
+        // scratch of DP floats until the tile's rows are read.
+        unsafe {
+            load_kv::<S, D>(s, ctx, (b, kvh, j0, n), (t.kr, t.kt), Some(t.vt), t.q);
+            std::ptr::write_bytes(t.dk, 0, BK * dp);
+            std::ptr::write_bytes(t.dv, 0, BK * dp);
+        }
+        for h in kvh * group..(kvh + 1) * group {
+            // SAFETY: chunk `c` of (b, h) is this task's alone.
+            let dq = unsafe { ctx.dq_part(c, b, h, dp) };
+            // Top-left causal: rows before j0 see none of the block.
+            let mut i0 = if ctx.causal { j0 } else { 0 };
+            while i0 < ctx.seq_q {
+                let m = BQ.min(ctx.seq_q - i0);
+                // SAFETY: the block is loaded; rows `i0..i0 + m` of (b, h)
+                // in bounds, of this chunk's partial.
+                unsafe {
+                    tile::<S, D, NV, CV>(s, ctx, &t, (b, h, i0, m), (j0, n), dq.add(i0 * dp))
                 };
-                row_probs::<S, D, NV>(s, &row, kt, vt, bias, pg, sg);
-                // Keys the row does not see add nothing.
-                for j in nk..n {
-                    *pg.add(j) = 0.0;
-                    *sg.add(j) = 0.0;
-                }
-            }
-            pending += 1;
-            if pending == RB {
-                // SAFETY: RB gathered rows; dK and dV hold n rows of D.
-                unsafe { accumulate::<S, D>(s, (dk, dv), (q, dout), (p, ds), RB, n) };
-                pending = 0;
+                i0 += m;
             }
         }
-    }
-    if pending > 0 {
-        // SAFETY: as above, `pending` rows.
-        unsafe { accumulate::<S, D>(s, (dk, dv), (q, dout), (p, ds), pending, n) };
-    }
-    for j in 0..n {
-        // SAFETY: rows (b, j0 + j, kvh) of dk and dv are this task's alone.
-        unsafe {
-            let off = ctx.dk.layout.offset(b, j0 + j, kvh);
-            write_row::<S, D>(s, ctx.dtype, ctx.dk.ptr, off, dk.add(j * D));
-            let off = ctx.dv.layout.offset(b, j0 + j, kvh);
-            write_row::<S, D>(s, ctx.dtype, ctx.dv.ptr, off, dv.add(j * D));
+        for j in 0..n {
+            // SAFETY: rows (b, j0 + j, kvh) of dk and dv are this task's
+            // alone; rows `j < n` of the accumulators hold D floats.
+            unsafe {
+                let off = ctx.dk.layout.offset(b, j0 + j, kvh);
+                write_row::<S, D>(s, ctx.dtype, ctx.dk.ptr, off, t.dk.add(j * dp));
+                let off = ctx.dv.layout.offset(b, j0 + j, kvh);
+                write_row::<S, D>(s, ctx.dtype, ctx.dv.ptr, off, t.dv.add(j * dp));
+            }
         }
     }
 }
 
-/// Task `task` of the dQ pass: query rows `qb·BQ..` of (b, h).
+/// Task `task` of the dQ pass: query rows `qb·BQ..` of (b, h), each the
+/// sum of its chunks' partials in chunk order, times the scale.
 ///
 /// # Safety
-/// As [`kv_task`].
+/// As [`kv_task`], after every first-pass task has run.
 #[inline(always)]
-pub(crate) unsafe fn q_task<S: Simd, const D: usize, const NV: usize>(
+pub(crate) unsafe fn q_task<S: Simd, const D: usize>(
     s: S,
     ctx: &BwdCtx<'_>,
     ws: &mut [f32],
@@ -541,100 +740,26 @@ pub(crate) unsafe fn q_task<S: Simd, const D: usize, const NV: usize>(
     let qb = task % q_blocks;
     let h = (task / q_blocks) % ctx.heads_q;
     let b = task / (q_blocks * ctx.heads_q);
-    let kvh = h / ctx.group();
     let i0 = qb * BQ;
     let rows = BQ.min(ctx.seq_q - i0);
-    debug_assert!(ws.len() >= workspace_floats(D));
-    let base = ws.as_mut_ptr();
-    // SAFETY (offsets): the parts below lie inside `ws` and do not overlap.
-    let (q, dout, dq, kr, kt, vt, p, ds, bias, scratch) = unsafe {
-        let x = 3 * BQ * D;
-        (
-            base,
-            base.add(BQ * D),
-            base.add(2 * BQ * D),
-            base.add(x),
-            base.add(x + BK * D),
-            base.add(x + 2 * BK * D),
-            base.add(x + 3 * BK * D),
-            base.add(x + 3 * BK * D + BK),
-            base.add(x + 3 * BK * D + 2 * BK),
-            base.add(x + 3 * BK * D + 3 * BK),
-        )
-    };
-    let row_of = |r: usize| (b * ctx.heads_q + h) * ctx.seq_q + i0 + r;
-    for r in 0..rows {
-        // SAFETY: rows (b, i0 + r, h) of q and dout; row r of `q`, `dout`,
-        // `dq` (BQ rows of D each).
+    let (w, dp) = (S::W, padded(D));
+    let row = ws.as_mut_ptr();
+    let scale = s.splat(ctx.scale);
+    for i in i0..i0 + rows {
+        // SAFETY: row i of every chunk's partial of (b, h) holds DP floats;
+        // `row` DP floats of workspace; row (b, i, h) of dq is this
+        // task's alone.
         unsafe {
-            load_row::<S, D>(
-                s,
-                ctx.dtype,
-                &ctx.q,
-                (b, i0 + r, h),
-                q.add(r * D),
-                ctx.scale,
-            );
-            load_row::<S, D>(
-                s,
-                ctx.dtype,
-                &ctx.dout,
-                (b, i0 + r, h),
-                dout.add(r * D),
-                1.0,
-            );
-            std::ptr::write_bytes(dq.add(r * D), 0, D);
-        }
-    }
-    let key_end = if ctx.causal {
-        ctx.seq_k.min(i0 + rows)
-    } else {
-        ctx.seq_k
-    };
-    let mut j0 = 0;
-    while j0 < key_end {
-        let n = BK.min(ctx.seq_k - j0);
-        // SAFETY: rows `j0..j0 + n` of (b, kvh) are in bounds; `kr`, `kt`,
-        // `vt` hold BK rows, `scratch` D floats.
-        unsafe { load_kv::<S, D>(s, ctx, (b, kvh, j0, n), kt, vt, Some(kr), scratch) };
-        for r in 0..rows {
-            let i = i0 + r;
-            let lse = ctx.lse[row_of(r)];
-            let nk = seen(ctx.causal, i, j0, n);
-            if lse == f32::NEG_INFINITY || nk == 0 {
-                continue;
+            let first = ctx.dq_part(0, b, h, dp).add(i * dp);
+            for col in (0..dp).step_by(w) {
+                let mut acc = s.load(first.add(col));
+                for c in 1..ctx.chunks {
+                    acc = s.add(acc, s.load(ctx.dq_part(c, b, h, dp).add(i * dp + col)));
+                }
+                s.store(row.add(col), s.mul(acc, scale));
             }
-            // SAFETY: row r of `q`, `dout`, `dq`; `p`, `ds`, `bias` hold BK;
-            // `kr` rows `< nk <= n`.
-            unsafe {
-                let bias = ctx.mask.as_ref().map(|m| {
-                    m.bias_row(b, h, i, j0, std::slice::from_raw_parts_mut(bias, nk));
-                    bias.cast_const()
-                });
-                let row = RowInputs {
-                    q: q.add(r * D),
-                    dout: dout.add(r * D),
-                    lse,
-                    lnl: ctx.lnl[row_of(r)],
-                    delta: ctx.delta[row_of(r)],
-                    nk,
-                };
-                row_probs::<S, D, NV>(s, &row, kt, vt, bias, p, ds);
-                dq_row::<S, D>(s, dq.add(r * D), ds, kr, nk);
-            }
-        }
-        j0 += n;
-    }
-    for r in 0..rows {
-        // SAFETY: row (b, i0 + r, h) of dq is this task's alone; row r of
-        // `dq` holds D floats.
-        unsafe {
-            let x = dq.add(r * D);
-            for c in 0..D {
-                *x.add(c) *= ctx.scale;
-            }
-            let off = ctx.dq.layout.offset(b, i0 + r, h);
-            write_row::<S, D>(s, ctx.dtype, ctx.dq.ptr, off, x);
+            let off = ctx.dq.layout.offset(b, i, h);
+            write_row::<S, D>(s, ctx.dtype, ctx.dq.ptr, off, row);
         }
     }
 }
@@ -661,7 +786,7 @@ pub(crate) fn needs_stats(lse: f32) -> bool {
 /// whose log-sum-exp is large (see [`needs_stats`]): for each, its
 /// largest masked score `m` into `m[i]` (which holds the forward's lse on
 /// entry) and `ln l`, the log of `l = Σ_j e^(x_j − m)`, into `lnl[i]`. The
-/// scores are formed by the very calls [`row_probs`] makes (`dots` on the
+/// scores are formed as the passes form them ([`score_tile`] on the
 /// scaled query row and the transposed key block, then `bias_row` added),
 /// so `m` and `l` describe exactly the `x` the passes exponentiate, and
 /// `Σ_j P[j] = 1` to rounding. The sum runs over key blocks in order with
@@ -687,21 +812,8 @@ pub(crate) unsafe fn row_stats<S: Simd, const D: usize, const NV: usize>(
     let Some(&last) = rows.last() else {
         return;
     };
-    debug_assert!(ws.len() >= workspace_floats(D));
-    let base = ws.as_mut_ptr();
-    // SAFETY (offsets): 2·D·BK + 2·D + 2·BK floats, inside `ws`
-    // (`workspace_floats(D)` is more), not overlapping.
-    let (kt, vt, q, scratch, p, bias) = unsafe {
-        let x = 2 * D * BK;
-        (
-            base,
-            base.add(D * BK),
-            base.add(x),
-            base.add(x + D),
-            base.add(x + 2 * D),
-            base.add(x + 2 * D + BK),
-        )
-    };
+    // SAFETY: the caller's contract.
+    let t = unsafe { Tiles::carve::<D>(ws) };
     let mut mx = vec![f32::NEG_INFINITY; rows.len()];
     let mut sum = vec![0.0f32; rows.len()];
     let key_end = if ctx.causal {
@@ -713,20 +825,23 @@ pub(crate) unsafe fn row_stats<S: Simd, const D: usize, const NV: usize>(
     let mut j0 = 0;
     while j0 < key_end {
         let n = BK.min(ctx.seq_k - j0);
-        // SAFETY: rows `j0..j0 + n` of (b, kvh) are in bounds; `kt`, `vt`
-        // hold D·BK floats, `scratch` D.
-        unsafe { load_kv::<S, D>(s, ctx, (b, kvh, j0, n), kt, vt, None, scratch) };
+        // SAFETY: rows `j0..j0 + n` of (b, kvh) are in bounds; the tiles
+        // hold what `load_kv` asks.
+        unsafe { load_kv::<S, D>(s, ctx, (b, kvh, j0, n), (t.kr, t.kt), None, t.dout) };
         for (r, &i) in rows.iter().enumerate() {
             let nk = seen(ctx.causal, i, j0, n);
             if nk == 0 {
                 continue;
             }
-            let lanes = nk.div_ceil(w) * w;
-            // SAFETY: row (b, i, h) of q; `q` holds D floats; `p` and
-            // `bias` hold BK >= lanes; `kt` D·BK.
+            let key_lanes = nk.div_ceil(NV * w) * NV * w;
+            // SAFETY: row (b, i, h) of q; `t.q` holds D floats; `t.p` and
+            // `t.bias` hold BK >= key_lanes; `t.kt` D·BK.
+            let (p, bias) = (t.p, t.bias);
             let x = unsafe {
-                load_row::<S, D>(s, ctx.dtype, &ctx.q, (b, i, h), q, ctx.scale);
-                dots::<S, D, NV>(s, q, kt, p, lanes);
+                load_row::<S, D>(s, ctx.dtype, &ctx.q, (b, i, h), t.q, ctx.scale);
+                for l0 in (0..key_lanes).step_by(NV * w) {
+                    score_tile::<S, D, 1, NV>(s, (t.q, 0), t.kt, l0, p);
+                }
                 if let Some(mask) = ctx.mask.as_ref() {
                     let bias = std::slice::from_raw_parts_mut(bias, nk);
                     mask.bias_row(b, h, i, j0, bias);
@@ -758,5 +873,57 @@ pub(crate) unsafe fn row_stats<S: Simd, const D: usize, const NV: usize>(
             m[i] = mx[r];
             lnl[i] = sum[r].ln();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_depend_on_the_shape_alone() {
+        // 1 pair, 11 key blocks: 8 chunks (of 2 blocks, the last short or
+        // empty); 8 pairs: 2; 16 pairs or more: 1; never more chunks than
+        // key blocks, and at least one when there is nothing to split.
+        assert_eq!(key_chunks(1, 1, 10 * BK + 5), MAX_CHUNKS);
+        assert_eq!(key_chunks(1, 8, 2048), 2);
+        assert_eq!(key_chunks(4, 4, 3 * BK), 1);
+        assert_eq!(key_chunks(1, 1, BK + 1), 2);
+        assert_eq!(key_chunks(0, 0, 0), 1);
+        assert_eq!(key_chunks(1, 1, 0), 1);
+    }
+
+    #[test]
+    fn chunks_cut_the_key_blocks_into_runs_of_equal_work() {
+        let runs = |chunks, sk, causal| -> Vec<std::ops::Range<usize>> {
+            (0..chunks)
+                .map(|c| chunk_blocks(c, chunks, sk, causal))
+                .collect()
+        };
+        // Every block in exactly one chunk, in order.
+        for (chunks, sk, causal) in [
+            (8, 10 * BK + 5, None),
+            (8, 10 * BK + 5, Some(70)),
+            (2, 2048, Some(2048)),
+            (3, 0, None),
+            (4, 5 * BK, Some(0)),
+        ] {
+            let r = runs(chunks, sk, causal);
+            assert_eq!(r[0].start, 0);
+            assert_eq!(r[chunks - 1].end, sk.div_ceil(BK));
+            assert!(r.windows(2).all(|w| w[0].end == w[1].start), "{r:?}");
+        }
+        assert_eq!(runs(8, 10 * BK + 5, None)[..3], [0..2, 2..3, 3..5]);
+        // Causal 2048 × 2048 in two: the first chunk takes the 10 blocks
+        // seen by the most rows (52% of the work), the second 22.
+        assert_eq!(runs(2, 2048, Some(2048)), [0..10, 10..32]);
+    }
+
+    #[test]
+    fn padded_rows_are_whole_zmm_vectors() {
+        assert_eq!(padded(8), 16);
+        assert_eq!(padded(40), 48);
+        assert_eq!(padded(128), 128);
+        assert_eq!(padded(136), 144);
     }
 }

@@ -163,8 +163,9 @@ pub fn attention_lse<const D: usize, const CAUSAL: bool, T: Element>(
 /// `x.dout`, given the forward's row log-sum-exp `x.lse`.
 ///
 /// `D`, `CAUSAL` and `T` as in [`attention`]. The probabilities are
-/// recomputed from `q`, `k` and `lse` block by block (see `backward.rs`):
-/// memory grows with the blocks and with `Sq`, never with `Sq·Sk`. Key and
+/// recomputed from `q`, `k` and `lse` tile by tile, once (see
+/// `backward.rs`): memory grows with the tiles, with `Sq` and with a few
+/// `f32` copies of `dq` (one per chunk of keys), never with `Sq·Sk`. Key and
 /// value gradients sum over each key/value head's query heads; rows that
 /// see no key (`lse = -inf`) contribute nothing. Deterministic: every
 /// element is written by one task, every sum has a fixed order, so two
@@ -257,6 +258,8 @@ pub fn backward<const D: usize, const CAUSAL: bool, T: Element>(
         dq,
         dk,
         dv,
+        dq_acc: std::ptr::null_mut(),
+        chunks: backward::key_chunks(b_n, p.heads_kv, p.seq_k),
         mask: p.mask,
         scale: p.scale,
         causal: CAUSAL,
@@ -281,10 +284,22 @@ pub fn backward<const D: usize, const CAUSAL: bool, T: Element>(
                 }
             });
     }
+    // The f32 partials of dQ, one per chunk of keys, 64-byte aligned.
+    let acc_floats = stats_ctx.dq_acc_floats(D);
+    let mut dq_acc: Vec<f32> = Vec::new();
+    dq_acc.try_reserve_exact(acc_floats + 16).map_err(|_| {
+        SdpaError::Shape(format!(
+            "the CPU backward could not allocate {acc_floats} floats for the partial sums \
+             of dq; pass fewer queries or heads per call"
+        ))
+    })?;
+    dq_acc.resize(acc_floats + 16, 0.0);
+    let skip = dq_acc.as_ptr().align_offset(64).min(16);
     let ctx = backward::BwdCtx {
         lse: &lse,
         lnl: &lnl,
         delta: &delta,
+        dq_acc: dq_acc[skip..].as_mut_ptr(),
         ..stats_ctx
     };
     tracing::debug!(
@@ -362,7 +377,7 @@ fn stats_dispatch<const D: usize>(
         }
         let _ = isa;
         // SAFETY: as above.
-        unsafe { backward::row_stats::<simd::Portable, D, 8>(simd::Portable, ctx, ws, bh, m, lnl) }
+        unsafe { backward::row_stats::<simd::Portable, D, 2>(simd::Portable, ctx, ws, bh, m, lnl) }
     });
 }
 
@@ -405,11 +420,11 @@ fn backward_dispatch<const D: usize>(isa: Isa, ctx: &backward::BwdCtx<'_>) {
     let _ = isa;
     // SAFETY: the workspace has `floats` floats; each task runs once.
     run_bwd_tasks(kv, floats, |ws, t| unsafe {
-        backward::kv_task::<simd::Portable, D, 8>(simd::Portable, ctx, ws, t)
+        backward::kv_task::<simd::Portable, D, 2, 2>(simd::Portable, ctx, ws, t)
     });
     // SAFETY: as above.
     run_bwd_tasks(q, floats, |ws, t| unsafe {
-        backward::q_task::<simd::Portable, D, 8>(simd::Portable, ctx, ws, t)
+        backward::q_task::<simd::Portable, D>(simd::Portable, ctx, ws, t)
     });
 }
 
@@ -561,8 +576,9 @@ mod x86 {
         unsafe { kernel::run_task::<Avx2, F32Products, D, 6, 2, AVX2_R, 2>(s, ctx, ws, task) }
     }
 
-    /// One backward task on AVX-512 (16 lanes, 4 vectors of keys per score
-    /// step): of the dK/dV pass when `KV`, else of the dQ pass.
+    /// One backward task on AVX-512 (16 lanes; micro-tiles of 4 rows × 4
+    /// vectors, 16 `zmm` accumulators): of the first pass when `KV`, else
+    /// of the dQ pass.
     ///
     /// # Safety
     /// As `backward::kv_task`; `s` proves the features.
@@ -576,9 +592,9 @@ mod x86 {
         // SAFETY: the caller's contract.
         unsafe {
             if KV {
-                backward::kv_task::<Avx512, D, 4>(s, ctx, ws, task)
+                backward::kv_task::<Avx512, D, 4, 4>(s, ctx, ws, task)
             } else {
-                backward::q_task::<Avx512, D, 4>(s, ctx, ws, task)
+                backward::q_task::<Avx512, D>(s, ctx, ws, task)
             }
         }
     }
@@ -616,11 +632,12 @@ mod x86 {
         lnl: &mut [f32],
     ) {
         // SAFETY: the caller's contract.
-        unsafe { backward::row_stats::<Avx2, D, 8>(s, ctx, ws, bh, m, lnl) }
+        unsafe { backward::row_stats::<Avx2, D, 2>(s, ctx, ws, bh, m, lnl) }
     }
 
-    /// One backward task on AVX2 (8 lanes, 8 vectors of keys per score
-    /// step).
+    /// One backward task on AVX2 (8 lanes; micro-tiles of 4 rows × 2
+    /// vectors: 8 accumulators, 2 operand vectors and a broadcast in the
+    /// 16 `ymm` registers).
     ///
     /// # Safety
     /// As `backward::kv_task`; `s` proves the features.
@@ -634,9 +651,9 @@ mod x86 {
         // SAFETY: the caller's contract.
         unsafe {
             if KV {
-                backward::kv_task::<Avx2, D, 8>(s, ctx, ws, task)
+                backward::kv_task::<Avx2, D, 2, 2>(s, ctx, ws, task)
             } else {
-                backward::q_task::<Avx2, D, 8>(s, ctx, ws, task)
+                backward::q_task::<Avx2, D>(s, ctx, ws, task)
             }
         }
     }
