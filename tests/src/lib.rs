@@ -4,6 +4,7 @@
 
 pub mod cases;
 pub mod consumer;
+pub mod device;
 pub mod reference;
 pub mod sequence_parallel;
 pub mod training;

@@ -8,11 +8,12 @@
 use std::sync::{Arc, Barrier};
 
 use half::{bf16, f16};
-use sdpa_runtime::cudarc::driver::{CudaSlice, CudaStream};
+use sdpa_runtime::cudarc::driver::CudaStream;
 use sdpa_runtime::prelude::*;
-use sdpa_runtime::{cuda, probe_cuda, CudaProbe, Element, Residence};
+use sdpa_runtime::{cuda, Element, Residence};
 use sdpa_tests::cases::{run_seed, say, Case, CaseInputs, MaskKind, Placement};
 use sdpa_tests::consumer::{ConformanceAttention, TrainingAttention};
+use sdpa_tests::device::upload;
 
 /// A declaration of its own, so that its one variant is loaded by the cache
 /// test only (no other test here runs an entry point of this name; the
@@ -20,28 +21,9 @@ use sdpa_tests::consumer::{ConformanceAttention, TrainingAttention};
 #[sdpa_variants(head_sizes = [40], causal = [true], dtypes = [f16])]
 struct CacheProbe;
 
-/// Device 0's default stream, or `None` (after saying why, once) when this
-/// machine has no CUDA driver or device.
+/// Device 0's default stream, or `None` (after saying why, once).
 fn stream() -> Option<Arc<CudaStream>> {
-    static SAID: std::sync::Once = std::sync::Once::new();
-    match probe_cuda() {
-        CudaProbe::Present { .. } => Some(
-            cuda::context(0)
-                .expect("device 0 is present")
-                .default_stream(),
-        ),
-        CudaProbe::Absent(reason) => {
-            SAID.call_once(|| say(&format!("skipping GPU tests: {reason}")));
-            None
-        }
-    }
-}
-
-fn upload<T: Element>(stream: &Arc<CudaStream>, host: &[T]) -> CudaSlice<T> {
-    if host.is_empty() {
-        return stream.alloc_zeros(1).unwrap();
-    }
-    stream.clone_htod(host).unwrap()
+    sdpa_tests::device::stream("GPU tests")
 }
 
 /// Runs `case` with q, k, v and the output in device memory (with the

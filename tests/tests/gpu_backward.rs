@@ -16,11 +16,10 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use sdpa_runtime::cudarc::driver::{CudaSlice, CudaStream};
 use sdpa_runtime::prelude::*;
-use sdpa_runtime::{
-    cuda, probe_cuda, AttentionBackend, BackwardInputs, CudaProbe, Element, Gradients, Residence,
-};
-use sdpa_tests::cases::{run_seed, say, Case, IntType, LargeValue, MaskKind, Placement};
+use sdpa_runtime::{AttentionBackend, BackwardInputs, Element, Gradients, Residence};
+use sdpa_tests::cases::{run_seed, Case, IntType, LargeValue, MaskKind, Placement};
 use sdpa_tests::consumer::TrainingAttention;
+use sdpa_tests::device::upload;
 use sdpa_tests::training::{
     grad_tolerance, judge_backward, read_view, run_backward_on, through_layer, Grads,
     TrainingInputs,
@@ -32,21 +31,9 @@ struct GpuTraining;
 
 const DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
 
-/// Device 0's default stream, or `None` (after saying why, once) when this
-/// machine has no CUDA driver or device.
+/// Device 0's default stream, or `None` (after saying why, once).
 fn stream() -> Option<Arc<CudaStream>> {
-    static SAID: std::sync::Once = std::sync::Once::new();
-    match probe_cuda() {
-        CudaProbe::Present { .. } => Some(
-            cuda::context(0)
-                .expect("device 0 is present")
-                .default_stream(),
-        ),
-        CudaProbe::Absent(reason) => {
-            SAID.call_once(|| say(&format!("skipping GPU backward tests: {reason}")));
-            None
-        }
-    }
+    sdpa_tests::device::stream("GPU backward tests")
 }
 
 /// The declaration whose variants include the case's head size.
@@ -57,13 +44,6 @@ fn backend_for(case: &Case) -> &'static dyn AttentionBackend {
     } else {
         &TrainingAttention
     }
-}
-
-fn upload<T: Element>(stream: &Arc<CudaStream>, host: &[T]) -> CudaSlice<T> {
-    if host.is_empty() {
-        return stream.alloc_zeros(1).unwrap();
-    }
-    stream.clone_htod(host).unwrap()
 }
 
 /// Where a case's tensors live.

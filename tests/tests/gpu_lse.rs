@@ -13,33 +13,20 @@
 use std::sync::Arc;
 
 use half::{bf16, f16};
-use sdpa_runtime::cudarc::driver::{CudaSlice, CudaStream};
+use sdpa_runtime::cudarc::driver::CudaStream;
 use sdpa_runtime::prelude::*;
-use sdpa_runtime::{cuda, probe_cuda, CudaProbe, Element};
-use sdpa_tests::cases::{
-    run_seed, say, Case, CaseInputs, IntType, LargeValue, MaskKind, Placement,
-};
+use sdpa_runtime::Element;
+use sdpa_tests::cases::{run_seed, Case, CaseInputs, IntType, LargeValue, MaskKind, Placement};
 use sdpa_tests::consumer::{ConformanceAttention, WanAttention};
+use sdpa_tests::device::upload;
 use sdpa_tests::reference::{self, RefInputs};
 use sdpa_tests::training::{assert_lse_close, read_view, LSE_TOL};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
-/// Device 0's default stream, or `None` (after saying why, once) when this
-/// machine has no CUDA driver or device.
+/// Device 0's default stream, or `None` (after saying why, once).
 fn stream() -> Option<Arc<CudaStream>> {
-    static SAID: std::sync::Once = std::sync::Once::new();
-    match probe_cuda() {
-        CudaProbe::Present { .. } => Some(
-            cuda::context(0)
-                .expect("device 0 is present")
-                .default_stream(),
-        ),
-        CudaProbe::Absent(reason) => {
-            SAID.call_once(|| say(&format!("skipping GPU lse tests: {reason}")));
-            None
-        }
-    }
+    sdpa_tests::device::stream("GPU lse tests")
 }
 
 /// The declaration whose variants a case's head size is in.
@@ -157,13 +144,6 @@ fn judge_lse(case: &Case, got: &[f64], want: &[f64], what: &str) {
             }
         }
     }
-}
-
-fn upload<T: Element>(stream: &Arc<CudaStream>, host: &[T]) -> CudaSlice<T> {
-    if host.is_empty() {
-        return stream.alloc_zeros(1).unwrap();
-    }
-    stream.clone_htod(host).unwrap()
 }
 
 /// Runs `case` with q, k, v, the output and the lse in device memory

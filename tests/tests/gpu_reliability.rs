@@ -24,6 +24,7 @@ use sdpa_runtime::{cuda, probe_cuda, CudaProbe, Element, OwnedMaskData, SdpaImpl
 use sdpa_tests::cases::{
     run_seed, run_typed, say, Case, CaseInputs, GenMask, GenTensor, MaskKind, Outcome, Placement,
 };
+use sdpa_tests::device::upload;
 use sdpa_tests::reference::rel_l2;
 
 /// Every kernel family on ragged shapes. Tensor cores (f16, bf16): 40 and
@@ -94,13 +95,6 @@ macro_rules! with_dtype {
             }
         }
     };
-}
-
-fn upload<T: Element>(stream: &Arc<CudaStream>, host: &[T]) -> CudaSlice<T> {
-    if host.is_empty() {
-        return stream.alloc_zeros(1).unwrap();
-    }
-    stream.clone_htod(host).unwrap()
 }
 
 /// How a device call gets its output.
