@@ -9,21 +9,24 @@
 //! Warp `w` owns the 16 keys of key tile `w % (block_n / 16)`; above head
 //! size 128 two warps share a key tile, each owning half of the head
 //! dimension's columns of `dK`, `dV` (and of `dQ`), both computing the
-//! tile's scores. The CTA walks every (query head of the group, query block
-//! of `block_m` rows that sees its keys); per step, with `Q`, `dO`,
-//! `lse_log2` and `delta` of the block in shared memory:
+//! tile's scores. The CTA walks every (query block of `block_m` rows that
+//! sees its keys, query head of the group), query blocks outermost and, when
+//! causal, from the last down, so that every CTA of a (batch, K/V head)
+//! reaches a given block at the same step. Per step, with `Q`, `dO`,
+//! `lse_log2` and `delta` of the block in shared memory (`Q` and `dO` in one
+//! of two buffers, the next step's loading into the other):
 //!
-//! 1. `Sᵀ = K·Qᵀ` and `dPᵀ = V·dOᵀ` (16 keys × `block_m` queries per warp);
-//! 2. `Pᵀ = exp2(Sᵀ·scale_log2 + bias − lse_log2)` with the mask, keys past
-//!    `Sk` and causal keys hidden (only on blocks that need it), and `dSᵀ =
-//!    Pᵀ ∘ (dPᵀ − delta)`;
+//! 1. `Sᵀ = K·Qᵀ` (16 keys × `block_m` queries per warp), then `Pᵀ =
+//!    exp2(Sᵀ·scale_log2 + bias − lse_log2)` with the mask, keys past `Sk`
+//!    and causal keys hidden (only on blocks that need it);
+//! 2. `dPᵀ = V·dOᵀ` and `dSᵀ = Pᵀ ∘ (dPᵀ − delta)`;
 //! 3. `dV += Pᵀ·dO`, `dK += dSᵀ·Q`: the accumulator layout of `Pᵀ` and
 //!    `dSᵀ` is exactly an A fragment, `dO` and `Q` come by `ldmatrix.trans`;
-//! 4. `dSᵀ` goes to shared memory; past a barrier the next block's `Q` and
-//!    `dO` start loading, and `dQ = dS·K` (an A fragment by
-//!    `ldmatrix.trans` of `dSᵀ`) is added to `dq_accum` in key-block order
-//!    (the semaphore of the launch contract).
+//! 4. `dSᵀ` goes to shared memory, and past a barrier `dQ = dS·K` (an A
+//!    fragment by `ldmatrix.trans` of `dSᵀ`) is added to `dq_accum` in
+//!    key-block order (the counters of the launch contract).
 //!
+//! Every product's fragments are loaded one product ahead of its `mma`s.
 //! The end writes `dK · scale` and `dV` in the input dtype.
 
 use super::BACKWARD_PARAMS;

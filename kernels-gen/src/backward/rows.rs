@@ -174,8 +174,8 @@ fn warp_sum(k: &mut Kernel, mut x: Reg) -> Reg {
     x
 }
 
-fn kernel(spec: &VariantSpec, target: Target, entry: String, k: Kernel) -> GpuKernel {
-    let _ = spec;
+/// A row kernel's launch description.
+fn kernel(target: Target, entry: String, k: Kernel) -> GpuKernel {
     GpuKernel {
         ptx: Module::new(target).kernel(k).to_string(),
         entry,
@@ -261,7 +261,7 @@ pub(super) fn preprocess(spec: &VariantSpec, target: Target) -> GpuKernel {
         },
     );
     k.push(Instr::Ret);
-    kernel(spec, target, entry, k)
+    kernel(target, entry, k)
 }
 
 /// The conversion kernel: `dq = dq_accum · scale` in the input dtype.
@@ -290,7 +290,7 @@ pub(super) fn convert(spec: &VariantSpec, target: Target) -> GpuKernel {
         store_pair(&mut k, spec.dtype, dst, exists, v);
     }
     k.push(Instr::Ret);
-    kernel(spec, target, entry, k)
+    kernel(target, entry, k)
 }
 
 #[cfg(test)]
