@@ -327,20 +327,30 @@ impl ResolvedMask<'_> {
     /// the rows whose log-sum-exp is as large as the bias. A row broadcast
     /// over the queries is checked for its most hidden query.
     pub fn row_hidden_by_finite(&self, limit: f32, causal: bool) -> Option<[usize; 3]> {
+        const CHUNK: usize = 64;
         let [bm, hm, qm] = self.dims;
-        let mut row = vec![0.0f32; self.seq_k];
+        let mut chunk = [0.0f32; CHUNK];
         for b in 0..bm {
             for h in 0..hm {
                 for i in 0..qm {
-                    self.bias_row(b, h, i, 0, &mut row);
-                    // A broadcast row's most hidden causal query is query 0.
+                    // The keys the row sees; a broadcast row's most hidden
+                    // causal query is query 0.
                     let seen = if causal {
                         let last = if qm == 1 { 0 } else { i };
-                        &row[..(last + 1).min(row.len())]
+                        (last + 1).min(self.seq_k)
                     } else {
-                        &row[..]
+                        self.seq_k
                     };
-                    let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    // Read in chunks, stopping at the first key the row
+                    // sees with a bias above the limit (most rows: at once).
+                    let mut max = f32::NEG_INFINITY;
+                    let mut j0 = 0;
+                    while j0 < seen && max <= limit {
+                        let n = CHUNK.min(seen - j0);
+                        self.bias_row(b, h, i, j0, &mut chunk[..n]);
+                        max = chunk[..n].iter().copied().fold(max, f32::max);
+                        j0 += n;
+                    }
                     if max.is_finite() && max <= limit {
                         return Some([b, h, i]);
                     }
@@ -394,6 +404,15 @@ mod tests {
             .unwrap();
         assert_eq!(r.row_hidden_by_finite(-65536.0, false), None);
         assert_eq!(r.row_hidden_by_finite(-65536.0, true), Some([0, 0, 0]));
+        // Long rows are read in chunks: a key seen only in the last chunk
+        // keeps the row; none seen hides it.
+        let mut m = vec![big; 2 * 150];
+        m[149] = 0.0;
+        let r = AttnMask::new(&m[..], &[2, 150])
+            .unwrap()
+            .resolve(2, 1, 1, 150)
+            .unwrap();
+        assert_eq!(r.row_hidden_by_finite(-65536.0, false), Some([1, 0, 0]));
         // Values above the limit are left to the kernels.
         let m = [-1000.0f32; 3];
         let r = AttnMask::new(&m[..], &[1, 3])
