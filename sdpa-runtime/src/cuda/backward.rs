@@ -27,7 +27,7 @@ use cudarc::driver::{
 use kernels_gen::backward::BACKWARD_PARAMS;
 use kernels_gen::contract::ParamKind;
 
-use super::launch::{check_rows_aligned, Arg};
+use super::launch::{self, check_rows_aligned, Arg, Value};
 use super::{device, mask, module_cache, pack, upload_slice};
 use crate::element::Element;
 use crate::error::{Result, SdpaError};
@@ -378,18 +378,6 @@ struct Call<'c> {
     ptrs: Pointers,
 }
 
-/// A value the launch knows for a contract parameter, before it takes the
-/// parameter's type.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Value {
-    /// A device address.
-    Address(u64),
-    /// An element stride or a count.
-    Size(usize),
-    /// A float.
-    Float(f32),
-}
-
 /// The value of the backward contract's parameter `name` for this call,
 /// with what it stands for in error messages; `None` for a name the
 /// runtime does not know. The only place that maps the backward's names to
@@ -462,43 +450,15 @@ fn arguments(c: &Call<'_>) -> Result<Vec<(&'static str, Arg)>> {
     arguments_of(BACKWARD_PARAMS.iter(), c)
 }
 
-/// The arguments for the parameters `params`, in their order, each the
-/// value of its name in its kind; a name the runtime does not know, a kind
-/// its value does not have or a count too large for it is an error.
+/// The arguments for the backward contract's parameters `params`
+/// ([`launch::by_name`] with [`value`]).
 fn arguments_of<'t>(
     params: impl IntoIterator<Item = &'t (&'static str, ParamKind)>,
     c: &Call<'_>,
 ) -> Result<Vec<(&'static str, Arg)>> {
-    params
-        .into_iter()
-        .map(|&(name, kind)| {
-            let (value, what) = value(name, c).ok_or_else(|| {
-                SdpaError::Cuda(format!(
-                    "the backward launch contract has a parameter {name:?} that this runtime \
-                     does not know; the runtime and kernels-gen come from different versions"
-                ))
-            })?;
-            let arg = match (kind, value) {
-                (ParamKind::Ptr, Value::Address(a)) => Arg::U64(a),
-                (ParamKind::U64, Value::Size(n)) => Arg::U64(n as u64),
-                (ParamKind::U32, Value::Size(n)) => Arg::U32(u32::try_from(n).map_err(|_| {
-                    SdpaError::Shape(format!(
-                        "{what} = {n} is more than the CUDA kernels take ({})",
-                        u32::MAX
-                    ))
-                })?),
-                (ParamKind::F32, Value::Float(x)) => Arg::F32(x),
-                _ => {
-                    return Err(SdpaError::Cuda(format!(
-                        "the backward launch contract declares {name} as {kind:?}, but the \
-                         runtime holds {what} there; the runtime and kernels-gen come from \
-                         different versions"
-                    )))
-                }
-            };
-            Ok((name, arg))
-        })
-        .collect()
+    launch::by_name("the backward launch contract", params, |name| {
+        value(name, c)
+    })
 }
 
 /// One grid dimension, or an error when it exceeds the driver's limit.

@@ -65,7 +65,7 @@ pub(crate) struct RowStrides {
 /// A value the launch knows for a contract parameter, before it takes the
 /// parameter's type.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Value {
+pub(crate) enum Value {
     /// A device address.
     Address(u64),
     /// An element stride or a count.
@@ -140,9 +140,8 @@ pub(crate) fn arguments(
     arguments_of(PARAMS.iter().chain([&SCALE_PARAM]), p, out, rows, ptrs)
 }
 
-/// The arguments for the parameters `params`, in their order, each the
-/// value of its name in its kind; a name the runtime does not know, a kind
-/// its value does not have or a count too large for it is an error.
+/// The arguments for the forward contract's parameters `params`
+/// ([`by_name`] with [`value`]).
 fn arguments_of<'c>(
     params: impl IntoIterator<Item = &'c (&'static str, ParamKind)>,
     p: &Problem<'_>,
@@ -150,13 +149,28 @@ fn arguments_of<'c>(
     rows: &RowStrides,
     ptrs: &Pointers,
 ) -> Result<Vec<(&'static str, Arg)>> {
+    by_name("the launch contract", params, |name| {
+        value(name, p, out, rows, ptrs)
+    })
+}
+
+/// The arguments for the parameters `params` of `contract`, in their
+/// order, each the value `value_of` gives its name, in the parameter's
+/// kind: the one place a contract's table becomes launch arguments. A name
+/// without a value, a kind its value does not have or a count too large
+/// for it is an error.
+pub(crate) fn by_name<'c>(
+    contract: &str,
+    params: impl IntoIterator<Item = &'c (&'static str, ParamKind)>,
+    value_of: impl Fn(&str) -> Option<(Value, &'static str)>,
+) -> Result<Vec<(&'static str, Arg)>> {
     params
         .into_iter()
         .map(|&(name, kind)| {
-            let (value, what) = value(name, p, out, rows, ptrs).ok_or_else(|| {
+            let (value, what) = value_of(name).ok_or_else(|| {
                 SdpaError::Cuda(format!(
-                    "the launch contract has a parameter {name:?} that this runtime does not \
-                     know; the runtime and kernels-gen come from different versions"
+                    "{contract} has a parameter {name:?} that this runtime does not know; \
+                     the runtime and kernels-gen come from different versions"
                 ))
             })?;
             let arg = match (kind, value) {
@@ -171,9 +185,8 @@ fn arguments_of<'c>(
                 (ParamKind::F32, Value::Float(x)) => Arg::F32(x),
                 _ => {
                     return Err(SdpaError::Cuda(format!(
-                        "the launch contract declares {name} as {kind:?}, but the runtime \
-                         holds {what} there; the runtime and kernels-gen come from different \
-                         versions"
+                        "{contract} declares {name} as {kind:?}, but the runtime holds {what} \
+                         there; the runtime and kernels-gen come from different versions"
                     )))
                 }
             };
