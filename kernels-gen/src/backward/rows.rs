@@ -160,6 +160,20 @@ fn store_pair(k: &mut Kernel, dtype: DType, addr: Reg, pred: Option<Reg>, v: [Re
     }
 }
 
+/// Stores the `f32` `value` at global `addr` where `pred` holds.
+fn store_f32_if(k: &mut Kernel, pred: Reg, addr: Reg, value: Reg) {
+    k.guard(
+        pred,
+        false,
+        Instr::St {
+            space: StateSpace::Global,
+            ty: Ty::F32,
+            addr: Addr::at(addr, 0),
+            src: vec![value],
+        },
+    );
+}
+
 /// Sums `x` over the warp (butterfly: every lane gets the same bits).
 fn warp_sum(k: &mut Kernel, mut x: Reg) -> Reg {
     for mask in [16, 8, 4, 2, 1] {
@@ -215,16 +229,7 @@ pub(super) fn preprocess(spec: &VariantSpec, target: Target) -> GpuKernel {
     let dense4 = k.bin(BinOp::Shl, Ty::U64, r.dense, Operand::U(2));
     let delta_ptr = params.get(&mut k, "delta");
     let delta_addr = k.bin(BinOp::Add, Ty::U64, delta_ptr, dense4);
-    k.guard(
-        lead,
-        false,
-        Instr::St {
-            space: StateSpace::Global,
-            ty: Ty::F32,
-            addr: Addr::at(delta_addr, 0),
-            src: vec![delta],
-        },
-    );
+    store_f32_if(&mut k, lead, delta_addr, delta);
     // lse[b, h, row] through its strides.
     let lse_ptr = params.get(&mut k, "lse");
     let [lsb, lsh, lsq] = params.strides(&mut k, "lse");
@@ -250,16 +255,7 @@ pub(super) fn preprocess(spec: &VariantSpec, target: Target) -> GpuKernel {
     k.selp_to(Ty::F32, lse2, Operand::F32(f32::INFINITY), lse2, none);
     let lse2_ptr = params.get(&mut k, "lse_log2");
     let lse2_addr = k.bin(BinOp::Add, Ty::U64, lse2_ptr, dense4);
-    k.guard(
-        lead,
-        false,
-        Instr::St {
-            space: StateSpace::Global,
-            ty: Ty::F32,
-            addr: Addr::at(lse2_addr, 0),
-            src: vec![lse2],
-        },
-    );
+    store_f32_if(&mut k, lead, lse2_addr, lse2);
     k.push(Instr::Ret);
     kernel(target, entry, k)
 }

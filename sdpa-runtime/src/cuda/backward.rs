@@ -46,15 +46,17 @@ const MAX_GRID_X: usize = (1 << 31) - 1;
 
 /// Runs `variant`'s GPU backward for `p`: on the device where the tensors
 /// live (on `dq`'s stream, without waiting), or through device 0 for host
-/// tensors (waiting for the result).
+/// tensors (waiting for the result). `x` and `g` must have been checked
+/// against `p` (`Problem::check_backward`), as `backend.rs` does.
 pub(crate) fn run(
     variant: &Variant,
     p: &Problem<'_>,
     x: &BackwardInputs<'_>,
     g: &mut Gradients<'_>,
 ) -> Result<()> {
+    // The caller (`backend.rs`) has checked the buffers against `p`; the
+    // device launch checks the views it launches on again (`launch`).
     let kernels = variant.gpu_backward()?;
-    p.check_backward(x, g)?;
     refuse_rows_hidden_by_large_finite(p, variant.spec().causal)?;
     match (p.q.storage(), g.dq.storage()) {
         (Storage::Cuda(_), StorageMut::Cuda(dq)) => {
