@@ -19,14 +19,33 @@
 //!   shared memory `smem_bytes` (the runtime raises the function's limit when
 //!   it exceeds 48 KB); [`cta_coords`] reads the grid;
 //! - parameters, in the order of [`PARAMS`]: the device pointers of `q`, `k`,
-//!   `v`, `out`, the mask and the row log-sum-exp `lse`, the element strides
+//!   `v`, `out`, the mask and the row log-sum-exp `lse`, the sequence
+//!   bounds `q_start`, `q_end`, `k_start`, `k_end`, the element strides
 //!   (batch, token, head) of each tensor, the mask's element strides (batch,
 //!   head, query), `lse`'s element strides (batch, head, query), `Sq`, `Sk`,
-//!   the GQA group size `Hq / Hkv`, and `softmax_scale · log2(e)`.
-//! - The mask, if any, is a dense `f32` additive bias whose rows have exactly
-//!   `Sk` contiguous entries (the runtime normalises bool, integer and short
-//!   masks into it); a null pointer means no mask. Broadcast dimensions have
-//!   stride 0.
+//!   the tensors' token counts `tokens_q` and `tokens_k`, the mask's element
+//!   kind and front padding, the GQA group size `Hq / Hkv`, and
+//!   `softmax_scale · log2(e)`.
+//! - Sequences ([`crate::attention::seqs`] holds the rule): batch entry `b`
+//!   is one sequence of queries and one of keys. Where `q_start` is null,
+//!   its query rows are tokens `[0, Sq)` of batch `b`; otherwise they are
+//!   tokens `[q_start[b], q_end[b])` (`i32` arrays indexed by `b`, clamped
+//!   to `[0, tokens_q]`, at most `Sq` of them), and its local row `i` is
+//!   token `q_start[b] + i`. The same for keys with `k_start`, `k_end`,
+//!   `tokens_k` and `Sk`. Every rule below (causal, ragged ends, rows that
+//!   see no key) is in local positions, and every tensor, `lse` included,
+//!   is addressed at the token `start + local`. Packed variable-length
+//!   batches pass `cu_seqlens` as both arrays (`end = start + 1`) and batch
+//!   strides 0; key-padding runs pass `k_start`/`k_end` over a padded
+//!   layout. With sequence bounds the mask is null. The grid's `Sq` is the
+//!   longest sequence's bound: CTAs past their sequence's end exit.
+//! - The mask, if any, is read in place: element `(b, h, i, j)` at
+//!   `b · stride_b + h · stride_h + i · stride_q + (j - mask_pad)`
+//!   (broadcast dimensions have stride 0, the key dimension is contiguous),
+//!   keys `j < mask_pad` attend; its element kind is `mask_kind`, a
+//!   [`crate::attention::mask::MaskKind`] code: an additive `f32`, `f16` or
+//!   `bf16` bias, or `u8` (bool), `i32` or `i64` elements where non-zero
+//!   attends. A null pointer means no mask.
 //! - `lse`, if not null, is an `f32` tensor `[B, Hq, Sq]` at any element
 //!   strides: every query row `i < Sq` gets `ln Σ_j exp(scale · q_i · k_j +
 //!   mask_ij)` over the keys it sees, `-inf` where it sees none (the rule is
@@ -63,13 +82,17 @@ impl ParamKind {
 }
 
 /// The kernel parameters, in launch order.
-pub const PARAMS: [(&str, ParamKind); 27] = [
+pub const PARAMS: [(&str, ParamKind); 35] = [
     ("q", ParamKind::Ptr),
     ("k", ParamKind::Ptr),
     ("v", ParamKind::Ptr),
     ("out", ParamKind::Ptr),
     ("mask", ParamKind::Ptr),
     ("lse", ParamKind::Ptr),
+    ("q_start", ParamKind::Ptr),
+    ("q_end", ParamKind::Ptr),
+    ("k_start", ParamKind::Ptr),
+    ("k_end", ParamKind::Ptr),
     ("q_stride_b", ParamKind::U64),
     ("q_stride_s", ParamKind::U64),
     ("q_stride_h", ParamKind::U64),
@@ -90,6 +113,10 @@ pub const PARAMS: [(&str, ParamKind); 27] = [
     ("lse_stride_q", ParamKind::U64),
     ("seq_q", ParamKind::U32),
     ("seq_k", ParamKind::U32),
+    ("tokens_q", ParamKind::U32),
+    ("tokens_k", ParamKind::U32),
+    ("mask_kind", ParamKind::U32),
+    ("mask_pad", ParamKind::U32),
     ("group", ParamKind::U32),
 ];
 
@@ -248,10 +275,19 @@ pub struct Args {
     pub mask_strides: [Reg; 3],
     /// The row log-sum-exp's element strides: batch, head, query.
     pub lse_strides: [Reg; 3],
+    /// The sequence bounds: `q_start`, `q_end`, `k_start`, `k_end` (null:
+    /// every batch entry is one whole sequence).
+    pub seq_bounds: [Reg; 4],
     /// `Sq`.
     pub seq_q: Reg,
     /// `Sk`.
     pub seq_k: Reg,
+    /// The token counts of `q` and of `k`/`v`: `[tokens_q, tokens_k]`.
+    pub tokens: [Reg; 2],
+    /// The mask's [`crate::attention::mask::MaskKind`] code.
+    pub mask_kind: Reg,
+    /// The mask's front padding: keys before it attend.
+    pub mask_pad: Reg,
     /// `Hq / Hkv`.
     pub group: Reg,
     /// `softmax_scale · log2(e)`.
@@ -267,6 +303,7 @@ pub fn load_args(k: &mut Kernel, params: &Params) -> Args {
         out: params.get(k, "out"),
         mask: params.get(k, "mask"),
         lse: params.get(k, "lse"),
+        seq_bounds: ["q_start", "q_end", "k_start", "k_end"].map(|n| params.get(k, n)),
         q_strides: params.strides(k, "q"),
         k_strides: params.strides(k, "k"),
         v_strides: params.strides(k, "v"),
@@ -275,6 +312,9 @@ pub fn load_args(k: &mut Kernel, params: &Params) -> Args {
         lse_strides: params.strides(k, "lse"),
         seq_q: params.get(k, "seq_q"),
         seq_k: params.get(k, "seq_k"),
+        tokens: ["tokens_q", "tokens_k"].map(|n| params.get(k, n)),
+        mask_kind: params.get(k, "mask_kind"),
+        mask_pad: params.get(k, "mask_pad"),
         group: params.get(k, "group"),
         scale_log2: params.get(k, SCALE_PARAM.0),
     }
@@ -402,7 +442,7 @@ mod tests {
             assert!(line.contains(&format!("ld.param{} ", kind.ty())), "{line}");
             assert!(line.ends_with(&format!("[t_{name}];")), "{line}");
         }
-        assert!(loads[PARAMS.len() + 1].contains("ld.param.u32 %r3, [t_seq_q];"));
+        assert!(loads[PARAMS.len() + 1].contains("ld.param.u32 %r7, [t_seq_q];"));
     }
 
     #[test]

@@ -109,6 +109,117 @@ pub fn add_bias(k: &mut Kernel, score: Reg, pred: Reg, addr: Addr) {
     k.mad_to(Ty::F32, score, bias, Operand::F32(LOG2E), score);
 }
 
+/// The element kind of a mask read in place: the contract's `mask_kind`
+/// code ([`MaskKind::code`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskKind {
+    /// An additive `f32` bias.
+    F32,
+    /// An additive `f16` bias.
+    F16,
+    /// An additive `bf16` bias.
+    Bf16,
+    /// `u8` (bool): non-zero attends, zero hides.
+    U8,
+    /// `i32`: non-zero attends.
+    I32,
+    /// `i64`: non-zero attends.
+    I64,
+}
+
+impl MaskKind {
+    /// Every kind, in code order.
+    pub const ALL: [MaskKind; 6] = [
+        MaskKind::F32,
+        MaskKind::F16,
+        MaskKind::Bf16,
+        MaskKind::U8,
+        MaskKind::I32,
+        MaskKind::I64,
+    ];
+
+    /// The `mask_kind` code the runtime passes.
+    pub const fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// The bytes of one element.
+    pub const fn bytes(self) -> u64 {
+        match self {
+            MaskKind::F32 | MaskKind::I32 => 4,
+            MaskKind::F16 | MaskKind::Bf16 => 2,
+            MaskKind::U8 => 1,
+            MaskKind::I64 => 8,
+        }
+    }
+}
+
+/// The additive bias (natural-log domain, `f32`) of the `kind` element at
+/// `addr` where `pred` holds, 0 elsewhere: the float kinds widened, the
+/// others `0` where non-zero and `-inf` where zero.
+pub fn load_bias(k: &mut Kernel, kind: MaskKind, pred: Reg, addr: Addr) -> Reg {
+    let bias = k.mov(Ty::F32, Operand::F32(0.0));
+    let load = |k: &mut Kernel, ty: Ty, dst: Reg| {
+        k.guard(
+            pred,
+            false,
+            Instr::Ld {
+                space: StateSpace::GlobalNc,
+                ty,
+                dst: vec![dst],
+                addr,
+            },
+        )
+    };
+    match kind {
+        MaskKind::F32 => load(k, Ty::F32, bias),
+        MaskKind::F16 => {
+            let raw = k.mov(Ty::B16, Operand::U(0));
+            load(k, Ty::B16, raw);
+            k.cvt_to(None, Ty::F32, Ty::F16, bias, raw);
+        }
+        MaskKind::Bf16 => {
+            // bf16 is the top half of an f32.
+            let raw = k.mov(Ty::U32, Operand::U(0));
+            load(k, Ty::U16, raw);
+            k.bin_to(BinOp::Shl, Ty::B32, raw, raw, Operand::U(16));
+            k.mov_to(Ty::B32, bias, raw);
+        }
+        MaskKind::U8 | MaskKind::I32 | MaskKind::I64 => {
+            let (ld_ty, reg_ty) = match kind {
+                MaskKind::U8 => (Ty::U8, Ty::U32),
+                MaskKind::I32 => (Ty::U32, Ty::U32),
+                _ => (Ty::U64, Ty::U64),
+            };
+            // Lanes that do not load read as "attend".
+            let raw = k.mov(reg_ty, Operand::U(1));
+            load(k, ld_ty, raw);
+            let hide = k.setp(Cmp::Eq, reg_ty, raw, Operand::U(0));
+            k.selp_to(Ty::F32, bias, Operand::F32(f32::NEG_INFINITY), bias, hide);
+        }
+    }
+    bias
+}
+
+/// Emits `body` once per [`MaskKind`], each behind a uniform branch on the
+/// `mask_kind` register `kind`: the masked path of a kernel, specialised
+/// for every element kind, of which one runs.
+pub fn per_kind(k: &mut Kernel, kind: Reg, mut body: impl FnMut(&mut Kernel, MaskKind)) {
+    let done = k.label("mask_kind_done");
+    for mk in MaskKind::ALL {
+        let next = k.label("mask_kind_next");
+        let other = k.setp(Cmp::Ne, Ty::U32, kind, Operand::U(mk.code() as u64));
+        k.branch_if(other, false, &next);
+        body(k, mk);
+        k.push(Instr::Bra {
+            target: done.clone(),
+            uni: true,
+        });
+        k.push(Instr::Label(next));
+    }
+    k.push(Instr::Label(done));
+}
+
 /// `score = -inf` where `hidden` holds.
 pub fn hide_if(k: &mut Kernel, score: Reg, hidden: Reg) {
     k.selp_to(

@@ -23,6 +23,7 @@
 
 pub mod layout;
 pub mod mask;
+pub mod seqs;
 pub mod softmax;
 pub mod store;
 

@@ -36,8 +36,15 @@
 //! `q`, `k`, `v`, `out`, `dout`, `dq`, `dk` and `dv` are `[B, S, H, D]`
 //! tensors with element strides (batch, token, head) and a contiguous head
 //! dimension; `lse` is `f32 [B, Hq, Sq]` with strides (batch, head, query);
-//! the mask is the forward's (a dense `f32` additive bias, null for none).
-//! Keys of a CTA past `Sk` and query rows past `Sq` take no part.
+//! the mask is the forward's (read in place, any
+//! [`crate::attention::mask::MaskKind`], null for none), and so are the
+//! sequence bounds (`q_start`, `q_end`, `k_start`, `k_end`, `tokens_q`,
+//! `tokens_k`: [`crate::attention::seqs`]): tensors, `lse` included, are
+//! addressed at token `start + local`, while the scratch buffers are
+//! indexed by local rows (`Sq` bounds every sequence). Keys of a CTA past
+//! its sequence's keys and query rows past its sequence's rows take no
+//! part; `dk`/`dv` rows of keys no query block reaches are written as
+//! zeros.
 //!
 //! The CTAs of one (batch, K/V head) rely on every CTA of a lower key
 //! block having been scheduled before them (as the hardware schedules a
@@ -53,7 +60,7 @@ use crate::{DType, VariantSpec};
 
 /// The backward kernels' parameters, in launch order: one table for all
 /// three kernels.
-pub const BACKWARD_PARAMS: [(&str, ParamKind); 50] = [
+pub const BACKWARD_PARAMS: [(&str, ParamKind); 58] = [
     ("q", ParamKind::Ptr),
     ("k", ParamKind::Ptr),
     ("v", ParamKind::Ptr),
@@ -68,6 +75,10 @@ pub const BACKWARD_PARAMS: [(&str, ParamKind); 50] = [
     ("lse_log2", ParamKind::Ptr),
     ("delta", ParamKind::Ptr),
     ("sem", ParamKind::Ptr),
+    ("q_start", ParamKind::Ptr),
+    ("q_end", ParamKind::Ptr),
+    ("k_start", ParamKind::Ptr),
+    ("k_end", ParamKind::Ptr),
     ("q_stride_b", ParamKind::U64),
     ("q_stride_s", ParamKind::U64),
     ("q_stride_h", ParamKind::U64),
@@ -100,6 +111,10 @@ pub const BACKWARD_PARAMS: [(&str, ParamKind); 50] = [
     ("mask_stride_q", ParamKind::U64),
     ("seq_q", ParamKind::U32),
     ("seq_k", ParamKind::U32),
+    ("tokens_q", ParamKind::U32),
+    ("tokens_k", ParamKind::U32),
+    ("mask_kind", ParamKind::U32),
+    ("mask_pad", ParamKind::U32),
     ("heads_q", ParamKind::U32),
     ("group", ParamKind::U32),
     ("scale_log2", ParamKind::F32),

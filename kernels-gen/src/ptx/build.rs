@@ -168,6 +168,24 @@ impl Kernel {
         });
     }
 
+    /// Converts `src` from `src_ty` to `dst_ty` into `dst`.
+    pub fn cvt_to(
+        &mut self,
+        rnd: Option<&'static str>,
+        dst_ty: Ty,
+        src_ty: Ty,
+        dst: Reg,
+        src: impl Into<Operand>,
+    ) {
+        self.push(Instr::Cvt {
+            rnd,
+            dst_ty,
+            src_ty,
+            dst,
+            src: src.into(),
+        });
+    }
+
     /// Converts `src` from `src_ty` to `dst_ty` into a fresh register.
     pub fn cvt(
         &mut self,

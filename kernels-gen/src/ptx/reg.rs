@@ -13,6 +13,11 @@ pub enum Ty {
     B32,
     /// 64 untyped bits.
     B64,
+    /// Unsigned 8-bit integer: only a load's width, into a 32-bit register
+    /// (sub-word loads zero-extend).
+    U8,
+    /// Unsigned 16-bit integer: only a load's width, into a 32-bit register.
+    U16,
     /// Unsigned 32-bit integer.
     U32,
     /// Unsigned 64-bit integer.
@@ -41,6 +46,8 @@ impl Ty {
             Ty::B16 => "b16",
             Ty::B32 => "b32",
             Ty::B64 => "b64",
+            Ty::U8 => "u8",
+            Ty::U16 => "u16",
             Ty::U32 => "u32",
             Ty::U64 => "u64",
             Ty::S32 => "s32",
@@ -58,7 +65,9 @@ impl Ty {
         match self {
             Ty::Pred => RegClass::Pred,
             Ty::B16 | Ty::F16 | Ty::BF16 => RegClass::B16,
-            Ty::B32 | Ty::U32 | Ty::S32 | Ty::F16x2 | Ty::BF16x2 => RegClass::B32,
+            Ty::B32 | Ty::U8 | Ty::U16 | Ty::U32 | Ty::S32 | Ty::F16x2 | Ty::BF16x2 => {
+                RegClass::B32
+            }
             Ty::B64 | Ty::U64 | Ty::S64 => RegClass::B64,
             Ty::F32 => RegClass::F32,
         }

@@ -433,8 +433,13 @@ fn value(name: &str, c: &Call<'_>) -> Option<(Value, &'static str)> {
         "lse_log2" => (Address(ptrs.lse_log2), "lse_log2's address"),
         "delta" => (Address(ptrs.delta), "delta's address"),
         "sem" => (Address(ptrs.sem), "sem's address"),
+        "q_start" | "q_end" | "k_start" | "k_end" => (Address(0), "a sequence bound"),
         "seq_q" => (Size(p.seq_q), "Sq"),
         "seq_k" => (Size(p.seq_k), "Sk"),
+        "tokens_q" => (Size(p.seq_q), "q's token count"),
+        "tokens_k" => (Size(p.seq_k), "k's token count"),
+        "mask_kind" => (Size(0), "the mask's element kind"),
+        "mask_pad" => (Size(0), "the mask's front padding"),
         "heads_q" => (Size(p.heads_q), "Hq"),
         "group" => (Size(p.group_size()), "Hq / Hkv"),
         "scale_log2" => (

@@ -117,8 +117,13 @@ fn value(
         "lse_stride_b" => stride(lb),
         "lse_stride_h" => stride(lh),
         "lse_stride_q" => stride(lq),
+        "q_start" | "q_end" | "k_start" | "k_end" => (Address(0), "a sequence bound"),
         "seq_q" => (Size(p.seq_q), "Sq"),
         "seq_k" => (Size(p.seq_k), "Sk"),
+        "tokens_q" => (Size(p.seq_q), "q's token count"),
+        "tokens_k" => (Size(p.seq_k), "k's token count"),
+        "mask_kind" => (Size(0), "the mask's element kind"),
+        "mask_pad" => (Size(0), "the mask's front padding"),
         "group" => (Size(p.group_size()), "Hq / Hkv"),
         "scale_log2" => (
             Float(p.scale * std::f32::consts::LOG2_E),
