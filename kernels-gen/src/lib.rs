@@ -21,6 +21,7 @@ pub mod attention;
 pub mod backward;
 pub mod contract;
 pub mod fa2;
+pub mod key_runs;
 pub mod ptx;
 mod simt;
 pub mod sm90;
