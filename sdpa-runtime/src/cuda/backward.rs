@@ -57,6 +57,7 @@ pub(crate) fn run(
     // The caller (`backend.rs`) has checked the buffers against `p`; the
     // device launch checks the views it launches on again (`launch`).
     let kernels = variant.gpu_backward()?;
+    super::not_yet(p)?;
     refuse_rows_hidden_by_large_finite(p, variant.spec().causal)?;
     match (p.q.storage(), g.dq.storage()) {
         (Storage::Cuda(_), StorageMut::Cuda(dq)) => {
@@ -204,7 +205,7 @@ fn staged<T: Element>(
             q: view(&q, q_shape)?,
             k: view(&k, kv_shape)?,
             v: view(&v, kv_shape)?,
-            ..*p
+            ..p.clone()
         };
         let device_inputs = BackwardInputs {
             out: view(&out, q_shape)?,
@@ -916,7 +917,7 @@ mod tests {
         assert!(err.contains("declares scale as U32"), "{err}");
         let p = Problem {
             seq_k: 1 << 32,
-            ..p
+            ..p.clone()
         };
         let c = Call { p: &p, ..c };
         let err = arguments(&c).unwrap_err().to_string();

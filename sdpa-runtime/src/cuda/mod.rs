@@ -110,6 +110,7 @@ pub(crate) fn run(
     out: &mut TensorViewMut<'_>,
     lse: Option<&mut TensorViewMut<'_>>,
 ) -> Result<()> {
+    not_yet(p)?;
     match (p.q.storage(), out.storage()) {
         (Storage::Cuda(_), StorageMut::Cuda(out_data)) => {
             let stream = out_data.stream().clone();
@@ -192,6 +193,22 @@ fn launch_on(
     launch::attention(kernels, stream, p, out, mask.as_ref(), lse)
 }
 
+/// Refuses what the launch does not pass to the kernels yet: packed
+/// batches and masks in device memory.
+pub(crate) fn not_yet(p: &Problem<'_>) -> Result<()> {
+    if p.is_packed() {
+        return Err(SdpaError::Unsupported(
+            "variable-length batches (cu_seqlens) do not run on the CUDA backend yet".into(),
+        ));
+    }
+    if p.mask.as_ref().is_some_and(|m| m.residence().is_cuda()) {
+        return Err(SdpaError::Unsupported(
+            "masks in device memory do not run on the CUDA backend yet; pass a host mask".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Copies the host tensors of `p` to the device, packed contiguously (so
 /// that any host strides meet the kernels' 16-byte row alignment), runs
 /// there and scatters the result into `out` (and the row log-sum-exp into
@@ -235,7 +252,7 @@ fn staged<T: Element>(
             q: view(&q, &p.q)?,
             k: view(&k, &p.k)?,
             v: view(&v, &p.v)?,
-            ..*p
+            ..p.clone()
         };
         let mut device_view = TensorViewMut::new_cuda(device_out.as_cuda_mut(), packed_out)?;
         let mut lse_view = match device_lse.as_mut() {
