@@ -287,7 +287,6 @@ impl<'a> CudaMaskData<'a> {
 
     /// The address for reading on `stream`, and the guard that records the
     /// read on `stream` once dropped after the work that reads it.
-    #[allow(dead_code)] // the launch reads it once device masks run
     pub(crate) fn device_ptr<'s>(
         &'s self,
         stream: &'s cudarc::driver::CudaStream,
@@ -479,6 +478,22 @@ impl<'a> ResolvedMask<'a> {
         match self.data {
             MaskElems::Host(_) => None,
             MaskElems::Cuda(d) => Some(d),
+        }
+    }
+
+    /// The same mask over other host elements (as many, in the same
+    /// order): a device mask's copy on the host.
+    pub(crate) fn with_host_data<'b>(&self, data: MaskData<'b>) -> ResolvedMask<'b> {
+        debug_assert_eq!(data.len(), self.data.len());
+        ResolvedMask {
+            data: MaskElems::Host(data),
+            batch: self.batch,
+            dims: self.dims,
+            seq_k: self.seq_k,
+            stride_b: self.stride_b,
+            stride_h: self.stride_h,
+            stride_q: self.stride_q,
+            pad: self.pad,
         }
     }
 
@@ -814,5 +829,105 @@ mod tests {
         let mask = AttnMask::new(&m[..], &[2, 3, 1, 4]).unwrap();
         let err = mask.resolve(2, 8, 1, 4).unwrap_err().to_string();
         assert!(err.contains("head dimension is 3"), "{err}");
+    }
+
+    fn runs_of<'a>(
+        m: impl Into<MaskData<'a>>,
+        shape: &[usize],
+        b: usize,
+        sk: usize,
+    ) -> Option<KeyRuns> {
+        AttnMask::new(m, shape)
+            .unwrap()
+            .resolve(b, 2, 3, sk)
+            .unwrap()
+            .key_runs()
+    }
+
+    #[test]
+    fn key_padding_gives_one_run_per_batch_entry() {
+        // [B=3, Sk=4]: keys 0..2, 1..4, none.
+        let m = [
+            true, true, false, false, false, true, true, true, false, false, false, false,
+        ];
+        let runs = runs_of(&m[..], &[3, 4], 3, 4).unwrap();
+        assert_eq!(runs.runs(), [0..2, 1..4, 0..0]);
+        assert!(!runs.all_start_at_zero());
+        assert!(!runs.is_full(4));
+        assert_eq!(runs.starts_then_ends(), [0, 1, 0, 2, 4, 0]);
+        // Integers, [B, 1, Sk] and [B, 1, 1, Sk] shapes, and a batch of 1
+        // broadcast to the problem's.
+        let i = [0i64, 5, 5, 0];
+        assert_eq!(
+            runs_of(&i[..], &[1, 1, 4], 2, 4).unwrap().runs(),
+            [1..3, 1..3]
+        );
+        assert_eq!(runs_of(&i[..], &[1, 1, 1, 4], 1, 4).unwrap().runs(), [1..3]);
+        // A short mask: its front padding attends and joins the run.
+        let short = [true, false];
+        let runs = runs_of(&short[..], &[1, 2], 1, 5).unwrap();
+        assert_eq!(runs.runs(), [0..4]);
+        assert!(runs.all_start_at_zero());
+        // Everything seen.
+        let all = [1u8; 4];
+        assert!(runs_of(&all[..], &[1, 4], 2, 4).unwrap().is_full(4));
+    }
+
+    #[test]
+    fn masks_that_are_not_key_padding_have_no_runs() {
+        // Two runs in one entry.
+        let m = [true, false, true, true];
+        assert_eq!(runs_of(&m[..], &[1, 4], 1, 4), None);
+        // Short mask whose padding and visible keys are apart.
+        let short = [false, true];
+        assert_eq!(runs_of(&short[..], &[1, 2], 1, 4), None);
+        // Depends on the query or the head.
+        let q = [true; 3 * 4];
+        assert_eq!(runs_of(&q[..], &[1, 3, 4], 1, 4), None);
+        let h = [true; 2 * 4];
+        assert_eq!(runs_of(&h[..], &[1, 2, 1, 4], 1, 4), None);
+    }
+
+    #[test]
+    fn float_masks_have_runs_only_with_zero_and_minus_infinity() {
+        let inf = f32::NEG_INFINITY;
+        let m = [inf, 0.0, -0.0, inf];
+        assert_eq!(runs_of(&m[..], &[1, 4], 1, 4).unwrap().runs(), [1..3]);
+        let h = [f16::NEG_INFINITY, f16::ZERO, f16::ZERO];
+        assert_eq!(runs_of(&h[..], &[1, 3], 1, 3).unwrap().runs(), [1..3]);
+        for other in [-1e9f32, 1.0, -0.5, f32::NAN, f32::INFINITY] {
+            let m = [0.0, other, 0.0, 0.0];
+            assert_eq!(runs_of(&m[..], &[1, 4], 1, 4), None, "{other}");
+        }
+        // -1e9 hides in torch's sense but is a finite bias: not a run.
+        let m = [0.0f32, 0.0, -1e9, -1e9];
+        assert_eq!(runs_of(&m[..], &[1, 4], 1, 4), None);
+    }
+
+    #[test]
+    fn kinds_strides_and_padding_are_the_launch_contracts() {
+        let m = [1i32; 2 * 3];
+        let r = AttnMask::new(&m[..], &[2, 1, 3])
+            .unwrap()
+            .resolve(2, 4, 5, 7)
+            .unwrap();
+        assert_eq!(r.kind(), MaskKind::I32);
+        assert_eq!(r.strides(), [3, 0, 0]);
+        assert_eq!(r.pad(), 4);
+        assert_eq!(r.dims(), [2, 1, 1]);
+        assert!(!r.is_float());
+        let b = [true; 2];
+        let r = AttnMask::new(&b[..], &[1, 2])
+            .unwrap()
+            .resolve(1, 1, 1, 2)
+            .unwrap();
+        assert_eq!(r.kind(), MaskKind::U8);
+        assert_eq!(r.residence(), Residence::Host);
+        let h = [bf16::ZERO; 2];
+        let r = AttnMask::new(&h[..], &[1, 2])
+            .unwrap()
+            .resolve(1, 1, 1, 2)
+            .unwrap();
+        assert_eq!((r.kind(), r.is_float()), (MaskKind::Bf16, true));
     }
 }

@@ -329,3 +329,69 @@ fn elsewhere(name: &str, found: Residence, q: Residence) -> SdpaError {
          (all in host memory or all on one CUDA device)"
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::varlen::VarLen;
+
+    fn views<'a>(
+        q: &'a [f32],
+        k: &'a [f32],
+        sq: [usize; 4],
+        sk: [usize; 4],
+    ) -> [TensorView<'a>; 2] {
+        [
+            TensorView::from_slice(q, sq).unwrap(),
+            TensorView::from_slice(k, sk).unwrap(),
+        ]
+    }
+
+    #[test]
+    fn a_packed_problem_has_sequences_bounds_and_packed_shapes() {
+        let (q, k) = (vec![0.0; 8 * 2 * 8], vec![0.0; 6 * 8]);
+        let [qv, kv] = views(&q, &k, [1, 8, 2, 8], [1, 6, 1, 8]);
+        let (cu_q, cu_k) = ([0, 5, 5, 8], [0, 1, 4, 6]);
+        let vl = VarLen::new(&cu_q, &cu_k);
+        let p = Problem::with_varlen(qv, kv, kv, None, Some(&vl), 1.0).unwrap();
+        assert!(p.is_packed() && !p.has_device_seqlens());
+        assert_eq!((p.batch, p.seq_q, p.seq_k), (3, 5, 3));
+        assert_eq!((p.tokens_q, p.tokens_k), (8, 6));
+        assert_eq!(p.out_shape(), [1, 8, 2, 8]);
+        assert_eq!(p.lse_shape(), [1, 2, 8, 1]);
+        assert_eq!(p.q_seqs.range(2, p.tokens_q, p.seq_q), Some(5..8));
+        assert_eq!(p.k_seqs.range(0, p.tokens_k, p.seq_k), Some(0..1));
+        // The CPU refuses it for now, with a typed error.
+        let err = p.check_cpu().unwrap_err();
+        assert!(matches!(err, SdpaError::Unsupported(_)), "{err}");
+        // A mask with it is refused.
+        let m = [true; 6];
+        let mask = AttnMask::new(&m[..], &[1, 6]).unwrap();
+        let err = Problem::with_varlen(qv, kv, kv, Some(&mask), Some(&vl), 1.0).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot take an attn_mask"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn key_padding_masks_bound_the_keys_by_runs() {
+        let (q, k) = (vec![0.0; 2 * 3 * 8], vec![0.0; 2 * 4 * 8]);
+        let [qv, kv] = views(&q, &k, [2, 3, 1, 8], [2, 4, 1, 8]);
+        let m = [true, true, true, false, false, true, true, false];
+        let mask = AttnMask::new(&m[..], &[2, 4]).unwrap();
+        let p = Problem::new(qv, kv, kv, Some(&mask), 1.0).unwrap();
+        let SeqBounds::Runs(runs) = &p.k_seqs else {
+            panic!("no runs: {:?}", p.k_seqs)
+        };
+        assert_eq!(runs.runs(), [0..3, 1..3]);
+        assert!(p.mask.is_some() && p.q_seqs.is_whole());
+        assert_eq!(p.k_seqs.range(1, 4, 4), Some(1..3));
+        assert!(p.check_cpu().is_ok());
+        // A mask over queries: no runs.
+        let m = [true; 2 * 3 * 4];
+        let mask = AttnMask::new(&m[..], &[2, 3, 4]).unwrap();
+        let p = Problem::new(qv, kv, kv, Some(&mask), 1.0).unwrap();
+        assert!(p.k_seqs.is_whole());
+    }
+}

@@ -42,8 +42,12 @@
 //!
 //! The kernel runs on the stream of the output buffer; inputs allocated on
 //! other streams of the same context are ordered through `cudarc`'s events.
-//! Masks are host data: each call normalises its mask into the contract's
-//! dense `f32` bias and copies it to the device on that stream.
+//! Masks are read in place, in their own element kind: a device mask
+//! ([`crate::AttnMask::from_cuda`], on the tensors' device) by its address,
+//! a host mask copied as stored on that stream (`mask`). Variable-length
+//! batches pass their `cu_seqlens` as the kernels' sequence bounds (device
+//! ones in place), and key-padding masks their runs instead of the mask
+//! (`seqs`).
 //!
 //! # Host tensors
 //!
@@ -64,8 +68,8 @@
 //! # Modules
 //!
 //! `device` (contexts, probing), `module_cache` (the per-device JIT cache),
-//! `jit_log` (the JIT compiler's error log), `mask` (masks in the contract's
-//! format), `tensor_map` (the TMA descriptors of Hopper kernels), `launch`
+//! `jit_log` (the JIT compiler's error log), `mask` (masks read in place),
+//! `seqs` (sequence bounds and the mask of a launch), `tensor_map` (the TMA descriptors of Hopper kernels), `launch`
 //! (the kernel's choice, arguments, grid and the launch).
 //!
 //! [`CudaSlice`]: cudarc::driver::CudaSlice
@@ -78,6 +82,7 @@ mod jit_log;
 mod launch;
 mod mask;
 mod module_cache;
+mod seqs;
 mod tensor_map;
 #[cfg(test)]
 mod tma_tests;
@@ -110,7 +115,6 @@ pub(crate) fn run(
     out: &mut TensorViewMut<'_>,
     lse: Option<&mut TensorViewMut<'_>>,
 ) -> Result<()> {
-    not_yet(p)?;
     match (p.q.storage(), out.storage()) {
         (Storage::Cuda(_), StorageMut::Cuda(out_data)) => {
             let stream = out_data.stream().clone();
@@ -176,7 +180,7 @@ fn on_device(
     launch_on(kernels, stream, p, out, lse).map(drop)
 }
 
-/// Uploads `p`'s mask on `stream` and launches for device tensors and a
+/// Prepares `p`'s sequence bounds and mask on `stream` and launches for device tensors and a
 /// non-empty output; the kernel that ran.
 fn launch_on(
     kernels: Kernels<'_>,
@@ -185,28 +189,8 @@ fn launch_on(
     out: &mut TensorViewMut<'_>,
     lse: Option<&mut TensorViewMut<'_>>,
 ) -> Result<&'static GpuKernel> {
-    let mask = p
-        .mask
-        .as_ref()
-        .map(|m| mask::upload(m, stream))
-        .transpose()?;
-    launch::attention(kernels, stream, p, out, mask.as_ref(), lse)
-}
-
-/// Refuses what the launch does not pass to the kernels yet: packed
-/// batches and masks in device memory.
-pub(crate) fn not_yet(p: &Problem<'_>) -> Result<()> {
-    if p.is_packed() {
-        return Err(SdpaError::Unsupported(
-            "variable-length batches (cu_seqlens) do not run on the CUDA backend yet".into(),
-        ));
-    }
-    if p.mask.as_ref().is_some_and(|m| m.residence().is_cuda()) {
-        return Err(SdpaError::Unsupported(
-            "masks in device memory do not run on the CUDA backend yet; pass a host mask".into(),
-        ));
-    }
-    Ok(())
+    let reads = seqs::prepare(p, kernels.causal(), stream)?;
+    launch::attention(kernels, stream, p, out, &reads, lse)
 }
 
 /// Copies the host tensors of `p` to the device, packed contiguously (so
