@@ -140,10 +140,12 @@ impl<'a> VarLen<'a> {
         }
     }
 
-    /// Sets the longest sequence of each side. With device offsets this
-    /// spares launching a grid for `Tq` rows; a sequence longer than its
-    /// maximum is an error with host offsets and cut to it with device
-    /// offsets.
+    /// Sets the longest sequence of each side. Pass it with device
+    /// offsets: without it each sequence is bounded by the token count, so
+    /// the grid covers `B · Tq` rows and the GPU backward's scratch holds
+    /// `B · Hq · Tq · D` floats. A sequence longer than its maximum is an
+    /// error with host offsets and cut to it with device offsets (its
+    /// tokens past the maximum are then not written).
     pub fn with_max_seqlen(mut self, max_seqlen_q: usize, max_seqlen_k: usize) -> Self {
         self.max_seqlen_q = Some(max_seqlen_q);
         self.max_seqlen_k = Some(max_seqlen_k);
