@@ -201,7 +201,14 @@ impl SdpaImpl {
         v: &TensorView<'a>,
         metadata: &AttentionMetadata<'a>,
     ) -> Result<Problem<'a>> {
-        let p = Problem::new(*q, *k, *v, metadata.attn_mask.as_ref(), self.scale)?;
+        let p = Problem::with_varlen(
+            *q,
+            *k,
+            *v,
+            metadata.attn_mask.as_ref(),
+            metadata.varlen.as_ref(),
+            self.scale,
+        )?;
         let want = |what: &str, found: usize, expected: usize| -> Result<()> {
             if found == expected {
                 Ok(())
@@ -390,7 +397,10 @@ fn run_backward(
 ) -> Result<()> {
     match selection.backend {
         BackendKind::Cuda => crate::cuda::backward::run(variant, p, inputs, grads),
-        _ => (variant.cpu_backward()?)(p, inputs, grads),
+        _ => {
+            p.check_cpu()?;
+            (variant.cpu_backward()?)(p, inputs, grads)
+        }
     }
 }
 
@@ -427,7 +437,10 @@ impl SdpaImpl {
         );
         match selection.backend {
             BackendKind::Cuda => crate::cuda::run(variant, p, out, lse),
-            _ => (variant.cpu_kernel())(p, out, lse),
+            _ => {
+                p.check_cpu()?;
+                (variant.cpu_kernel())(p, out, lse)
+            }
         }
     }
 }

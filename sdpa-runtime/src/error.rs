@@ -101,6 +101,10 @@ pub enum SdpaError {
     /// driver's own message.
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// A feature this backend does not run (yet): what, and what to do
+    /// instead.
+    #[error("{0}")]
+    Unsupported(String),
     /// A sequence-parallel exchange failed or was misused: what happened
     /// and what to change.
     #[error("{0}")]

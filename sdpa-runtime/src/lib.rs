@@ -48,6 +48,7 @@ mod select;
 mod storage;
 mod tensor;
 mod variant;
+pub mod varlen;
 
 pub use backend::{AttentionBackend, AttentionImpl, SdpaImpl};
 pub use element::Element;
@@ -56,7 +57,7 @@ pub use grad::{BackwardInputs, Gradients};
 pub use kernels_gen::ptx::Target;
 pub use kernels_gen::{DType, VariantSpec};
 pub use layout::Layout;
-pub use mask::{AttnMask, MaskData, OwnedMaskData, ResolvedMask};
+pub use mask::{AttnMask, CudaMaskData, KeyRuns, MaskData, MaskKind, OwnedMaskData, ResolvedMask};
 pub use metadata::AttentionMetadata;
 pub use params::AttentionParams;
 pub use problem::Problem;
@@ -68,6 +69,7 @@ pub use storage::{
 };
 pub use tensor::{Tensor, TensorView, TensorViewMut};
 pub use variant::{CpuBackwardFn, CpuKernelFn, GpuBackward, GpuKernel, Variant, VariantTable};
+pub use varlen::{SeqBounds, SeqLens, VarLen};
 
 /// Re-exported for the code the macro generates and for callers building
 /// `f16`/`bf16` tensors.

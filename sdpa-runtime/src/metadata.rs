@@ -1,6 +1,7 @@
 //! Per-call metadata, as FastVideo's `attn_metadata`.
 
 use crate::mask::AttnMask;
+use crate::varlen::VarLen;
 
 /// What a forward call receives beside `q`, `k` and `v`.
 ///
@@ -16,6 +17,9 @@ pub struct AttentionMetadata<'a> {
     pub current_timestep: i64,
     /// An optional attention mask; see [`AttnMask`] for the accepted forms.
     pub attn_mask: Option<AttnMask<'a>>,
+    /// An optional variable-length batch (packed tensors and their
+    /// `cu_seqlens`); see [`VarLen`]. Not together with `attn_mask`.
+    pub varlen: Option<VarLen<'a>>,
 }
 
 impl<'a> AttentionMetadata<'a> {
@@ -24,12 +28,20 @@ impl<'a> AttentionMetadata<'a> {
         AttentionMetadata {
             current_timestep,
             attn_mask: None,
+            varlen: None,
         }
     }
 
     /// Adds an attention mask.
     pub fn with_mask(mut self, mask: AttnMask<'a>) -> Self {
         self.attn_mask = Some(mask);
+        self
+    }
+
+    /// Makes the call a variable-length batch: `q`, `k` and `v` (and the
+    /// outputs) packed as `[1, T, H, D]`, sequences given by `varlen`.
+    pub fn with_varlen(mut self, varlen: VarLen<'a>) -> Self {
+        self.varlen = Some(varlen);
         self
     }
 }

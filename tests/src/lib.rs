@@ -8,3 +8,4 @@ pub mod device;
 pub mod reference;
 pub mod sequence_parallel;
 pub mod training;
+pub mod varlen;

@@ -10,6 +10,11 @@
 //! (`dq_accum`, `lse_log2`, `delta`, `sem`) are allocated for each call on
 //! its stream, zeroed, and freed in stream order after the kernels.
 //!
+//! Sequence bounds and the mask are the forward's (`seqs::prepare`): packed
+//! batches pass their `cu_seqlens`, key-padding masks their runs (then
+//! `dk` and `dv` are zeroed first, since the kernels write the rows of
+//! each sequence's keys only), other masks are read in place.
+//!
 //! Device tensors run on the device where they live, on the stream of `dq`;
 //! host tensors are packed, copied to device 0, run there and copied back
 //! into the caller's views, as the forward does (`staged` in the parent
@@ -28,6 +33,7 @@ use kernels_gen::backward::BACKWARD_PARAMS;
 use kernels_gen::contract::ParamKind;
 
 use super::launch::{self, check_rows_aligned, Arg, Value};
+use super::seqs::{self, BoundPtrs};
 use super::{device, mask, module_cache, pack, upload_slice};
 use crate::element::Element;
 use crate::error::{Result, SdpaError};
@@ -57,17 +63,19 @@ pub(crate) fn run(
     // The caller (`backend.rs`) has checked the buffers against `p`; the
     // device launch checks the views it launches on again (`launch`).
     let kernels = variant.gpu_backward()?;
-    refuse_rows_hidden_by_large_finite(p, variant.spec().causal)?;
+    let causal = variant.spec().causal;
+    refuse_rows_hidden_by_large_finite(p, causal)?;
+    let k = Backward { kernels, causal };
     match (p.q.storage(), g.dq.storage()) {
         (Storage::Cuda(_), StorageMut::Cuda(dq)) => {
             let stream = dq.stream().clone();
             check_device(variant, kernels, &stream)?;
-            on_device(kernels, &stream, p, x, g)
+            on_device(k, &stream, p, x, g)
         }
         (Storage::Host(_), StorageMut::Host(_)) => {
             let device = device::device(0)?;
             check_device(variant, kernels, &device.stream)?;
-            dispatch!(p.dtype(), T => staged::<T>(kernels, &device.stream, p, x, g))
+            dispatch!(p.dtype(), T => staged::<T>(k, &device.stream, p, x, g))
         }
         _ => Err(SdpaError::Residence(format!(
             "q lives in {} and dq in {}; pass every tensor of the backward in one place",
@@ -84,12 +92,31 @@ pub(crate) fn run(
 /// from it, would be wrong. The CPU backward recomputes such rows.
 const LARGEST_HIDING_BIAS: f32 = -65536.0;
 
+/// A variant's backward kernels and its causal flag.
+#[derive(Clone, Copy, Debug)]
+struct Backward<'v> {
+    kernels: &'v GpuBackward,
+    causal: bool,
+}
+
 /// Refuses a mask that hides some row from every key it sees with a finite
 /// value below [`LARGEST_HIDING_BIAS`] (`-1e9`, `f32::MIN`: the Hugging Face
 /// convention for padded keys, on a row with no key left).
+///
+/// Host masks are read where they are. A float mask in device memory is
+/// copied to the host for this check, waiting for the device: the one
+/// device-to-host copy of the backward's masks (the forward reads device
+/// masks in place and never copies them). `bool` and integer masks hide
+/// with `-inf` only and need no check.
 fn refuse_rows_hidden_by_large_finite(p: &Problem<'_>, causal: bool) -> Result<()> {
     let Some(mask) = &p.mask else { return Ok(()) };
-    match mask.row_hidden_by_finite(LARGEST_HIDING_BIAS, causal) {
+    let copy = mask::float_to_host(mask)?;
+    let host_mask = match &copy {
+        Some(c) => mask.with_host_data(c.data()),
+        None if mask.residence().is_cuda() => return Ok(()),
+        None => *mask,
+    };
+    match host_mask.row_hidden_by_finite(LARGEST_HIDING_BIAS, causal) {
         None => Ok(()),
         Some([b, h, i]) => Err(SdpaError::Mask(format!(
             "the mask hides row (batch {b}, head {h}, query {i}) from every key with finite              values below {LARGEST_HIDING_BIAS}; the GPU backward cannot recompute that row's              probabilities from its log-sum-exp: hide keys with -inf (or a bool mask), or run              the backward on the CPU backend"
@@ -130,7 +157,7 @@ fn is_empty(p: &Problem<'_>) -> bool {
 
 /// The backward for device tensors, queued on `stream`.
 fn on_device(
-    kernels: &GpuBackward,
+    kernels: Backward<'_>,
     stream: &Arc<CudaStream>,
     p: &Problem<'_>,
     x: &BackwardInputs<'_>,
@@ -149,7 +176,7 @@ fn on_device(
 /// (so that any host strides meet the kernels' 16-byte row alignment),
 /// runs there and scatters the gradients into `g`, waiting for them.
 fn staged<T: Element>(
-    kernels: &GpuBackward,
+    kernels: Backward<'_>,
     stream: &Arc<CudaStream>,
     p: &Problem<'_>,
     x: &BackwardInputs<'_>,
@@ -204,7 +231,7 @@ fn staged<T: Element>(
             q: view(&q, q_shape)?,
             k: view(&k, kv_shape)?,
             v: view(&v, kv_shape)?,
-            ..*p
+            ..p.clone()
         };
         let device_inputs = BackwardInputs {
             out: view(&out, q_shape)?,
@@ -225,7 +252,7 @@ fn staged<T: Element>(
         )?;
     }
     // The copies wait for the kernels: a fault of theirs surfaces here.
-    let entries = kernels.kernels().map(|k| k.entry()).join(", ");
+    let entries = kernels.kernels.kernels().map(|k| k.entry()).join(", ");
     for (name, device, view) in [
         ("dq", &dq, &mut g.dq),
         ("dk", &dk, &mut g.dk),
@@ -362,6 +389,16 @@ struct Pointers {
     lse_log2: u64,
     delta: u64,
     sem: u64,
+    bounds: BoundPtrs,
+}
+
+/// How the kernels read the mask: element strides (batch, head, query),
+/// kind code and front padding (zeros without a mask).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct MaskArgs {
+    strides: [usize; 3],
+    kind: u32,
+    pad: usize,
 }
 
 /// Everything the backward's arguments are made of: the checked problem,
@@ -376,7 +413,7 @@ struct Call<'c> {
     dq: Layout,
     dk: Layout,
     dv: Layout,
-    mask_strides: [usize; 3],
+    mask: MaskArgs,
     ptrs: Pointers,
 }
 
@@ -400,11 +437,12 @@ fn value(name: &str, c: &Call<'_>) -> Option<(Value, &'static str)> {
             // `[B, Hq, Sq, 1]`: batch, head, query.
             "lse" => c.lse.strides(),
             "mask" => {
-                let [b, h, q] = c.mask_strides;
+                let [b, h, q] = c.mask.strides;
                 [b, h, q, 1]
             }
             _ => return None,
         };
+        let packed_batch = tensor != "mask" && dim == "b" && p.is_packed();
         let i = match (tensor, dim) {
             ("lse" | "mask", "b") => 0,
             ("lse" | "mask", "h") => 1,
@@ -415,7 +453,9 @@ fn value(name: &str, c: &Call<'_>) -> Option<(Value, &'static str)> {
             (_, "h") => 2,
             _ => return None,
         };
-        return Some((Size(strides[i]), "a stride"));
+        // Packed tensors: every sequence is addressed from batch entry 0.
+        let stride = if packed_batch { 0 } else { strides[i] };
+        return Some((Size(stride), "a stride"));
     }
     let ptrs = &c.ptrs;
     Some(match name {
@@ -433,13 +473,16 @@ fn value(name: &str, c: &Call<'_>) -> Option<(Value, &'static str)> {
         "lse_log2" => (Address(ptrs.lse_log2), "lse_log2's address"),
         "delta" => (Address(ptrs.delta), "delta's address"),
         "sem" => (Address(ptrs.sem), "sem's address"),
-        "q_start" | "q_end" | "k_start" | "k_end" => (Address(0), "a sequence bound"),
+        "q_start" => (Address(ptrs.bounds.q_start), "q_start's address"),
+        "q_end" => (Address(ptrs.bounds.q_end), "q_end's address"),
+        "k_start" => (Address(ptrs.bounds.k_start), "k_start's address"),
+        "k_end" => (Address(ptrs.bounds.k_end), "k_end's address"),
         "seq_q" => (Size(p.seq_q), "Sq"),
         "seq_k" => (Size(p.seq_k), "Sk"),
-        "tokens_q" => (Size(p.seq_q), "q's token count"),
-        "tokens_k" => (Size(p.seq_k), "k's token count"),
-        "mask_kind" => (Size(0), "the mask's element kind"),
-        "mask_pad" => (Size(0), "the mask's front padding"),
+        "tokens_q" => (Size(p.tokens_q), "q's token count"),
+        "tokens_k" => (Size(p.tokens_k), "k's token count"),
+        "mask_kind" => (Size(c.mask.kind as usize), "the mask's element kind"),
+        "mask_pad" => (Size(c.mask.pad), "the mask's front padding"),
         "heads_q" => (Size(p.heads_q), "Hq"),
         "group" => (Size(p.group_size()), "Hq / Hkv"),
         "scale_log2" => (
@@ -534,12 +577,13 @@ fn scratch_lens(p: &Problem<'_>, b: &GpuBackward) -> Result<[usize; 3]> {
 /// non-empty problem `p` whose tensors all live in device memory of
 /// `stream`'s context. Returns once the launches are queued.
 fn launch(
-    kernels: &GpuBackward,
+    backward: Backward<'_>,
     stream: &Arc<CudaStream>,
     p: &Problem<'_>,
     x: &BackwardInputs<'_>,
     g: &mut Gradients<'_>,
 ) -> Result<()> {
+    let kernels = backward.kernels;
     p.check_backward(x, g)?;
     if is_empty(p) {
         return Err(SdpaError::Shape(format!(
@@ -580,17 +624,18 @@ fn launch(
             _ => return Err(not_here(name)),
         }
     }
+    let reads = seqs::prepare(p, backward.causal, stream)?;
+    if reads.hides_keys_by_runs() {
+        // The kernels write the `dk`, `dv` rows of each sequence's keys
+        // only: the keys outside the runs get their zeros here, first.
+        zero_device("dk", &mut g.dk, stream)?;
+        zero_device("dv", &mut g.dv, stream)?;
+    }
     let (StorageMut::Cuda(dq_data), StorageMut::Cuda(dk_data), StorageMut::Cuda(dv_data)) =
         (g.dq.storage_mut(), g.dk.storage_mut(), g.dv.storage_mut())
     else {
         return Err(not_here("dq, dk or dv"));
     };
-    let mask = p
-        .mask
-        .as_ref()
-        .map(|m| mask::upload(m, stream))
-        .transpose()?;
-    let mask_bias = mask.as_ref().and_then(|m| m.bias.as_ref());
 
     let [accum_len, rows, sem_len] = scratch_lens(p, kernels)?;
     let alloc_err = |name: &str, n: usize, e| {
@@ -623,13 +668,8 @@ fn launch(
     let (out, _out) = input_data[3].device_ptr(stream);
     let (dout, _dout) = input_data[4].device_ptr(stream);
     let (lse, _lse) = input_data[5].device_ptr(stream);
-    let (mask_ptr, _mask) = match mask_bias {
-        Some(b) => {
-            let (ptr, guard) = cudarc::driver::DevicePtr::device_ptr(b, stream);
-            (ptr, Some(guard))
-        }
-        None => (0, None),
-    };
+    let (mask_ptr, _mask) = reads.mask_ptr(stream)?;
+    let (bounds, _bounds) = reads.bound_ptrs(stream)?;
     let (dq, _dq) = dq_data.device_ptr_mut(stream);
     let (dk, _dk) = dk_data.device_ptr_mut(stream);
     let (dv, _dv) = dv_data.device_ptr_mut(stream);
@@ -661,7 +701,14 @@ fn launch(
         dq: dq_layout,
         dk: dk_layout,
         dv: dv_layout,
-        mask_strides: mask.as_ref().map_or([0; 3], |m| m.strides),
+        mask: reads
+            .mask
+            .as_ref()
+            .map_or(MaskArgs::default(), |m| MaskArgs {
+                strides: m.strides,
+                kind: m.kind.code(),
+                pad: m.pad,
+            }),
         ptrs: Pointers {
             q,
             k,
@@ -677,6 +724,7 @@ fn launch(
             lse_log2: lse_log2_ptr,
             delta: delta_ptr,
             sem: sem_ptr,
+            bounds,
         },
     };
     let args = arguments(&call)?;
@@ -719,20 +767,34 @@ fn launch(
         //   guards `_q` ... `_sem` record the kernels' use on `stream` when
         //   dropped after the last launch, so that frees and other streams
         //   wait for them;
-        // - the kernels touch only elements `[b, s, h, 0..D]` inside each
+        // - the kernels touch only elements `[b, t, h, 0..D]` inside each
         //   `[B, S, H, D]` tensor's shape (`q`, `out`, `dout`, `dq` of
-        //   `[B, Sq, Hq, D]`; `k`, `v`, `dk`, `dv` of `[B, Sk, Hkv, D]`:
-        //   `Problem::new` and `check_backward` above) and elements
-        //   `[b, h, i]` of the lse (`[B, Hq, Sq, 1]`, `check_lse_input`),
-        //   at offsets formed from the strides passed here; each view's
-        //   buffer holds `Layout::required_len` elements for its shape and
-        //   strides (checked when the view was made, with overflow checks),
-        //   so every access is in bounds; the head dimension has stride 1
-        //   (`Layout::strided`); offsets are 64-bit in the kernels and no sum
-        //   of them overflows since `required_len` did not; every row of the
-        //   `[B, S, H, D]` tensors starts on a 16-byte boundary
-        //   (`check_rows_aligned` above), as the kernels' vector accesses
-        //   need, and the lse is 4-byte aligned;
+        //   q's shape; `k`, `v`, `dk`, `dv` of k's: `Problem::new` and
+        //   `check_backward` above) and elements `[b, h, t]` of the lse
+        //   (`Problem::lse_shape`, `check_lse_input`), at offsets formed
+        //   from the strides passed here: `b < B` for `[B, S, H, D]`
+        //   tensors, batch stride 0 for packed ones (every sequence lives
+        //   in batch entry 0); the token `t = start + i` of a sequence's
+        //   local row or key `i`, where the kernels clamp `start` to
+        //   `[0, tokens]`, the end to `[start, tokens]` and the length to
+        //   `Sq` (`Sk`) whatever the bound arrays hold
+        //   (`kernels_gen::attention::seqs`), with `tokens_q`, `tokens_k`
+        //   the tensors' own dimension 1, so `t` is a token of the tensor;
+        //   each view's buffer holds `Layout::required_len` elements for
+        //   its shape and strides (checked when the view was made, with
+        //   overflow checks), so every access is in bounds; the head
+        //   dimension has stride 1 (`Layout::strided`); offsets are 64-bit
+        //   in the kernels and no sum of them overflows since
+        //   `required_len` did not; every row of the `[B, S, H, D]` tensors
+        //   starts on a 16-byte boundary (`check_rows_aligned` above), as
+        //   the kernels' vector accesses need, and the lse is 4-byte
+        //   aligned;
+        // - the bound arrays, where passed, are `i32` device memory of
+        //   `stream`'s context (`Reads::bound_ptrs` checks device
+        //   `cu_seqlens`; the others were copied on `stream`) holding at
+        //   least `B + 1` entries for `cu_seqlens` (`varlen::check` counted
+        //   them) or `2 B` for key runs, alive past the kernels and guarded
+        //   by `_bounds`;
         // - the scratch buffers are dense and as long as the contract says
         //   (`scratch_lens`: `dq_accum` `B·Hq·Sq·D`, `lse_log2` and `delta`
         //   `B·Hq·Sq`, `sem` `B·Hq·ceil(Sq / main.block_m)`, computed with
@@ -743,16 +805,21 @@ fn launch(
         //   borrows, so no input aliases them and no two of them share an
         //   element; the kernels write each of their elements from one
         //   thread (the `dq` sums go through `dq_accum`, ordered by `sem`);
-        // - the mask, when present, is a dense f32 buffer of `[B', H', Sq',
-        //   Sk]` elements with strides 0 on broadcast dimensions
-        //   (`dense_bias`), uploaded on this stream, so rows `(b, h, i)` with
-        //   `b < B, h < Hq, i < Sq` read `Sk` in-bounds entries; a null
-        //   pointer means no mask;
+        // - the mask, when present, holds exactly the elements of its
+        //   resolved shape `[B', H', Sq', L]` (`AttnMask::new`/`from_cuda`
+        //   check the length) of the kind `mask_kind` says, in device
+        //   memory of `stream`'s context (the caller's, checked by
+        //   `DeviceMask::device_ptr`, or copied on this stream), strides 0
+        //   on broadcast dimensions and `mask_pad = Sk - L`, so row
+        //   `(b, h, i)`, `b < B, h < Hq, i < Sq`, reads keys `j` in
+        //   `[mask_pad, Sk)` at `row + j - mask_pad`, in bounds; it is only
+        //   passed without sequence bounds, so `b`, `i`, `j` are the
+        //   tensors' own; a null pointer means no mask;
         // - the grids are the contract's (`grids`: `(ceil(Sq / block_m),
         //   Hq, B)` for the row kernels, `(ceil(Sk / block_n), Hkv, B)` for
         //   the main one, within the driver's limits), none empty since the
-        //   problem is not, and the kernels guard rows `>= Sq` and keys
-        //   `>= Sk`; `threads` and `smem_bytes` are each kernel's own, and
+        //   problem is not, and the kernels guard rows and keys past their
+        //   sequence (at most `Sq`, `Sk`: the scratch buffers' local rows); `threads` and `smem_bytes` are each kernel's own, and
         //   each function's shared-memory limit was raised to its
         //   `smem_bytes` when it was loaded;
         // - the three launches are queued in order on one stream, so each
@@ -828,7 +895,11 @@ mod tests {
             dq: gapped([b, sq, hq, d], d + 24),
             dk: gapped(kv, d + 32),
             dv: gapped(kv, d + 40),
-            mask_strides: [7, 0, 5],
+            mask: MaskArgs {
+                strides: [7, 0, 5],
+                kind: 2,
+                pad: 3,
+            },
             ptrs: Pointers {
                 q: 1,
                 k: 2,
@@ -844,6 +915,12 @@ mod tests {
                 lse_log2: 12,
                 delta: 13,
                 sem: 14,
+                bounds: BoundPtrs {
+                    q_start: 15,
+                    q_end: 16,
+                    k_start: 17,
+                    k_end: 18,
+                },
             },
         }
     }
@@ -863,7 +940,7 @@ mod tests {
         let arg = |name: &str| args.iter().find(|(n, _)| *n == name).unwrap().1;
         for (n, name) in [
             "q", "k", "v", "out", "dout", "lse", "mask", "dq", "dk", "dv", "dq_accum", "lse_log2",
-            "delta", "sem",
+            "delta", "sem", "q_start", "q_end", "k_start", "k_end",
         ]
         .into_iter()
         .enumerate()
@@ -891,11 +968,42 @@ mod tests {
         assert_eq!(arg("seq_k"), Arg::U32(7));
         assert_eq!(arg("heads_q"), Arg::U32(4));
         assert_eq!(arg("group"), Arg::U32(2));
+        assert_eq!(arg("tokens_q"), Arg::U32(5));
+        assert_eq!(arg("tokens_k"), Arg::U32(7));
+        assert_eq!(arg("mask_kind"), Arg::U32(2));
+        assert_eq!(arg("mask_pad"), Arg::U32(3));
         assert_eq!(arg("scale"), Arg::F32(0.125));
         assert_eq!(
             arg("scale_log2"),
             Arg::F32(0.125 * std::f32::consts::LOG2_E)
         );
+    }
+
+    #[test]
+    fn packed_batches_take_zero_batch_strides_and_their_token_counts() {
+        let (q, kv) = (vec![0.0; 7 * 4 * 8], vec![0.0; 8 * 2 * 8]);
+        let qv = TensorView::from_slice(&q, [1, 7, 4, 8]).unwrap();
+        let kvv = TensorView::from_slice(&kv, [1, 8, 2, 8]).unwrap();
+        let (cu_q, cu_k) = ([0, 3, 3, 7], [0, 2, 7, 8]);
+        let vl = crate::VarLen::new(&cu_q, &cu_k);
+        let p = Problem::with_varlen(qv, kvv, kvv, None, Some(&vl), 0.125).unwrap();
+        let c = call(&p);
+        let args = arguments(&c).unwrap();
+        let arg = |name: &str| args.iter().find(|(n, _)| *n == name).unwrap().1;
+        for t in ["q", "k", "v", "out", "dout", "dq", "dk", "dv", "lse"] {
+            assert_eq!(arg(&format!("{t}_stride_b")), Arg::U64(0), "{t}");
+        }
+        assert_eq!(arg("dq_stride_s"), Arg::U64(4 * 32));
+        assert_eq!((arg("seq_q"), arg("seq_k")), (Arg::U32(4), Arg::U32(5)));
+        assert_eq!(
+            (arg("tokens_q"), arg("tokens_k")),
+            (Arg::U32(7), Arg::U32(8))
+        );
+        // Scratch: B sequences of at most Sq rows.
+        let [accum, rows, _] = scratch_lens(&p, &BACKWARD).unwrap();
+        assert_eq!((accum, rows), (3 * 4 * 4 * 8, 3 * 4 * 4));
+        let [pre, main, _] = grids(&p, &BACKWARD).unwrap();
+        assert_eq!((pre, main), ((1, 4, 3), (1, 2, 3)));
     }
 
     #[test]
@@ -916,7 +1024,7 @@ mod tests {
         assert!(err.contains("declares scale as U32"), "{err}");
         let p = Problem {
             seq_k: 1 << 32,
-            ..p
+            ..p.clone()
         };
         let c = Call { p: &p, ..c };
         let err = arguments(&c).unwrap_err().to_string();

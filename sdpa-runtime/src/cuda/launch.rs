@@ -12,11 +12,11 @@
 
 use std::fmt;
 
-use cudarc::driver::{CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 use kernels_gen::contract::{ParamKind, PARAMS, SCALE_PARAM, TENSOR_MAP_PARAMS};
 
-use super::mask::DeviceMask;
 use super::module_cache;
+use super::seqs::{BoundPtrs, Reads};
 use super::tensor_map::{self, TensorMap, Tiled, Undescribable};
 use crate::error::{Result, SdpaError};
 use crate::layout::Layout;
@@ -41,8 +41,8 @@ pub(crate) enum Arg {
     F32(f32),
 }
 
-/// Device addresses of the call's buffers (0 for an absent mask, and for
-/// an lse the caller did not ask for).
+/// Device addresses of the call's buffers (0 for an absent mask, for an
+/// lse the caller did not ask for, and for absent sequence bounds).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Pointers {
     pub(crate) q: u64,
@@ -51,15 +51,28 @@ pub(crate) struct Pointers {
     pub(crate) out: u64,
     pub(crate) mask: u64,
     pub(crate) lse: u64,
+    pub(crate) bounds: BoundPtrs,
 }
 
-/// The element strides (batch, head, query) of the call's per-row buffers:
-/// the mask's dense bias and the row log-sum-exp (zeros for one that is
-/// absent).
+/// The layout of the call's per-row buffers: the element strides (batch,
+/// head, query) of the mask and of the row log-sum-exp (zeros for one that
+/// is absent), and the mask's element kind code and front padding.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct RowStrides {
     pub(crate) mask: [usize; 3],
     pub(crate) lse: [usize; 3],
+    pub(crate) mask_kind: u32,
+    pub(crate) mask_pad: usize,
+}
+
+/// A tensor's batch stride as the kernels take it: 0 for packed tensors
+/// (every sequence is addressed from batch entry 0 by its tokens).
+pub(crate) fn batch_stride(p: &Problem<'_>, stride: usize) -> usize {
+    if p.is_packed() {
+        0
+    } else {
+        stride
+    }
 }
 
 /// A value the launch knows for a contract parameter, before it takes the
@@ -91,6 +104,7 @@ fn value(
     let [ob, os, oh, _] = out.strides();
     let [mb, mh, mq] = rows.mask;
     let [lb, lh, lq] = rows.lse;
+    let [qb, kb, vb, ob, lb] = [qb, kb, vb, ob, lb].map(|s| batch_stride(p, s));
     let stride = |n| (Size(n), "a stride");
     Some(match name {
         "q" => (Address(ptrs.q), "q's address"),
@@ -117,13 +131,16 @@ fn value(
         "lse_stride_b" => stride(lb),
         "lse_stride_h" => stride(lh),
         "lse_stride_q" => stride(lq),
-        "q_start" | "q_end" | "k_start" | "k_end" => (Address(0), "a sequence bound"),
+        "q_start" => (Address(ptrs.bounds.q_start), "q_start's address"),
+        "q_end" => (Address(ptrs.bounds.q_end), "q_end's address"),
+        "k_start" => (Address(ptrs.bounds.k_start), "k_start's address"),
+        "k_end" => (Address(ptrs.bounds.k_end), "k_end's address"),
         "seq_q" => (Size(p.seq_q), "Sq"),
         "seq_k" => (Size(p.seq_k), "Sk"),
-        "tokens_q" => (Size(p.seq_q), "q's token count"),
-        "tokens_k" => (Size(p.seq_k), "k's token count"),
-        "mask_kind" => (Size(0), "the mask's element kind"),
-        "mask_pad" => (Size(0), "the mask's front padding"),
+        "tokens_q" => (Size(p.tokens_q), "q's token count"),
+        "tokens_k" => (Size(p.tokens_k), "k's token count"),
+        "mask_kind" => (Size(rows.mask_kind as usize), "the mask's element kind"),
+        "mask_pad" => (Size(rows.mask_pad), "the mask's front padding"),
         "group" => (Size(p.group_size()), "Hq / Hkv"),
         "scale_log2" => (
             Float(p.scale * std::f32::consts::LOG2_E),
@@ -301,6 +318,10 @@ impl<'v> Kernels<'v> {
             None => Err(kernels.no_kernel()),
         }
     }
+    /// Whether the variant is causal.
+    pub(crate) fn causal(self) -> bool {
+        self.variant.spec().causal
+    }
     /// The kernels the device runs, best first.
     pub(crate) fn candidates(self) -> impl Iterator<Item = &'static GpuKernel> {
         self.variant.gpu_kernels_for(self.capability.choosing())
@@ -463,7 +484,8 @@ pub(crate) fn grid(p: &Problem<'_>, kernel: &GpuKernel) -> Result<(u32, u32, u32
 ///
 /// `p`'s tensors, `out` and `lse` must be device memory of `stream`'s
 /// context; `lse` is `f32`, `[B, Hq, Sq, 1]` ([`Problem::check_lse`]), at
-/// any strides; `mask` is `p`'s mask, uploaded on `stream`. Returns the
+/// any strides; `reads` holds `p`'s sequence bounds and mask, prepared on
+/// `stream` ([`super::seqs::prepare`]). Returns the
 /// kernel once its launch is queued (the stream orders it with what comes
 /// next). An empty output has nothing to compute: callers return before
 /// launching, and this refuses one with an error.
@@ -472,7 +494,7 @@ pub(crate) fn attention(
     stream: &CudaStream,
     p: &Problem<'_>,
     out: &mut TensorViewMut<'_>,
-    mask: Option<&DeviceMask>,
+    reads: &Reads<'_>,
     lse: Option<&mut TensorViewMut<'_>>,
 ) -> Result<&'static GpuKernel> {
     p.check_output(out)?;
@@ -514,21 +536,12 @@ pub(crate) fn attention(
         Some(StorageMut::Cuda(data)) if data.stream().context() == stream.context() => Some(data),
         Some(_) => return Err(not_here("the lse buffer")),
     };
-    let mask_bias = mask.and_then(|m| m.bias.as_ref());
-    if mask_bias.is_some_and(|b| b.stream().context() != stream.context()) {
-        return Err(not_here("the mask"));
-    }
 
     let (q, _q) = input_data[0].device_ptr(stream);
     let (k, _k) = input_data[1].device_ptr(stream);
     let (v, _v) = input_data[2].device_ptr(stream);
-    let (mask_ptr, _mask) = match mask_bias {
-        Some(b) => {
-            let (ptr, guard) = b.device_ptr(stream);
-            (ptr, Some(guard))
-        }
-        None => (0, None),
-    };
+    let (mask_ptr, _mask) = reads.mask_ptr(stream)?;
+    let (bounds, _bounds) = reads.bound_ptrs(stream)?;
     let (out_ptr, _out) = out_data.device_ptr_mut(stream);
     let (lse_ptr, _lse) = match lse_data {
         Some(data) => {
@@ -549,13 +562,17 @@ pub(crate) fn attention(
         out: out_ptr,
         mask: mask_ptr,
         lse: lse_ptr,
+        bounds,
     };
+    let mask = reads.mask.as_ref();
     let rows = RowStrides {
         mask: mask.map_or([0; 3], |m| m.strides),
         lse: lse_layout.map_or([0; 3], |l| {
             let [b, h, q, _] = l.strides();
             [b, h, q]
         }),
+        mask_kind: mask.map_or(0, |m| m.kind.code()),
+        mask_pad: mask.map_or(0, |m| m.pad),
     };
     let args = arguments(p, &out_layout, &rows, &ptrs)?;
     let Chosen { kernel, maps } = choose(kernels, p, [q, k, v], Tiled::encode)?;
@@ -603,35 +620,59 @@ pub(crate) fn attention(
     //   views borrow it for the whole call, and the guards `_q` ... `_out`
     //   record the kernel's use on `stream` when dropped after the launch,
     //   so that cudarc's frees and other streams wait for it;
-    // - the kernel touches only elements `[b, s, h, 0..D]` inside each
-    //   tensor's shape, at offsets formed from the strides passed here, and
-    //   each view's buffer holds `Layout::required_len` elements for its
-    //   shape and strides (checked when the view was made, with overflow
-    //   checks), so every access is in bounds; the head dimension has
-    //   stride 1 (checked by `Layout::strided`); offsets are 64-bit in the
-    //   kernel and no sum of them overflows since `required_len` did not;
+    // - the kernel touches only elements `[b, t, h, 0..D]` inside each
+    //   tensor's shape, at offsets formed from the strides passed here:
+    //   `b < B` for `[B, S, H, D]` tensors (grid z is B), batch stride 0 for
+    //   packed ones (`batch_stride`: every sequence lives in batch entry 0);
+    //   the token `t = start + i` of a sequence's local row or key `i`,
+    //   where the kernels clamp `start` to `[0, tokens]`, the end to
+    //   `[start, tokens]` and the length to `Sq` (`Sk`) whatever the bound
+    //   arrays hold (`kernels_gen::attention::seqs`), and `tokens_q`,
+    //   `tokens_k` are the tensors' own dimension 1 (`Problem::new`), so
+    //   `t` is a token of the tensor; each view's buffer holds
+    //   `Layout::required_len` elements for its shape and strides (checked
+    //   when the view was made, with overflow checks), so every access is
+    //   in bounds; the head dimension has stride 1 (checked by
+    //   `Layout::strided`); offsets are 64-bit in the kernel and no sum of
+    //   them overflows since `required_len` did not;
+    // - the bound arrays, where passed, are `i32` device memory of
+    //   `stream`'s context (checked by `Reads::bound_ptrs`) holding at least
+    //   `B + 1` entries for `cu_seqlens` (`start` reads `[b]`, `end`
+    //   `[b + 1]`, `b < B`: `varlen::check` counted them) or `2 B` for
+    //   key runs (`start` the first `B`, `end` the next `B`), kept alive
+    //   past the kernel (the caller's borrow, or `reads` with stream-ordered
+    //   frees) and guarded by `_bounds`;
     // - q, k and v agree in shape with each other and with the layer, and
     //   `out` has q's shape and dtype (`Problem::new`, `check_output`
     //   above); `out` is writable, borrowed mutably, non-overlapping
     //   (checked by `TensorViewMut`), so no two threads write one element
     //   and no input aliases it;
-    // - the mask, when present, is a dense f32 buffer of `[B', H', Sq', Sk]`
-    //   elements with strides 0 on broadcast dimensions (`dense_bias`),
-    //   uploaded on this stream, so rows `(b, h, i)` with `b < B, h < Hq,
-    //   i < Sq` read `Sk` in-bounds entries; a null pointer means no mask;
-    // - the lse, when given, is f32 of shape `[B, Hq, Sq, 1]`
-    //   (`check_lse` above), device memory of `stream`'s context (checked
-    //   above) guarded by `_lse` like the others, whose view holds
-    //   `Layout::required_len` elements for its strides; the kernel writes
-    //   4 bytes at element `b · stride_b + h · stride_h + i · stride_q` for
-    //   `b < B, h < Hq, i < Sq` only, in bounds, one thread per row; the
-    //   view is borrowed mutably and non-overlapping, and it cannot alias
-    //   `out` or an input (distinct borrows); when absent its pointer is
-    //   null and the kernel writes nothing through it;
+    // - the mask, when present, holds exactly the elements of its resolved
+    //   shape `[B', H', Sq', L]` (`AttnMask::new`/`from_cuda` check the
+    //   length) of the kind `mask_kind` says (`MaskKind` of its data), in
+    //   device memory of `stream`'s context (the caller's, checked by
+    //   `DeviceMask::device_ptr`, or copied on this stream), with strides 0
+    //   on broadcast dimensions and `mask_pad = Sk - L`; row `(b, h, i)`,
+    //   `b < B, h < Hq, i < Sq`, reads keys `j` in `[mask_pad, Sk)` at
+    //   `row + j - mask_pad < B'·H'·Sq'·L`: in bounds; a mask is only passed
+    //   without sequence bounds (`Problem::with_varlen` refuses a mask with
+    //   a packed batch, `seqs::prepare` drops it for key runs), so `b`, `i`
+    //   and `j` are the tensors' own; a null pointer means no mask;
+    // - the lse, when given, is f32 of `Problem::lse_shape` (`[B, Hq, Sq,
+    //   1]`, or `[1, Hq, Tq, 1]` packed, with batch stride 0: `check_lse`
+    //   above), device memory of `stream`'s context (checked above) guarded
+    //   by `_lse` like the others, whose view holds `Layout::required_len`
+    //   elements for its strides; the kernel writes 4 bytes at element
+    //   `b · stride_b + h · stride_h + t · stride_q` for the tokens `t` of
+    //   the rows above only, in bounds, one thread per row; the view is
+    //   borrowed mutably and non-overlapping, and it cannot alias `out` or
+    //   an input (distinct borrows); when absent its pointer is null and
+    //   the kernel writes nothing through it;
     // - the grid is `(ceil(Sq / block_m), Hq, B)` within the driver's limits
-    //   (checked by `grid`), and the kernel guards query rows `>= Sq`;
-    //   `threads` and `smem_bytes` are the kernel's own, and the function's
-    //   shared-memory limit was raised to `smem_bytes` when it was loaded.
+    //   (checked by `grid`), and the kernel guards local rows past its
+    //   sequence (at most `Sq`); `threads` and `smem_bytes` are the
+    //   kernel's own, and the function's shared-memory limit was raised to
+    //   `smem_bytes` when it was loaded.
     unsafe { builder.launch(cfg) }.map_err(|e| {
         SdpaError::cuda(
             format_args!(
@@ -677,10 +718,13 @@ mod tests {
             out: 4,
             mask: 0,
             lse: 5,
+            bounds: BoundPtrs::default(),
         };
         let rows = RowStrides {
             mask: [9, 0, 7],
             lse: [4 * 13, 13, 2],
+            mask_kind: 3,
+            mask_pad: 6,
         };
         let args = arguments(&p, &out, &rows, &ptrs).unwrap();
         let names: Vec<&str> = args.iter().map(|(n, _)| *n).collect();
@@ -706,6 +750,11 @@ mod tests {
         assert_eq!(value("mask_stride_q"), Arg::U64(7));
         assert_eq!(value("seq_q"), Arg::U32(5));
         assert_eq!(value("seq_k"), Arg::U32(7));
+        assert_eq!(value("tokens_q"), Arg::U32(5));
+        assert_eq!(value("tokens_k"), Arg::U32(7));
+        assert_eq!(value("mask_kind"), Arg::U32(3));
+        assert_eq!(value("mask_pad"), Arg::U32(6));
+        assert_eq!(value("q_start"), Arg::U64(0));
         assert_eq!(value("group"), Arg::U32(2));
         assert_eq!(
             value("scale_log2"),
@@ -724,6 +773,56 @@ mod tests {
         let none = arguments(&p, &out, &RowStrides::default(), &Pointers::default()).unwrap();
         let lse = none.iter().find(|(n, _)| *n == "lse").unwrap().1;
         assert_eq!(lse, Arg::U64(0));
+    }
+
+    #[test]
+    fn packed_batches_pass_bounds_tokens_and_zero_batch_strides() {
+        // Sequences of 3, 0 and 4 queries over 2, 5 and 1 keys.
+        let (q, kv) = (vec![0.0; 7 * 4 * 8], vec![0.0; 8 * 2 * 8]);
+        let qv = TensorView::from_slice(&q, [1, 7, 4, 8]).unwrap();
+        let kvv = TensorView::from_slice(&kv, [1, 8, 2, 8]).unwrap();
+        let (cu_q, cu_k) = ([0, 3, 3, 7], [0, 2, 7, 8]);
+        let vl = crate::VarLen::new(&cu_q, &cu_k);
+        let p = Problem::with_varlen(qv, kvv, kvv, None, Some(&vl), 0.125).unwrap();
+        assert_eq!((p.batch, p.seq_q, p.seq_k), (3, 4, 5));
+        let out = Layout::contiguous([1, 7, 4, 8]);
+        let ptrs = Pointers {
+            bounds: BoundPtrs {
+                q_start: 100,
+                q_end: 104,
+                k_start: 200,
+                k_end: 204,
+            },
+            ..Pointers::default()
+        };
+        let rows = RowStrides {
+            lse: [4 * 7, 7, 1],
+            ..RowStrides::default()
+        };
+        let args = arguments(&p, &out, &rows, &ptrs).unwrap();
+        let value = |name: &str| args.iter().find(|(n, _)| *n == name).unwrap().1;
+        for name in [
+            "q_stride_b",
+            "k_stride_b",
+            "v_stride_b",
+            "out_stride_b",
+            "lse_stride_b",
+        ] {
+            assert_eq!(value(name), Arg::U64(0), "{name}");
+        }
+        assert_eq!(value("q_stride_s"), Arg::U64(4 * 8));
+        assert_eq!(value("lse_stride_h"), Arg::U64(7));
+        assert_eq!(value("seq_q"), Arg::U32(4));
+        assert_eq!(value("seq_k"), Arg::U32(5));
+        assert_eq!(value("tokens_q"), Arg::U32(7));
+        assert_eq!(value("tokens_k"), Arg::U32(8));
+        assert_eq!(value("q_start"), Arg::U64(100));
+        assert_eq!(value("q_end"), Arg::U64(104));
+        assert_eq!(value("k_start"), Arg::U64(200));
+        assert_eq!(value("k_end"), Arg::U64(204));
+        // The grid: the longest sequence's query blocks, one z per sequence.
+        let kernel = GpuKernel::new("", "k", Target::Sm80, 2, 128, 0);
+        assert_eq!(grid(&p, &kernel).unwrap(), (2, 4, 3));
     }
 
     #[test]

@@ -42,8 +42,12 @@
 //!
 //! The kernel runs on the stream of the output buffer; inputs allocated on
 //! other streams of the same context are ordered through `cudarc`'s events.
-//! Masks are host data: each call normalises its mask into the contract's
-//! dense `f32` bias and copies it to the device on that stream.
+//! Masks are read in place, in their own element kind: a device mask
+//! ([`crate::AttnMask::from_cuda`], on the tensors' device) by its address,
+//! a host mask copied as stored on that stream (`mask`). Variable-length
+//! batches pass their `cu_seqlens` as the kernels' sequence bounds (device
+//! ones in place), and key-padding masks their runs instead of the mask
+//! (`seqs`).
 //!
 //! # Host tensors
 //!
@@ -64,8 +68,8 @@
 //! # Modules
 //!
 //! `device` (contexts, probing), `module_cache` (the per-device JIT cache),
-//! `jit_log` (the JIT compiler's error log), `mask` (masks in the contract's
-//! format), `tensor_map` (the TMA descriptors of Hopper kernels), `launch`
+//! `jit_log` (the JIT compiler's error log), `mask` (masks read in place),
+//! `seqs` (sequence bounds and the mask of a launch), `tensor_map` (the TMA descriptors of Hopper kernels), `launch`
 //! (the kernel's choice, arguments, grid and the launch).
 //!
 //! [`CudaSlice`]: cudarc::driver::CudaSlice
@@ -78,6 +82,7 @@ mod jit_log;
 mod launch;
 mod mask;
 mod module_cache;
+mod seqs;
 mod tensor_map;
 #[cfg(test)]
 mod tma_tests;
@@ -175,7 +180,7 @@ fn on_device(
     launch_on(kernels, stream, p, out, lse).map(drop)
 }
 
-/// Uploads `p`'s mask on `stream` and launches for device tensors and a
+/// Prepares `p`'s sequence bounds and mask on `stream` and launches for device tensors and a
 /// non-empty output; the kernel that ran.
 fn launch_on(
     kernels: Kernels<'_>,
@@ -184,12 +189,8 @@ fn launch_on(
     out: &mut TensorViewMut<'_>,
     lse: Option<&mut TensorViewMut<'_>>,
 ) -> Result<&'static GpuKernel> {
-    let mask = p
-        .mask
-        .as_ref()
-        .map(|m| mask::upload(m, stream))
-        .transpose()?;
-    launch::attention(kernels, stream, p, out, mask.as_ref(), lse)
+    let reads = seqs::prepare(p, kernels.causal(), stream)?;
+    launch::attention(kernels, stream, p, out, &reads, lse)
 }
 
 /// Copies the host tensors of `p` to the device, packed contiguously (so
@@ -235,7 +236,7 @@ fn staged<T: Element>(
             q: view(&q, &p.q)?,
             k: view(&k, &p.k)?,
             v: view(&v, &p.v)?,
-            ..*p
+            ..p.clone()
         };
         let mut device_view = TensorViewMut::new_cuda(device_out.as_cuda_mut(), packed_out)?;
         let mut lse_view = match device_lse.as_mut() {

@@ -157,6 +157,13 @@ impl<C: Communicator> DistributedAttention<C> {
         sp: &SequenceParallel<'_>,
         metadata: &AttentionMetadata<'_>,
     ) -> Result<DistributedOutput> {
+        if metadata.varlen.is_some() {
+            return Err(SdpaError::Unsupported(
+                "DistributedAttention does not take variable-length batches (cu_seqlens); pass \
+                 [B, S, H, D] tensors, with a key-padding mask for padded sequences"
+                    .into(),
+            ));
+        }
         if let Some(mask) = &metadata.attn_mask {
             let shape = mask.shape();
             if shape.len() == 4 && shape[1] != 1 {

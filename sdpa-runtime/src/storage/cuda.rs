@@ -65,7 +65,7 @@ impl<'a, T> CudaRef<'a, T> {
     }
     /// The address for reading on `stream`, and the guard that records the
     /// read on `stream` once dropped after the work that reads it.
-    fn device_ptr<'s>(&'s self, stream: &'s CudaStream) -> (u64, SyncOnDrop<'s>) {
+    pub(crate) fn device_ptr<'s>(&'s self, stream: &'s CudaStream) -> (u64, SyncOnDrop<'s>) {
         match self {
             CudaRef::Slice(s) => s.device_ptr(stream),
             CudaRef::View(v) => v.device_ptr(stream),

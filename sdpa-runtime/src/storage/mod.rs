@@ -56,7 +56,7 @@ impl fmt::Display for Residence {
 }
 
 /// The residence of device memory whose stream is `stream`.
-fn on_device(stream: &cudarc::driver::CudaStream) -> Residence {
+pub(crate) fn on_device(stream: &cudarc::driver::CudaStream) -> Residence {
     Residence::Cuda {
         ordinal: stream.context().ordinal(),
     }
