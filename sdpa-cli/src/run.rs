@@ -10,7 +10,7 @@ use sdpa_runtime::{select, Residence, SdpaImpl};
 use crate::error::CliError;
 use crate::error::Result;
 use crate::options::BackendArg;
-use crate::safetensors_io::{read_case, write_output, write_tensors, Case};
+use crate::safetensors_io::{read_case, write_tensors, Case};
 use sdpa_cli::variants::SdpaCli;
 
 /// The flags of `sdpa run`.
@@ -20,11 +20,15 @@ pub struct RunArgs {
     /// ([B, S, H, D], all F32, F16 or BF16) and optionally attn_mask (BOOL,
     /// U8, I32, I64 or float; [B, Sk], [B, Sq, Sk] or [B, H, Sq, Sk]), and
     /// the metadata strings causal ("true"/"false", default false) and scale
-    /// (default 1/sqrt(D)).
+    /// (default 1/sqrt(D)). A variable-length case holds packed q
+    /// ([Tq, Hq, D]), k and v ([Tk, Hkv, D]) and the I32 tensors
+    /// cu_seqlens_q and cu_seqlens_k ([B + 1]: 0, then each sequence's
+    /// end); each sequence attends within itself.
     #[arg(long, value_name = "FILE")]
     pub input: PathBuf,
     /// Where to write the result: a safetensors file with the tensor out
-    /// ([B, Sq, Hq, D], in q's dtype). An existing file is replaced.
+    /// ([B, Sq, Hq, D], in q's dtype; packed like q for a variable-length
+    /// case). An existing file is replaced.
     #[arg(long, value_name = "FILE")]
     pub output: PathBuf,
     /// The backend to run on. Without this flag, the SDPA_BACKEND environment
@@ -34,7 +38,9 @@ pub struct RunArgs {
     /// Also run the backward pass: the input must hold dout ([B, Sq, Hq, D],
     /// q's dtype); the output then holds out, dq, dk, dv (the input dtype)
     /// and lse ([B, Hq, Sq], F32: the log of each row's softmax
-    /// denominator, -inf for a row that sees no key). Runs on the backend
+    /// denominator, -inf for a row that sees no key; [Hq, Tq] for a
+    /// variable-length case, whose gradients are packed like their
+    /// inputs). Runs on the backend
     /// the forward runs on (`--backend cuda`: the GPU kernels on device 0).
     #[arg(long)]
     pub backward: bool,
@@ -57,7 +63,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let out = layer.forward(&case.q.view(), &case.k.view(), &case.v.view(), &metadata)?;
     let elapsed = start.elapsed();
     let (written, backend, scale) = run_metadata(&case, &layer)?;
-    write_output(&args.output, &out, written)?;
+    write_tensors(
+        &args.output,
+        &[("out", &out, case.written_shape(&out))],
+        written,
+    )?;
     println!(
         "wrote out {:?} {} to {} ({backend}, causal={}, scale={scale}, {:.3} ms)",
         out.shape(),
@@ -108,14 +118,18 @@ fn run_backward(
     let elapsed = start.elapsed();
     let (written, backend, scale) = run_metadata(case, layer)?;
     let [b, hq, sq, _] = lse.shape();
+    let lse_shape = match case.cu_seqlens {
+        Some(_) => vec![hq, sq],
+        None => vec![b, hq, sq],
+    };
     write_tensors(
         &args.output,
         &[
-            ("out", &out, None),
-            ("dq", &dq, None),
-            ("dk", &dk, None),
-            ("dv", &dv, None),
-            ("lse", &lse, Some(vec![b, hq, sq])),
+            ("out", &out, case.written_shape(&out)),
+            ("dq", &dq, case.written_shape(&dq)),
+            ("dk", &dk, case.written_shape(&dk)),
+            ("dv", &dv, case.written_shape(&dv)),
+            ("lse", &lse, Some(lse_shape)),
         ],
         written,
     )?;

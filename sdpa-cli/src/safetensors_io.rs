@@ -3,7 +3,10 @@
 //! A case holds the tensors `q`, `k`, `v` (`[B, S, H, D]`, all `F32`, `F16`
 //! or `BF16`) and optionally `attn_mask` (`BOOL`, `U8`, `I32`, `I64`, `F32`,
 //! `F16` or `BF16`, rank 2 to 4), plus the metadata strings `causal`
-//! (`true`/`false`) and `scale` (a number). Tensor data in a safetensors
+//! (`true`/`false`) and `scale` (a number). A variable-length case holds
+//! packed `q` `[Tq, Hq, D]` and `k`, `v` `[Tk, Hkv, D]` with the `I32`
+//! tensors `cu_seqlens_q` and `cu_seqlens_k` (`[B + 1]`), and no mask.
+//! Tensor data in a safetensors
 //! file need not be aligned for its type, so every tensor is decoded from
 //! its little-endian bytes into an owned buffer rather than cast in place.
 
@@ -14,17 +17,26 @@ use safetensors::{Dtype, SafeTensors};
 use sdpa_runtime::half::{bf16, f16};
 use sdpa_runtime::{
     AttentionMetadata, AttentionParams, AttnMask, OwnedData, OwnedMaskData, SdpaError, Tensor,
+    VarLen,
 };
 
 use crate::error::{CliError, Result};
 
 /// The tensor names a case may hold.
-const KNOWN_TENSORS: [&str; 5] = ["q", "k", "v", "attn_mask", "dout"];
+const KNOWN_TENSORS: [&str; 7] = [
+    "q",
+    "k",
+    "v",
+    "attn_mask",
+    "dout",
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+];
 
 /// One attention call read from a file.
 #[derive(Debug)]
 pub struct Case {
-    /// Queries `[B, Sq, Hq, D]`.
+    /// Queries `[B, Sq, Hq, D]` (`[1, Tq, Hq, D]` for a packed case).
     pub q: Tensor,
     /// Keys `[B, Sk, Hkv, D]`.
     pub k: Tensor,
@@ -39,6 +51,10 @@ pub struct Case {
     pub causal: bool,
     /// The `scale` metadata entry; absent means `1/sqrt(D)`.
     pub scale: Option<f32>,
+    /// `cu_seqlens_q` and `cu_seqlens_k` of a packed (variable-length)
+    /// case, whose tensors were read as rank 3 and are held here with a
+    /// batch dimension of 1.
+    pub cu_seqlens: Option<(Vec<i32>, Vec<i32>)>,
 }
 
 impl Case {
@@ -57,13 +73,23 @@ impl Case {
         params
     }
 
-    /// The call's metadata, carrying the mask if the case has one.
+    /// The call's metadata, carrying the mask or the sequence offsets if
+    /// the case has them.
     pub fn metadata(&self) -> Result<AttentionMetadata<'_>, SdpaError> {
         let mut metadata = AttentionMetadata::default();
         if let Some(mask) = &self.mask {
             metadata = metadata.with_mask(mask.as_attn_mask()?);
         }
+        if let Some((cu_q, cu_k)) = &self.cu_seqlens {
+            metadata = metadata.with_varlen(VarLen::new(cu_q, cu_k));
+        }
         Ok(metadata)
+    }
+
+    /// The shape a result shaped like `t` is written with: packed cases
+    /// drop the batch dimension of 1 (`[Tq, Hq, D]`); `None` keeps `t`'s.
+    pub fn written_shape(&self, t: &Tensor) -> Option<Vec<usize>> {
+        self.cu_seqlens.as_ref().map(|_| t.shape()[1..].to_vec())
     }
 }
 
@@ -119,15 +145,26 @@ pub fn read_case_bytes(bytes: &[u8], path: &Path) -> Result<Case> {
             ))
         })
     };
-    let q = qkv_tensor("q", &get("q")?)?;
-    let k = qkv_tensor("k", &get("k")?)?;
-    let v = qkv_tensor("v", &get("v")?)?;
+    let cu_seqlens = match (file.tensor("cu_seqlens_q"), file.tensor("cu_seqlens_k")) {
+        (Ok(q), Ok(k)) => Some((offsets("cu_seqlens_q", &q)?, offsets("cu_seqlens_k", &k)?)),
+        (Err(_), Err(_)) => None,
+        _ => {
+            return Err(CliError::Input(format!(
+                "{} holds only one of cu_seqlens_q and cu_seqlens_k; a packed case needs                  both (I32, [B + 1])",
+                path.display()
+            )))
+        }
+    };
+    let packed = cu_seqlens.is_some();
+    let q = qkv_tensor("q", &get("q")?, packed)?;
+    let k = qkv_tensor("k", &get("k")?, packed)?;
+    let v = qkv_tensor("v", &get("v")?, packed)?;
     let mask = match file.tensor("attn_mask") {
         Ok(view) => Some(mask_tensor(&view)?),
         Err(_) => None,
     };
     let dout = match file.tensor("dout") {
-        Ok(view) => Some(qkv_tensor("dout", &view)?),
+        Ok(view) => Some(qkv_tensor("dout", &view, packed)?),
         Err(_) => None,
     };
 
@@ -147,6 +184,7 @@ pub fn read_case_bytes(bytes: &[u8], path: &Path) -> Result<Case> {
         dout,
         causal,
         scale,
+        cu_seqlens,
     })
 }
 
@@ -207,15 +245,35 @@ fn host_bytes(out: &Tensor) -> Result<(Dtype, Vec<u8>)> {
     })
 }
 
-/// Reads `q`, `k` or `v`: rank 4, a floating dtype the kernels take.
-fn qkv_tensor(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Tensor> {
-    let shape: [usize; 4] = view.shape().try_into().map_err(|_| {
-        CliError::Input(format!(
-            "tensor {name:?} has shape {:?} (rank {}); q, k and v must have rank 4: \
-             [batch, seq, heads, head_dim]",
-            view.shape(),
-            view.shape().len()
-        ))
+/// Reads `q`, `k`, `v` or `dout`: rank 4 (rank 3 when `packed`, read as
+/// `[1, T, H, D]`), a floating dtype the kernels take.
+fn qkv_tensor(
+    name: &str,
+    view: &safetensors::tensor::TensorView<'_>,
+    packed: bool,
+) -> Result<Tensor> {
+    let dims = view.shape();
+    let shape: Option<[usize; 4]> = match (packed, dims) {
+        (false, &[b, s, h, d]) => Some([b, s, h, d]),
+        (true, &[t, h, d]) => Some([1, t, h, d]),
+        _ => None,
+    };
+    let shape = shape.ok_or_else(|| {
+        CliError::Input(if packed {
+            format!(
+                "tensor {name:?} has shape {dims:?} (rank {}); with cu_seqlens_q and \
+                 cu_seqlens_k, q, k, v and dout are packed with rank 3: [tokens, heads, \
+                 head_dim]",
+                dims.len()
+            )
+        } else {
+            format!(
+                "tensor {name:?} has shape {dims:?} (rank {}); q, k and v must have rank 4: \
+                 [batch, seq, heads, head_dim] (or rank 3 with cu_seqlens_q and \
+                 cu_seqlens_k)",
+                dims.len()
+            )
+        })
     })?;
     check_sizes(name, view.shape())?;
     let bytes = view.data();
@@ -237,6 +295,20 @@ fn qkv_tensor(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<
         }
     };
     Ok(tensor?)
+}
+
+/// Reads `cu_seqlens_q` or `cu_seqlens_k`: `I32`, rank 1 (the runtime
+/// checks the values).
+fn offsets(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<i32>> {
+    if view.dtype() != Dtype::I32 || view.shape().len() != 1 {
+        return Err(CliError::Input(format!(
+            "tensor {name:?} has dtype {:?} and shape {:?}; sequence offsets are I32 of shape \
+             [B + 1]: 0, then each sequence's end",
+            view.dtype(),
+            view.shape()
+        )));
+    }
+    Ok(decode(view.data(), i32::from_le_bytes))
 }
 
 /// Reads `attn_mask`: one of the mask dtypes, rank 2 to 4 (the runtime
@@ -410,6 +482,6 @@ mod tests {
         let file = SafeTensors::deserialize(&bytes).unwrap();
         let view = file.tensor("out").unwrap();
         assert_eq!(view.dtype(), Dtype::BF16);
-        assert_eq!(qkv_tensor("out", &view).unwrap(), out);
+        assert_eq!(qkv_tensor("out", &view, false).unwrap(), out);
     }
 }

@@ -9,6 +9,8 @@ use crate::error::{CliError, Result};
 use crate::options::{BackendArg, DTypeArg};
 use crate::presets::{self, Shape};
 
+use super::workload::{self, MaskArg};
+
 /// The flags of `sdpa bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -74,6 +76,23 @@ pub struct BenchArgs {
     /// forward's FLOPs.
     #[arg(long, conflicts_with = "world_size")]
     pub backward: bool,
+    /// Time with an attention mask: `key-padding:F` (a [B, Sk] bool mask
+    /// keeping the first F·Sk keys of every batch entry; throughput counts
+    /// the kept keys only), `bool` (dense [B, 1, Sq, Sk], 90% kept at
+    /// random) or `additive` (dense [B, 1, Sq, Sk] in q's dtype). On CUDA
+    /// the mask lives on the device, uploaded once before timing.
+    #[arg(long, value_name = "MASK", conflicts_with_all = ["world_size", "varlen"])]
+    pub mask: Option<MaskArg>,
+    /// Time a packed variable-length batch of sequences of these lengths
+    /// (each attending within itself, Sq = Sk = its length), e.g.
+    /// `--varlen 512,8192,2048`, with --heads, --head-size and --dtype
+    /// (not --batch, --seq-q or --seq-k); throughput counts each sequence's
+    /// own work. On CUDA the offsets live on the device with max_seqlen
+    /// given, as FlashAttention's varlen callers pass them.
+    #[arg(long, value_name = "LEN[,LEN...]", value_delimiter = ',',
+        value_parser = workload::parse_len,
+        conflicts_with_all = ["world_size", "batch", "seq_q", "seq_k", "preset"])]
+    pub varlen: Option<Vec<usize>>,
 }
 
 /// One line of the results table.
@@ -84,6 +103,42 @@ pub(crate) struct Case {
     pub(crate) shape: Shape,
     /// The element type of q, k, v and the output.
     pub(crate) dtype: DType,
+    /// The mask `--mask` asks for.
+    pub(crate) mask: Option<MaskArg>,
+    /// The sequence lengths of `--varlen` (`shape.batch` is their count,
+    /// `shape.seq_q` and `shape.seq_k` the longest).
+    pub(crate) varlen: Option<Vec<usize>>,
+}
+
+impl Case {
+    /// The useful FLOPs of one forward pass: the shape's, counted on the
+    /// kept keys for a key-padding mask, and per sequence for `--varlen`.
+    pub(crate) fn flops(&self) -> f64 {
+        let s = &self.shape;
+        if let Some(lens) = &self.varlen {
+            return workload::varlen_flops(lens, s.heads_q, s.head_size, s.causal);
+        }
+        match self.mask {
+            Some(m) => s.flops() * m.kept_keys(s.seq_k) as f64 / s.seq_k.max(1) as f64,
+            None => s.flops(),
+        }
+    }
+
+    /// What the case computes besides its shape, for the table and JSON:
+    /// `-`, the mask, or `varlen:L1/L2/...`.
+    pub(crate) fn workload(&self) -> String {
+        match (&self.varlen, self.mask) {
+            (Some(lens), _) => format!(
+                "varlen:{}",
+                lens.iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join("/")
+            ),
+            (None, Some(m)) => m.to_string(),
+            (None, None) => "-".into(),
+        }
+    }
 }
 
 /// Whether any flag that shapes a custom case (all but `--dtype`) was given.
@@ -95,12 +150,16 @@ pub(crate) fn has_shape_flags(args: &BenchArgs) -> bool {
         || args.seq_k.is_some()
         || args.head_size.is_some()
         || args.causal
+        || args.varlen.is_some()
 }
 
 /// The cases the flags ask for: the shape flags, one preset, or the
 /// backend's preset table.
 pub(crate) fn cases(args: &BenchArgs, backend: BackendKind) -> Result<Vec<Case>> {
     let dtype_filter = args.dtype.map(DType::from);
+    if let Some(lens) = &args.varlen {
+        return varlen_case(args, lens).map(|c| vec![c]);
+    }
     if has_shape_flags(args) {
         let missing: Vec<&str> = [
             ("--batch", args.batch.is_none()),
@@ -151,6 +210,8 @@ pub(crate) fn cases(args: &BenchArgs, backend: BackendKind) -> Result<Vec<Case>>
             preset: None,
             shape,
             dtype,
+            mask: args.mask,
+            varlen: None,
         }]);
     }
     let rows = match &args.preset {
@@ -174,9 +235,49 @@ pub(crate) fn cases(args: &BenchArgs, backend: BackendKind) -> Result<Vec<Case>>
                 preset: Some(p.name),
                 shape: p.shape,
                 dtype,
+                mask: args.mask,
+                varlen: None,
             })
         })
         .collect())
+}
+
+/// The case of `--varlen`: the head flags and the lengths.
+fn varlen_case(args: &BenchArgs, lens: &[usize]) -> Result<Case> {
+    let (Some(heads_q), Some(head_size), Some(dtype)) = (args.heads, args.head_size, args.dtype)
+    else {
+        return Err(CliError::Usage(
+            "--varlen needs --heads, --head-size and --dtype (and takes --kv-heads, --causal)"
+                .into(),
+        ));
+    };
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    let shape = Shape {
+        batch: lens.len(),
+        heads_q,
+        heads_kv: args.kv_heads.unwrap_or(heads_q),
+        seq_q: longest,
+        seq_k: longest,
+        head_size,
+        causal: args.causal,
+    };
+    if workload::varlen_flops(lens, heads_q, head_size, false) == 0.0 {
+        return Err(CliError::Usage(format!(
+            "--varlen {lens:?} with {heads_q} heads of size {head_size} has no work to time;              give at least one sequence of 1 token or more"
+        )));
+    }
+    if workload::cu_seqlens(lens).is_none() {
+        return Err(CliError::Usage(format!(
+            "--varlen {lens:?} packs more than 2^31 - 1 tokens; cu_seqlens are i32"
+        )));
+    }
+    Ok(Case {
+        preset: None,
+        shape,
+        dtype: DType::from(dtype),
+        mask: None,
+        varlen: Some(lens.to_vec()),
+    })
 }
 
 /// Parses one rank count of `--world-size 1,2,4`.

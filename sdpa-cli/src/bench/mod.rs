@@ -7,7 +7,9 @@
 //! - [`timing`]: warm-up, timed passes and their median, the output helpers;
 //! - [`single`]: the forward (or backward) pass on one device (CPU or
 //!   CUDA device 0);
-//! - [`sp`]: sequence-parallel attention on `--world-size` ranks.
+//! - [`sp`]: sequence-parallel attention on `--world-size` ranks;
+//! - [`workload`]: masks (`--mask`) and packed variable-length batches
+//!   (`--varlen`), and the useful FLOPs they count.
 //!
 //! Imports go one way: `single` and `sp` use `args` and `timing`, and this
 //! module dispatches to them.
@@ -24,6 +26,7 @@ mod args;
 mod single;
 mod sp;
 mod timing;
+mod workload;
 
 pub use args::BenchArgs;
 

@@ -28,6 +28,7 @@ use sdpa_runtime::{
 
 use super::args::{cases, has_shape_flags, BenchArgs, Case};
 use super::timing::{throughput, time_passes, write_json, Budget, Timing, SEED, SINGLE, TABLE};
+use super::workload::HostExtra;
 use crate::error::{CliError, Result};
 use crate::presets::Shape;
 use sdpa_cli::variants::SdpaCli;
@@ -36,6 +37,9 @@ use sdpa_cli::variants::SdpaCli;
 #[derive(Debug, serde::Serialize)]
 struct Record {
     shape: String,
+    /// `-`, the mask (`key-padding:0.9`, `bool`, `additive`) or
+    /// `varlen:L1/L2/...`.
+    workload: String,
     /// `forward`, `backward` or `forward+backward`.
     pass: &'static str,
     dtype: &'static str,
@@ -99,10 +103,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         };
         for (pass, times_forward, timing) in timings {
             let seconds = timing.median.as_secs_f64();
-            let flops_per_s = case.shape.flops() * times_forward / seconds;
+            let flops_per_s = case.flops() * times_forward / seconds;
             table.row(case, pass, backend, &timing, flops_per_s);
             records.push(Record {
                 shape: case.shape.dims(),
+                workload: case.workload(),
                 pass,
                 dtype: case.dtype.name(),
                 causal: case.shape.causal,
@@ -161,16 +166,31 @@ fn build_layer(shape: &Shape, backend: Option<BackendKind>) -> Result<SdpaImpl> 
     Ok(SdpaCli.build_impl(params)?)
 }
 
-/// Random `q`, `k` and `v` of the case's shape and dtype, drawn from `rng`
-/// in that order, with `q`'s shape.
-fn random_qkv(case: &Case, rng: &mut StdRng) -> Result<([usize; 4], Tensor, Tensor, Tensor)> {
-    let s = &case.shape;
-    let q_shape = [s.batch, s.seq_q, s.heads_q, s.head_size];
-    let kv_shape = [s.batch, s.seq_k, s.heads_kv, s.head_size];
+/// The inputs of one case, drawn once before timing.
+struct Inputs {
+    q_shape: [usize; 4],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// The mask or the sequence offsets.
+    extra: HostExtra,
+}
+
+/// Random `q`, `k` and `v` of the case's shape (packed for `--varlen`) and
+/// dtype, then its mask, drawn from `rng` in that order.
+fn random_inputs(case: &Case, rng: &mut StdRng) -> Result<Inputs> {
+    let draw_extra = HostExtra::new(case, &mut StdRng::seed_from_u64(SEED + 1))?;
+    let (q_shape, kv_shape) = draw_extra.shapes(case);
     let q = random_tensor(rng, case.dtype, q_shape)?;
     let k = random_tensor(rng, case.dtype, kv_shape)?;
     let v = random_tensor(rng, case.dtype, kv_shape)?;
-    Ok((q_shape, q, k, v))
+    Ok(Inputs {
+        q_shape,
+        q,
+        k,
+        v,
+        extra: draw_extra,
+    })
 }
 
 /// Warms up, then times passes of `forward_into` and returns their median,
@@ -184,18 +204,18 @@ fn time_case(
     budget: Budget,
 ) -> Result<Timing> {
     let mut rng = StdRng::seed_from_u64(SEED);
-    let (q_shape, q, k, v) = random_qkv(case, &mut rng)?;
+    let inputs = random_inputs(case, &mut rng)?;
     if backend == BackendKind::Cuda {
         return match case.dtype {
-            DType::F32 => time_on_device::<f32>(layer, [&q, &k, &v], warmup, iters, budget),
-            DType::F16 => time_on_device::<f16>(layer, [&q, &k, &v], warmup, iters, budget),
-            DType::BF16 => time_on_device::<bf16>(layer, [&q, &k, &v], warmup, iters, budget),
+            DType::F32 => time_on_device::<f32>(layer, &inputs, warmup, iters, budget),
+            DType::F16 => time_on_device::<f16>(layer, &inputs, warmup, iters, budget),
+            DType::BF16 => time_on_device::<bf16>(layer, &inputs, warmup, iters, budget),
         };
     }
-    let (q, k, v) = (q.view(), k.view(), v.view());
-    let mut out = Tensor::zeros(case.dtype, q_shape);
+    let (q, k, v) = (inputs.q.view(), inputs.k.view(), inputs.v.view());
+    let mut out = Tensor::zeros(case.dtype, inputs.q_shape);
     let mut out = out.view_mut();
-    let metadata = AttentionMetadata::default();
+    let metadata = inputs.extra.metadata()?;
     let pass = || -> Result<Duration> {
         let start = Instant::now();
         layer.forward_into(&q, &k, &v, &metadata, &mut out)?;
@@ -218,18 +238,18 @@ fn time_backward(
     budget: Budget,
 ) -> Result<[Timing; 2]> {
     let mut rng = StdRng::seed_from_u64(SEED);
-    let (q_shape, q, k, v) = random_qkv(case, &mut rng)?;
+    let inputs = random_inputs(case, &mut rng)?;
+    let q_shape = inputs.q_shape;
     let dout = random_tensor(&mut rng, case.dtype, q_shape)?;
     if backend == BackendKind::Cuda {
-        let tensors = [&q, &k, &v, &dout];
         return match case.dtype {
-            DType::F32 => backward_on_device::<f32>(layer, tensors, warmup, iters, budget),
-            DType::F16 => backward_on_device::<f16>(layer, tensors, warmup, iters, budget),
-            DType::BF16 => backward_on_device::<bf16>(layer, tensors, warmup, iters, budget),
+            DType::F32 => backward_on_device::<f32>(layer, &inputs, &dout, warmup, iters, budget),
+            DType::F16 => backward_on_device::<f16>(layer, &inputs, &dout, warmup, iters, budget),
+            DType::BF16 => backward_on_device::<bf16>(layer, &inputs, &dout, warmup, iters, budget),
         };
     }
-    let (q, k, v) = (q.view(), k.view(), v.view());
-    let metadata = AttentionMetadata::default();
+    let (q, k, v) = (inputs.q.view(), inputs.k.view(), inputs.v.view());
+    let metadata = inputs.extra.metadata()?;
     let (mut out, mut lse) = layer.forward_with_lse(&q, &k, &v, &metadata)?;
     let mut dq = Tensor::zeros(case.dtype, q_shape);
     let mut dk = Tensor::zeros(case.dtype, k.layout().shape());
@@ -352,16 +372,19 @@ impl Events {
 /// layer's forward on the device.
 fn backward_on_device<T: Element>(
     layer: &SdpaImpl,
-    [q, k, v, dout]: [&Tensor; 4],
+    inputs: &Inputs,
+    dout: &Tensor,
     warmup: Option<usize>,
     iters: Option<u64>,
     budget: Budget,
 ) -> Result<[Timing; 2]> {
     let stream = cuda::context(0)?.default_stream();
+    let (q, k, v) = (&inputs.q, &inputs.k, &inputs.v);
     let (q_shape, kv_shape) = (q.shape(), k.shape());
     let [b, _, hq, _] = q_shape;
     let sq = q_shape[1];
     let lse_shape = [b, hq, sq, 1];
+    let extra = inputs.extra.upload(&stream)?;
     let (dq_buf, dk_buf, dv_buf) = (
         upload::<T>(&stream, q)?,
         upload::<T>(&stream, k)?,
@@ -372,7 +395,7 @@ fn backward_on_device<T: Element>(
     let kv = TensorView::from_cuda(&dk_buf, kv_shape)?;
     let vv = TensorView::from_cuda(&dv_buf, kv_shape)?;
     let dov = TensorView::from_cuda(&dout_buf, q_shape)?;
-    let metadata = AttentionMetadata::default();
+    let metadata = extra.metadata()?;
     let mut out = zeros::<T>(&stream, q_shape.iter().product())?;
     let mut lse = zeros::<f32>(&stream, lse_shape.iter().product())?;
     layer.forward_with_lse_into(
@@ -427,12 +450,14 @@ fn backward_on_device<T: Element>(
 /// before and after the launch.
 fn time_on_device<T: Element>(
     layer: &SdpaImpl,
-    [q, k, v]: [&Tensor; 3],
+    inputs: &Inputs,
     warmup: Option<usize>,
     iters: Option<u64>,
     budget: Budget,
 ) -> Result<Timing> {
     let stream = cuda::context(0)?.default_stream();
+    let (q, k, v) = (&inputs.q, &inputs.k, &inputs.v);
+    let extra = inputs.extra.upload(&stream)?;
     let (dq, dk, dv) = (
         upload::<T>(&stream, q)?,
         upload::<T>(&stream, k)?,
@@ -443,7 +468,7 @@ fn time_on_device<T: Element>(
     let kv = TensorView::from_cuda(&dk, k.shape())?;
     let vv = TensorView::from_cuda(&dv, v.shape())?;
     let mut out = TensorViewMut::from_cuda(&mut dout, q.shape())?;
-    let metadata = AttentionMetadata::default();
+    let metadata = extra.metadata()?;
     let events = Events::new(&stream)?;
     let pass = || events.time(|| Ok(layer.forward_into(&qv, &kv, &vv, &metadata, &mut out)?));
     time_passes(pass, warmup, iters, budget)
@@ -461,6 +486,14 @@ fn random_tensor(rng: &mut StdRng, dtype: DType, shape: [usize; 4]) -> Result<Te
     Ok(tensor?)
 }
 
+/// A case's shape column: the shape, then its mask or sequences if any.
+fn label(case: &Case) -> String {
+    match case.workload().as_str() {
+        "-" => case.shape.to_string(),
+        w => format!("{} {w}", case.shape),
+    }
+}
+
 /// The results table, printed a row at a time as cases finish.
 struct Table {
     preset_width: usize,
@@ -475,7 +508,7 @@ impl Table {
         };
         Table {
             preset_width: width(&|c| c.preset.map_or(1, str::len), "preset"),
-            shape_width: width(&|c| c.shape.to_string().len(), "shape (BxHqxSqxSkxD)"),
+            shape_width: width(&|c| label(c).len(), "shape (BxHqxSqxSkxD)"),
             pass_width: if backward {
                 "forward+backward".len()
             } else {
@@ -513,7 +546,7 @@ impl Table {
         println!(
             "{:<pw$}  {:<sw$}  {:<aw$}  {:<5}  {:<6}  {:<7}  {:>10.3}  {:>5}  {:>15}",
             case.preset.unwrap_or("-"),
-            case.shape,
+            label(case),
             pass,
             case.dtype.name(),
             case.shape.causal,

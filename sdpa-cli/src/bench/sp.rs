@@ -129,6 +129,8 @@ pub fn run(args: &BenchArgs, worlds: &[usize]) -> Result<()> {
             preset: Some("wan14b-720p"),
             shape: WAN14B_720P,
             dtype,
+            mask: None,
+            varlen: None,
         }]
     };
     let (warmup, iters) = (
