@@ -37,8 +37,13 @@
 //!   is addressed at the token `start + local`. Packed variable-length
 //!   batches pass `cu_seqlens` as both arrays (`end = start + 1`) and batch
 //!   strides 0; key-padding runs pass `k_start`/`k_end` over a padded
-//!   layout. With sequence bounds the mask is null. The grid's `Sq` is the
-//!   longest sequence's bound: CTAs past their sequence's end exit.
+//!   layout. The grid's `Sq` is the longest sequence's bound: CTAs past
+//!   their sequence's end exit. With sequence bounds the mask is null,
+//!   except with `mask_batches`: key bounds made on the device from a
+//!   key-only mask ([`crate::key_runs`]) come with that `i32` array
+//!   indexed by batch entry, and the mask applies to the entries whose
+//!   value is non-zero only (their bounds are then the whole keys). A null
+//!   `mask_batches` means the mask, if any, applies to every entry.
 //! - The mask, if any, is read in place: element `(b, h, i, j)` at
 //!   `b · stride_b + h · stride_h + i · stride_q + (j - mask_pad)`
 //!   (broadcast dimensions have stride 0, the key dimension is contiguous),
@@ -82,7 +87,7 @@ impl ParamKind {
 }
 
 /// The kernel parameters, in launch order.
-pub const PARAMS: [(&str, ParamKind); 35] = [
+pub const PARAMS: [(&str, ParamKind); 36] = [
     ("q", ParamKind::Ptr),
     ("k", ParamKind::Ptr),
     ("v", ParamKind::Ptr),
@@ -93,6 +98,7 @@ pub const PARAMS: [(&str, ParamKind); 35] = [
     ("q_end", ParamKind::Ptr),
     ("k_start", ParamKind::Ptr),
     ("k_end", ParamKind::Ptr),
+    ("mask_batches", ParamKind::Ptr),
     ("q_stride_b", ParamKind::U64),
     ("q_stride_s", ParamKind::U64),
     ("q_stride_h", ParamKind::U64),
@@ -278,6 +284,8 @@ pub struct Args {
     /// The sequence bounds: `q_start`, `q_end`, `k_start`, `k_end` (null:
     /// every batch entry is one whole sequence).
     pub seq_bounds: [Reg; 4],
+    /// The batch entries the mask applies to (null: all).
+    pub mask_batches: Reg,
     /// `Sq`.
     pub seq_q: Reg,
     /// `Sk`.
@@ -304,6 +312,7 @@ pub fn load_args(k: &mut Kernel, params: &Params) -> Args {
         mask: params.get(k, "mask"),
         lse: params.get(k, "lse"),
         seq_bounds: ["q_start", "q_end", "k_start", "k_end"].map(|n| params.get(k, n)),
+        mask_batches: params.get(k, "mask_batches"),
         q_strides: params.strides(k, "q"),
         k_strides: params.strides(k, "k"),
         v_strides: params.strides(k, "v"),

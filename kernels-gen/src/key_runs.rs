@@ -80,7 +80,9 @@ pub fn generate() -> String {
     // Row b's element of key j is at (b · stride_b + j - pad) · bytes.
     let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
     let row = k.bin(BinOp::Mul, Ty::U64, b64, stride_b);
-    per_kind(&mut k, kind, |k, mk| scan(k, mk, mask, row, pad, seq_k, tid, [lo, hi, count, other]));
+    per_kind(&mut k, kind, |k, mk| {
+        scan(k, mk, mask, row, pad, seq_k, tid, [lo, hi, count, other])
+    });
 
     // Warp, then CTA reductions.
     let lane = k.bin(BinOp::And, Ty::U32, tid, Operand::U(31));

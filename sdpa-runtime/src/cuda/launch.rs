@@ -135,6 +135,10 @@ fn value(
         "q_end" => (Address(ptrs.bounds.q_end), "q_end's address"),
         "k_start" => (Address(ptrs.bounds.k_start), "k_start's address"),
         "k_end" => (Address(ptrs.bounds.k_end), "k_end's address"),
+        "mask_batches" => (
+            Address(ptrs.bounds.mask_batches),
+            "the masked entries' address",
+        ),
         "seq_q" => (Size(p.seq_q), "Sq"),
         "seq_k" => (Size(p.seq_k), "Sk"),
         "tokens_q" => (Size(p.tokens_q), "q's token count"),

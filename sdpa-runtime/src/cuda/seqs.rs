@@ -27,6 +27,10 @@ use crate::varlen::{SeqBounds, SeqLens};
 /// One side's bounds on the device.
 #[derive(Debug)]
 enum Side<'a> {
+    /// Key runs made on the device from a key-only device mask by the
+    /// key-runs kernel ([`key_runs`]): `B` starts, `B` ends, then `B`
+    /// flags saying which entries still read the mask.
+    Derived(CudaSlice<i32>, usize),
     /// None: whole batch entries.
     Whole,
     /// `cu_seqlens` in the caller's device memory.
@@ -59,7 +63,7 @@ impl Side<'_> {
                 cu(r.device_ptr(stream))
             }
             Side::Cu(s) => cu(s.device_ptr(stream)),
-            Side::Runs(s, batch) => {
+            Side::Runs(s, batch) | Side::Derived(s, batch) => {
                 let (ptr, guard) = s.device_ptr(stream);
                 ([ptr, ptr + 4 * *batch as u64], Some(guard))
             }
@@ -83,6 +87,8 @@ pub(crate) struct BoundPtrs {
     pub(crate) q_end: u64,
     pub(crate) k_start: u64,
     pub(crate) k_end: u64,
+    /// The entries the mask applies to (0: all).
+    pub(crate) mask_batches: u64,
 }
 
 impl Reads<'_> {
@@ -94,12 +100,17 @@ impl Reads<'_> {
     ) -> Result<(BoundPtrs, [Option<SyncOnDrop<'s>>; 2])> {
         let ([q_start, q_end], gq) = self.q.device_ptrs(stream)?;
         let ([k_start, k_end], gk) = self.k.device_ptrs(stream)?;
+        let mask_batches = match self.k {
+            Side::Derived(_, batch) => k_end + 4 * batch as u64,
+            _ => 0,
+        };
         Ok((
             BoundPtrs {
                 q_start,
                 q_end,
                 k_start,
                 k_end,
+                mask_batches,
             },
             [gq, gk],
         ))
@@ -108,7 +119,7 @@ impl Reads<'_> {
     /// Whether the keys are bounded by key-padding runs that hide some key
     /// (their `dk`, `dv` rows are then not written by the backward).
     pub(crate) fn hides_keys_by_runs(&self) -> bool {
-        matches!(self.k, Side::Runs(..))
+        matches!(self.k, Side::Runs(..) | Side::Derived(..))
     }
 
     /// The mask's address on `stream` (0 for none) and its guard.
@@ -172,7 +183,126 @@ pub(crate) fn prepare<'a>(
         }
     }
     let mask = mask.map(|m| mask::prepare(m, stream)).transpose()?;
+    if let (Some(m), Some(dm)) = (p.mask.as_ref(), mask.as_ref()) {
+        if key_runs::applies(p, m) {
+            k = key_runs::derive(p, dm, causal, stream)?;
+        }
+    }
     Ok(Reads { q, k, mask })
+}
+
+/// Key runs made on the device from a key-only mask in device memory:
+/// the key-runs kernel (`kernels_gen::key_runs`) reads the mask in place
+/// and writes each entry's run, or the whole keys and a flag where the
+/// mask is not one run of plain attend/hide values.
+mod key_runs {
+    use std::sync::{Arc, OnceLock};
+
+    use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+    use kernels_gen::key_runs::{generate, ENTRY, KEY_RUNS_PARAMS, SMEM_BYTES, THREADS};
+
+    use super::super::mask::DeviceMask;
+    use super::super::module_cache;
+    use super::Side;
+    use crate::error::{Result, SdpaError};
+    use crate::mask::ResolvedMask;
+    use crate::problem::Problem;
+    use crate::variant::GpuKernel;
+    use crate::Target;
+
+    /// Whether `p`'s mask `m` gets device-made runs: it lives in device
+    /// memory, depends on the batch entry and the key only, and `p` has
+    /// whole sequences.
+    pub(super) fn applies(p: &Problem<'_>, m: &ResolvedMask<'_>) -> bool {
+        let [_, heads, queries] = m.dims();
+        m.residence().is_cuda()
+            && heads == 1
+            && queries == 1
+            && p.k_seqs.is_whole()
+            && p.q_seqs.is_whole()
+            && !m.is_empty()
+            && p.batch > 0
+    }
+
+    /// The kernel, generated once per process (it depends on no variant).
+    fn kernel() -> &'static GpuKernel {
+        static KERNEL: OnceLock<GpuKernel> = OnceLock::new();
+        KERNEL.get_or_init(|| {
+            let ptx: &'static str = Box::leak(generate().into_boxed_str());
+            GpuKernel::new(ptx, ENTRY, Target::Sm80, 1, THREADS, SMEM_BYTES)
+        })
+    }
+
+    /// Launches the key-runs kernel on `stream` for `p`'s mask `dm`: one
+    /// CTA per batch entry, into a fresh `3 · B` buffer.
+    pub(super) fn derive<'a>(
+        p: &Problem<'_>,
+        dm: &DeviceMask<'_>,
+        causal: bool,
+        stream: &Arc<CudaStream>,
+    ) -> Result<Side<'a>> {
+        let batch = p.batch;
+        let fits = |what: &str, n: usize| {
+            u32::try_from(n).map_err(|_| {
+                SdpaError::Shape(format!(
+                    "{what} is {n}; the key-runs kernel takes at most 2^32 - 1"
+                ))
+            })
+        };
+        let n_batch = fits("the batch size", batch)?;
+        let seq_k = fits("Sk", p.seq_k)?;
+        let pad = fits("the mask's padding", dm.pad)?;
+        let runs: CudaSlice<i32> = stream.alloc_zeros(3 * batch).map_err(|e| {
+            SdpaError::cuda(
+                format_args!("allocating the key runs ({} bytes)", 12 * batch),
+                e,
+            )
+        })?;
+        let Some((mask_ptr, _mask)) = dm.device_ptr(stream)? else {
+            return Err(SdpaError::Mask(
+                "the key-padding mask has no element".into(),
+            ));
+        };
+        let function = module_cache::function(stream.context(), kernel())?;
+        let (runs_ptr, runs_guard) = runs.device_ptr(stream);
+        let kind = dm.kind.code();
+        let stride_b = dm.strides[0] as u64;
+        let causal = u32::from(causal);
+        debug_assert_eq!(KEY_RUNS_PARAMS.len(), 8);
+        let cfg = LaunchConfig {
+            grid_dim: (n_batch, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: SMEM_BYTES,
+        };
+        let mut builder = stream.launch_builder(&function);
+        builder
+            .arg(&mask_ptr)
+            .arg(&kind)
+            .arg(&stride_b)
+            .arg(&pad)
+            .arg(&seq_k)
+            .arg(&causal)
+            .arg(&runs_ptr)
+            .arg(&n_batch);
+        // SAFETY: the arguments are the kernel's `KEY_RUNS_PARAMS`, in their
+        // order and types (u64 pointer, u32, u64, u32, u32, u32, u64
+        // pointer, u32). The mask is device memory of `stream`'s context
+        // (checked by `device_ptr`) holding, for each entry `b < B` (or the
+        // one broadcast row, stride 0), `Sk - pad` elements of its kind at
+        // `b · stride_b` (the resolved mask's shape, checked when it was
+        // made); the kernel reads keys `pad..Sk` of row `b` only. `runs`
+        // holds `3 · B` i32 and the kernel writes entries `b`, `B + b`,
+        // `2B + b` of CTA `b < B` only. The guards record the use on
+        // `stream`, which orders the attention kernels after it.
+        unsafe { builder.launch(cfg) }.map_err(|e| {
+            SdpaError::cuda(
+                format_args!("launching the key-runs kernel for {batch} entries"),
+                e,
+            )
+        })?;
+        drop(runs_guard);
+        Ok(Side::Derived(runs, batch))
+    }
 }
 
 #[cfg(test)]
