@@ -920,6 +920,7 @@ mod tests {
                     q_end: 16,
                     k_start: 17,
                     k_end: 18,
+                    mask_batches: 0,
                 },
             },
         }

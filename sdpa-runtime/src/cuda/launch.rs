@@ -796,6 +796,7 @@ mod tests {
                 q_end: 104,
                 k_start: 200,
                 k_end: 204,
+                mask_batches: 0,
             },
             ..Pointers::default()
         };
