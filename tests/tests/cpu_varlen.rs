@@ -61,7 +61,14 @@ impl KeyMask {
     /// The mask where batch `b` sees exactly the keys `keep(b, j)`, stored
     /// as `kind` with `len` columns (`len < sk`: front padded; the keys
     /// before `sk - len` must be kept) and `bm` batch rows (1: broadcast).
-    fn new(kind: Kind, b_n: usize, bm: usize, sk: usize, len: usize, keep: &dyn Fn(usize, usize) -> bool) -> KeyMask {
+    fn new(
+        kind: Kind,
+        b_n: usize,
+        bm: usize,
+        sk: usize,
+        len: usize,
+        keep: &dyn Fn(usize, usize) -> bool,
+    ) -> KeyMask {
         let pad = sk - len;
         let mut bias = vec![0.0; b_n * sk];
         for b in 0..b_n {
@@ -147,7 +154,15 @@ impl Spec {
     }
 
     /// `[B, Sq]` queries and `[B, Sk]` keys under a key mask.
-    fn masked(b: usize, sq: usize, sk: usize, heads_q: usize, heads_kv: usize, d: usize, mask: KeyMask) -> Spec {
+    fn masked(
+        b: usize,
+        sq: usize,
+        sk: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        d: usize,
+        mask: KeyMask,
+    ) -> Spec {
         Spec {
             q: [b, sq],
             k: [b, sk],
@@ -340,8 +355,14 @@ fn judge(spec: &Spec, (got, [qf, kf, vf, doutf]): &(Run, [Vec<f64>; 4]), what: &
     let tol = grad_tolerance(spec.dtype);
     for (e, entry) in spec.entries().iter().enumerate() {
         let (nq, nk) = (entry.q.len(), entry.k.len());
-        let (q, dout) = (rows(qf, qs, entry.tb, &entry.q), rows(doutf, qs, entry.tb, &entry.q));
-        let (k, v) = (rows(kf, ks, entry.tb, &entry.k), rows(vf, ks, entry.tb, &entry.k));
+        let (q, dout) = (
+            rows(qf, qs, entry.tb, &entry.q),
+            rows(doutf, qs, entry.tb, &entry.q),
+        );
+        let (k, v) = (
+            rows(kf, ks, entry.tb, &entry.k),
+            rows(vf, ks, entry.tb, &entry.k),
+        );
         let bias_fn = |_: usize, _: usize, _: usize, j: usize| {
             let m = spec.mask.as_ref().unwrap();
             m.bias[entry.tb * spec.k[1] + entry.k.start + j]
@@ -364,7 +385,10 @@ fn judge(spec: &Spec, (got, [qf, kf, vf, doutf]): &(Run, [Vec<f64>; 4]), what: &
         let what = format!("{what}, sequence {e} ({nq} queries, {nk} keys)");
         let want = reference::attention(&r);
         let err = reference::rel_l2(&rows(out, qs, entry.tb, &entry.q), &want);
-        assert!(err <= out_tol, "{what}: output error {err:.3e} > {out_tol:.0e}");
+        assert!(
+            err <= out_tol,
+            "{what}: output error {err:.3e} > {out_tol:.0e}"
+        );
         let want_lse = reference::lse(&r);
         let got_lse: Vec<f64> = (0..hq)
             .flat_map(|h| entry.q.clone().map(move |t| (h, t)))
@@ -403,7 +427,10 @@ fn judge(spec: &Spec, (got, [qf, kf, vf, doutf]): &(Run, [Vec<f64>; 4]), what: &
             for i in 0..nq {
                 if want_lse[h * nq + i] == f64::NEG_INFINITY {
                     let row = &dq[((entry.tb * qs[1] + entry.q.start + i) * hq + h) * d..][..d];
-                    assert!(row.iter().all(|&x| x == 0.0), "{what}: dq of row {i}, head {h}");
+                    assert!(
+                        row.iter().all(|&x| x == 0.0),
+                        "{what}: dq of row {i}, head {h}"
+                    );
                 }
             }
         }
@@ -457,7 +484,9 @@ fn packed_batches_with_groups_and_odd_head_sizes() {
 
 /// A run mask: batch `b` sees keys `runs[b]`.
 fn run_mask(kind: Kind, sk: usize, runs: &[Range<usize>]) -> KeyMask {
-    KeyMask::new(kind, runs.len(), runs.len(), sk, sk, &|b, j| runs[b].contains(&j))
+    KeyMask::new(kind, runs.len(), runs.len(), sk, sk, &|b, j| {
+        runs[b].contains(&j)
+    })
 }
 
 #[test]
@@ -488,9 +517,17 @@ fn key_padding_masks_run_as_runs_of_keys() {
             }
         }
     }
-    let spec = Spec::masked(2, 33, 130, 2, 2, 40, run_mask(Kind::Bool, 130, &[7..129, 60..130]))
-        .causal(true)
-        .dtype(DType::F16);
+    let spec = Spec::masked(
+        2,
+        33,
+        130,
+        2,
+        2,
+        40,
+        run_mask(Kind::Bool, 130, &[7..129, 60..130]),
+    )
+    .causal(true)
+    .dtype(DType::F16);
     assert_runs(&spec, true);
     check(&spec, seed);
 }
@@ -522,7 +559,7 @@ fn assert_runs(spec: &Spec, runs: bool) {
     let kv = TensorView::from_slice(&k, spec.k_shape()).unwrap();
     let m = spec.mask.as_ref().unwrap();
     let mask = AttnMask::new(m.buf.data(), &m.shape).unwrap();
-    let p = Problem::new(qv, kv.clone(), kv, Some(&mask), 1.0).unwrap();
+    let p = Problem::new(qv, kv, kv, Some(&mask), 1.0).unwrap();
     assert_eq!(matches!(p.k_seqs, SeqBounds::Runs(_)), runs, "{spec:?}");
 }
 
@@ -531,8 +568,16 @@ fn packed_and_masked_runs_are_deterministic() {
     let seed = run_seed();
     let specs = [
         Spec::packed(&RAGGED, 4, 2, 64).causal(true),
-        Spec::masked(3, 45, 77, 4, 2, 64, run_mask(Kind::Bool, 77, &[3..70, 0..77, 10..11]))
-            .causal(true),
+        Spec::masked(
+            3,
+            45,
+            77,
+            4,
+            2,
+            64,
+            run_mask(Kind::Bool, 77, &[3..70, 0..77, 10..11]),
+        )
+        .causal(true),
     ];
     for spec in specs {
         for isa in Isa::supported() {

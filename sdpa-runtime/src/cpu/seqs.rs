@@ -59,14 +59,8 @@ pub(crate) fn entries(p: &Problem<'_>) -> Result<Vec<Seq>> {
                         .into(),
                 )
             };
-            let q = p
-                .q_seqs
-                .range(b, p.tokens_q, p.seq_q)
-                .ok_or_else(device)?;
-            let k = p
-                .k_seqs
-                .range(b, p.tokens_k, p.seq_k)
-                .ok_or_else(device)?;
+            let q = p.q_seqs.range(b, p.tokens_q, p.seq_q).ok_or_else(device)?;
+            let k = p.k_seqs.range(b, p.tokens_k, p.seq_k).ok_or_else(device)?;
             let tb = if packed { 0 } else { b };
             Ok(match p.k_seqs {
                 // Keys stay absolute: the run is the part of 0..Sk seen.
@@ -122,11 +116,7 @@ impl Tasks {
             n += heads * s.nq.div_ceil(bq.max(1));
         }
         starts.push(n);
-        Tasks {
-            order,
-            starts,
-            bq,
-        }
+        Tasks { order, starts, bq }
     }
 
     /// How many tasks there are.
