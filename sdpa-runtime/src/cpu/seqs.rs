@@ -178,3 +178,173 @@ mod tests {
         }
     }
 }
+
+/// A rough timing of packed and key-padded calls against unmasked ones
+/// (GFLOP/s per useful FLOP), in release:
+/// `cargo test --release -p sdpa-runtime --lib cpu::seqs::timing -- --ignored --nocapture`.
+#[cfg(test)]
+mod timing {
+    use std::time::Instant;
+
+    use crate::{cpu, AttnMask, Problem, TensorView, TensorViewMut, VarLen};
+
+    const D: usize = 128;
+    const H: usize = 8;
+
+    fn fill(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as f32 / u32::MAX as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The best of 5 runs of `f`, in GFLOP/s for `flops`.
+    fn gflops(flops: f64, mut f: impl FnMut()) -> f64 {
+        f();
+        let best = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        flops / best / 1e9
+    }
+
+    fn view(x: &[f32], shape: [usize; 4]) -> TensorView<'_> {
+        TensorView::from_slice(x, shape).unwrap()
+    }
+
+    fn time<const CAUSAL: bool>(p: &Problem<'_>, useful: f64) -> f64 {
+        let shape = p.out_shape();
+        let mut o = vec![0.0f32; shape.iter().product()];
+        let mut ov = TensorViewMut::from_slice(&mut o, shape).unwrap();
+        gflops(useful, || {
+            cpu::attention::<D, CAUSAL, f32>(p, &mut ov).unwrap();
+        })
+    }
+
+    /// The backward of `p` after its forward, in GFLOP/s for `useful`
+    /// forward FLOPs times 2.5.
+    fn time_backward<const CAUSAL: bool>(p: &Problem<'_>, useful: f64) -> f64 {
+        let shape = p.out_shape();
+        let n: usize = shape.iter().product();
+        let kn: usize = p.k.layout().shape().iter().product();
+        let lse_shape = p.lse_shape();
+        let (mut o, mut lse) = (vec![0.0f32; n], vec![0.0f32; lse_shape.iter().product()]);
+        {
+            let mut ov = TensorViewMut::from_slice(&mut o, shape).unwrap();
+            let mut lv = TensorViewMut::from_slice(&mut lse, lse_shape).unwrap();
+            cpu::attention_lse::<D, CAUSAL, f32>(p, &mut ov, Some(&mut lv)).unwrap();
+        }
+        let dout = fill(n, 4);
+        let x = crate::BackwardInputs {
+            out: view(&o, shape),
+            dout: view(&dout, shape),
+            lse: view(&lse, lse_shape),
+        };
+        let (mut dq, mut dk, mut dv) = (vec![0.0f32; n], vec![0.0f32; kn], vec![0.0f32; kn]);
+        let ks = p.k.layout().shape();
+        let mut g = crate::Gradients {
+            dq: TensorViewMut::from_slice(&mut dq, shape).unwrap(),
+            dk: TensorViewMut::from_slice(&mut dk, ks).unwrap(),
+            dv: TensorViewMut::from_slice(&mut dv, ks).unwrap(),
+        };
+        gflops(2.5 * useful, || {
+            cpu::backward::<D, CAUSAL, f32>(p, &x, &mut g).unwrap();
+        })
+    }
+
+    #[test]
+    #[ignore = "a timing: run in release with --ignored --nocapture"]
+    fn varlen_and_runs_keep_the_unmasked_speed() {
+        let (b, s) = (4, 1024);
+        let q = fill(b * s * H * D, 1);
+        let k = fill(b * s * H * D, 2);
+        let v = fill(b * s * H * D, 3);
+        let scale = 1.0 / (D as f32).sqrt();
+        let shape = [b, s, H, D];
+        let pair = |n: f64, m: f64, causal: bool| {
+            4.0 * H as f64 * D as f64 * if causal { n * (n + 1.0) / 2.0 } else { n * m }
+        };
+        // Whole, unmasked.
+        let whole = Problem::new(
+            view(&q, shape),
+            view(&k, shape),
+            view(&v, shape),
+            None,
+            scale,
+        )
+        .unwrap();
+        // Packed: the same tokens as 4 ragged sequences.
+        let lens = [1536usize, 512, 1280, 768];
+        let cu: Vec<i32> = std::iter::once(0)
+            .chain(lens.iter().scan(0, |t, l| {
+                *t += l;
+                Some(*t as i32)
+            }))
+            .collect();
+        let vl = VarLen::new(&cu, &cu);
+        let packed_shape = [1, b * s, H, D];
+        let packed = Problem::with_varlen(
+            view(&q, packed_shape),
+            view(&k, packed_shape),
+            view(&v, packed_shape),
+            None,
+            Some(&vl),
+            scale,
+        )
+        .unwrap();
+        // Key padding: runs of 1024, 512 (prefix), 768 (middle), 640.
+        let runs = [0..1024usize, 0..512, 128..896, 384..1024];
+        let keep: Vec<bool> = runs
+            .iter()
+            .flat_map(|r| (0..s).map(move |j| r.contains(&j)))
+            .collect();
+        let mask = AttnMask::new(&keep[..], &[b, s]).unwrap();
+        let padded = Problem::new(
+            view(&q, shape),
+            view(&k, shape),
+            view(&v, shape),
+            Some(&mask),
+            scale,
+        )
+        .unwrap();
+        assert!(matches!(padded.k_seqs, crate::SeqBounds::Runs(_)));
+        let sf = s as f64;
+        let whole_flops = b as f64 * pair(sf, sf, false);
+        let packed_flops: f64 = lens.iter().map(|&n| pair(n as f64, n as f64, false)).sum();
+        let padded_flops: f64 = runs.iter().map(|r| pair(sf, r.len() as f64, false)).sum();
+        let packed_causal: f64 = lens.iter().map(|&n| pair(n as f64, 0.0, true)).sum();
+        let rows = [
+            ("whole", time::<false>(&whole, whole_flops)),
+            ("packed", time::<false>(&packed, packed_flops)),
+            ("key padding runs", time::<false>(&padded, padded_flops)),
+            (
+                "whole causal",
+                time::<true>(&whole, b as f64 * pair(sf, 0.0, true)),
+            ),
+            ("packed causal", time::<true>(&packed, packed_causal)),
+            (
+                "backward whole",
+                time_backward::<false>(&whole, whole_flops),
+            ),
+            (
+                "backward packed",
+                time_backward::<false>(&packed, packed_flops),
+            ),
+            (
+                "backward runs",
+                time_backward::<false>(&padded, padded_flops),
+            ),
+        ];
+        for (what, g) in rows {
+            println!("{what:>18}: {g:7.1} GFLOP/s per useful FLOP");
+        }
+    }
+}
