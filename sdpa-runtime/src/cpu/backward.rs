@@ -33,6 +33,12 @@
 //! partials (`chunks · B·Hq·Sq·D` floats, [`key_chunks`] of the gradient's
 //! size), never `Sq·Sk`.
 //!
+//! Tasks run per batch entry ([`Seq`]: a batch of `[B, S, H, D]`
+//! tensors, a packed sequence, or a batch and its key-padding run), in the
+//! entry's local positions; the first pass visits only the keys the entry
+//! sees and writes zero `dk`, `dv` for the rest of its keys; the dQ pass
+//! runs over the tensors' query tokens, whatever sequence holds them.
+//!
 //! Rows whose `lse` is `-inf` (they see no key) contribute nothing, so
 //! their `dq` is zero. Rows whose `lse` is too large for `f32` to hold
 //! `ln l` in it (a large finite mask such as `-1e9` on every key) have

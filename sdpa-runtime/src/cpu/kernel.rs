@@ -1,5 +1,5 @@
 //! One task of the CPU kernel, written once against [`Simd`] and compiled
-//! per instruction set: a block of query rows of one (batch, head) against
+//! per instruction set: a block of query rows of one (sequence, head) against
 //! every key it may see, with an online softmax.
 //!
 //! Layout in the per-thread workspace (all `f32`):
@@ -123,11 +123,12 @@ pub(crate) struct Dst {
 pub(crate) struct Ctx<'a> {
     /// The element type of q, k, v and the output.
     pub dtype: DType,
-    /// The queries, `[B, Sq, Hq, D]` as their layout says.
+    /// The queries, `[B, Sq, Hq, D]` (`[1, Tq, Hq, D]` packed) as their
+    /// layout says.
     pub q: Src,
-    /// The keys, `[B, Sk, Hkv, D]`.
+    /// The keys, `[B, Sk, Hkv, D]` (`[1, Tk, Hkv, D]` packed).
     pub k: Src,
-    /// The values, `[B, Sk, Hkv, D]`.
+    /// The values, as the keys.
     pub v: Src,
     /// The output buffer; every `(b, i, h)` row is written by one task only.
     pub out: *mut u8,

@@ -7,8 +7,16 @@
 //! The path is detected once ([`detected_isa`]); `SDPA_CPU_ISA` or
 //! [`with_isa`] pick another (tests run every path).
 //!
-//! Work is split into tasks of one (batch, query head, block of
-//! [`task_rows`] queries, at most [`max_task_rows`]) and spread over rayon's thread pool, whose threads
+//! Every batch entry is one sequence of queries and one of keys
+//! ([`Problem::q_seqs`], [`Problem::k_seqs`]): batch `b` of `[B, S, H, D]`
+//! tensors, the tokens `cu_seqlens` give it in a packed `[1, T, H, D]`
+//! batch, or batch `b` seeing only the run of keys a key-padding mask
+//! leaves it (then only the run's key blocks are visited and the mask is
+//! not read). Rules hold in each sequence's local positions.
+//!
+//! Work is split into tasks of one (sequence, query head, block of
+//! [`task_rows`] queries, at most [`max_task_rows`]), the longest
+//! sequences first, and spread over rayon's thread pool, whose threads
 //! persist between calls. Each task widens the keys and values to `f32` a
 //! block of [`block_k`] keys at a time, once for all its query rows, and
 //! keeps a running maximum, a running sum and an `f32` accumulator per query
@@ -59,10 +67,11 @@ pub fn attention<const D: usize, const CAUSAL: bool, T: Element>(
 }
 
 /// [`attention`], also writing the row log-sum-exp into `lse` when it is
-/// given: a `[B, Hq, Sq, 1]` `f32` view (any strides) whose element
-/// `(b, h, i)` becomes the natural log of the softmax denominator of query
-/// row `i` of head `h` over the scaled, masked scores, or `-inf` for a row
-/// that sees no key. The variant table holds this instantiation; with
+/// given: a `[B, Hq, Sq, 1]` `f32` view (any strides; `[1, Hq, Tq, 1]`
+/// for a packed batch, row `t` query token `t`) whose element `(b, h, i)`
+/// becomes the natural log of the softmax denominator of query row `i` of
+/// head `h` over the scaled, masked scores, or `-inf` for a row that sees
+/// no key. The variant table holds this instantiation; with
 /// `None` it is the plain forward (one untaken branch per output row).
 pub fn attention_lse<const D: usize, const CAUSAL: bool, T: Element>(
     p: &Problem<'_>,
@@ -173,7 +182,9 @@ pub fn attention_lse<const D: usize, const CAUSAL: bool, T: Element>(
 /// `backward.rs`): memory grows with the tiles, with `Sq` and with a few
 /// `f32` copies of `dq` (one per chunk of keys), never with `Sq·Sk`. Key and
 /// value gradients sum over each key/value head's query heads; rows that
-/// see no key (`lse = -inf`) contribute nothing. Deterministic: every
+/// see no key (`lse = -inf`) contribute nothing, and keys no row sees (of
+/// an empty sequence, outside a key-padding run) get zero gradients.
+/// Packed batches and key-padding runs as in [`attention`]. Deterministic: every
 /// element is written by one task, every sum has a fixed order, so two
 /// calls give the same bits whatever the thread count. Runs on
 /// [`active_isa`].
@@ -294,7 +305,12 @@ pub fn backward<const D: usize, const CAUSAL: bool, T: Element>(
             .enumerate()
             .for_each(|(bh, (m, l))| {
                 let (tb, h) = (bh / hq, bh % hq);
-                for seq in entries.iter().filter(|e| e.tb == tb) {
+                let mine = if p.is_packed() {
+                    &entries[..]
+                } else {
+                    &entries[tb..tb + 1]
+                };
+                for seq in mine {
                     let rows = seq.q0..seq.q0 + seq.nq;
                     let (m, l) = (&mut m[rows.clone()], &mut l[rows]);
                     if m.iter().any(|&x| backward::needs_stats(x)) {
