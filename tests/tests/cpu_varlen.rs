@@ -422,6 +422,21 @@ fn judge(spec: &Spec, (got, [qf, kf, vf, doutf]): &(Run, [Vec<f64>; 4]), what: &
                 );
             }
         }
+        // Keys the mask hides from the whole batch: zero dk and dv, exactly.
+        if let Some(m) = &spec.mask {
+            for j in entry.k.clone() {
+                if m.bias[entry.tb * spec.k[1] + j] == f64::NEG_INFINITY {
+                    let at = (entry.tb * ks[1] + j) * hkv * d;
+                    for (name, g) in [("dk", dk), ("dv", dv)] {
+                        let row = &g[at..][..hkv * d];
+                        assert!(
+                            row.iter().all(|&x| x == 0.0),
+                            "{what}: {name} of hidden key {j}"
+                        );
+                    }
+                }
+            }
+        }
         // Rows that see no key: zero dq, exactly.
         for h in 0..hq {
             for i in 0..nq {
