@@ -192,8 +192,7 @@ impl<'a> Problem<'a> {
             .any(|s| matches!(s, SeqBounds::Packed(SeqLens::Cuda(_))))
     }
 
-    /// Checks that the CPU backend can run this problem: host masks only,
-    /// and (until the CPU kernels read sequence bounds) no packed batch.
+    /// Checks that the CPU backend can run this problem: host masks only.
     pub fn check_cpu(&self) -> Result<()> {
         if let Some(m) = &self.mask {
             if m.residence().is_cuda() {
@@ -203,14 +202,6 @@ impl<'a> Problem<'a> {
                     m.residence()
                 )));
             }
-        }
-        if self.is_packed() {
-            return Err(SdpaError::Unsupported(
-                "variable-length batches (cu_seqlens) do not run on the CPU backend yet; run \
-                 them on CUDA tensors, or pass padded [B, S, H, D] tensors with a key-padding \
-                 mask"
-                    .into(),
-            ));
         }
         Ok(())
     }

@@ -33,6 +33,12 @@
 //! partials (`chunks · B·Hq·Sq·D` floats, [`key_chunks`] of the gradient's
 //! size), never `Sq·Sk`.
 //!
+//! Tasks run per batch entry ([`Seq`]: a batch of `[B, S, H, D]`
+//! tensors, a packed sequence, or a batch and its key-padding run), in the
+//! entry's local positions; the first pass visits only the keys the entry
+//! sees and writes zero `dk`, `dv` for the rest of its keys; the dQ pass
+//! runs over the tensors' query tokens, whatever sequence holds them.
+//!
 //! Rows whose `lse` is `-inf` (they see no key) contribute nothing, so
 //! their `dq` is zero. Rows whose `lse` is too large for `f32` to hold
 //! `ln l` in it (a large finite mask such as `-1e9` on every key) have
@@ -43,6 +49,7 @@
 //! same `bias_row`.
 
 use super::kernel::{read_row, write_row, Src};
+use super::seqs::Seq;
 use super::simd::Simd;
 use crate::layout::Layout;
 use crate::mask::ResolvedMask;
@@ -137,19 +144,25 @@ pub(crate) struct DstT {
 }
 
 /// Everything the tasks of one backward call share.
+///
+/// Batch entries ([`Seq`]) are in their local positions (query `i` is
+/// token `q0 + i` of the tensors' batch `tb`, key `j` token `k0 + j`); the
+/// per-row arrays and the `dQ` partials are indexed by token: row
+/// `(tb·Hq + h)·Tq + t` (`Tq` = `Sq` and `tb` = `b` for `[B, Sq, Hq, D]`
+/// tensors).
 pub(crate) struct BwdCtx<'a> {
     /// The element type of every tensor but the log-sum-exp.
     pub dtype: DType,
-    /// `[B, Sq, Hq, D]`.
+    /// `[B, Sq, Hq, D]`, or `[1, Tq, Hq, D]` packed.
     pub q: Src,
-    /// `[B, Sk, Hkv, D]`.
+    /// `[B, Sk, Hkv, D]`, or `[1, Tk, Hkv, D]` packed.
     pub k: Src,
-    /// `[B, Sk, Hkv, D]`.
+    /// As `k`.
     pub v: Src,
-    /// The output gradient, `[B, Sq, Hq, D]`.
+    /// The output gradient, as `q`.
     pub dout: Src,
     /// The shift `m` of each row's probabilities `P = e^((x − m) − ln l)`,
-    /// row `(b·Hq + h)·Sq + i`: the forward's log-sum-exp, except for rows
+    /// row `(tb·Hq + h)·Tq + t`: the forward's log-sum-exp, except for rows
     /// [`row_stats`] recomputed (see [`needs_stats`]), where it is the
     /// row's largest masked score.
     pub lse: &'a [f32],
@@ -159,35 +172,36 @@ pub(crate) struct BwdCtx<'a> {
     pub lnl: &'a [f32],
     /// `Δ = rowsum(dO∘O)`, indexed as `lse`.
     pub delta: &'a [f32],
-    /// `[B, Sq, Hq, D]`; each row written by one dQ task.
+    /// As `q`; each row written by one dQ task.
     pub dq: DstT,
-    /// `[B, Sk, Hkv, D]`; each row written by one dK/dV task.
+    /// As `k`; each row written by one dK/dV task.
     pub dk: DstT,
     /// As `dk`.
     pub dv: DstT,
     /// The `f32` partials of `dQ` (unscaled), zeroed, 64-byte aligned:
-    /// [`BwdCtx::chunks`] × `[B][Hq][Sq][padded(D)]`, chunk `c` of (b, h)
-    /// written by the first-pass task of chunk `c` of (b, h's key/value
-    /// head) alone, then read by the dQ pass. Null where no pass runs.
+    /// [`BwdCtx::chunks`] × `[tb][Hq][Tq][padded(D)]`, chunk `c` of the
+    /// rows of (entry, h) written by the first-pass task of chunk `c` of
+    /// (entry, h's key/value head) alone, then read by the dQ pass. Null
+    /// where no pass runs.
     pub dq_acc: *mut f32,
-    /// Chunks of key blocks per (batch, key/value head): [`key_chunks`].
+    /// Chunks of key blocks per (entry, key/value head): [`key_chunks`].
     pub chunks: usize,
-    /// The mask, checked against this problem, if any.
+    /// The mask to add, if any (none where key runs stand for it).
     pub mask: Option<ResolvedMask<'a>>,
     /// The softmax scale.
     pub scale: f32,
-    /// Top-left causal.
+    /// Top-left causal, in each entry's local positions.
     pub causal: bool,
-    /// `B`.
-    pub batch: usize,
+    /// The batch entries, in batch order.
+    pub seqs: &'a [Seq],
+    /// The tensors' batch size (`B`, or 1 packed).
+    pub q_batches: usize,
     /// `Hq`.
     pub heads_q: usize,
     /// `Hkv`.
     pub heads_kv: usize,
-    /// `Sq`.
-    pub seq_q: usize,
-    /// `Sk`.
-    pub seq_k: usize,
+    /// Query tokens per batch of the tensors (`Sq`, or `Tq` packed).
+    pub tokens_q: usize,
 }
 
 // SAFETY: the pointers are views of the caller's buffers, which the entry
@@ -202,36 +216,46 @@ impl BwdCtx<'_> {
     fn group(&self) -> usize {
         self.heads_q / self.heads_kv
     }
-    /// The key blocks of chunk `c` of a (batch, key/value head): see
-    /// [`chunk_blocks`].
-    fn chunk_blocks(&self, c: usize) -> std::ops::Range<usize> {
+    /// The key blocks of chunk `c` of entry `seq`'s visible keys (block
+    /// `kb` is local keys `lo + kb·BK..`): see [`chunk_blocks`].
+    fn chunk_blocks(&self, c: usize, seq: &Seq) -> std::ops::Range<usize> {
         chunk_blocks(
             c,
             self.chunks,
-            self.seq_k,
-            self.causal.then_some(self.seq_q),
+            seq.hi - seq.lo,
+            self.causal.then_some(seq.nq.saturating_sub(seq.lo)),
         )
     }
-    /// Tasks of the first pass: (batch, key/value head, chunk).
+    /// Tasks of the first pass: (entry, key/value head, chunk).
     pub fn kv_tasks(&self) -> usize {
-        self.batch * self.heads_kv * self.chunks
+        self.seqs.len() * self.heads_kv * self.chunks
     }
-    /// Tasks of the dQ pass.
+    /// Tasks of the dQ pass: (tensor batch, query head, block of [`BQ`]
+    /// tokens).
     pub fn q_tasks(&self) -> usize {
-        self.batch * self.heads_q * self.seq_q.div_ceil(BQ)
+        self.q_batches * self.heads_q * self.tokens_q.div_ceil(BQ)
+    }
+    /// Rows of the per-row arrays: `tb·Hq·Tq`.
+    pub fn rows(&self) -> usize {
+        self.q_batches * self.heads_q * self.tokens_q
+    }
+    /// The row of query token `t` of (tb, h) in the per-row arrays.
+    #[inline(always)]
+    pub fn row(&self, tb: usize, h: usize, t: usize) -> usize {
+        (tb * self.heads_q + h) * self.tokens_q + t
     }
     /// Floats of the `dQ` partials for head size `d`.
     pub fn dq_acc_floats(&self, d: usize) -> usize {
-        self.chunks * self.batch * self.heads_q * self.seq_q * padded(d)
+        self.chunks * self.rows() * padded(d)
     }
-    /// The first float of the `dQ` partial of chunk `c`, (b, h), row 0.
+    /// The first float of the `dQ` partial of chunk `c`, (tb, h), token 0.
     ///
     /// # Safety
-    /// `dq_acc` is the buffer described on it; `c`, `b`, `h` in range.
-    unsafe fn dq_part(&self, c: usize, b: usize, h: usize, dp: usize) -> *mut f32 {
-        let head = (c * self.batch + b) * self.heads_q + h;
+    /// `dq_acc` is the buffer described on it; `c`, `tb`, `h` in range.
+    unsafe fn dq_part(&self, c: usize, tb: usize, h: usize, dp: usize) -> *mut f32 {
+        let row = c * self.rows() + self.row(tb, h, 0);
         // SAFETY: the caller's contract: inside the buffer.
-        unsafe { self.dq_acc.add(head * self.seq_q * dp) }
+        unsafe { self.dq_acc.add(row * dp) }
     }
 }
 
@@ -564,26 +588,30 @@ unsafe fn probs_row<S: Simd>(
     }
 }
 
-/// One tile: query rows `i0..i0 + m` of (b, h) against the block of keys
-/// `j0..j0 + n` loaded in `t`; adds into `t.dk`, `t.dv` and the rows
-/// `i0..` of `dq` (the chunk's partial of (b, h), row stride `padded(D)`).
+/// One tile: local query rows `i0..i0 + m` of (entry `seq`, h) against
+/// the block of local keys `j0..j0 + n` loaded in `t`; adds into `t.dk`,
+/// `t.dv` and the rows `i0..` of `dq` (the chunk's partial of the entry's
+/// rows of head h, row stride `padded(D)`).
 ///
 /// # Safety
-/// `t` carved from a workspace holding the block of (b, h's key/value
-/// head); `m <= BQ`, `n <= BK`, in bounds; `dq` this task's alone.
+/// `t` carved from a workspace holding the block of (entry, h's
+/// key/value head); `m <= BQ`, `n <= BK`, in bounds; `dq` this task's
+/// alone.
 #[inline(always)]
 unsafe fn tile<S: Simd, const D: usize, const NV: usize, const CV: usize>(
     s: S,
     ctx: &BwdCtx<'_>,
     t: &Tiles,
-    (b, h, i0, m): (usize, usize, usize, usize),
+    (seq, h, i0, m): (&Seq, usize, usize, usize),
     (j0, n): (usize, usize),
     dq: *mut f32,
 ) {
     let (w, dp) = (S::W, padded(D));
     let mut st = [RowStat::default(); BQ];
     let mut any = false;
-    let row0 = (b * ctx.heads_q + h) * ctx.seq_q + i0;
+    let b = seq.tb;
+    let qi0 = seq.q0 + i0;
+    let row0 = ctx.row(b, h, qi0);
     for (r, x) in st.iter_mut().enumerate().take(m) {
         let lse = ctx.lse[row0 + r];
         if lse == f32::NEG_INFINITY {
@@ -611,8 +639,8 @@ unsafe fn tile<S: Simd, const D: usize, const NV: usize, const CV: usize>(
                 std::ptr::write_bytes(qr, 0, D);
                 std::ptr::write_bytes(dr, 0, D);
             } else {
-                load_row::<S, D>(s, ctx.dtype, &ctx.q, (b, i0 + r, h), qr, ctx.scale);
-                load_row::<S, D>(s, ctx.dtype, &ctx.dout, (b, i0 + r, h), dr, 1.0);
+                load_row::<S, D>(s, ctx.dtype, &ctx.q, (b, qi0 + r, h), qr, ctx.scale);
+                load_row::<S, D>(s, ctx.dtype, &ctx.dout, (b, qi0 + r, h), dr, 1.0);
             }
         }
         // S = q·Kᵀ into p and dP = dO·Vᵀ into ds, keys up to the last
@@ -631,6 +659,7 @@ unsafe fn tile<S: Simd, const D: usize, const NV: usize, const CV: usize>(
                 Some(mask) if x.nk > 0 => {
                     let bias = t.bias.add(r * BK);
                     let out = std::slice::from_raw_parts_mut(bias, x.nk);
+                    // Whole entries only: local positions are tokens.
                     mask.bias_row(b, h, i0 + r, j0, out);
                     Some(bias.cast_const())
                 }
@@ -664,7 +693,8 @@ unsafe fn tile<S: Simd, const D: usize, const NV: usize, const CV: usize>(
 }
 
 /// Task `task` of the first pass: chunk `c` of the key blocks of
-/// (b, kvh); writes their rows of `dk` and `dv` and adds into chunk `c`'s
+/// (entry, kvh); writes their rows of `dk` and `dv` (chunk 0 also the zero
+/// rows of the entry's keys outside its run) and adds into chunk `c`'s
 /// partial of `dQ` for the group's query heads.
 ///
 /// # Safety
@@ -681,51 +711,68 @@ pub(crate) unsafe fn kv_task<S: Simd, const D: usize, const NV: usize, const CV:
     let chunks = ctx.chunks.max(1);
     let c = task % chunks;
     let kvh = (task / chunks) % ctx.heads_kv;
-    let b = task / (chunks * ctx.heads_kv);
+    let seq = ctx.seqs[task / (chunks * ctx.heads_kv)];
+    let b = seq.tb;
     let dp = padded(D);
     // SAFETY: the caller's contract.
     let t = unsafe { Tiles::carve::<D>(ws) };
     let group = ctx.group();
-    for kb in ctx.chunk_blocks(c) {
-        let j0 = kb * BK;
-        let n = BK.min(ctx.seq_k - j0);
-        // SAFETY: rows `j0..j0 + n` of (b, kvh) are in bounds; `t.q` is
-        // scratch of DP floats until the tile's rows are read.
+    if c == 0 && seq.hi - seq.lo < seq.nk {
+        // Keys outside the run: no row sees them, their gradients are 0.
+        // SAFETY: `t.dk` holds DP floats; the rows (b, k0 + j, kvh) for
+        // `j < nk` outside `lo..hi` are in bounds and this task's alone.
         unsafe {
-            load_kv::<S, D>(s, ctx, (b, kvh, j0, n), (t.kr, t.kt), Some(t.vt), t.q);
+            std::ptr::write_bytes(t.dk, 0, dp);
+            for j in (0..seq.lo).chain(seq.hi..seq.nk) {
+                for dst in [&ctx.dk, &ctx.dv] {
+                    let off = dst.layout.offset(b, seq.k0 + j, kvh);
+                    write_row::<S, D>(s, ctx.dtype, dst.ptr, off, t.dk);
+                }
+            }
+        }
+    }
+    for kb in ctx.chunk_blocks(c, &seq) {
+        let j0 = seq.lo + kb * BK;
+        let n = BK.min(seq.hi - j0);
+        let kj0 = seq.k0 + j0;
+        // SAFETY: tokens `kj0..kj0 + n` of (b, kvh) are in bounds; `t.q`
+        // is scratch of DP floats until the tile's rows are read.
+        unsafe {
+            load_kv::<S, D>(s, ctx, (b, kvh, kj0, n), (t.kr, t.kt), Some(t.vt), t.q);
             std::ptr::write_bytes(t.dk, 0, BK * dp);
             std::ptr::write_bytes(t.dv, 0, BK * dp);
         }
         for h in kvh * group..(kvh + 1) * group {
-            // SAFETY: chunk `c` of (b, h) is this task's alone.
-            let dq = unsafe { ctx.dq_part(c, b, h, dp) };
+            // SAFETY: chunk `c` of the entry's rows of head h is this
+            // task's alone.
+            let dq = unsafe { ctx.dq_part(c, b, h, dp).add(seq.q0 * dp) };
             // Top-left causal: rows before j0 see none of the block.
             let mut i0 = if ctx.causal { j0 } else { 0 };
-            while i0 < ctx.seq_q {
-                let m = BQ.min(ctx.seq_q - i0);
-                // SAFETY: the block is loaded; rows `i0..i0 + m` of (b, h)
-                // in bounds, of this chunk's partial.
+            while i0 < seq.nq {
+                let m = BQ.min(seq.nq - i0);
+                // SAFETY: the block is loaded; rows `i0..i0 + m` of the
+                // entry in bounds, of this chunk's partial.
                 unsafe {
-                    tile::<S, D, NV, CV>(s, ctx, &t, (b, h, i0, m), (j0, n), dq.add(i0 * dp))
+                    tile::<S, D, NV, CV>(s, ctx, &t, (&seq, h, i0, m), (j0, n), dq.add(i0 * dp))
                 };
                 i0 += m;
             }
         }
         for j in 0..n {
-            // SAFETY: rows (b, j0 + j, kvh) of dk and dv are this task's
+            // SAFETY: rows (b, kj0 + j, kvh) of dk and dv are this task's
             // alone; rows `j < n` of the accumulators hold D floats.
             unsafe {
-                let off = ctx.dk.layout.offset(b, j0 + j, kvh);
+                let off = ctx.dk.layout.offset(b, kj0 + j, kvh);
                 write_row::<S, D>(s, ctx.dtype, ctx.dk.ptr, off, t.dk.add(j * dp));
-                let off = ctx.dv.layout.offset(b, j0 + j, kvh);
+                let off = ctx.dv.layout.offset(b, kj0 + j, kvh);
                 write_row::<S, D>(s, ctx.dtype, ctx.dv.ptr, off, t.dv.add(j * dp));
             }
         }
     }
 }
 
-/// Task `task` of the dQ pass: query rows `qb·BQ..` of (b, h), each the
-/// sum of its chunks' partials in chunk order, times the scale.
+/// Task `task` of the dQ pass: query tokens `qb·BQ..` of (tb, h), each
+/// the sum of its chunks' partials in chunk order, times the scale.
 ///
 /// # Safety
 /// As [`kv_task`], after every first-pass task has run.
@@ -736,12 +783,12 @@ pub(crate) unsafe fn q_task<S: Simd, const D: usize>(
     ws: &mut [f32],
     task: usize,
 ) {
-    let q_blocks = ctx.seq_q.div_ceil(BQ);
+    let q_blocks = ctx.tokens_q.div_ceil(BQ);
     let qb = task % q_blocks;
     let h = (task / q_blocks) % ctx.heads_q;
     let b = task / (q_blocks * ctx.heads_q);
     let i0 = qb * BQ;
-    let rows = BQ.min(ctx.seq_q - i0);
+    let rows = BQ.min(ctx.tokens_q - i0);
     let (w, dp) = (S::W, padded(D));
     let row = ws.as_mut_ptr();
     let scale = s.splat(ctx.scale);
@@ -782,7 +829,7 @@ pub(crate) fn needs_stats(lse: f32) -> bool {
     lse.is_finite() && lse.abs() >= LARGE_LSE
 }
 
-/// Recomputes the softmax statistics of the rows of (b, h) `bh = b·Hq + h`
+/// Recomputes the softmax statistics of the rows of (entry `seq`, h)
 /// whose log-sum-exp is large (see [`needs_stats`]): for each, its
 /// largest masked score `m` into `m[i]` (which holds the forward's lse on
 /// entry) and `ln l`, the log of `l = Σ_j e^(x_j − m)`, into `lnl[i]`. The
@@ -796,17 +843,17 @@ pub(crate) fn needs_stats(lse: f32) -> bool {
 /// # Safety
 /// `ws` holds [`workspace_floats`]`(D)` floats; `ctx` describes buffers
 /// valid for its layouts and dtype (its `lse`, `lnl` and `delta` are not
-/// read); `m` and `lnl` hold `Sq` floats.
+/// read); `m` and `lnl` hold the entry's `nq` rows.
 #[inline(always)]
 pub(crate) unsafe fn row_stats<S: Simd, const D: usize, const NV: usize>(
     s: S,
     ctx: &BwdCtx<'_>,
     ws: &mut [f32],
-    bh: usize,
+    (seq, h): (&Seq, usize),
     m: &mut [f32],
     lnl: &mut [f32],
 ) {
-    let (b, h) = (bh / ctx.heads_q, bh % ctx.heads_q);
+    let b = seq.tb;
     let kvh = h / ctx.group();
     let rows: Vec<usize> = (0..m.len()).filter(|&i| needs_stats(m[i])).collect();
     let Some(&last) = rows.last() else {
@@ -816,29 +863,27 @@ pub(crate) unsafe fn row_stats<S: Simd, const D: usize, const NV: usize>(
     let t = unsafe { Tiles::carve::<D>(ws) };
     let mut mx = vec![f32::NEG_INFINITY; rows.len()];
     let mut sum = vec![0.0f32; rows.len()];
-    let key_end = if ctx.causal {
-        ctx.seq_k.min(last + 1)
-    } else {
-        ctx.seq_k
-    };
+    let key_end = seq.key_end(ctx.causal, last + 1);
     let w = S::W;
-    let mut j0 = 0;
+    let mut j0 = seq.lo;
     while j0 < key_end {
-        let n = BK.min(ctx.seq_k - j0);
-        // SAFETY: rows `j0..j0 + n` of (b, kvh) are in bounds; the tiles
-        // hold what `load_kv` asks.
-        unsafe { load_kv::<S, D>(s, ctx, (b, kvh, j0, n), (t.kr, t.kt), None, t.dout) };
+        let n = BK.min(seq.hi - j0);
+        // SAFETY: tokens `k0 + j0..+n` of (b, kvh) are in bounds; the
+        // tiles hold what `load_kv` asks.
+        let kj0 = seq.k0 + j0;
+        unsafe { load_kv::<S, D>(s, ctx, (b, kvh, kj0, n), (t.kr, t.kt), None, t.dout) };
         for (r, &i) in rows.iter().enumerate() {
             let nk = seen(ctx.causal, i, j0, n);
             if nk == 0 {
                 continue;
             }
             let key_lanes = nk.div_ceil(NV * w) * NV * w;
-            // SAFETY: row (b, i, h) of q; `t.q` holds D floats; `t.p` and
-            // `t.bias` hold BK >= key_lanes; `t.kt` D·BK.
+            // SAFETY: row (b, q0 + i, h) of q; `t.q` holds D floats; `t.p`
+            // and `t.bias` hold BK >= key_lanes; `t.kt` D·BK.
             let (p, bias) = (t.p, t.bias);
             let x = unsafe {
-                load_row::<S, D>(s, ctx.dtype, &ctx.q, (b, i, h), t.q, ctx.scale);
+                let qi = (b, seq.q0 + i, h);
+                load_row::<S, D>(s, ctx.dtype, &ctx.q, qi, t.q, ctx.scale);
                 for l0 in (0..key_lanes).step_by(NV * w) {
                     score_tile::<S, D, 1, NV>(s, (t.q, 0), t.kt, l0, p);
                 }

@@ -1,5 +1,5 @@
 //! One task of the CPU kernel, written once against [`Simd`] and compiled
-//! per instruction set: a block of query rows of one (batch, head) against
+//! per instruction set: a block of query rows of one (sequence, head) against
 //! every key it may see, with an online softmax.
 //!
 //! Layout in the per-thread workspace (all `f32`):
@@ -24,6 +24,7 @@
 //! probability and multiplies it into `C` vectors of a value row, for `R`
 //! query rows at once (4 × up to 6 `zmm` on AVX-512).
 
+use super::seqs::Tasks;
 use super::simd::Simd;
 use crate::layout::Layout;
 use crate::mask::ResolvedMask;
@@ -122,11 +123,12 @@ pub(crate) struct Dst {
 pub(crate) struct Ctx<'a> {
     /// The element type of q, k, v and the output.
     pub dtype: DType,
-    /// The queries, `[B, Sq, Hq, D]` as their layout says.
+    /// The queries, `[B, Sq, Hq, D]` (`[1, Tq, Hq, D]` packed) as their
+    /// layout says.
     pub q: Src,
-    /// The keys, `[B, Sk, Hkv, D]`.
+    /// The keys, `[B, Sk, Hkv, D]` (`[1, Tk, Hkv, D]` packed).
     pub k: Src,
-    /// The values, `[B, Sk, Hkv, D]`.
+    /// The values, as the keys.
     pub v: Src,
     /// The output buffer; every `(b, i, h)` row is written by one task only.
     pub out: *mut u8,
@@ -136,24 +138,18 @@ pub(crate) struct Ctx<'a> {
     /// `(b, h, i)` is written by the task that writes output row
     /// `(b, i, h)`.
     pub lse: Option<Dst>,
-    /// The mask, checked against this problem, if any.
+    /// The mask to add, if any (none where the keys' runs stand for it).
     pub mask: Option<ResolvedMask<'a>>,
     /// The softmax scale.
     pub scale: f32,
-    /// Top-left causal masking.
+    /// Top-left causal masking (in each entry's local positions).
     pub causal: bool,
-    /// Query heads.
-    pub heads_q: usize,
     /// Query heads per key/value head.
     pub group: usize,
-    /// Query tokens.
-    pub seq_q: usize,
-    /// Key/value tokens.
-    pub seq_k: usize,
     /// Query rows per task.
     pub bq: usize,
-    /// Query blocks per (batch, head).
-    pub q_blocks: usize,
+    /// The tasks: (batch entry, query head, block of `bq` rows).
+    pub tasks: &'a Tasks,
 }
 
 // SAFETY: the pointers are read-only views of the caller's input buffers and
@@ -403,10 +399,10 @@ pub(crate) struct QRows {
     pub scratch: *mut f32,
 }
 
-/// One block of keys and values, `j0..j0 + n` of kv head `kvh`, to be
-/// loaded into the workspace.
+/// One block of keys and values, tokens `j0..j0 + n` of kv head `kvh`, to
+/// be loaded into the workspace.
 ///
-/// Invariants (the callers' safety contract): `j0 + n <= key_end <= Sk`,
+/// Invariants (the callers' safety contract): `j0 + n <= key_end <= Tk`,
 /// so the rows lie inside k's and v's buffers; `kw` and `vw` hold the
 /// whole key block of the workspace, `block_k(D) >= n` rows (rounded up to
 /// the key tile `MK`) of `D` and `dp` floats, do not overlap, and `dp` is
@@ -417,11 +413,12 @@ pub(crate) struct KvBlock {
     pub b: usize,
     /// Key/value head.
     pub kvh: usize,
-    /// The first key of the block.
+    /// The first key token of the block.
     pub j0: usize,
     /// Keys in the block.
     pub n: usize,
-    /// One past the last key the task reads: rows up to it are prefetched.
+    /// One past the last key token the task reads: rows up to it are
+    /// prefetched.
     pub key_end: usize,
     /// The key rows, as [`Products::Row`] elements.
     pub kw: *mut f32,
@@ -900,25 +897,22 @@ pub(crate) unsafe fn run_task<
         )
     };
 
-    // Heavy (late, for causal) query blocks first, so that the last tasks
-    // to run are short ones.
-    let qb = ctx.q_blocks - 1 - task % ctx.q_blocks;
-    let h = (task / ctx.q_blocks) % ctx.heads_q;
-    let b = task / (ctx.q_blocks * ctx.heads_q);
+    // The entry, head and rows (heavy blocks first: see `Tasks`). Rows,
+    // keys and the causal rule are in the entry's local positions: query
+    // `i` is token `q0 + i` of batch `b`, key `j` token `k0 + j`; the
+    // entry sees keys `lo..hi`.
+    let (seq, h, i0) = ctx.tasks.get(task);
+    let b = seq.tb;
     let kvh = h / ctx.group;
-    let i0 = qb * bq;
-    let rows = bq.min(ctx.seq_q - i0);
+    let rows = bq.min(seq.nq - i0);
     let lanes = rows.div_ceil(PANEL) * PANEL;
+    let qi0 = seq.q0 + i0;
 
     // The first key and value rows, while the queries are packed.
-    let key_end = if ctx.causal {
-        ctx.seq_k.min(i0 + rows)
-    } else {
-        ctx.seq_k
-    };
-    for j in 0..PREFETCH_ROWS.min(key_end) {
-        prefetch_row::<S, D>(s, ctx, &ctx.k, b, j, kvh);
-        prefetch_row::<S, D>(s, ctx, &ctx.v, b, j, kvh);
+    let key_end = seq.key_end(ctx.causal, i0 + rows);
+    for j in seq.lo..(seq.lo + PREFETCH_ROWS).min(key_end) {
+        prefetch_row::<S, D>(s, ctx, &ctx.k, b, seq.k0 + j, kvh);
+        prefetch_row::<S, D>(s, ctx, &ctx.v, b, seq.k0 + j, kvh);
     }
     // Queries, packed panel-major; padding lanes are zero. `kw` (at least
     // PANEL rows of D) is free until the first key block.
@@ -927,7 +921,7 @@ pub(crate) unsafe fn run_task<
         let prows = PANEL.min(rows.saturating_sub(p0));
         // The next panel's rows, while this one is packed.
         for r in p0 + PANEL..(p0 + 2 * PANEL).min(rows) {
-            prefetch_row::<S, D>(s, ctx, &ctx.q, b, i0 + r, h);
+            prefetch_row::<S, D>(s, ctx, &ctx.q, b, qi0 + r, h);
         }
         // SAFETY: rows `i0 + p0..+prows` of head (b, h) lie inside q's
         // buffer; `qt` holds `max_task_rows(D) / PANEL` panels; `kw` holds
@@ -936,7 +930,7 @@ pub(crate) unsafe fn run_task<
             let q = QRows {
                 b,
                 h,
-                i: i0 + p0,
+                i: qi0 + p0,
                 rows: prows,
                 qt: qt_at(qt, D, p0),
                 scratch: kw,
@@ -959,20 +953,20 @@ pub(crate) unsafe fn run_task<
     }
 
     // Top-left causal: row i sees keys j <= i, so keys past the last row
-    // (`key_end`, above) are never loaded.
-    let mut j0 = 0;
+    // (`key_end`, above) are never loaded, nor keys outside `lo..hi`.
+    let mut j0 = seq.lo;
     while j0 < key_end {
         let n = bk.min(key_end - j0);
         // Convert the key and value blocks once for all the task's rows.
-        // SAFETY: rows `j0..j0 + n` (< key_end <= Sk) of head (b, kvh) lie
-        // inside k's and v's buffers; `kw` and `vw` hold `bk >= n` rows,
-        // `bk` a multiple of MK.
+        // SAFETY: tokens `k0 + j0..k0 + j0 + n` (< k0 + key_end <= Tk) of
+        // head (b, kvh) lie inside k's and v's buffers; `kw` and `vw` hold
+        // `bk >= n` rows, `bk` a multiple of MK.
         let blk = KvBlock {
             b,
             kvh,
-            j0,
+            j0: seq.k0 + j0,
             n,
-            key_end,
+            key_end: seq.k0 + key_end,
             kw,
             vw,
             dp,
@@ -1010,7 +1004,8 @@ pub(crate) unsafe fn run_task<
                 scores::<S, P, D, MK, NQ>(s, &panel, ctx.scale)
             };
 
-            // The mask's bias, one query row at a time.
+            // The mask's bias, one query row at a time (whole entries
+            // only: local positions are tokens).
             if let Some(mask) = &ctx.mask {
                 for r in 0..prows {
                     // SAFETY: `tmp` holds bk + dp >= nk floats.
@@ -1067,8 +1062,9 @@ pub(crate) unsafe fn run_task<
     // Normalise and write; a row that saw no key is zeros, as in torch.
     for r in 0..rows {
         // SAFETY: `l` has bq entries; `o` row r has dp floats; `tmp` has D;
-        // the output row (b, i0 + r, h) is in bounds and this task's alone,
-        // and so is lse element (b, h, i0 + r) (checked `[B, Hq, Sq, 1]`).
+        // the output row (b, qi0 + r, h) is in bounds and this task's
+        // alone, and so is lse element (b, h, qi0 + r) (checked
+        // `[B, Hq, Sq, 1]` or `[1, Hq, Tq, 1]`).
         unsafe {
             let l = *lrow.add(r);
             let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
@@ -1078,7 +1074,7 @@ pub(crate) unsafe fn run_task<
                 let x = if l == 0.0 { s.zero() } else { x };
                 s.store(o.add(r * dp + c), x);
             }
-            let off = ctx.out_layout.offset(b, i0 + r, h);
+            let off = ctx.out_layout.offset(b, qi0 + r, h);
             write_row::<S, D>(s, ctx.dtype, ctx.out, off, o.add(r * dp));
             if let Some(lse) = ctx.lse {
                 // The scores were scaled and masked; `m` is their maximum.
@@ -1087,7 +1083,7 @@ pub(crate) unsafe fn run_task<
                 } else {
                     *mrow.add(r) + l.ln()
                 };
-                *lse.ptr.add(lse.layout.offset(b, h, i0 + r)) = x;
+                *lse.ptr.add(lse.layout.offset(b, h, qi0 + r)) = x;
             }
         }
     }

@@ -7,8 +7,16 @@
 //! The path is detected once ([`detected_isa`]); `SDPA_CPU_ISA` or
 //! [`with_isa`] pick another (tests run every path).
 //!
-//! Work is split into tasks of one (batch, query head, block of
-//! [`task_rows`] queries, at most [`max_task_rows`]) and spread over rayon's thread pool, whose threads
+//! Every batch entry is one sequence of queries and one of keys
+//! ([`Problem::q_seqs`], [`Problem::k_seqs`]): batch `b` of `[B, S, H, D]`
+//! tensors, the tokens `cu_seqlens` give it in a packed `[1, T, H, D]`
+//! batch, or batch `b` seeing only the run of keys a key-padding mask
+//! leaves it (then only the run's key blocks are visited and the mask is
+//! not read). Rules hold in each sequence's local positions.
+//!
+//! Work is split into tasks of one (sequence, query head, block of
+//! [`task_rows`] queries, at most [`max_task_rows`]), the longest
+//! sequences first, and spread over rayon's thread pool, whose threads
 //! persist between calls. Each task widens the keys and values to `f32` a
 //! block of [`block_k`] keys at a time, once for all its query rows, and
 //! keeps a running maximum, a running sum and an `f32` accumulator per query
@@ -25,6 +33,7 @@ mod backward;
 mod bf16dot;
 mod isa;
 mod kernel;
+mod seqs;
 mod simd;
 
 use std::cell::RefCell;
@@ -36,6 +45,7 @@ use crate::error::{Result, SdpaError};
 use crate::grad::{BackwardInputs, Gradients};
 use crate::problem::Problem;
 use crate::tensor::TensorViewMut;
+use crate::varlen::SeqBounds;
 
 pub use backward::{BK as BACKWARD_BLOCK_K, BQ as BACKWARD_BLOCK_Q};
 pub use isa::{active_isa, detected_isa, with_isa, Isa, CPU_ISA_ENV};
@@ -57,10 +67,11 @@ pub fn attention<const D: usize, const CAUSAL: bool, T: Element>(
 }
 
 /// [`attention`], also writing the row log-sum-exp into `lse` when it is
-/// given: a `[B, Hq, Sq, 1]` `f32` view (any strides) whose element
-/// `(b, h, i)` becomes the natural log of the softmax denominator of query
-/// row `i` of head `h` over the scaled, masked scores, or `-inf` for a row
-/// that sees no key. The variant table holds this instantiation; with
+/// given: a `[B, Hq, Sq, 1]` `f32` view (any strides; `[1, Hq, Tq, 1]`
+/// for a packed batch, row `t` query token `t`) whose element `(b, h, i)`
+/// becomes the natural log of the softmax denominator of query row `i` of
+/// head `h` over the scaled, masked scores, or `-inf` for a row that sees
+/// no key. The variant table holds this instantiation; with
 /// `None` it is the plain forward (one untaken branch per output row).
 pub fn attention_lse<const D: usize, const CAUSAL: bool, T: Element>(
     p: &Problem<'_>,
@@ -114,8 +125,9 @@ pub fn attention_lse<const D: usize, const CAUSAL: bool, T: Element>(
         p.batch * p.heads_q,
         rayon::current_num_threads(),
     );
-    let q_blocks = p.seq_q.div_ceil(bq);
-    let tasks = p.batch * p.heads_q * q_blocks;
+    let entries = seqs::entries(p)?;
+    let table = seqs::Tasks::new(&entries, p.heads_q, bq);
+    let tasks = table.len();
     if tasks == 0 || D == 0 {
         return Ok(());
     }
@@ -136,15 +148,18 @@ pub fn attention_lse<const D: usize, const CAUSAL: bool, T: Element>(
         out: o.as_mut_ptr().cast(),
         out_layout,
         lse,
-        mask: p.mask,
+        // Key-padding runs stand for the mask: only the keys of each run
+        // are visited, and the mask is 0 on them.
+        mask: if matches!(p.k_seqs, SeqBounds::Runs(_)) {
+            None
+        } else {
+            p.mask
+        },
         scale: p.scale,
         causal: CAUSAL,
-        heads_q: p.heads_q,
         group: p.group_size(),
-        seq_q: p.seq_q,
-        seq_k: p.seq_k,
         bq,
-        q_blocks,
+        tasks: &table,
     };
     let isa = active_isa();
     tracing::debug!(
@@ -167,7 +182,9 @@ pub fn attention_lse<const D: usize, const CAUSAL: bool, T: Element>(
 /// `backward.rs`): memory grows with the tiles, with `Sq` and with a few
 /// `f32` copies of `dq` (one per chunk of keys), never with `Sq·Sk`. Key and
 /// value gradients sum over each key/value head's query heads; rows that
-/// see no key (`lse = -inf`) contribute nothing. Deterministic: every
+/// see no key (`lse = -inf`) contribute nothing, and keys no row sees (of
+/// an empty sequence, outside a key-padding run) get zero gradients.
+/// Packed batches and key-padding runs as in [`attention`]. Deterministic: every
 /// element is written by one task, every sum has a fixed order, so two
 /// calls give the same bits whatever the thread count. Runs on
 /// [`active_isa`].
@@ -227,9 +244,12 @@ pub fn backward<const D: usize, const CAUSAL: bool, T: Element>(
         dst(&mut g.dv, "dv")?,
     );
 
-    // The log-sum-exp gathered, and Δ = rowsum(dO∘O), one f32 per row.
-    let (b_n, hq, sq) = (p.batch, p.heads_q, p.seq_q);
-    let rows = b_n * hq * sq;
+    // The log-sum-exp gathered, and Δ = rowsum(dO∘O), one f32 per query
+    // token of each (tensor batch, head).
+    let entries = seqs::entries(p)?;
+    let (hq, sq) = (p.heads_q, p.tokens_q);
+    let q_batches = p.q.layout().shape()[0];
+    let rows = q_batches * hq * sq;
     let mut lse = vec![0.0f32; rows];
     let mut delta = vec![0.0f32; rows];
     let lse_layout = *x.lse.layout();
@@ -259,15 +279,20 @@ pub fn backward<const D: usize, const CAUSAL: bool, T: Element>(
         dk,
         dv,
         dq_acc: std::ptr::null_mut(),
-        chunks: backward::key_chunks(b_n, p.heads_kv, p.seq_k),
-        mask: p.mask,
+        chunks: backward::key_chunks(p.batch, p.heads_kv, p.seq_k),
+        // Key-padding runs stand for the mask (see `attention_lse`).
+        mask: if matches!(p.k_seqs, SeqBounds::Runs(_)) {
+            None
+        } else {
+            p.mask
+        },
         scale: p.scale,
         causal: CAUSAL,
-        batch: b_n,
+        seqs: &entries,
+        q_batches,
         heads_q: hq,
         heads_kv: p.heads_kv,
-        seq_q: sq,
-        seq_k: p.seq_k,
+        tokens_q: sq,
     };
     // Rows whose lse is too large for f32 to hold `ln l` in it (a large
     // finite additive mask on every key): their `m` and `ln l` recomputed,
@@ -279,8 +304,18 @@ pub fn backward<const D: usize, const CAUSAL: bool, T: Element>(
             .zip(lnl.par_chunks_mut(sq.max(1)))
             .enumerate()
             .for_each(|(bh, (m, l))| {
-                if m.iter().any(|&x| backward::needs_stats(x)) {
-                    stats_dispatch::<D>(isa, &stats_ctx, bh, m, l);
+                let (tb, h) = (bh / hq, bh % hq);
+                let mine = if p.is_packed() {
+                    &entries[..]
+                } else {
+                    &entries[tb..tb + 1]
+                };
+                for seq in mine {
+                    let rows = seq.q0..seq.q0 + seq.nq;
+                    let (m, l) = (&mut m[rows.clone()], &mut l[rows]);
+                    if m.iter().any(|&x| backward::needs_stats(x)) {
+                        stats_dispatch::<D>(isa, &stats_ctx, (seq, h), m, l);
+                    }
                 }
             });
     }
@@ -346,13 +381,13 @@ where
     }
 }
 
-/// Runs [`backward::row_stats`] for the rows of (b, h) `bh` on `isa`, or
-/// the best path below it that the CPU has: the path the passes then run
-/// on, so the scores are formed by the same instructions.
+/// Runs [`backward::row_stats`] for the rows of (entry, h) `sh` on `isa`,
+/// or the best path below it that the CPU has: the path the passes then
+/// run on, so the scores are formed by the same instructions.
 fn stats_dispatch<const D: usize>(
     isa: Isa,
     ctx: &backward::BwdCtx<'_>,
-    bh: usize,
+    sh: (&seqs::Seq, usize),
     m: &mut [f32],
     lnl: &mut [f32],
 ) {
@@ -364,20 +399,20 @@ fn stats_dispatch<const D: usize>(
             if isa == Isa::Avx512 {
                 if let Some(s) = Avx512::detect() {
                     // SAFETY: `s` proves the features; the workspace has
-                    // `floats` floats; `m` and `lnl` are the Sq rows of `bh`.
-                    return unsafe { x86::avx512_stats::<D>(s, ctx, ws, bh, m, lnl) };
+                    // `floats` floats; `m` and `lnl` are the rows of `sh`.
+                    return unsafe { x86::avx512_stats::<D>(s, ctx, ws, sh, m, lnl) };
                 }
             }
             if isa != Isa::Portable {
                 if let Some(s) = Avx2::detect() {
                     // SAFETY: as above, for AVX2.
-                    return unsafe { x86::avx2_stats::<D>(s, ctx, ws, bh, m, lnl) };
+                    return unsafe { x86::avx2_stats::<D>(s, ctx, ws, sh, m, lnl) };
                 }
             }
         }
         let _ = isa;
         // SAFETY: as above.
-        unsafe { backward::row_stats::<simd::Portable, D, 2>(simd::Portable, ctx, ws, bh, m, lnl) }
+        unsafe { backward::row_stats::<simd::Portable, D, 2>(simd::Portable, ctx, ws, sh, m, lnl) }
     });
 }
 
@@ -521,6 +556,7 @@ mod x86 {
     use super::backward::{self, BwdCtx};
     use super::bf16dot::Bf16Dot;
     use super::kernel::{self, Ctx, F32Products, Line};
+    use super::seqs::Seq;
     use super::simd::{Avx2, Avx512};
     use super::{AVX2_R, AVX512_R};
 
@@ -609,12 +645,12 @@ mod x86 {
         s: Avx512,
         ctx: &BwdCtx<'_>,
         ws: &mut [f32],
-        bh: usize,
+        sh: (&Seq, usize),
         m: &mut [f32],
         lnl: &mut [f32],
     ) {
         // SAFETY: the caller's contract.
-        unsafe { backward::row_stats::<Avx512, D, 4>(s, ctx, ws, bh, m, lnl) }
+        unsafe { backward::row_stats::<Avx512, D, 4>(s, ctx, ws, sh, m, lnl) }
     }
 
     /// [`backward::row_stats`] on AVX2, with the score steps of
@@ -627,12 +663,12 @@ mod x86 {
         s: Avx2,
         ctx: &BwdCtx<'_>,
         ws: &mut [f32],
-        bh: usize,
+        sh: (&Seq, usize),
         m: &mut [f32],
         lnl: &mut [f32],
     ) {
         // SAFETY: the caller's contract.
-        unsafe { backward::row_stats::<Avx2, D, 2>(s, ctx, ws, bh, m, lnl) }
+        unsafe { backward::row_stats::<Avx2, D, 2>(s, ctx, ws, sh, m, lnl) }
     }
 
     /// One backward task on AVX2 (8 lanes; micro-tiles of 4 rows × 2
