@@ -455,3 +455,110 @@ fn backward_without_dout_is_one_line_and_a_non_zero_exit() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("dout"), "{stderr}");
 }
+
+#[test]
+fn packed_cases_give_each_sequence_its_own_reference() {
+    let seed = run_seed();
+    let (hq, hkv, d) = (4, 2, 64);
+    let (lens_q, lens_k) = ([5usize, 0, 9, 3], [7usize, 3, 4, 0]);
+    let (tq, tk): (usize, usize) = (lens_q.iter().sum(), lens_k.iter().sum());
+    let cu = |lens: &[usize]| -> Vec<u8> {
+        let mut acc = 0i32;
+        let mut bytes = 0i32.to_le_bytes().to_vec();
+        for &n in lens {
+            acc += n as i32;
+            bytes.extend(acc.to_le_bytes());
+        }
+        bytes
+    };
+    for backend in backends() {
+        for (dtype, causal, tol) in [(Dtype::F32, true, 1e-5), (Dtype::BF16, false, 3e-2)] {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut draw =
+                |n: usize| -> Vec<f64> { (0..n).map(|_| rng.random_range(-1.5..1.5)).collect() };
+            let (q, qb) = encode(dtype, &draw(tq * hq * d));
+            let (k, kb) = encode(dtype, &draw(tk * hkv * d));
+            let (v, vb) = encode(dtype, &draw(tk * hkv * d));
+            let (dout, db) = encode(dtype, &draw(tq * hq * d));
+            let dir = tempfile::tempdir().unwrap();
+            let (input, output) = (
+                dir.path().join("case.safetensors"),
+                dir.path().join("out.safetensors"),
+            );
+            let causal_s = causal.to_string();
+            let b1 = lens_q.len() + 1;
+            write(
+                &input,
+                &[
+                    ("q", Entry(dtype, vec![tq, hq, d], qb)),
+                    ("k", Entry(dtype, vec![tk, hkv, d], kb)),
+                    ("v", Entry(dtype, vec![tk, hkv, d], vb)),
+                    ("dout", Entry(dtype, vec![tq, hq, d], db)),
+                    ("cu_seqlens_q", Entry(Dtype::I32, vec![b1], cu(&lens_q))),
+                    ("cu_seqlens_k", Entry(Dtype::I32, vec![b1], cu(&lens_k))),
+                ],
+                &[("causal", causal_s.as_str())],
+            );
+            let status = Command::new(sdpa())
+                .args(["run", "--backward", "--backend", backend.name(), "--input"])
+                .arg(&input)
+                .arg("--output")
+                .arg(&output)
+                .status()
+                .unwrap();
+            assert!(status.success(), "sdpa run --backward on a packed case (seed {seed})");
+            // The reference, one sequence at a time, laid out packed.
+            let mut want: HashMap<&str, Vec<f64>> = HashMap::new();
+            let mut want_lse = vec![f64::NAN; hq * tq];
+            let (mut q0, mut k0) = (0, 0);
+            for (&nq, &nk) in lens_q.iter().zip(&lens_k) {
+                let (qs, ks) = (q0 * hq * d..(q0 + nq) * hq * d, k0 * hkv * d..(k0 + nk) * hkv * d);
+                let x = RefInputs {
+                    q: &q[qs.clone()],
+                    k: &k[ks.clone()],
+                    v: &v[ks],
+                    batch: 1,
+                    seq_q: nq,
+                    seq_k: nk,
+                    heads_q: hq,
+                    heads_kv: hkv,
+                    d,
+                    scale: 1.0 / (d as f64).sqrt(),
+                    causal,
+                    f32_scores: false,
+                    bias: None,
+                };
+                let (dq, dk, dv) = backward(&x, &dout[qs]);
+                for (name, part) in [("out", attention(&x)), ("dq", dq), ("dk", dk), ("dv", dv)] {
+                    want.entry(name).or_default().extend(part);
+                }
+                for (i, l) in lse(&x).into_iter().enumerate() {
+                    let (h, row) = (i / nq.max(1), i % nq.max(1));
+                    want_lse[h * tq + q0 + row] = l;
+                }
+                (q0, k0) = (q0 + nq, k0 + nk);
+            }
+            for (name, shape) in [
+                ("out", vec![tq, hq, d]),
+                ("dq", vec![tq, hq, d]),
+                ("dk", vec![tk, hkv, d]),
+                ("dv", vec![tk, hkv, d]),
+            ] {
+                let (got_dtype, got_shape, got) = read_tensor(&output, name);
+                assert_eq!((got_dtype, got_shape), (dtype, shape), "{name} is packed");
+                let err = rel_l2(&got, &want[name]);
+                assert!(
+                    err <= tol,
+                    "{backend:?} {dtype:?} {name}: relative error {err:.3e} > {tol:.0e} \
+                     (seed {seed})"
+                );
+            }
+            let (lse_dtype, shape, got) = read_tensor(&output, "lse");
+            assert_eq!((lse_dtype, shape), (Dtype::F32, vec![hq, tq]));
+            for (g, w) in got.iter().zip(&want_lse) {
+                let same = (g == w) || (g - w).abs() <= 1e-4 * (1.0 + w.abs());
+                assert!(same, "{backend:?} lse {g} vs {w} (seed {seed})");
+            }
+        }
+    }
+}
