@@ -31,12 +31,13 @@
 use crate::attention::mask::{
     block_needs_mask, key_blocks, mask_fragment, mask_of_head, FragmentMask,
 };
+use crate::attention::seqs::token_offset;
 use crate::attention::softmax::{
     exp2_with_row_sums, pack_a_fragment, quad_reduce, reduce_chain, scale, scale_rows, update_max,
     update_sum,
 };
-use crate::attention::store::{lse_rows, quad_writer, store_output, OutputRows};
-use crate::attention::AccFragment;
+use crate::attention::store::{exit_past_end, lse_rows, quad_writer, store_output, OutputRows};
+use crate::attention::{sequence_of, AccFragment, SeqSide};
 use crate::contract::{
     cta_coords, cta_head_batch, declare_params, kv_head, load_args, tensor_head, GpuKernel,
 };
@@ -375,25 +376,38 @@ impl Emitter {
         let (qs, ks, vs, os) = (a.q_strides, a.k_strides, a.v_strides, a.out_strides);
         let [msb, msh, msq] = a.mask_strides;
         let (lse_ptr, lse_strides) = (a.lse, a.lse_strides);
-        let (seq_q, seq_k, group, scale_log2) = (a.seq_q, a.seq_k, a.group, a.scale_log2);
+        let (group, scale_log2) = (a.group, a.scale_log2);
 
-        // ---- thread and block coordinates ----
+        // ---- thread and block coordinates, the sequences ----
         let (tid, qblock, head, batch) = cta_coords(k, cfg.causal);
+        // Rows and keys are local to the batch entry's sequences from here.
+        let q_seq = sequence_of(k, &a, batch, SeqSide::Queries);
+        let k_seq = sequence_of(k, &a, batch, SeqSide::Keys);
+        let (seq_q, seq_k) = (q_seq.len, k_seq.len);
         let lane = k.bin(BinOp::And, Ty::U32, tid, Operand::U(31));
         let warp = k.bin(BinOp::Shr, Ty::U32, tid, Operand::U(5));
         let g = k.bin(BinOp::Shr, Ty::U32, lane, Operand::U(2));
         let tq = k.bin(BinOp::And, Ty::U32, lane, Operand::U(3));
         let q0 = k.bin(BinOp::Mul, Ty::U32, qblock, Self::u(bm));
+        exit_past_end(k, q0, seq_q);
         let kv_head = kv_head(k, head, group);
         // First row of this warp within the CTA.
         let warp_row = k.bin(BinOp::Mul, Ty::U32, warp, Self::u(16 * mts));
 
-        // Byte address of element [batch, 0, head, 0] of each tensor, and
-        // its token stride in bytes.
-        let (q_base, q_stride) = tensor_head(k, q_ptr, qs, batch, head, 2);
-        let (k_base, k_stride) = tensor_head(k, k_ptr, ks, batch, kv_head, 2);
-        let (v_base, v_stride) = tensor_head(k, v_ptr, vs, batch, kv_head, 2);
-        let (o_base, o_stride) = tensor_head(k, o_ptr, os, batch, head, 2);
+        // Byte address of element [batch, start, head, 0] of each tensor
+        // (local row 0 of its sequence), and its token stride in bytes.
+        let at_token = |k: &mut Kernel, (base, stride): (Reg, Reg), start: Reg| {
+            let off = token_offset(k, start, stride);
+            (k.bin(BinOp::Add, Ty::U64, base, off), stride)
+        };
+        let q_head = tensor_head(k, q_ptr, qs, batch, head, 2);
+        let (q_base, q_stride) = at_token(k, q_head, q_seq.start);
+        let k_head = tensor_head(k, k_ptr, ks, batch, kv_head, 2);
+        let (k_base, k_stride) = at_token(k, k_head, k_seq.start);
+        let v_head = tensor_head(k, v_ptr, vs, batch, kv_head, 2);
+        let (v_base, v_stride) = at_token(k, v_head, k_seq.start);
+        let o_head = tensor_head(k, o_ptr, os, batch, head, 2);
+        let (o_base, o_stride) = at_token(k, o_head, q_seq.start);
 
         // Shared tiles.
         let sq = k.mov(Ty::U32, Operand::Symbol("smem".into()));
@@ -579,6 +593,8 @@ impl Emitter {
             mask: m_ptr,
             mask_head,
             mask_stride_q: msq,
+            kind: a.mask_kind,
+            pad: a.mask_pad,
             causal: cfg.causal,
         };
         mask_fragment(k, &s_frag, &fm, j0);
@@ -652,7 +668,10 @@ impl Emitter {
         let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
         let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
         let writer = quad_writer(k, tq);
-        let lse = lse_rows(k, lse_ptr, lse_strides, b64, h64, Some(writer));
+        // The query sequence's start read again: no register holds it
+        // across the loop.
+        let q_start = sequence_of(k, &a, batch, SeqSide::Queries).start;
+        let lse = lse_rows(k, lse_ptr, lse_strides, b64, h64, q_start, Some(writer));
         store_output(k, &o_frag, &m_run, &l_run, &out, &lse, packed);
         self.k.push(Instr::Ret);
         self.k

@@ -154,7 +154,7 @@ fn compose(mut e: Emitter, sched: TileScheduler) -> Kernel {
         n_blocks: p.n_blocks,
     };
     e.mainloop(&p.core, &ops);
-    e.epilogue(&p.core, &p.out, p.lse, sched);
+    e.epilogue(&p.core, &p.out, &p.args, sched);
     sched.consumer_tile_done(&mut e.k);
 
     let loads = Loads {
@@ -164,6 +164,9 @@ fn compose(mut e: Emitter, sched: TileScheduler) -> Kernel {
         sk0: p.sk0,
         tid: p.tid,
         q0: p.q0,
+        q_start: p.q_start,
+        k_start: p.k_start,
+        batch_strides: p.batch_strides,
         head: p.tile.head,
         kv_head: p.kv_head,
         batch: p.tile.batch,
