@@ -406,8 +406,8 @@ impl Emitter {
         let (k_base, k_stride) = at_token(k, k_head, k_seq.start);
         let v_head = tensor_head(k, v_ptr, vs, batch, kv_head, 2);
         let (v_base, v_stride) = at_token(k, v_head, k_seq.start);
-        let o_head = tensor_head(k, o_ptr, os, batch, head, 2);
-        let (o_base, o_stride) = at_token(k, o_head, q_seq.start);
+        // The output's rows move on to the sequence in the epilogue.
+        let (o_base, o_stride) = tensor_head(k, o_ptr, os, batch, head, 2);
 
         // Shared tiles.
         let sq = k.mov(Ty::U32, Operand::Symbol("smem".into()));
@@ -587,7 +587,7 @@ impl Emitter {
         let fm = FragmentMask {
             row0,
             tq2,
-            seq_q,
+            seq_q: a.seq_q,
             seq_k,
             has_mask,
             mask: m_ptr,
@@ -657,21 +657,22 @@ impl Emitter {
         // ---- epilogue: O / sum, rows that saw no key are 0; the lse ----
         k.push(Instr::Label(loop_end));
         k.push(Instr::CpAsyncWait(0));
+        let (head, batch) = cta_head_batch(k);
+        // The query sequence read again: no register holds it across the
+        // loop.
+        let q_seq = sequence_of(k, &a, batch, SeqSide::Queries);
         let out = OutputRows {
             row0,
             tq,
-            seq_q,
+            seq_q: a.seq_q,
             base: o_base,
             stride: o_stride,
-        };
-        let (head, batch) = cta_head_batch(k);
+        }
+        .in_sequence(k, q_seq);
         let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
         let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
         let writer = quad_writer(k, tq);
-        // The query sequence's start read again: no register holds it
-        // across the loop.
-        let q_start = sequence_of(k, &a, batch, SeqSide::Queries).start;
-        let lse = lse_rows(k, lse_ptr, lse_strides, b64, h64, q_start, Some(writer));
+        let lse = lse_rows(k, lse_ptr, lse_strides, b64, h64, q_seq.start, Some(writer));
         store_output(k, &o_frag, &m_run, &l_run, &out, &lse, packed);
         self.k.push(Instr::Ret);
         self.k

@@ -159,7 +159,7 @@ impl MaskKind {
 
 /// The additive bias (natural-log domain, `f32`) of the `kind` element at
 /// `addr` where `pred` holds, 0 elsewhere: the float kinds widened, the
-/// others `0` where non-zero and `-inf` where zero.
+/// others `0` where non-zero and `-inf` where zero ([`hidden_by`]).
 pub fn load_bias(k: &mut Kernel, kind: MaskKind, pred: Reg, addr: Addr) -> Reg {
     let bias = k.mov(Ty::F32, Operand::F32(0.0));
     let load = |k: &mut Kernel, ty: Ty, dst: Reg| {
@@ -170,7 +170,7 @@ pub fn load_bias(k: &mut Kernel, kind: MaskKind, pred: Reg, addr: Addr) -> Reg {
                 space: StateSpace::GlobalNc,
                 ty,
                 dst: vec![dst],
-                addr,
+                addr: addr.clone(),
             },
         )
     };
@@ -189,19 +189,53 @@ pub fn load_bias(k: &mut Kernel, kind: MaskKind, pred: Reg, addr: Addr) -> Reg {
             k.mov_to(Ty::B32, bias, raw);
         }
         MaskKind::U8 | MaskKind::I32 | MaskKind::I64 => {
-            let (ld_ty, reg_ty) = match kind {
-                MaskKind::U8 => (Ty::U8, Ty::U32),
-                MaskKind::I32 => (Ty::U32, Ty::U32),
-                _ => (Ty::U64, Ty::U64),
-            };
-            // Lanes that do not load read as "attend".
-            let raw = k.mov(reg_ty, Operand::U(1));
-            load(k, ld_ty, raw);
-            let hide = k.setp(Cmp::Eq, reg_ty, raw, Operand::U(0));
+            let hide = hidden_by(k, kind, pred, addr);
             k.selp_to(Ty::F32, bias, Operand::F32(f32::NEG_INFINITY), bias, hide);
         }
     }
     bias
+}
+
+/// Whether the element of a bool kind (`U8`, `I32`, `I64`) at `addr`
+/// hides its key: it is zero. Where `pred` does not hold nothing is read
+/// and the key is not hidden. An `i64` is read as its low 32-bit half,
+/// and its high half only where the low one is zero (one register per
+/// element at a time, as for the 32-bit kinds: ptxas hoists the loads of
+/// a fragment together).
+///
+/// # Panics
+///
+/// If `kind` is a float kind.
+pub fn hidden_by(k: &mut Kernel, kind: MaskKind, pred: Reg, addr: Addr) -> Reg {
+    let ty = match kind {
+        MaskKind::U8 => Ty::U8,
+        MaskKind::I32 | MaskKind::I64 => Ty::U32,
+        _ => panic!("{kind:?} is an additive bias"),
+    };
+    // Lanes that do not load read as "attend".
+    let load = |k: &mut Kernel, pred: Reg, ty: Ty, addr: Addr| {
+        let raw = k.mov(Ty::U32, Operand::U(1));
+        k.guard(
+            pred,
+            false,
+            Instr::Ld {
+                space: StateSpace::GlobalNc,
+                ty,
+                dst: vec![raw],
+                addr,
+            },
+        );
+        k.setp(Cmp::Eq, Ty::U32, raw, Operand::U(0))
+    };
+    let low_zero = load(k, pred, ty, addr.clone());
+    if kind != MaskKind::I64 {
+        return low_zero;
+    }
+    let high = Addr {
+        offset: addr.offset + 4,
+        ..addr
+    };
+    load(k, low_zero, Ty::U32, high)
 }
 
 /// Emits `body` once per [`MaskKind`], each behind a uniform branch on the
@@ -305,7 +339,9 @@ pub struct FragmentMask {
     pub row0: Reg,
     /// `2 · (lane % 4)`: the thread's first key column.
     pub tq2: Reg,
-    /// The sequence's query rows (`Sq` without sequence bounds).
+    /// The rows the mask holds, `Sq`: its reads stop there (a mask comes
+    /// without sequence bounds, so the sequence's rows are `Sq` too; the
+    /// contract's parameter, no register held across a loop).
     pub seq_q: Reg,
     /// The sequence's keys (`Sk` without sequence bounds).
     pub seq_k: Reg,
@@ -337,27 +373,31 @@ pub fn mask_fragment(k: &mut Kernel, acc: &AccFragment, m: &FragmentMask, j0: Re
     k.branch_if(m.has_mask, true, &skip_bias);
     let col_base = k.bin(BinOp::Sub, Ty::U32, kbase, m.pad);
     let col_lim = mask_column_limit(k, m.seq_k, m.pad);
-    let mut row_in = Vec::new();
+    // Per row: the columns it reads (none past `Sq`), and the element
+    // offset of its key `kbase`.
+    let mut row_lims = Vec::new();
     let mut row_offsets = Vec::new();
+    let kbase64 = k.cvt(None, Ty::U64, Ty::U32, kbase);
     for r in 0..acc.rows() {
         let row = k.bin(BinOp::Add, Ty::U32, m.row0, row_offset(r));
-        row_in.push(k.setp(Cmp::Lt, Ty::U32, row, m.seq_q));
-        row_offsets.push(mask_row_offset(k, m.mask_head, row, m.mask_stride_q, m.pad));
+        let row_in = k.setp(Cmp::Lt, Ty::U32, row, m.seq_q);
+        row_lims.push(k.selp(Ty::U32, col_lim, Operand::U(0), row_in));
+        let o = mask_row_offset(k, m.mask_head, row, m.mask_stride_q, m.pad);
+        row_offsets.push(k.bin(BinOp::Add, Ty::U64, o, kbase64));
     }
     per_kind(k, m.kind, |k, kind| {
-        let bytes = Operand::U(kind.bytes());
-        let mask_rows: Vec<Reg> = row_offsets
+        let bytes = kind.bytes();
+        // The address of each row's element for key `kbase`; the thread's
+        // keys are at immediate offsets from it.
+        let at_kbase: Vec<Reg> = row_offsets
             .iter()
-            .map(|&o| k.mad(Ty::U64, o, bytes.clone(), m.mask))
+            .map(|&o| k.mad(Ty::U64, o, Operand::U(bytes), m.mask))
             .collect();
         for (r, col, s) in acc.elems() {
             let column = k.bin(BinOp::Add, Ty::U32, col_base, Operand::U(col as u64));
-            let kin = k.setp(Cmp::Lt, Ty::U32, column, col_lim);
-            let ok = k.reg(Ty::Pred);
-            k.bin_to(BinOp::And, Ty::Pred, ok, kin, row_in[r]);
-            let c64 = k.cvt(None, Ty::U64, Ty::U32, column);
-            let addr = k.mad(Ty::U64, c64, bytes.clone(), mask_rows[r]);
-            add_kind_bias(k, kind, s, ok, addr.into());
+            let read = k.setp(Cmp::Lt, Ty::U32, column, row_lims[r]);
+            let addr = Addr::at(at_kbase[r], (col as u64 * bytes) as i64);
+            add_kind_bias(k, kind, s, read, addr);
         }
     });
     k.push(Instr::Label(skip_bias));

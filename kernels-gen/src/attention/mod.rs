@@ -145,9 +145,10 @@ mod tests {
         let b = body(k);
         let count = |p: &str| b.iter().filter(|l| l.contains(p)).count();
         assert!(need.to_string().starts_with("%p"));
-        // One guarded bias load per score and element kind, and one -inf
+        // One guarded bias load per score and element kind (two for an
+        // i64: its high half where its low half is zero), and one -inf
         // select per score (and per score of each bool kind).
-        assert_eq!(count("ld.global.nc"), 8 * MaskKind::ALL.len());
+        assert_eq!(count("ld.global.nc"), 8 * (MaskKind::ALL.len() + 1));
         assert_eq!(count("ld.global.nc.f32"), 8);
         assert_eq!(count("ld.global.nc.u8"), 8);
         assert_eq!(count("selp.f32"), 8 + 3 * 8);

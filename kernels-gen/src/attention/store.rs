@@ -4,6 +4,7 @@
 //! ([`row_lse`], [`store_lse`]).
 
 use super::layout::AccFragment;
+use super::seqs::Sequence;
 use super::softmax::{pack, quad_reduce};
 use crate::contract::head_offset;
 use crate::ptx::{Addr, BinOp, Cmp, Instr, Kernel, Operand, Reg, StateSpace, Ty, UnOp};
@@ -151,10 +152,10 @@ pub struct OutputRows {
     /// `lane % 4`: the thread's column pair within each n8 tile.
     pub tq: Reg,
     /// The sequence's query rows (`Sq` without sequence bounds): rows at
-    /// or past it are not stored.
+    /// or past it are not stored ([`OutputRows::in_sequence`]).
     pub seq_q: Reg,
-    /// The byte address of the output's local row 0 (token `q_start`) of
-    /// this (batch, head).
+    /// The byte address of the output's local row 0 (token `q_start`,
+    /// [`OutputRows::in_sequence`]) of this (batch, head).
     pub base: Reg,
     /// The output's token stride, in bytes.
     pub stride: Reg,
@@ -167,6 +168,22 @@ pub struct OutputRows {
 pub fn exit_past_end(k: &mut Kernel, q0: Reg, len_q: Reg) {
     let past = k.setp(Cmp::Ge, Ty::U32, q0, len_q);
     k.guard(past, false, Instr::Ret);
+}
+
+impl OutputRows {
+    /// The rows of the query sequence `seq` of this (batch, head): `base`
+    /// moved on to token `seq.start` and `seq_q` its length. Epilogues
+    /// read the sequence again and call this there, so that no register
+    /// holds it across their main loop.
+    pub fn in_sequence(self, k: &mut Kernel, seq: Sequence) -> OutputRows {
+        let s64 = k.cvt(None, Ty::U64, Ty::U32, seq.start);
+        let base = k.mad(Ty::U64, s64, self.stride, self.base);
+        OutputRows {
+            seq_q: seq.len,
+            base,
+            ..self
+        }
+    }
 }
 
 /// The predicate of the one thread of each quad that writes the quad's

@@ -58,7 +58,7 @@ pub(super) struct Core {
     pub(super) p_false: Reg,
     /// `softmax_scale · log2(e)`.
     pub(super) scale_log2: Reg,
-    /// The query sequence's rows (`Sq` without sequence bounds).
+    /// `Sq`, the rows a mask holds ([`crate::attention::mask::FragmentMask`]).
     pub(super) seq_q: Reg,
     /// The key sequence's keys (`Sk` without sequence bounds).
     pub(super) seq_k: Reg,

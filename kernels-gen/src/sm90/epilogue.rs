@@ -31,19 +31,20 @@ impl Emitter {
         let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
         let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
         let writer = quad_writer(k, out.tq);
-        // The query sequence's start read again: no register holds it
-        // across the mainloop.
-        let q_start = sequence_of(k, args, batch, SeqSide::Queries).start;
+        // The query sequence read again: no register holds it across the
+        // mainloop.
+        let q_seq = sequence_of(k, args, batch, SeqSide::Queries);
+        let out = out.in_sequence(k, q_seq);
         let lse = lse_rows(
             k,
             args.lse,
             args.lse_strides,
             b64,
             h64,
-            q_start,
+            q_seq.start,
             Some(writer),
         );
         let o = AccFragment::new(std::slice::from_ref(&c.o_acc));
-        store_output(k, &o, &c.m_run, &c.l_run, out, &lse, self.cfg.packed());
+        store_output(k, &o, &c.m_run, &c.l_run, &out, &lse, self.cfg.packed());
     }
 }

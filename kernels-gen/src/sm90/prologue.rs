@@ -6,7 +6,6 @@
 use super::emitter::{desc_bits, Core, Emitter};
 use super::schedule::{Tile, TileScheduler};
 use crate::attention::mask::{key_blocks, mask_of_head};
-use crate::attention::seqs::token_offset;
 use crate::attention::store::{exit_past_end, OutputRows};
 use crate::attention::{sequence_of, SeqSide};
 use crate::contract::{declare_params, declare_tensor_maps, load_args, tensor_head, Args};
@@ -43,7 +42,8 @@ pub(super) struct Prologue {
     pub(super) v_desc0: Reg,
     /// The tile's key blocks.
     pub(super) n_blocks: Reg,
-    /// Where the consumer's output rows go.
+    /// Where the consumer's output rows go, in the whole batch entry: the
+    /// epilogue moves them on to the query sequence.
     pub(super) out: OutputRows,
     /// The contract's arguments, for the epilogue (`lse`, the query
     /// sequence).
@@ -91,11 +91,9 @@ impl Emitter {
         exit_past_end(k, q0, q_seq.len);
 
         // Q, K and V are read through their tensor maps; only the output
-        // (16-bit elements) is addressed from its pointer and strides, from
-        // the query sequence's first token.
-        let (o_head, o_stride) = tensor_head(k, a.out, a.out_strides, tile.batch, tile.head, 2);
-        let o_off = token_offset(k, q_seq.start, o_stride);
-        let o_base = k.bin(BinOp::Add, Ty::U64, o_head, o_off);
+        // (16-bit elements) is addressed from its pointer and strides (the
+        // epilogue moves it on to the query sequence).
+        let (o_base, o_stride) = tensor_head(k, a.out, a.out_strides, tile.batch, tile.head, 2);
 
         // Shared tiles, from a 1024-byte aligned base: Q, then the stages
         // of (K, V).
@@ -131,7 +129,7 @@ impl Emitter {
         let out = OutputRows {
             row0,
             tq,
-            seq_q: q_seq.len,
+            seq_q: a.seq_q,
             base: o_base,
             stride: o_stride,
         };
@@ -156,7 +154,7 @@ impl Emitter {
             p_true,
             p_false,
             scale_log2: a.scale_log2,
-            seq_q: q_seq.len,
+            seq_q: a.seq_q,
             seq_k: k_seq.len,
             has_mask,
             mask_head,
