@@ -19,8 +19,13 @@
 //!    accumulator layout of two adjacent n8 tiles is exactly an A fragment;
 //! 5. V(n) is waited for and `O += P·V(n)` runs with `ldmatrix.trans`.
 //!
-//! Causal CTAs stop at the block holding their last row's diagonal: blocks
-//! above it are never loaded. Head sizes that are odd multiples of 8 use one
+//! Rows and keys are local to the batch entry's sequences
+//! ([`crate::attention::seqs`], read once in the prologue, the query one
+//! again in the epilogue): tiles are loaded from token `start`, rows past a
+//! sequence's end are zero-filled by the `cp.async` source size, and a CTA
+//! whose rows all lie past its sequence's end leaves at once. Causal CTAs
+//! stop at the block holding their last row's diagonal: blocks above it
+//! are never loaded. Head sizes that are odd multiples of 8 use one
 //! m16n8k8 product for the last 8 columns of `Q·Kᵀ` and an `.x2` load for the
 //! last n8 tile of `P·V`, so 40 runs as 40, not 48 or 64.
 //!

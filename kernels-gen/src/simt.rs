@@ -39,6 +39,12 @@
 //!   of the running sum and accumulators, `acc += p·V`.
 //!   The lanes of a group hold identical scores and sums, so no reduction is
 //!   needed at the end.
+//! - **Sequences** ([`crate::attention::seqs`]): the prologue reads the
+//!   batch entry's query and key sequences once; rows and keys are local to
+//!   them from there (`Sq` and `Sk` below are their lengths), every tensor
+//!   is addressed from token `start`, and a CTA whose rows all lie past its
+//!   sequence's end leaves at once. The epilogue reads the query sequence
+//!   again rather than hold it across the loop.
 //! - **Causal** (top-left): a CTA stops at key `min(Sk, Sq, last row + 1)`.
 //! - **NaN.** `max.f32` ignores a NaN operand, so a NaN score leaves the
 //!   running max finite (or `-inf`) and `ex2(NaN - shift)` = NaN reaches the
@@ -52,7 +58,10 @@
 //! Global rows of `q`, `k`, `v` and `out` are accessed with vectors of up to
 //! 16 bytes: every row start must be 16-byte aligned (base pointers and
 //! strides times the element size multiples of 16 bytes). The mask is read
-//! one `f32` at a time and needs no alignment beyond 4 bytes.
+//! in place one element at a time, of any
+//! [`crate::attention::mask::MaskKind`] (one specialised body per kind
+//! behind uniform branches, inside the masked path only), and needs no
+//! alignment beyond its element's.
 //!
 //! # Testing without a GPU
 //!
@@ -60,7 +69,9 @@
 //! interpreter of one CTA (uniform branches and full-warp shuffles are
 //! asserted, every global access is bounds-checked, shared memory starts as
 //! NaN) and compare with a float64 reference: ragged lengths, GQA, causal
-//! with `Sq` above and below `Sk`, dense and broadcast masks, fully masked
+//! with `Sq` above and below `Sk`, packed variable lengths and key runs
+//! (rows outside the sequences must keep their NaN poison), dense and
+//! broadcast masks of every element kind with front padding, fully masked
 //! rows and NaN rows, in all three element types. With `PTXAS` set they also
 //! assemble a sample of variants for sm_80 and sm_90 and require zero spills.
 

@@ -24,6 +24,14 @@
 //! Block `n + 1`'s `Q·Kᵀ` is issued together with block `n`'s `P·V`, and
 //! the softmax of `n + 1` runs while the `P·V` is in flight.
 //!
+//! Rows and keys are local to the batch entry's sequences
+//! ([`crate::attention::seqs`]): TMA boxes are addressed at token `start +
+//! local` (and at batch 0 of a packed tensor, whose batch stride is 0); the
+//! rows a box brings in past a sequence's end are its neighbours' tokens,
+//! hidden as `-inf` for keys (the blocks reaching past the key sequence's
+//! end take the masking path) and never stored for queries. A tile whose
+//! rows all lie past its sequence's end leaves before its mbarriers exist.
+//!
 //! The kernel is warp-specialised: warpgroup 0 is a producer that gives
 //! its registers to the consumers (`setmaxnreg`) and whose one thread
 //! loads Q, then each block's K and V, with TMA onto per-stage mbarriers;
