@@ -36,13 +36,12 @@
 use crate::attention::mask::{
     block_needs_mask, key_blocks, mask_fragment, mask_of_head, FragmentMask,
 };
-use crate::attention::seqs::token_offset;
 use crate::attention::softmax::{
     exp2_with_row_sums, pack_a_fragment, quad_reduce, reduce_chain, scale, scale_rows, update_max,
     update_sum,
 };
 use crate::attention::store::{exit_past_end, lse_rows, quad_writer, store_output, OutputRows};
-use crate::attention::{sequence_of, AccFragment, SeqSide};
+use crate::attention::{at_token, sequence_of, AccFragment, SeqSide};
 use crate::contract::{
     cta_coords, cta_head_batch, declare_params, kv_head, load_args, tensor_head, GpuKernel,
 };
@@ -401,16 +400,12 @@ impl Emitter {
 
         // Byte address of element [batch, start, head, 0] of each tensor
         // (local row 0 of its sequence), and its token stride in bytes.
-        let at_token = |k: &mut Kernel, (base, stride): (Reg, Reg), start: Reg| {
-            let off = token_offset(k, start, stride);
-            (k.bin(BinOp::Add, Ty::U64, base, off), stride)
-        };
-        let q_head = tensor_head(k, q_ptr, qs, batch, head, 2);
-        let (q_base, q_stride) = at_token(k, q_head, q_seq.start);
-        let k_head = tensor_head(k, k_ptr, ks, batch, kv_head, 2);
-        let (k_base, k_stride) = at_token(k, k_head, k_seq.start);
-        let v_head = tensor_head(k, v_ptr, vs, batch, kv_head, 2);
-        let (v_base, v_stride) = at_token(k, v_head, k_seq.start);
+        let (q_head, q_stride) = tensor_head(k, q_ptr, qs, batch, head, 2);
+        let q_base = at_token(k, q_head, q_seq.start, q_stride);
+        let (k_head, k_stride) = tensor_head(k, k_ptr, ks, batch, kv_head, 2);
+        let k_base = at_token(k, k_head, k_seq.start, k_stride);
+        let (v_head, v_stride) = tensor_head(k, v_ptr, vs, batch, kv_head, 2);
+        let v_base = at_token(k, v_head, k_seq.start, v_stride);
         // The output's rows move on to the sequence in the epilogue.
         let (o_base, o_stride) = tensor_head(k, o_ptr, os, batch, head, 2);
 

@@ -75,11 +75,12 @@
 //! rows and NaN rows, in all three element types. With `PTXAS` set they also
 //! assemble a sample of variants for sm_80 and sm_90 and require zero spills.
 
+use crate::attention::at_token;
 use crate::attention::mask::{
     add_kind_bias, hide_unless, key_end, mask_column_limit, mask_of_head_wide, mask_row_offset,
     per_kind, row_key_end,
 };
-use crate::attention::seqs::{sequence, token_offset, Sequence, Side};
+use crate::attention::seqs::{sequence, Sequence, Side};
 use crate::attention::softmax::{
     exp2_shifted, pack, reduce_pairwise, scale, update_max, update_sum,
 };
@@ -226,13 +227,6 @@ fn u(x: u32) -> Operand {
 
 fn f(x: f32) -> Operand {
     Operand::F32(x)
-}
-
-/// `base + start · stride` (`u64` byte address and stride, `u32` token):
-/// the address of token `start`, a sequence's local row 0.
-fn at_token(k: &mut Kernel, base: Reg, start: Reg, stride: Reg) -> Reg {
-    let off = token_offset(k, start, stride);
-    k.bin(BinOp::Add, Ty::U64, base, off)
 }
 
 /// What the prologue computes for the key loop and the epilogue.

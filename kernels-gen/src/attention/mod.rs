@@ -33,7 +33,7 @@ pub use layout::AccFragment;
 
 use crate::contract::Args;
 use crate::ptx::{Kernel, Reg};
-use seqs::{sequence, Sequence, Side};
+use seqs::{sequence, token_offset, Sequence, Side};
 
 /// Which side of the attention a sequence is of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +42,14 @@ pub enum SeqSide {
     Queries,
     /// The keys (and values): `k_start`, `k_end`, `tokens_k`, `Sk`.
     Keys,
+}
+
+/// `base + start · stride` (`u64` address and token stride, in the same
+/// unit, and a `u32` token): where a sequence's local row 0 lives, token
+/// `start` ([`seqs::token_offset`]).
+pub fn at_token(k: &mut Kernel, base: Reg, start: Reg, stride: Reg) -> Reg {
+    let off = token_offset(k, start, stride);
+    k.bin(crate::ptx::BinOp::Add, crate::ptx::Ty::U64, base, off)
 }
 
 /// Batch entry `batch`'s sequence on `side`, from the contract's

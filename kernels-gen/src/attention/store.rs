@@ -176,8 +176,7 @@ impl OutputRows {
     /// read the sequence again and call this there, so that no register
     /// holds it across their main loop.
     pub fn in_sequence(self, k: &mut Kernel, seq: Sequence) -> OutputRows {
-        let s64 = k.cvt(None, Ty::U64, Ty::U32, seq.start);
-        let base = k.mad(Ty::U64, s64, self.stride, self.base);
+        let base = super::at_token(k, self.base, seq.start, self.stride);
         OutputRows {
             seq_q: seq.len,
             base,
