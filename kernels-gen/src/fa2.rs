@@ -19,8 +19,13 @@
 //!    accumulator layout of two adjacent n8 tiles is exactly an A fragment;
 //! 5. V(n) is waited for and `O += P·V(n)` runs with `ldmatrix.trans`.
 //!
-//! Causal CTAs stop at the block holding their last row's diagonal: blocks
-//! above it are never loaded. Head sizes that are odd multiples of 8 use one
+//! Rows and keys are local to the batch entry's sequences
+//! ([`crate::attention::seqs`], read once in the prologue, the query one
+//! again in the epilogue): tiles are loaded from token `start`, rows past a
+//! sequence's end are zero-filled by the `cp.async` source size, and a CTA
+//! whose rows all lie past its sequence's end leaves at once. Causal CTAs
+//! stop at the block holding their last row's diagonal: blocks above it
+//! are never loaded. Head sizes that are odd multiples of 8 use one
 //! m16n8k8 product for the last 8 columns of `Q·Kᵀ` and an `.x2` load for the
 //! last n8 tile of `P·V`, so 40 runs as 40, not 48 or 64.
 //!
@@ -35,8 +40,8 @@ use crate::attention::softmax::{
     exp2_with_row_sums, pack_a_fragment, quad_reduce, reduce_chain, scale, scale_rows, update_max,
     update_sum,
 };
-use crate::attention::store::{lse_rows, quad_writer, store_output, OutputRows};
-use crate::attention::AccFragment;
+use crate::attention::store::{exit_past_end, lse_rows, quad_writer, store_output, OutputRows};
+use crate::attention::{at_token, sequence_of, AccFragment, SeqSide};
 use crate::contract::{
     cta_coords, cta_head_batch, declare_params, kv_head, load_args, tensor_head, GpuKernel,
 };
@@ -375,24 +380,33 @@ impl Emitter {
         let (qs, ks, vs, os) = (a.q_strides, a.k_strides, a.v_strides, a.out_strides);
         let [msb, msh, msq] = a.mask_strides;
         let (lse_ptr, lse_strides) = (a.lse, a.lse_strides);
-        let (seq_q, seq_k, group, scale_log2) = (a.seq_q, a.seq_k, a.group, a.scale_log2);
+        let (group, scale_log2) = (a.group, a.scale_log2);
 
-        // ---- thread and block coordinates ----
+        // ---- thread and block coordinates, the sequences ----
         let (tid, qblock, head, batch) = cta_coords(k, cfg.causal);
+        // Rows and keys are local to the batch entry's sequences from here.
+        let q_seq = sequence_of(k, &a, batch, SeqSide::Queries);
+        let k_seq = sequence_of(k, &a, batch, SeqSide::Keys);
+        let (seq_q, seq_k) = (q_seq.len, k_seq.len);
         let lane = k.bin(BinOp::And, Ty::U32, tid, Operand::U(31));
         let warp = k.bin(BinOp::Shr, Ty::U32, tid, Operand::U(5));
         let g = k.bin(BinOp::Shr, Ty::U32, lane, Operand::U(2));
         let tq = k.bin(BinOp::And, Ty::U32, lane, Operand::U(3));
         let q0 = k.bin(BinOp::Mul, Ty::U32, qblock, Self::u(bm));
+        exit_past_end(k, q0, seq_q);
         let kv_head = kv_head(k, head, group);
         // First row of this warp within the CTA.
         let warp_row = k.bin(BinOp::Mul, Ty::U32, warp, Self::u(16 * mts));
 
-        // Byte address of element [batch, 0, head, 0] of each tensor, and
-        // its token stride in bytes.
-        let (q_base, q_stride) = tensor_head(k, q_ptr, qs, batch, head, 2);
-        let (k_base, k_stride) = tensor_head(k, k_ptr, ks, batch, kv_head, 2);
-        let (v_base, v_stride) = tensor_head(k, v_ptr, vs, batch, kv_head, 2);
+        // Byte address of element [batch, start, head, 0] of each tensor
+        // (local row 0 of its sequence), and its token stride in bytes.
+        let (q_head, q_stride) = tensor_head(k, q_ptr, qs, batch, head, 2);
+        let q_base = at_token(k, q_head, q_seq.start, q_stride);
+        let (k_head, k_stride) = tensor_head(k, k_ptr, ks, batch, kv_head, 2);
+        let k_base = at_token(k, k_head, k_seq.start, k_stride);
+        let (v_head, v_stride) = tensor_head(k, v_ptr, vs, batch, kv_head, 2);
+        let v_base = at_token(k, v_head, k_seq.start, v_stride);
+        // The output's rows move on to the sequence in the epilogue.
         let (o_base, o_stride) = tensor_head(k, o_ptr, os, batch, head, 2);
 
         // Shared tiles.
@@ -573,12 +587,14 @@ impl Emitter {
         let fm = FragmentMask {
             row0,
             tq2,
-            seq_q,
+            seq_q: a.seq_q,
             seq_k,
             has_mask,
             mask: m_ptr,
             mask_head,
             mask_stride_q: msq,
+            kind: a.mask_kind,
+            pad: a.mask_pad,
             causal: cfg.causal,
         };
         mask_fragment(k, &s_frag, &fm, j0);
@@ -641,18 +657,22 @@ impl Emitter {
         // ---- epilogue: O / sum, rows that saw no key are 0; the lse ----
         k.push(Instr::Label(loop_end));
         k.push(Instr::CpAsyncWait(0));
+        let (head, batch) = cta_head_batch(k);
+        // The query sequence read again: no register holds it across the
+        // loop.
+        let q_seq = sequence_of(k, &a, batch, SeqSide::Queries);
         let out = OutputRows {
             row0,
             tq,
-            seq_q,
+            seq_q: a.seq_q,
             base: o_base,
             stride: o_stride,
-        };
-        let (head, batch) = cta_head_batch(k);
+        }
+        .in_sequence(k, q_seq);
         let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
         let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
         let writer = quad_writer(k, tq);
-        let lse = lse_rows(k, lse_ptr, lse_strides, b64, h64, Some(writer));
+        let lse = lse_rows(k, lse_ptr, lse_strides, b64, h64, q_seq.start, Some(writer));
         store_output(k, &o_frag, &m_run, &l_run, &out, &lse, packed);
         self.k.push(Instr::Ret);
         self.k

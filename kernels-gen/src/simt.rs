@@ -39,6 +39,12 @@
 //!   of the running sum and accumulators, `acc += p·V`.
 //!   The lanes of a group hold identical scores and sums, so no reduction is
 //!   needed at the end.
+//! - **Sequences** ([`crate::attention::seqs`]): the prologue reads the
+//!   batch entry's query and key sequences once; rows and keys are local to
+//!   them from there (`Sq` and `Sk` below are their lengths), every tensor
+//!   is addressed from token `start`, and a CTA whose rows all lie past its
+//!   sequence's end leaves at once. The epilogue reads the query sequence
+//!   again rather than hold it across the loop.
 //! - **Causal** (top-left): a CTA stops at key `min(Sk, Sq, last row + 1)`.
 //! - **NaN.** `max.f32` ignores a NaN operand, so a NaN score leaves the
 //!   running max finite (or `-inf`) and `ex2(NaN - shift)` = NaN reaches the
@@ -52,7 +58,10 @@
 //! Global rows of `q`, `k`, `v` and `out` are accessed with vectors of up to
 //! 16 bytes: every row start must be 16-byte aligned (base pointers and
 //! strides times the element size multiples of 16 bytes). The mask is read
-//! one `f32` at a time and needs no alignment beyond 4 bytes.
+//! in place one element at a time, of any
+//! [`crate::attention::mask::MaskKind`] (one specialised body per kind
+//! behind uniform branches, inside the masked path only), and needs no
+//! alignment beyond its element's.
 //!
 //! # Testing without a GPU
 //!
@@ -60,15 +69,22 @@
 //! interpreter of one CTA (uniform branches and full-warp shuffles are
 //! asserted, every global access is bounds-checked, shared memory starts as
 //! NaN) and compare with a float64 reference: ragged lengths, GQA, causal
-//! with `Sq` above and below `Sk`, dense and broadcast masks, fully masked
+//! with `Sq` above and below `Sk`, packed variable lengths and key runs
+//! (rows outside the sequences must keep their NaN poison), dense and
+//! broadcast masks of every element kind with front padding, fully masked
 //! rows and NaN rows, in all three element types. With `PTXAS` set they also
 //! assemble a sample of variants for sm_80 and sm_90 and require zero spills.
 
-use crate::attention::mask::{add_bias, hide_unless, key_end, mask_of_head_wide, row_key_end};
+use crate::attention::at_token;
+use crate::attention::mask::{
+    add_kind_bias, hide_unless, key_end, mask_column_limit, mask_of_head_wide, mask_row_offset,
+    per_kind, row_key_end,
+};
+use crate::attention::seqs::{sequence, Sequence, Side};
 use crate::attention::softmax::{
     exp2_shifted, pack, reduce_pairwise, scale, update_max, update_sum,
 };
-use crate::attention::store::{lse_rows, row_inverse, store_lse};
+use crate::attention::store::{exit_past_end, lse_rows, row_inverse, store_lse};
 use crate::contract::{
     cta_coords, cta_head_batch, declare_params, kv_head, tensor_head_wide, ByteScale, GpuKernel,
     Params, SCALE_PARAM,
@@ -230,9 +246,11 @@ struct Ctx {
     slane: Reg,
     /// Per row: the first key it does not see (`min(Sk, i + 1)` causal).
     lims: Vec<Reg>,
-    /// Per row: `Sk` if the row exists, else 0 (bounds of its mask loads).
+    /// Per row: the mask columns it reads ([`mask_column_limit`]) if the
+    /// row exists, else 0.
     mask_lims: Vec<Reg>,
-    /// Per row: the byte address of its mask row.
+    /// Per row: the element offset of its mask row's key 0
+    /// ([`mask_row_offset`]).
     mask_rows: Vec<Reg>,
     /// Per row: q (scaled) by chunk-major column index.
     q: Vec<Vec<Reg>>,
@@ -254,6 +272,23 @@ struct Emitter {
 impl Emitter {
     fn es(&self) -> u32 {
         self.dtype.size_bytes() as u32
+    }
+
+    /// Batch entry `batch`'s sequence of side `side` (`"q"` or `"k"`),
+    /// from the contract's bounds ([`sequence`]).
+    fn sequence(&mut self, params: &Params, batch: Reg, side: &str) -> Sequence {
+        let k = &mut self.k;
+        let starts = params.get(k, &format!("{side}_start"));
+        let ends = params.get(k, &format!("{side}_end"));
+        let tokens = params.get(k, &format!("tokens_{side}"));
+        let bound = params.get(k, &format!("seq_{side}"));
+        let side = Side {
+            starts,
+            ends,
+            tokens,
+            bound,
+        };
+        sequence(k, side, batch)
     }
 
     /// Loads `n` consecutive elements (2, 4 or 8: at most 16 bytes) from
@@ -389,7 +424,7 @@ impl Emitter {
         ));
         let params = declare_params(&mut self.k);
         let ctx = self.prologue(&params);
-        self.key_loop(&ctx);
+        self.key_loop(&ctx, &params);
         self.epilogue(&ctx, &params);
         self.k.push(Instr::Ret);
     }
@@ -409,17 +444,21 @@ impl Emitter {
         let ks = params.strides(&mut self.k, "k");
         let vs = params.strides(&mut self.k, "v");
         let ms = params.strides(&mut self.k, "mask");
-        let seq_q = params.get(&mut self.k, "seq_q");
-        let seq_k = params.get(&mut self.k, "seq_k");
         let group = params.get(&mut self.k, "group");
         let scale = params.get(&mut self.k, SCALE_PARAM.0);
+        let mask_pad = params.get(&mut self.k, "mask_pad");
 
-        let k = &mut self.k;
         // Query blocks in grid order, causal or not.
-        let (tid, qblock, head, batch) = cta_coords(k, false);
+        let (tid, qblock, head, batch) = cta_coords(&mut self.k, false);
+        // Rows and keys are local to the batch entry's sequences from here.
+        let q_seq = self.sequence(params, batch, "q");
+        let k_seq = self.sequence(params, batch, "k");
+        let (seq_q, seq_k) = (q_seq.len, k_seq.len);
+        let k = &mut self.k;
+        let i0 = k.bin(BinOp::Mul, Ty::U32, qblock, u(plan.block_m()));
+        exit_past_end(k, i0, seq_q);
         let lane = k.bin(BinOp::And, Ty::U32, tid, u(lanes - 1));
         let grp = k.bin(BinOp::Shr, Ty::U32, tid, u(lanes.trailing_zeros()));
-        let i0 = k.bin(BinOp::Mul, Ty::U32, qblock, u(plan.block_m()));
         let kv_head = kv_head(k, head, group);
         let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
         let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
@@ -431,6 +470,10 @@ impl Emitter {
         let (qhead, qstride) = tensor_head_wide(k, q_ptr, qs, b64, h64, es64, ByteScale::Shift);
         let (khead, kstride) = tensor_head_wide(k, k_ptr, ks, b64, kvh64, es64, ByteScale::Shift);
         let (vhead, vstride) = tensor_head_wide(k, v_ptr, vs, b64, kvh64, es64, ByteScale::Shift);
+        // Local row 0 of each is token `start` of its sequence.
+        let qhead = at_token(k, qhead, q_seq.start, qstride);
+        let khead = at_token(k, khead, k_seq.start, kstride);
+        let vhead = at_token(k, vhead, k_seq.start, vstride);
 
         // The rows of this thread: grp + r·(threads/lanes).
         let base_row = k.bin(BinOp::Add, Ty::U32, i0, grp);
@@ -484,16 +527,15 @@ impl Emitter {
             (seq_k, vec![seq_k; rows as usize])
         };
 
-        // Mask rows: mask + 4·(b·msb + h·msh + i·msq).
+        // Mask rows: element offsets b·msb + h·msh + i·msq - pad, scaled by
+        // the element kind's size where the mask is read.
         let (has_mask, mhead) = mask_of_head_wide(k, mask, b64, h64, ms[0], ms[1]);
+        let col_lim = mask_column_limit(k, seq_k, mask_pad);
         let mut mask_rows = Vec::new();
         let mut mask_lims = Vec::new();
         for r in 0..rows as usize {
-            let row64 = k.cvt(None, Ty::U64, Ty::U32, row_regs[r]);
-            let off = k.mad(Ty::U64, row64, ms[2], mhead);
-            let off = k.bin(BinOp::Shl, Ty::U64, off, u(2));
-            mask_rows.push(k.bin(BinOp::Add, Ty::U64, off, mask));
-            mask_lims.push(k.selp(Ty::U32, seq_k, u(0), valid[r]));
+            mask_rows.push(mask_row_offset(k, mhead, row_regs[r], ms[2], mask_pad));
+            mask_lims.push(k.selp(Ty::U32, col_lim, u(0), valid[r]));
         }
 
         let sbase = k.mov(Ty::U32, Operand::Symbol("smem".into()));
@@ -530,7 +572,7 @@ impl Emitter {
     }
 
     /// The loop over key tiles and, inside, over groups of keys.
-    fn key_loop(&mut self, ctx: &Ctx) {
+    fn key_loop(&mut self, ctx: &Ctx, params: &Params) {
         let plan = self.plan;
         let k = &mut self.k;
         let done = k.label("done");
@@ -550,7 +592,7 @@ impl Emitter {
         let gsm = k.mov(Ty::U32, ctx.slane);
 
         k.push(Instr::Label(group_top.clone()));
-        self.group_body(ctx, jg, gsm);
+        self.group_body(ctx, params, jg, gsm);
         let k = &mut self.k;
         k.bin_to(BinOp::Add, Ty::U32, jg, jg, u(plan.group));
         k.bin_to(
@@ -633,7 +675,7 @@ impl Emitter {
     // Rows index several per-row arrays at once (scores, limits, mask rows,
     // softmax state): plain index loops read best.
     #[allow(clippy::needless_range_loop)]
-    fn group_body(&mut self, ctx: &Ctx, jg: Reg, gsm: Reg) {
+    fn group_body(&mut self, ctx: &Ctx, params: &Params, jg: Reg, gsm: Reg) {
         let plan = self.plan;
         let (lanes, rows, width, gk) = (
             plan.lanes,
@@ -696,18 +738,33 @@ impl Emitter {
             dist *= 2;
         }
 
-        // The additive mask, scaled by log2(e), only if there is one.
+        // The mask's bias, scaled by log2(e), only if there is one: one
+        // body per element kind. Its pointer, kind and padding are read
+        // from the parameters here, so that no register holds them across
+        // the loop.
         let no_mask = k.label("no_mask");
         k.branch_if(ctx.has_mask, true, &no_mask);
-        let jg4 = k.bin(BinOp::MulWide, Ty::U32, jg, u(4));
-        for r in 0..rows {
-            let mp = k.bin(BinOp::Add, Ty::U64, ctx.mask_rows[r], jg4);
-            let left = k.bin(BinOp::Sub, Ty::S32, ctx.mask_lims[r], jg);
-            for (key, &x) in s[r].iter().enumerate() {
-                let inside = k.setp(Cmp::Gt, Ty::S32, left, Operand::S(key as i64));
-                add_bias(k, x, inside, Addr::at(mp, 4 * key as i64));
+        let mask = params.get(k, "mask");
+        let kind = params.get(k, "mask_kind");
+        let pad = params.get(k, "mask_pad");
+        let jg64 = k.cvt(None, Ty::U64, Ty::U32, jg);
+        // Key jg + key reads mask column jg + key - pad.
+        let col0 = k.bin(BinOp::Sub, Ty::U32, jg, pad);
+        let cols: Vec<Reg> = (0..gk)
+            .map(|key| k.bin(BinOp::Add, Ty::U32, col0, u(key as u32)))
+            .collect();
+        per_kind(k, kind, |k, kind| {
+            let bytes = kind.bytes();
+            for r in 0..rows {
+                let at = k.bin(BinOp::Add, Ty::U64, ctx.mask_rows[r], jg64);
+                let mp = k.mad(Ty::U64, at, Operand::U(bytes), mask);
+                for (key, &x) in s[r].iter().enumerate() {
+                    let inside = k.setp(Cmp::Lt, Ty::U32, cols[key], ctx.mask_lims[r]);
+                    let addr = Addr::at(mp, (bytes * key as u64) as i64);
+                    add_kind_bias(k, kind, x, inside, addr);
+                }
             }
-        }
+        });
         k.push(Instr::Label(no_mask));
 
         // Keys past a row's limit (Sk, or its diagonal) are -inf, in the
@@ -768,12 +825,14 @@ impl Emitter {
         let es = self.es();
         let o_ptr = params.get(&mut self.k, "out");
         let os = params.strides(&mut self.k, "out");
-        let seq_q = params.get(&mut self.k, "seq_q");
         let lse_ptr = params.get(&mut self.k, "lse");
         let lse_strides = params.strides(&mut self.k, "lse");
+        let qblock = self.k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
+        let (head, batch) = cta_head_batch(&mut self.k);
+        // The query sequence again: no register holds it across the loop.
+        let q_seq = self.sequence(params, batch, "q");
+        let seq_q = q_seq.len;
         let k = &mut self.k;
-        let qblock = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
-        let (head, batch) = cta_head_batch(k);
         let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
         let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
         let lane = k.bin(BinOp::And, Ty::U32, ctx.tid, u(lanes - 1));
@@ -782,8 +841,17 @@ impl Emitter {
         let base_row = k.mad(Ty::U32, qblock, u(plan.block_m()), grp);
         let (ohead, ostride) =
             tensor_head_wide(k, o_ptr, os, b64, h64, es as u64, ByteScale::Shift);
+        let ohead = at_token(k, ohead, q_seq.start, ostride);
         let first_lane = k.setp(Cmp::Eq, Ty::U32, lane, u(0));
-        let lse = lse_rows(k, lse_ptr, lse_strides, b64, h64, Some(first_lane));
+        let lse = lse_rows(
+            k,
+            lse_ptr,
+            lse_strides,
+            b64,
+            h64,
+            q_seq.start,
+            Some(first_lane),
+        );
         for r in 0..rows as usize {
             let k = &mut self.k;
             let row = if r == 0 {

@@ -1,6 +1,9 @@
-//! Masking: the additive mask bias (in the log2 domain), and the keys a
-//! row does not see (past `Sk`, and after the row where causal) hidden as
-//! `-inf`, so that they weigh exactly 0.
+//! Masking: the mask read in place, of any [`MaskKind`] and with front
+//! padding, as an additive bias (in the log2 domain), and the keys a row
+//! does not see (past its sequence's end, and after the row where causal)
+//! hidden as `-inf`, so that they weigh exactly 0. Rows and keys are local
+//! to their sequence ([`super::seqs`]): `seq_q` and `seq_k` arguments are
+//! a sequence's lengths (`Sq` and `Sk` without sequence bounds).
 
 use super::layout::AccFragment;
 use crate::contract::head_offset;
@@ -156,7 +159,7 @@ impl MaskKind {
 
 /// The additive bias (natural-log domain, `f32`) of the `kind` element at
 /// `addr` where `pred` holds, 0 elsewhere: the float kinds widened, the
-/// others `0` where non-zero and `-inf` where zero.
+/// others `0` where non-zero and `-inf` where zero ([`hidden_by`]).
 pub fn load_bias(k: &mut Kernel, kind: MaskKind, pred: Reg, addr: Addr) -> Reg {
     let bias = k.mov(Ty::F32, Operand::F32(0.0));
     let load = |k: &mut Kernel, ty: Ty, dst: Reg| {
@@ -167,7 +170,7 @@ pub fn load_bias(k: &mut Kernel, kind: MaskKind, pred: Reg, addr: Addr) -> Reg {
                 space: StateSpace::GlobalNc,
                 ty,
                 dst: vec![dst],
-                addr,
+                addr: addr.clone(),
             },
         )
     };
@@ -186,19 +189,53 @@ pub fn load_bias(k: &mut Kernel, kind: MaskKind, pred: Reg, addr: Addr) -> Reg {
             k.mov_to(Ty::B32, bias, raw);
         }
         MaskKind::U8 | MaskKind::I32 | MaskKind::I64 => {
-            let (ld_ty, reg_ty) = match kind {
-                MaskKind::U8 => (Ty::U8, Ty::U32),
-                MaskKind::I32 => (Ty::U32, Ty::U32),
-                _ => (Ty::U64, Ty::U64),
-            };
-            // Lanes that do not load read as "attend".
-            let raw = k.mov(reg_ty, Operand::U(1));
-            load(k, ld_ty, raw);
-            let hide = k.setp(Cmp::Eq, reg_ty, raw, Operand::U(0));
+            let hide = hidden_by(k, kind, pred, addr);
             k.selp_to(Ty::F32, bias, Operand::F32(f32::NEG_INFINITY), bias, hide);
         }
     }
     bias
+}
+
+/// Whether the element of a bool kind (`U8`, `I32`, `I64`) at `addr`
+/// hides its key: it is zero. Where `pred` does not hold nothing is read
+/// and the key is not hidden. An `i64` is read as its low 32-bit half,
+/// and its high half only where the low one is zero (one register per
+/// element at a time, as for the 32-bit kinds: ptxas hoists the loads of
+/// a fragment together).
+///
+/// # Panics
+///
+/// If `kind` is a float kind.
+pub fn hidden_by(k: &mut Kernel, kind: MaskKind, pred: Reg, addr: Addr) -> Reg {
+    let ty = match kind {
+        MaskKind::U8 => Ty::U8,
+        MaskKind::I32 | MaskKind::I64 => Ty::U32,
+        _ => panic!("{kind:?} is an additive bias"),
+    };
+    // Lanes that do not load read as "attend".
+    let load = |k: &mut Kernel, pred: Reg, ty: Ty, addr: Addr| {
+        let raw = k.mov(Ty::U32, Operand::U(1));
+        k.guard(
+            pred,
+            false,
+            Instr::Ld {
+                space: StateSpace::GlobalNc,
+                ty,
+                dst: vec![raw],
+                addr,
+            },
+        );
+        k.setp(Cmp::Eq, Ty::U32, raw, Operand::U(0))
+    };
+    let low_zero = load(k, pred, ty, addr.clone());
+    if kind != MaskKind::I64 {
+        return low_zero;
+    }
+    let high = Addr {
+        offset: addr.offset + 4,
+        ..addr
+    };
+    load(k, low_zero, Ty::U32, high)
 }
 
 /// Emits `body` once per [`MaskKind`], each behind a uniform branch on the
@@ -264,16 +301,49 @@ pub fn block_needs_mask(
     need
 }
 
+/// `score += bias · log2(e)`, with `bias` the [`load_bias`] of the `kind`
+/// element at `addr` where `pred` holds and 0 elsewhere: [`add_bias`] for
+/// a mask of any element kind.
+pub fn add_kind_bias(k: &mut Kernel, kind: MaskKind, score: Reg, pred: Reg, addr: Addr) {
+    let bias = load_bias(k, kind, pred, addr);
+    k.mad_to(Ty::F32, score, bias, Operand::F32(LOG2E), score);
+}
+
+/// The element offset, in the mask, of query row `row`'s column for key 0
+/// (`u64`): `mask_head + row · stride_q - pad`. Key `j` of the row is at
+/// offset `+ j`, and is read only where [`mask_column_limit`] says so
+/// (keys before the front padding `pad` are not in the mask: the offset
+/// may wrap below 0, it is never read there).
+pub fn mask_row_offset(k: &mut Kernel, mask_head: Reg, row: Reg, stride_q: Reg, pad: Reg) -> Reg {
+    let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
+    let o = k.mad(Ty::U64, r64, stride_q, mask_head);
+    let pad64 = k.cvt(None, Ty::U64, Ty::U32, pad);
+    k.bin(BinOp::Sub, Ty::U64, o, pad64)
+}
+
+/// The mask's columns a row reads, `[0, max(Sk, pad) - pad)` (`u32`), for
+/// key `j`'s column `j - pad`: a key is read where `j - pad`, as an
+/// unsigned 32-bit value, is below this limit, that is `pad <= j < Sk`.
+/// Keys before the front padding attend with bias 0; keys past `Sk` are
+/// hidden anyway.
+pub fn mask_column_limit(k: &mut Kernel, seq_k: Reg, pad: Reg) -> Reg {
+    let lim = k.bin(BinOp::Max, Ty::U32, seq_k, pad);
+    k.bin(BinOp::Sub, Ty::U32, lim, pad)
+}
+
 /// What masking a fragment of scores needs to know.
 #[derive(Clone, Copy, Debug)]
 pub struct FragmentMask {
-    /// The thread's first query row (row slot 0 of [`AccFragment`]).
+    /// The thread's first query row (row slot 0 of [`AccFragment`]), local
+    /// to the sequence.
     pub row0: Reg,
     /// `2 · (lane % 4)`: the thread's first key column.
     pub tq2: Reg,
-    /// `Sq`.
+    /// The rows the mask holds, `Sq`: its reads stop there (a mask comes
+    /// without sequence bounds, so the sequence's rows are `Sq` too; the
+    /// contract's parameter, no register held across a loop).
     pub seq_q: Reg,
-    /// `Sk`.
+    /// The sequence's keys (`Sk` without sequence bounds).
     pub seq_k: Reg,
     /// Whether a mask was passed (a uniform branch skips the bias).
     pub has_mask: Reg,
@@ -283,39 +353,56 @@ pub struct FragmentMask {
     pub mask_head: Reg,
     /// The mask's query stride, in elements.
     pub mask_stride_q: Reg,
+    /// The mask's [`MaskKind`] code (the contract's `mask_kind`).
+    pub kind: Reg,
+    /// The mask's front padding (the contract's `mask_pad`).
+    pub pad: Reg,
     /// Top-left causal: keys after the row are hidden.
     pub causal: bool,
 }
 
 /// Masks the scores of the key block starting at `j0`: the mask's bias
-/// where there is a mask ([`add_bias`]), then `-inf` for the keys past
-/// `Sk` and, causal, after the row ([`hide_if`]).
+/// where there is a mask ([`add_kind_bias`], one specialised body per
+/// element kind behind [`per_kind`]), then `-inf` for the keys past the
+/// sequence's end and, causal, after the row ([`hide_if`]).
 pub fn mask_fragment(k: &mut Kernel, acc: &AccFragment, m: &FragmentMask, j0: Reg) {
     let row_offset = |r: usize| Operand::U(AccFragment::row_offset(r) as u64);
     let kbase = k.bin(BinOp::Add, Ty::U32, j0, m.tq2);
     let skip_bias = k.label("no_bias");
-    // Additive mask, in the log2 domain.
+    // The mask's bias, in the log2 domain.
     k.branch_if(m.has_mask, true, &skip_bias);
-    let mut row_in = Vec::new();
-    let mut mask_rows = Vec::new();
+    let col_base = k.bin(BinOp::Sub, Ty::U32, kbase, m.pad);
+    let col_lim = mask_column_limit(k, m.seq_k, m.pad);
+    // Per row: the columns it reads (none past `Sq`), and the element
+    // offset of its key `kbase`.
+    let mut row_lims = Vec::new();
+    let mut row_offsets = Vec::new();
+    let kbase64 = k.cvt(None, Ty::U64, Ty::U32, kbase);
     for r in 0..acc.rows() {
         let row = k.bin(BinOp::Add, Ty::U32, m.row0, row_offset(r));
-        row_in.push(k.setp(Cmp::Lt, Ty::U32, row, m.seq_q));
-        let r64 = k.cvt(None, Ty::U64, Ty::U32, row);
-        let o = k.mad(Ty::U64, r64, m.mask_stride_q, m.mask_head);
-        mask_rows.push(k.mad(Ty::U64, o, Operand::U(4), m.mask));
+        let row_in = k.setp(Cmp::Lt, Ty::U32, row, m.seq_q);
+        row_lims.push(k.selp(Ty::U32, col_lim, Operand::U(0), row_in));
+        let o = mask_row_offset(k, m.mask_head, row, m.mask_stride_q, m.pad);
+        row_offsets.push(k.bin(BinOp::Add, Ty::U64, o, kbase64));
     }
-    for (r, col, s) in acc.elems() {
-        let key = k.bin(BinOp::Add, Ty::U32, kbase, Operand::U(col as u64));
-        let kin = k.setp(Cmp::Lt, Ty::U32, key, m.seq_k);
-        let ok = k.reg(Ty::Pred);
-        k.bin_to(BinOp::And, Ty::Pred, ok, kin, row_in[r]);
-        let key64 = k.cvt(None, Ty::U64, Ty::U32, key);
-        let addr = k.mad(Ty::U64, key64, Operand::U(4), mask_rows[r]);
-        add_bias(k, s, ok, addr.into());
-    }
+    per_kind(k, m.kind, |k, kind| {
+        let bytes = kind.bytes();
+        // The address of each row's element for key `kbase`; the thread's
+        // keys are at immediate offsets from it.
+        let at_kbase: Vec<Reg> = row_offsets
+            .iter()
+            .map(|&o| k.mad(Ty::U64, o, Operand::U(bytes), m.mask))
+            .collect();
+        for (r, col, s) in acc.elems() {
+            let column = k.bin(BinOp::Add, Ty::U32, col_base, Operand::U(col as u64));
+            let read = k.setp(Cmp::Lt, Ty::U32, column, row_lims[r]);
+            let addr = Addr::at(at_kbase[r], (col as u64 * bytes) as i64);
+            add_kind_bias(k, kind, s, read, addr);
+        }
+    });
     k.push(Instr::Label(skip_bias));
-    // Keys past Sk, and (causal) keys after the row, do not exist.
+    // Keys past the sequence's end, and (causal) keys after the row, do
+    // not exist.
     let rows: Vec<Reg> = (0..acc.rows())
         .map(|r| k.bin(BinOp::Add, Ty::U32, m.row0, row_offset(r)))
         .collect();

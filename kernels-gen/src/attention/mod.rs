@@ -1,5 +1,7 @@
-//! The attention rules every GPU emitter shares, written once: the mask
-//! bias and the hiding of keys that do not exist for a row ([`mask`]), the
+//! The attention rules every GPU emitter shares, written once: which
+//! tokens of a batch entry are its queries and keys ([`seqs`],
+//! [`sequence_of`]), the mask bias and the hiding of keys that do not
+//! exist for a row ([`mask`]), the
 //! online-softmax row update and the reductions along a row, within a
 //! thread and across the quad of a fragment row ([`softmax`]), and the
 //! rows' inverse sums, scaled 16-bit output stores and log-sum-exp
@@ -29,9 +31,47 @@ pub mod store;
 
 pub use layout::AccFragment;
 
+use crate::contract::Args;
+use crate::ptx::{Kernel, Reg};
+use seqs::{sequence, token_offset, Sequence, Side};
+
+/// Which side of the attention a sequence is of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeqSide {
+    /// The query rows: `q_start`, `q_end`, `tokens_q`, `Sq`.
+    Queries,
+    /// The keys (and values): `k_start`, `k_end`, `tokens_k`, `Sk`.
+    Keys,
+}
+
+/// `base + start · stride` (`u64` address and token stride, in the same
+/// unit, and a `u32` token): where a sequence's local row 0 lives, token
+/// `start` ([`seqs::token_offset`]).
+pub fn at_token(k: &mut Kernel, base: Reg, start: Reg, stride: Reg) -> Reg {
+    let off = token_offset(k, start, stride);
+    k.bin(crate::ptx::BinOp::Add, crate::ptx::Ty::U64, base, off)
+}
+
+/// Batch entry `batch`'s sequence on `side`, from the contract's
+/// arguments `a` ([`seqs::sequence`]): without sequence bounds, start 0
+/// and length `Sq` or `Sk`.
+pub fn sequence_of(k: &mut Kernel, a: &Args, batch: Reg, side: SeqSide) -> Sequence {
+    let (i, bound) = match side {
+        SeqSide::Queries => (0, a.seq_q),
+        SeqSide::Keys => (1, a.seq_k),
+    };
+    let side = Side {
+        starts: a.seq_bounds[2 * i],
+        ends: a.seq_bounds[2 * i + 1],
+        tokens: a.tokens[i],
+        bound,
+    };
+    sequence(k, side, batch)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::mask::{block_needs_mask, mask_fragment, FragmentMask};
+    use super::mask::{block_needs_mask, mask_fragment, FragmentMask, MaskKind};
     use super::softmax::{quad_reduce, reduce_pairwise, reduce_tree4, update_max};
     use super::*;
     use crate::ptx::{BinOp, Kernel, Module, Reg, Target, Ty};
@@ -92,7 +132,7 @@ mod tests {
         let mut k = Kernel::new("t");
         let regs: Vec<Vec<Reg>> = vec![k.regs(Ty::F32, 8)];
         let acc = AccFragment::new(&regs);
-        let u32s: Vec<Reg> = k.regs(Ty::U32, 5);
+        let u32s: Vec<Reg> = k.regs(Ty::U32, 7);
         let u64s: Vec<Reg> = k.regs(Ty::U64, 3);
         let has_mask = k.reg(Ty::Pred);
         let m = FragmentMask {
@@ -104,6 +144,8 @@ mod tests {
             mask: u64s[0],
             mask_head: u64s[1],
             mask_stride_q: u64s[2],
+            kind: u32s[5],
+            pad: u32s[6],
             causal: true,
         };
         let need = block_needs_mask(&mut k, u32s[4], 64, m.seq_k, has_mask, None, Some(m.row0));
@@ -111,9 +153,13 @@ mod tests {
         let b = body(k);
         let count = |p: &str| b.iter().filter(|l| l.contains(p)).count();
         assert!(need.to_string().starts_with("%p"));
-        // One guarded bias load and one -inf select per score.
+        // One guarded bias load per score and element kind (two for an
+        // i64: its high half where its low half is zero), and one -inf
+        // select per score (and per score of each bool kind).
+        assert_eq!(count("ld.global.nc"), 8 * (MaskKind::ALL.len() + 1));
         assert_eq!(count("ld.global.nc.f32"), 8);
-        assert_eq!(count("selp.f32"), 8);
+        assert_eq!(count("ld.global.nc.u8"), 8);
+        assert_eq!(count("selp.f32"), 8 + 3 * 8);
         // The block's two tests (past Sk, across the diagonal), then,
         // causal, every key compared with its row.
         assert_eq!(count("setp.gt.u32"), 2 + 8);

@@ -4,6 +4,7 @@
 //! ([`row_lse`], [`store_lse`]).
 
 use super::layout::AccFragment;
+use super::seqs::Sequence;
 use super::softmax::{pack, quad_reduce};
 use crate::contract::head_offset;
 use crate::ptx::{Addr, BinOp, Cmp, Instr, Kernel, Operand, Reg, StateSpace, Ty, UnOp};
@@ -77,14 +78,17 @@ pub struct LseRows {
 
 /// The [`LseRows`] of the (batch, head) `batch64`, `head64` (widened to 64
 /// bits), from the contract's `lse` pointer and its element strides
-/// (batch, head, query). `writer`, where the threads that share a row hold
-/// its sum alike, is the predicate of the one that writes it.
+/// (batch, head, query), for the sequence whose first query token is
+/// `q_start` (`u32`; local row `i` is written at token `q_start + i`).
+/// `writer`, where the threads that share a row hold its sum alike, is the
+/// predicate of the one that writes it.
 pub fn lse_rows(
     k: &mut Kernel,
     ptr: Reg,
     strides: [Reg; 3],
     batch64: Reg,
     head64: Reg,
+    q_start: Reg,
     writer: Option<Reg>,
 ) -> LseRows {
     let write = k.setp(Cmp::Ne, Ty::U64, ptr, Operand::U(0));
@@ -92,6 +96,8 @@ pub fn lse_rows(
         k.bin_to(BinOp::And, Ty::Pred, write, write, w);
     }
     let off = head_offset(k, batch64, head64, strides[0], strides[1]);
+    let s64 = k.cvt(None, Ty::U64, Ty::U32, q_start);
+    let off = k.mad(Ty::U64, s64, strides[2], off);
     let base = k.mad(Ty::U64, off, Operand::U(4), ptr);
     let stride = k.bin(BinOp::Shl, Ty::U64, strides[2], Operand::U(2));
     LseRows {
@@ -118,7 +124,7 @@ pub fn row_lse(k: &mut Kernel, m: Reg, sum: Reg) -> Reg {
 
 /// Stores the [`row_lse`] of query row `row` (running max `m`, completed
 /// sum `sum`) at `lse.base + row · lse.stride`, where `inside` (the row is
-/// below `Sq`) and `lse.write` hold: one predicated store, nothing where
+/// inside its sequence) and `lse.write` hold: one predicated store, nothing where
 /// the caller passed no `lse`.
 pub fn store_lse(k: &mut Kernel, lse: &LseRows, m: Reg, sum: Reg, row: Reg, inside: Reg) {
     let value = row_lse(k, m, sum);
@@ -140,16 +146,43 @@ pub fn store_lse(k: &mut Kernel, lse: &LseRows, m: Reg, sum: Reg, row: Reg, insi
 /// Where a CTA's output rows go, for [`store_output`].
 #[derive(Clone, Copy, Debug)]
 pub struct OutputRows {
-    /// The thread's first query row (row slot 0 of its fragment).
+    /// The thread's first query row (row slot 0 of its fragment), local to
+    /// the sequence.
     pub row0: Reg,
     /// `lane % 4`: the thread's column pair within each n8 tile.
     pub tq: Reg,
-    /// `Sq`: rows at or past it are not stored.
+    /// The sequence's query rows (`Sq` without sequence bounds): rows at
+    /// or past it are not stored ([`OutputRows::in_sequence`]).
     pub seq_q: Reg,
-    /// The byte address of the output's row 0 of this (batch, head).
+    /// The byte address of the output's local row 0 (token `q_start`,
+    /// [`OutputRows::in_sequence`]) of this (batch, head).
     pub base: Reg,
     /// The output's token stride, in bytes.
     pub stride: Reg,
+}
+
+/// Ends the CTA (every thread of it, a uniform exit) whose first query
+/// row `q0` is at or past its sequence's end `len_q`: it has no row to
+/// compute and writes nothing, neither output nor log-sum-exp. The grid
+/// covers the longest sequence; the others' tail CTAs leave here.
+pub fn exit_past_end(k: &mut Kernel, q0: Reg, len_q: Reg) {
+    let past = k.setp(Cmp::Ge, Ty::U32, q0, len_q);
+    k.guard(past, false, Instr::Ret);
+}
+
+impl OutputRows {
+    /// The rows of the query sequence `seq` of this (batch, head): `base`
+    /// moved on to token `seq.start` and `seq_q` its length. Epilogues
+    /// read the sequence again and call this there, so that no register
+    /// holds it across their main loop.
+    pub fn in_sequence(self, k: &mut Kernel, seq: Sequence) -> OutputRows {
+        let base = super::at_token(k, self.base, seq.start, self.stride);
+        OutputRows {
+            seq_q: seq.len,
+            base,
+            ..self
+        }
+    }
 }
 
 /// The predicate of the one thread of each quad that writes the quad's
@@ -162,7 +195,7 @@ pub fn quad_writer(k: &mut Kernel, tq: Reg) -> Reg {
 /// The epilogue of the tensor-core kernels: each row slot's sum `l_run[r]`
 /// completed across the quad, its [`inverse_or_zero`], and the row of the
 /// output fragment `o` times it stored as 16-bit pairs
-/// ([`store_scaled_pairs`]) where the row is inside `Sq`; then the row's
+/// ([`store_scaled_pairs`]) where the row is inside its sequence; then the row's
 /// log-sum-exp from its running max `m_run[r]` ([`store_lse`]) where `lse`
 /// asks for it.
 pub fn store_output(

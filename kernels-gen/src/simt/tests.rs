@@ -2,6 +2,7 @@
 //! and a small PTX interpreter that runs the emitted instructions for one
 //! CTA against a float64 reference.
 use super::*;
+use crate::attention::mask::MaskKind;
 use crate::contract::PARAMS;
 
 fn spec(d: usize, causal: bool, dtype: DType) -> VariantSpec {
@@ -311,7 +312,8 @@ impl Memory {
 
 fn bytes_of(ty: Ty) -> u64 {
     match ty {
-        Ty::B16 | Ty::F16 | Ty::BF16 => 2,
+        Ty::U8 => 1,
+        Ty::B16 | Ty::U16 | Ty::F16 | Ty::BF16 => 2,
         Ty::B64 | Ty::U64 | Ty::S64 => 8,
         _ => 4,
     }
@@ -389,8 +391,12 @@ impl Cta<'_> {
                     }
                 }
                 Instr::Ret => {
-                    assert!(active.iter().all(|&x| x));
-                    return;
+                    // The whole CTA leaves, or none of it.
+                    let n = active.iter().filter(|&&x| x).count();
+                    assert!(n == 0 || n == N, "divergent exit");
+                    if n == N {
+                        return;
+                    }
                 }
                 Instr::BarSync(_) => assert!(active.iter().all(|&x| x)),
                 Instr::ShflBfly {
@@ -484,6 +490,8 @@ impl Cta<'_> {
                     Ty::U64 | Ty::B64 | Ty::S64 => match op {
                         BinOp::Add => x.wrapping_add(y),
                         BinOp::Sub => x.wrapping_sub(y),
+                        BinOp::Min => x.min(y),
+                        BinOp::Max => x.max(y),
                         BinOp::Mul => x.wrapping_mul(y),
                         BinOp::Shl => x << y,
                         BinOp::And => x & y,
@@ -665,13 +673,16 @@ impl Cta<'_> {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum MaskKind {
+enum MaskShape {
     None,
     /// `[B, H, Sq, Sk]` with random values, some -inf, and query row 1
     /// of every (b, h) fully masked.
     Dense,
     /// `[B, 1, Sq, Sk]` broadcast over heads (stride 0), no -inf.
     PerBatch,
+    /// `[B, 1, 1, Sk]` broadcast over heads and query rows (a key-padding
+    /// mask), some -inf.
+    Keys,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -684,7 +695,14 @@ struct Case {
     hkv: usize,
     sq: usize,
     sk: usize,
-    mask: MaskKind,
+    mask: MaskShape,
+    /// The mask's element kind (bool kinds: zero hides).
+    mask_kind: MaskKind,
+    /// The mask's front padding: keys before it attend, the mask holds
+    /// `Sk - pad` columns.
+    mask_pad: usize,
+    /// Which tokens each batch entry's queries and keys are.
+    seqs: Seqs,
     /// Puts a NaN into q at (batch 0, row 2, head 0).
     nan_q: bool,
     /// Asks for the row log-sum-exp, into a strided buffer with gaps
@@ -743,44 +761,162 @@ fn get(mem: &Memory, dtype: DType, base: u64, index: usize) -> f64 {
     }
 }
 
+/// Which tokens each batch entry's queries and keys are.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Seqs {
+    /// No bounds: batch entry `b` is tokens `[0, Sq)` and `[0, Sk)` of
+    /// batch `b`.
+    Whole,
+    /// Packed variable lengths (batch strides 0, one packed batch): the
+    /// queries' and keys' lengths per batch entry, passed as `cu_seqlens`
+    /// (`start = cu`, `end = cu + 1`); the tensors hold 3 more tokens past
+    /// the last sequence, in no sequence.
+    Packed { q: [usize; 4], k: [usize; 4] },
+    /// Key runs over the padded layout: batch entry `b`'s keys are tokens
+    /// `[k[b].0, k[b].1)` of batch `b` (`k_start`, `k_end`), its queries
+    /// the whole `[0, Sq)`.
+    KeyRuns { k: [(usize, usize); 2] },
+}
+
+/// One batch entry: its queries' and keys' `(first token, length)`, and
+/// the batch of the tensors that hold them.
+type Entry = ((usize, usize), (usize, usize), usize);
+
+/// A sequence layout's batch entries: per entry the queries' and keys'
+/// `(first token, length)` and the batch of the tensors holding them;
+/// then the tokens per tensor batch (`tokens_q`, `tokens_k`), the tensor
+/// batches, and the grid's bounds `(Sq, Sk)`.
+struct Layout {
+    entries: Vec<Entry>,
+    tokens: (usize, usize),
+    batches: usize,
+    bounds: (usize, usize),
+}
+
+fn layout(c: &Case) -> Layout {
+    match c.seqs {
+        Seqs::Whole => Layout {
+            entries: (0..c.b).map(|b| ((0, c.sq), (0, c.sk), b)).collect(),
+            tokens: (c.sq, c.sk),
+            batches: c.b,
+            bounds: (c.sq, c.sk),
+        },
+        Seqs::Packed { q, k } => {
+            let (mut qs, mut ks) = (0, 0);
+            let mut entries = Vec::new();
+            for b in 0..c.b {
+                entries.push(((qs, q[b]), (ks, k[b]), 0));
+                qs += q[b];
+                ks += k[b];
+            }
+            let max = |x: &[usize]| x[..c.b].iter().copied().max().unwrap();
+            Layout {
+                entries,
+                tokens: (qs + 3, ks + 3),
+                batches: 1,
+                bounds: (max(&q), max(&k)),
+            }
+        }
+        Seqs::KeyRuns { k } => Layout {
+            entries: (0..c.b)
+                .map(|b| ((0, c.sq), (k[b].0, k[b].1 - k[b].0), b))
+                .collect(),
+            tokens: (c.sq, c.sk),
+            batches: c.b,
+            bounds: (c.sq, c.sk),
+        },
+    }
+}
+
+/// A mask element of `kind` for the bias `x` (bool kinds: `-inf` hides,
+/// anything else attends): its bits and the bias it stands for.
+fn mask_elem(kind: MaskKind, x: f32) -> (u64, f64) {
+    let hide = x == f32::NEG_INFINITY;
+    match kind {
+        MaskKind::F32 => (x.to_bits() as u64, x as f64),
+        MaskKind::F16 => {
+            let h = f32_to_f16(x);
+            (h as u64, f16_to_f32(h) as f64)
+        }
+        MaskKind::Bf16 => {
+            let h = f32_to_bf16(x);
+            (h as u64, bf16_to_f32(h) as f64)
+        }
+        MaskKind::U8 | MaskKind::I32 | MaskKind::I64 => {
+            // Non-zero attends: various non-zero values, i64's above 32 bits.
+            let attend = match kind {
+                MaskKind::U8 => 0x80,
+                MaskKind::I32 => 0x8000_0000,
+                _ => 1u64 << 40,
+            };
+            if hide {
+                (0, f64::NEG_INFINITY)
+            } else {
+                (attend, 0.0)
+            }
+        }
+    }
+}
+
 /// Runs the kernel of `c` through the interpreter and checks it against
-/// a float64 reference. Returns the relative L2 error of the finite
-/// rows.
+/// a float64 reference; every token of `out` and `lse` outside the
+/// sequences must keep its NaN poison. Returns the relative L2 error of
+/// the finite rows.
 fn check(c: Case) -> f64 {
     let s = spec(c.d, c.causal, c.dtype);
     let plan = Plan::new(c.d as u32);
     let kernel = build(&s, plan);
     let body = kernel.body();
     let mut rng = Rng(0x5eed ^ (c.d as u64 * 31 + c.sq as u64 * 7 + c.sk as u64));
-    let (d, b, hq, hkv, sq, sk) = (c.d, c.b, c.hq, c.hkv, c.sq, c.sk);
+    let lay = layout(&c);
+    let (d, b, hq, hkv) = (c.d, c.b, c.hq, c.hkv);
+    let (tq, tk) = lay.tokens;
+    let (sq, sk) = lay.bounds;
+    let nb = lay.batches;
+    let packed = matches!(c.seqs, Seqs::Packed { .. });
 
-    // Layouts (strides in elements): q and out [B, Sq, H, D]; k and v
-    // [B, H, Sk, D] (a transposed view); the mask [B, H, Sq, Sk].
-    let q_st = [sq * hq * d, hq * d, d];
-    let kv_st = [hkv * sk * d, d, sk * d];
+    // Layouts (strides in elements): q and out [B, Tq, H, D]; k and v
+    // [B, H, Tk, D] (a transposed view); the mask [B, H, Sq, Sk - pad].
+    // Packed tensors pass batch strides 0.
+    let bstride = |x: usize| if packed { 0 } else { x };
+    let q_st = [bstride(tq * hq * d), hq * d, d];
+    let kv_st = [bstride(hkv * tk * d), d, tk * d];
     let mut mem = Memory::new();
     let es = c.dtype.size_bytes();
-    let q_ptr = mem.alloc(b * sq * hq * d * es, 0);
-    let k_ptr = mem.alloc(b * sk * hkv * d * es, 0);
-    let v_ptr = mem.alloc(b * sk * hkv * d * es, 0);
-    let o_ptr = mem.alloc(b * sq * hq * d * es, 0xAB);
-    let mut qv = vec![0f64; b * sq * hq * d];
-    let mut kv = vec![0f64; b * sk * hkv * d];
-    let mut vv = vec![0f64; b * sk * hkv * d];
+    let q_ptr = mem.alloc(nb * tq * hq * d * es, 0);
+    let k_ptr = mem.alloc(nb * tk * hkv * d * es, 0);
+    let v_ptr = mem.alloc(nb * tk * hkv * d * es, 0);
+    // NaN poison: rows outside the sequences must keep it.
+    let o_ptr = mem.alloc(nb * tq * hq * d * es, 0xFF);
+    let mut qv = vec![0f64; nb * tq * hq * d];
+    let mut kv = vec![0f64; nb * tk * hkv * d];
+    let mut vv = vec![0f64; nb * tk * hkv * d];
+    // Keys and values outside every sequence are NaN: never read.
+    let mut key_used = vec![false; nb * tk];
+    for &(_, (ks, kl), tb) in &lay.entries {
+        for t in ks..ks + kl {
+            key_used[tb * tk + t] = true;
+        }
+    }
     for (i, x) in qv.iter_mut().enumerate() {
         let (bits, val) = quantise(c.dtype, rng.next() * 2.0);
         put(&mut mem, c.dtype, q_ptr, i, bits);
         *x = val as f64;
     }
-    for (i, x) in kv.iter_mut().enumerate() {
-        let (bits, val) = quantise(c.dtype, rng.next() * 2.0);
-        put(&mut mem, c.dtype, k_ptr, i, bits);
-        *x = val as f64;
-    }
-    for (i, x) in vv.iter_mut().enumerate() {
-        let (bits, val) = quantise(c.dtype, rng.next());
-        put(&mut mem, c.dtype, v_ptr, i, bits);
-        *x = val as f64;
+    for (ptr, vals, amp) in [(k_ptr, &mut kv, 2.0), (v_ptr, &mut vv, 1.0)] {
+        for (i, x) in vals.iter_mut().enumerate() {
+            // [B, H, Tk, D]: element i is token (i / d) % tk of batch
+            // i / (hkv · tk · d).
+            let token = (i / (hkv * tk * d)) * tk + (i / d) % tk;
+            let v = if key_used[token] {
+                rng.next() * amp
+            } else {
+                f32::NAN
+            };
+            let (bits, val) = quantise(c.dtype, v);
+            put(&mut mem, c.dtype, ptr, i, bits);
+            *x = val as f64;
+        }
     }
     if c.nan_q {
         let i = 2 * q_st[1] + 3;
@@ -788,39 +924,89 @@ fn check(c: Case) -> f64 {
         put(&mut mem, c.dtype, q_ptr, i, bits);
         qv[i] = f64::NAN;
     }
+    let width = sk - c.mask_pad;
     let (m_ptr, m_st, mvals) = match c.mask {
-        MaskKind::None => (0, [0, 0, 0], Vec::new()),
-        MaskKind::Dense | MaskKind::PerBatch => {
-            let heads = if c.mask == MaskKind::Dense { hq } else { 1 };
-            let n = b * heads * sq * sk;
-            let ptr = mem.alloc(n * 4, 0);
+        MaskShape::None => (0, [0, 0, 0], Vec::new()),
+        shape => {
+            assert_eq!(c.seqs, Seqs::Whole, "masks come without sequence bounds");
+            let (n, st) = match shape {
+                MaskShape::Dense => (b * hq * sq * width, [hq * sq * width, sq * width, width]),
+                MaskShape::PerBatch => (b * sq * width, [sq * width, 0, width]),
+                _ => (b * width, [width, 0, 0]),
+            };
+            let eb = c.mask_kind.bytes() as usize;
+            let ptr = mem.alloc(n * eb, 0);
             let mut vals = vec![0f64; n];
             for (i, x) in vals.iter_mut().enumerate() {
-                let row = (i / sk) % sq;
+                let row = (i / width) % sq;
                 let mut m = rng.next() * 2.0;
-                if c.mask == MaskKind::Dense && (row == 1 || rng.next() > 0.7) {
+                let hidden = match shape {
+                    MaskShape::Dense => row == 1 || rng.next() > 0.7,
+                    MaskShape::Keys => rng.next() > 0.6,
+                    _ => false,
+                };
+                if hidden {
                     m = f32::NEG_INFINITY;
                 }
-                put(&mut mem, DType::F32, ptr, i, m.to_bits());
-                *x = m as f64;
+                let (bits, bias) = mask_elem(c.mask_kind, m);
+                let o = mem.check(ptr + (i * eb) as u64, eb as u64);
+                for k in 0..eb {
+                    mem.bytes[o + k] = (bits >> (8 * k)) as u8;
+                }
+                *x = bias;
             }
-            let st = if c.mask == MaskKind::Dense {
-                [hq * sq * sk, sq * sk, sk]
-            } else {
-                [sq * sk, 0, sk]
-            };
             (ptr, st, vals)
         }
     };
 
-    // lse `[B, Hq, Sq]` with gaps between rows, heads and batches, NaN
+    // lse `[B, Hq, Tq]` with gaps between rows, heads and batches, NaN
     // bytes throughout.
-    let lse_st = [hq * (2 * sq + 1) + 3, 2 * sq + 1, 2];
+    let lse_st = [bstride(hq * (2 * tq + 1) + 3), 2 * tq + 1, 2];
+    let lse_len = nb * (hq * (2 * tq + 1) + 3);
     let lse_ptr = if c.lse {
-        mem.alloc(b * lse_st[0] * 4, 0xFF)
+        mem.alloc(lse_len * 4, 0xFF)
     } else {
         0
     };
+
+    // The sequence bounds.
+    let mut bound_arrays = [0u64; 4];
+    let put_i32s = |mem: &mut Memory, xs: &[usize]| {
+        let ptr = mem.alloc(xs.len() * 4, 0);
+        for (i, &x) in xs.iter().enumerate() {
+            let o = mem.check(ptr + 4 * i as u64, 4);
+            mem.bytes[o..o + 4].copy_from_slice(&(x as i32).to_le_bytes());
+        }
+        ptr
+    };
+    match c.seqs {
+        Seqs::Whole => {}
+        Seqs::Packed { .. } => {
+            // cu_seqlens: start = cu, end = cu + 1 element.
+            for (side, n) in [(0, 0), (1, 2)] {
+                let mut cu: Vec<usize> = lay
+                    .entries
+                    .iter()
+                    .map(|e| if side == 0 { e.0 .0 } else { e.1 .0 })
+                    .collect();
+                let last = lay.entries.last().unwrap();
+                cu.push(if side == 0 {
+                    last.0 .0 + last.0 .1
+                } else {
+                    last.1 .0 + last.1 .1
+                });
+                let ptr = put_i32s(&mut mem, &cu);
+                bound_arrays[n] = ptr;
+                bound_arrays[n + 1] = ptr + 4;
+            }
+        }
+        Seqs::KeyRuns { k } => {
+            let starts: Vec<usize> = k[..b].iter().map(|r| r.0).collect();
+            let ends: Vec<usize> = k[..b].iter().map(|r| r.1).collect();
+            bound_arrays[2] = put_i32s(&mut mem, &starts);
+            bound_arrays[3] = put_i32s(&mut mem, &ends);
+        }
+    }
 
     let name = kernel.name().to_string();
     let mut params: HashMap<String, u64> = HashMap::new();
@@ -844,13 +1030,24 @@ fn check(c: Case) -> f64 {
     for (dim, x) in ["b", "h", "q"].iter().zip(lse_st) {
         set(&format!("lse_stride_{dim}"), x as u64);
     }
+    for (n, ptr) in ["q_start", "q_end", "k_start", "k_end"]
+        .iter()
+        .zip(bound_arrays)
+    {
+        set(n, ptr);
+    }
     set("seq_q", sq as u64);
     set("seq_k", sk as u64);
+    set("tokens_q", tq as u64);
+    set("tokens_k", tk as u64);
+    set("mask_kind", c.mask_kind.code() as u64);
+    set("mask_pad", c.mask_pad as u64);
     set("group", (hq / hkv) as u64);
     set(
         "scale_log2",
         (c.scale * std::f32::consts::LOG2_E).to_bits() as u64,
     );
+    assert_eq!(params.len(), PARAMS.len() + 1);
 
     // Renumber the registers densely over all classes, so that a
     // register's id is its slot.
@@ -887,25 +1084,27 @@ fn check(c: Case) -> f64 {
         }
     }
 
-    // The reference, in f64.
+    // The reference, in f64, in each batch entry's local positions.
     let group = hq / hkv;
     let (mut num, mut den) = (0f64, 0f64);
-    let mut lse_written = vec![false; if c.lse { b * lse_st[0] } else { 0 }];
-    for bi in 0..b {
+    let mut lse_written = vec![false; if c.lse { lse_len } else { 0 }];
+    let mut out_written = vec![false; nb * tq * hq];
+    for (bi, &((qs, ql), (ks, kl), tb)) in lay.entries.iter().enumerate() {
         for h in 0..hq {
             let kh = h / group;
-            for i in 0..sq {
-                let qrow = bi * q_st[0] + i * q_st[1] + h * q_st[2];
-                let mut sc = vec![f64::NEG_INFINITY; sk];
+            for i in 0..ql {
+                let qrow = tb * tq * hq * d + (qs + i) * q_st[1] + h * q_st[2];
+                out_written[(tb * tq + qs + i) * hq + h] = true;
+                let mut sc = vec![f64::NEG_INFINITY; kl];
                 for (j, s) in sc.iter_mut().enumerate() {
-                    let krow = bi * kv_st[0] + j * kv_st[1] + kh * kv_st[2];
+                    let krow = tb * hkv * tk * d + (ks + j) * kv_st[1] + kh * kv_st[2];
                     let mut dot = 0.0;
                     for x in 0..d {
                         dot += qv[qrow + x] * kv[krow + x];
                     }
                     *s = c.scale as f64 * dot;
-                    if c.mask != MaskKind::None {
-                        *s += mvals[bi * m_st[0] + h * m_st[1] + i * m_st[2] + j];
+                    if c.mask != MaskShape::None && j >= c.mask_pad {
+                        *s += mvals[bi * m_st[0] + h * m_st[1] + i * m_st[2] + j - c.mask_pad];
                     }
                     if c.causal && j > i {
                         *s = f64::NEG_INFINITY;
@@ -923,7 +1122,7 @@ fn check(c: Case) -> f64 {
                     for (j, &s) in sc.iter().enumerate() {
                         let p = (s - mx).exp();
                         sum += p;
-                        let vrow = bi * kv_st[0] + j * kv_st[1] + kh * kv_st[2];
+                        let vrow = tb * hkv * tk * d + (ks + j) * kv_st[1] + kh * kv_st[2];
                         for x in 0..d {
                             out[x] += p * vv[vrow + x];
                         }
@@ -934,7 +1133,7 @@ fn check(c: Case) -> f64 {
                     lse = mx + sum.ln();
                 }
                 if c.lse {
-                    let n = bi * lse_st[0] + h * lse_st[1] + i * lse_st[2];
+                    let n = tb * (hq * (2 * tq + 1) + 3) + h * lse_st[1] + (qs + i) * lse_st[2];
                     lse_written[n] = true;
                     let got = get(&mem, DType::F32, lse_ptr, n);
                     let at = format!("{c:?}: lse ({bi},{h},{i})");
@@ -965,7 +1164,18 @@ fn check(c: Case) -> f64 {
             }
         }
     }
-    // Nothing is written between the rows of the lse.
+    // Nothing is written outside the sequences' rows, nor between the
+    // rows of the lse.
+    for (n, written) in out_written.iter().enumerate() {
+        if !written {
+            let row = n * d * es;
+            let o = mem.check(o_ptr + row as u64, (d * es) as u64);
+            assert!(
+                mem.bytes[o..o + d * es].iter().all(|&x| x == 0xFF),
+                "{c:?}: out row (token, head) {n} outside the sequences was written"
+            );
+        }
+    }
     for (n, written) in lse_written.iter().enumerate() {
         let untouched = get(&mem, DType::F32, lse_ptr, n).is_nan();
         assert!(*written || untouched, "{c:?}: lse gap {n} was written");
@@ -1060,7 +1270,10 @@ fn case(d: usize, causal: bool, dtype: DType, sq: usize, sk: usize) -> Case {
         hkv: 2,
         sq,
         sk,
-        mask: MaskKind::None,
+        mask: MaskShape::None,
+        mask_kind: MaskKind::F32,
+        mask_pad: 0,
+        seqs: Seqs::Whole,
         nan_q: false,
         lse: true,
         scale: 1.0 / (d as f32).sqrt(),
@@ -1102,17 +1315,17 @@ fn masks_fully_masked_rows_and_nan() {
     for d in [16, 96, 192] {
         for causal in [false, true] {
             let mut c = case(d, causal, DType::F32, 35, 41);
-            c.mask = MaskKind::Dense;
+            c.mask = MaskShape::Dense;
             check(c);
-            c.mask = MaskKind::PerBatch;
+            c.mask = MaskShape::PerBatch;
             check(c);
-            c.mask = MaskKind::None;
+            c.mask = MaskShape::None;
             c.nan_q = true;
             check(c);
         }
     }
     let mut c = case(64, false, DType::BF16, 33, 70);
-    c.mask = MaskKind::Dense;
+    c.mask = MaskShape::Dense;
     c.nan_q = true;
     check(c);
 }
@@ -1129,5 +1342,75 @@ fn mqa_and_one_key() {
     let mut c = case(32, true, DType::F16, 70, 1);
     c.hkv = 1;
     c.b = 1;
+    check(c);
+}
+
+#[test]
+fn packed_variable_lengths_with_an_empty_sequence() {
+    // cu_seqlens over packed tensors (batch strides 0): ragged lengths, an
+    // empty query sequence, an empty key sequence, one longer than a CTA.
+    let seqs = Seqs::Packed {
+        q: [37, 0, 150, 5],
+        k: [45, 12, 70, 0],
+    };
+    for causal in [false, true] {
+        for (d, dtype) in [(64, DType::F32), (128, DType::F16)] {
+            let mut c = case(d, causal, dtype, 0, 0);
+            c.b = 4;
+            c.seqs = seqs;
+            check(c);
+        }
+    }
+    // Causal with more keys than queries and the reverse, in one batch.
+    let mut c = case(40, true, DType::BF16, 0, 0);
+    c.b = 3;
+    c.seqs = Seqs::Packed {
+        q: [9, 70, 33, 0],
+        k: [60, 20, 33, 0],
+    };
+    check(c);
+}
+
+#[test]
+fn key_runs_over_a_padded_layout() {
+    // k_start/k_end pick each entry's keys out of the padded [B, Sk]
+    // layout; the padding holds NaN, which must never be read.
+    for causal in [false, true] {
+        let mut c = case(64, causal, DType::F32, 33, 80);
+        c.seqs = Seqs::KeyRuns {
+            k: [(5, 62), (0, 80)],
+        };
+        check(c);
+        c.dtype = DType::BF16;
+        c.seqs = Seqs::KeyRuns {
+            k: [(80, 80), (17, 18)],
+        };
+        check(c);
+    }
+}
+
+#[test]
+fn every_mask_kind_with_front_padding_and_broadcasts() {
+    for kind in MaskKind::ALL {
+        for (shape, pad) in [
+            (MaskShape::Dense, 0),
+            (MaskShape::Dense, 7),
+            (MaskShape::PerBatch, 3),
+            (MaskShape::Keys, 11),
+        ] {
+            let mut c = case(32, shape == MaskShape::Keys, DType::F32, 35, 41);
+            c.mask = shape;
+            c.mask_kind = kind;
+            c.mask_pad = pad;
+            check(c);
+        }
+    }
+    // A 16-bit variant and more than one key tile.
+    let mut c = case(128, false, DType::F16, 20, 90);
+    c.mask = MaskShape::Dense;
+    c.mask_kind = MaskKind::Bf16;
+    c.mask_pad = 5;
+    check(c);
+    c.mask_kind = MaskKind::U8;
     check(c);
 }

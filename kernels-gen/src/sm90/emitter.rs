@@ -58,9 +58,9 @@ pub(super) struct Core {
     pub(super) p_false: Reg,
     /// `softmax_scale · log2(e)`.
     pub(super) scale_log2: Reg,
-    /// `Sq`.
+    /// `Sq`, the rows a mask holds ([`crate::attention::mask::FragmentMask`]).
     pub(super) seq_q: Reg,
-    /// `Sk`.
+    /// The key sequence's keys (`Sk` without sequence bounds).
     pub(super) seq_k: Reg,
     /// Whether a mask tensor was passed.
     pub(super) has_mask: Reg,
@@ -70,7 +70,12 @@ pub(super) struct Core {
     pub(super) m_ptr: Reg,
     /// The mask's query-row stride.
     pub(super) msq: Reg,
-    /// This thread's first score row (the other is 8 below).
+    /// The mask's element kind (the contract's `mask_kind`).
+    pub(super) mask_kind: Reg,
+    /// The mask's front padding (the contract's `mask_pad`).
+    pub(super) mask_pad: Reg,
+    /// This thread's first score row (the other is 8 below), local to the
+    /// sequence.
     pub(super) row0: Reg,
     /// `2 · (lane % 4)`: this thread's first key in each n8 slice.
     pub(super) tq2: Reg,

@@ -5,14 +5,15 @@
 use super::emitter::{Core, Emitter};
 use super::schedule::TileScheduler;
 use crate::attention::store::{lse_rows, quad_writer, store_output, OutputRows};
-use crate::attention::AccFragment;
-use crate::ptx::{Reg, Ty};
+use crate::attention::{sequence_of, AccFragment, SeqSide};
+use crate::contract::Args;
+use crate::ptx::Ty;
 
 impl Emitter {
     /// Writes `O / sum` of this thread's rows (rows that saw no key are 0)
     /// from the accumulators to `out`, 4 bytes a store
-    /// ([`store_output`]), and, where the contract's `lse` (`lse.0`, its
-    /// strides `lse.1`) is not null, each row's log-sum-exp from the quad's
+    /// ([`store_output`]), and, where the contract's `lse` (in `args`) is
+    /// not null, at the query sequence's tokens, each row's log-sum-exp from the quad's
     /// first lane. The running max `m_run` is the shift the running sum is
     /// relative to: the lazy rescale skips only `O`'s rescale, and only
     /// where the max did not move. (Staging the rows through shared memory
@@ -22,7 +23,7 @@ impl Emitter {
         &mut self,
         c: &Core,
         out: &OutputRows,
-        lse: (Reg, [Reg; 3]),
+        args: &Args,
         sched: TileScheduler,
     ) {
         let k = &mut self.k;
@@ -30,8 +31,20 @@ impl Emitter {
         let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
         let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
         let writer = quad_writer(k, out.tq);
-        let lse = lse_rows(k, lse.0, lse.1, b64, h64, Some(writer));
+        // The query sequence read again: no register holds it across the
+        // mainloop.
+        let q_seq = sequence_of(k, args, batch, SeqSide::Queries);
+        let out = out.in_sequence(k, q_seq);
+        let lse = lse_rows(
+            k,
+            args.lse,
+            args.lse_strides,
+            b64,
+            h64,
+            q_seq.start,
+            Some(writer),
+        );
         let o = AccFragment::new(std::slice::from_ref(&c.o_acc));
-        store_output(k, &o, &c.m_run, &c.l_run, out, &lse, self.cfg.packed());
+        store_output(k, &o, &c.m_run, &c.l_run, &out, &lse, self.cfg.packed());
     }
 }

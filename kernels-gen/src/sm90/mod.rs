@@ -24,6 +24,14 @@
 //! Block `n + 1`'s `Q·Kᵀ` is issued together with block `n`'s `P·V`, and
 //! the softmax of `n + 1` runs while the `P·V` is in flight.
 //!
+//! Rows and keys are local to the batch entry's sequences
+//! ([`crate::attention::seqs`]): TMA boxes are addressed at token `start +
+//! local` (and at batch 0 of a packed tensor, whose batch stride is 0); the
+//! rows a box brings in past a sequence's end are its neighbours' tokens,
+//! hidden as `-inf` for keys (the blocks reaching past the key sequence's
+//! end take the masking path) and never stored for queries. A tile whose
+//! rows all lie past its sequence's end leaves before its mbarriers exist.
+//!
 //! The kernel is warp-specialised: warpgroup 0 is a producer that gives
 //! its registers to the consumers (`setmaxnreg`) and whose one thread
 //! loads Q, then each block's K and V, with TMA onto per-stage mbarriers;
@@ -154,7 +162,7 @@ fn compose(mut e: Emitter, sched: TileScheduler) -> Kernel {
         n_blocks: p.n_blocks,
     };
     e.mainloop(&p.core, &ops);
-    e.epilogue(&p.core, &p.out, p.lse, sched);
+    e.epilogue(&p.core, &p.out, &p.args, sched);
     sched.consumer_tile_done(&mut e.k);
 
     let loads = Loads {
@@ -164,6 +172,9 @@ fn compose(mut e: Emitter, sched: TileScheduler) -> Kernel {
         sk0: p.sk0,
         tid: p.tid,
         q0: p.q0,
+        q_start: p.q_start,
+        k_start: p.k_start,
+        batch_strides: p.batch_strides,
         head: p.tile.head,
         kv_head: p.kv_head,
         batch: p.tile.batch,

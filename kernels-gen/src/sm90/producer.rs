@@ -21,8 +21,15 @@ pub(super) struct Loads<'a> {
     pub(super) sk0: Reg,
     /// The thread index.
     pub(super) tid: Reg,
-    /// The tile's first query row.
+    /// The tile's first query row, local to its sequence.
     pub(super) q0: Reg,
+    /// The query sequence's first token.
+    pub(super) q_start: Reg,
+    /// The key sequence's first token.
+    pub(super) k_start: Reg,
+    /// The batch strides of `q`, `k` and `v`: a tensor whose batch stride
+    /// is 0 (packed sequences) is read at batch coordinate 0.
+    pub(super) batch_strides: [Reg; 3],
     /// The query head.
     pub(super) head: Reg,
     /// The K/V head.
@@ -50,6 +57,9 @@ impl Emitter {
             sk0,
             tid,
             q0,
+            q_start,
+            k_start,
+            batch_strides,
             head,
             kv_head,
             batch,
@@ -76,6 +86,13 @@ impl Emitter {
             .collect();
         let progress = sched.producer_start(k);
         sched.producer_skip_empty(k, n_blocks);
+        // Boxes are addressed at token `start + local` of each sequence, and
+        // at batch 0 of a packed tensor (batch stride 0).
+        let [q_batch, k_batch, v_batch] = batch_strides.map(|stride| {
+            let packed = k.setp(Cmp::Eq, Ty::U64, stride, Operand::U(0));
+            k.selp(Ty::U32, Operand::U(0), batch, packed)
+        });
+        let q_token = k.bin(BinOp::Add, Ty::U32, q_start, q0);
         // Q: one box of `bm` rows per panel.
         let q_bar = self.q_full(sbar);
         let arrive = self.arrival(q_bar, Some((bm * cfg.d_pad() * 2) as u32));
@@ -86,12 +103,12 @@ impl Emitter {
             k.push(Instr::TmaLoad {
                 dst,
                 map: map[0],
-                coords: vec![Self::u(64 * p), q0.into(), head.into(), batch.into()],
+                coords: vec![Self::u(64 * p), q_token.into(), head.into(), q_batch.into()],
                 mbar: q_bar,
             });
         }
         let b = k.mov(Ty::U32, Operand::U(0));
-        let key = k.mov(Ty::U32, Operand::U(0));
+        let key = k.mov(Ty::U32, k_start);
         let top = k.label("produce");
         k.push(Instr::Label(top.clone()));
         // Blocks count over the CTA's run for their stage and phase.
@@ -106,7 +123,10 @@ impl Emitter {
         let old = k.bin(BinOp::Sub, Ty::U32, gb, Self::u(stages));
         self.wait_stage(sbar, old, Bar::Empty);
         self.k.push(Instr::Label(free));
-        for (which, bar, m) in [(0, Bar::Full, map[1]), (1, Bar::VFull, map[2])] {
+        for (which, bar, m, b_coord) in [
+            (0, Bar::Full, map[1], k_batch),
+            (1, Bar::VFull, map[2], v_batch),
+        ] {
             let full = self.stage_barrier(sbar, gb, bar);
             let arrive = self.arrival(full, Some(tile as u32));
             let k = &mut self.k;
@@ -121,7 +141,7 @@ impl Emitter {
                 k.push(Instr::TmaLoad {
                     dst,
                     map: m,
-                    coords: vec![Self::u(64 * p), key.into(), kv_head.into(), batch.into()],
+                    coords: vec![Self::u(64 * p), key.into(), kv_head.into(), b_coord.into()],
                     mbar: full,
                 });
             }

@@ -6,8 +6,9 @@
 use super::emitter::{desc_bits, Core, Emitter};
 use super::schedule::{Tile, TileScheduler};
 use crate::attention::mask::{key_blocks, mask_of_head};
-use crate::attention::store::OutputRows;
-use crate::contract::{declare_params, declare_tensor_maps, load_args, tensor_head};
+use crate::attention::store::{exit_past_end, OutputRows};
+use crate::attention::{sequence_of, SeqSide};
+use crate::contract::{declare_params, declare_tensor_maps, load_args, tensor_head, Args};
 use crate::ptx::{BinOp, Cmp, Operand, Param, Reg, Ty};
 
 /// What the prologue leaves for the parts after it.
@@ -18,8 +19,15 @@ pub(super) struct Prologue {
     pub(super) tid: Reg,
     /// The CTA's tile.
     pub(super) tile: Tile,
-    /// The tile's first query row.
+    /// The tile's first query row, local to its sequence.
     pub(super) q0: Reg,
+    /// The query sequence's first token.
+    pub(super) q_start: Reg,
+    /// The key sequence's first token.
+    pub(super) k_start: Reg,
+    /// The batch strides of `q`, `k` and `v` (0: a packed tensor, whose
+    /// tensor map has one batch entry).
+    pub(super) batch_strides: [Reg; 3],
     /// The K/V head.
     pub(super) kv_head: Reg,
     /// The warpgroup of this thread (0: the producer).
@@ -34,11 +42,12 @@ pub(super) struct Prologue {
     pub(super) v_desc0: Reg,
     /// The tile's key blocks.
     pub(super) n_blocks: Reg,
-    /// Where the consumer's output rows go.
+    /// Where the consumer's output rows go, in the whole batch entry: the
+    /// epilogue moves them on to the query sequence.
     pub(super) out: OutputRows,
-    /// The contract's `lse` pointer (null: not asked for) and its element
-    /// strides (batch, head, query), for the epilogue.
-    pub(super) lse: (Reg, [Reg; 3]),
+    /// The contract's arguments, for the epilogue (`lse`, the query
+    /// sequence).
+    pub(super) args: Args,
     /// The consumer's products' and softmax's registers.
     pub(super) core: Core,
 }
@@ -75,9 +84,15 @@ impl Emitter {
         let g = k.bin(BinOp::Shr, Ty::U32, lane, Operand::U(2));
         let tq = k.bin(BinOp::And, Ty::U32, lane, Operand::U(3));
         let (q0, kv_head) = sched.rows(k, &tile, bm, a.group);
+        // Rows and keys are local to the batch entry's sequences from here;
+        // a tile past its sequence's end leaves before the barriers exist.
+        let q_seq = sequence_of(k, &a, tile.batch, SeqSide::Queries);
+        let k_seq = sequence_of(k, &a, tile.batch, SeqSide::Keys);
+        exit_past_end(k, q0, q_seq.len);
 
         // Q, K and V are read through their tensor maps; only the output
-        // (16-bit elements) is addressed from its pointer and strides.
+        // (16-bit elements) is addressed from its pointer and strides (the
+        // epilogue moves it on to the query sequence).
         let (o_base, o_stride) = tensor_head(k, a.out, a.out_strides, tile.batch, tile.head, 2);
 
         // Shared tiles, from a 1024-byte aligned base: Q, then the stages
@@ -105,7 +120,7 @@ impl Emitter {
         let row0 = k.mad(Ty::U32, cwg, Operand::U(64), q0);
         let row0 = k.mad(Ty::U32, warp_in_wg, Operand::U(16), row0);
         let row0 = k.bin(BinOp::Add, Ty::U32, row0, g);
-        let n_blocks = key_blocks(k, q0, bm, bn, a.seq_k, cfg.causal());
+        let n_blocks = key_blocks(k, q0, bm, bn, k_seq.len, cfg.causal());
         let (has_mask, mask_head) = mask_of_head(k, a.mask, tile.batch, tile.head, msb, msh);
         let zero = k.mov(Ty::U32, Operand::U(0));
         let p_true = k.setp(Cmp::Eq, Ty::U32, zero, Operand::U(0));
@@ -140,11 +155,13 @@ impl Emitter {
             p_false,
             scale_log2: a.scale_log2,
             seq_q: a.seq_q,
-            seq_k: a.seq_k,
+            seq_k: k_seq.len,
             has_mask,
             mask_head,
             m_ptr: a.mask,
             msq,
+            mask_kind: a.mask_kind,
+            mask_pad: a.mask_pad,
             row0,
             tq2: k.bin(BinOp::Shl, Ty::U32, tq, Operand::U(1)),
             q0,
@@ -154,6 +171,9 @@ impl Emitter {
             tid,
             tile,
             q0,
+            q_start: q_seq.start,
+            k_start: k_seq.start,
+            batch_strides: [a.q_strides[0], a.k_strides[0], a.v_strides[0]],
             kv_head,
             wg,
             sq,
@@ -162,7 +182,7 @@ impl Emitter {
             v_desc0,
             n_blocks,
             out,
-            lse: (a.lse, a.lse_strides),
+            args: a,
             core,
         }
     }

@@ -46,6 +46,8 @@ impl Emitter {
             mask: c.m_ptr,
             mask_head: c.mask_head,
             mask_stride_q: c.msq,
+            kind: c.mask_kind,
+            pad: c.mask_pad,
             causal: cfg.causal(),
         };
         mask_fragment(k, &s, &fm, j0);

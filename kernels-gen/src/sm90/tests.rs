@@ -295,3 +295,22 @@ fn descriptor_bits() {
     // 128-byte swizzle in bits 62-63, offsets >> 4 at 16 and 32.
     assert_eq!(desc_bits(16, 1024), (1 << 62) | (64 << 32) | (1 << 16));
 }
+
+#[test]
+fn tiles_past_their_sequence_leave_and_masks_of_every_kind_are_read() {
+    let k = generate(&spec(128, true, DType::BF16)).unwrap();
+    let t = &k.ptx;
+    // A tile past its sequence's end leaves before the mbarriers exist.
+    let exit = t.find("ret;").expect("an early exit");
+    assert!(exit < t.find("mbarrier.init").expect("mbarriers"), "{t}");
+    // The masked path reads every element kind in place.
+    for form in [
+        "ld.global.nc.f32",
+        "ld.global.nc.b16",
+        "ld.global.nc.u16",
+        "ld.global.nc.u8",
+        "ld.global.nc.u32",
+    ] {
+        assert!(t.contains(form), "{form}");
+    }
+}
