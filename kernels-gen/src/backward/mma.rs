@@ -28,6 +28,22 @@
 //!
 //! Every product's fragments are loaded one product ahead of its `mma`s.
 //! The end writes `dK · scale` and `dV` in the input dtype.
+//!
+//! With a mask, each step first copies the mask's `block_m × block_n`
+//! elements (any [`crate::attention::mask::MaskKind`], one copy of the
+//! loads per kind behind uniform branches) as `f32` biases in the log2
+//! domain into a shared tile, with coalesced loads while few registers are
+//! live; step 1 adds them from there.
+//!
+//! Sequences ([`crate::attention::seqs`]): positions are local to the batch
+//! entry's sequences (`Sq`, `Sk` above read as their lengths), tensors are
+//! addressed at token `start + local`, the scratch buffers at local rows.
+//! The lengths and starts live in shared memory across the loop (as
+//! parameters they cost no registers; computed, they would). A CTA whose
+//! first key is past the keys exits at once; one that no query block
+//! reaches visits nothing and writes zeros. Either way the contributors of
+//! a query block stay a prefix of the key blocks: no counter waits for a
+//! CTA that exited.
 
 use super::BACKWARD_PARAMS;
 use crate::attention::mask::{load_bias, per_kind};
