@@ -58,6 +58,9 @@ use crate::{DType, VariantSpec};
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 
+/// Passes per iteration of the loop that loads a step's mask tile.
+const MASK_UNROLL: usize = 8;
+
 /// The shape of one variant's backward main kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MmaBackwardConfig {
@@ -524,12 +527,21 @@ impl Emitter {
         let row0 = k.bin(BinOp::Add, Ty::U32, st.i0, ii);
         let dst = k.mad(Ty::U32, ii, u(bp), s_bias);
         let dst = k.mad(Ty::U32, jj, Operand::U(4), dst);
+        // A run-time loop of MASK_UNROLL passes an iteration: the loads in
+        // flight take few registers.
+        let passes = bm / rows_per_pass;
+        let unroll = MASK_UNROLL.min(passes);
         per_kind(k, kind, |k, mk| {
-            for pass in 0..bm / rows_per_pass {
-                let row = k.bin(BinOp::Add, Ty::U32, row0, u(pass * rows_per_pass));
-                let ok = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
+            let row = k.mov(Ty::U32, row0);
+            let at = k.mov(Ty::U32, dst);
+            let end = k.bin(BinOp::Add, Ty::U32, row0, u(passes * rows_per_pass));
+            let top = k.label("bwd_mask_rows");
+            k.push(Instr::Label(top.clone()));
+            for pass in 0..unroll {
+                let r = k.bin(BinOp::Add, Ty::U32, row, u(pass * rows_per_pass));
+                let ok = k.setp(Cmp::Lt, Ty::U32, r, seq_q);
                 k.bin_to(BinOp::And, Ty::Pred, ok, ok, key_ok);
-                let row64 = k.cvt(None, Ty::U64, Ty::U32, row);
+                let row64 = k.cvt(None, Ty::U64, Ty::U32, r);
                 let off = k.mad(Ty::U64, row64, msq, col);
                 let addr = k.mad(Ty::U64, off, Operand::U(mk.bytes()), mask_ptr);
                 let bias = load_bias(k, mk, ok, Addr::at(addr, 0));
@@ -537,10 +549,14 @@ impl Emitter {
                 k.push(Instr::St {
                     space: StateSpace::Shared,
                     ty: Ty::F32,
-                    addr: Addr::at(dst, (pass * rows_per_pass * bp) as i64),
+                    addr: Addr::at(at, (pass * rows_per_pass * bp) as i64),
                     src: vec![bias],
                 });
             }
+            k.bin_to(BinOp::Add, Ty::U32, row, row, u(unroll * rows_per_pass));
+            k.bin_to(BinOp::Add, Ty::U32, at, at, u(unroll * rows_per_pass * bp));
+            let more = k.setp(Cmp::Lt, Ty::U32, row, end);
+            k.branch_if(more, false, &top);
         });
         k.push(Instr::BarSync(0));
     }
