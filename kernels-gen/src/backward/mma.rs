@@ -129,8 +129,8 @@ impl MmaBackwardConfig {
 
     /// Byte offsets of the shared tiles: K, V, Q, dO (two buffers of Q
     /// then dO, [`MmaBackwardConfig::buffer_bytes`] apart), dSᵀ, lse,
-    /// delta, the sequence's `u32` query rows, keys, first query token and
-    /// first key token, the step's mask bias (`f32 [block_m][block_n + 4]`),
+    /// delta, the sequence's `u32` query rows, keys, first query token,
+    /// first key token and query blocks (32 bytes), the step's mask bias (`f32 [block_m][block_n + 4]`),
     /// and the total.
     fn smem(&self) -> [usize; 10] {
         let (bn, bm, p) = (self.block_n, self.block_m, self.pitch);
@@ -144,7 +144,7 @@ impl MmaBackwardConfig {
         // 32 bytes of slack: a warp's last column pair may read one 16-byte
         // chunk past the head dimension of the last row (never used).
         let seqs = delta + bm * 4;
-        let bias = seqs + 16;
+        let bias = seqs + 32;
         let end = bias + bm * (bn + 4) * 4 + 32;
         [k, v, q, dout, ds, lse, delta, seqs, bias, end]
     }
@@ -658,7 +658,10 @@ impl Emitter {
         // for the loop: registers held across it would push the
         // accumulators out (the bounds are no longer parameters).
         let lead = k.setp(Cmp::Eq, Ty::U32, tid, Operand::U(0));
-        for (i, v) in [seq_q, seq_k, q_start, sk.start].into_iter().enumerate() {
+        // Query blocks of the sequence.
+        let nqb = k.bin(BinOp::Add, Ty::U32, seq_q, u(bm - 1));
+        let nqb = k.bin(BinOp::Div, Ty::U32, nqb, u(bm));
+        for (i, v) in [seq_q, seq_k, q_start, sk.start, nqb].into_iter().enumerate() {
             k.guard(
                 lead,
                 false,
@@ -672,7 +675,7 @@ impl Emitter {
         }
         k.push(Instr::BarSync(0));
         // Reads one of them: 0 the rows, 1 the keys, 2 the first query's
-        // token, 3 the first key's.
+        // token, 3 the first key's, 4 the query blocks.
         let seq_of = move |k: &mut Kernel, i: usize| {
             let dst = k.reg(Ty::U32);
             k.push(Instr::Ld {
@@ -686,8 +689,6 @@ impl Emitter {
 
         // Steps: (query head of the group, query block), query blocks from
         // the first that sees the CTA's keys.
-        let nqb = k.bin(BinOp::Add, Ty::U32, seq_q, u(bm - 1));
-        let nqb = k.bin(BinOp::Div, Ty::U32, nqb, u(bm));
         let i_start = if cfg.causal {
             let i = k.bin(BinOp::Div, Ty::U32, j0, u(bm));
             k.bin(BinOp::Min, Ty::U32, i, nqb)
@@ -723,6 +724,7 @@ impl Emitter {
             let gi = k.bin(BinOp::Rem, Ty::U32, step, group);
             let head = k.bin(BinOp::Add, Ty::U32, head0, gi);
             let qblock = if s.cfg.causal {
+                let nqb = seq_of(k, 4);
                 let last = k.bin(BinOp::Sub, Ty::U32, nqb, Operand::U(1));
                 k.bin(BinOp::Sub, Ty::U32, last, ii)
             } else {
