@@ -661,7 +661,10 @@ impl Emitter {
         // Query blocks of the sequence.
         let nqb = k.bin(BinOp::Add, Ty::U32, seq_q, u(bm - 1));
         let nqb = k.bin(BinOp::Div, Ty::U32, nqb, u(bm));
-        for (i, v) in [seq_q, seq_k, q_start, sk.start, nqb].into_iter().enumerate() {
+        for (i, v) in [seq_q, seq_k, q_start, sk.start, nqb]
+            .into_iter()
+            .enumerate()
+        {
             k.guard(
                 lead,
                 false,
