@@ -130,7 +130,8 @@ impl MmaBackwardConfig {
     /// Byte offsets of the shared tiles: K, V, Q, dO (two buffers of Q
     /// then dO, [`MmaBackwardConfig::buffer_bytes`] apart), dSᵀ, lse,
     /// delta, the sequence's `u32` query rows, keys, first query token,
-    /// first key token and query blocks (32 bytes), the step's mask bias (`f32 [block_m][block_n + 4]`),
+    /// first key token, query blocks and the CTA's steps (32 bytes), the
+    /// step's mask bias (`f32 [block_m][block_n + 4]`),
     /// and the total.
     fn smem(&self) -> [usize; 10] {
         let (bn, bm, p) = (self.block_n, self.block_m, self.pitch);
@@ -661,7 +662,17 @@ impl Emitter {
         // Query blocks of the sequence.
         let nqb = k.bin(BinOp::Add, Ty::U32, seq_q, u(bm - 1));
         let nqb = k.bin(BinOp::Div, Ty::U32, nqb, u(bm));
-        for (i, v) in [seq_q, seq_k, q_start, sk.start, nqb]
+        // Steps: (query head of the group, query block), query blocks from
+        // the first that sees the CTA's keys.
+        let i_start = if cfg.causal {
+            let i = k.bin(BinOp::Div, Ty::U32, j0, u(bm));
+            k.bin(BinOp::Min, Ty::U32, i, nqb)
+        } else {
+            k.mov(Ty::U32, Operand::U(0))
+        };
+        let n_i = k.bin(BinOp::Sub, Ty::U32, nqb, i_start);
+        let steps = k.bin(BinOp::Mul, Ty::U32, n_i, group);
+        for (i, v) in [seq_q, seq_k, q_start, sk.start, nqb, steps]
             .into_iter()
             .enumerate()
         {
@@ -678,7 +689,7 @@ impl Emitter {
         }
         k.push(Instr::BarSync(0));
         // Reads one of them: 0 the rows, 1 the keys, 2 the first query's
-        // token, 3 the first key's, 4 the query blocks.
+        // token, 3 the first key's, 4 the query blocks, 5 the steps.
         let seq_of = move |k: &mut Kernel, i: usize| {
             let dst = k.reg(Ty::U32);
             k.push(Instr::Ld {
@@ -690,16 +701,6 @@ impl Emitter {
             dst
         };
 
-        // Steps: (query head of the group, query block), query blocks from
-        // the first that sees the CTA's keys.
-        let i_start = if cfg.causal {
-            let i = k.bin(BinOp::Div, Ty::U32, j0, u(bm));
-            k.bin(BinOp::Min, Ty::U32, i, nqb)
-        } else {
-            k.mov(Ty::U32, Operand::U(0))
-        };
-        let n_i = k.bin(BinOp::Sub, Ty::U32, nqb, i_start);
-        let steps = k.bin(BinOp::Mul, Ty::U32, n_i, group);
         let head0 = k.bin(BinOp::Mul, Ty::U32, kv_head, group);
         let batch64 = k.cvt(None, Ty::U64, Ty::U32, batch);
         let has_mask = k.setp(Cmp::Ne, Ty::U64, mask_ptr, Operand::U(0));
@@ -857,6 +858,7 @@ impl Emitter {
             // The next step's loads, into the other buffer: past the barrier
             // every warp is done with it.
             k.bin_to(BinOp::Add, Ty::U32, step, step, Operand::U(1));
+            let steps = seq_of(k, 5);
             let more = k.setp(Cmp::Lt, Ty::U32, step, steps);
             let no_next = k.label("bwd_no_next");
             k.branch_if(more, true, &no_next);
