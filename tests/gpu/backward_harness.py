@@ -16,7 +16,8 @@ masks for the others), --mask-pad drops their first N key columns (those
 keys attend). --varlen runs packed variable-length batches (cu_seqlens,
 batch strides 0) of those query lengths (keys: --varlen-k, or the same),
 checked per sequence against float64 autograd, causal top-left in local
-positions.
+positions, then key padding: whole query rows against keys
+[k_start, k_start + len) of a padded layout (--varlen-k lengths).
 
 It needs a CUDA GPU and torch; it is not run by CI.
 """
@@ -66,15 +67,16 @@ class Backward:
         self.drv, self.dir, self.params, self.var = drv, ptx_dir, manifest["params"], variant
 
     def launch_all(self, q, k, v, out, dout, lse, dq, dk, dv, mask=None, scale=None,
-                   mask_kind="f32", mask_pad=0, seqs=None):
+                   mask_kind="f32", mask_pad=0, seqs=None, packed=True):
         """seqs: None, or (q_start, q_end, k_start, k_end, batch, seq_q, seq_k): int32
-        device arrays indexed by batch entry, the batch entries and the bounds."""
+        device arrays indexed by batch entry (or None), the batch entries and the
+        bounds. packed: the tensors are one batch of tokens (batch strides 0)."""
         b, sq, hq, d = q.shape
         sk, hkv = k.shape[1], k.shape[2]
         tokens_q, tokens_k = sq, sk
         bounds = [0, 0, 0, 0]
         if seqs is not None:
-            bounds = [t.data_ptr() for t in seqs[:4]]
+            bounds = [0 if t is None else t.data_ptr() for t in seqs[:4]]
             b, sq, sk = seqs[4:]
         scale = 1 / math.sqrt(d) if scale is None else scale
         dev = q.device
@@ -104,7 +106,7 @@ class Backward:
                     q_start=bounds[0], q_end=bounds[1], k_start=bounds[2], k_end=bounds[3],
                     tokens_q=tokens_q, tokens_k=tokens_k, mask_kind=MASK_KINDS[mask_kind][0],
                     mask_pad=mask_pad)
-        if seqs is not None:  # packed sequences: one batch of tokens, batch strides 0
+        if seqs is not None and packed:  # one batch of tokens, batch strides 0
             for name in ["q", "k", "v", "out", "dout", "dq", "dk", "dv", "lse"]:
                 vals[f"{name}_stride_b"] = 0
         kinds = {".u64": "u64", ".u32": "u32", ".f32": "f32"}
@@ -285,6 +287,66 @@ def varlen_case(drv, ptx_dir, manifest, var, lens_q, lens_k, hq, hkv, seed):
     return errs, same and outside, outside
 
 
+def padded_case(drv, ptx_dir, manifest, var, lens_k, sq, hq, hkv, seed):
+    """Key padding: dense [B, Sq] queries (no query bounds) and keys
+    [k_start[b], k_end[b]) of a padded [B, Sk + 3] layout: (errors,
+    deterministic and nothing written outside)."""
+    torch.manual_seed(seed)
+    d, causal, dt = var["d"], var["causal"], DT[var["dtype"]]
+    dev = "cuda"
+    n, skp = len(lens_k), max(lens_k) + 3
+    q = torch.randn(n, sq, hq, d, device=dev).to(dt)
+    k = torch.randn(n, skp, hkv, d, device=dev).to(dt)
+    v = torch.randn(n, skp, hkv, d, device=dev).to(dt)
+    dout = torch.randn(n, sq, hq, d, device=dev).to(dt)
+    scale = 1 / math.sqrt(d)
+    starts = [1 + (b % 2) for b in range(n)]
+    out = torch.zeros_like(q)
+    lse = torch.full((n, hq, sq), float("-inf"), device=dev)
+    grads = [torch.zeros(t.shape, dtype=torch.float64, device=dev) for t in (q, k, v)]
+    for b, (s0, lk) in enumerate(zip(starts, lens_k)):
+        if lk == 0:
+            continue
+        qs, ks, vs = (t.double().requires_grad_() for t in (q[b:b + 1], k[b:b + 1, s0:s0 + lk],
+                                                              v[b:b + 1, s0:s0 + lk]))
+        o, l_ = reference(qs, ks, vs, causal, None, scale)
+        out[b:b + 1] = o.detach().to(dt)
+        lse[b:b + 1] = l_.detach().float()
+        gq, gk, gv = torch.autograd.grad(o, (qs, ks, vs), dout[b:b + 1].double())
+        grads[0][b] += gq[0]
+        grads[1][b, s0:s0 + lk] += gk[0]
+        grads[2][b, s0:s0 + lk] += gv[0]
+    ks_ = torch.tensor(starts, dtype=torch.int32, device=dev)
+    ke_ = torch.tensor([s0 + lk for s0, lk in zip(starts, lens_k)], dtype=torch.int32,
+                       device=dev)
+    seqs = (None, None, ks_, ke_, n, sq, max(max(lens_k), 1))
+    bw = Backward(drv, ptx_dir, manifest, var)
+
+    def run():
+        got = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+        bw.launch_all(q, k, v, out, dout, lse, *got, None, scale, seqs=seqs, packed=False)
+        torch.cuda.synchronize()
+        outside = True
+        for b, (s0, lk) in enumerate(zip(starts, lens_k)):
+            for t in got[1:]:
+                outside &= bool(torch.isnan(t[b, :s0]).all() and torch.isnan(t[b, s0 + lk:]).all())
+                t[b, :s0] = 0
+                t[b, s0 + lk:] = 0
+        return got, outside
+
+    got, outside = run()
+    scale_ = max(g.abs().max().item() for g in grads) + 1e-6
+    errs = []
+    for name, g, want in zip(("dq", "dk", "dv"), got, grads):
+        err = (g.double() - want).abs().max().item() / scale_
+        errs.append((name, float("inf") if math.isnan(err) else err))
+    again, _ = run()
+    same = all(torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                           b_.view(torch.int16 if b_.element_size() == 2 else torch.int32))
+               for a, b_ in zip(got, again))
+    return errs, same and outside, outside
+
+
 def check_varlen(drv, ptx_dir, manifest, seed, lens_q, lens_k):
     tol = {"bf16": 3e-2, "f16": 5e-3, "f32": 1e-4}
     bad = 0
@@ -301,6 +363,17 @@ def check_varlen(drv, ptx_dir, manifest, seed, lens_q, lens_k):
                   + " ".join(f"{n}={e:.2e}" for n, e in errs)
                   + ("" if outside else " WROTE-OUTSIDE")
                   + ("" if ok_bits or not outside else " NONDETERMINISTIC"), flush=True)
+        # Key padding over a padded layout, queries whole.
+        sq = max(max(lens_q), 1)
+        errs, ok_bits, outside = padded_case(drv, ptx_dir, manifest, var, lens_k, sq, 4, 2,
+                                             seed + 7)
+        ok = all(e < tol[var["dtype"]] for _, e in errs) and ok_bits
+        bad += not ok
+        print(f"{'ok ' if ok else 'BAD'} key-padding d={var['d']} causal={var['causal']} "
+              f"{var['dtype']} Sq={sq} k={lens_k} Hq=4 Hkv=2 "
+              + " ".join(f"{n}={e:.2e}" for n, e in errs)
+              + ("" if outside else " WROTE-OUTSIDE")
+              + ("" if ok_bits or not outside else " NONDETERMINISTIC"), flush=True)
     print(f"{bad} bad (varlen)")
     return bad
 
