@@ -5,6 +5,11 @@
 //!
 //! `cargo run -p kernels-gen --example emit_backward -- OUT 40 64 128`
 //!
+//! The kernels take sequence bounds and masks of every element kind at run
+//! time (nothing to emit for them): the harness's `--varlen 3,0,17,64`
+//! (`--varlen-k` for other key lengths), `--mask-kind f32|f16|bf16|bool|i32|i64`
+//! and `--mask-pad N` exercise them.
+//!
 //! `--racing` writes the main kernels without the semaphore (their `dq`
 //! additions race), for measuring what the ordering costs; `--block-m N`
 //! sets their query rows per step.

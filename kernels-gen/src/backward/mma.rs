@@ -28,10 +28,28 @@
 //!
 //! Every product's fragments are loaded one product ahead of its `mma`s.
 //! The end writes `dK · scale` and `dV` in the input dtype.
+//!
+//! With a mask, each step first copies the mask's `block_m × block_n`
+//! elements (any [`crate::attention::mask::MaskKind`], one copy of the
+//! loads per kind behind uniform branches) as `f32` biases in the log2
+//! domain into a shared tile, with coalesced loads while few registers are
+//! live; step 1 adds them from there.
+//!
+//! Sequences ([`crate::attention::seqs`]): positions are local to the batch
+//! entry's sequences (`Sq`, `Sk` above read as their lengths), tensors are
+//! addressed at token `start + local`, the scratch buffers at local rows.
+//! The lengths and starts live in shared memory across the loop (as
+//! parameters they cost no registers; computed, they would). A CTA whose
+//! first key is past the keys exits at once; one that no query block
+//! reaches visits nothing and writes zeros. Either way the contributors of
+//! a query block stay a prefix of the key blocks: no counter waits for a
+//! CTA that exited.
 
 use super::BACKWARD_PARAMS;
+use crate::attention::mask::{load_bias, per_kind};
+use crate::attention::seqs::{sequence, Side};
 use crate::attention::softmax::pack_a_fragment;
-use crate::contract::{declare_table, head_offset, tensor_head, GpuKernel};
+use crate::contract::{declare_table, head_offset, tensor_head, GpuKernel, Params};
 use crate::ptx::{
     Addr, BinOp, Cmp, Instr, Kernel, MmaShape, Module, Operand, Reg, Special, StateSpace, Target,
     Ty, UnOp,
@@ -39,6 +57,9 @@ use crate::ptx::{
 use crate::{DType, VariantSpec};
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
+
+/// Passes per iteration of the loop that loads a step's mask tile.
+const MASK_UNROLL: usize = 8;
 
 /// The shape of one variant's backward main kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,8 +129,11 @@ impl MmaBackwardConfig {
 
     /// Byte offsets of the shared tiles: K, V, Q, dO (two buffers of Q
     /// then dO, [`MmaBackwardConfig::buffer_bytes`] apart), dSᵀ, lse,
-    /// delta, and the total.
-    fn smem(&self) -> [usize; 8] {
+    /// delta, the sequence's `u32` query rows, keys, first query token,
+    /// first key token, query blocks and the CTA's steps (32 bytes), the
+    /// step's mask bias (`f32 [block_m][block_n + 4]`),
+    /// and the total.
+    fn smem(&self) -> [usize; 10] {
         let (bn, bm, p) = (self.block_n, self.block_m, self.pitch);
         let k = 0;
         let v = k + bn * p;
@@ -120,8 +144,10 @@ impl MmaBackwardConfig {
         let delta = lse + bm * 4;
         // 32 bytes of slack: a warp's last column pair may read one 16-byte
         // chunk past the head dimension of the last row (never used).
-        let end = delta + bm * 4 + 32;
-        [k, v, q, dout, ds, lse, delta, end]
+        let seqs = delta + bm * 4;
+        let bias = seqs + 32;
+        let end = bias + bm * (bn + 4) * 4 + 32;
+        [k, v, q, dout, ds, lse, delta, seqs, bias, end]
     }
 
     /// Bytes of one buffer of Q and dO tiles.
@@ -131,7 +157,7 @@ impl MmaBackwardConfig {
 
     /// Dynamic shared memory per CTA, in bytes.
     pub fn smem_bytes(&self) -> usize {
-        self.smem()[7]
+        self.smem()[9]
     }
 
     /// n8 tiles of the head dimension.
@@ -229,6 +255,15 @@ struct Lanes {
 struct Emitter {
     k: Kernel,
     cfg: MmaBackwardConfig,
+}
+
+/// A step's (head, query block) and what it reads.
+struct Step {
+    head: Reg,
+    i0: Reg,
+    qblock: Reg,
+    /// `batch · Hq + head`, 64-bit.
+    bh: Reg,
 }
 
 impl Emitter {
@@ -438,6 +473,95 @@ impl Emitter {
             .collect()
     }
 
+    /// The mask's bias of the step `st` (rows `i0 ..`, keys `j0 ..`), times
+    /// `log2(e)`, into the shared tile at `s_bias` (`[block_m][block_n +
+    /// 4]`, 0 for rows and keys outside the sequence and keys before
+    /// `mask_pad`), then a barrier: coalesced loads of every element kind
+    /// (one copy each behind uniform branches), before the scores, while
+    /// few registers are live.
+    #[allow(clippy::too_many_arguments)]
+    fn mask_tile(
+        &mut self,
+        params: &Params,
+        tid: Reg,
+        j0: Reg,
+        batch64: Reg,
+        st: &Step,
+        s_bias: Reg,
+        sm_seqs: usize,
+        smem: Reg,
+    ) {
+        let cfg = self.cfg;
+        let (bm, bn) = (cfg.block_m, cfg.block_n);
+        let rows_per_pass = cfg.threads() / bn;
+        let bp = (bn + 4) * 4;
+        let k = &mut self.k;
+        let kind = params.get(k, "mask_kind");
+        let [msb, msh, msq] = params.strides(k, "mask");
+        let mask_ptr = params.get(k, "mask");
+        let pad = params.get(k, "mask_pad");
+        let [seq_q, seq_k] = [0, 1].map(|i| {
+            let dst = k.reg(Ty::U32);
+            k.push(Instr::Ld {
+                space: StateSpace::Shared,
+                ty: Ty::U32,
+                dst: vec![dst],
+                addr: Addr::at(smem, (sm_seqs + 4 * i) as i64),
+            });
+            dst
+        });
+        // Thread: key j0 + tid % block_n, rows tid / block_n + pass ·
+        // rows_per_pass.
+        let jj = k.bin(BinOp::And, Ty::U32, tid, u(bn - 1));
+        let ii = k.bin(BinOp::Shr, Ty::U32, tid, u(bn.trailing_zeros() as usize));
+        let key = k.bin(BinOp::Add, Ty::U32, j0, jj);
+        // Key j reads column j - mask_pad; keys before the pad attend.
+        let key_ok = k.setp(Cmp::Lt, Ty::U32, key, seq_k);
+        let past_pad = k.setp(Cmp::Ge, Ty::U32, key, pad);
+        k.bin_to(BinOp::And, Ty::Pred, key_ok, key_ok, past_pad);
+        let h64 = k.cvt(None, Ty::U64, Ty::U32, st.head);
+        let col = head_offset(k, batch64, h64, msb, msh);
+        let key64 = k.cvt(None, Ty::U64, Ty::U32, key);
+        let pad64 = k.cvt(None, Ty::U64, Ty::U32, pad);
+        let col = k.bin(BinOp::Add, Ty::U64, col, key64);
+        let col = k.bin(BinOp::Sub, Ty::U64, col, pad64);
+        let row0 = k.bin(BinOp::Add, Ty::U32, st.i0, ii);
+        let dst = k.mad(Ty::U32, ii, u(bp), s_bias);
+        let dst = k.mad(Ty::U32, jj, Operand::U(4), dst);
+        // A run-time loop of MASK_UNROLL passes an iteration: the loads in
+        // flight take few registers.
+        let passes = bm / rows_per_pass;
+        let unroll = MASK_UNROLL.min(passes);
+        per_kind(k, kind, |k, mk| {
+            let row = k.mov(Ty::U32, row0);
+            let at = k.mov(Ty::U32, dst);
+            let end = k.bin(BinOp::Add, Ty::U32, row0, u(passes * rows_per_pass));
+            let top = k.label("bwd_mask_rows");
+            k.push(Instr::Label(top.clone()));
+            for pass in 0..unroll {
+                let r = k.bin(BinOp::Add, Ty::U32, row, u(pass * rows_per_pass));
+                let ok = k.setp(Cmp::Lt, Ty::U32, r, seq_q);
+                k.bin_to(BinOp::And, Ty::Pred, ok, ok, key_ok);
+                let row64 = k.cvt(None, Ty::U64, Ty::U32, r);
+                let off = k.mad(Ty::U64, row64, msq, col);
+                let addr = k.mad(Ty::U64, off, Operand::U(mk.bytes()), mask_ptr);
+                let bias = load_bias(k, mk, ok, Addr::at(addr, 0));
+                k.bin_to(BinOp::Mul, Ty::F32, bias, bias, Operand::F32(LOG2E));
+                k.push(Instr::St {
+                    space: StateSpace::Shared,
+                    ty: Ty::F32,
+                    addr: Addr::at(at, (pass * rows_per_pass * bp) as i64),
+                    src: vec![bias],
+                });
+            }
+            k.bin_to(BinOp::Add, Ty::U32, row, row, u(unroll * rows_per_pass));
+            k.bin_to(BinOp::Add, Ty::U32, at, at, u(unroll * rows_per_pass * bp));
+            let more = k.setp(Cmp::Lt, Ty::U32, row, end);
+            k.branch_if(more, false, &top);
+        });
+        k.push(Instr::BarSync(0));
+    }
+
     fn shared_f32(&mut self, addr: Reg, offset: usize) -> Reg {
         let dst = self.k.reg(Ty::F32);
         self.k.push(Instr::Ld {
@@ -452,7 +576,7 @@ impl Emitter {
     fn emit(mut self) -> Kernel {
         let cfg = self.cfg;
         let (d, bm, bn) = (cfg.d, cfg.block_m, cfg.block_n);
-        let [sm_k, sm_v, sm_q, sm_do, sm_ds, sm_lse, sm_delta, _] = cfg.smem();
+        let [sm_k, sm_v, sm_q, sm_do, sm_ds, sm_lse, sm_delta, sm_seqs, sm_bias, _] = cfg.smem();
         let m_tiles = bm / 8;
         let part_tiles = cfg.part_tiles();
         let packed = cfg.packed();
@@ -472,8 +596,12 @@ impl Emitter {
         let k_ptr = prm(&mut self, "k");
         let v_ptr = prm(&mut self, "v");
         let mask_ptr = prm(&mut self, "mask");
-        let seq_q = prm(&mut self, "seq_q");
-        let seq_k = prm(&mut self, "seq_k");
+        let sides = ["q", "k"].map(|x| Side {
+            starts: prm(&mut self, &format!("{x}_start")),
+            ends: prm(&mut self, &format!("{x}_end")),
+            tokens: prm(&mut self, &format!("tokens_{x}")),
+            bound: prm(&mut self, &format!("seq_{x}")),
+        });
         let heads_q = prm(&mut self, "heads_q");
         let group = prm(&mut self, "group");
         let scale_log2 = prm(&mut self, "scale_log2");
@@ -487,6 +615,15 @@ impl Emitter {
         let kblock = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
         let kv_head = k.mov(Ty::U32, Operand::Special(Special::CtaIdY));
         let batch = k.mov(Ty::U32, Operand::Special(Special::CtaIdZ));
+        // The batch entry's sequences: from here on `seq_q` and `seq_k` are
+        // their lengths, and positions are local to them. A CTA whose keys
+        // are all past the sequence's exits: a query block's contributors
+        // are still a prefix of the key blocks, so no counter waits for it.
+        let [sq, sk] = sides.map(|side| sequence(k, side, batch));
+        let (seq_q, seq_k, q_start) = (sq.len, sk.len, sq.start);
+        let j0 = k.bin(BinOp::Mul, Ty::U32, kblock, u(bn));
+        let past = k.setp(Cmp::Ge, Ty::U32, j0, seq_k);
+        k.guard(past, false, Instr::Ret);
         let lane = k.bin(BinOp::And, Ty::U32, tid, Operand::U(31));
         let warp = k.bin(BinOp::Shr, Ty::U32, tid, Operand::U(5));
         let g = k.bin(BinOp::Shr, Ty::U32, lane, Operand::U(2));
@@ -496,7 +633,6 @@ impl Emitter {
         let key_tile = k.bin(BinOp::Rem, Ty::U32, warp, u(key_tiles));
         let part = k.bin(BinOp::Div, Ty::U32, warp, u(key_tiles));
         let key_row = k.bin(BinOp::Shl, Ty::U32, key_tile, Operand::U(4));
-        let j0 = k.bin(BinOp::Mul, Ty::U32, kblock, u(bn));
         // This warp's first owned column of dK, dV (and dQ).
         let col0 = k.bin(BinOp::Mul, Ty::U32, part, u(part_tiles * 8));
         // Whether the warp's last owned n8 tile exists.
@@ -505,6 +641,10 @@ impl Emitter {
 
         let (k_base, k_stride) = tensor_head(k, k_ptr, ks, batch, kv_head, 2);
         let (v_base, v_stride) = tensor_head(k, v_ptr, vs, batch, kv_head, 2);
+        // Key 0 of the sequence.
+        let ks64 = k.cvt(None, Ty::U64, Ty::U32, sk.start);
+        let k_base = k.mad(Ty::U64, ks64, k_stride, k_base);
+        let v_base = k.mad(Ty::U64, ks64, v_stride, v_base);
         let smem = k.mov(Ty::U32, Operand::Symbol("smem".into()));
         let at = |k: &mut Kernel, off: usize| k.bin(BinOp::Add, Ty::U32, smem, u(off));
         let s_k = at(k, sm_k);
@@ -514,11 +654,16 @@ impl Emitter {
         let s_ds = at(k, sm_ds);
         let s_lse = at(k, sm_lse);
         let s_delta = at(k, sm_delta);
-
-        // Steps: (query head of the group, query block), query blocks from
-        // the first that sees the CTA's keys.
+        let s_bias = at(k, sm_bias);
+        // The sequence's rows, keys and first tokens, in shared memory
+        // for the loop: registers held across it would push the
+        // accumulators out (the bounds are no longer parameters).
+        let lead = k.setp(Cmp::Eq, Ty::U32, tid, Operand::U(0));
+        // Query blocks of the sequence.
         let nqb = k.bin(BinOp::Add, Ty::U32, seq_q, u(bm - 1));
         let nqb = k.bin(BinOp::Div, Ty::U32, nqb, u(bm));
+        // Steps: (query head of the group, query block), query blocks from
+        // the first that sees the CTA's keys.
         let i_start = if cfg.causal {
             let i = k.bin(BinOp::Div, Ty::U32, j0, u(bm));
             k.bin(BinOp::Min, Ty::U32, i, nqb)
@@ -527,9 +672,43 @@ impl Emitter {
         };
         let n_i = k.bin(BinOp::Sub, Ty::U32, nqb, i_start);
         let steps = k.bin(BinOp::Mul, Ty::U32, n_i, group);
+        for (i, v) in [seq_q, seq_k, q_start, sk.start, nqb, steps]
+            .into_iter()
+            .enumerate()
+        {
+            k.guard(
+                lead,
+                false,
+                Instr::St {
+                    space: StateSpace::Shared,
+                    ty: Ty::U32,
+                    addr: Addr::at(smem, (sm_seqs + 4 * i) as i64),
+                    src: vec![v],
+                },
+            );
+        }
+        k.push(Instr::BarSync(0));
+        // Reads one of them: 0 the rows, 1 the keys, 2 the first query's
+        // token, 3 the first key's, 4 the query blocks, 5 the steps.
+        let seq_of = move |k: &mut Kernel, i: usize| {
+            let dst = k.reg(Ty::U32);
+            k.push(Instr::Ld {
+                space: StateSpace::Shared,
+                ty: Ty::U32,
+                dst: vec![dst],
+                addr: Addr::at(smem, (sm_seqs + 4 * i) as i64),
+            });
+            dst
+        };
+
         let head0 = k.bin(BinOp::Mul, Ty::U32, kv_head, group);
         let batch64 = k.cvt(None, Ty::U64, Ty::U32, batch);
         let has_mask = k.setp(Cmp::Ne, Ty::U64, mask_ptr, Operand::U(0));
+        // Every step masks element-wise where the CTA's keys reach past the
+        // sequence's or there is a mask.
+        let block_end = k.bin(BinOp::Add, Ty::U32, j0, u(bn));
+        let ragged = k.setp(Cmp::Gt, Ty::U32, block_end, seq_k);
+        k.bin_to(BinOp::Or, Ty::Pred, ragged, ragged, has_mask);
 
         // ---- K and V of the CTA ----
         let ld = self.loader(tid);
@@ -537,14 +716,6 @@ impl Emitter {
         self.load_rows(&ld, s_v, v_base, v_stride, j0, bn, seq_k);
         self.k.push(Instr::CpAsyncCommit);
 
-        // The step's (head, query block) and what it reads.
-        struct Step {
-            head: Reg,
-            i0: Reg,
-            qblock: Reg,
-            /// `batch · Hq + head`, 64-bit.
-            bh: Reg,
-        }
         let step_of = |s: &mut Self, step: Reg| {
             let k = &mut s.k;
             // Query blocks outermost, heads of the group innermost, and
@@ -557,6 +728,7 @@ impl Emitter {
             let gi = k.bin(BinOp::Rem, Ty::U32, step, group);
             let head = k.bin(BinOp::Add, Ty::U32, head0, gi);
             let qblock = if s.cfg.causal {
+                let nqb = seq_of(k, 4);
                 let last = k.bin(BinOp::Sub, Ty::U32, nqb, Operand::U(1));
                 k.bin(BinOp::Sub, Ty::U32, last, ii)
             } else {
@@ -583,8 +755,14 @@ impl Emitter {
             let (do_ptr, dos) = (params.get(k, "dout"), params.strides(k, "dout"));
             let (q_base, q_stride) = tensor_head(k, q_ptr, qs, batch, st.head, 2);
             let (do_base, do_stride) = tensor_head(k, do_ptr, dos, batch, st.head, 2);
+            // Row 0 of the sequence.
+            let q_start = seq_of(k, 2);
+            let qs64 = k.cvt(None, Ty::U64, Ty::U32, q_start);
+            let q_base = k.mad(Ty::U64, qs64, q_stride, q_base);
+            let do_base = k.mad(Ty::U64, qs64, do_stride, do_base);
             let dst_q = k.bin(BinOp::Add, Ty::U32, s_q, u(boff));
             let dst_do = k.bin(BinOp::Add, Ty::U32, s_do, u(boff));
+            let seq_q = seq_of(k, 0);
             s.load_rows(&ld, dst_q, q_base, q_stride, st.i0, bm, seq_q);
             s.load_rows(&ld, dst_do, do_base, do_stride, st.i0, bm, seq_q);
             s.k.push(Instr::CpAsyncCommit);
@@ -592,9 +770,12 @@ impl Emitter {
         let issue_rows = |s: &mut Self, st: &Step| -> (Reg, Reg) {
             let k = &mut s.k;
             let row = k.bin(BinOp::Add, Ty::U32, st.i0, tid);
+            let seq_q = seq_of(k, 0);
             let ok = k.setp(Cmp::Lt, Ty::U32, row, seq_q);
             k.bin_to(BinOp::And, Ty::Pred, ok, ok, row_reader);
-            let sq64 = k.cvt(None, Ty::U64, Ty::U32, seq_q);
+            // The scratch rows: Sq (the bound) per (batch, head).
+            let bound = params.get(k, "seq_q");
+            let sq64 = k.cvt(None, Ty::U64, Ty::U32, bound);
             let row64 = k.cvt(None, Ty::U64, Ty::U32, row);
             let dense = k.mad(Ty::U64, st.bh, sq64, row64);
             let dense4 = k.bin(BinOp::Shl, Ty::U64, dense, Operand::U(2));
@@ -677,12 +858,19 @@ impl Emitter {
             // The next step's loads, into the other buffer: past the barrier
             // every warp is done with it.
             k.bin_to(BinOp::Add, Ty::U32, step, step, Operand::U(1));
+            let steps = seq_of(k, 5);
             let more = k.setp(Cmp::Lt, Ty::U32, step, steps);
             let no_next = k.label("bwd_no_next");
             k.branch_if(more, true, &no_next);
             let next = step_of(&mut self, step);
             issue_tiles(&mut self, &next, next_boff);
             self.k.push(Instr::Label(no_next));
+            // The mask's tile for this step, into shared memory (every warp
+            // is past its reads of the last step's).
+            let no_mask = self.k.label("bwd_no_mask");
+            self.k.branch_if(has_mask, true, &no_mask);
+            self.mask_tile(&params, tid, j0, batch64, &cur, s_bias, sm_seqs, smem);
+            self.k.push(Instr::Label(no_mask));
 
             // ---- 1. Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ ----
             self.scores(&s_acc, &lk, key_row, &lq, boff);
@@ -700,56 +888,39 @@ impl Emitter {
             let key_lo = k.bin(BinOp::Add, Ty::U32, key_lo, g);
             let keys = [key_lo, k.bin(BinOp::Add, Ty::U32, key_lo, Operand::U(8))];
             // Does this block need element-wise masking?
-            let block_end = k.bin(BinOp::Add, Ty::U32, j0, u(bn));
-            let need = k.setp(Cmp::Gt, Ty::U32, block_end, seq_k);
-            k.bin_to(BinOp::Or, Ty::Pred, need, need, has_mask);
-            if cfg.causal {
+            let need = if cfg.causal {
                 let last_key = k.bin(BinOp::Add, Ty::U32, j0, u(bn - 1));
                 let diag = k.setp(Cmp::Gt, Ty::U32, last_key, cur.i0);
-                k.bin_to(BinOp::Or, Ty::Pred, need, need, diag);
-            }
+                k.bin_to(BinOp::Or, Ty::Pred, diag, diag, ragged);
+                diag
+            } else {
+                ragged
+            };
             let skip = k.label("bwd_unmasked");
             k.branch_if(need, true, &skip);
             {
+                let seq_k = seq_of(k, 1);
                 let qcol0 = k.bin(BinOp::Add, Ty::U32, cur.i0, t2);
-                let h64 = k.cvt(None, Ty::U64, Ty::U32, cur.head);
-                let [msb, msh, msq] = params.strides(k, "mask");
-                let mask_ptr = params.get(k, "mask");
-                let mask_head = head_offset(k, batch64, h64, msb, msh);
-                let key_in: Vec<Reg> = keys
-                    .iter()
-                    .map(|&key| k.setp(Cmp::Lt, Ty::U32, key, seq_k))
-                    .collect();
-                let key64: Vec<Reg> = keys
-                    .iter()
-                    .map(|&key| k.cvt(None, Ty::U64, Ty::U32, key))
-                    .collect();
+                // The mask's bias (log2 domain), from the step's tile in
+                // shared memory.
                 let no_bias = k.label("bwd_no_bias");
                 k.branch_if(has_mask, true, &no_bias);
+                let bp = (bn + 4) * 4;
+                let at = k.mad(Ty::U32, t2, u(bp), s_bias);
+                let key_lo = k.bin(BinOp::Add, Ty::U32, key_row, g);
+                let at = k.mad(Ty::U32, key_lo, Operand::U(4), at);
                 for (nt, acc) in s_acc.iter().enumerate() {
                     for e in 0..2 {
-                        let q = k.bin(BinOp::Add, Ty::U32, qcol0, u(8 * nt + e));
-                        let q_in = k.setp(Cmp::Lt, Ty::U32, q, seq_q);
-                        let q64 = k.cvt(None, Ty::U64, Ty::U32, q);
-                        let row = k.mad(Ty::U64, q64, msq, mask_head);
                         for r in 0..2 {
-                            let ok = k.reg(Ty::Pred);
-                            k.bin_to(BinOp::And, Ty::Pred, ok, q_in, key_in[r]);
-                            let off = k.bin(BinOp::Add, Ty::U64, row, key64[r]);
-                            let addr = k.mad(Ty::U64, off, Operand::U(4), mask_ptr);
-                            let bias = k.mov(Ty::F32, Operand::F32(0.0));
-                            k.guard(
-                                ok,
-                                false,
-                                Instr::Ld {
-                                    space: StateSpace::GlobalNc,
-                                    ty: Ty::F32,
-                                    dst: vec![bias],
-                                    addr: Addr::at(addr, 0),
-                                },
-                            );
+                            let bias = k.reg(Ty::F32);
+                            k.push(Instr::Ld {
+                                space: StateSpace::Shared,
+                                ty: Ty::F32,
+                                dst: vec![bias],
+                                addr: Addr::at(at, ((8 * nt + e) * bp + 32 * r) as i64),
+                            });
                             let x = acc[2 * r + e];
-                            k.mad_to(Ty::F32, x, bias, Operand::F32(LOG2E), x);
+                            k.bin_to(BinOp::Add, Ty::F32, x, x, bias);
                         }
                     }
                 }
@@ -849,7 +1020,12 @@ impl Emitter {
             // The leader reads this query block's counter now; the products
             // hide the read, and in the steady state the turn has come.
             let k = &mut self.k;
-            let nqb64 = k.cvt(None, Ty::U64, Ty::U32, nqb);
+            // sem holds ceil(Sq / block_m) counters (the bound Sq) per
+            // (batch, head).
+            let bound = params.get(k, "seq_q");
+            let nqb_all = k.bin(BinOp::Add, Ty::U32, bound, u(bm - 1));
+            let nqb_all = k.bin(BinOp::Div, Ty::U32, nqb_all, u(bm));
+            let nqb64 = k.cvt(None, Ty::U64, Ty::U32, nqb_all);
             let qb64 = k.cvt(None, Ty::U64, Ty::U32, cur.qblock);
             let sem_i = k.mad(Ty::U64, cur.bh, nqb64, qb64);
             let sem_ptr = params.get(k, "sem");
@@ -913,8 +1089,10 @@ impl Emitter {
                 k.push(Instr::BarSync(0));
             }
             // dq_accum[(bh · Sq + q) · D + c] += dQ.
-            let sq64 = k.cvt(None, Ty::U64, Ty::U32, seq_q);
+            let bound = params.get(k, "seq_q");
+            let sq64 = k.cvt(None, Ty::U64, Ty::U32, bound);
             let rows_base = k.bin(BinOp::Mul, Ty::U64, cur.bh, sq64);
+            let seq_q = seq_of(k, 0);
             for r in 0..2 {
                 let q = k.bin(BinOp::Add, Ty::U32, cur.i0, q_row);
                 let q = k.bin(BinOp::Add, Ty::U32, q, g);
@@ -978,6 +1156,12 @@ impl Emitter {
         let (dv_ptr, dvs) = (params.get(k, "dv"), params.strides(k, "dv"));
         let (dk_base, dk_stride) = tensor_head(k, dk_ptr, dks, batch, kv_head, 2);
         let (dv_base, dv_stride) = tensor_head(k, dv_ptr, dvs, batch, kv_head, 2);
+        // The sequence's first key.
+        let k_start = seq_of(k, 3);
+        let seq_k = seq_of(k, 1);
+        let ks64 = k.cvt(None, Ty::U64, Ty::U32, k_start);
+        let dk_base = k.mad(Ty::U64, ks64, dk_stride, dk_base);
+        let dv_base = k.mad(Ty::U64, ks64, dv_stride, dv_base);
         let cbytes = k.bin(BinOp::Add, Ty::U32, col0, t2);
         let cbytes = k.bin(BinOp::Shl, Ty::U32, cbytes, Operand::U(1));
         let cbytes = k.cvt(None, Ty::U64, Ty::U32, cbytes);

@@ -55,7 +55,7 @@ mod rows;
 mod simt;
 
 use crate::contract::{GpuKernel, ParamKind};
-use crate::ptx::Target;
+use crate::ptx::{BinOp, Cmp, Instr, Kernel, Operand, Reg, StateSpace, Target, Ty};
 use crate::{DType, VariantSpec};
 
 /// The backward kernels' parameters, in launch order: one table for all
@@ -150,6 +150,30 @@ fn entry(spec: &VariantSpec, part: &str) -> String {
     let name = spec.kernel_name();
     let stem = name.strip_prefix("sdpa_fwd").unwrap_or(&name);
     format!("sdpa_bwd{stem}_{part}")
+}
+
+/// The first token of batch entry `batch`'s sequence on the side whose
+/// `start` array is `starts` (`u64`, null for whole entries) and token
+/// count `tokens`: the start of [`crate::attention::seqs::sequence`] (0
+/// without bounds, else `min(start[batch], tokens)`), read again where a
+/// kernel would otherwise hold it in a register across its main loop.
+fn sequence_start(k: &mut Kernel, starts: Reg, tokens: Reg, batch: Reg) -> Reg {
+    let start = k.mov(Ty::U32, Operand::U(0));
+    let given = k.setp(Cmp::Ne, Ty::U64, starts, Operand::U(0));
+    let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
+    let at = k.mad(Ty::U64, b64, Operand::U(4), starts);
+    k.guard(
+        given,
+        false,
+        Instr::Ld {
+            space: StateSpace::GlobalNc,
+            ty: Ty::U32,
+            dst: vec![start],
+            addr: at.into(),
+        },
+    );
+    k.bin_to(BinOp::Min, Ty::U32, start, start, tokens);
+    start
 }
 
 /// Generates the backward kernels of `spec` (portable sm_80 PTX).

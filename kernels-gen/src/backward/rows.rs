@@ -1,9 +1,13 @@
 //! The row kernels around the backward's main kernel: the preprocess
 //! (`delta = rowsum(dout ∘ out)` and `lse_log2`) and the conversion of the
 //! `f32` `dq` sums into the input dtype. One warp per query row, each lane
-//! two adjacent elements of the head dimension at a time.
+//! two adjacent elements of the head dimension at a time. Rows are local
+//! to their batch entry's sequence ([`crate::attention::seqs`]): the
+//! tensors (`lse` included) are read and written at the row's token, the
+//! scratch buffers at the local row; warps past the sequence's rows exit.
 
 use super::BACKWARD_PARAMS;
+use crate::attention::seqs::{sequence, Side};
 use crate::contract::{declare_table, tensor_head, GpuKernel, Params};
 use crate::ptx::{Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Reg, StateSpace, Target, Ty};
 use crate::{DType, VariantSpec};
@@ -17,19 +21,19 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 struct Row {
     /// The lane.
     lane: Reg,
-    /// The query row.
-    row: Reg,
+    /// The query row's token: its sequence's start plus the local row.
+    token: Reg,
     /// The batch.
     batch: Reg,
     /// The query head.
     head: Reg,
-    /// `(batch · Hq + head) · Sq + row`, 64-bit: the row's index in the
+    /// `(batch · Hq + head) · Sq + row` (the local row), 64-bit: its index in the
     /// dense `[B, Hq, Sq]` scratch.
     dense: Reg,
 }
 
 /// Declares the contract, reads the grid and exits the warps whose row is
-/// past `Sq`.
+/// past their sequence's query rows.
 fn begin(k: &mut Kernel) -> (Params, Row) {
     let params = declare_table(k, BACKWARD_PARAMS);
     k.launch_bounds((ROWS_PER_CTA * 32) as u32, None);
@@ -38,8 +42,16 @@ fn begin(k: &mut Kernel) -> (Params, Row) {
     let warp = k.bin(BinOp::Shr, Ty::U32, tid, Operand::U(5));
     let row = k.mad(Ty::U32, block, Operand::U(ROWS_PER_CTA as u64), warp);
     let seq_q = params.get(k, "seq_q");
-    let past = k.setp(Cmp::Ge, Ty::U32, row, seq_q);
+    let side = Side {
+        starts: params.get(k, "q_start"),
+        ends: params.get(k, "q_end"),
+        tokens: params.get(k, "tokens_q"),
+        bound: seq_q,
+    };
+    let seq = sequence(k, side, batch);
+    let past = k.setp(Cmp::Ge, Ty::U32, row, seq.len);
     k.guard(past, false, Instr::Ret);
+    let token = k.bin(BinOp::Add, Ty::U32, seq.start, row);
     let heads_q = params.get(k, "heads_q");
     let bh = k.mad(Ty::U32, batch, heads_q, head);
     let bh64 = k.cvt(None, Ty::U64, Ty::U32, bh);
@@ -50,7 +62,7 @@ fn begin(k: &mut Kernel) -> (Params, Row) {
         params,
         Row {
             lane,
-            row,
+            token,
             batch,
             head,
             dense,
@@ -58,12 +70,13 @@ fn begin(k: &mut Kernel) -> (Params, Row) {
     )
 }
 
-/// The byte address of row `row` of tensor `name` at this (batch, head).
+/// The byte address of the row's token of tensor `name` at this (batch,
+/// head).
 fn tensor_row(k: &mut Kernel, params: &Params, name: &str, r: &Row, elem: u64) -> Reg {
     let ptr = params.get(k, name);
     let strides = params.strides(k, name);
     let (base, stride) = tensor_head(k, ptr, strides, r.batch, r.head, elem);
-    let row64 = k.cvt(None, Ty::U64, Ty::U32, r.row);
+    let row64 = k.cvt(None, Ty::U64, Ty::U32, r.token);
     k.mad(Ty::U64, row64, stride, base)
 }
 
@@ -230,12 +243,12 @@ pub(super) fn preprocess(spec: &VariantSpec, target: Target) -> GpuKernel {
     let delta_ptr = params.get(&mut k, "delta");
     let delta_addr = k.bin(BinOp::Add, Ty::U64, delta_ptr, dense4);
     store_f32_if(&mut k, lead, delta_addr, delta);
-    // lse[b, h, row] through its strides.
+    // lse[b, h, token] through its strides.
     let lse_ptr = params.get(&mut k, "lse");
     let [lsb, lsh, lsq] = params.strides(&mut k, "lse");
     let b64 = k.cvt(None, Ty::U64, Ty::U32, r.batch);
     let h64 = k.cvt(None, Ty::U64, Ty::U32, r.head);
-    let row64 = k.cvt(None, Ty::U64, Ty::U32, r.row);
+    let row64 = k.cvt(None, Ty::U64, Ty::U32, r.token);
     let off = crate::contract::head_offset(&mut k, b64, h64, lsb, lsh);
     let off = k.mad(Ty::U64, row64, lsq, off);
     let lse_addr = k.mad(Ty::U64, off, Operand::U(4), lse_ptr);

@@ -21,8 +21,9 @@
 //!   loop: every lane forms its partial `q_i · k` and `dout_i · v` over its
 //!   columns, `log2(lanes)` butterfly shuffles complete them, and the lane
 //!   computes `P = ex2(s + bias · log2(e) − lse_log2_i)` (the mask's bias
-//!   only where a mask was passed: the loop is emitted twice and chosen by a
-//!   uniform branch; keys past `Sk` and, causal, after the row are `-inf`)
+//!   only where a mask was passed: the loop is emitted once without it and
+//!   once per [`MaskKind`], chosen by uniform branches; keys past the
+//!   sequence's and, causal, after the row are `-inf`)
 //!   and `dS = P · (dP − delta_i)`, adds `P · dout_i` to `dv` and
 //!   `dS · q_i` to `dk`, and the group's lane 0 writes `dS` to shared
 //!   memory (stored key-major, `[key][row]`).
@@ -45,13 +46,23 @@
 //!   counter's protocol needs it); every block above it is visited, fully
 //!   hidden ones too.
 //!
+//! **Sequences** ([`crate::attention::seqs`]): every position above is
+//! local to the batch entry's sequences (`Sq` and `Sk` read as their
+//! lengths), tensors are addressed at token `start + local`, the scratch
+//! buffers at the local row. A CTA whose first key is past the sequence's
+//! keys exits at once: the contributors of every query block are still a
+//! prefix of the key blocks, so no counter waits for it. A CTA whose keys
+//! no query block reaches (causal, fewer rows than keys) visits nothing
+//! and writes zeros.
+//!
 //! Rows of `q`, `k`, `v`, `dout`, `dk` and `dv` are accessed with vectors
 //! of up to 16 bytes: their starts must be 16-byte aligned, as for the
 //! forward kernel. Every branch is uniform over the CTA except thread 0's
 //! spin.
 
 use super::BACKWARD_PARAMS;
-use crate::attention::mask::{add_bias, hide_if};
+use crate::attention::mask::{hide_if, load_bias, per_kind, MaskKind};
+use crate::attention::seqs::{sequence, token_offset, Side};
 use crate::contract::{declare_table, tensor_head_wide, ByteScale, GpuKernel, Params};
 use crate::ptx::{
     Addr, BinOp, Cmp, Instr, Kernel, Module, Operand, Reg, Special, StateSpace, Target, Ty, UnOp,
@@ -239,6 +250,37 @@ struct Emitter {
     causal: bool,
 }
 
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+
+/// What the masked row loop of one element kind reads, set up before the
+/// loop.
+struct MaskRead {
+    kind: MaskKind,
+    /// The mask's device pointer.
+    ptr: Reg,
+    /// Per key slot: the key is below the sequence's keys and at or past
+    /// `mask_pad` (keys before it attend).
+    key_ok: Vec<Reg>,
+}
+
+impl MaskRead {
+    fn new(params: &Params, k: &mut Kernel, cta: &Cta, kind: MaskKind) -> MaskRead {
+        let ptr = params.get(k, "mask");
+        let pad = params.get(k, "mask_pad");
+        let key_ok = cta
+            .keys
+            .iter()
+            .zip(&cta.key_ok)
+            .map(|(&key, &ok)| {
+                let read = k.setp(Cmp::Ge, Ty::U32, key, pad);
+                k.bin_to(BinOp::And, Ty::Pred, read, read, ok);
+                read
+            })
+            .collect();
+        MaskRead { kind, ptr, key_ok }
+    }
+}
+
 /// What the CTA holds for its whole life.
 struct Cta {
     tid: Reg,
@@ -252,7 +294,11 @@ struct Cta {
     /// The key block index and its first key.
     kblock: Reg,
     j0: Reg,
-    seq_q: Reg,
+    /// The batch entry's query rows: `Sq` without sequence bounds.
+    len_q: Reg,
+    /// The token of the batch entry's first query row (0 without sequence
+    /// bounds).
+    q_start: Reg,
     /// Keys of this CTA below `Sk`, rounded up to [`DQ_UNROLL`].
     n_keys: Reg,
     sbase: Reg,
@@ -289,9 +335,10 @@ struct Head {
     accum: Reg,
     sem: Reg,
     has_mask: Reg,
-    /// Per key slot: the mask's byte address of (row 0, key).
+    /// Per key slot: the mask's element offset of (row 0, key): the
+    /// (batch, head) offset plus `key - mask_pad`.
     mask_keys: Vec<Reg>,
-    /// The mask's query stride in bytes.
+    /// The mask's query stride in elements.
     mask_row: Reg,
 }
 
@@ -364,8 +411,12 @@ impl Emitter {
         let v_ptr = params.get(&mut self.k, "v");
         let ks = params.strides(&mut self.k, "k");
         let vs = params.strides(&mut self.k, "v");
-        let seq_q = params.get(&mut self.k, "seq_q");
-        let seq_k = params.get(&mut self.k, "seq_k");
+        let sides = ["q", "k"].map(|x| Side {
+            starts: params.get(&mut self.k, &format!("{x}_start")),
+            ends: params.get(&mut self.k, &format!("{x}_end")),
+            tokens: params.get(&mut self.k, &format!("tokens_{x}")),
+            bound: params.get(&mut self.k, &format!("seq_{x}")),
+        });
         let scale_log2 = params.get(&mut self.k, "scale_log2");
 
         let k = &mut self.k;
@@ -373,16 +424,27 @@ impl Emitter {
         let kblock = k.mov(Ty::U32, Operand::Special(Special::CtaIdX));
         let kv_head = k.mov(Ty::U32, Operand::Special(Special::CtaIdY));
         let batch = k.mov(Ty::U32, Operand::Special(Special::CtaIdZ));
+        // The batch entry's sequences; key blocks past its keys take no
+        // part (no query block waits for them: a block's contributors are
+        // a prefix of the key blocks below the keys' end).
+        let [sq, sk] = sides.map(|side| sequence(k, side, batch));
+        let seq_k = sk.len;
+        let j0 = k.bin(BinOp::Mul, Ty::U32, kblock, u(plan.block_n()));
+        let past = k.setp(Cmp::Ge, Ty::U32, j0, seq_k);
+        k.guard(past, false, Instr::Ret);
         let lead = k.setp(Cmp::Eq, Ty::U32, tid, u(0));
         let lane = k.bin(BinOp::And, Ty::U32, tid, u(lanes - 1));
         let group_lead = k.setp(Cmp::Eq, Ty::U32, lane, u(0));
         let grp = k.bin(BinOp::Shr, Ty::U32, tid, u(lanes.trailing_zeros()));
-        let j0 = k.bin(BinOp::Mul, Ty::U32, kblock, u(plan.block_n()));
         let batch64 = k.cvt(None, Ty::U64, Ty::U32, batch);
         let kvh64 = k.cvt(None, Ty::U64, Ty::U32, kv_head);
         let lane_g = k.bin(BinOp::MulWide, Ty::U32, lane, u(width * 4));
         let (khead, kstride) = tensor_head_wide(k, k_ptr, ks, batch64, kvh64, 4, ByteScale::Shift);
         let (vhead, vstride) = tensor_head_wide(k, v_ptr, vs, batch64, kvh64, 4, ByteScale::Shift);
+        // Key 0 of the sequence.
+        let ks64 = k.cvt(None, Ty::U64, Ty::U32, sk.start);
+        let khead = k.mad(Ty::U64, ks64, kstride, khead);
+        let vhead = k.mad(Ty::U64, ks64, vstride, vhead);
         // Keys of this CTA below Sk, rounded up for the dq loop.
         let left = k.bin(BinOp::Sub, Ty::U32, seq_k, j0);
         let n_keys = k.bin(BinOp::Min, Ty::U32, left, u(plan.block_n()));
@@ -460,7 +522,8 @@ impl Emitter {
             batch64,
             kblock,
             j0,
-            seq_q,
+            len_q: sq.len,
+            q_start: sq.start,
             n_keys,
             sbase,
             slane,
@@ -547,12 +610,23 @@ impl Emitter {
         let heads_q = params.get(&mut self.k, "heads_q");
         let group = params.get(&mut self.k, "group");
 
+        let mask_pad = params.get(&mut self.k, "mask_pad");
+
         let k = &mut self.k;
         let kv_head = k.mov(Ty::U32, Operand::Special(Special::CtaIdY));
         let batch = k.mov(Ty::U32, Operand::Special(Special::CtaIdZ));
-        // Query blocks: ceil(Sq / block_m); causal CTAs start at the first
-        // that sees key j0.
-        let nqb = k.bin(BinOp::Add, Ty::U32, cta.seq_q, u(plan.block_m - 1));
+        // Row 0 of the sequence in q and dout.
+        let q_ptr = {
+            let off = token_offset(k, cta.q_start, qs[1]);
+            k.mad(Ty::U64, off, u(4), q_ptr)
+        };
+        let do_ptr = {
+            let off = token_offset(k, cta.q_start, dos[1]);
+            k.mad(Ty::U64, off, u(4), do_ptr)
+        };
+        // The sequence's query blocks: ceil(len_q / block_m); causal CTAs
+        // start at the first that sees key j0.
+        let nqb = k.bin(BinOp::Add, Ty::U32, cta.len_q, u(plan.block_m - 1));
         let nqb = k.bin(BinOp::Div, Ty::U32, nqb, u(plan.block_m));
         let qb_start = if self.causal {
             k.bin(BinOp::Div, Ty::U32, cta.j0, u(plan.block_m))
@@ -562,10 +636,9 @@ impl Emitter {
         let done = k.label("heads_done");
         let nothing = k.setp(Cmp::Ge, Ty::U32, qb_start, nqb);
         k.branch_if(nothing, false, &done);
-        let nqb64 = k.cvt(None, Ty::U64, Ty::U32, nqb);
-        let sq64 = k.cvt(None, Ty::U64, Ty::U32, cta.seq_q);
-        let mask_row = k.bin(BinOp::Shl, Ty::U64, ms[2], u(2));
+        let mask_row = ms[2];
         let has_mask = k.setp(Cmp::Ne, Ty::U64, mask, u(0));
+        let pad64 = k.cvt(None, Ty::U64, Ty::U32, mask_pad);
         let hh = k.mov(Ty::U32, u(0));
         let head_top = k.label("head");
         k.push(Instr::Label(head_top.clone()));
@@ -577,24 +650,29 @@ impl Emitter {
         let (dohead, dostride) =
             tensor_head_wide(k, do_ptr, dos, cta.batch64, h64, 4, ByteScale::Shift);
         let bh = k.mad(Ty::U32, batch, heads_q, h);
-        let bh64 = k.cvt(None, Ty::U64, Ty::U32, bh);
-        // Row 0 of this head in the dense [B, Hq, Sq] scratch.
-        let dense = k.bin(BinOp::Mul, Ty::U64, bh64, sq64);
+        // Row 0 of this head in the dense [B, Hq, Sq] scratch, and its
+        // first counter in sem, [B, Hq, ceil(Sq / block_m)]: sized by the
+        // bound Sq (read here, not held across the loop).
+        let seq_q = params.get(k, "seq_q");
+        let dense = k.bin(BinOp::MulWide, Ty::U32, bh, seq_q);
         let dense4 = k.bin(BinOp::Shl, Ty::U64, dense, u(2));
+        let nqb_all = k.bin(BinOp::Add, Ty::U32, seq_q, u(plan.block_m - 1));
+        let nqb_all = k.bin(BinOp::Div, Ty::U32, nqb_all, u(plan.block_m));
         let lse = k.bin(BinOp::Add, Ty::U64, lse_ptr, dense4);
         let delta = k.bin(BinOp::Add, Ty::U64, delta_ptr, dense4);
         let accum = k.mad(Ty::U64, dense4, u(plan.d), accum_ptr);
-        let sem_off = k.bin(BinOp::Mul, Ty::U64, bh64, nqb64);
+        let sem_off = k.bin(BinOp::MulWide, Ty::U32, bh, nqb_all);
         let sem = k.mad(Ty::U64, sem_off, u(4), sem_ptr);
-        // The mask's (row 0, key) byte address per key slot.
+        // The mask's (row 0, key) element offset per key slot: column
+        // key - mask_pad.
         let mhead = crate::contract::head_offset(k, cta.batch64, h64, ms[0], ms[1]);
+        let mhead = k.bin(BinOp::Sub, Ty::U64, mhead, pad64);
         let mask_keys = cta
             .keys
             .iter()
             .map(|&key| {
                 let key64 = k.cvt(None, Ty::U64, Ty::U32, key);
-                let off = k.bin(BinOp::Add, Ty::U64, mhead, key64);
-                k.mad(Ty::U64, off, u(4), mask)
+                k.bin(BinOp::Add, Ty::U64, mhead, key64)
             })
             .collect();
         let head = Head {
@@ -618,7 +696,7 @@ impl Emitter {
         let qb = k.bin(BinOp::Sub, Ty::U32, nqb, u(1));
         let block_top = k.label("qblock");
         k.push(Instr::Label(block_top.clone()));
-        self.step(cta, &head, qb);
+        self.step(params, cta, &head, qb);
         let k = &mut self.k;
         let more = k.setp(Cmp::Gt, Ty::U32, qb, qb_start);
         k.bin_to(BinOp::Sub, Ty::U32, qb, qb, u(1));
@@ -631,7 +709,7 @@ impl Emitter {
     }
 
     /// One query block `qb` of one head: load, the row loop, dq.
-    fn step(&mut self, cta: &Cta, head: &Head, qb: Reg) {
+    fn step(&mut self, params: &Params, cta: &Cta, head: &Head, qb: Reg) {
         let plan = self.plan;
         let [q_off, do_off, _, _, lse_off, delta_off, _] = plan.layout();
         let i0 = self.k.bin(BinOp::Mul, Ty::U32, qb, u(plan.block_m));
@@ -641,7 +719,7 @@ impl Emitter {
             head.qhead,
             head.qstride,
             i0,
-            cta.seq_q,
+            cta.len_q,
             q_off,
         );
         self.load_tile(
@@ -650,13 +728,13 @@ impl Emitter {
             head.dohead,
             head.dostride,
             i0,
-            cta.seq_q,
+            cta.len_q,
             do_off,
         );
         // lse_log2 (+inf past Sq) and delta (0 past Sq) of the block's rows.
         let k = &mut self.k;
         let row = k.bin(BinOp::Add, Ty::U32, i0, cta.tid);
-        let live = k.setp(Cmp::Lt, Ty::U32, row, cta.seq_q);
+        let live = k.setp(Cmp::Lt, Ty::U32, row, cta.len_q);
         let mine = k.setp(Cmp::Lt, Ty::U32, cta.tid, u(plan.block_m));
         let row4 = k.bin(BinOp::MulWide, Ty::U32, row, u(4));
         let la = k.bin(BinOp::Add, Ty::U64, head.lse, row4);
@@ -693,20 +771,29 @@ impl Emitter {
         // The rows to visit: up to Sq, rounded up to the unroll (rows past
         // Sq are zeros with lse +inf: they weigh nothing).
         let k = &mut self.k;
-        let left = k.bin(BinOp::Sub, Ty::U32, cta.seq_q, i0);
+        let left = k.bin(BinOp::Sub, Ty::U32, cta.len_q, i0);
         let iend = k.bin(BinOp::Min, Ty::U32, left, u(plan.block_m));
         let iend = k.bin(BinOp::Add, Ty::U32, iend, u(plan.unroll - 1));
         let iend = k.bin(BinOp::And, Ty::U32, iend, u(!(plan.unroll - 1)));
         let masked = k.label("masked_rows");
         let rows_done = k.label("rows_done");
         k.branch_if(head.has_mask, false, &masked);
-        self.row_loop(cta, head, i0, iend, false);
+        self.row_loop(cta, head, i0, iend, None);
         self.k.push(Instr::Bra {
             target: rows_done.clone(),
             uni: true,
         });
         self.k.push(Instr::Label(masked));
-        self.row_loop(cta, head, i0, iend, true);
+        // One loop per element kind of the mask, behind uniform branches.
+        let kind = params.get(&mut self.k, "mask_kind");
+        let mut kernel = std::mem::replace(&mut self.k, Kernel::new("per_kind"));
+        per_kind(&mut kernel, kind, |k, mk| {
+            std::mem::swap(k, &mut self.k);
+            let mask = MaskRead::new(params, &mut self.k, cta, mk);
+            self.row_loop(cta, head, i0, iend, Some(&mask));
+            std::mem::swap(k, &mut self.k);
+        });
+        self.k = kernel;
         self.k.push(Instr::Label(rows_done));
         self.k.push(Instr::BarSync(0));
 
@@ -718,7 +805,14 @@ impl Emitter {
     // Key slots index several per-slot arrays at once (scores, k, v, the
     // accumulators, limits, mask addresses): plain index loops read best.
     #[allow(clippy::needless_range_loop)]
-    fn row_loop(&mut self, cta: &Cta, head: &Head, i0: Reg, iend: Reg, with_mask: bool) {
+    fn row_loop(
+        &mut self,
+        cta: &Cta,
+        head: &Head,
+        i0: Reg,
+        iend: Reg,
+        with_mask: Option<&MaskRead>,
+    ) {
         let plan = self.plan;
         let [_, do_off, _, ds_off, lse_off, delta_off, _] = plan.layout();
         let (lanes, width) = (plan.lanes, plan.width);
@@ -728,7 +822,7 @@ impl Emitter {
         // lse_log2[ii] (and delta at a fixed offset), and dS[key slot 0][ii].
         let lp = k.mov(Ty::U32, cta.sbase);
         let dsp = k.mad(Ty::U32, cta.grp, u(plan.ds_pitch()), cta.sbase);
-        let top = k.label(if with_mask { "row_m" } else { "row" });
+        let top = k.label(if with_mask.is_some() { "row_m" } else { "row" });
         k.push(Instr::Label(top.clone()));
         for un in 0..plan.unroll {
             let k = &mut self.k;
@@ -791,15 +885,17 @@ impl Emitter {
                     addr: Addr::at(lp, (off + 4 * un) as i64),
                 });
             }
-            if with_mask {
-                let row_in = k.setp(Cmp::Lt, Ty::U32, row, cta.seq_q);
+            if let Some(m) = with_mask {
+                let row_in = k.setp(Cmp::Lt, Ty::U32, row, cta.len_q);
                 let row64 = k.cvt(None, Ty::U64, Ty::U32, row);
                 let roff64 = k.bin(BinOp::Mul, Ty::U64, row64, head.mask_row);
                 for r in 0..rows {
                     let ok = k.reg(Ty::Pred);
-                    k.bin_to(BinOp::And, Ty::Pred, ok, cta.key_ok[r], row_in);
-                    let addr = k.bin(BinOp::Add, Ty::U64, head.mask_keys[r], roff64);
-                    add_bias(k, s[r], ok, Addr::at(addr, 0));
+                    k.bin_to(BinOp::And, Ty::Pred, ok, m.key_ok[r], row_in);
+                    let e = k.bin(BinOp::Add, Ty::U64, head.mask_keys[r], roff64);
+                    let addr = k.mad(Ty::U64, e, Operand::U(m.kind.bytes()), m.ptr);
+                    let bias = load_bias(k, m.kind, ok, Addr::at(addr, 0));
+                    k.mad_to(Ty::F32, s[r], bias, f(LOG2E), s[r]);
                 }
             }
             for r in 0..rows {
@@ -923,7 +1019,7 @@ impl Emitter {
             let col4 = k.bin(BinOp::MulWide, Ty::U32, cg, u(16));
             for (r, accs) in acc.iter().enumerate() {
                 let row = k.bin(BinOp::Add, Ty::U32, row0, u(r as u32));
-                let ok = k.setp(Cmp::Lt, Ty::U32, row, cta.seq_q);
+                let ok = k.setp(Cmp::Lt, Ty::U32, row, cta.len_q);
                 if let Some(v) = valid {
                     k.bin_to(BinOp::And, Ty::Pred, ok, ok, v);
                 }
@@ -1011,6 +1107,15 @@ impl Emitter {
             tensor_head_wide(k, dk_ptr, dks, cta.batch64, kvh64, 4, ByteScale::Shift);
         let (dvhead, dvstride) =
             tensor_head_wide(k, dv_ptr, dvs, cta.batch64, kvh64, 4, ByteScale::Shift);
+        // The sequence's first key, read again rather than held across the
+        // loop.
+        let starts = params.get(k, "k_start");
+        let tokens = params.get(k, "tokens_k");
+        let batch = k.mov(Ty::U32, Operand::Special(Special::CtaIdZ));
+        let k_start = super::sequence_start(k, starts, tokens, batch);
+        let ks64 = k.cvt(None, Ty::U64, Ty::U32, k_start);
+        let dkhead = k.mad(Ty::U64, ks64, dkstride, dkhead);
+        let dvhead = k.mad(Ty::U64, ks64, dvstride, dvhead);
         for r in 0..plan.rows as usize {
             let k = &mut self.k;
             let key64 = k.cvt(None, Ty::U64, Ty::U32, cta.keys[r]);

@@ -47,9 +47,37 @@ fn every_kernel_declares_the_whole_contract_in_order() {
     }
 }
 
+#[test]
+fn kernels_follow_sequences_and_read_every_mask_kind() {
+    for spec in sample() {
+        let b = generate(&spec);
+        for k in [&b.preprocess, &b.main, &b.convert] {
+            for p in ["q_start", "q_end", "tokens_q", "seq_q"] {
+                let load = format!("[{}_{p}]", k.entry);
+                assert!(k.ptx.contains(&load), "{}: {p} unread", k.entry);
+            }
+            // Rows (or a main CTA's keys) past the sequence exit before any
+            // barrier.
+            let ret = k.ptx.find(" ret;").expect("an early exit");
+            if let Some(bar) = k.ptx.find("bar.sync") {
+                assert!(ret < bar, "{}", k.entry);
+            }
+        }
+        let main = &b.main.ptx;
+        for p in ["k_start", "k_end", "tokens_k", "mask_kind", "mask_pad"] {
+            assert!(main.contains(&format!("[{}_{p}]", b.main.entry)), "{p}");
+        }
+        // One load per element kind: f32, f16, bf16, u8, i32, i64.
+        for ld in ["f32", "b16", "u16", "u8", "u32", "u64"] {
+            let ld = format!("ld.global.nc.{ld} ");
+            assert!(main.contains(&ld), "{}: no {ld}", b.main.entry);
+        }
+    }
+}
+
 /// Spill bytes a backward kernel may have (as `sdpa-cli/tests/ptxas.rs`
-/// allows): the 16-bit main kernel spills 12–24 bytes at head sizes 128
-/// and 256 (255 registers); the allowance is meant to return to 0.
+/// allows): the 16-bit main kernel spills 8 bytes at head size 256 on
+/// sm_90 (255 registers); the allowance is meant to return to 0.
 const SPILL_BYTES_TOLERATED: u32 = 32;
 
 /// The larger of the spill stores and loads `ptxas -v` reports.
