@@ -447,7 +447,7 @@ impl Emitter {
         let n_blocks = key_blocks(k, q0, bm, bn, seq_k, cfg.causal);
 
         // The mask (f32 bias) of this (batch, head), if a mask was passed.
-        let (has_mask, mask_head) = mask_of_head(k, m_ptr, batch, head, msb, msh);
+        let (has_mask, mask_head) = mask_of_head(k, m_ptr, a.mask_batches, batch, head, msb, msh);
 
         // ---- prologue: Q and K(0) ----
         let ld = self.loader(tid);

@@ -247,7 +247,7 @@ mod tests {
     fn the_module_has_the_entry_and_every_kind() {
         let ptx = generate();
         assert!(ptx.contains(&format!(".entry {ENTRY}(")), "{ptx}");
-        for ty in ["ld.global.nc.f32", "ld.global.nc.u8", "ld.global.nc.u64"] {
+        for ty in ["ld.global.nc.f32", "ld.global.nc.u8", "ld.global.nc.u16"] {
             assert!(ptx.contains(ty), "no {ty}");
         }
         assert_eq!(ptx.matches("bar.sync 0;").count(), 1);

@@ -440,6 +440,7 @@ impl Emitter {
         let k_ptr = params.get(&mut self.k, "k");
         let v_ptr = params.get(&mut self.k, "v");
         let mask = params.get(&mut self.k, "mask");
+        let batches = params.get(&mut self.k, "mask_batches");
         let qs = params.strides(&mut self.k, "q");
         let ks = params.strides(&mut self.k, "k");
         let vs = params.strides(&mut self.k, "v");
@@ -529,7 +530,7 @@ impl Emitter {
 
         // Mask rows: element offsets b·msb + h·msh + i·msq - pad, scaled by
         // the element kind's size where the mask is read.
-        let (has_mask, mhead) = mask_of_head_wide(k, mask, b64, h64, ms[0], ms[1]);
+        let (has_mask, mhead) = mask_of_head_wide(k, mask, batches, b64, h64, ms[0], ms[1]);
         let col_lim = mask_column_limit(k, seq_k, mask_pad);
         let mut mask_rows = Vec::new();
         let mut mask_lims = Vec::new();

@@ -506,13 +506,19 @@ fn packed_cases_give_each_sequence_its_own_reference() {
                 .arg(&output)
                 .status()
                 .unwrap();
-            assert!(status.success(), "sdpa run --backward on a packed case (seed {seed})");
+            assert!(
+                status.success(),
+                "sdpa run --backward on a packed case (seed {seed})"
+            );
             // The reference, one sequence at a time, laid out packed.
             let mut want: HashMap<&str, Vec<f64>> = HashMap::new();
             let mut want_lse = vec![f64::NAN; hq * tq];
             let (mut q0, mut k0) = (0, 0);
             for (&nq, &nk) in lens_q.iter().zip(&lens_k) {
-                let (qs, ks) = (q0 * hq * d..(q0 + nq) * hq * d, k0 * hkv * d..(k0 + nk) * hkv * d);
+                let (qs, ks) = (
+                    q0 * hq * d..(q0 + nq) * hq * d,
+                    k0 * hkv * d..(k0 + nk) * hkv * d,
+                );
                 let x = RefInputs {
                     q: &q[qs.clone()],
                     k: &k[ks.clone()],

@@ -85,7 +85,10 @@ fn run<T: Element>(pc: &PackedCase, with_max: bool, seed: u64) -> Result<(), Str
 #[test]
 fn packed_batches_match_the_reference_per_sequence_on_every_cpu_path() {
     let seed = run_seed();
-    for (n, dtype) in [DType::F32, DType::BF16, DType::F16].into_iter().enumerate() {
+    for (n, dtype) in [DType::F32, DType::BF16, DType::F16]
+        .into_iter()
+        .enumerate()
+    {
         for causal in [false, true] {
             let pc = PackedCase {
                 lens_q: vec![5, 0, 37, 70, 6],

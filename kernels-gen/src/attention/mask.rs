@@ -57,37 +57,61 @@ pub fn key_blocks(
     k.bin(BinOp::Div, Ty::U32, n_blocks, Operand::U(block_n as u64))
 }
 
-/// Whether a mask was passed (its pointer is not null), and the element
-/// offset `batch · stride_b + head · stride_h` of this (batch, head)'s
-/// mask rows: `(has_mask, mask_head)`.
+/// Whether the mask applies to this batch entry ([`mask_applies`]), and the
+/// element offset `batch · stride_b + head · stride_h` of this (batch,
+/// head)'s mask rows: `(has_mask, mask_head)`.
 pub fn mask_of_head(
     k: &mut Kernel,
     mask: Reg,
+    batches: Reg,
     batch: Reg,
     head: Reg,
     stride_b: Reg,
     stride_h: Reg,
 ) -> (Reg, Reg) {
-    let has_mask = mask_passed(k, mask);
     let b64 = k.cvt(None, Ty::U64, Ty::U32, batch);
     let h64 = k.cvt(None, Ty::U64, Ty::U32, head);
-    (has_mask, head_offset(k, b64, h64, stride_b, stride_h))
+    mask_of_head_wide(k, mask, batches, b64, h64, stride_b, stride_h)
 }
 
 /// [`mask_of_head`] from `batch` and `head` already widened to 64 bits.
 pub fn mask_of_head_wide(
     k: &mut Kernel,
     mask: Reg,
+    batches: Reg,
     batch64: Reg,
     head64: Reg,
     stride_b: Reg,
     stride_h: Reg,
 ) -> (Reg, Reg) {
-    let has_mask = mask_passed(k, mask);
+    let has_mask = mask_applies(k, mask, batches, batch64);
     (
         has_mask,
         head_offset(k, batch64, head64, stride_b, stride_h),
     )
+}
+
+/// Whether the mask applies to batch entry `batch64`: its pointer is not
+/// null, and `mask_batches` (the contract's per-entry flags, from the
+/// key-runs kernel) is null or holds a non-zero value for the entry.
+pub fn mask_applies(k: &mut Kernel, mask: Reg, batches: Reg, batch64: Reg) -> Reg {
+    let has_mask = mask_passed(k, mask);
+    let flags = k.setp(Cmp::Ne, Ty::U64, batches, Operand::U(0));
+    let flag = k.mov(Ty::U32, Operand::U(1));
+    let at = k.mad(Ty::U64, batch64, Operand::U(4), batches);
+    k.guard(
+        flags,
+        false,
+        Instr::Ld {
+            space: StateSpace::GlobalNc,
+            ty: Ty::U32,
+            dst: vec![flag],
+            addr: at.into(),
+        },
+    );
+    let applies = k.setp(Cmp::Ne, Ty::U32, flag, Operand::U(0));
+    k.bin_to(BinOp::And, Ty::Pred, has_mask, has_mask, applies);
+    has_mask
 }
 
 /// Whether the mask pointer is not null.

@@ -1042,6 +1042,7 @@ fn check(c: Case) -> f64 {
     set("tokens_k", tk as u64);
     set("mask_kind", c.mask_kind.code() as u64);
     set("mask_pad", c.mask_pad as u64);
+    set("mask_batches", 0);
     set("group", (hq / hkv) as u64);
     set(
         "scale_log2",

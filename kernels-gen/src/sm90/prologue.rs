@@ -121,7 +121,8 @@ impl Emitter {
         let row0 = k.mad(Ty::U32, warp_in_wg, Operand::U(16), row0);
         let row0 = k.bin(BinOp::Add, Ty::U32, row0, g);
         let n_blocks = key_blocks(k, q0, bm, bn, k_seq.len, cfg.causal());
-        let (has_mask, mask_head) = mask_of_head(k, a.mask, tile.batch, tile.head, msb, msh);
+        let (has_mask, mask_head) =
+            mask_of_head(k, a.mask, a.mask_batches, tile.batch, tile.head, msb, msh);
         let zero = k.mov(Ty::U32, Operand::U(0));
         let p_true = k.setp(Cmp::Eq, Ty::U32, zero, Operand::U(0));
         let p_false = k.setp(Cmp::Ne, Ty::U32, zero, Operand::U(0));
