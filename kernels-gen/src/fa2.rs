@@ -175,6 +175,7 @@ pub fn generate_with(spec: &VariantSpec, cfg: Fa2Config, target: Target) -> GpuK
         block_m: cfg.block_m as u32,
         threads: cfg.threads() as u32,
         smem_bytes: cfg.smem_bytes() as u32,
+        mask_smem_bytes: 0,
         tensor_maps: None,
     }
 }

@@ -165,8 +165,9 @@ pub fn generate() -> String {
     Module::new(Target::Sm80).kernel(k).to_string()
 }
 
-/// The scan of one mask kind: keys `tid, tid + THREADS, ...` in steps of
-/// [`UNROLL`] keys per thread, updating `[lo, hi, count, other]`.
+/// The scan of one mask kind: steps of `UNROLL · THREADS` keys, uniform
+/// over the CTA (so every branch is), each thread loading keys `base + u ·
+/// THREADS + tid` of the step, updating `[lo, hi, count, other]`.
 #[allow(clippy::too_many_arguments)]
 fn scan(
     k: &mut Kernel,
@@ -178,12 +179,13 @@ fn scan(
     tid: Reg,
     [lo, hi, count, other]: [Reg; 4],
 ) {
-    let j = k.mov(Ty::U32, tid);
+    let base = k.mov(Ty::U32, Operand::U(0));
     let top = k.label("runs_loop");
     let done = k.label("runs_done");
     k.push(Instr::Label(top.clone()));
-    let out = k.setp(Cmp::Ge, Ty::U32, j, seq_k);
+    let out = k.setp(Cmp::Ge, Ty::U32, base, seq_k);
     k.branch_if(out, false, &done);
+    let j = k.bin(BinOp::Add, Ty::U32, base, tid);
     let mut biases = Vec::new();
     let mut keys = Vec::new();
     for u in 0..UNROLL {
@@ -228,13 +230,13 @@ fn scan(
     k.bin_to(
         BinOp::Add,
         Ty::U32,
-        j,
-        j,
+        base,
+        base,
         Operand::U(UNROLL * THREADS as u64),
     );
     k.push(Instr::Bra {
         target: top,
-        uni: false,
+        uni: true,
     });
     k.push(Instr::Label(done));
 }

@@ -210,6 +210,7 @@ fn kernel(target: Target, entry: String, k: Kernel) -> GpuKernel {
         block_m: ROWS_PER_CTA as u32,
         threads: (ROWS_PER_CTA * 32) as u32,
         smem_bytes: 0,
+        mask_smem_bytes: 0,
         tensor_maps: None,
     }
 }
