@@ -1076,7 +1076,15 @@ impl Emitter {
             if cfg.deterministic {
                 let spun = k.label("bwd_turn");
                 let spin = k.label("bwd_spin");
-                k.branch_if(leader, true, &spun);
+                // Divergent: only the leader goes on (a plain `bra`).
+                k.guard(
+                    leader,
+                    true,
+                    Instr::Bra {
+                        target: spun.clone(),
+                        uni: false,
+                    },
+                );
                 // The early read saw the turn: a fence makes it an acquire.
                 let not_yet = k.setp(Cmp::Ne, Ty::U32, early, kblock);
                 k.branch_if(not_yet, false, &spin);
