@@ -56,6 +56,11 @@ pub struct Case {
     /// (otherwise `lse` is null, and any store to it would be out of
     /// bounds).
     pub lse: bool,
+    /// The contract's `mask_batches`: per batch entry, whether the mask
+    /// applies (non-zero) or is ignored (0); `None` passes a null pointer
+    /// (the mask applies to every entry). Key runs come with it, the
+    /// flagged entries' runs being their whole keys.
+    pub mask_batches: Option<[i32; 4]>,
     /// softmax_scale.
     pub scale: f32,
 }
@@ -271,7 +276,10 @@ pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
     let (m_ptr, m_st, mvals) = match c.mask {
         MaskShape::None => (0, [0, 0, 0], Vec::new()),
         shape => {
-            assert_eq!(c.seqs, Seqs::Whole, "masks come without sequence bounds");
+            assert!(
+                c.seqs == Seqs::Whole || c.mask_batches.is_some(),
+                "masks come without sequence bounds, or with mask_batches"
+            );
             let (n, st) = match shape {
                 MaskShape::Dense => (b * hq * sq * width, [hq * sq * width, sq * width, width]),
                 MaskShape::PerBatch => (b * sq * width, [sq * width, 0, width]),
@@ -385,7 +393,18 @@ pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
     set("tokens_k", tk as u64);
     set("mask_kind", c.mask_kind.code() as u64);
     set("mask_pad", c.mask_pad as u64);
-    set("mask_batches", 0);
+    let batches_ptr = match c.mask_batches {
+        Some(flags) => {
+            let ptr = mem.alloc(4 * b, 0);
+            for (i, f) in flags[..b].iter().enumerate() {
+                let o = mem.check(ptr + 4 * i as u64, 4);
+                mem.bytes[o..o + 4].copy_from_slice(&f.to_le_bytes());
+            }
+            ptr
+        }
+        None => 0,
+    };
+    set("mask_batches", batches_ptr);
     set("group", (hq / hkv) as u64);
     set(
         "scale_log2",
@@ -420,6 +439,7 @@ pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
     let mut lse_written = vec![false; if c.lse { lse_len } else { 0 }];
     let mut out_written = vec![false; nb * tq * hq];
     for (bi, &((qs, ql), (ks, kl), tb)) in lay.entries.iter().enumerate() {
+        let applies = c.mask_batches.is_none_or(|f| f[bi] != 0);
         for h in 0..hq {
             let kh = h / group;
             for i in 0..ql {
@@ -433,7 +453,7 @@ pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
                         dot += qv[qrow + x] * kv[krow + x];
                     }
                     *s = c.scale as f64 * dot;
-                    if c.mask != MaskShape::None && j >= c.mask_pad {
+                    if c.mask != MaskShape::None && applies && j >= c.mask_pad {
                         *s += mvals[bi * m_st[0] + h * m_st[1] + i * m_st[2] + j - c.mask_pad];
                     }
                     if c.causal && j > i {
@@ -537,6 +557,7 @@ pub fn case(d: usize, causal: bool, dtype: DType, sq: usize, sk: usize) -> Case 
         mask_pad: 0,
         seqs: Seqs::Whole,
         nan_q: false,
+        mask_batches: None,
         lse: true,
         scale: 1.0 / (d as f32).sqrt(),
     }

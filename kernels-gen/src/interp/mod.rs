@@ -9,7 +9,9 @@
 
 pub mod forward;
 
-use crate::ptx::{BinOp, Cmp, Instr, Kernel, Operand, Reg, Special, StateSpace, Ty, UnOp};
+use crate::ptx::{
+    Addr, BinOp, Cmp, Instr, Kernel, MmaShape, Operand, Reg, Special, StateSpace, Ty, UnOp, WgmmaA,
+};
 use std::collections::HashMap;
 
 pub fn f16_to_f32(h: u16) -> f32 {
@@ -237,7 +239,28 @@ impl<'a> Cta<'a> {
                         return;
                     }
                 }
-                Instr::BarSync(_) => assert!(active.iter().all(|&x| x)),
+                Instr::BarSync(_) | Instr::BarSyncCount { .. } | Instr::NamedBarrier { .. } => {
+                    assert!(active.iter().all(|&x| x), "predicated barrier")
+                }
+                // Asynchronous copies complete when issued.
+                Instr::CpAsyncCommit | Instr::CpAsyncWait(_) => {}
+                Instr::Ldmatrix { trans, dst, addr } => {
+                    for w in self.warps(&active, "ldmatrix") {
+                        self.ldmatrix(w, *trans, dst, addr);
+                    }
+                }
+                Instr::Mma {
+                    shape,
+                    ab,
+                    d,
+                    a,
+                    b,
+                    c,
+                } => {
+                    for w in self.warps(&active, "mma") {
+                        self.mma(w, *shape, *ab, d, a, b, c);
+                    }
+                }
                 Instr::ShflBfly {
                     dst,
                     src,
@@ -258,6 +281,126 @@ impl<'a> Cta<'a> {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The first threads of the warps that run a warp-collective
+    /// instruction: each warp's lanes all run it or none does.
+    fn warps(&self, active: &[bool], what: &str) -> Vec<usize> {
+        assert_eq!(self.threads % 32, 0);
+        (0..self.threads)
+            .step_by(32)
+            .filter(|&w| {
+                let n = active[w..w + 32].iter().filter(|&&x| x).count();
+                assert!(n == 0 || n == 32, "{what} with part of a warp");
+                n == 32
+            })
+            .collect()
+    }
+
+    /// `ldmatrix.sync.aligned.m8n8.xN[.trans].shared.b16` for the warp of
+    /// first thread `w`: lanes `8i..8i + 8` give the row addresses of
+    /// matrix `i`; lane `l` receives, in register `i`, row `l / 4`
+    /// elements `2 (l % 4)` and `2 (l % 4) + 1` of matrix `i` (low half
+    /// first), or with `.trans` column `l / 4` rows `2 (l % 4)` and
+    /// `2 (l % 4) + 1`.
+    fn ldmatrix(&mut self, w: usize, trans: bool, dst: &[Reg], addr: &Addr) {
+        assert!(matches!(dst.len(), 1 | 2 | 4), "ldmatrix x{}", dst.len());
+        let mut vals = vec![[0u64; 4]; 32];
+        for (m, _) in dst.iter().enumerate() {
+            let mut e = [[0u16; 8]; 8];
+            for (r, row) in e.iter_mut().enumerate() {
+                let a = self
+                    .read(&addr.base, w + 8 * m + r)
+                    .wrapping_add(addr.offset as u64);
+                assert_eq!(a % 16, 0, "misaligned ldmatrix row {a:#x}");
+                assert!(a + 16 <= self.smem.len() as u64, "ldmatrix smem OOB {a:#x}");
+                for (c, x) in row.iter_mut().enumerate() {
+                    let o = a as usize + 2 * c;
+                    *x = u16::from_le_bytes([self.smem[o], self.smem[o + 1]]);
+                }
+            }
+            for (lane, v) in vals.iter_mut().enumerate() {
+                let (g, q) = (lane / 4, lane % 4);
+                let (lo, hi) = if trans {
+                    (e[2 * q][g], e[2 * q + 1][g])
+                } else {
+                    (e[g][2 * q], e[g][2 * q + 1])
+                };
+                v[m] = lo as u64 | (hi as u64) << 16;
+            }
+        }
+        for (lane, v) in vals.iter().enumerate() {
+            for (m, &r) in dst.iter().enumerate() {
+                self.write(r, w + lane, v[m]);
+            }
+        }
+    }
+
+    /// `mma.sync.aligned.m16n8k{16,8}.row.col.f32.ab.ab.f32` for the warp
+    /// of first thread `w`, with the PTX ISA's fragment layouts (`g = lane
+    /// / 4`, `q = lane % 4`): A register `i` holds row `g + 8 (i % 2)`,
+    /// columns `2q + 8 (i / 2)` and one more (low half first); B register
+    /// `i` holds column `g`, rows `2q + 8i` and one more; C and D register
+    /// `i` hold row `g + 8 (i / 2)`, column `2q + i % 2`. The products are
+    /// exact and summed in f64, rounded once to f32.
+    #[allow(clippy::too_many_arguments)]
+    fn mma(
+        &mut self,
+        w: usize,
+        shape: MmaShape,
+        ab: Ty,
+        d: &[Reg; 4],
+        a: &[Reg],
+        b: &[Reg],
+        c: &[Reg; 4],
+    ) {
+        let kk = match shape {
+            MmaShape::M16N8K16 => 16,
+            MmaShape::M16N8K8 => 8,
+        };
+        assert_eq!((a.len(), b.len()), (kk / 4, kk / 8), "mma fragments");
+        let half = |x: u64| -> f64 {
+            let h = x as u16;
+            match ab {
+                Ty::BF16 => bf16_to_f32(h) as f64,
+                Ty::F16 => f16_to_f32(h) as f64,
+                _ => panic!("mma of {ab}"),
+            }
+        };
+        let mut am = [[0f64; 16]; 16];
+        let mut bm = [[0f64; 8]; 16];
+        let mut cm = [[0f64; 8]; 16];
+        for lane in 0..32 {
+            let (g, q) = (lane / 4, lane % 4);
+            let t = w + lane;
+            for (i, r) in a.iter().enumerate() {
+                let x = self.read(&Operand::Reg(*r), t);
+                let (row, col) = (g + 8 * (i % 2), 2 * q + 8 * (i / 2));
+                am[row][col] = half(x);
+                am[row][col + 1] = half(x >> 16);
+            }
+            for (i, r) in b.iter().enumerate() {
+                let x = self.read(&Operand::Reg(*r), t);
+                let row = 2 * q + 8 * i;
+                bm[row][g] = half(x);
+                bm[row + 1][g] = half(x >> 16);
+            }
+            for (i, r) in c.iter().enumerate() {
+                let x = self.read(&Operand::Reg(*r), t);
+                cm[g + 8 * (i / 2)][2 * q + i % 2] = f32::from_bits(x as u32) as f64;
+            }
+        }
+        for lane in 0..32 {
+            let (g, q) = (lane / 4, lane % 4);
+            for (i, r) in d.iter().enumerate() {
+                let (row, col) = (g + 8 * (i / 2), 2 * q + i % 2);
+                let mut s = cm[row][col];
+                for k in 0..kk {
+                    s += am[row][k] * bm[k][col];
+                }
+                self.write(*r, w + lane, (s as f32).to_bits() as u64);
             }
         }
     }
@@ -506,6 +649,23 @@ impl<'a> Cta<'a> {
                     }
                 }
             }
+            Instr::CpAsync16 { dst, src, src_size } => {
+                // The copy completes at once: `src_size` bytes read, the
+                // rest of the 16 zero-filled; nothing read for 0.
+                let n = self.read(src_size, t) as u32 as usize;
+                assert!(n <= 16, "cp.async source size {n}");
+                let d = self.read(&dst.base, t).wrapping_add(dst.offset as u64);
+                let s = self.read(&src.base, t).wrapping_add(src.offset as u64);
+                assert_eq!(d % 16, 0, "misaligned {i}");
+                assert!(d + 16 <= self.smem.len() as u64, "smem OOB {i}");
+                let mut chunk = [0u8; 16];
+                if n > 0 {
+                    assert_eq!(s % 16, 0, "misaligned {i}");
+                    let o = mem.check(s, n as u64);
+                    chunk[..n].copy_from_slice(&mem.bytes[o..o + n]);
+                }
+                self.smem[d as usize..d as usize + 16].copy_from_slice(&chunk);
+            }
             _ => panic!("the interpreter does not know {i}"),
         }
     }
@@ -541,19 +701,23 @@ impl Program {
     }
 }
 
-/// Applies `f` to every register an instruction names.
+/// Applies `f` to every register an instruction names (every variant is
+/// listed: a new instruction must say which registers it names).
 fn regs_of(i: &mut Instr, f: &mut dyn FnMut(&mut Reg)) {
-    let op = |o: &mut Operand, f: &mut dyn FnMut(&mut Reg)| {
+    fn op(o: &mut Operand, f: &mut dyn FnMut(&mut Reg)) {
         if let Operand::Reg(r) = o {
             f(r)
         }
-    };
+    }
+    fn regs(rs: &mut [Reg], f: &mut dyn FnMut(&mut Reg)) {
+        rs.iter_mut().for_each(f);
+    }
     match i {
         Instr::Guard { pred, instr, .. } => {
             f(pred);
             regs_of(instr, f);
         }
-        Instr::LdParam { dst, .. } => f(dst),
+        Instr::LdParam { dst, .. } | Instr::CvtaParam { dst, .. } => f(dst),
         Instr::Mov { dst, src, .. } => {
             f(dst);
             op(src, f);
@@ -596,17 +760,95 @@ fn regs_of(i: &mut Instr, f: &mut dyn FnMut(&mut Reg)) {
             f(src);
         }
         Instr::Ld { dst, addr, .. } => {
-            dst.iter_mut().for_each(&mut *f);
+            regs(dst, f);
             op(&mut addr.base, f);
         }
         Instr::St { src, addr, .. } => {
-            src.iter_mut().for_each(&mut *f);
+            regs(src, f);
             op(&mut addr.base, f);
+        }
+        Instr::CpAsync16 { dst, src, src_size } => {
+            op(&mut dst.base, f);
+            op(&mut src.base, f);
+            op(src_size, f);
+        }
+        Instr::Ldmatrix { dst, addr, .. } => {
+            regs(dst, f);
+            op(&mut addr.base, f);
+        }
+        Instr::Mma { d, a, b, c, .. } => {
+            regs(d, f);
+            regs(a, f);
+            regs(b, f);
+            regs(c, f);
         }
         Instr::ShflBfly { dst, src, .. } => {
             f(dst);
             f(src);
         }
-        _ => {}
+        Instr::NamedBarrier { id, .. } => op(id, f),
+        Instr::Wgmma {
+            d, a, b, scale_d, ..
+        } => {
+            regs(d, f);
+            match a {
+                WgmmaA::Desc { desc, .. } => f(desc),
+                WgmmaA::Regs(rs) => regs(rs, f),
+            }
+            f(b);
+            f(scale_d);
+        }
+        Instr::MbarInit { addr, .. } => op(&mut addr.base, f),
+        Instr::MbarArrive { state, addr, .. } => {
+            f(state);
+            op(&mut addr.base, f);
+        }
+        Instr::TmaLoad {
+            dst,
+            map,
+            coords,
+            mbar,
+        } => {
+            f(dst);
+            f(map);
+            coords.iter_mut().for_each(|c| op(c, f));
+            f(mbar);
+        }
+        Instr::MbarTryWait { done, addr, parity } => {
+            f(done);
+            op(&mut addr.base, f);
+            op(parity, f);
+        }
+        Instr::VoteAll { dst, src } => {
+            f(dst);
+            f(src);
+        }
+        Instr::RedAddF32 { addr, src } => {
+            op(&mut addr.base, f);
+            f(src);
+        }
+        Instr::LdAcquire { dst, addr } | Instr::LdRelaxed { dst, addr } => {
+            f(dst);
+            op(&mut addr.base, f);
+        }
+        Instr::StRelease { addr, src } => {
+            op(&mut addr.base, f);
+            op(src, f);
+        }
+        Instr::Comment(_)
+        | Instr::Label(_)
+        | Instr::Bra { .. }
+        | Instr::Ret
+        | Instr::CpAsyncCommit
+        | Instr::CpAsyncWait(_)
+        | Instr::BarSync(_)
+        | Instr::BarSyncCount { .. }
+        | Instr::WgmmaFence
+        | Instr::WgmmaCommit
+        | Instr::WgmmaWait(_)
+        | Instr::FenceProxyAsync
+        | Instr::SetMaxNReg { .. }
+        | Instr::FenceMbarrierInit
+        | Instr::FenceGpu => {}
     }
 }
