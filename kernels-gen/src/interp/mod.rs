@@ -137,14 +137,21 @@ fn bytes_of(ty: Ty) -> u64 {
     }
 }
 
-/// Runs one CTA of `threads` threads in lock step. Branches must be
-/// uniform over the CTA, shuffles must run with every lane.
+/// Runs one CTA of `threads` threads in lock step: each instruction runs
+/// for every live thread at once. Branches must be uniform over the CTA
+/// unless `divergence` allows otherwise; then the threads at the lowest
+/// instruction run first, so that paths that split join again (forward
+/// branches, loops within one path). Barriers must be reached by every
+/// live thread, warp-collective instructions (shuffles, `ldmatrix`,
+/// `mma`) by whole warps.
 pub struct Cta<'a> {
     pub prog: &'a Program,
     pub params: &'a HashMap<String, u64>,
     pub ctaid: [u32; 3],
     pub nctaid: [u32; 3],
     pub threads: usize,
+    /// Allows branches and exits that split the CTA.
+    pub divergence: bool,
     regs: Vec<Vec<u64>>,
     init: Vec<Vec<bool>>,
     pub smem: Vec<u8>,
@@ -167,6 +174,7 @@ impl<'a> Cta<'a> {
             ctaid,
             nctaid,
             threads,
+            divergence: false,
             regs: vec![vec![0; threads]; prog.slots],
             init: vec![vec![false; threads]; prog.slots],
             smem: vec![0xFF; smem_bytes],
@@ -203,47 +211,93 @@ impl<'a> Cta<'a> {
     }
 
     pub fn run(&mut self, mem: &mut Memory) {
-        let mut pc = 0;
+        let prog = self.prog;
+        let n = self.threads;
+        let mut pc = vec![0usize; n];
+        let mut live = vec![true; n];
+        let mut group = vec![false; n];
+        let mut active = vec![false; n];
+        let mut acquires = 0usize;
         loop {
-            let instr = &self.prog.body[pc];
-            pc += 1;
-            let n_threads = self.threads;
-            let (active, inner): (Vec<bool>, &Instr) = match instr {
+            // The live threads at the lowest pc run the next instruction:
+            // threads that branched apart run one path, then the other,
+            // and meet again where the paths join.
+            let Some(at) = (0..n).filter(|&t| live[t]).map(|t| pc[t]).min() else {
+                return;
+            };
+            let mut converged = true;
+            for t in 0..n {
+                group[t] = live[t] && pc[t] == at;
+                converged &= group[t] == live[t];
+                if group[t] {
+                    pc[t] = at + 1;
+                }
+            }
+            assert!(
+                converged || self.divergence,
+                "divergent control flow at {}",
+                prog.body[at]
+            );
+            let inner = match &prog.body[at] {
                 Instr::Guard {
                     pred,
                     negate,
                     instr,
                 } => {
-                    let mut a = vec![false; n_threads];
-                    for (t, x) in a.iter_mut().enumerate() {
-                        *x = (self.read(&Operand::Reg(*pred), t) != 0) != *negate;
+                    for t in 0..n {
+                        active[t] =
+                            group[t] && (self.read(&Operand::Reg(*pred), t) != 0) != *negate;
                     }
-                    (a, instr)
+                    &**instr
                 }
-                i => (vec![true; n_threads], i),
+                i => {
+                    active.copy_from_slice(&group);
+                    i
+                }
             };
+            let taken = active.iter().filter(|&&x| x).count();
+            let all = taken == group.iter().filter(|&&x| x).count();
             match inner {
                 Instr::Comment(_) | Instr::Label(_) => {}
                 Instr::Bra { target, .. } => {
-                    let n = active.iter().filter(|&&x| x).count();
-                    assert!(n == 0 || n == n_threads, "divergent branch to {target}");
-                    if n == n_threads {
-                        pc = self.prog.labels[target];
+                    assert!(
+                        taken == 0 || all || self.divergence,
+                        "divergent branch to {target}"
+                    );
+                    for t in 0..n {
+                        if active[t] {
+                            pc[t] = prog.labels[target];
+                        }
                     }
                 }
                 Instr::Ret => {
-                    // The whole CTA leaves, or none of it.
-                    let n = active.iter().filter(|&&x| x).count();
-                    assert!(n == 0 || n == n_threads, "divergent exit");
-                    if n == n_threads {
-                        return;
+                    // Without divergence the whole CTA leaves, or none of it.
+                    assert!(taken == 0 || all || self.divergence, "divergent exit");
+                    for t in 0..n {
+                        live[t] &= !active[t];
                     }
                 }
                 Instr::BarSync(_) | Instr::BarSyncCount { .. } | Instr::NamedBarrier { .. } => {
-                    assert!(active.iter().all(|&x| x), "predicated barrier")
+                    assert!(all, "predicated barrier");
+                    assert!(converged, "a barrier that part of the CTA passed by");
                 }
-                // Asynchronous copies complete when issued.
-                Instr::CpAsyncCommit | Instr::CpAsyncWait(_) => {}
+                // Asynchronous copies complete when issued; fences order
+                // nothing in a sequential machine.
+                Instr::CpAsyncCommit | Instr::CpAsyncWait(_) | Instr::FenceGpu => {}
+                Instr::ShflBfly {
+                    dst,
+                    src,
+                    lane_mask,
+                } => {
+                    for w in self.warps(&active, "shfl") {
+                        let vals: Vec<u64> = (w..w + 32)
+                            .map(|t| self.read(&Operand::Reg(*src), t ^ *lane_mask as usize))
+                            .collect();
+                        for (l, v) in vals.into_iter().enumerate() {
+                            self.write(*dst, w + l, v & 0xffff_ffff);
+                        }
+                    }
+                }
                 Instr::Ldmatrix { trans, dst, addr } => {
                     for w in self.warps(&active, "ldmatrix") {
                         self.ldmatrix(w, *trans, dst, addr);
@@ -261,20 +315,13 @@ impl<'a> Cta<'a> {
                         self.mma(w, *shape, *ab, d, a, b, c);
                     }
                 }
-                Instr::ShflBfly {
-                    dst,
-                    src,
-                    lane_mask,
-                } => {
-                    assert!(active.iter().all(|&x| x), "predicated shuffle");
-                    let vals: Vec<u64> = (0..n_threads)
-                        .map(|t| self.read(&Operand::Reg(*src), t ^ *lane_mask as usize))
-                        .collect();
-                    for (t, v) in vals.into_iter().enumerate() {
-                        self.write(*dst, t, v & 0xffff_ffff);
-                    }
-                }
                 i => {
+                    if matches!(i, Instr::LdAcquire { .. }) {
+                        // Run in grid order, a counter's turn has come
+                        // before anyone reads it: a spin never ends.
+                        acquires += taken;
+                        assert!(acquires < 64, "spinning on {i}: its turn never comes");
+                    }
                     for (t, &on) in active.iter().enumerate() {
                         if on {
                             self.exec(i, t, mem);
@@ -648,6 +695,28 @@ impl<'a> Cta<'a> {
                         *byte = (v >> (8 * k)) as u8;
                     }
                 }
+            }
+            Instr::LdAcquire { dst, addr } | Instr::LdRelaxed { dst, addr } => {
+                let a = self.read(&addr.base, t).wrapping_add(addr.offset as u64);
+                assert_eq!(a % 4, 0, "misaligned {i}");
+                let o = mem.check(a, 4);
+                let v = u32::from_le_bytes(mem.bytes[o..o + 4].try_into().unwrap());
+                self.write(*dst, t, v as u64);
+            }
+            Instr::StRelease { addr, src } => {
+                let a = self.read(&addr.base, t).wrapping_add(addr.offset as u64);
+                assert_eq!(a % 4, 0, "misaligned {i}");
+                let v = self.read(src, t) as u32;
+                let o = mem.check(a, 4);
+                mem.bytes[o..o + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            Instr::RedAddF32 { addr, src } => {
+                let a = self.read(&addr.base, t).wrapping_add(addr.offset as u64);
+                assert_eq!(a % 4, 0, "misaligned {i}");
+                let x = f(self.read(&Operand::Reg(*src), t));
+                let o = mem.check(a, 4);
+                let old = f32::from_le_bytes(mem.bytes[o..o + 4].try_into().unwrap());
+                mem.bytes[o..o + 4].copy_from_slice(&(old + x).to_le_bytes());
             }
             Instr::CpAsync16 { dst, src, src_size } => {
                 // The copy completes at once: `src_size` bytes read, the
