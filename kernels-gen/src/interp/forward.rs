@@ -210,13 +210,37 @@ pub fn mask_elem(kind: MaskKind, x: f32) -> (u64, f64) {
     }
 }
 
-/// Runs the kernel of `c` through the interpreter and checks it against
-/// a float64 reference; every token of `out` and `lse` outside the
-/// sequences must keep its NaN poison. Returns the relative L2 error of
-/// the finite rows.
-pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
+/// A case's inputs in device memory: `q`, `k`, `v` (keys outside every
+/// sequence NaN), the mask, the sequence bounds, and an `lse` buffer of NaN
+/// bytes with gaps (when the case asks for it); their host values (`f64`),
+/// element strides and pointers.
+pub struct Inputs {
+    pub mem: Memory,
+    pub rng: Rng,
+    pub lay: Layout,
+    pub q_ptr: u64,
+    pub k_ptr: u64,
+    pub v_ptr: u64,
+    pub m_ptr: u64,
+    pub lse_ptr: u64,
+    pub bounds: [u64; 4],
+    /// `q` and `out` (batch, token, head) strides.
+    pub q_st: [usize; 3],
+    /// `k` and `v` strides.
+    pub kv_st: [usize; 3],
+    pub m_st: [usize; 3],
+    pub lse_st: [usize; 3],
+    pub lse_len: usize,
+    pub qv: Vec<f64>,
+    pub kv: Vec<f64>,
+    pub vv: Vec<f64>,
+    pub mvals: Vec<f64>,
+}
+
+/// Allocates and fills the inputs of `c`.
+pub fn inputs(c: &Case) -> Inputs {
     let mut rng = Rng(0x5eed ^ (c.d as u64 * 31 + c.sq as u64 * 7 + c.sk as u64));
-    let lay = layout(&c);
+    let lay = layout(c);
     let (d, b, hq, hkv) = (c.d, c.b, c.hq, c.hkv);
     let (tq, tk) = lay.tokens;
     let (sq, sk) = lay.bounds;
@@ -234,8 +258,6 @@ pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
     let q_ptr = mem.alloc(nb * tq * hq * d * es, 0);
     let k_ptr = mem.alloc(nb * tk * hkv * d * es, 0);
     let v_ptr = mem.alloc(nb * tk * hkv * d * es, 0);
-    // NaN poison: rows outside the sequences must keep it.
-    let o_ptr = mem.alloc(nb * tq * hq * d * es, 0xFF);
     let mut qv = vec![0f64; nb * tq * hq * d];
     let mut kv = vec![0f64; nb * tk * hkv * d];
     let mut vv = vec![0f64; nb * tk * hkv * d];
@@ -358,6 +380,87 @@ pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
             bound_arrays[3] = put_i32s(&mut mem, &ends);
         }
     }
+    Inputs {
+        mem,
+        rng,
+        lay,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        m_ptr,
+        lse_ptr,
+        bounds: bound_arrays,
+        q_st,
+        kv_st,
+        m_st,
+        lse_st,
+        lse_len,
+        qv,
+        kv,
+        vv,
+        mvals,
+    }
+}
+
+impl Inputs {
+    /// The element index of (tensor batch `tb`, token, head) in `q`-shaped
+    /// tensors, and the same in `k`-shaped ones.
+    pub fn q_row(&self, c: &Case, tb: usize, token: usize, h: usize) -> usize {
+        let (tq, _) = self.lay.tokens;
+        tb * tq * c.hq * c.d + token * self.q_st[1] + h * self.q_st[2]
+    }
+
+    pub fn k_row(&self, c: &Case, tb: usize, token: usize, h: usize) -> usize {
+        let (_, tk) = self.lay.tokens;
+        tb * c.hkv * tk * c.d + token * self.kv_st[1] + h * self.kv_st[2]
+    }
+
+    /// The reference's scores of local query row `i` of batch entry `bi`,
+    /// head `h`, over the entry's keys: `scale · q·k + mask`, `-inf` where
+    /// hidden (causal, a bool mask).
+    pub fn scores(&self, c: &Case, bi: usize, h: usize, i: usize) -> Vec<f64> {
+        let ((qs, _), (ks, kl), tb) = self.lay.entries[bi];
+        let applies = c.mask_batches.is_none_or(|f| f[bi] != 0);
+        let kh = h / (c.hq / c.hkv);
+        let qrow = self.q_row(c, tb, qs + i, h);
+        let m_st = self.m_st;
+        let mut sc = vec![f64::NEG_INFINITY; kl];
+        for (j, s) in sc.iter_mut().enumerate() {
+            let krow = self.k_row(c, tb, ks + j, kh);
+            let mut dot = 0.0;
+            for x in 0..c.d {
+                dot += self.qv[qrow + x] * self.kv[krow + x];
+            }
+            *s = c.scale as f64 * dot;
+            if c.mask != MaskShape::None && applies && j >= c.mask_pad {
+                *s += self.mvals[bi * m_st[0] + h * m_st[1] + i * m_st[2] + j - c.mask_pad];
+            }
+            if c.causal && j > i {
+                *s = f64::NEG_INFINITY;
+            }
+        }
+        sc
+    }
+}
+
+/// Runs the kernel of `c` through the interpreter and checks it against
+/// a float64 reference; every token of `out` and `lse` outside the
+/// sequences must keep its NaN poison. Returns the relative L2 error of
+/// the finite rows.
+pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
+    let inp = inputs(&c);
+    let (d, b, hq, hkv) = (c.d, c.b, c.hq, c.hkv);
+    let (tq, tk) = inp.lay.tokens;
+    let (sq, sk) = inp.lay.bounds;
+    let nb = inp.lay.batches;
+    let es = c.dtype.size_bytes();
+    let mut inp = inp;
+    let (q_ptr, k_ptr, v_ptr, m_ptr, lse_ptr) =
+        (inp.q_ptr, inp.k_ptr, inp.v_ptr, inp.m_ptr, inp.lse_ptr);
+    let (q_st, kv_st, m_st, lse_st) = (inp.q_st, inp.kv_st, inp.m_st, inp.lse_st);
+    let (lse_len, bound_arrays) = (inp.lse_len, inp.bounds);
+    // NaN poison: rows outside the sequences must keep it.
+    let o_ptr = inp.mem.alloc(nb * tq * hq * d * es, 0xFF);
 
     let name = kernel.name().to_string();
     let mut params: HashMap<String, u64> = HashMap::new();
@@ -395,10 +498,10 @@ pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
     set("mask_pad", c.mask_pad as u64);
     let batches_ptr = match c.mask_batches {
         Some(flags) => {
-            let ptr = mem.alloc(4 * b, 0);
+            let ptr = inp.mem.alloc(4 * b, 0);
             for (i, f) in flags[..b].iter().enumerate() {
-                let o = mem.check(ptr + 4 * i as u64, 4);
-                mem.bytes[o..o + 4].copy_from_slice(&f.to_le_bytes());
+                let o = inp.mem.check(ptr + 4 * i as u64, 4);
+                inp.mem.bytes[o..o + 4].copy_from_slice(&f.to_le_bytes());
             }
             ptr
         }
@@ -428,7 +531,7 @@ pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
                     launch.threads,
                     launch.smem_bytes,
                 );
-                cta.run(&mut mem);
+                cta.run(&mut inp.mem);
             }
         }
     }
@@ -438,28 +541,13 @@ pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
     let (mut num, mut den) = (0f64, 0f64);
     let mut lse_written = vec![false; if c.lse { lse_len } else { 0 }];
     let mut out_written = vec![false; nb * tq * hq];
-    for (bi, &((qs, ql), (ks, kl), tb)) in lay.entries.iter().enumerate() {
-        let applies = c.mask_batches.is_none_or(|f| f[bi] != 0);
+    for (bi, &((qs, ql), (ks, _), tb)) in inp.lay.entries.iter().enumerate() {
         for h in 0..hq {
             let kh = h / group;
             for i in 0..ql {
-                let qrow = tb * tq * hq * d + (qs + i) * q_st[1] + h * q_st[2];
+                let qrow = inp.q_row(&c, tb, qs + i, h);
                 out_written[(tb * tq + qs + i) * hq + h] = true;
-                let mut sc = vec![f64::NEG_INFINITY; kl];
-                for (j, s) in sc.iter_mut().enumerate() {
-                    let krow = tb * hkv * tk * d + (ks + j) * kv_st[1] + kh * kv_st[2];
-                    let mut dot = 0.0;
-                    for x in 0..d {
-                        dot += qv[qrow + x] * kv[krow + x];
-                    }
-                    *s = c.scale as f64 * dot;
-                    if c.mask != MaskShape::None && applies && j >= c.mask_pad {
-                        *s += mvals[bi * m_st[0] + h * m_st[1] + i * m_st[2] + j - c.mask_pad];
-                    }
-                    if c.causal && j > i {
-                        *s = f64::NEG_INFINITY;
-                    }
-                }
+                let sc = inp.scores(&c, bi, h, i);
                 let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let has_nan = sc.iter().any(|s| s.is_nan());
                 let mut out = vec![0f64; d];
@@ -472,9 +560,9 @@ pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
                     for (j, &s) in sc.iter().enumerate() {
                         let p = (s - mx).exp();
                         sum += p;
-                        let vrow = tb * hkv * tk * d + (ks + j) * kv_st[1] + kh * kv_st[2];
-                        for x in 0..d {
-                            out[x] += p * vv[vrow + x];
+                        let vrow = inp.k_row(&c, tb, ks + j, kh);
+                        for (o, &v) in out.iter_mut().zip(&inp.vv[vrow..vrow + d]) {
+                            *o += p * v;
                         }
                     }
                     for o in &mut out {
@@ -485,7 +573,7 @@ pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
                 if c.lse {
                     let n = tb * (hq * (2 * tq + 1) + 3) + h * lse_st[1] + (qs + i) * lse_st[2];
                     lse_written[n] = true;
-                    let got = get(&mem, DType::F32, lse_ptr, n);
+                    let got = get(&inp.mem, DType::F32, lse_ptr, n);
                     let at = format!("{c:?}: lse ({bi},{h},{i})");
                     if lse.is_nan() {
                         assert!(got.is_nan(), "{at}: want NaN, got {got}");
@@ -497,7 +585,7 @@ pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
                     }
                 }
                 for (x, &want) in out.iter().enumerate() {
-                    let got = get(&mem, c.dtype, o_ptr, qrow + x);
+                    let got = get(&inp.mem, c.dtype, o_ptr, qrow + x);
                     if want.is_nan() {
                         assert!(
                             got.is_nan(),
@@ -519,15 +607,15 @@ pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
     for (n, written) in out_written.iter().enumerate() {
         if !written {
             let row = n * d * es;
-            let o = mem.check(o_ptr + row as u64, (d * es) as u64);
+            let o = inp.mem.check(o_ptr + row as u64, (d * es) as u64);
             assert!(
-                mem.bytes[o..o + d * es].iter().all(|&x| x == 0xFF),
+                inp.mem.bytes[o..o + d * es].iter().all(|&x| x == 0xFF),
                 "{c:?}: out row (token, head) {n} outside the sequences was written"
             );
         }
     }
     for (n, written) in lse_written.iter().enumerate() {
-        let untouched = get(&mem, DType::F32, lse_ptr, n).is_nan();
+        let untouched = get(&inp.mem, DType::F32, lse_ptr, n).is_nan();
         assert!(*written || untouched, "{c:?}: lse gap {n} was written");
     }
     let err = (num / den.max(1e-30)).sqrt();

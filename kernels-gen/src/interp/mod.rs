@@ -5,8 +5,10 @@
 //! The model: branches and exits must be uniform over the CTA (the
 //! interpreter refuses divergent ones), barriers are no-ops in lock step,
 //! shuffles run with every lane. [`forward`] holds the forward kernels'
-//! harness: random cases, a float64 reference, and the checks.
+//! harness: random cases, a float64 reference, and the checks; [`backward`]
+//! the backward's.
 
+pub mod backward;
 pub mod forward;
 
 use crate::ptx::{
