@@ -342,3 +342,23 @@ fn every_mask_kind_with_front_padding_and_broadcasts() {
     c.mask_kind = MaskKind::U8;
     check(c);
 }
+
+#[test]
+fn mask_batches_flag_the_entries_the_mask_applies_to() {
+    // Key runs from a key-only mask: the flagged entry keeps its whole keys
+    // and the mask; the entry flagged 0 has its run and ignores the mask.
+    for (d, dtype, causal) in [(64, DType::F32, false), (128, DType::BF16, true)] {
+        for flags in [[1, 0, 0, 0], [0, 3, 0, 0]] {
+            let mut c = case(d, causal, dtype, 33, 80);
+            c.mask = MaskShape::Dense;
+            c.mask_kind = MaskKind::I32;
+            c.mask_pad = 2;
+            let run = |f: i32, part| if f != 0 { (0, 80) } else { part };
+            c.seqs = Seqs::KeyRuns {
+                k: [run(flags[0], (3, 50)), run(flags[1], (10, 77))],
+            };
+            c.mask_batches = Some(flags);
+            check(c);
+        }
+    }
+}
