@@ -923,3 +923,87 @@ fn regs_of(i: &mut Instr, f: &mut dyn FnMut(&mut Reg)) {
         | Instr::FenceGpu => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ptx::{Addr, Kernel, Special};
+
+    /// Runs `ldmatrix` of `n` matrices (`trans` or not) over shared memory
+    /// whose 16-bit element at byte `2e` is `e`, each lane pointing at row
+    /// `lane` (rows of 16 bytes, matrix `m` being rows `8m..8m + 8`), and
+    /// returns each lane's registers.
+    fn ldmatrix(n: usize, trans: bool) -> Vec<Vec<u32>> {
+        let mut k = Kernel::new("t");
+        let out = k.param(Ty::U64, "out");
+        let out = k.ld_param(Ty::U64, &out);
+        let tid = k.mov(Ty::U32, Operand::Special(Special::TidX));
+        let row = k.bin(BinOp::Shl, Ty::U32, tid, Operand::U(4));
+        let dst = k.regs(Ty::B32, n);
+        k.push(Instr::Ldmatrix {
+            trans,
+            dst: dst.clone(),
+            addr: Addr::at(row, 0),
+        });
+        let at = k.bin(BinOp::MulWide, Ty::U32, tid, Operand::U(4 * n as u64));
+        let at = k.bin(BinOp::Add, Ty::U64, at, out);
+        for (i, &r) in dst.iter().enumerate() {
+            k.push(Instr::St {
+                space: StateSpace::Global,
+                ty: Ty::B32,
+                addr: Addr::at(at, 4 * i as i64),
+                src: vec![r],
+            });
+        }
+        k.push(Instr::Ret);
+        let prog = Program::new(&k);
+        let mut mem = Memory::new();
+        let ptr = mem.alloc(32 * 4 * n, 0);
+        let params = HashMap::from([("t_out".to_string(), ptr)]);
+        let mut cta = Cta::new(&prog, &params, [0; 3], [1; 3], 32, 32 * 16);
+        for (e, pair) in cta.smem.chunks_mut(2).enumerate() {
+            pair.copy_from_slice(&(e as u16).to_le_bytes());
+        }
+        cta.run(&mut mem);
+        (0..32)
+            .map(|lane| {
+                (0..n)
+                    .map(|i| {
+                        let o = mem.check(ptr + (4 * (lane * n + i)) as u64, 4);
+                        u32::from_le_bytes(mem.bytes[o..o + 4].try_into().unwrap())
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ldmatrix_gives_each_lane_a_row_pair_or_a_column_pair() {
+        // Element (r, c) of matrix m is 64m + 8r + c; a register holds two
+        // elements, the first in its low half.
+        let pair = |lo: u32, hi: u32| lo | hi << 16;
+        for n in [1, 2, 4] {
+            let plain = ldmatrix(n, false);
+            let trans = ldmatrix(n, true);
+            for lane in 0..32u32 {
+                let (g, q) = (lane / 4, lane % 4);
+                for m in 0..n as u32 {
+                    let e = |r: u32, c: u32| 64 * m + 8 * r + c;
+                    let got = (
+                        plain[lane as usize][m as usize],
+                        trans[lane as usize][m as usize],
+                    );
+                    // Lane 5, matrix 0: row 1, columns 2 and 3 = 10, 11;
+                    // transposed, rows 2 and 3 of column 1 = 17, 25.
+                    let want = (
+                        pair(e(g, 2 * q), e(g, 2 * q + 1)),
+                        pair(e(2 * q, g), e(2 * q + 1, g)),
+                    );
+                    assert_eq!(got, want, "x{n} lane {lane} matrix {m}");
+                }
+            }
+        }
+        assert_eq!(ldmatrix(1, false)[5][0], 10 | 11 << 16);
+        assert_eq!(ldmatrix(1, true)[5][0], 17 | 25 << 16);
+    }
+}
