@@ -211,11 +211,7 @@ pub fn main_kernel_with(
     target: Target,
 ) -> (GpuKernel, u32) {
     let entry = super::entry(spec, "main");
-    let k = Emitter {
-        k: Kernel::new(&entry),
-        cfg,
-    }
-    .emit();
+    let k = main_body(spec, cfg);
     let kernel = GpuKernel {
         ptx: Module::new(target).kernel(k).to_string(),
         entry,
@@ -227,6 +223,16 @@ pub fn main_kernel_with(
         tensor_maps: None,
     };
     (kernel, cfg.block_n as u32)
+}
+
+/// The instructions of [`main_kernel_with`] (the interpreter's tests run
+/// them).
+pub(super) fn main_body(spec: &VariantSpec, cfg: MmaBackwardConfig) -> Kernel {
+    Emitter {
+        k: Kernel::new(super::entry(spec, "main")),
+        cfg,
+    }
+    .emit()
 }
 
 fn u(x: usize) -> Operand {
