@@ -9,7 +9,9 @@
 //!   CUDA device 0);
 //! - [`sp`]: sequence-parallel attention on `--world-size` ranks;
 //! - [`workload`]: masks (`--mask`) and packed variable-length batches
-//!   (`--varlen`), and the useful FLOPs they count.
+//!   (`--varlen`), and the useful FLOPs they count;
+//! - [`extra`]: a case's mask or offsets, drawn once, on the host or the
+//!   device.
 //!
 //! Imports go one way: `single` and `sp` use `args` and `timing`, and this
 //! module dispatches to them.
@@ -23,6 +25,7 @@
 //! two cores.
 
 mod args;
+mod extra;
 mod single;
 mod sp;
 mod timing;
