@@ -77,9 +77,10 @@ fn kernels_follow_sequences_and_read_every_mask_kind() {
 }
 
 /// Spill bytes a backward kernel may have (as `sdpa-cli/tests/ptxas.rs`
-/// allows): the 16-bit main kernel spills 8 bytes at head size 256 on
+/// allows: up to 44 bytes at d = 32 on sm_80, where ptxas picks 128
+/// registers): the 16-bit main kernel spills 8 bytes at head size 256 on
 /// sm_90 (255 registers); the allowance is meant to return to 0.
-const SPILL_BYTES_TOLERATED: u32 = 32;
+const SPILL_BYTES_TOLERATED: u32 = 48;
 
 /// The larger of the spill stores and loads `ptxas -v` reports.
 fn spill_bytes(text: &str) -> u32 {
