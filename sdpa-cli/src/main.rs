@@ -41,7 +41,7 @@ enum Command {
     Run(run::RunArgs),
     /// Time the forward pass: the preset table of model shapes for the
     /// backend in use, one preset, or a shape given by flags.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Print the PTX embedded for one compiled variant (what the CUDA
     /// driver JIT-compiles on first use).
     Ptx(ptx::PtxArgs),
