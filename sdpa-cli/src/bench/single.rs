@@ -246,7 +246,8 @@ fn time_case(
     time_passes(pass, warmup, iters, budget)
 }
 
-/// The backward's FLOPs as a multiple of the forward's (DESIGN.md).
+/// The backward's FLOPs as a multiple of the forward's (as FlashAttention's
+/// benchmarks count them).
 const BACKWARD_FLOPS: f64 = 2.5;
 
 /// Times the backward pass alone and the forward (with the log-sum-exp)
