@@ -90,15 +90,29 @@ fn ptx(args: &PtxArgs) -> Result<&'static str> {
                 .iter()
                 .map(|k| k.target().name())
                 .collect();
+            // The head sizes of this dtype and causal flag that have one.
+            let spec = variant.spec();
+            let sizes: Vec<String> = SdpaCli
+                .variant_table()
+                .variants()
+                .iter()
+                .filter(|v| v.spec().dtype == spec.dtype && v.spec().causal == spec.causal)
+                .filter(|v| v.gpu_kernels().iter().any(|k| k.target() == target))
+                .map(|v| v.spec().head_size.to_string())
+                .collect();
             CliError::Usage(format!(
-                "variant {} has no {} kernel (its GPU kernels: {}); the Hopper kernels cover \
-                 bf16 and f16 at some head sizes, and --arch sm_80 runs on sm_90 GPUs too",
-                variant.spec(),
+                "variant {spec} has no {} kernel (its GPU kernels: {}); {}; --arch sm_80 runs \
+                 on every GPU from sm_80 on",
                 target.name(),
                 if has.is_empty() {
                     "none".to_owned()
                 } else {
                     has.join(", ")
+                },
+                if sizes.is_empty() {
+                    format!("no {} variant of this binary has one", spec.dtype)
+                } else {
+                    format!("{} has one at head sizes {}", spec.dtype, sizes.join(", "))
                 }
             ))
         })?;
@@ -152,6 +166,17 @@ mod tests {
             .to_string();
         assert!(
             err.contains("has no sm_90a kernel (its GPU kernels: sm_80)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("no f32 variant of this binary has one"),
+            "{err}"
+        );
+        let err = ptx(&args(40, true, DTypeArg::Bf16, ArchArg::Sm90a))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bf16 has one at head sizes 48, 64, 80"),
             "{err}"
         );
     }
