@@ -85,7 +85,7 @@ pub use cudarc;
 pub mod prelude {
     pub use crate::{
         sdpa_variants, AttentionBackend, AttentionImpl, AttentionMetadata, AttentionParams,
-        AttnMask, BackendKind, DType, SdpaError, Tensor, TensorView, TensorViewMut,
+        AttnMask, BackendKind, DType, SdpaError, Tensor, TensorView, TensorViewMut, VarLen,
     };
     pub use half::{bf16, f16};
 }

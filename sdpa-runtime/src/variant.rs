@@ -39,6 +39,7 @@ pub struct GpuKernel {
     block_m: u32,
     threads: u32,
     smem_bytes: u32,
+    mask_smem_bytes: u32,
     tensor_maps: Option<TensorMaps>,
 }
 
@@ -61,7 +62,17 @@ impl GpuKernel {
             block_m,
             threads,
             smem_bytes,
+            mask_smem_bytes: 0,
             tensor_maps: None,
+        }
+    }
+    /// The same kernel, needing `bytes` more dynamic shared memory when a
+    /// launch passes a mask (a tile the kernel stages the mask in, last in
+    /// its shared memory and touched only then).
+    pub const fn with_mask_smem(self, bytes: u32) -> GpuKernel {
+        GpuKernel {
+            mask_smem_bytes: bytes,
+            ..self
         }
     }
     /// The same kernel, taking the tensor maps of `q`, `k` and `v` after the
@@ -94,9 +105,23 @@ impl GpuKernel {
     pub fn threads(&self) -> u32 {
         self.threads
     }
-    /// Dynamic shared memory per CTA, in bytes.
+    /// Dynamic shared memory per CTA of a launch without a mask, in bytes.
     pub fn smem_bytes(&self) -> u32 {
         self.smem_bytes
+    }
+    /// The dynamic shared memory a launch with a mask adds, in bytes (0 for
+    /// most kernels).
+    pub fn mask_smem_bytes(&self) -> u32 {
+        self.mask_smem_bytes
+    }
+    /// Dynamic shared memory per CTA of a launch with (`masked`) or
+    /// without a mask, in bytes.
+    pub fn smem_bytes_for(&self, masked: bool) -> u32 {
+        if masked {
+            self.smem_bytes.saturating_add(self.mask_smem_bytes)
+        } else {
+            self.smem_bytes
+        }
     }
     /// The tensor maps the kernel takes after the contract's parameters
     /// (their boxes' tokens; [`TensorMaps`] says how the runtime encodes

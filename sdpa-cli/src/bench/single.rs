@@ -27,9 +27,9 @@ use sdpa_runtime::{
 };
 
 use super::args::{cases, has_shape_flags, BenchArgs, Case};
+use super::extra::HostExtra;
 use super::plot::{Group, PlotRequest};
 use super::timing::{throughput, time_passes, write_json, Budget, Timing, SEED, SINGLE, TABLE};
-use super::workload::HostExtra;
 use crate::error::{CliError, Result};
 use crate::presets::Shape;
 use sdpa_cli::variants::SdpaCli;
