@@ -54,4 +54,15 @@ echo "== cargo package (the published crates, built from their packaged sources)
 # sdpa-tests is publish = false: it is packaged by --workspace but never
 # published, so it is not verified here. --allow-dirty: the command also
 # runs on a working tree with uncommitted changes.
-cargo package --workspace --exclude sdpa-tests --locked --allow-dirty
+# Cargo takes a registry crate of a given version to be the same everywhere:
+# it reuses its unpacked copy of each packaged crate
+# ($CARGO_HOME/registry/src/-HASH/NAME-VERSION) and its build of it (in the
+# target folder) even when the sources changed under the same version. Drop
+# both first, so that each run verifies the sources as they are now; the
+# verification builds in a folder of its own (its dependencies stay built).
+verify_dir=target/package-verify
+for crate in kernels-gen sdpa-macros sdpa-runtime sdpa-cli; do
+  rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/"$crate"-[0-9]* \
+    "$verify_dir"/debug/.fingerprint/"$crate"-*
+done
+CARGO_TARGET_DIR=$verify_dir cargo package --workspace --exclude sdpa-tests --locked --allow-dirty
