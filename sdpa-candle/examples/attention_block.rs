@@ -35,7 +35,14 @@ struct Block {
 
 impl Block {
     fn new() -> candle_core::Result<Block> {
-        let w = || Var::randn(0f32, (1.0 / MODEL as f64).sqrt() as f32, (MODEL, MODEL), &Device::Cpu);
+        let w = || {
+            Var::randn(
+                0f32,
+                (1.0 / MODEL as f64).sqrt() as f32,
+                (MODEL, MODEL),
+                &Device::Cpu,
+            )
+        };
         let layer = BlockAttention
             .build_impl(AttentionParams::new(HEADS, HEAD_DIM))
             .map_err(candle_core::Error::wrap)?;
@@ -97,7 +104,11 @@ fn child(fused: bool, train: bool, seq: usize, runs: usize) -> candle_core::Resu
         .collect::<candle_core::Result<_>>()?;
     times.sort_by(f64::total_cmp);
     let peak = status_kib("VmHWM");
-    println!("{:.1} {:.0}", times[times.len() / 2], peak.saturating_sub(base) as f64 / 1024.0);
+    println!(
+        "{:.1} {:.0}",
+        times[times.len() / 2],
+        peak.saturating_sub(base) as f64 / 1024.0
+    );
     Ok(())
 }
 
@@ -128,7 +139,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_diff = diff(&ours, &theirs)?;
     let g1 = ours.sqr()?.sum_all()?.backward()?;
     let g2 = theirs.sqr()?.sum_all()?.backward()?;
-    let scale = g2.get(&block.wq).unwrap().abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let scale = g2
+        .get(&block.wq)
+        .unwrap()
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
     let grad_diff = diff(g1.get(&block.wq).unwrap(), g2.get(&block.wq).unwrap())? / scale;
     println!(
         "block [1, {seq}, {MODEL}], {HEADS} heads of {HEAD_DIM}, f32, CPU: \
@@ -138,7 +155,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("sdpa and candle's attention disagree".into());
     }
 
-    println!("{:<28} {:>12} {:>22}", "", "median ms", "peak memory added MiB");
+    println!(
+        "{:<28} {:>12} {:>22}",
+        "", "median ms", "peak memory added MiB"
+    );
     let exe = std::env::current_exe()?;
     for train in [false, true] {
         for fused in [true, false] {
@@ -155,7 +175,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (ms, mib) = (it.next().unwrap_or("?"), it.next().unwrap_or("?"));
             let name = format!(
                 "{} {}",
-                if fused { "sdpa" } else { "candle matmul-softmax" },
+                if fused {
+                    "sdpa"
+                } else {
+                    "candle matmul-softmax"
+                },
                 if train { "fwd+bwd" } else { "forward" }
             );
             println!("{name:<28} {ms:>12} {mib:>22}");

@@ -48,6 +48,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
 use sdpa_runtime::{
     AttentionImpl, AttentionMetadata, AttnMask, BackwardInputs, Element, Gradients, MaskData,
@@ -93,7 +94,11 @@ pub fn forward(
             );
         }
     }
-    let (q, k, v) = (head_contiguous(q)?, head_contiguous(k)?, head_contiguous(v)?);
+    let (q, k, v) = (
+        head_contiguous(q)?,
+        head_contiguous(k)?,
+        head_contiguous(v)?,
+    );
     let mask = mask.map(prepare_mask).transpose()?;
     let track = q.track_op() || k.track_op() || v.track_op();
     let op = SdpaOp {
@@ -151,10 +156,12 @@ struct SdpaOp {
 
 /// The four dimensions of a rank-4 layout.
 fn dims4(layout: &Layout) -> candle_core::Result<[usize; 4]> {
-    layout
-        .dims()
-        .try_into()
-        .map_err(|_| candle_core::Error::msg(format!("sdpa: rank-4 tensor expected, got {:?}", layout.dims())))
+    layout.dims().try_into().map_err(|_| {
+        candle_core::Error::msg(format!(
+            "sdpa: rank-4 tensor expected, got {:?}",
+            layout.dims()
+        ))
+    })
 }
 
 /// A view of host storage through a candle layout, without a copy.
@@ -164,7 +171,10 @@ fn host_view<'a, T: Element + WithDType>(
 ) -> candle_core::Result<TensorView<'a>> {
     let data = storage.as_slice::<T>()?;
     let shape = dims4(layout)?;
-    let strides: [usize; 4] = layout.stride().try_into().map_err(candle_core::Error::wrap)?;
+    let strides: [usize; 4] = layout
+        .stride()
+        .try_into()
+        .map_err(candle_core::Error::wrap)?;
     let data = data.get(layout.start_offset()..).unwrap_or(&[]);
     TensorView::with_strides(data, shape, strides).map_err(err)
 }
@@ -234,7 +244,10 @@ impl SdpaOp {
             }
             Ok(())
         })?;
-        Ok((T::to_cpu_storage_owned(out), Shape::from([b, sq, hq, d].as_slice())))
+        Ok((
+            T::to_cpu_storage_owned(out),
+            Shape::from([b, sq, hq, d].as_slice()),
+        ))
     }
 
     /// The gradients of `q`, `k`, `v` on the host.
@@ -261,7 +274,12 @@ impl SdpaOp {
             let kept = self.lse.lock().map_err(candle_core::Error::msg)?.take();
             let lse = match kept {
                 Some(lse) => lse,
-                None => self.layer.forward_with_lse(&q, &k, &v, meta).map_err(err)?.1,
+                None => {
+                    self.layer
+                        .forward_with_lse(&q, &k, &v, meta)
+                        .map_err(err)?
+                        .1
+                }
             };
             let inputs = BackwardInputs {
                 out,
@@ -273,7 +291,9 @@ impl SdpaOp {
                 dk: TensorViewMut::from_slice(&mut dk, ks).map_err(err)?,
                 dv: TensorViewMut::from_slice(&mut dv, ks).map_err(err)?,
             };
-            let result = self.layer.backward_into(&q, &k, &v, meta, &inputs, &mut grads);
+            let result = self
+                .layer
+                .backward_into(&q, &k, &v, meta, &inputs, &mut grads);
             // Kept for a second backward through the same graph.
             *self.lse.lock().map_err(candle_core::Error::msg)? = Some(lse);
             result.map_err(err)
@@ -307,7 +327,9 @@ impl CustomOp3 for SdpaOp {
             DType::F32 => self.cpu_forward::<f32>(args.0, args.1, args.2),
             DType::F16 => self.cpu_forward::<half::f16>(args.0, args.1, args.2),
             DType::BF16 => self.cpu_forward::<half::bf16>(args.0, args.1, args.2),
-            other => candle_core::bail!("sdpa: dtype {other:?} is not supported; pass f32, f16 or bf16"),
+            other => {
+                candle_core::bail!("sdpa: dtype {other:?} is not supported; pass f32, f16 or bf16")
+            }
         }
     }
 
@@ -326,7 +348,9 @@ impl CustomOp3 for SdpaOp {
             DType::F32 => self.cpu_backward::<f32>(t)?,
             DType::F16 => self.cpu_backward::<half::f16>(t)?,
             DType::BF16 => self.cpu_backward::<half::bf16>(t)?,
-            other => candle_core::bail!("sdpa: dtype {other:?} is not supported; pass f32, f16 or bf16"),
+            other => {
+                candle_core::bail!("sdpa: dtype {other:?} is not supported; pass f32, f16 or bf16")
+            }
         };
         Ok((Some(dq), Some(dk), Some(dv)))
     }
@@ -370,7 +394,8 @@ pub fn naive_attention(
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
     let dtype = scores.dtype();
     let device = scores.device().clone();
-    let neg_inf = |shape: &[usize]| Tensor::full(f32::NEG_INFINITY, shape, &device)?.to_dtype(dtype);
+    let neg_inf =
+        |shape: &[usize]| Tensor::full(f32::NEG_INFINITY, shape, &device)?.to_dtype(dtype);
     if causal {
         let hide: Vec<u8> = (0..sq)
             .flat_map(|i| (0..sk).map(move |j| u8::from(j > i)))
@@ -386,7 +411,8 @@ pub fn naive_attention(
         }
         .broadcast_as(scores.shape())?;
         scores = if mask.dtype().is_int() {
-            mask.ne(0u32)?.where_cond(&scores, &neg_inf(scores.dims())?)?
+            mask.ne(0u32)?
+                .where_cond(&scores, &neg_inf(scores.dims())?)?
         } else {
             (scores + mask.to_dtype(dtype)?)?
         };

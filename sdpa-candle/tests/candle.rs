@@ -46,16 +46,24 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 /// The naive attention of `q`, `k`, `v` computed in f64.
-fn reference(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    causal: bool,
-) -> Tensor {
+fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
     let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-    let mask = mask.map(|m| if m.dtype().is_float() { f(m) } else { m.clone() });
-    naive_attention(&f(q), &f(k), &f(v), mask.as_ref(), 1.0 / (D as f64).sqrt(), causal).unwrap()
+    let mask = mask.map(|m| {
+        if m.dtype().is_float() {
+            f(m)
+        } else {
+            m.clone()
+        }
+    });
+    naive_attention(
+        &f(q),
+        &f(k),
+        &f(v),
+        mask.as_ref(),
+        1.0 / (D as f64).sqrt(),
+        causal,
+    )
+    .unwrap()
 }
 
 /// Runs sdpa on `q`, `k`, `v` cast to `dtype` and checks the result against
@@ -74,7 +82,10 @@ fn check_forward(
     assert_eq!(out.dims(), q.dims());
     let want = reference(&q, &k, &v, mask, layer.params().causal);
     let diff = max_abs_diff(&out, &want);
-    assert!(diff < tol, "{dtype:?}: max |sdpa - reference| = {diff} >= {tol}");
+    assert!(
+        diff < tol,
+        "{dtype:?}: max |sdpa - reference| = {diff} >= {tol}"
+    );
 }
 
 fn qkv(b: usize, sq: usize, sk: usize, hq: usize, hkv: usize) -> (Tensor, Tensor, Tensor) {
@@ -169,7 +180,12 @@ fn check_backward(hq: usize, hkv: usize, causal: bool, mask: Option<&Tensor>, st
     let out = sdpa_candle::forward(&layer, &q, &kv, &vv, mask).unwrap();
     let grads = (out * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let want_out = naive_attention(&q, &kv, &vv, mask, 1.0 / (D as f64).sqrt(), causal).unwrap();
-    let want = (want_out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let want = (want_out * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     for (name, var) in [("dq", &qv), ("dk", &kv), ("dv", &vv)] {
         let got = grads.get(var).unwrap_or_else(|| panic!("no {name}"));
         let exp = want.get(var).unwrap();
@@ -231,13 +247,25 @@ fn errors_come_back_as_candle_errors() {
     let q16 = randn(&[1, 8, 4, 16]);
     let e = message(sdpa_candle::forward(&layer, &q16, &q16, &q16, None));
     assert!(e.contains("head_size"), "{e}");
-    let e = message(sdpa_candle::forward(&layer, &q, &k.to_dtype(DType::BF16).unwrap(), &v, None));
+    let e = message(sdpa_candle::forward(
+        &layer,
+        &q,
+        &k.to_dtype(DType::BF16).unwrap(),
+        &v,
+        None,
+    ));
     assert!(e.contains("dtype"), "{e}");
-    let bad = Tensor::ones((1, 5), DType::U8, &Device::Cpu).unwrap();
+    let bad = Tensor::ones((1, 9), DType::U8, &Device::Cpu).unwrap();
     let e = message(sdpa_candle::forward(&layer, &q, &k, &v, Some(&bad)));
     assert!(e.contains("mask"), "{e}");
     // Checked here.
-    let e = message(sdpa_candle::forward(&layer, &q.squeeze(0).unwrap(), &k, &v, None));
+    let e = message(sdpa_candle::forward(
+        &layer,
+        &q.squeeze(0).unwrap(),
+        &k,
+        &v,
+        None,
+    ));
     assert!(e.contains("[batch, seq, heads, head_dim]"), "{e}");
     let f64q = q.to_dtype(DType::F64).unwrap();
     let e = message(sdpa_candle::forward(&layer, &f64q, &f64q, &f64q, None));
