@@ -46,6 +46,8 @@
 //!   [`candle_core::Error`] carrying its message; nothing panics on bad
 //!   input.
 
+#![warn(missing_docs)]
+
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
@@ -55,7 +57,14 @@ use sdpa_runtime::{
     SdpaImpl, TensorView, TensorViewMut,
 };
 
+/// The runtime whose layers [`forward`] runs (build them from a type
+/// declared with `#[sdpa_variants(...)]`; the declaring crate depends on
+/// `sdpa-runtime` itself, as the macro names `::sdpa_runtime`).
 pub use sdpa_runtime;
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 /// Attention over candle tensors: `softmax(q kᵀ · scale + mask) v` per
 /// batch and head, with the layer's scale, causal flag and grouped-query
