@@ -13,7 +13,9 @@ cd "$(dirname "$0")/../.."
 rounds=${1:-3}
 out=${2:-/tmp/sdpa-cpu-bench}
 py=${TORCH_PY:-/tmp/torchenv/bin/python}
-anchors=${ANCHORS:-../shared/anchors}
+# The FMA peak probe, cpu_fma_peak.c, is not in this repository: ANCHORS
+# names the folder that holds it.
+anchors=${ANCHORS:?set ANCHORS to the folder holding cpu_fma_peak.c (the FMA peak probe)}
 mkdir -p "$out"
 
 cargo build --release -q -p sdpa-cli

@@ -20,8 +20,8 @@ use kernels_gen::{backward_kernels, DType, GpuKernel, VariantSpec};
 
 fn meta(k: &GpuKernel) -> String {
     format!(
-        r#"{{"entry": "{}", "block_m": {}, "threads": {}, "smem_bytes": {}}}"#,
-        k.entry, k.block_m, k.threads, k.smem_bytes
+        r#"{{"entry": "{}", "block_m": {}, "threads": {}, "smem_bytes": {}, "mask_smem_bytes": {}}}"#,
+        k.entry, k.block_m, k.threads, k.smem_bytes, k.mask_smem_bytes
     )
 }
 

@@ -187,8 +187,13 @@ pub struct GpuKernel {
     pub block_m: u32,
     /// Threads per CTA.
     pub threads: u32,
-    /// Dynamic shared memory per CTA, in bytes.
+    /// Dynamic shared memory per CTA, in bytes, of a launch without a mask.
     pub smem_bytes: u32,
+    /// The dynamic shared memory a launch with a mask adds, in bytes (0
+    /// for most kernels): a kernel that stages the mask in shared memory
+    /// keeps that tile last and touches it only when a mask is passed, so
+    /// launches without one need no more than [`GpuKernel::smem_bytes`].
+    pub mask_smem_bytes: u32,
     /// The tensor maps the kernel takes after the contract's parameters
     /// ([`TENSOR_MAP_PARAMS`]), or `None` where it takes none.
     pub tensor_maps: Option<TensorMaps>,

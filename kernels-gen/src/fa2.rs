@@ -175,6 +175,7 @@ pub fn generate_with(spec: &VariantSpec, cfg: Fa2Config, target: Target) -> GpuK
         block_m: cfg.block_m as u32,
         threads: cfg.threads() as u32,
         smem_bytes: cfg.smem_bytes() as u32,
+        mask_smem_bytes: 0,
         tensor_maps: None,
     }
 }
@@ -680,47 +681,4 @@ impl Emitter {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ptx(d: usize, causal: bool, dtype: DType) -> GpuKernel {
-        generate(&VariantSpec::new(d, causal, dtype).unwrap(), Target::Sm80)
-    }
-
-    #[test]
-    fn pitch_is_an_odd_number_of_chunks() {
-        for d in (8..=256).step_by(8) {
-            let c = Fa2Config::new(&VariantSpec::new(d, false, DType::BF16).unwrap());
-            assert_eq!((c.pitch / 16) % 2, 1, "d={d}");
-            assert!(c.pitch >= d * 2);
-        }
-    }
-
-    #[test]
-    fn uses_tensor_cores_and_async_copies() {
-        let k = ptx(128, false, DType::BF16);
-        assert!(k
-            .ptx
-            .contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
-        assert!(k
-            .ptx
-            .contains("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"));
-        assert!(k.ptx.contains("cp.async.cg.shared.global"));
-        assert!(k.ptx.contains("ex2.approx.ftz.f32"));
-        assert!(!k.ptx.contains("m16n8k8"), "128 needs no k8 tail");
-        assert_eq!(k.block_m, 128);
-        assert_eq!(k.smem_bytes, (128 + 2 * 32) * 272);
-    }
-
-    #[test]
-    fn odd_multiples_of_eight_use_exact_tails() {
-        let k = ptx(40, true, DType::F16);
-        assert!(k
-            .ptx
-            .contains("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32"));
-        assert!(k
-            .ptx
-            .contains("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16"));
-        assert!(k.ptx.contains("cvt.rn.f16x2.f32"));
-    }
-}
+mod tests;

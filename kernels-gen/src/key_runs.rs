@@ -56,6 +56,11 @@ pub const KEY_RUNS_PARAMS: [(&str, ParamKind); 8] = [
 
 /// The key-runs kernel's PTX module (portable: sm_80 and later).
 pub fn generate() -> String {
+    Module::new(Target::Sm80).kernel(kernel()).to_string()
+}
+
+/// The key-runs kernel's body.
+fn kernel() -> Kernel {
     let mut k = Kernel::new(ENTRY);
     let params = declare_table(&mut k, KEY_RUNS_PARAMS);
     k.launch_bounds(THREADS, None);
@@ -162,11 +167,12 @@ pub fn generate() -> String {
         k.bin_to(BinOp::Add, Ty::U64, at, at, step);
     }
     k.push(Instr::Ret);
-    Module::new(Target::Sm80).kernel(k).to_string()
+    k
 }
 
-/// The scan of one mask kind: keys `tid, tid + THREADS, ...` in steps of
-/// [`UNROLL`] keys per thread, updating `[lo, hi, count, other]`.
+/// The scan of one mask kind: steps of `UNROLL · THREADS` keys, uniform
+/// over the CTA (so every branch is), each thread loading keys `base + u ·
+/// THREADS + tid` of the step, updating `[lo, hi, count, other]`.
 #[allow(clippy::too_many_arguments)]
 fn scan(
     k: &mut Kernel,
@@ -178,26 +184,20 @@ fn scan(
     tid: Reg,
     [lo, hi, count, other]: [Reg; 4],
 ) {
-    let j = k.mov(Ty::U32, tid);
+    let base = k.mov(Ty::U32, Operand::U(0));
     let top = k.label("runs_loop");
     let done = k.label("runs_done");
     k.push(Instr::Label(top.clone()));
-    let out = k.setp(Cmp::Ge, Ty::U32, j, seq_k);
+    let out = k.setp(Cmp::Ge, Ty::U32, base, seq_k);
     k.branch_if(out, false, &done);
+    let j = k.bin(BinOp::Add, Ty::U32, base, tid);
     let mut biases = Vec::new();
     let mut keys = Vec::new();
     for u in 0..UNROLL {
         let key = k.bin(BinOp::Add, Ty::U32, j, Operand::U(u * THREADS as u64));
         let inside = k.setp(Cmp::Lt, Ty::U32, key, seq_k);
-        let padded = k.setp(Cmp::Lt, Ty::U32, key, pad);
+        let not_padded = k.setp(Cmp::Ge, Ty::U32, key, pad);
         let read = k.reg(Ty::Pred);
-        let not_padded = k.reg(Ty::Pred);
-        k.push(Instr::Un {
-            op: crate::ptx::UnOp::Not,
-            ty: Ty::Pred,
-            dst: not_padded,
-            a: padded.into(),
-        });
         k.bin_to(BinOp::And, Ty::Pred, read, inside, not_padded);
         // Element offset row + key - pad (only formed where key >= pad).
         let col = k.bin(BinOp::Sub, Ty::U32, key, pad);
@@ -228,13 +228,13 @@ fn scan(
     k.bin_to(
         BinOp::Add,
         Ty::U32,
-        j,
-        j,
+        base,
+        base,
         Operand::U(UNROLL * THREADS as u64),
     );
     k.push(Instr::Bra {
         target: top,
-        uni: false,
+        uni: true,
     });
     k.push(Instr::Label(done));
 }
@@ -251,5 +251,125 @@ mod tests {
             assert!(ptx.contains(ty), "no {ty}");
         }
         assert_eq!(ptx.matches("bar.sync 0;").count(), 1);
+    }
+
+    use crate::interp::{Cta, Memory, Program};
+    use std::collections::HashMap;
+
+    /// One mask row's elements as `kind` stores them, from "attend"
+    /// (`Some(0.0)` or any other bias for float kinds) per key.
+    fn bytes(kind: MaskKind, row: &[f32]) -> Vec<u8> {
+        row.iter()
+            .flat_map(|&x| -> Vec<u8> {
+                let keep = x == 0.0;
+                match kind {
+                    MaskKind::F32 => x.to_le_bytes().to_vec(),
+                    MaskKind::F16 => crate::interp::f32_to_f16(x).to_le_bytes().to_vec(),
+                    MaskKind::Bf16 => crate::interp::f32_to_bf16(x).to_le_bytes().to_vec(),
+                    MaskKind::U8 => vec![u8::from(keep) * 7],
+                    MaskKind::I32 => (i32::from(keep) * -3).to_le_bytes().to_vec(),
+                    // A non-zero high half alone must read as "attend".
+                    MaskKind::I64 => (i64::from(keep) << 40).to_le_bytes().to_vec(),
+                }
+            })
+            .collect()
+    }
+
+    /// The run the kernel must write for a row of biases (keys before
+    /// `pad` attend): `(start, end, masked)`.
+    fn expected(row: &[f32], pad: usize, causal: bool) -> (u32, u32, u32) {
+        let sk = row.len() + pad;
+        let bias = |j: usize| if j < pad { 0.0 } else { row[j - pad] };
+        let seen: Vec<usize> = (0..sk).filter(|&j| bias(j) == 0.0).collect();
+        let other = (0..sk).any(|j| bias(j) != 0.0 && bias(j) != f32::NEG_INFINITY);
+        let (lo, hi) = match (seen.first(), seen.last()) {
+            (Some(&a), Some(&b)) => (a, b + 1),
+            _ => (0, 0),
+        };
+        let gaps = hi - lo != seen.len();
+        if gaps || other || (causal && lo > 0) {
+            (0, sk as u32, 1)
+        } else {
+            (lo as u32, hi as u32, 0)
+        }
+    }
+
+    #[test]
+    fn interpreted_runs_match_the_rule_for_every_kind() {
+        let prog = Program::new(&kernel());
+        let inf = f32::NEG_INFINITY;
+        let sk_row = 2500; // more than one step of UNROLL · THREADS keys
+        let run = |lo: usize, hi: usize| -> Vec<f32> {
+            (0..sk_row)
+                .map(|j| if (lo..hi).contains(&j) { 0.0 } else { inf })
+                .collect()
+        };
+        let mut rows = vec![
+            run(0, 2100),
+            run(37, 2500),
+            run(5, 6),
+            run(0, 0),
+            run(0, 2500),
+        ];
+        let mut gap = run(10, 2400);
+        gap[2000] = inf;
+        rows.push(gap);
+        let mut biased = run(0, 900);
+        biased[3] = -0.5;
+        rows.push(biased);
+        for kind in MaskKind::ALL {
+            let float = matches!(kind, MaskKind::F32 | MaskKind::F16 | MaskKind::Bf16);
+            for (pad, causal) in [(0, false), (3, true), (0, true)] {
+                let rows: Vec<&Vec<f32>> = rows
+                    .iter()
+                    .filter(|r| float || r.iter().all(|&x| x == 0.0 || x == inf))
+                    .collect();
+                let b = rows.len();
+                let mut mem = Memory::new();
+                let data: Vec<u8> = rows.iter().flat_map(|r| bytes(kind, r)).collect();
+                let mask = mem.alloc(data.len(), 0);
+                let at = mem.check(mask, data.len() as u64);
+                mem.bytes[at..at + data.len()].copy_from_slice(&data);
+                let out = mem.alloc(12 * b, 0xAB);
+                let params: HashMap<String, u64> = [
+                    ("mask", mask),
+                    ("mask_kind", u64::from(kind.code())),
+                    ("mask_stride_b", sk_row as u64),
+                    ("mask_pad", pad as u64),
+                    ("seq_k", (sk_row + pad) as u64),
+                    ("causal", u64::from(causal)),
+                    ("runs", out),
+                    ("batch", b as u64),
+                ]
+                .into_iter()
+                .map(|(n, v)| (format!("{ENTRY}_{n}"), v))
+                .collect();
+                for e in 0..b {
+                    let mut cta = Cta::new(
+                        &prog,
+                        &params,
+                        [e as u32, 0, 0],
+                        [b as u32, 1, 1],
+                        THREADS as usize,
+                        SMEM_BYTES as usize,
+                    );
+                    // Thread 0 alone combines the warps' results.
+                    cta.divergence = true;
+                    cta.run(&mut mem);
+                }
+                let at = mem.check(out, 12 * b as u64);
+                let word = |i: usize| {
+                    u32::from_le_bytes(mem.bytes[at + 4 * i..at + 4 * i + 4].try_into().unwrap())
+                };
+                for (e, row) in rows.iter().enumerate() {
+                    let got = (word(e), word(b + e), word(2 * b + e));
+                    assert_eq!(
+                        got,
+                        expected(row, pad, causal),
+                        "{kind:?} pad {pad} causal {causal} entry {e}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -21,6 +21,8 @@ pub mod attention;
 pub mod backward;
 pub mod contract;
 pub mod fa2;
+#[cfg(test)]
+mod interp;
 pub mod key_runs;
 pub mod ptx;
 mod simt;

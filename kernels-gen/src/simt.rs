@@ -205,6 +205,7 @@ pub fn generate(spec: &VariantSpec, target: Target) -> GpuKernel {
         block_m: plan.block_m(),
         threads: THREADS,
         smem_bytes: plan.smem_bytes(),
+        mask_smem_bytes: 0,
         tensor_maps: None,
     }
 }

@@ -36,6 +36,19 @@ pub enum CliError {
         /// What the safetensors parser said.
         source: safetensors::SafeTensorError,
     },
+    /// The `--compare` file is not torch's results as `sdpa bench --plot`
+    /// reads them.
+    #[error(
+        "{} is not a torch results JSON (an array of objects with shape \"BxHqxSqxSkxD\", \
+         backend and tflops): {reason}",
+        path.display()
+    )]
+    Compare {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The input case holds something `sdpa run` cannot use.
     #[error("{0}")]
     Input(String),

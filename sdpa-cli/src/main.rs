@@ -4,8 +4,8 @@
 //! - `sdpa run` computes attention for the tensors of a safetensors file;
 //! - `sdpa bench` times the forward pass on model shapes;
 //! - `sdpa ptx` prints the PTX embedded for one compiled variant;
-//! - `sdpa info` lists the compiled variants, the CUDA devices and the
-//!   backend `auto` picks.
+//! - `sdpa info` lists the compiled variants, the CUDA devices, the kernel
+//!   family each variant runs here and the backend `auto` picks.
 //!
 //! Errors print as one line, `error: ...`, and exit with status 1. Logs go
 //! to stderr, filtered by `RUST_LOG` (default `warn`).
@@ -41,12 +41,14 @@ enum Command {
     Run(run::RunArgs),
     /// Time the forward pass: the preset table of model shapes for the
     /// backend in use, one preset, or a shape given by flags.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Print the PTX embedded for one compiled variant (what the CUDA
-    /// driver JIT-compiles on first use).
+    /// driver JIT-compiles on first use): --arch sm_80 the portable kernel,
+    /// --arch sm_90a the Hopper kernel.
     Ptx(ptx::PtxArgs),
-    /// List the compiled variants, the CUDA devices, the backend auto would
-    /// pick and why, and the CPU threads.
+    /// List the compiled variants, the CUDA devices, the kernel family each
+    /// variant runs here, the backend auto would pick and why, and the CPU
+    /// threads.
     Info,
 }
 

@@ -1,7 +1,7 @@
 //! The shapes `sdpa bench` times when no shape is given: attention layers of
 //! the models FastVideo serves, one table per backend.
 //!
-//! The CUDA table is DESIGN.md's GPU anchor table, full size, in bf16. The
+//! The CUDA table is the GPU table of docs/benchmarks.md, full size, in bf16. The
 //! CPU table keeps each model's heads and head size but shortens the
 //! sequences so that a forward pass takes well under a second on two cores,
 //! and runs every row in f32 and in bf16 (the two dtypes of the CPU
@@ -144,7 +144,7 @@ pub const CPU_PRESETS: &[Preset] = &[
     ),
     preset(
         "anchor",
-        "the CPU anchor shape of DESIGN.md (torch and candle measured on it)",
+        "the CPU anchor shape (torch and candle measured on it, docs/benchmarks.md)",
         Shape::mha(1, 8, 2048, 128),
     ),
     preset(
@@ -159,7 +159,7 @@ pub const CPU_PRESETS: &[Preset] = &[
     ),
 ];
 
-/// DESIGN.md's GPU anchor shapes, full size.
+/// The GPU shapes of docs/benchmarks.md, full size.
 pub const CUDA_PRESETS: &[Preset] = &[
     preset(
         "wan-self",
@@ -246,7 +246,10 @@ pub fn listing() -> String {
             BackendKind::Cpu,
             "sequences scaled down so that a pass takes well under a second on 2 cores",
         ),
-        (BackendKind::Cuda, "full size, DESIGN.md's GPU anchors"),
+        (
+            BackendKind::Cuda,
+            "full size, the GPU shapes of docs/benchmarks.md",
+        ),
     ] {
         let dtypes: Vec<&str> = dtypes(backend).iter().map(|d| d.name()).collect();
         text += &format!(

@@ -6,6 +6,7 @@ use std::io::Write;
 use clap::ValueEnum;
 use sdpa_cli::variants::SdpaCli;
 use sdpa_runtime::prelude::*;
+use sdpa_runtime::Target;
 
 use crate::error::{CliError, Result};
 use crate::options::DTypeArg;
@@ -13,21 +14,24 @@ use crate::options::DTypeArg;
 /// The value of `--arch`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ArchArg {
-    /// Ampere-style kernels (mma.sync, ldmatrix, cp.async); they run on
-    /// sm_80 and every later GPU, H100 included.
+    /// The portable kernel every variant has: mma.sync, ldmatrix and
+    /// cp.async for bf16 and f16, the CUDA cores for f32; it runs on sm_80
+    /// and every later GPU.
     #[value(name = "sm_80")]
     Sm80,
-    /// Hopper kernels (wgmma, TMA); not generated yet.
+    /// The Hopper kernel (warp-specialised wgmma fed by TMA) that devices
+    /// of compute capability 9.0 run instead: bf16 and f16 at the head
+    /// sizes the Hopper kernels cover (others have none).
     #[value(name = "sm_90a")]
     Sm90a,
 }
 
 impl ArchArg {
-    /// The `.target` name.
-    fn name(self) -> &'static str {
+    /// The kernel target of the architecture.
+    fn target(self) -> Target {
         match self {
-            ArchArg::Sm80 => "sm_80",
-            ArchArg::Sm90a => "sm_90a",
+            ArchArg::Sm80 => Target::Sm80,
+            ArchArg::Sm90a => Target::Sm90a,
         }
     }
 }
@@ -44,7 +48,9 @@ pub struct PtxArgs {
     /// Element type of q, k, v and the output.
     #[arg(long, value_enum, value_name = "DTYPE", default_value = "bf16")]
     pub dtype: DTypeArg,
-    /// The architecture the PTX targets.
+    /// The kernel to print: sm_80, the portable kernel (every variant has
+    /// one), or sm_90a, the Hopper kernel (bf16 and f16 variants whose head
+    /// size has one; an error names the others).
     #[arg(long, value_enum, value_name = "ARCH", default_value = "sm_80")]
     pub arch: ArchArg,
 }
@@ -66,25 +72,50 @@ pub fn run(args: &PtxArgs) -> Result<()> {
     }
 }
 
-/// The variant's PTX text.
+/// The variant's PTX text for `--arch`: the kernel of that target among
+/// the variant's GPU kernels, the ones the `sdpa` binary ships.
 fn ptx(args: &PtxArgs) -> Result<&'static str> {
-    if args.arch != ArchArg::Sm80 {
-        return Err(CliError::Usage(format!(
-            "--arch {} is not yet generated (Hopper wgmma/TMA kernels are future work); \
-             --arch sm_80 PTX runs on sm_90 GPUs too",
-            args.arch.name()
-        )));
-    }
     let variant =
         SdpaCli
             .variant_table()
             .find(args.head_size, args.causal, DType::from(args.dtype))?;
-    let kernel = variant.gpu_kernel().ok_or_else(|| {
-        CliError::Usage(format!(
-            "variant {} has no GPU kernel in this binary",
-            variant.spec()
-        ))
-    })?;
+    let target = args.arch.target();
+    let kernel = variant
+        .gpu_kernels()
+        .iter()
+        .find(|k| k.target() == target)
+        .ok_or_else(|| {
+            let has: Vec<&str> = variant
+                .gpu_kernels()
+                .iter()
+                .map(|k| k.target().name())
+                .collect();
+            // The head sizes of this dtype and causal flag that have one.
+            let spec = variant.spec();
+            let sizes: Vec<String> = SdpaCli
+                .variant_table()
+                .variants()
+                .iter()
+                .filter(|v| v.spec().dtype == spec.dtype && v.spec().causal == spec.causal)
+                .filter(|v| v.gpu_kernels().iter().any(|k| k.target() == target))
+                .map(|v| v.spec().head_size.to_string())
+                .collect();
+            CliError::Usage(format!(
+                "variant {spec} has no {} kernel (its GPU kernels: {}); {}; --arch sm_80 runs \
+                 on every GPU from sm_80 on",
+                target.name(),
+                if has.is_empty() {
+                    "none".to_owned()
+                } else {
+                    has.join(", ")
+                },
+                if sizes.is_empty() {
+                    format!("no {} variant of this binary has one", spec.dtype)
+                } else {
+                    format!("{} has one at head sizes {}", spec.dtype, sizes.join(", "))
+                }
+            ))
+        })?;
     Ok(kernel.ptx())
 }
 
@@ -113,11 +144,41 @@ mod tests {
     }
 
     #[test]
-    fn hopper_is_not_yet() {
-        let err = ptx(&args(128, false, DTypeArg::Bf16, ArchArg::Sm90a))
+    fn hopper_prints_the_kernel_that_ships() {
+        let text = ptx(&args(128, false, DTypeArg::Bf16, ArchArg::Sm90a)).unwrap();
+        assert!(
+            text.contains(".target sm_90a"),
+            "{}",
+            &text[..200.min(text.len())]
+        );
+        assert!(text.contains("wgmma"));
+        let variant = SdpaCli
+            .variant_table()
+            .find(128, false, DType::BF16)
+            .unwrap();
+        assert_eq!(Some(text), variant.gpu_kernel_sm90().map(|k| k.ptx()));
+    }
+
+    #[test]
+    fn variants_without_a_hopper_kernel_say_so() {
+        let err = ptx(&args(64, false, DTypeArg::F32, ArchArg::Sm90a))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("sm_90a is not yet"), "{err}");
+        assert!(
+            err.contains("has no sm_90a kernel (its GPU kernels: sm_80)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("no f32 variant of this binary has one"),
+            "{err}"
+        );
+        let err = ptx(&args(40, true, DTypeArg::Bf16, ArchArg::Sm90a))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bf16 has one at head sizes 48, 64, 80"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use sdpa_tests::cases::{backends, run_seed};
 use sdpa_tests::reference::{attention, backward, lse, rel_l2, RefInputs};
 
 /// The `sdpa` binary: where cargo built it, or beside this test binary (as
-/// `/work/shared/tools/gpu-pack` lays them out on a GPU host).
+/// `scripts/gpu-pack` lays them out on a GPU host).
 fn sdpa() -> PathBuf {
     let built = PathBuf::from(env!("CARGO_BIN_EXE_sdpa"));
     if built.exists() {

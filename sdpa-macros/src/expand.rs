@@ -183,6 +183,10 @@ fn gpu_kernel(gpu: &GpuKernel) -> TokenStream {
     let block_m = Literal::u32_unsuffixed(gpu.block_m);
     let threads = Literal::u32_unsuffixed(gpu.threads);
     let smem = Literal::u32_unsuffixed(gpu.smem_bytes);
+    let mask_smem = (gpu.mask_smem_bytes > 0).then(|| {
+        let bytes = Literal::u32_unsuffixed(gpu.mask_smem_bytes);
+        quote! { .with_mask_smem(#bytes) }
+    });
     let maps = gpu.tensor_maps.map(|m| {
         let q_rows = Literal::u32_unsuffixed(m.q_rows);
         let kv_rows = Literal::u32_unsuffixed(m.kv_rows);
@@ -190,6 +194,7 @@ fn gpu_kernel(gpu: &GpuKernel) -> TokenStream {
     });
     quote! {
         ::sdpa_runtime::GpuKernel::new(#ptx, #entry, #target, #block_m, #threads, #smem)
+        #mask_smem
         #maps
     }
 }

@@ -12,7 +12,8 @@ pub enum SdpaError {
     /// The head size has no compiled variant.
     #[error(
         "head size {head_size} was not declared; this binary has kernels for head sizes \
-         {declared:?}; add {head_size} to `head_sizes` in `#[sdpa_variants(...)]`"
+         {declared:?}; {}",
+        declare_advice(*.head_size)
     )]
     UndeclaredHeadSize {
         /// The head size that was asked for.
@@ -120,3 +121,59 @@ impl SdpaError {
 
 /// `Result` with [`SdpaError`].
 pub type Result<T, E = SdpaError> = std::result::Result<T, E>;
+
+/// What to declare for a head size that has no variant: the size itself
+/// where kernels can be generated for it ([`kernels_gen::check_head_size`],
+/// the rule the macro applies), else the next size that can be, with the
+/// heads zero-padded to it and the scale of the true size.
+fn declare_advice(head_size: usize) -> String {
+    use kernels_gen::{HEAD_SIZE_STEP, MAX_HEAD_SIZE, MIN_HEAD_SIZE};
+    if kernels_gen::check_head_size(head_size).is_ok() {
+        return format!("add {head_size} to `head_sizes` in `#[sdpa_variants(...)]`");
+    }
+    let rule = format!(
+        "head sizes are multiples of {HEAD_SIZE_STEP} from {MIN_HEAD_SIZE} to {MAX_HEAD_SIZE}"
+    );
+    match head_size.next_multiple_of(HEAD_SIZE_STEP) {
+        padded @ MIN_HEAD_SIZE..=MAX_HEAD_SIZE => format!(
+            "{head_size} cannot be declared ({rule}): zero-pad q, k and v to {padded}, add \
+             {padded} to `head_sizes` in `#[sdpa_variants(...)]`, pass softmax_scale \
+             1/sqrt({head_size}) and keep the first {head_size} values of each output head"
+        ),
+        _ => format!("{head_size} cannot be declared ({rule})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(head_size: usize) -> String {
+        SdpaError::UndeclaredHeadSize {
+            head_size,
+            declared: vec![64, 128],
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn undeclared_head_sizes_suggest_only_sizes_that_can_be_declared() {
+        assert!(message(96).ends_with("add 96 to `head_sizes` in `#[sdpa_variants(...)]`"));
+        let odd = message(100);
+        assert!(
+            odd.contains("100 cannot be declared (head sizes are multiples of 8 from 8 to 256)")
+                && odd.contains("zero-pad q, k and v to 104, add 104 to `head_sizes`")
+                && odd.contains("softmax_scale 1/sqrt(100)")
+                && !odd.contains("add 100"),
+            "{odd}"
+        );
+        assert!(message(4).contains("pad q, k and v to 8"));
+        for too_big in [0, 260, 512] {
+            let msg = message(too_big);
+            assert!(
+                msg.contains("cannot be declared") && !msg.contains("add "),
+                "{msg}"
+            );
+        }
+    }
+}

@@ -68,7 +68,9 @@ pub use storage::{
     Residence, Storage, StorageMut, TensorData,
 };
 pub use tensor::{Tensor, TensorView, TensorViewMut};
-pub use variant::{CpuBackwardFn, CpuKernelFn, GpuBackward, GpuKernel, Variant, VariantTable};
+pub use variant::{
+    CpuBackwardFn, CpuKernelFn, GpuBackward, GpuKernel, KernelFamily, Variant, VariantTable,
+};
 pub use varlen::{SeqBounds, SeqLens, VarLen};
 
 /// Re-exported for the code the macro generates and for callers building
@@ -83,7 +85,7 @@ pub use cudarc;
 pub mod prelude {
     pub use crate::{
         sdpa_variants, AttentionBackend, AttentionImpl, AttentionMetadata, AttentionParams,
-        AttnMask, BackendKind, DType, SdpaError, Tensor, TensorView, TensorViewMut,
+        AttnMask, BackendKind, DType, SdpaError, Tensor, TensorView, TensorViewMut, VarLen,
     };
     pub use half::{bf16, f16};
 }

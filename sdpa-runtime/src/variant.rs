@@ -39,6 +39,7 @@ pub struct GpuKernel {
     block_m: u32,
     threads: u32,
     smem_bytes: u32,
+    mask_smem_bytes: u32,
     tensor_maps: Option<TensorMaps>,
 }
 
@@ -61,7 +62,17 @@ impl GpuKernel {
             block_m,
             threads,
             smem_bytes,
+            mask_smem_bytes: 0,
             tensor_maps: None,
+        }
+    }
+    /// The same kernel, needing `bytes` more dynamic shared memory when a
+    /// launch passes a mask (a tile the kernel stages the mask in, last in
+    /// its shared memory and touched only then).
+    pub const fn with_mask_smem(self, bytes: u32) -> GpuKernel {
+        GpuKernel {
+            mask_smem_bytes: bytes,
+            ..self
         }
     }
     /// The same kernel, taking the tensor maps of `q`, `k` and `v` after the
@@ -94,9 +105,23 @@ impl GpuKernel {
     pub fn threads(&self) -> u32 {
         self.threads
     }
-    /// Dynamic shared memory per CTA, in bytes.
+    /// Dynamic shared memory per CTA of a launch without a mask, in bytes.
     pub fn smem_bytes(&self) -> u32 {
         self.smem_bytes
+    }
+    /// The dynamic shared memory a launch with a mask adds, in bytes (0 for
+    /// most kernels).
+    pub fn mask_smem_bytes(&self) -> u32 {
+        self.mask_smem_bytes
+    }
+    /// Dynamic shared memory per CTA of a launch with (`masked`) or
+    /// without a mask, in bytes.
+    pub fn smem_bytes_for(&self, masked: bool) -> u32 {
+        if masked {
+            self.smem_bytes.saturating_add(self.mask_smem_bytes)
+        } else {
+            self.smem_bytes
+        }
     }
     /// The tensor maps the kernel takes after the contract's parameters
     /// (their boxes' tokens; [`TensorMaps`] says how the runtime encodes
@@ -272,6 +297,60 @@ impl Variant {
     /// where this one cannot run it (see [`Variant::with_gpu_kernels`]).
     pub fn gpu_kernel_for(&self, capability: (i32, i32)) -> Option<&'static GpuKernel> {
         self.gpu_kernels_for(capability).next()
+    }
+    /// The kernel family a call of this variant runs on a machine, as `sdpa
+    /// info` reports it: the CPU kernel where there is no CUDA device
+    /// (`device` is `None`), else the target of the kernel a device of
+    /// compute capability `device` prefers ([`Variant::gpu_kernel_for`];
+    /// with `portable_only`, as `SDPA_CUDA_KERNEL=sm80` asks, the one a
+    /// device of capability 8.0 prefers). `None` where the device runs none
+    /// of the variant's GPU kernels. A call that the preferred kernel cannot
+    /// run runs the next one (see [`Variant::with_gpu_kernels`]).
+    ///
+    /// ```
+    /// use sdpa_runtime::prelude::*;
+    /// use sdpa_runtime::{KernelFamily, Target};
+    ///
+    /// #[sdpa_variants(head_sizes = [128], causal = [false], dtypes = [bf16])]
+    /// pub struct Hopper;
+    ///
+    /// let variant = Hopper.variant_table().find(128, false, DType::BF16).unwrap();
+    /// assert_eq!(variant.kernel_family(None, false), Some(KernelFamily::Cpu));
+    /// assert_eq!(variant.kernel_family(Some((9, 0)), false), Some(KernelFamily::Gpu(Target::Sm90a)));
+    /// assert_eq!(variant.kernel_family(Some((9, 0)), true), Some(KernelFamily::Gpu(Target::Sm80)));
+    /// assert_eq!(variant.kernel_family(Some((7, 5)), false), None);
+    /// ```
+    pub fn kernel_family(
+        &self,
+        device: Option<(i32, i32)>,
+        portable_only: bool,
+    ) -> Option<KernelFamily> {
+        match device {
+            None => Some(KernelFamily::Cpu),
+            Some(_) if portable_only => self.gpu_kernel().map(|k| KernelFamily::Gpu(k.target())),
+            Some(capability) => self
+                .gpu_kernel_for(capability)
+                .map(|k| KernelFamily::Gpu(k.target())),
+        }
+    }
+}
+
+/// Where a variant's forward pass runs ([`Variant::kernel_family`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelFamily {
+    /// The CPU kernel compiled for the variant.
+    Cpu,
+    /// The variant's GPU kernel for this target.
+    Gpu(Target),
+}
+
+/// `cpu`, or the GPU kernel's target (`sm_80`, `sm_90a`).
+impl std::fmt::Display for KernelFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelFamily::Cpu => f.pad("cpu"),
+            KernelFamily::Gpu(target) => f.pad(target.name()),
+        }
     }
 }
 

@@ -116,8 +116,12 @@ class Backward:
                            ("convert", ((sq + 7) // 8, hq, b))]:
             meta = self.var[part]
             grid = ((sq + meta["block_m"] - 1) // meta["block_m"], hq, b) if part != "main" else grid
-            fn, _ = self.drv.load(self.dir / f"{meta['entry']}.ptx", meta["entry"], meta["smem_bytes"])
-            self.drv.launch(fn, grid, meta["threads"], meta["smem_bytes"], args)
+            # A kernel that stages the mask in shared memory needs more with one.
+            extra = meta.get("mask_smem_bytes", 0)
+            fn, _ = self.drv.load(self.dir / f"{meta['entry']}.ptx", meta["entry"],
+                                  meta["smem_bytes"] + extra)
+            smem = meta["smem_bytes"] + (extra if mask is not None else 0)
+            self.drv.launch(fn, grid, meta["threads"], smem, args)
 
 
 def make_mask(mask_kind, elem, pad, shape, dev):

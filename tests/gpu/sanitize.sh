@@ -5,8 +5,8 @@
 # sequence lengths that are multiples of no tile, with masks and strides)
 # under compute-sanitizer, one tool at a time.
 #
-#   DIR    the packed test binaries (default .gpu-bin, as /work/shared/tools/gpu-pack
-#          makes them); the binary run is DIR/gpu_reliability.test
+#   DIR    the packed test binaries (default .gpu-bin, as scripts/gpu-pack makes
+#          them); the binary run is DIR/gpu_reliability.test
 #   TOOL   any of memcheck racecheck initcheck synccheck (default: all four)
 #
 # Prints each tool's ERROR SUMMARY line and the test harness's result line,
@@ -35,7 +35,7 @@ bin="$dir/gpu_reliability.test"
 logs=${SANITIZE_LOGS:-$dir/sanitize-logs}
 
 if [ ! -x "$bin" ]; then
-  echo "sanitize.sh: no test binary $bin; build it with /work/shared/tools/gpu-pack" >&2
+  echo "sanitize.sh: no test binary $bin; build it with scripts/gpu-pack" >&2
   exit 2
 fi
 

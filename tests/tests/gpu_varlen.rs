@@ -448,22 +448,27 @@ fn runs(sk: usize, leading: bool) -> Vec<(usize, usize)> {
 
 #[test]
 fn key_padding_masks_run_as_key_runs_forward_and_backward() {
+    // Host and device masks, forward and backward.
     let Some(stream) = stream() else { return };
     let seed = run_seed();
     let mut n = 0u64;
     for dtype in DTYPES {
         for d in [64, 128] {
             for causal in [false, true] {
-                for leading in [false, true] {
+                for (leading, on_device) in
+                    [(false, false), (true, false), (false, true), (true, true)]
+                {
                     // Leading padding under causal reads the mask instead:
-                    // both paths are judged alike.
+                    // both paths are judged alike. Host masks find their
+                    // runs on the host; device masks through the key-runs
+                    // kernel, which flags entries that must read the mask.
                     let case = Case::new(4, 45, 77, 4, d)
                         .kv_heads(2)
                         .dtype(dtype)
                         .causal(causal);
                     let elem = MaskElem::ALL[n as usize % MaskElem::ALL.len()];
                     let mask = key_padding_mask(elem, 77, &runs(77, leading));
-                    masked_any(&stream, &case, mask, false, true, seed + n);
+                    masked_any(&stream, &case, mask, on_device, true, seed + n);
                     n += 1;
                 }
             }

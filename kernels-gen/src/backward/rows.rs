@@ -210,6 +210,7 @@ fn kernel(target: Target, entry: String, k: Kernel) -> GpuKernel {
         block_m: ROWS_PER_CTA as u32,
         threads: (ROWS_PER_CTA * 32) as u32,
         smem_bytes: 0,
+        mask_smem_bytes: 0,
         tensor_maps: None,
     }
 }
@@ -217,8 +218,12 @@ fn kernel(target: Target, entry: String, k: Kernel) -> GpuKernel {
 /// The preprocess kernel: `delta = rowsum(dout ∘ out)` and `lse_log2 =
 /// lse · log2(e)` (`+inf` for `lse = -inf`) per query row.
 pub(super) fn preprocess(spec: &VariantSpec, target: Target) -> GpuKernel {
-    let entry = super::entry(spec, "pre");
-    let mut k = Kernel::new(&entry);
+    kernel(target, super::entry(spec, "pre"), preprocess_body(spec))
+}
+
+/// The instructions of [`preprocess`].
+pub(super) fn preprocess_body(spec: &VariantSpec) -> Kernel {
+    let mut k = Kernel::new(super::entry(spec, "pre"));
     k.comment(format!(
         "backward preprocess: delta = rowsum(dout * out), lse in log2; d={} {}",
         spec.head_size, spec.dtype
@@ -270,13 +275,17 @@ pub(super) fn preprocess(spec: &VariantSpec, target: Target) -> GpuKernel {
     let lse2_addr = k.bin(BinOp::Add, Ty::U64, lse2_ptr, dense4);
     store_f32_if(&mut k, lead, lse2_addr, lse2);
     k.push(Instr::Ret);
-    kernel(target, entry, k)
+    k
 }
 
 /// The conversion kernel: `dq = dq_accum · scale` in the input dtype.
 pub(super) fn convert(spec: &VariantSpec, target: Target) -> GpuKernel {
-    let entry = super::entry(spec, "dq");
-    let mut k = Kernel::new(&entry);
+    kernel(target, super::entry(spec, "dq"), convert_body(spec))
+}
+
+/// The instructions of [`convert`].
+pub(super) fn convert_body(spec: &VariantSpec) -> Kernel {
+    let mut k = Kernel::new(super::entry(spec, "dq"));
     k.comment(format!(
         "backward dq: dq = dq_accum * scale; d={} {}",
         spec.head_size, spec.dtype
@@ -299,7 +308,7 @@ pub(super) fn convert(spec: &VariantSpec, target: Target) -> GpuKernel {
         store_pair(&mut k, spec.dtype, dst, exists, v);
     }
     k.push(Instr::Ret);
-    kernel(target, entry, k)
+    k
 }
 
 #[cfg(test)]

@@ -220,6 +220,7 @@ pub(super) fn main_kernel(spec: &VariantSpec, target: Target) -> (GpuKernel, u32
         block_m: plan.block_m,
         threads: THREADS,
         smem_bytes: plan.smem_bytes(),
+        mask_smem_bytes: 0,
         tensor_maps: None,
     };
     (g, plan.block_n())

@@ -77,9 +77,10 @@ fn kernels_follow_sequences_and_read_every_mask_kind() {
 }
 
 /// Spill bytes a backward kernel may have (as `sdpa-cli/tests/ptxas.rs`
-/// allows): the 16-bit main kernel spills 8 bytes at head size 256 on
+/// allows: up to 44 bytes at d = 32 on sm_80, where ptxas picks 128
+/// registers): the 16-bit main kernel spills 8 bytes at head size 256 on
 /// sm_90 (255 registers); the allowance is meant to return to 0.
-const SPILL_BYTES_TOLERATED: u32 = 32;
+const SPILL_BYTES_TOLERATED: u32 = 48;
 
 /// The larger of the spill stores and loads `ptxas -v` reports.
 fn spill_bytes(text: &str) -> u32 {
@@ -144,4 +145,111 @@ fn assembles_without_spills() {
     }
     eprintln!("{report}(files in {})", dir.display());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// ---- the 16-bit kernels in the interpreter ----
+
+use crate::attention::mask::MaskKind;
+use crate::interp::backward::{self as harness, Backward};
+use crate::interp::forward::{case, Case, Launch, MaskShape, Seqs};
+
+/// The 16-bit backward of `c`'s variant, for the interpreter.
+fn mma_kernels(c: &Case) -> Backward {
+    let spec = VariantSpec::new(c.d, c.causal, c.dtype).unwrap();
+    let cfg = mma::MmaBackwardConfig::new(&spec);
+    let rows = |k: &GpuKernel| Launch {
+        threads: k.threads as usize,
+        block_m: k.block_m as usize,
+        smem_bytes: k.smem_bytes as usize,
+    };
+    let pre = rows::preprocess(&spec, Target::Sm80);
+    let convert = rows::convert(&spec, Target::Sm80);
+    Backward {
+        pre: (rows::preprocess_body(&spec), rows(&pre)),
+        main: (
+            mma::main_body(&spec, cfg),
+            Launch {
+                threads: cfg.threads(),
+                block_m: cfg.block_m,
+                // A launch without a mask has no bias tile: the interpreter
+                // refuses any access to it.
+                smem_bytes: cfg.smem_bytes()
+                    + if c.mask == MaskShape::None {
+                        0
+                    } else {
+                        cfg.mask_smem_bytes()
+                    },
+            },
+        ),
+        block_n: cfg.block_n,
+        convert: (rows::convert_body(&spec), rows(&convert)),
+    }
+}
+
+/// Runs the 16-bit backward of `c` against the reference gradients.
+fn check_mma(c: Case) -> [f64; 3] {
+    let errs = harness::check(c, &mma_kernels(&c));
+    let tol = if c.dtype == DType::BF16 { 1e-2 } else { 2e-3 };
+    assert!(
+        errs.iter().all(|&e| e <= tol),
+        "{c:?}: dq, dk, dv errors {errs:?}"
+    );
+    errs
+}
+
+#[test]
+fn interpreted_mma_backward_matches_the_reference() {
+    // Two query blocks and two key blocks (the dq counters hand over), GQA
+    // (4 query heads over 2), ragged ends.
+    for (d, dtype) in [(64, DType::BF16), (128, DType::F16)] {
+        for causal in [false, true] {
+            check_mma(case(d, causal, dtype, 70, 140));
+        }
+    }
+    // The k8 tail; two warps per key tile above 128; Sq > Sk causal, MQA.
+    check_mma(case(40, true, DType::F16, 33, 50));
+    check_mma(case(256, false, DType::BF16, 20, 70));
+    let mut c = case(64, true, DType::BF16, 150, 30);
+    c.hkv = 1;
+    c.b = 1;
+    check_mma(c);
+}
+
+#[test]
+fn interpreted_mma_backward_over_sequences() {
+    // Packed cu_seqlens (batch strides 0) with an empty query and an empty
+    // key sequence, one longer than a block; key runs over a padded layout
+    // (its NaN padding never read).
+    for causal in [false, true] {
+        let mut c = case(64, causal, DType::BF16, 0, 0);
+        c.b = 4;
+        c.seqs = Seqs::Packed {
+            q: [37, 0, 100, 5],
+            k: [45, 12, 140, 0],
+        };
+        check_mma(c);
+        let mut c = case(64, causal, DType::F16, 40, 150);
+        c.seqs = Seqs::KeyRuns {
+            k: [(5, 140), (150, 150)],
+        };
+        check_mma(c);
+    }
+}
+
+#[test]
+fn interpreted_mma_backward_with_masks() {
+    for (shape, kind, pad, causal) in [
+        (MaskShape::Dense, MaskKind::F32, 0, false),
+        (MaskShape::Dense, MaskKind::Bf16, 3, true),
+        (MaskShape::PerBatch, MaskKind::F16, 0, false),
+        (MaskShape::Keys, MaskKind::U8, 5, false),
+        (MaskShape::Keys, MaskKind::I32, 0, true),
+        (MaskShape::Dense, MaskKind::I64, 9, false),
+    ] {
+        let mut c = case(64, causal, DType::BF16, 40, 140);
+        c.mask = shape;
+        c.mask_kind = kind;
+        c.mask_pad = pad;
+        check_mma(c);
+    }
 }

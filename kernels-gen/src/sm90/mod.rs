@@ -131,6 +131,7 @@ pub fn generate_with(cfg: Sm90Config) -> GpuKernel {
         block_m: cfg.block_m() as u32,
         threads: cfg.threads() as u32,
         smem_bytes: cfg.smem_bytes() as u32,
+        mask_smem_bytes: 0,
         tensor_maps: Some(TensorMaps {
             q_rows: cfg.block_m() as u32,
             kv_rows: cfg.block_n() as u32,

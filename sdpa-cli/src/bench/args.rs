@@ -54,6 +54,17 @@ pub struct BenchArgs {
     /// tflops, plus batch, heads_q, heads_kv, seq_q, seq_k, head_size.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Also draw the results as a bar chart in FILE (SVG): throughput per
+    /// case, one bar per pass (not with --world-size).
+    #[arg(long, value_name = "FILE.svg", conflicts_with = "world_size")]
+    pub plot: Option<PathBuf>,
+    /// With --plot: draw torch's results from FILE beside ours, one bar per
+    /// torch backend. FILE is a JSON array of objects with the fields shape,
+    /// backend and tflops (as docs/bench/torch_gpu_masked.py writes them);
+    /// rows match cases by shape "BxHqxSqxSkxD", and by dtype and causal
+    /// where a row has them.
+    #[arg(long, value_name = "FILE", requires = "plot")]
+    pub compare: Option<PathBuf>,
     /// Untimed passes before timing [default: as many as fit in 150 ms, at
     /// least 1].
     #[arg(long, value_name = "N")]

@@ -8,8 +8,12 @@
 //! - [`single`]: the forward (or backward) pass on one device (CPU or
 //!   CUDA device 0);
 //! - [`sp`]: sequence-parallel attention on `--world-size` ranks;
+//! - [`plot`]: the results as an SVG bar chart (`--plot`), beside torch's
+//!   (`--compare`);
 //! - [`workload`]: masks (`--mask`) and packed variable-length batches
-//!   (`--varlen`), and the useful FLOPs they count.
+//!   (`--varlen`), and the useful FLOPs they count;
+//! - [`extra`]: a case's mask or offsets, drawn once, on the host or the
+//!   device.
 //!
 //! Imports go one way: `single` and `sp` use `args` and `timing`, and this
 //! module dispatches to them.
@@ -23,6 +27,8 @@
 //! two cores.
 
 mod args;
+mod extra;
+mod plot;
 mod single;
 mod sp;
 mod timing;

@@ -27,8 +27,9 @@ use sdpa_runtime::{
 };
 
 use super::args::{cases, has_shape_flags, BenchArgs, Case};
+use super::extra::HostExtra;
+use super::plot::{Group, PlotRequest};
 use super::timing::{throughput, time_passes, write_json, Budget, Timing, SEED, SINGLE, TABLE};
-use super::workload::HostExtra;
 use crate::error::{CliError, Result};
 use crate::presets::Shape;
 use sdpa_cli::variants::SdpaCli;
@@ -89,6 +90,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let table = Table::new(&cases, args.backward);
     table.header();
     let mut records = Vec::with_capacity(cases.len());
+    let mut groups = Vec::with_capacity(cases.len());
     for (case, layer) in cases.iter().zip(&layers) {
         let timings = if args.backward {
             let [backward, both] =
@@ -101,10 +103,22 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let forward = time_case(case, layer, backend, args.warmup, args.iters, budget)?;
             vec![("forward", 1.0, forward)]
         };
+        let mut group = Group {
+            label: match case.preset {
+                Some(name) => format!("{name} {}", case.dtype),
+                None if case.shape.causal => format!("{} causal {}", label(case), case.dtype),
+                None => format!("{} {}", label(case), case.dtype),
+            },
+            dims: case.shape.dims(),
+            dtype: case.dtype,
+            causal: case.shape.causal,
+            bars: Vec::new(),
+        };
         for (pass, times_forward, timing) in timings {
             let seconds = timing.median.as_secs_f64();
             let flops_per_s = case.flops() * times_forward / seconds;
             table.row(case, pass, backend, &timing, flops_per_s);
+            group.bars.push((pass.to_owned(), flops_per_s / 1e12));
             records.push(Record {
                 shape: case.shape.dims(),
                 workload: case.workload(),
@@ -122,6 +136,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 head_size: case.shape.head_size,
             });
         }
+        groups.push(group);
     }
     if args.preset.is_none() && !has_shape_flags(args) && backend == BackendKind::Cpu {
         println!(
@@ -149,6 +164,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if let Some(path) = &args.json {
         write_json(path, &records)?;
+    }
+    if let Some(svg) = &args.plot {
+        let request = PlotRequest {
+            svg: svg.clone(),
+            compare: args.compare.clone(),
+        };
+        request.write(&format!("sdpa bench, {backend} backend"), groups)?;
     }
     Ok(())
 }
@@ -224,7 +246,8 @@ fn time_case(
     time_passes(pass, warmup, iters, budget)
 }
 
-/// The backward's FLOPs as a multiple of the forward's (DESIGN.md).
+/// The backward's FLOPs as a multiple of the forward's (as FlashAttention's
+/// benchmarks count them).
 const BACKWARD_FLOPS: f64 = 2.5;
 
 /// Times the backward pass alone and the forward (with the log-sum-exp)

@@ -624,7 +624,7 @@ fn launch(
             _ => return Err(not_here(name)),
         }
     }
-    let reads = seqs::prepare(p, backward.causal, stream)?;
+    let reads = seqs::prepare(p, backward.causal, seqs::Reader::Backward, stream)?;
     if reads.hides_keys_by_runs() {
         // The kernels write the `dk`, `dv` rows of each sequence's keys
         // only: the keys outside the runs get their zeros here, first.
@@ -734,11 +734,17 @@ fn launch(
         .iter()
         .map(|k| module_cache::function(ctx, k))
         .collect::<Result<Vec<_>>>()?;
+    let masked = call.ptrs.mask != 0;
+    if masked {
+        for kernel in launches {
+            module_cache::check_masked_smem(ctx, kernel)?;
+        }
+    }
     for ((kernel, function), grid) in launches.iter().zip(&functions).zip(grids) {
         let cfg = LaunchConfig {
             grid_dim: grid,
             block_dim: (kernel.threads(), 1, 1),
-            shared_mem_bytes: kernel.smem_bytes(),
+            shared_mem_bytes: kernel.smem_bytes_for(masked),
         };
         let mut builder = stream.launch_builder(function);
         for (_, arg) in &args {
@@ -819,9 +825,13 @@ fn launch(
         //   Hq, B)` for the row kernels, `(ceil(Sk / block_n), Hkv, B)` for
         //   the main one, within the driver's limits), none empty since the
         //   problem is not, and the kernels guard rows and keys past their
-        //   sequence (at most `Sq`, `Sk`: the scratch buffers' local rows); `threads` and `smem_bytes` are each kernel's own, and
-        //   each function's shared-memory limit was raised to its
-        //   `smem_bytes` when it was loaded;
+        //   sequence (at most `Sq`, `Sk`: the scratch buffers' local
+        //   rows); `threads` is each kernel's own, and the dynamic shared
+        //   memory is its `smem_bytes_for(masked)`: a kernel's mask tile
+        //   lies last and is touched only with a mask, a masked launch's
+        //   size was checked against the device (`check_masked_smem`), and
+        //   each function's limit was raised to its masked size (or its
+        //   unmasked one where the device allows no more) when loaded;
         // - the three launches are queued in order on one stream, so each
         //   kernel sees everything the previous one wrote (the main kernel
         //   reads `lse_log2` and `delta`, the conversion reads the complete
@@ -832,7 +842,7 @@ fn launch(
                     "launching {} with grid {grid:?}, {} threads, {} bytes of shared memory",
                     kernel.entry(),
                     kernel.threads(),
-                    kernel.smem_bytes()
+                    kernel.smem_bytes_for(masked)
                 ),
                 e,
             )

@@ -189,7 +189,7 @@ fn launch_on(
     out: &mut TensorViewMut<'_>,
     lse: Option<&mut TensorViewMut<'_>>,
 ) -> Result<&'static GpuKernel> {
-    let reads = seqs::prepare(p, kernels.causal(), stream)?;
+    let reads = seqs::prepare(p, kernels.causal(), seqs::Reader::Forward, stream)?;
     launch::attention(kernels, stream, p, out, &reads, lse)
 }
 

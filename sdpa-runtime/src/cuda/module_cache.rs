@@ -123,6 +123,40 @@ pub(crate) fn function(ctx: &Arc<CudaContext>, kernel: &GpuKernel) -> Result<Cud
     Ok(function)
 }
 
+/// The most dynamic shared memory a block of `ctx`'s device may opt in to.
+fn smem_limit(ctx: &Arc<CudaContext>) -> Result<i32> {
+    ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_err(|e| {
+            SdpaError::cuda(
+                format_args!("reading device {}'s shared memory", ctx.ordinal()),
+                e,
+            )
+        })
+}
+
+/// Refuses a launch of `kernel` with a mask on `ctx`'s device where the
+/// shared memory it then needs ([`GpuKernel::smem_bytes_for`]) is more than
+/// the device allows a block.
+pub(crate) fn check_masked_smem(ctx: &Arc<CudaContext>, kernel: &GpuKernel) -> Result<()> {
+    let need = kernel.smem_bytes_for(true);
+    if need <= DEFAULT_SMEM_LIMIT || kernel.mask_smem_bytes() == 0 {
+        return Ok(());
+    }
+    let limit = smem_limit(ctx)?;
+    if i64::from(need) > i64::from(limit) {
+        return Err(SdpaError::BackendUnavailable {
+            backend: "cuda",
+            reason: format!(
+                "with a mask, kernel {} needs {need} bytes of shared memory per block and \
+                 device {} allows {limit}; run this backward without the mask, or on the CPU",
+                kernel.entry(),
+                ctx.ordinal()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Loads the module, finds the entry point and sets its shared-memory
 /// limit, checking the kernel's needs against the device.
 fn load(ctx: &Arc<CudaContext>, kernel: &GpuKernel) -> Result<CudaFunction> {
@@ -149,13 +183,14 @@ fn load(ctx: &Arc<CudaContext>, kernel: &GpuKernel) -> Result<CudaFunction> {
         )
     })?;
 
+    // The limit covers a launch with a mask where the device allows it
+    // (kernels that stage the mask need more then), and one without at
+    // least; a masked launch past the device's limit is refused where it
+    // is made (`check_masked_smem`).
     let smem = kernel.smem_bytes();
-    if smem > DEFAULT_SMEM_LIMIT {
-        let limit = ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .map_err(|e| {
-                SdpaError::cuda(format_args!("reading device {ordinal}'s shared memory"), e)
-            })?;
+    let masked = kernel.smem_bytes_for(true);
+    if masked > DEFAULT_SMEM_LIMIT {
+        let limit = smem_limit(ctx)?;
         if i64::from(smem) > i64::from(limit) {
             return Err(SdpaError::BackendUnavailable {
                 backend: "cuda",
@@ -165,14 +200,15 @@ fn load(ctx: &Arc<CudaContext>, kernel: &GpuKernel) -> Result<CudaFunction> {
                 ),
             });
         }
+        let raise = masked.min(u32::try_from(limit).unwrap_or(u32::MAX));
         function
             .set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
+                raise as i32,
             )
             .map_err(|e| {
                 SdpaError::cuda(
-                    format_args!("raising the shared memory limit of {entry} to {smem} bytes"),
+                    format_args!("raising the shared memory limit of {entry} to {raise} bytes"),
                     e,
                 )
             })?;

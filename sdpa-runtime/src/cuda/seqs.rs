@@ -147,12 +147,25 @@ pub(crate) fn uses_key_runs(p: &Problem<'_>, causal: bool) -> bool {
     }
 }
 
+/// What a launch's kernels read of the contract's sequence parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reader {
+    /// The forward kernels: they read `mask_batches`, so key-only device
+    /// masks may run as key runs made on the device.
+    Forward,
+    /// The backward kernels: no `mask_batches`, so device masks are read
+    /// in place as they are (runs whose entries still need the mask would
+    /// shift its columns).
+    Backward,
+}
+
 /// Prepares what the kernels of `p` (`causal` as the variant) read beside
 /// the tensors, on `stream`: copies host bounds (and host masks) to the
 /// device, takes device ones in place.
 pub(crate) fn prepare<'a>(
     p: &Problem<'a>,
     causal: bool,
+    reader: Reader,
     stream: &Arc<CudaStream>,
 ) -> Result<Reads<'a>> {
     let upload = |what: &str, v: &[i32]| -> Result<CudaSlice<i32>> {
@@ -184,7 +197,7 @@ pub(crate) fn prepare<'a>(
     }
     let mask = mask.map(|m| mask::prepare(m, stream)).transpose()?;
     if let (Some(m), Some(dm)) = (p.mask.as_ref(), mask.as_ref()) {
-        if key_runs::applies(p, m) {
+        if reader == Reader::Forward && key_runs::applies(p, m) {
             k = key_runs::derive(p, dm, causal, stream)?;
         }
     }
