@@ -35,7 +35,7 @@
 //!   transposed view costs no copy. The head dimension must be contiguous
 //!   (stride 1); a tensor whose head dimension is not is made contiguous
 //!   first (a copy), as are `k` / `v` broadcast along the head dimension.
-//! - **Masks**: as [`AttnMask`](sdpa_runtime::AttnMask) takes them (`[B, Sk]`,
+//! - **Masks**: as [`AttnMask`] takes them (`[B, Sk]`,
 //!   `[B, Sq, Sk]` or `[B, H, Sq, Sk]`; `u8`, `i32`, `i64` non-zero = attend;
 //!   `f32`, `f16`, `bf16` added to the scores). `u32` and `i16` masks are
 //!   widened to `i64`, `f64` masks narrowed to `f32`; a mask that is not
