@@ -74,11 +74,7 @@ fn packed<T: Element>(
     let want = x.reference(pc);
     let case = pc.case();
     let (qs, ks, ls) = (pc.q_shape(), pc.k_shape(), pc.lse_shape());
-    let (nq, nk, nl) = (
-        qs.iter().product::<usize>(),
-        ks.iter().product::<usize>(),
-        ls.iter().product::<usize>(),
-    );
+    let (nq, nl) = (qs.iter().product::<usize>(), ls.iter().product::<usize>());
     let nan = T::from_f32(f32::NAN);
     let (q, k, v) = (
         upload(stream, &x.q.buf),
@@ -141,14 +137,41 @@ fn packed<T: Element>(
         return Err("lse differs from the reference (see the panic above)".into());
     }
 
+    let grads = gradients_on_device(
+        stream,
+        &layer,
+        [&qv, &kv, &vv],
+        &meta,
+        [&out, &dout],
+        &lse,
+        [qs, ks, ls],
+    )?;
+    judge_grads(&case, &want, &grads, grad_tolerance(pc.dtype)).map(drop)
+}
+
+/// The backward of `layer` on the device into NaN-poisoned gradients of
+/// shapes `qs` (dq) and `ks` (dk, dv), read back as f64.
+#[allow(clippy::too_many_arguments)]
+fn gradients_on_device<T: Element>(
+    stream: &Arc<CudaStream>,
+    layer: &sdpa_runtime::SdpaImpl,
+    [qv, kv, vv]: [&TensorView<'_>; 3],
+    meta: &AttentionMetadata<'_>,
+    [out, dout]: [&CudaSlice<T>; 2],
+    lse: &CudaSlice<f32>,
+    [qs, ks, ls]: [[usize; 4]; 3],
+) -> Result<Grads, String> {
+    let err = |e: SdpaError| e.to_string();
+    let nan = T::from_f32(f32::NAN);
+    let (nq, nk) = (qs.iter().product(), ks.iter().product());
     let mut dq = upload(stream, &vec![nan; nq]);
     let mut dk = upload(stream, &vec![nan; nk]);
     let mut dv = upload(stream, &vec![nan; nk]);
     {
         let inputs = BackwardInputs {
-            out: TensorView::from_cuda(&out, qs).map_err(err)?,
-            dout: TensorView::from_cuda(&dout, qs).map_err(err)?,
-            lse: TensorView::from_cuda(&lse, ls).map_err(err)?,
+            out: TensorView::from_cuda(out, qs).map_err(err)?,
+            dout: TensorView::from_cuda(dout, qs).map_err(err)?,
+            lse: TensorView::from_cuda(lse, ls).map_err(err)?,
         };
         let mut g = Gradients {
             dq: TensorViewMut::from_cuda(&mut dq, qs).map_err(err)?,
@@ -156,15 +179,14 @@ fn packed<T: Element>(
             dv: TensorViewMut::from_cuda(&mut dv, ks).map_err(err)?,
         };
         layer
-            .backward_into(&qv, &kv, &vv, &meta, &inputs, &mut g)
+            .backward_into(qv, kv, vv, meta, &inputs, &mut g)
             .map_err(|e| format!("backward: {e}"))?;
     }
-    let grads = Grads {
+    Ok(Grads {
         dq: to_f64(&down(stream, &dq, nq)),
         dk: to_f64(&down(stream, &dk, nk)),
         dv: to_f64(&down(stream, &dv, nk)),
-    };
-    judge_grads(&case, &want, &grads, grad_tolerance(pc.dtype)).map(drop)
+    })
 }
 
 fn packed_any(stream: &Arc<CudaStream>, pc: &PackedCase, cu: Cu, seed: u64) {
@@ -346,11 +368,7 @@ fn masked<T: Element>(
     };
     let meta = AttentionMetadata::new(0).with_mask(attn_mask);
     let layer = VarlenAttention.build_impl(case.params()).map_err(err)?;
-    let (nq, nk, nl) = (
-        qs.iter().product::<usize>(),
-        ks.iter().product::<usize>(),
-        ls.iter().product::<usize>(),
-    );
+    let (nq, nl) = (qs.iter().product::<usize>(), ls.iter().product::<usize>());
     let nan = T::from_f32(f32::NAN);
     let (q, k, v) = (
         upload(stream, &x.q.buf),
@@ -385,29 +403,15 @@ fn masked<T: Element>(
         return Ok(());
     }
     let dout = upload(stream, &t.dout.buf);
-    let mut dq = upload(stream, &vec![nan; nq]);
-    let mut dk = upload(stream, &vec![nan; nk]);
-    let mut dv = upload(stream, &vec![nan; nk]);
-    {
-        let inputs = BackwardInputs {
-            out: TensorView::from_cuda(&out, qs).map_err(err)?,
-            dout: TensorView::from_cuda(&dout, qs).map_err(err)?,
-            lse: TensorView::from_cuda(&lse, ls).map_err(err)?,
-        };
-        let mut g = Gradients {
-            dq: TensorViewMut::from_cuda(&mut dq, qs).map_err(err)?,
-            dk: TensorViewMut::from_cuda(&mut dk, ks).map_err(err)?,
-            dv: TensorViewMut::from_cuda(&mut dv, ks).map_err(err)?,
-        };
-        layer
-            .backward_into(&qv, &kv, &vv, &meta, &inputs, &mut g)
-            .map_err(|e| format!("backward: {e}"))?;
-    }
-    let grads = Grads {
-        dq: to_f64(&down(stream, &dq, nq)),
-        dk: to_f64(&down(stream, &dk, nk)),
-        dv: to_f64(&down(stream, &dv, nk)),
-    };
+    let grads = gradients_on_device(
+        stream,
+        &layer,
+        [&qv, &kv, &vv],
+        &meta,
+        [&out, &dout],
+        &lse,
+        [qs, ks, ls],
+    )?;
     judge_grads(case, &want, &grads, grad_tolerance(case.dtype)).map(drop)
 }
 
