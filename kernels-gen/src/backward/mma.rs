@@ -235,6 +235,20 @@ pub(super) fn main_body(spec: &VariantSpec, cfg: MmaBackwardConfig) -> Kernel {
     .emit()
 }
 
+/// Reads `u32` slot `i` of the sequence bounds the CTA keeps in shared
+/// memory at byte `sm_seqs` (0 the rows, 1 the keys, 2 the first query's
+/// token, 3 the first key's, 4 the query blocks, 5 the steps).
+fn seq_slot(k: &mut Kernel, smem: Reg, sm_seqs: usize, i: usize) -> Reg {
+    let dst = k.reg(Ty::U32);
+    k.push(Instr::Ld {
+        space: StateSpace::Shared,
+        ty: Ty::U32,
+        dst: vec![dst],
+        addr: Addr::at(smem, (sm_seqs + 4 * i) as i64),
+    });
+    dst
+}
+
 fn u(x: usize) -> Operand {
     Operand::U(x as u64)
 }
@@ -514,16 +528,7 @@ impl Emitter {
         let [msb, msh, msq] = params.strides(k, "mask");
         let mask_ptr = params.get(k, "mask");
         let pad = params.get(k, "mask_pad");
-        let [seq_q, seq_k] = [0, 1].map(|i| {
-            let dst = k.reg(Ty::U32);
-            k.push(Instr::Ld {
-                space: StateSpace::Shared,
-                ty: Ty::U32,
-                dst: vec![dst],
-                addr: Addr::at(smem, (sm_seqs + 4 * i) as i64),
-            });
-            dst
-        });
+        let [seq_q, seq_k] = [0, 1].map(|i| seq_slot(k, smem, sm_seqs, i));
         // Thread: key j0 + tid % block_n, rows tid / block_n + pass ·
         // rows_per_pass.
         let jj = k.bin(BinOp::And, Ty::U32, tid, u(bn - 1));
@@ -704,16 +709,7 @@ impl Emitter {
         k.push(Instr::BarSync(0));
         // Reads one of them: 0 the rows, 1 the keys, 2 the first query's
         // token, 3 the first key's, 4 the query blocks, 5 the steps.
-        let seq_of = move |k: &mut Kernel, i: usize| {
-            let dst = k.reg(Ty::U32);
-            k.push(Instr::Ld {
-                space: StateSpace::Shared,
-                ty: Ty::U32,
-                dst: vec![dst],
-                addr: Addr::at(smem, (sm_seqs + 4 * i) as i64),
-            });
-            dst
-        };
+        let seq_of = move |k: &mut Kernel, i: usize| seq_slot(k, smem, sm_seqs, i);
 
         let head0 = k.bin(BinOp::Mul, Ty::U32, kv_head, group);
         let batch64 = k.cvt(None, Ty::U64, Ty::U32, batch);
