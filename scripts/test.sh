@@ -3,7 +3,8 @@
 # include the MSRV check: clippy's incompatible_msrv against the workspace's
 # rust-version), import circles between source files, then every test,
 # doctest and compile-fail case of the workspace, with ptxas at hand so that
-# every declared variant's PTX is assembled for sm_80 and sm_90; then the
+# every declared variant's PTX is assembled for sm_80 and sm_90; a crate
+# outside the repository built against sdpa-runtime and sdpa-candle; then the
 # API docs (warnings are errors) and the crates.io packages, each built from
 # its packaged sources as a user of the registry would get it.
 set -euo pipefail
@@ -44,6 +45,8 @@ ensure_ptxas
 echo "== ptxas: ${SDPA_PTXAS:-none}"
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== a crate outside the repository using sdpa-runtime and sdpa-candle by path"
+scripts/consumer-check
 echo "== cargo doc (offline, no GPU; warnings are errors)"
 # Allowed for now: five doc links from public items to private ones, in
 # kernels-gen/src/backward/mma.rs and sdpa-runtime/src/cpu/backward.rs
@@ -61,7 +64,7 @@ echo "== cargo package (the published crates, built from their packaged sources)
 # both first, so that each run verifies the sources as they are now; the
 # verification builds in a folder of its own (its dependencies stay built).
 verify_dir=target/package-verify
-for crate in kernels-gen sdpa-macros sdpa-runtime sdpa-cli; do
+for crate in kernels-gen sdpa-macros sdpa-runtime sdpa-candle sdpa-cli; do
   rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/"$crate"-[0-9]* \
     "$verify_dir"/debug/.fingerprint/"$crate"-*
 done

@@ -30,32 +30,42 @@
 //!
 //! - **dtypes**: `f32`, `f16` and `bf16` (the layer's variants decide
 //!   which are compiled); `q`, `k`, `v` in one dtype.
-//! - **Layouts**: host tensors are read in place: the storage slice from the
+//! - **Layouts**: tensors are read in place: the storage from the
 //!   layout's start offset, with the layout's strides, so a narrowed or
 //!   transposed view costs no copy. The head dimension must be contiguous
 //!   (stride 1); a tensor whose head dimension is not is made contiguous
 //!   first (a copy), as are `k` / `v` broadcast along the head dimension.
-//! - **Masks**: as [`AttnMask`] takes them (`[B, Sk]`,
+//! - **Masks**: as [`AttnMask`](sdpa_runtime::AttnMask) takes them (`[B, Sk]`,
 //!   `[B, Sq, Sk]` or `[B, H, Sq, Sk]`; `u8`, `i32`, `i64` non-zero = attend;
 //!   `f32`, `f16`, `bf16` added to the scores). `u32` and `i16` masks are
 //!   widened to `i64`, `f64` masks narrowed to `f32`; a mask that is not
 //!   contiguous is copied. Masks get no gradient.
-//! - **Devices**: the CPU. CUDA tensors are refused with an error (this
-//!   crate has no `cuda` feature yet).
+//! - **Devices**: the CPU, and CUDA with the `cuda` feature (candle's own
+//!   `cuda` feature; the README says what its build needs). On CUDA the
+//!   kernels read candle's device buffers in place and run on candle's
+//!   stream for the device; a mask may be on the host (uploaded per call)
+//!   or on the device (read in place). Without the feature, CUDA tensors
+//!   get candle's "no cuda implementation" error.
 //! - **Errors**: every [`SdpaError`](sdpa_runtime::SdpaError) comes back as a
 //!   [`candle_core::Error`] carrying its message; nothing panics on bad
 //!   input.
 
 #![warn(missing_docs)]
 
+mod host;
+mod naive;
+mod op;
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
-use sdpa_runtime::{
-    AttentionImpl, AttentionMetadata, AttnMask, BackwardInputs, Element, Gradients, MaskData,
-    SdpaImpl, TensorView, TensorViewMut,
-};
+use candle_core::{DType, Tensor};
+use sdpa_runtime::SdpaImpl;
+
+pub use naive::naive_attention;
+use op::SdpaOp;
 
 /// The runtime whose layers [`forward`] runs (build them from a type
 /// declared with `#[sdpa_variants(...)]`; the declaring crate depends on
@@ -125,7 +135,7 @@ pub fn forward(
 
 /// `t`, or a contiguous copy where its head dimension has a stride other
 /// than 1 (a transpose that moved the head dimension, a broadcast).
-fn head_contiguous(t: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn head_contiguous(t: &Tensor) -> candle_core::Result<Tensor> {
     let d = t.dims().last().copied().unwrap_or(1);
     if d > 1 && t.stride().last() != Some(&1) {
         t.contiguous()
@@ -147,287 +157,4 @@ fn prepare_mask(mask: &Tensor) -> candle_core::Result<Tensor> {
         ),
     };
     mask.contiguous()
-}
-
-/// Maps sdpa's error into candle's, keeping its message.
-fn err(e: sdpa_runtime::SdpaError) -> candle_core::Error {
-    candle_core::Error::wrap(e)
-}
-
-/// The custom op: the layer, the mask, and the forward's row log-sum-exp
-/// for the backward.
-struct SdpaOp {
-    layer: SdpaImpl,
-    mask: Option<Tensor>,
-    keep_lse: bool,
-    lse: Mutex<Option<sdpa_runtime::Tensor>>,
-}
-
-/// The four dimensions of a rank-4 layout.
-fn dims4(layout: &Layout) -> candle_core::Result<[usize; 4]> {
-    layout.dims().try_into().map_err(|_| {
-        candle_core::Error::msg(format!(
-            "sdpa: rank-4 tensor expected, got {:?}",
-            layout.dims()
-        ))
-    })
-}
-
-/// A view of host storage through a candle layout, without a copy.
-fn host_view<'a, T: Element + WithDType>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<TensorView<'a>> {
-    let data = storage.as_slice::<T>()?;
-    let shape = dims4(layout)?;
-    let strides: [usize; 4] = layout
-        .stride()
-        .try_into()
-        .map_err(candle_core::Error::wrap)?;
-    let data = data.get(layout.start_offset()..).unwrap_or(&[]);
-    TensorView::with_strides(data, shape, strides).map_err(err)
-}
-
-/// The mask's elements as sdpa reads them, borrowed from candle's storage.
-fn host_mask<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<AttnMask<'a>> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::msg("sdpa: the mask must be contiguous"))?;
-    let data = match storage {
-        CpuStorage::U8(s) => MaskData::U8(&s[start..end]),
-        CpuStorage::I32(s) => MaskData::I32(&s[start..end]),
-        CpuStorage::I64(s) => MaskData::I64(&s[start..end]),
-        CpuStorage::F32(s) => MaskData::F32(&s[start..end]),
-        CpuStorage::F16(s) => MaskData::F16(&s[start..end]),
-        CpuStorage::BF16(s) => MaskData::BF16(&s[start..end]),
-        other => candle_core::bail!("sdpa: a mask of dtype {:?} is not supported", other.dtype()),
-    };
-    AttnMask::new(data, layout.dims()).map_err(err)
-}
-
-impl SdpaOp {
-    /// Runs `f` with the metadata holding the mask, read in place.
-    fn with_metadata<R>(
-        &self,
-        f: impl FnOnce(&AttentionMetadata<'_>) -> candle_core::Result<R>,
-    ) -> candle_core::Result<R> {
-        let Some(mask) = &self.mask else {
-            return f(&AttentionMetadata::default());
-        };
-        let (storage, layout) = mask.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => {
-                let meta = AttentionMetadata::default().with_mask(host_mask(s, layout)?);
-                f(&meta)
-            }
-            _ => candle_core::bail!(
-                "sdpa: the mask is on {:?}; this build runs host tensors only",
-                mask.device().location()
-            ),
-        }
-    }
-
-    fn cpu_forward<T: Element + WithDType>(
-        &self,
-        (s1, l1): (&CpuStorage, &Layout),
-        (s2, l2): (&CpuStorage, &Layout),
-        (s3, l3): (&CpuStorage, &Layout),
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let q = host_view::<T>(s1, l1)?;
-        let k = host_view::<T>(s2, l2)?;
-        let v = host_view::<T>(s3, l3)?;
-        let [b, sq, hq, d] = q.layout().shape();
-        let mut out = vec![T::zero(); b * sq * hq * d];
-        self.with_metadata(|meta| {
-            let mut out_view = TensorViewMut::from_slice(&mut out, [b, sq, hq, d]).map_err(err)?;
-            if self.keep_lse {
-                let mut lse = sdpa_runtime::Tensor::zeros(sdpa_runtime::DType::F32, [b, hq, sq, 1]);
-                self.layer
-                    .forward_with_lse_into(&q, &k, &v, meta, &mut out_view, &mut lse.view_mut())
-                    .map_err(err)?;
-                *self.lse.lock().map_err(candle_core::Error::msg)? = Some(lse);
-            } else {
-                self.layer
-                    .forward_into(&q, &k, &v, meta, &mut out_view)
-                    .map_err(err)?;
-            }
-            Ok(())
-        })?;
-        Ok((
-            T::to_cpu_storage_owned(out),
-            Shape::from([b, sq, hq, d].as_slice()),
-        ))
-    }
-
-    /// The gradients of `q`, `k`, `v` on the host.
-    fn cpu_backward<T: Element + WithDType>(
-        &self,
-        t: [&Tensor; 5],
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let guards: Vec<_> = t.iter().map(|t| t.storage_and_layout()).collect();
-        let mut views = Vec::with_capacity(5);
-        for (storage, layout) in &guards {
-            match &**storage {
-                Storage::Cpu(s) => views.push(host_view::<T>(s, layout)?),
-                _ => candle_core::bail!("sdpa: the backward's tensors must all be on the host"),
-            }
-        }
-        let [q, k, v, out, dout] = [views[0], views[1], views[2], views[3], views[4]];
-        let qs = q.layout().shape();
-        let ks = k.layout().shape();
-        let numel = |s: [usize; 4]| s.iter().product::<usize>();
-        let mut dq = vec![T::zero(); numel(qs)];
-        let mut dk = vec![T::zero(); numel(ks)];
-        let mut dv = vec![T::zero(); numel(ks)];
-        self.with_metadata(|meta| {
-            let kept = self.lse.lock().map_err(candle_core::Error::msg)?.take();
-            let lse = match kept {
-                Some(lse) => lse,
-                None => {
-                    self.layer
-                        .forward_with_lse(&q, &k, &v, meta)
-                        .map_err(err)?
-                        .1
-                }
-            };
-            let inputs = BackwardInputs {
-                out,
-                dout,
-                lse: lse.view(),
-            };
-            let mut grads = Gradients {
-                dq: TensorViewMut::from_slice(&mut dq, qs).map_err(err)?,
-                dk: TensorViewMut::from_slice(&mut dk, ks).map_err(err)?,
-                dv: TensorViewMut::from_slice(&mut dv, ks).map_err(err)?,
-            };
-            let result = self
-                .layer
-                .backward_into(&q, &k, &v, meta, &inputs, &mut grads);
-            // Kept for a second backward through the same graph.
-            *self.lse.lock().map_err(candle_core::Error::msg)? = Some(lse);
-            result.map_err(err)
-        })?;
-        drop(guards);
-        let device = t[0].device();
-        Ok((
-            Tensor::from_vec(dq, qs.as_slice(), device)?,
-            Tensor::from_vec(dk, ks.as_slice(), device)?,
-            Tensor::from_vec(dv, ks.as_slice(), device)?,
-        ))
-    }
-}
-
-impl CustomOp3 for SdpaOp {
-    fn name(&self) -> &'static str {
-        "sdpa"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let args = ((s1, l1), (s2, l2), (s3, l3));
-        match s1.dtype() {
-            DType::F32 => self.cpu_forward::<f32>(args.0, args.1, args.2),
-            DType::F16 => self.cpu_forward::<half::f16>(args.0, args.1, args.2),
-            DType::BF16 => self.cpu_forward::<half::bf16>(args.0, args.1, args.2),
-            other => {
-                candle_core::bail!("sdpa: dtype {other:?} is not supported; pass f32, f16 or bf16")
-            }
-        }
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        dout: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // The output gradient arrives in any layout (a broadcast for a sum).
-        let dout = head_contiguous(&dout.to_dtype(out.dtype())?)?;
-        let t = [q, k, v, out, &dout];
-        let (dq, dk, dv) = match q.dtype() {
-            DType::F32 => self.cpu_backward::<f32>(t)?,
-            DType::F16 => self.cpu_backward::<half::f16>(t)?,
-            DType::BF16 => self.cpu_backward::<half::bf16>(t)?,
-            other => {
-                candle_core::bail!("sdpa: dtype {other:?} is not supported; pass f32, f16 or bf16")
-            }
-        };
-        Ok((Some(dq), Some(dk), Some(dv)))
-    }
-}
-
-/// Candle's own attention, composed of candle ops (matmul, softmax, matmul)
-/// on `[B, S, H, D]` tensors, for comparisons: it materialises the
-/// `[B, Hq, Sq, Sk]` scores and is differentiable like any candle
-/// expression.
-///
-/// `k` and `v` heads are repeated for grouped-query attention; `causal` hides
-/// key `j` from query `i` when `j > i` (top-left, as [`forward`]); `mask` is
-/// `[B, Sk]`, `[B, Sq, Sk]` or `[B, H, Sq, Sk]` of the full key length (no
-/// front padding), integer (non-zero = attend) or floating (added to the
-/// scores). Rows that see no key give NaN here (sdpa gives zeros).
-pub fn naive_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    scale: f64,
-    causal: bool,
-) -> candle_core::Result<Tensor> {
-    let (b, sq, hq, _) = q.dims4()?;
-    let (_, sk, hkv, _) = k.dims4()?;
-    let group = hq / hkv.max(1);
-    let repeat = |t: &Tensor| -> candle_core::Result<Tensor> {
-        // [B, S, Hkv, D] -> [B, Hq, S, D], each key/value head `group` times.
-        let t = t.transpose(1, 2)?;
-        if group == 1 {
-            return t.contiguous();
-        }
-        let (b, h, s, d) = t.dims4()?;
-        t.unsqueeze(2)?
-            .broadcast_as((b, h, group, s, d))?
-            .contiguous()?
-            .reshape((b, h * group, s, d))
-    };
-    let q = q.transpose(1, 2)?.contiguous()?;
-    let (k, v) = (repeat(k)?, repeat(v)?);
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    let dtype = scores.dtype();
-    let device = scores.device().clone();
-    let neg_inf =
-        |shape: &[usize]| Tensor::full(f32::NEG_INFINITY, shape, &device)?.to_dtype(dtype);
-    if causal {
-        let hide: Vec<u8> = (0..sq)
-            .flat_map(|i| (0..sk).map(move |j| u8::from(j > i)))
-            .collect();
-        let hide = Tensor::from_vec(hide, (sq, sk), &device)?.broadcast_as(scores.shape())?;
-        scores = hide.where_cond(&neg_inf(scores.dims())?, &scores)?;
-    }
-    if let Some(mask) = mask {
-        let mask = match mask.rank() {
-            2 => mask.reshape((b, 1, 1, sk))?,
-            3 => mask.reshape((b, 1, sq, sk))?,
-            _ => mask.clone(),
-        }
-        .broadcast_as(scores.shape())?;
-        scores = if mask.dtype().is_int() {
-            mask.ne(0u32)?
-                .where_cond(&scores, &neg_inf(scores.dims())?)?
-        } else {
-            (scores + mask.to_dtype(dtype)?)?
-        };
-    }
-    let max = scores.max_keepdim(candle_core::D::Minus1)?;
-    let e = scores.broadcast_sub(&max)?.exp()?;
-    let p = e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1)?)?;
-    p.matmul(&v)?.transpose(1, 2)?.contiguous()
 }

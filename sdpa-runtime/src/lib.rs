@@ -35,6 +35,7 @@
 mod backend;
 pub mod cpu;
 pub mod cuda;
+mod cuda_libs;
 pub mod distributed;
 mod element;
 mod error;

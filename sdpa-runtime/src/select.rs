@@ -95,7 +95,7 @@ pub enum CudaProbe {
 /// Looks for a CUDA driver and devices, once per process (later calls
 /// return the first answer).
 ///
-/// `cudarc` loads `libcuda` dynamically and panics when it is missing, so
+/// `cudarc` (loading `libcuda` at run time) panics when it is missing, so
 /// the library's presence is checked first. Every CUDA path of this crate
 /// calls this before touching the driver.
 pub fn probe_cuda() -> CudaProbe {
@@ -104,9 +104,7 @@ pub fn probe_cuda() -> CudaProbe {
 }
 
 fn probe_uncached() -> CudaProbe {
-    // SAFETY: this only tries to open the driver library by its usual names
-    // (running its initialisers, as any later use would) and closes it again.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !crate::cuda_libs::driver_present() {
         return CudaProbe::Absent("no CUDA driver library (libcuda) was found".into());
     }
     if let Err(e) = cudarc::driver::result::init() {

@@ -9,7 +9,7 @@
 //!
 //! The PTX is handed to `CudaContext::load_module` as a `cudarc::nvrtc::Ptx`
 //! built from source text: the `nvrtc` feature of `cudarc` is enabled for
-//! that type alone. Nothing here compiles CUDA C; with `dynamic-loading`,
+//! that type alone. Nothing here compiles CUDA C; loaded at run time,
 //! libnvrtc would be opened only by a call into NVRTC, and there is none,
 //! so only the driver is needed at run time.
 

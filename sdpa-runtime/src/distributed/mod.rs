@@ -6,10 +6,11 @@
 //! heads, so each rank attends over the whole sequence for `H/P` heads, then
 //! trades back. The wire is a [`Communicator`]:
 //!
-//! - [`NcclCommunicator`]: CUDA devices over NCCL, either one process
-//!   driving several GPUs ([`NcclCommunicator::for_devices`], a thread per
-//!   rank) or one process per GPU ([`NcclCommunicator::for_rank`] with an
-//!   [`NcclId`] passed by the launcher).
+//! - [`NcclCommunicator`] (feature `nccl`, on by default): CUDA devices
+//!   over NCCL, either one process driving several GPUs
+//!   ([`NcclCommunicator::for_devices`], a thread per rank) or one process
+//!   per GPU ([`NcclCommunicator::for_rank`] with an [`NcclId`] passed by
+//!   the launcher).
 //! - [`ThreadCommunicator`]: ranks that are threads of one process,
 //!   exchanging host buffers; the whole layer runs without a GPU.
 //!
@@ -21,10 +22,12 @@
 mod communicator;
 mod copy;
 mod layer;
+#[cfg(feature = "nccl")]
 mod nccl;
 mod threads;
 
 pub use communicator::{CommBuffer, Communicator, Transfer};
 pub use layer::{DistributedAttention, DistributedOutput, Replicated, SequenceParallel};
+#[cfg(feature = "nccl")]
 pub use nccl::{nccl_available, NcclCommunicator, NcclId};
 pub use threads::{ThreadCommunicator, DEFAULT_TIMEOUT};

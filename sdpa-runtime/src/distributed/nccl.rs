@@ -1,7 +1,8 @@
 //! [`NcclCommunicator`]: ranks that are CUDA devices, exchanging device
 //! buffers through NCCL's grouped send and receive.
 //!
-//! NCCL is opened at run time (cudarc's dynamic loading) under the name
+//! Needs the `nccl` feature (on by default). NCCL is opened at run time
+//! (cudarc's dynamic loading) under the name
 //! `libnccl.so`; the `nvidia-nccl-cu12`/`-cu13` wheels ship it as
 //! `libnccl.so.2`, so point a `libnccl.so` link at that file from a folder on
 //! `LD_LIBRARY_PATH`. [`nccl_available`] says whether it was found.
@@ -18,8 +19,7 @@ use crate::Element;
 
 /// Whether the NCCL library can be opened.
 pub fn nccl_available() -> bool {
-    // SAFETY: only tries to open the library by its candidate names.
-    unsafe { cudarc::nccl::sys::is_culib_present() }
+    crate::cuda_libs::nccl_present()
 }
 
 fn require_nccl() -> Result<()> {
