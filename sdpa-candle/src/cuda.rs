@@ -14,7 +14,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Shape, Storage, Tensor};
 use sdpa_runtime::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits};
 use sdpa_runtime::{
-    AttentionMetadata, AttnMask, CudaMaskData, CudaRef, Element, Gradients, TensorView,
+    AttentionMetadata, AttnMask, CudaMaskData, CudaRef, Element, Gradients, SeqLens, TensorView,
     TensorViewMut,
 };
 
@@ -59,12 +59,13 @@ fn zeros<T: DeviceElement>(device: &CudaDevice, n: usize) -> candle_core::Result
     device.alloc_zeros::<T>(n.max(1))
 }
 
-/// Runs `f` with `metadata` holding a device mask read in place
+/// Runs `f` with `meta` also holding a device mask read in place
 /// (`layout` contiguous from `start` to `end`).
 pub(crate) fn with_mask<R>(
     storage: &CudaStorage,
     layout: &Layout,
     (start, end): (usize, usize),
+    meta: AttentionMetadata<'_>,
     f: impl FnOnce(&AttentionMetadata<'_>) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
     macro_rules! run {
@@ -76,7 +77,7 @@ pub(crate) fn with_mask<R>(
             let mask =
                 AttnMask::from_cuda(CudaMaskData::$kind(CudaRef::View(&elems)), layout.dims())
                     .map_err(err)?;
-            f(&AttentionMetadata::default().with_mask(mask))
+            f(&meta.with_mask(mask))
         }};
     }
     match storage.dtype() {
@@ -88,6 +89,26 @@ pub(crate) fn with_mask<R>(
         DType::BF16 => run!(half::bf16, BF16),
         other => candle_core::bail!("sdpa: a mask of dtype {other:?} is not supported"),
     }
+}
+
+/// Runs `f` with a contiguous `i32` device tensor of sequence offsets,
+/// read in place.
+pub(crate) fn with_offsets<R>(
+    offsets: &Tensor,
+    f: impl FnOnce(SeqLens<'_>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = offsets.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        candle_core::bail!("sdpa: device offsets expected");
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::msg("sdpa: cu_seqlens must be contiguous"))?;
+    let all = s.as_cuda_slice::<i32>()?;
+    let elems = all.try_slice(start..end).ok_or_else(|| {
+        candle_core::Error::msg("sdpa: the offsets' layout lies outside their buffer")
+    })?;
+    f(SeqLens::Cuda(CudaRef::View(&elems)))
 }
 
 /// The forward on the device: a new contiguous output on candle's stream.

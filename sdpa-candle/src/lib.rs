@@ -40,6 +40,9 @@
 //!   `f32`, `f16`, `bf16` added to the scores). `u32` and `i16` masks are
 //!   widened to `i64`, `f64` masks narrowed to `f32`; a mask that is not
 //!   contiguous is copied. Masks get no gradient.
+//! - **Packed sequences**: [`forward_varlen`] takes sequences of different
+//!   lengths concatenated along the tokens, with `cu_seqlens` offsets, as
+//!   `candle-flash-attn`'s `flash_attn_varlen`.
 //! - **Devices**: the CPU, and CUDA with the `cuda` feature (candle's own
 //!   `cuda` feature; the README says what its build needs). On CUDA the
 //!   kernels read candle's device buffers in place and run on candle's
@@ -65,7 +68,7 @@ use candle_core::{DType, Tensor};
 use sdpa_runtime::SdpaImpl;
 
 pub use naive::naive_attention;
-use op::SdpaOp;
+use op::{Offsets, Packed, SdpaOp};
 
 /// The runtime whose layers [`forward`] runs (build them from a type
 /// declared with `#[sdpa_variants(...)]`; the declaring crate depends on
@@ -99,12 +102,76 @@ pub fn forward(
     v: &Tensor,
     mask: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
+    check_inputs(q, k, v, 4, "[batch, seq, heads, head_dim]")?;
+    let mask = mask.map(prepare_mask).transpose()?;
+    apply(layer, q, k, v, mask, None)
+}
+
+/// Attention over packed sequences of different lengths, as
+/// `candle-flash-attn`'s `flash_attn_varlen` takes them: the sequences of a
+/// batch concatenated along the token dimension.
+///
+/// `q` is `[Tq, Hq, D]`, `k` and `v` are `[Tk, Hkv, D]`; `cu_seqlens_q` and
+/// `cu_seqlens_k` are `[B + 1]` offsets (`u32`, `i32` or `i64`, on the host
+/// or on `q`'s device): sequence `b` is query tokens
+/// `cu_seqlens_q[b]..cu_seqlens_q[b + 1]` against key tokens
+/// `cu_seqlens_k[b]..cu_seqlens_k[b + 1]`, with the causal rule (top-left)
+/// in each sequence's own positions. `max_seqlen_q` and `max_seqlen_k` are
+/// the longest sequence of each side (host offsets are checked against
+/// them; device offsets are not read by the host, and a longer sequence is
+/// cut to them). An empty sequence is allowed; a query that sees no key
+/// gets zeros. The result is a new contiguous `[Tq, Hq, D]` tensor;
+/// candle's autograd differentiates through it as through [`forward`].
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use sdpa_runtime::prelude::*;
+///
+/// #[sdpa_variants(head_sizes = [32], causal = [true], dtypes = [f32])]
+/// struct Attention;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let layer = Attention.build_impl(AttentionParams::new(4, 32).causal(true))?;
+/// // Two sequences of 5 and 11 tokens, packed into 16.
+/// let q = Tensor::randn(0f32, 1.0, (16, 4, 32), &Device::Cpu)?;
+/// let cu = Tensor::new(&[0u32, 5, 16], &Device::Cpu)?;
+/// let out = sdpa_candle::forward_varlen(&layer, &q, &q, &q, &cu, &cu, 11, 11)?;
+/// assert_eq!(out.dims(), [16, 4, 32]);
+/// # Ok(()) }
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn forward_varlen(
+    layer: &SdpaImpl,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens_q: &Tensor,
+    cu_seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+) -> candle_core::Result<Tensor> {
+    check_inputs(q, k, v, 3, "[tokens, heads, head_dim]")?;
+    let packed = Packed {
+        cu_q: offsets("cu_seqlens_q", cu_seqlens_q)?,
+        cu_k: offsets("cu_seqlens_k", cu_seqlens_k)?,
+        max_seqlen: (max_seqlen_q, max_seqlen_k),
+    };
+    // `[1, T, H, D]` views: sdpa's packed form.
+    let (q, k, v) = (q.unsqueeze(0)?, k.unsqueeze(0)?, v.unsqueeze(0)?);
+    apply(layer, &q, &k, &v, None, Some(packed))?.squeeze(0)
+}
+
+/// Checks `q`, `k`, `v` for their rank and dtype.
+fn check_inputs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rank: usize,
+    layout: &str,
+) -> candle_core::Result<()> {
     for (name, t) in [("q", q), ("k", k), ("v", v)] {
-        if t.rank() != 4 {
-            candle_core::bail!(
-                "sdpa: {name} has shape {:?}; pass [batch, seq, heads, head_dim]",
-                t.dims()
-            );
+        if t.rank() != rank {
+            candle_core::bail!("sdpa: {name} has shape {:?}; pass {layout}", t.dims());
         }
         if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
             candle_core::bail!(
@@ -113,16 +180,29 @@ pub fn forward(
             );
         }
     }
+    Ok(())
+}
+
+/// Runs the op on rank-4 `q`, `k`, `v`, tracked by autograd when any of
+/// them is.
+fn apply(
+    layer: &SdpaImpl,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<Tensor>,
+    packed: Option<Packed>,
+) -> candle_core::Result<Tensor> {
     let (q, k, v) = (
         head_contiguous(q)?,
         head_contiguous(k)?,
         head_contiguous(v)?,
     );
-    let mask = mask.map(prepare_mask).transpose()?;
     let track = q.track_op() || k.track_op() || v.track_op();
     let op = SdpaOp {
         layer: layer.clone(),
         mask,
+        packed,
         keep_lse: track,
         lse: Mutex::new(None),
     };
@@ -131,6 +211,45 @@ pub fn forward(
     } else {
         q.apply_op3_no_bwd(&k, &v, &op)
     }
+}
+
+/// A side's `cu_seqlens` as sdpa reads them: `i32` values read off a host
+/// tensor, or a contiguous `i32` device tensor.
+fn offsets(name: &str, t: &Tensor) -> candle_core::Result<Offsets> {
+    if t.rank() != 1 {
+        candle_core::bail!(
+            "sdpa: {name} has shape {:?}; pass [batch + 1] offsets",
+            t.dims()
+        );
+    }
+    if !matches!(t.dtype(), DType::U32 | DType::I32 | DType::I64) {
+        candle_core::bail!(
+            "sdpa: {name} has dtype {:?}; pass u32, i32 or i64 offsets",
+            t.dtype()
+        );
+    }
+    let t = t.detach();
+    if !t.device().is_cpu() {
+        let t = if t.dtype() == DType::I32 {
+            t
+        } else {
+            t.to_dtype(DType::I32)?
+        };
+        return Ok(Offsets::Device(t.contiguous()?));
+    }
+    let wide: Vec<i64> = match t.dtype() {
+        DType::U32 => t.to_vec1::<u32>()?.into_iter().map(i64::from).collect(),
+        DType::I32 => t.to_vec1::<i32>()?.into_iter().map(i64::from).collect(),
+        _ => t.to_vec1::<i64>()?,
+    };
+    let cu = wide
+        .into_iter()
+        .map(i32::try_from)
+        .collect::<Result<Vec<i32>, _>>()
+        .map_err(|_| {
+            candle_core::Error::msg(format!("sdpa: {name} holds an offset outside i32's range"))
+        })?;
+    Ok(Offsets::Host(cu))
 }
 
 /// `t`, or a contiguous copy where its head dimension has a stride other

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use sdpa_runtime::{
-    AttentionImpl, AttentionMetadata, BackwardInputs, Gradients, SdpaImpl, TensorView,
-    TensorViewMut,
+    AttentionImpl, AttentionMetadata, BackwardInputs, Gradients, SdpaImpl, SeqLens, TensorView,
+    TensorViewMut, VarLen,
 };
 
 use crate::host;
@@ -42,10 +42,46 @@ fn unsupported(dtype: DType) -> candle_core::Error {
     ))
 }
 
-/// The layer, the mask, and the forward's row log-sum-exp for the backward.
+/// One side's cumulative sequence lengths (`B + 1` offsets).
+pub(crate) enum Offsets {
+    /// Read off the host tensor once, when the op was made.
+    Host(Vec<i32>),
+    /// A contiguous `i32` device tensor, read in place by the kernels.
+    Device(Tensor),
+}
+
+impl Offsets {
+    /// Runs `f` with the offsets as sdpa takes them.
+    fn with<R>(
+        &self,
+        f: impl FnOnce(SeqLens<'_>) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        match self {
+            Offsets::Host(cu) => f(SeqLens::Host(cu)),
+            #[cfg(feature = "cuda")]
+            Offsets::Device(t) => crate::cuda::with_offsets(t, f),
+            #[cfg(not(feature = "cuda"))]
+            Offsets::Device(t) => candle_core::bail!(
+                "sdpa: cu_seqlens on {:?} need sdpa-candle's `cuda` feature",
+                t.device().location()
+            ),
+        }
+    }
+}
+
+/// A packed batch's offsets and longest sequences.
+pub(crate) struct Packed {
+    pub(crate) cu_q: Offsets,
+    pub(crate) cu_k: Offsets,
+    pub(crate) max_seqlen: (usize, usize),
+}
+
+/// The layer, the mask or packed batch, and the forward's row
+/// log-sum-exp for the backward.
 pub(crate) struct SdpaOp {
     pub(crate) layer: SdpaImpl,
     pub(crate) mask: Option<Tensor>,
+    pub(crate) packed: Option<Packed>,
     /// Whether the forward keeps the row log-sum-exp (autograd tracks an
     /// input).
     pub(crate) keep_lse: bool,
@@ -54,19 +90,37 @@ pub(crate) struct SdpaOp {
 
 impl SdpaOp {
     /// The row log-sum-exp's shape, `[B, Hq, Sq, 1]`, for `q`'s
-    /// `[B, Sq, Hq, D]`.
+    /// `[B, Sq, Hq, D]` (`[1, Hq, Tq, 1]` for a packed `[1, Tq, Hq, D]`).
     pub(crate) fn lse_shape(&self, [b, sq, hq, _]: [usize; 4]) -> [usize; 4] {
         [b, hq, sq, 1]
     }
 
-    /// Runs `f` with the metadata holding the mask, read in place where it
-    /// lives.
+    /// Runs `f` with the metadata holding the packed batch's offsets and
+    /// the mask, each read in place where it lives.
     fn with_metadata<R>(
         &self,
         f: impl FnOnce(&AttentionMetadata<'_>) -> candle_core::Result<R>,
     ) -> candle_core::Result<R> {
+        let Some(packed) = &self.packed else {
+            return self.with_mask(AttentionMetadata::default(), f);
+        };
+        let (max_q, max_k) = packed.max_seqlen;
+        packed.cu_q.with(|cu_q| {
+            packed.cu_k.with(|cu_k| {
+                let varlen = VarLen::new(cu_q, cu_k).with_max_seqlen(max_q, max_k);
+                self.with_mask(AttentionMetadata::default().with_varlen(varlen), f)
+            })
+        })
+    }
+
+    /// Runs `f` with `meta` and the mask, if any.
+    fn with_mask<R>(
+        &self,
+        meta: AttentionMetadata<'_>,
+        f: impl FnOnce(&AttentionMetadata<'_>) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
         let Some(mask) = &self.mask else {
-            return f(&AttentionMetadata::default());
+            return f(&meta);
         };
         let (storage, layout) = mask.storage_and_layout();
         let offsets = layout
@@ -75,10 +129,10 @@ impl SdpaOp {
         match &*storage {
             Storage::Cpu(s) => {
                 let mask = host::mask(s, layout, offsets)?;
-                f(&AttentionMetadata::default().with_mask(mask))
+                f(&meta.with_mask(mask))
             }
             #[cfg(feature = "cuda")]
-            Storage::Cuda(s) => crate::cuda::with_mask(s, layout, offsets, f),
+            Storage::Cuda(s) => crate::cuda::with_mask(s, layout, offsets, meta, f),
             #[allow(unreachable_patterns)]
             _ => candle_core::bail!(
                 "sdpa: the mask is on {:?}; this build runs host tensors{}",

@@ -105,6 +105,25 @@ impl MaskData<'_> {
         }
     }
 
+    /// The address of element `start` and the bytes of `n` elements from
+    /// it (clamped to the data).
+    fn span(&self, start: usize, n: usize) -> (*const u8, usize) {
+        fn of<T>(s: &[T], start: usize, n: usize) -> (*const u8, usize) {
+            let start = start.min(s.len());
+            let n = n.min(s.len() - start);
+            (s[start..].as_ptr().cast(), n * std::mem::size_of::<T>())
+        }
+        match self {
+            MaskData::Bool(s) => of(s, start, n),
+            MaskData::U8(s) => of(s, start, n),
+            MaskData::I32(s) => of(s, start, n),
+            MaskData::I64(s) => of(s, start, n),
+            MaskData::F32(s) => of(s, start, n),
+            MaskData::F16(s) => of(s, start, n),
+            MaskData::BF16(s) => of(s, start, n),
+        }
+    }
+
     /// Writes the additive bias of `n` consecutive elements from `start`.
     #[inline]
     fn bias_into(&self, start: usize, out: &mut [f32]) {
@@ -635,6 +654,29 @@ impl<'a> ResolvedMask<'a> {
         if n_pad < out.len() {
             data.bias_into(row + j - self.pad, &mut out[n_pad..]);
         }
+    }
+
+    /// The host memory that [`bias_row`](Self::bias_row) reads for keys
+    /// `j0..j0 + n` of query row `i` of batch `b`, head `h`: its first byte
+    /// and its length in bytes (0 where the keys are all front padding, or
+    /// for a device mask). For prefetching: the address is never read.
+    pub fn row_span(
+        &self,
+        b: usize,
+        h: usize,
+        i: usize,
+        j0: usize,
+        n: usize,
+    ) -> (*const u8, usize) {
+        let MaskElems::Host(data) = &self.data else {
+            return (std::ptr::null(), 0);
+        };
+        let row = b * self.stride_b + h * self.stride_h + i * self.stride_q;
+        let n_pad = self.pad.saturating_sub(j0).min(n);
+        if n_pad == n {
+            return (std::ptr::null(), 0);
+        }
+        data.span(row + j0 + n_pad - self.pad, n - n_pad)
     }
 
     /// The first row, as `[b, h, i]` in the mask's own (possibly

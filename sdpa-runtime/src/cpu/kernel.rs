@@ -850,6 +850,33 @@ fn prefetch_row<S: Simd, const D: usize>(
     }
 }
 
+/// Prefetches the mask elements that query rows `rows` of batch entry `b`,
+/// head `h` read for keys `j0..j0 + n`: a dense mask's tile of a panel is
+/// `PANEL` rows a key stride apart, which the hardware prefetcher does not
+/// follow, and a mask too large for the caches would stall every panel on
+/// them.
+#[inline(always)]
+fn prefetch_mask<S: Simd>(
+    s: S,
+    mask: &ResolvedMask<'_>,
+    (b, h): (usize, usize),
+    rows: std::ops::Range<usize>,
+    j0: usize,
+    n: usize,
+) {
+    for i in rows {
+        let (p, len) = mask.row_span(b, h, i, j0, n);
+        if len == 0 {
+            continue;
+        }
+        // Every line the span touches, from the one holding its first byte.
+        let first = (p as usize) & 63;
+        for line in (0..first + len).step_by(64) {
+            s.prefetch(p.wrapping_sub(first).wrapping_add(line));
+        }
+    }
+}
+
 /// Runs task `task` of `ctx`: rows `qb·BQ..` of one (batch, head).
 ///
 /// `P` stores the operands and runs the two products; `MK`×`NQ` is the score tile (keys × query vectors), `R`×`CMAX` the
@@ -908,11 +935,16 @@ pub(crate) unsafe fn run_task<
     let lanes = rows.div_ceil(PANEL) * PANEL;
     let qi0 = seq.q0 + i0;
 
-    // The first key and value rows, while the queries are packed.
+    // The first key and value rows, and the first panel's mask tile, while
+    // the queries are packed.
     let key_end = seq.key_end(ctx.causal, i0 + rows);
     for j in seq.lo..(seq.lo + PREFETCH_ROWS).min(key_end) {
         prefetch_row::<S, D>(s, ctx, &ctx.k, b, seq.k0 + j, kvh);
         prefetch_row::<S, D>(s, ctx, &ctx.v, b, seq.k0 + j, kvh);
+    }
+    if let Some(mask) = &ctx.mask {
+        let n = bk.min(key_end.saturating_sub(seq.lo));
+        prefetch_mask(s, mask, (b, h), i0..i0 + PANEL.min(rows), seq.lo, n);
     }
     // Queries, packed panel-major; padding lanes are zero. `kw` (at least
     // PANEL rows of D) is free until the first key block.
@@ -976,6 +1008,18 @@ pub(crate) unsafe fn run_task<
 
         for p0 in (0..rows).step_by(PANEL) {
             let prows = PANEL.min(rows - p0);
+            // The mask tile of the next panel (of this block, else the
+            // first of the next block), read while this one computes.
+            if let Some(mask) = &ctx.mask {
+                let (np0, nj0) = if p0 + PANEL < rows {
+                    (p0 + PANEL, j0)
+                } else {
+                    (0, j0 + n)
+                };
+                let nn = bk.min(key_end.saturating_sub(nj0));
+                let next = i0 + np0..i0 + (np0 + PANEL).min(rows);
+                prefetch_mask(s, mask, (b, h), next, nj0, nn);
+            }
             // The keys of this block the panel's last row sees.
             let nk = if ctx.causal {
                 let last = i0 + p0 + prows - 1;
