@@ -4,7 +4,7 @@
 //! [`forward`] runs an sdpa layer ([`SdpaImpl`], built from a type declared
 //! with `#[sdpa_variants(...)]`) on candle tensors laid out as
 //! `[batch, seq, heads, head_dim]`, the layout of `candle-flash-attn`. It is
-//! a candle [`CustomOp3`] over `q`, `k` and `v`: [`Tensor::backward`]
+//! a candle [`CustomOp3`](candle_core::CustomOp3) over `q`, `k` and `v`: [`Tensor::backward`]
 //! differentiates through it with sdpa's backward kernels when the layer's
 //! variants were declared with `backward = true`.
 //!
