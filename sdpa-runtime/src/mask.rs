@@ -125,7 +125,9 @@ impl MaskData<'_> {
     }
 
     /// Writes the additive bias of `n` consecutive elements from `start`.
-    #[inline]
+    /// Inlined into the CPU kernels, whose instruction sets then vectorise
+    /// the conversions.
+    #[inline(always)]
     fn bias_into(&self, start: usize, out: &mut [f32]) {
         let n = out.len();
         fn hide(attend: bool) -> f32 {
@@ -642,7 +644,7 @@ impl<'a> ResolvedMask<'a> {
     ///
     /// Host masks only: the CPU backend refuses device masks before its
     /// kernels run, and this panics on one.
-    #[inline]
+    #[inline(always)]
     pub fn bias_row(&self, b: usize, h: usize, i: usize, j0: usize, out: &mut [f32]) {
         let MaskElems::Host(data) = &self.data else {
             panic!("bias_row reads host masks; a device mask reached a host reader");

@@ -173,7 +173,7 @@ struct Parts {
     m: usize,
     l: usize,
     alpha: usize,
-    row: usize,
+    bias: usize,
     total: usize,
 }
 
@@ -189,11 +189,14 @@ impl Parts {
         let kw = o + line_up((bq + r) * dp);
         let vw = kw + line_up(bk * d);
         let st = vw + line_up(bk * dp);
-        let m = st + line_up(bk * PANEL);
+        // Score rows up to a whole line of keys, for the mask's transposed
+        // adds (`bias` below).
+        let m = st + line_up(line_up(bk) * PANEL);
         let l = m + line_up(bq + PANEL);
         let alpha = l + line_up(bq + PANEL);
-        let row = alpha + line_up(bq + PANEL);
-        let total = row + line_up(bk + dp);
+        // A panel's mask bias, row-major: PANEL rows of `line_up(bk)` keys.
+        let bias = alpha + line_up(bq + PANEL);
+        let total = bias + PANEL * line_up(bk);
         Parts {
             qt,
             o,
@@ -203,7 +206,7 @@ impl Parts {
             m,
             l,
             alpha,
-            row,
+            bias,
             total,
         }
     }
@@ -910,7 +913,7 @@ pub(crate) unsafe fn run_task<
     let base = ws.as_mut_ptr().cast::<f32>();
     // SAFETY (all offsets below): the parts lie inside `ws` (checked by the
     // caller against `workspace_lines`) and do not overlap.
-    let (qt, o, kw, vw, st, mrow, lrow, alpha, tmp) = unsafe {
+    let (qt, o, kw, vw, st, mrow, lrow, alpha, bias) = unsafe {
         (
             base.add(parts.qt),
             base.add(parts.o),
@@ -920,7 +923,7 @@ pub(crate) unsafe fn run_task<
             base.add(parts.m),
             base.add(parts.l),
             base.add(parts.alpha),
-            base.add(parts.row),
+            base.add(parts.bias),
         )
     };
 
@@ -1048,16 +1051,35 @@ pub(crate) unsafe fn run_task<
                 scores::<S, P, D, MK, NQ>(s, &panel, ctx.scale)
             };
 
-            // The mask's bias, one query row at a time (whole entries
-            // only: local positions are tokens).
+            // The mask's bias (whole entries only: local positions are
+            // tokens): the panel's rows read into `bias` row-major, zeros
+            // past the panel's rows and the block's keys, then added to
+            // the scores transposed, a W×W block at a time.
             if let Some(mask) = &ctx.mask {
-                for r in 0..prows {
-                    // SAFETY: `tmp` holds bk + dp >= nk floats.
-                    let bias = unsafe { std::slice::from_raw_parts_mut(tmp, nk) };
-                    mask.bias_row(b, h, i0 + p0 + r, j0, bias);
-                    for (j, &x) in bias.iter().enumerate() {
-                        // SAFETY: score row j < nk, lane r < PANEL.
-                        unsafe { *st.add(j * PANEL + r) += x };
+                let stride = line_up(bk);
+                let nkw = nk.div_ceil(w) * w;
+                for r in 0..plan_lanes {
+                    // SAFETY: row `r < PANEL` of `bias`, `nkw <= stride`
+                    // floats.
+                    let row = unsafe { std::slice::from_raw_parts_mut(bias.add(r * stride), nkw) };
+                    let read = if r < prows { nk } else { 0 };
+                    mask.bias_row(b, h, i0 + p0 + r, j0, &mut row[..read]);
+                    row[read..].fill(0.0);
+                }
+                for r in (0..plan_lanes).step_by(w) {
+                    for j in (0..nkw).step_by(w) {
+                        // SAFETY: rows `r..r + W <= plan_lanes` of `bias`,
+                        // keys `j..j + W <= nkw`; score rows `j..j + W`
+                        // (`st` holds `line_up(bk) >= nkw` rows), lanes
+                        // `r..r + W <= PANEL`.
+                        unsafe {
+                            s.add_transposed(
+                                bias.add(r * stride + j),
+                                stride,
+                                st.add(j * PANEL + r),
+                                PANEL,
+                            )
+                        };
                     }
                 }
             }
@@ -1105,7 +1127,7 @@ pub(crate) unsafe fn run_task<
 
     // Normalise and write; a row that saw no key is zeros, as in torch.
     for r in 0..rows {
-        // SAFETY: `l` has bq entries; `o` row r has dp floats; `tmp` has D;
+        // SAFETY: `l` has bq entries; `o` row r has dp floats;
         // the output row (b, qi0 + r, h) is in bounds and this task's
         // alone, and so is lse element (b, h, qi0 + r) (checked
         // `[B, Hq, Sq, 1]` or `[1, Hq, Tq, 1]`).

@@ -76,6 +76,31 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
         let _ = p;
     }
 
+    /// Adds a `W`×`W` block of floats transposed:
+    /// `dst[c·dst_stride + r] += src[r·src_stride + c]` for `r, c < W`
+    /// (strides in floats). The portable form; the x86 sets transpose in
+    /// registers.
+    ///
+    /// # Safety
+    /// `W` rows of `W` floats from `src` (a row every `src_stride`) are
+    /// readable, and from `dst` (every `dst_stride`) readable and writable;
+    /// the two do not overlap.
+    #[inline(always)]
+    unsafe fn add_transposed(
+        self,
+        src: *const f32,
+        src_stride: usize,
+        dst: *mut f32,
+        dst_stride: usize,
+    ) {
+        for c in 0..Self::W {
+            for r in 0..Self::W {
+                // SAFETY: the caller's contract.
+                unsafe { *dst.add(c * dst_stride + r) += *src.add(r * src_stride + c) };
+            }
+        }
+    }
+
     /// Widens 8 `bf16` (as raw bits) to `f32`.
     ///
     /// # Safety
@@ -468,6 +493,49 @@ mod x86 {
                 )
             }
         }
+        #[inline(always)]
+        unsafe fn add_transposed(
+            self,
+            src: *const f32,
+            src_stride: usize,
+            dst: *mut f32,
+            dst_stride: usize,
+        ) {
+            // An 8×8 transpose: pairs of rows interleaved, then pairs of
+            // pairs, then the 128-bit halves.
+            unsafe {
+                let r: [__m256; 8] =
+                    std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * src_stride)));
+                let t: [__m256; 8] = std::array::from_fn(|i| {
+                    let (a, b) = (r[i & !1], r[i | 1]);
+                    if i % 2 == 0 {
+                        _mm256_unpacklo_ps(a, b)
+                    } else {
+                        _mm256_unpackhi_ps(a, b)
+                    }
+                });
+                // Element e (of each half) of rows 4k..4k+3: s[4k + e].
+                let q: [__m256; 8] = std::array::from_fn(|i| {
+                    let (k, e) = (i / 4, i % 4);
+                    let (a, b) = (t[4 * k + e / 2], t[4 * k + 2 + e / 2]);
+                    if e % 2 == 0 {
+                        _mm256_shuffle_ps::<0x44>(a, b)
+                    } else {
+                        _mm256_shuffle_ps::<0xEE>(a, b)
+                    }
+                });
+                for c in 0..8 {
+                    let (e, hi) = (c % 4, c / 4);
+                    let col = if hi == 0 {
+                        _mm256_permute2f128_ps::<0x20>(q[e], q[4 + e])
+                    } else {
+                        _mm256_permute2f128_ps::<0x31>(q[e], q[4 + e])
+                    };
+                    let d = dst.add(c * dst_stride);
+                    _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), col));
+                }
+            }
+        }
         convert_methods!();
         #[inline(always)]
         fn prefetch(self, p: *const u8) {
@@ -558,6 +626,57 @@ mod x86 {
                 )
             }
         }
+        #[inline(always)]
+        unsafe fn add_transposed(
+            self,
+            src: *const f32,
+            src_stride: usize,
+            dst: *mut f32,
+            dst_stride: usize,
+        ) {
+            // A 16×16 transpose: within each 128-bit lane, pairs of rows
+            // interleaved, then pairs of pairs (`s[4k + e]` holds element
+            // `e` of every lane for rows 4k..4k+3); then the lanes
+            // gathered in two 128-bit shuffles.
+            unsafe {
+                let r: [__m512; 16] =
+                    std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * src_stride)));
+                let t: [__m512; 16] = std::array::from_fn(|i| {
+                    let (a, b) = (r[i & !1], r[i | 1]);
+                    if i % 2 == 0 {
+                        _mm512_unpacklo_ps(a, b)
+                    } else {
+                        _mm512_unpackhi_ps(a, b)
+                    }
+                });
+                let q: [__m512; 16] = std::array::from_fn(|i| {
+                    let (k, e) = (i / 4, i % 4);
+                    let (a, b) = (t[4 * k + e / 2], t[4 * k + 2 + e / 2]);
+                    if e % 2 == 0 {
+                        _mm512_shuffle_ps::<0x44>(a, b)
+                    } else {
+                        _mm512_shuffle_ps::<0xEE>(a, b)
+                    }
+                });
+                for e in 0..4 {
+                    // Lanes 0, 2 (x) and 1, 3 (y) of rows 0..8 and 8..16.
+                    let x0 = _mm512_shuffle_f32x4::<0x88>(q[e], q[4 + e]);
+                    let y0 = _mm512_shuffle_f32x4::<0xDD>(q[e], q[4 + e]);
+                    let x1 = _mm512_shuffle_f32x4::<0x88>(q[8 + e], q[12 + e]);
+                    let y1 = _mm512_shuffle_f32x4::<0xDD>(q[8 + e], q[12 + e]);
+                    let cols = [
+                        _mm512_shuffle_f32x4::<0x88>(x0, x1),
+                        _mm512_shuffle_f32x4::<0x88>(y0, y1),
+                        _mm512_shuffle_f32x4::<0xDD>(x0, x1),
+                        _mm512_shuffle_f32x4::<0xDD>(y0, y1),
+                    ];
+                    for (lane, col) in cols.into_iter().enumerate() {
+                        let d = dst.add((4 * lane + e) * dst_stride);
+                        _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), col));
+                    }
+                }
+            }
+        }
         convert_methods!();
         #[inline(always)]
         fn prefetch(self, p: *const u8) {
@@ -643,10 +762,30 @@ mod tests {
         }
     }
 
+    /// `add_transposed` against the plain double loop, with strides wider
+    /// than a block.
+    fn check_add_transposed<S: Simd>(s: S) {
+        let w = S::W;
+        let (ss, ds) = (w + 5, w + 3);
+        let src: Vec<f32> = (0..w * ss).map(|i| (i as f32 * 0.37).sin()).collect();
+        let dst: Vec<f32> = (0..w * ds).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut want = dst.clone();
+        for c in 0..w {
+            for r in 0..w {
+                want[c * ds + r] += src[r * ss + c];
+            }
+        }
+        let mut got = dst;
+        // SAFETY: `w` rows of each at their strides.
+        unsafe { s.add_transposed(src.as_ptr(), ss, got.as_mut_ptr(), ds) };
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn portable_exp_and_conversions() {
         check_exp(Portable);
         check_conversions(Portable);
+        check_add_transposed(Portable);
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -655,6 +794,7 @@ mod tests {
         if let Some(s) = Avx2::detect() {
             check_exp(s);
             check_conversions(s);
+            check_add_transposed(s);
         }
     }
 
@@ -664,6 +804,7 @@ mod tests {
         if let Some(s) = Avx512::detect() {
             check_exp(s);
             check_conversions(s);
+            check_add_transposed(s);
         }
     }
 }
