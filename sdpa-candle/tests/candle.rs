@@ -7,6 +7,9 @@ use sdpa_candle::naive_attention;
 use sdpa_runtime::prelude::*;
 use sdpa_runtime::SdpaImpl;
 
+mod common;
+use common::{check_forward, max_abs_diff, randn};
+
 #[sdpa_variants(head_sizes = [32], causal = [false, true], dtypes = [f32, f16, bf16], backward = true)]
 struct Attention;
 
@@ -24,68 +27,6 @@ fn layer(heads: usize, kv_heads: usize, causal: bool) -> SdpaImpl {
                 .causal(causal),
         )
         .unwrap()
-}
-
-fn randn(shape: &[usize]) -> Tensor {
-    Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-/// The naive attention of `q`, `k`, `v` computed in f64.
-fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
-    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-    let mask = mask.map(|m| {
-        if m.dtype().is_float() {
-            f(m)
-        } else {
-            m.clone()
-        }
-    });
-    naive_attention(
-        &f(q),
-        &f(k),
-        &f(v),
-        mask.as_ref(),
-        1.0 / (D as f64).sqrt(),
-        causal,
-    )
-    .unwrap()
-}
-
-/// Runs sdpa on `q`, `k`, `v` cast to `dtype` and checks the result against
-/// the f64 reference of the cast inputs.
-fn check_forward(
-    layer: &SdpaImpl,
-    (q, k, v): (&Tensor, &Tensor, &Tensor),
-    mask: Option<&Tensor>,
-    dtype: DType,
-    tol: f64,
-) {
-    let c = |t: &Tensor| t.to_dtype(dtype).unwrap();
-    let (q, k, v) = (c(q), c(k), c(v));
-    let out = sdpa_candle::forward(layer, &q, &k, &v, mask).unwrap();
-    assert_eq!(out.dtype(), dtype);
-    assert_eq!(out.dims(), q.dims());
-    let want = reference(&q, &k, &v, mask, layer.params().causal);
-    let diff = max_abs_diff(&out, &want);
-    assert!(
-        diff < tol,
-        "{dtype:?}: max |sdpa - reference| = {diff} >= {tol}"
-    );
 }
 
 fn qkv(b: usize, sq: usize, sk: usize, hq: usize, hkv: usize) -> (Tensor, Tensor, Tensor) {

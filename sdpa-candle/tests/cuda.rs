@@ -16,6 +16,9 @@ use sdpa_candle::naive_attention;
 use sdpa_runtime::prelude::*;
 use sdpa_runtime::{CudaProbe, SdpaImpl};
 
+mod common;
+use common::{max_abs_diff, randn};
+
 #[sdpa_variants(head_sizes = [64], causal = [false, true], dtypes = [f32, f16, bf16], backward = true)]
 struct Attention;
 
@@ -42,67 +45,17 @@ fn layer(heads: usize, kv_heads: usize, causal: bool) -> SdpaImpl {
         .unwrap()
 }
 
-/// Fresh normal values on the host.
-fn randn(shape: &[usize]) -> Tensor {
-    Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let f = |t: &Tensor| {
-        t.to_device(&Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-    };
-    (f(a) - f(b))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-/// Candle's attention of the host copies of `q`, `k`, `v` (and the mask)
-/// in f64.
-fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
-    let host = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
-    let f = |t: &Tensor| host(t).to_dtype(DType::F64).unwrap();
-    let mask = mask.map(|m| if m.dtype().is_float() { f(m) } else { host(m) });
-    naive_attention(
-        &f(q),
-        &f(k),
-        &f(v),
-        mask.as_ref(),
-        1.0 / (D as f64).sqrt(),
-        causal,
-    )
-    .unwrap()
-}
-
 /// sdpa on the device against the host reference, for `q`, `k`, `v` (any
 /// device, any layout) cast to `dtype`.
 fn check_forward(
     layer: &SdpaImpl,
-    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    qkv: (&Tensor, &Tensor, &Tensor),
     mask: Option<&Tensor>,
     dtype: DType,
     tol: f64,
 ) {
-    let c = |t: &Tensor| t.to_dtype(dtype).unwrap();
-    let (q, k, v) = (c(q), c(k), c(v));
-    let out = sdpa_candle::forward(layer, &q, &k, &v, mask).unwrap();
+    let out = common::check_forward(layer, qkv, mask, dtype, tol);
     assert!(out.device().is_cuda());
-    assert_eq!((out.dtype(), out.dims()), (dtype, q.dims()));
-    let want = reference(&q, &k, &v, mask, layer.params().causal);
-    let diff = max_abs_diff(&out, &want);
-    assert!(
-        diff < tol,
-        "{dtype:?}: max |sdpa - reference| = {diff} >= {tol}"
-    );
 }
 
 #[test]
@@ -312,26 +265,8 @@ fn packed_sequences_with_device_offsets() {
         let grads = out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let f64 = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap();
         let (q64, k64, v64) = (f64(&host_q), f64(&host_k), f64(&host_v));
-        let mut parts = Vec::new();
-        for b in 0..4 {
-            let (q0, nq) = (cu_q[b] as usize, (cu_q[b + 1] - cu_q[b]) as usize);
-            let (k0, nk) = (cu_k[b] as usize, (cu_k[b + 1] - cu_k[b]) as usize);
-            if nq == 0 {
-                continue;
-            }
-            let seq = |t: &Tensor, s, n| t.narrow(0, s, n).unwrap().unsqueeze(0).unwrap();
-            let o = naive_attention(
-                &seq(&q64, q0, nq),
-                &seq(&k64, k0, nk),
-                &seq(&v64, k0, nk),
-                None,
-                1.0 / (D as f64).sqrt(),
-                causal,
-            )
-            .unwrap();
-            parts.push(o.squeeze(0).unwrap());
-        }
-        let want = Tensor::cat(&parts, 0).unwrap();
+        let scale = 1.0 / (D as f64).sqrt();
+        let want = common::packed_reference((&q64, &k64, &v64), &cu_q, &cu_k, scale, causal);
         let diff = max_abs_diff(&out, &want);
         assert!(diff < 2e-5, "out causal={causal}: {diff}");
         let want = want.sqr().unwrap().sum_all().unwrap().backward().unwrap();

@@ -3,9 +3,11 @@
 //! candle's autograd, and its errors.
 
 use candle_core::{DType, Device, Tensor, Var};
-use sdpa_candle::naive_attention;
 use sdpa_runtime::prelude::*;
 use sdpa_runtime::SdpaImpl;
+
+mod common;
+use common::{max_abs_diff, randn};
 
 #[sdpa_variants(head_sizes = [32], causal = [false, true], dtypes = [f32, bf16], backward = true)]
 struct Attention;
@@ -18,26 +20,7 @@ fn layer(hq: usize, hkv: usize, causal: bool) -> SdpaImpl {
         .unwrap()
 }
 
-fn randn(shape: &[usize]) -> Tensor {
-    Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    d.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-/// Candle's attention of each sequence alone (`[1, S, H, D]`), the rows of
-/// a sequence with no keys as zeros, concatenated back to `[Tq, Hq, D]`.
-/// Differentiable: keys no sequence reads get zero gradients through the
-/// narrows.
+/// [`common::packed_reference`] at the layer's scale.
 fn reference(
     q: &Tensor,
     k: &Tensor,
@@ -46,31 +29,7 @@ fn reference(
     cu_k: &[u32],
     causal: bool,
 ) -> Tensor {
-    let mut parts = Vec::new();
-    for b in 0..cu_q.len() - 1 {
-        let (q0, nq) = (cu_q[b] as usize, (cu_q[b + 1] - cu_q[b]) as usize);
-        let (k0, nk) = (cu_k[b] as usize, (cu_k[b + 1] - cu_k[b]) as usize);
-        if nq == 0 {
-            continue;
-        }
-        let qs = q.narrow(0, q0, nq).unwrap();
-        if nk == 0 {
-            parts.push((qs * 0.0).unwrap());
-            continue;
-        }
-        let seq = |t: &Tensor| t.narrow(0, k0, nk).unwrap().unsqueeze(0).unwrap();
-        let out = naive_attention(
-            &qs.unsqueeze(0).unwrap(),
-            &seq(k),
-            &seq(v),
-            None,
-            1.0 / (D as f64).sqrt(),
-            causal,
-        )
-        .unwrap();
-        parts.push(out.squeeze(0).unwrap());
-    }
-    Tensor::cat(&parts, 0).unwrap()
+    common::packed_reference((q, k, v), cu_q, cu_k, 1.0 / (D as f64).sqrt(), causal)
 }
 
 /// Five sequences, one empty on both sides and one with queries but no
