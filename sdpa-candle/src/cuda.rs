@@ -123,9 +123,13 @@ pub(crate) fn forward<T: DeviceElement>(
     let shape = q.layout().shape();
     let device = &s1.device;
     let mut out = zeros::<T>(device, shape.iter().product())?;
-    let lse = if op.keep_lse {
-        let lse_shape = op.lse_shape(shape);
-        let data = zeros::<f32>(device, lse_shape.iter().product())?;
+    // An empty problem keeps no log-sum-exp (an owned device tensor holds
+    // exactly its shape's elements, and the driver allocates none); the
+    // backward then recomputes it, as for an untracked forward.
+    let lse_shape = op.lse_shape(shape);
+    let lse_len: usize = lse_shape.iter().product();
+    let lse = if op.keep_lse && lse_len > 0 {
+        let data = zeros::<f32>(device, lse_len)?;
         Some(sdpa_runtime::Tensor::from_cuda(data, lse_shape).map_err(err)?)
     } else {
         None
