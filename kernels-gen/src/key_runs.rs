@@ -253,7 +253,7 @@ mod tests {
         assert_eq!(ptx.matches("bar.sync 0;").count(), 1);
     }
 
-    use crate::interp::{Cta, Memory, Program};
+    use crate::interp::{launch, Grid, Memory, Program};
     use std::collections::HashMap;
 
     /// One mask row's elements as `kind` stores them, from "attend"
@@ -344,19 +344,14 @@ mod tests {
                 .into_iter()
                 .map(|(n, v)| (format!("{ENTRY}_{n}"), v))
                 .collect();
-                for e in 0..b {
-                    let mut cta = Cta::new(
-                        &prog,
-                        &params,
-                        [e as u32, 0, 0],
-                        [b as u32, 1, 1],
-                        THREADS as usize,
-                        SMEM_BYTES as usize,
-                    );
-                    // Thread 0 alone combines the warps' results.
-                    cta.divergence = true;
-                    cta.run(&mut mem);
-                }
+                // Thread 0 alone combines the warps' results.
+                let grid = Grid {
+                    size: [b, 1, 1],
+                    threads: THREADS as usize,
+                    smem_bytes: SMEM_BYTES as usize,
+                    divergence: true,
+                };
+                launch(&prog, &params, grid, &mut mem);
                 let at = mem.check(out, 12 * b as u64);
                 let word = |i: usize| {
                     u32::from_le_bytes(mem.bytes[at + 4 * i..at + 4 * i + 4].try_into().unwrap())

@@ -9,7 +9,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::forward::{get, inputs, put, quantise, Case, Launch};
-use super::{Cta, Memory, Program};
+use super::{Grid, Memory, Program};
 use crate::backward::BACKWARD_PARAMS;
 use crate::ptx::Kernel;
 use std::collections::HashMap;
@@ -39,24 +39,13 @@ fn run_grid(
         .iter()
         .map(|(n, &v)| (format!("{}_{n}", kernel.name()), v))
         .collect();
-    let nctaid = grid.map(|x| x as u32);
-    for z in 0..grid[2] {
-        for y in 0..grid[1] {
-            for x in 0..grid[0] {
-                let ctaid = [x as u32, y as u32, z as u32];
-                let mut cta = Cta::new(
-                    &prog,
-                    &params,
-                    ctaid,
-                    nctaid,
-                    launch.threads,
-                    launch.smem_bytes,
-                );
-                cta.divergence = true;
-                cta.run(mem);
-            }
-        }
-    }
+    let grid = Grid {
+        size: grid,
+        threads: launch.threads,
+        smem_bytes: launch.smem_bytes,
+        divergence: true,
+    };
+    super::launch(&prog, &params, grid, mem);
 }
 
 /// Relative L2 error of `got` against `want`.

@@ -3,7 +3,7 @@
 //! kernel run over its whole grid, and the results checked against a
 //! float64 reference.
 
-use super::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Cta, Memory, Program};
+use super::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Grid, Memory, Program};
 use crate::attention::mask::MaskKind;
 use crate::contract::PARAMS;
 use crate::ptx::Kernel;
@@ -518,23 +518,13 @@ pub fn check(c: Case, kernel: &Kernel, launch: Launch) -> f64 {
     let prog = Program::new(kernel);
     let block_m = launch.block_m;
     let grid = [sq.div_ceil(block_m), hq, b];
-    let nctaid = grid.map(|x| x as u32);
-    for bz in 0..b {
-        for hy in 0..hq {
-            for bx in 0..grid[0] {
-                let ctaid = [bx as u32, hy as u32, bz as u32];
-                let mut cta = Cta::new(
-                    &prog,
-                    &params,
-                    ctaid,
-                    nctaid,
-                    launch.threads,
-                    launch.smem_bytes,
-                );
-                cta.run(&mut inp.mem);
-            }
-        }
-    }
+    let grid = Grid {
+        size: grid,
+        threads: launch.threads,
+        smem_bytes: launch.smem_bytes,
+        divergence: false,
+    };
+    super::launch(&prog, &params, grid, &mut inp.mem);
 
     // The reference, in f64, in each batch entry's local positions.
     let group = hq / hkv;

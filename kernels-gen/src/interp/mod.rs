@@ -159,6 +159,32 @@ pub struct Cta<'a> {
     pub smem: Vec<u8>,
 }
 
+/// How a grid is launched: its size, the threads and shared memory of each
+/// CTA, and whether its CTAs may diverge ([`Cta::divergence`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Grid {
+    pub size: [usize; 3],
+    pub threads: usize,
+    pub smem_bytes: usize,
+    pub divergence: bool,
+}
+
+/// Runs every CTA of `grid` one after another in the hardware's linear
+/// order (x fastest, then y, then z) against `mem`.
+pub fn launch(prog: &Program, params: &HashMap<String, u64>, grid: Grid, mem: &mut Memory) {
+    let nctaid = grid.size.map(|x| x as u32);
+    for z in 0..grid.size[2] {
+        for y in 0..grid.size[1] {
+            for x in 0..grid.size[0] {
+                let ctaid = [x as u32, y as u32, z as u32];
+                let mut cta = Cta::new(prog, params, ctaid, nctaid, grid.threads, grid.smem_bytes);
+                cta.divergence = grid.divergence;
+                cta.run(mem);
+            }
+        }
+    }
+}
+
 impl<'a> Cta<'a> {
     /// A CTA at `ctaid` of a grid of `nctaid`, its shared memory
     /// `smem_bytes` of NaN garbage (0xFF bytes).
