@@ -649,13 +649,22 @@ impl<'a> ResolvedMask<'a> {
         let MaskElems::Host(data) = &self.data else {
             panic!("bias_row reads host masks; a device mask reached a host reader");
         };
-        let row = b * self.stride_b + h * self.stride_h + i * self.stride_q;
-        let n_pad = self.pad.saturating_sub(j0).min(out.len());
+        let (n_pad, start) = self.stored_keys(b, h, i, j0, out.len());
         out[..n_pad].fill(0.0);
-        let j = j0 + n_pad;
         if n_pad < out.len() {
-            data.bias_into(row + j - self.pad, &mut out[n_pad..]);
+            data.bias_into(start, &mut out[n_pad..]);
         }
+    }
+
+    /// Where keys `j0..j0 + n` of query row `i` of batch `b`, head `h`
+    /// are: how many of them lie in the front padding (not stored;
+    /// "attend"), and the element index of the first stored one (meaningful
+    /// only when some key is stored).
+    #[inline(always)]
+    fn stored_keys(&self, b: usize, h: usize, i: usize, j0: usize, n: usize) -> (usize, usize) {
+        let row = b * self.stride_b + h * self.stride_h + i * self.stride_q;
+        let n_pad = self.pad.saturating_sub(j0).min(n);
+        (n_pad, (row + j0 + n_pad).saturating_sub(self.pad))
     }
 
     /// The host memory that [`bias_row`](Self::bias_row) reads for keys
@@ -673,12 +682,11 @@ impl<'a> ResolvedMask<'a> {
         let MaskElems::Host(data) = &self.data else {
             return (std::ptr::null(), 0);
         };
-        let row = b * self.stride_b + h * self.stride_h + i * self.stride_q;
-        let n_pad = self.pad.saturating_sub(j0).min(n);
+        let (n_pad, start) = self.stored_keys(b, h, i, j0, n);
         if n_pad == n {
             return (std::ptr::null(), 0);
         }
-        data.span(row + j0 + n_pad - self.pad, n - n_pad)
+        data.span(start, n - n_pad)
     }
 
     /// The first row, as `[b, h, i]` in the mask's own (possibly

@@ -182,6 +182,13 @@ const fn line_up(n: usize) -> usize {
     n.div_ceil(16) * 16
 }
 
+/// Keys per row of the mask's bias buffer and score rows of the score
+/// panel, for `bk` keys a block: whole lines, so the transposed adds of
+/// `W`×`W` blocks never run past either.
+const fn bias_stride(bk: usize) -> usize {
+    line_up(bk)
+}
+
 impl Parts {
     const fn new(d: usize, dp: usize, bq: usize, bk: usize, r: usize) -> Parts {
         let qt = 0;
@@ -191,12 +198,13 @@ impl Parts {
         let st = vw + line_up(bk * dp);
         // Score rows up to a whole line of keys, for the mask's transposed
         // adds (`bias` below).
-        let m = st + line_up(line_up(bk) * PANEL);
+        let m = st + line_up(bias_stride(bk) * PANEL);
         let l = m + line_up(bq + PANEL);
         let alpha = l + line_up(bq + PANEL);
-        // A panel's mask bias, row-major: PANEL rows of `line_up(bk)` keys.
+        // A panel's mask bias, row-major: PANEL rows of `bias_stride(bk)`
+        // keys.
         let bias = alpha + line_up(bq + PANEL);
-        let total = bias + PANEL * line_up(bk);
+        let total = bias + PANEL * bias_stride(bk);
         Parts {
             qt,
             o,
@@ -1056,7 +1064,7 @@ pub(crate) unsafe fn run_task<
             // past the panel's rows and the block's keys, then added to
             // the scores transposed, a W×W block at a time.
             if let Some(mask) = &ctx.mask {
-                let stride = line_up(bk);
+                let stride = bias_stride(bk);
                 let nkw = nk.div_ceil(w) * w;
                 for r in 0..plan_lanes {
                     // SAFETY: row `r < PANEL` of `bias`, `nkw <= stride`
@@ -1070,7 +1078,7 @@ pub(crate) unsafe fn run_task<
                     for j in (0..nkw).step_by(w) {
                         // SAFETY: rows `r..r + W <= plan_lanes` of `bias`,
                         // keys `j..j + W <= nkw`; score rows `j..j + W`
-                        // (`st` holds `line_up(bk) >= nkw` rows), lanes
+                        // (`st` holds `bias_stride(bk) >= nkw` rows), lanes
                         // `r..r + W <= PANEL`.
                         unsafe {
                             s.add_transposed(
